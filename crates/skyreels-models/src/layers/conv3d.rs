@@ -1,0 +1,248 @@
+//! 3D convolution built from 2D convolutions over temporal taps (candle has no conv3d).
+//!
+//! out[:, :, t] = bias + sum_i conv2d(x[:, :, t*stride_t + i], weight[:, :, i]), with time folded
+//! into the batch dimension for every tap. No implicit padding: callers (the VAE's causal
+//! convolution) pad explicitly, exactly as the reference does.
+
+use candle_core::{bail, Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conv3dConfig {
+    /// (t, h, w) stride; the spatial strides must be equal (candle's conv2d takes one stride).
+    pub stride: (usize, usize, usize),
+}
+
+impl Default for Conv3dConfig {
+    fn default() -> Self {
+        Self { stride: (1, 1, 1) }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Conv3d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    cfg: Conv3dConfig,
+}
+
+impl Conv3d {
+    pub fn from_tensors(weight: Tensor, bias: Option<Tensor>, cfg: Conv3dConfig) -> Result<Self> {
+        let (_, _, _, _, _) = weight.dims5()?;
+        if cfg.stride.1 != cfg.stride.2 {
+            bail!(
+                "conv3d: unequal spatial strides {:?} are not supported",
+                cfg.stride
+            )
+        }
+        if cfg.stride.0 == 0 || cfg.stride.1 == 0 {
+            bail!("conv3d: zero stride {:?}", cfg.stride)
+        }
+        Ok(Self { weight, bias, cfg })
+    }
+
+    /// Loads `weight` [out, in, kt, kh, kw] and `bias` [out] from `vb`.
+    pub fn new(
+        in_channels: usize,
+        out_channels: usize,
+        kernel: (usize, usize, usize),
+        cfg: Conv3dConfig,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let weight = vb.get(
+            (out_channels, in_channels, kernel.0, kernel.1, kernel.2),
+            "weight",
+        )?;
+        let bias = vb.get(out_channels, "bias")?;
+        Self::from_tensors(weight, Some(bias), cfg)
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn out_channels(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    /// Patch embedding fast path: kernel == stride and no overlap is a reshape + matmul.
+    fn forward_patchify(&self, x: &Tensor) -> Result<Tensor> {
+        let (o, c, kt, kh, kw) = self.weight.dims5()?;
+        let (b, _, t, h, w) = x.dims5()?;
+        let (nt, nh, nw) = (t / kt, h / kh, w / kw);
+        let x = x
+            .narrow(2, 0, nt * kt)?
+            .narrow(3, 0, nh * kh)?
+            .narrow(4, 0, nw * kw)?;
+        // (b, c, nt*kt, nh*kh, nw*kw) -> (b, c, nt, kt, nh, kh, nw, kw)
+        let x = x.reshape(vec![b, c, nt, kt, nh, kh, nw, kw])?;
+        // -> (b, nt, nh, nw, c, kt, kh, kw) -> (b*nt*nh*nw, c*kt*kh*kw)
+        let x = x
+            .permute(vec![0, 2, 4, 6, 1, 3, 5, 7])?
+            .contiguous()?
+            .reshape((b * nt * nh * nw, c * kt * kh * kw))?;
+        let wm = self.weight.reshape((o, c * kt * kh * kw))?;
+        let y = x.matmul(&wm.t()?)?;
+        let y = match &self.bias {
+            Some(bias) => y.broadcast_add(bias)?,
+            None => y,
+        };
+        // (b*nt*nh*nw, o) -> (b, nt, nh, nw, o) -> (b, o, nt, nh, nw)
+        y.reshape((b, nt, nh, nw, o))?
+            .permute((0, 4, 1, 2, 3))?
+            .contiguous()
+    }
+}
+
+impl Module for Conv3d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (o, c_w, kt, kh, kw) = self.weight.dims5()?;
+        let (b, c, t, h, w) = x.dims5()?;
+        if c != c_w {
+            bail!(
+                "conv3d: input {:?} has {c} channels, weight {:?} expects {c_w}",
+                x.shape(),
+                self.weight.shape()
+            )
+        }
+        if t < kt || h < kh || w < kw {
+            bail!(
+                "conv3d: input {:?} is smaller than kernel {:?}",
+                x.shape(),
+                self.weight.shape()
+            )
+        }
+        let (st, ss, _) = self.cfg.stride;
+        if (st, ss) == (kt, kh) && kh == kw {
+            return self.forward_patchify(x);
+        }
+        let t_out = (t - kt) / st + 1;
+        // (b, c, t, h, w) -> (b, t, c, h, w), so that frames fold into the batch
+        let xt = x.permute((0, 2, 1, 3, 4))?.contiguous()?;
+        let mut acc: Option<Tensor> = None;
+        for i in 0..kt {
+            let frames = if st == 1 {
+                xt.narrow(1, i, t_out)?
+            } else {
+                let idx: Vec<u32> = (0..t_out).map(|j| (i + j * st) as u32).collect();
+                let idx = Tensor::new(idx.as_slice(), x.device())?;
+                xt.index_select(&idx, 1)?
+            };
+            // (b, t_out, c, h, w) -> (b*t_out, c, h, w)
+            let frames = frames.contiguous()?.reshape((b * t_out, c, h, w))?;
+            let w_i = self.weight.narrow(2, i, 1)?.squeeze(2)?.contiguous()?;
+            let y = frames.conv2d(&w_i, 0, ss, 1, 1)?;
+            acc = Some(match acc {
+                None => y,
+                Some(a) => (a + y)?,
+            });
+        }
+        let y = acc.expect("kt >= 1 by the dims check");
+        let (_, _, ho, wo) = y.dims4()?;
+        let y = match &self.bias {
+            Some(bias) => y.broadcast_add(&bias.reshape((1, o, 1, 1))?)?,
+            None => y,
+        };
+        // (b*t_out, o, ho, wo) -> (b, t_out, o, ho, wo) -> (b, o, t_out, ho, wo)
+        y.reshape((b, t_out, o, ho, wo))?
+            .permute((0, 2, 1, 3, 4))?
+            .contiguous()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    /// Direct 5-loop reference convolution.
+    fn conv3d_naive(x: &Tensor, w: &Tensor, b: &Tensor, s: (usize, usize, usize)) -> Tensor {
+        let (n, c, t, h, wd) = x.dims5().unwrap();
+        let (o, _, kt, kh, kw) = w.dims5().unwrap();
+        let (to, ho, wo) = ((t - kt) / s.0 + 1, (h - kh) / s.1 + 1, (wd - kw) / s.2 + 1);
+        let xv = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let wv = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let bv = b.to_vec1::<f32>().unwrap();
+        let mut out = vec![0f32; n * o * to * ho * wo];
+        for ni in 0..n {
+            for oi in 0..o {
+                for ti in 0..to {
+                    for hi in 0..ho {
+                        for wi in 0..wo {
+                            let mut acc = bv[oi];
+                            for ci in 0..c {
+                                for a in 0..kt {
+                                    for bb in 0..kh {
+                                        for cc in 0..kw {
+                                            let xi = (((ni * c + ci) * t + ti * s.0 + a) * h
+                                                + hi * s.1
+                                                + bb)
+                                                * wd
+                                                + wi * s.2
+                                                + cc;
+                                            let wi_ =
+                                                (((oi * c + ci) * kt + a) * kh + bb) * kw + cc;
+                                            acc += xv[xi] * wv[wi_];
+                                        }
+                                    }
+                                }
+                            }
+                            out[(((ni * o + oi) * to + ti) * ho + hi) * wo + wi] = acc;
+                        }
+                    }
+                }
+            }
+        }
+        Tensor::from_vec(out, (n, o, to, ho, wo), &Device::Cpu).unwrap()
+    }
+
+    fn check(
+        kernel: (usize, usize, usize),
+        stride: (usize, usize, usize),
+        dims: (usize, usize, usize),
+    ) {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1., (2, 3, dims.0, dims.1, dims.2), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1., (4, 3, kernel.0, kernel.1, kernel.2), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1., 4, &dev).unwrap();
+        let conv =
+            Conv3d::from_tensors(w.clone(), Some(b.clone()), Conv3dConfig { stride }).unwrap();
+        let got = conv.forward(&x).unwrap();
+        let want = conv3d_naive(&x, &w, &b, stride);
+        assert_eq!(got.dims(), want.dims());
+        let err = (got - want).unwrap().abs().unwrap().max_all().unwrap();
+        let err = err
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        // Summation order differs from the naive loop only: f32 rounding of ~100-term sums.
+        assert!(
+            err < 1e-4,
+            "kernel {kernel:?} stride {stride:?}: max abs err {err}"
+        );
+    }
+
+    #[test]
+    fn matches_naive_convolution() {
+        check((3, 3, 3), (1, 1, 1), (5, 6, 7));
+        check((3, 3, 3), (2, 2, 2), (5, 7, 9));
+        check((3, 3, 3), (1, 2, 2), (4, 7, 8));
+        check((1, 1, 1), (1, 1, 1), (2, 3, 4));
+        // patchify fast path, including sizes that do not divide evenly
+        check((1, 2, 2), (1, 2, 2), (3, 4, 6));
+        check((2, 2, 2), (2, 2, 2), (5, 5, 7));
+    }
+
+    #[test]
+    fn rejects_bad_inputs() {
+        let dev = Device::Cpu;
+        let w = Tensor::zeros((4, 3, 3, 3, 3), DType::F32, &dev).unwrap();
+        let conv = Conv3d::from_tensors(w, None, Conv3dConfig::default()).unwrap();
+        let x = Tensor::zeros((1, 2, 3, 3, 3), DType::F32, &dev).unwrap();
+        let e = conv.forward(&x).unwrap_err().to_string();
+        assert!(e.contains("channels"), "{e}");
+        let x = Tensor::zeros((1, 3, 2, 3, 3), DType::F32, &dev).unwrap();
+        assert!(conv.forward(&x).is_err());
+    }
+}

@@ -1,0 +1,11 @@
+//! Building blocks shared by the transformer and the VAE.
+
+pub mod attention;
+pub mod conv3d;
+pub mod embeddings;
+pub mod norm;
+pub mod rope;
+
+pub use attention::{attention, attention_chunked, DEFAULT_SCORE_BUDGET};
+pub use conv3d::{Conv3d, Conv3dConfig};
+pub use norm::{LayerNormNoAffine, RmsNorm};

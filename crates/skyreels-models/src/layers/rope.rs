@@ -1,0 +1,123 @@
+//! HunyuanVideo 3D rotary position embedding (`HunyuanVideoRotaryPosEmbed`).
+//!
+//! Tables depend only on the latent grid. Token order is t slowest, then h, then w (meshgrid "ij"),
+//! the order of the patch embedding. The rotation pairs features (2j, 2j+1) (interleaved,
+//! GPT-J style), so the tables here hold one angle per pair: [n_tokens, head_dim / 2].
+
+use candle_core::{bail, Device, Result, Tensor};
+
+/// cos and sin tables, each [t·h·w, sum(axes_dim)/2] f32, for a (t, h, w) token grid.
+///
+/// Per axis i of dimension d_i: freq_k = 1 / theta^(2k/d_i), angle = pos · freq_k. The reference
+/// (`get_1d_rotary_pos_embed(use_real=True)` with its default `freqs_dtype=float32`) evaluates
+/// every step in float32, in this order; so does this.
+pub fn rope_tables(
+    grid: (usize, usize, usize),
+    axes_dim: &[usize],
+    theta: f64,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    if axes_dim.len() != 3 || axes_dim.iter().any(|d| d % 2 != 0) {
+        bail!("rope: axes_dim must be three even sizes, got {axes_dim:?}")
+    }
+    let (t, h, w) = grid;
+    let n = t * h * w;
+    let half: usize = axes_dim.iter().sum::<usize>() / 2;
+    let theta = theta as f32;
+    let freqs: Vec<Vec<f32>> = axes_dim
+        .iter()
+        .map(|&d| {
+            (0..d / 2)
+                .map(|k| 1.0 / theta.powf((2 * k) as f32 / d as f32))
+                .collect()
+        })
+        .collect();
+    let mut cos = Vec::with_capacity(n * half);
+    let mut sin = Vec::with_capacity(n * half);
+    for ti in 0..t {
+        for hi in 0..h {
+            for wi in 0..w {
+                for (axis, pos) in [ti, hi, wi].into_iter().enumerate() {
+                    for f in &freqs[axis] {
+                        // positions are fp32 integers in the reference: exact
+                        let a = pos as f32 * f;
+                        cos.push(a.cos());
+                        sin.push(a.sin());
+                    }
+                }
+            }
+        }
+    }
+    Ok((
+        Tensor::from_vec(cos, (n, half), device)?,
+        Tensor::from_vec(sin, (n, half), device)?,
+    ))
+}
+
+/// Rotates interleaved pairs of x (b, heads, n, d) with tables (n, d/2), in f32 then cast back.
+pub fn apply_rotary_emb(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let xf = x.to_dtype(candle_core::DType::F32)?.contiguous()?;
+    candle_nn::rotary_emb::rope_i(&xf, cos, sin)?.to_dtype(dtype)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_values_match_reference() {
+        // Reference: diffusers HunyuanVideoRotaryPosEmbed(patch_size=1, patch_size_t=1,
+        // rope_dim=[2, 4, 4], theta=256.0) on latents of shape [1, 1, 2, 3, 2], i.e.
+        //   cos, sin = rope(torch.zeros(1, 1, 2, 3, 2))  # each [12, 10], pairs repeat-interleaved
+        // Token 11 = (t=1, h=2, w=1). Per axis pair k: angle = pos / 256^(2k/d):
+        //   t: 1.0 ; h: 2.0, 2/16 = 0.125 ; w: 1.0, 1/16 = 0.0625
+        let (cos, sin) = rope_tables((2, 3, 2), &[2, 4, 4], 256.0, &Device::Cpu).unwrap();
+        assert_eq!(cos.dims(), &[12, 5]);
+        let c = cos.to_vec2::<f32>().unwrap();
+        let s = sin.to_vec2::<f32>().unwrap();
+        let angles = [1.0f64, 2.0, 0.125, 1.0, 0.0625];
+        for (j, a) in angles.iter().enumerate() {
+            assert!((c[11][j] - a.cos() as f32).abs() < 1e-7);
+            assert!((s[11][j] - a.sin() as f32).abs() < 1e-7);
+        }
+        // torch output for this token, taking every other column of the repeat-interleaved table:
+        // cos[11, ::2] = [0.5403023, -0.4161468, 0.9921977, 0.5403023, 0.9980475]
+        let torch_cos = [
+            0.540_302_3f32,
+            -0.416_146_8,
+            0.992_197_7,
+            0.540_302_3,
+            0.998_047_5,
+        ];
+        for (j, v) in torch_cos.iter().enumerate() {
+            assert!((c[11][j] - v).abs() < 1e-6, "{j}: {} vs {v}", c[11][j]);
+        }
+        // Token 0 is the origin: no rotation.
+        assert!(c[0].iter().all(|&v| v == 1.0) && s[0].iter().all(|&v| v == 0.0));
+        // t slowest, w fastest: token 1 = (0, 0, 1) rotates only the w axis.
+        assert_eq!(&c[1][..3], &[1.0, 1.0, 1.0]);
+        assert!((c[1][3] - 1f32.cos()).abs() < 1e-7);
+    }
+
+    #[test]
+    fn rotation_is_interleaved_pairs() {
+        // x = [1, 2, 3, 4] at angles [a0, a1]: out = (x0 c0 - x1 s0, x0 s0 + x1 c0, ...)
+        let dev = Device::Cpu;
+        let x = Tensor::new(&[[[[1f32, 2., 3., 4.]]]], &dev).unwrap();
+        let (a0, a1) = (0.3f32, -1.1f32);
+        let cos = Tensor::new(&[[a0.cos(), a1.cos()]], &dev).unwrap();
+        let sin = Tensor::new(&[[a0.sin(), a1.sin()]], &dev).unwrap();
+        let y = apply_rotary_emb(&x, &cos, &sin).unwrap();
+        let y = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let want = [
+            a0.cos() - 2. * a0.sin(),
+            a0.sin() + 2. * a0.cos(),
+            3. * a1.cos() - 4. * a1.sin(),
+            3. * a1.sin() + 4. * a1.cos(),
+        ];
+        for (g, w) in y.iter().zip(want) {
+            assert!((g - w).abs() < 1e-6, "{y:?} vs {want:?}");
+        }
+    }
+}

@@ -1,0 +1,10 @@
+//! SkyReels V1 (HunyuanVideo) model components in candle.
+//!
+//! Pure model code: tensors in, tensors out. Loading, dtype/device choice and I/O live in
+//! `skyreels-pipeline`. Module paths and field names mirror the diffusers state-dict tree so a
+//! checkpoint loads through `VarBuilder::pp` with no rename table.
+
+pub mod layers;
+pub mod transformer;
+
+pub use transformer::{HunyuanVideoTransformer3DModel, TransformerConfig, TransformerInputs};

@@ -1,0 +1,744 @@
+//! `HunyuanVideoTransformer3DModel`: the SkyReels V1 diffusion transformer.
+//!
+//! Struct and field names follow diffusers' `transformer_hunyuan_video.py`, so the state-dict keys
+//! of a checkpoint are exactly the `vb.pp(..)` paths below.
+
+mod config;
+
+pub use config::TransformerConfig;
+
+use crate::layers::{
+    attention::DEFAULT_SCORE_BUDGET,
+    attention_chunked,
+    conv3d::{Conv3d, Conv3dConfig},
+    embeddings::{timestep_sinusoid, TextProjection, TimestepEmbedding},
+    norm::{LayerNormNoAffine, RmsNorm},
+    rope::{apply_rotary_emb, rope_tables},
+};
+use candle_core::{bail, DType, Device, IndexOp, Module, Result, Tensor};
+use candle_nn::{linear, Linear, VarBuilder};
+
+const NORM_EPS: f64 = 1e-6;
+/// Width of the sinusoidal timestep projection (`Timesteps(num_channels=256)`).
+const TIME_PROJ_DIM: usize = 256;
+/// The token refiner's MLP ratio: `HunyuanVideoTokenRefiner` is built with its default 4.0, not
+/// the config's `mlp_ratio`.
+const REFINER_MLP_RATIO: f64 = 4.0;
+
+/// Inputs of one forward pass (diffusers argument names).
+#[derive(Debug, Clone)]
+pub struct TransformerInputs<'a> {
+    /// (b, in_channels, t, h, w) latents (I2V: noisy latents then image latents on channels).
+    pub hidden_states: &'a Tensor,
+    /// (b,) diffusion timestep (sigma × 1000).
+    pub timestep: &'a Tensor,
+    /// (b, n_txt, text_embed_dim) text-encoder states.
+    pub encoder_hidden_states: &'a Tensor,
+    /// (b, n_txt) 1 for real tokens, 0 for padding (right padding).
+    pub encoder_attention_mask: &'a Tensor,
+    /// (b, pooled_projection_dim) CLIP pooled vector.
+    pub pooled_projections: &'a Tensor,
+    /// (b,) embedded guidance × 1000; required when the config has `guidance_embeds`.
+    pub guidance: Option<&'a Tensor>,
+}
+
+/// Per-sample description of the text padding, read once from the mask.
+#[derive(Debug, Clone)]
+struct TextMask {
+    /// For each sample, the flags of the text tokens.
+    valid: Vec<Vec<bool>>,
+}
+
+impl TextMask {
+    fn new(mask: &Tensor, n_txt: usize) -> Result<Self> {
+        let (b, n) = mask.dims2()?;
+        if n != n_txt {
+            bail!(
+                "encoder_attention_mask {:?} does not match {n_txt} text tokens",
+                mask.shape()
+            )
+        }
+        let rows = mask.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        let valid: Vec<Vec<bool>> = rows
+            .iter()
+            .map(|r| r.iter().map(|&v| v != 0.0).collect())
+            .collect();
+        debug_assert_eq!(valid.len(), b);
+        Ok(Self { valid })
+    }
+
+    /// Number of keys each sample attends to in the joint blocks: every image token and the first
+    /// `sum(mask)` text tokens (the reference counts, assuming right padding).
+    fn joint_key_counts(&self, n_img: usize) -> Vec<usize> {
+        self.valid
+            .iter()
+            .map(|r| n_img + r.iter().filter(|&&v| v).count())
+            .collect()
+    }
+}
+
+/// What every attention call of one forward pass needs to know.
+#[derive(Debug, Clone)]
+struct AttnCtx {
+    /// Keys visible to each sample in the joint blocks (a prefix of [img; txt]).
+    key_counts: Vec<usize>,
+    text_mask: TextMask,
+    /// Score elements held at once (see [`attention_chunked`]).
+    budget: usize,
+}
+
+/// Attention of (b, h, n, d) tensors where sample i only sees its first `key_counts[i]` keys.
+fn attention_first_keys(q: &Tensor, k: &Tensor, v: &Tensor, ctx: &AttnCtx) -> Result<Tensor> {
+    let (_, _, n, d) = q.dims4()?;
+    let scale = 1.0 / (d as f64).sqrt();
+    let nk = k.dim(2)?;
+    if ctx.key_counts.iter().all(|&c| c == nk) {
+        return attention_chunked(q, k, v, scale, ctx.budget);
+    }
+    let mut outs = Vec::with_capacity(ctx.key_counts.len());
+    for (i, &count) in ctx.key_counts.iter().enumerate() {
+        let (qi, ki, vi) = (q.i(i..i + 1)?, k.i(i..i + 1)?, v.i(i..i + 1)?);
+        let (ki, vi) = (ki.narrow(2, 0, count)?, vi.narrow(2, 0, count)?);
+        outs.push(attention_chunked(&qi, &ki, &vi, scale, ctx.budget)?);
+    }
+    let out = Tensor::cat(&outs, 0)?;
+    debug_assert_eq!(out.dim(2)?, n);
+    Ok(out)
+}
+
+/// (b, n, heads·d) -> (b, heads, n, d)
+fn to_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, n, c) = x.dims3()?;
+    x.reshape((b, n, heads, c / heads))?
+        .transpose(1, 2)?
+        .contiguous()
+}
+
+/// (b, heads, n, d) -> (b, n, heads·d)
+fn from_heads(x: &Tensor) -> Result<Tensor> {
+    let (b, h, n, d) = x.dims4()?;
+    x.transpose(1, 2)?.reshape((b, n, h * d))
+}
+
+/// x·(1 + scale) + shift with (b, c) modulation broadcast over tokens.
+fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    x.broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?
+        .broadcast_add(&shift.unsqueeze(1)?)
+}
+
+/// `linear(silu(temb))` split into `n` chunks of (b, c).
+fn modulation(linear: &Linear, temb: &Tensor, n: usize) -> Result<Vec<Tensor>> {
+    let m = linear.forward(&temb.silu()?)?;
+    let c = m.dim(1)? / n;
+    (0..n).map(|i| m.narrow(1, i * c, c)).collect()
+}
+
+/// `FeedForward`: net.2(act(net.0.proj(x))).
+#[derive(Debug, Clone)]
+struct FeedForward {
+    proj_in: Linear,
+    proj_out: Linear,
+    gelu: bool,
+}
+
+impl FeedForward {
+    /// `activation_fn="gelu-approximate"` when `gelu`, otherwise `"linear-silu"`.
+    fn new(dim: usize, inner: usize, gelu: bool, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            proj_in: linear(dim, inner, vb.pp("net.0.proj"))?,
+            proj_out: linear(inner, dim, vb.pp("net.2"))?,
+            gelu,
+        })
+    }
+}
+
+impl Module for FeedForward {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.proj_in.forward(x)?;
+        let h = if self.gelu { h.gelu()? } else { h.silu()? };
+        self.proj_out.forward(&h)
+    }
+}
+
+/// `linear` of the last dim for (b, n, c) inputs as one 2D matmul.
+fn linear3(l: &Linear, x: &Tensor) -> Result<Tensor> {
+    let (b, n, c) = x.dims3()?;
+    let y = l.forward(&x.reshape((b * n, c))?)?;
+    let o = y.dim(1)?;
+    y.reshape((b, n, o))
+}
+
+fn ff3(ff: &FeedForward, x: &Tensor) -> Result<Tensor> {
+    let (b, n, c) = x.dims3()?;
+    ff.forward(&x.reshape((b * n, c))?)?.reshape((b, n, c))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Conditioning
+
+/// `HunyuanVideoConditionEmbedding` (transformer) and `CombinedTimestepTextProjEmbeddings`
+/// (refiner, no guidance): timestep + [guidance] + text projection.
+#[derive(Debug, Clone)]
+struct ConditionEmbedding {
+    timestep_embedder: TimestepEmbedding,
+    text_embedder: TextProjection,
+    guidance_embedder: Option<TimestepEmbedding>,
+}
+
+impl ConditionEmbedding {
+    fn new(dim: usize, pooled_dim: usize, guidance: bool, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            timestep_embedder: TimestepEmbedding::new(
+                TIME_PROJ_DIM,
+                dim,
+                vb.pp("timestep_embedder"),
+            )?,
+            text_embedder: TextProjection::new(pooled_dim, dim, vb.pp("text_embedder"))?,
+            guidance_embedder: if guidance {
+                Some(TimestepEmbedding::new(
+                    TIME_PROJ_DIM,
+                    dim,
+                    vb.pp("guidance_embedder"),
+                )?)
+            } else {
+                None
+            },
+        })
+    }
+
+    fn forward(
+        &self,
+        timestep: &Tensor,
+        pooled: &Tensor,
+        guidance: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let dtype = pooled.dtype();
+        let t = timestep_sinusoid(timestep, TIME_PROJ_DIM)?.to_dtype(dtype)?;
+        let t_emb = self.timestep_embedder.forward(&t)?;
+        let p_emb = self.text_embedder.forward(pooled)?;
+        match &self.guidance_embedder {
+            None => t_emb + p_emb,
+            Some(embedder) => {
+                let Some(g) = guidance else {
+                    bail!("this transformer has a guidance embedder: `guidance` is required")
+                };
+                let g = timestep_sinusoid(g, TIME_PROJ_DIM)?.to_dtype(dtype)?;
+                // reference order: (timesteps_emb + guidance_emb) + pooled_projections
+                (t_emb + embedder.forward(&g)?)? + p_emb
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Token refiner
+
+/// Self-attention with bias and an output projection (`Attention` with the default processor).
+#[derive(Debug, Clone)]
+struct RefinerAttention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+}
+
+impl RefinerAttention {
+    fn new(dim: usize, heads: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            to_q: linear(dim, dim, vb.pp("to_q"))?,
+            to_k: linear(dim, dim, vb.pp("to_k"))?,
+            to_v: linear(dim, dim, vb.pp("to_v"))?,
+            to_out: linear(dim, dim, vb.pp("to_out.0"))?,
+            heads,
+        })
+    }
+
+    /// The reference mask is M[i,j] = m_i ∧ m_j with column 0 forced on: a valid query sees the
+    /// valid keys (and key 0); a padded query sees key 0 only, so its output is exactly v[0].
+    fn forward(&self, x: &Tensor, ctx: &AttnCtx) -> Result<Tensor> {
+        let mask = &ctx.text_mask;
+        let q = to_heads(&linear3(&self.to_q, x)?, self.heads)?;
+        let k = to_heads(&linear3(&self.to_k, x)?, self.heads)?;
+        let v = to_heads(&linear3(&self.to_v, x)?, self.heads)?;
+        let (_, h, n, d) = q.dims4()?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let out = if mask.valid.iter().all(|r| r.iter().all(|&v| v)) {
+            attention_chunked(&q, &k, &v, scale, ctx.budget)?
+        } else {
+            let mut outs = Vec::with_capacity(mask.valid.len());
+            for (i, row) in mask.valid.iter().enumerate() {
+                let keys: Vec<u32> = (0..n)
+                    .filter(|&j| j == 0 || row[j])
+                    .map(|j| j as u32)
+                    .collect();
+                let keys = Tensor::new(keys.as_slice(), x.device())?;
+                let (qi, ki, vi) = (q.i(i..i + 1)?, k.i(i..i + 1)?, v.i(i..i + 1)?);
+                let ki = ki.index_select(&keys, 2)?;
+                let vs = vi.index_select(&keys, 2)?;
+                let full = attention_chunked(&qi, &ki, &vs, scale, ctx.budget)?;
+                let rows: Vec<u8> = row.iter().map(|&v| v as u8).collect();
+                let rows = Tensor::new(rows.as_slice(), x.device())?
+                    .reshape((1, 1, n, 1))?
+                    .broadcast_as((1, h, n, d))?;
+                let v0 = vi.narrow(2, 0, 1)?.broadcast_as((1, h, n, d))?;
+                outs.push(rows.where_cond(&full, &v0)?);
+            }
+            Tensor::cat(&outs, 0)?
+        };
+        linear3(&self.to_out, &from_heads(&out)?)
+    }
+}
+
+/// `HunyuanVideoIndividualTokenRefinerBlock`.
+#[derive(Debug, Clone)]
+struct RefinerBlock {
+    norm1: LayerNormNoAffine,
+    attn: RefinerAttention,
+    norm2: LayerNormNoAffine,
+    ff: FeedForward,
+    norm_out: Linear,
+}
+
+impl RefinerBlock {
+    fn new(cfg: &TransformerConfig, vb: VarBuilder) -> Result<Self> {
+        let dim = cfg.inner_dim();
+        Ok(Self {
+            norm1: LayerNormNoAffine::new_affine(dim, NORM_EPS, vb.pp("norm1"))?,
+            attn: RefinerAttention::new(dim, cfg.num_attention_heads, vb.pp("attn"))?,
+            norm2: LayerNormNoAffine::new_affine(dim, NORM_EPS, vb.pp("norm2"))?,
+            ff: FeedForward::new(
+                dim,
+                (dim as f64 * REFINER_MLP_RATIO) as usize,
+                false,
+                vb.pp("ff"),
+            )?,
+            norm_out: linear(dim, 2 * dim, vb.pp("norm_out.linear"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, temb: &Tensor, ctx: &AttnCtx) -> Result<Tensor> {
+        let a = self.attn.forward(&self.norm1.forward(x)?, ctx)?;
+        let g = modulation(&self.norm_out, temb, 2)?;
+        let x = (x + a.broadcast_mul(&g[0].unsqueeze(1)?)?)?;
+        let f = ff3(&self.ff, &self.norm2.forward(&x)?)?;
+        x + f.broadcast_mul(&g[1].unsqueeze(1)?)?
+    }
+}
+
+/// `HunyuanVideoTokenRefiner` (`context_embedder`).
+#[derive(Debug, Clone)]
+struct TokenRefiner {
+    time_text_embed: ConditionEmbedding,
+    proj_in: Linear,
+    refiner_blocks: Vec<RefinerBlock>,
+}
+
+impl TokenRefiner {
+    fn new(cfg: &TransformerConfig, vb: VarBuilder) -> Result<Self> {
+        let dim = cfg.inner_dim();
+        let blocks = vb.pp("token_refiner.refiner_blocks");
+        Ok(Self {
+            time_text_embed: ConditionEmbedding::new(
+                dim,
+                cfg.text_embed_dim,
+                false,
+                vb.pp("time_text_embed"),
+            )?,
+            proj_in: linear(cfg.text_embed_dim, dim, vb.pp("proj_in"))?,
+            refiner_blocks: (0..cfg.num_refiner_layers)
+                .map(|i| RefinerBlock::new(cfg, blocks.pp(i)))
+                .collect::<Result<_>>()?,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        timestep: &Tensor,
+        mask: &Tensor,
+        ctx: &AttnCtx,
+    ) -> Result<Tensor> {
+        let dtype = x.dtype();
+        // masked mean of the raw text states, in f32 as in the reference
+        let m = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
+        let pooled = x
+            .to_dtype(DType::F32)?
+            .broadcast_mul(&m)?
+            .sum(1)?
+            .broadcast_div(&m.sum(1)?)?
+            .to_dtype(dtype)?;
+        let temb = self.time_text_embed.forward(timestep, &pooled, None)?;
+        let mut h = linear3(&self.proj_in, x)?;
+        for block in &self.refiner_blocks {
+            h = block.forward(&h, &temb, ctx)?;
+        }
+        Ok(h)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// DiT blocks
+
+/// Query/key/value projections with per-head RMS norms.
+#[derive(Debug, Clone)]
+struct QkvNorm {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    norm_q: RmsNorm,
+    norm_k: RmsNorm,
+}
+
+impl QkvNorm {
+    fn new(dim: usize, head_dim: usize, names: [&str; 5], vb: &VarBuilder) -> Result<Self> {
+        Ok(Self {
+            q: linear(dim, dim, vb.pp(names[0]))?,
+            k: linear(dim, dim, vb.pp(names[1]))?,
+            v: linear(dim, dim, vb.pp(names[2]))?,
+            norm_q: RmsNorm::new(head_dim, NORM_EPS, vb.pp(names[3]))?,
+            norm_k: RmsNorm::new(head_dim, NORM_EPS, vb.pp(names[4]))?,
+        })
+    }
+
+    /// (b, n, c) -> q, k, v each (b, heads, n, d); RoPE on the first `n_rope` tokens of q and k.
+    fn forward(
+        &self,
+        x: &Tensor,
+        heads: usize,
+        rope: Option<(&Tensor, &Tensor, usize)>,
+    ) -> Result<[Tensor; 3]> {
+        let (b, n, c) = x.dims3()?;
+        let d = c / heads;
+        // (b, n, c) -> (b, n, heads, d): the norms act on the head dim
+        let split = |t: Tensor| t.reshape((b, n, heads, d));
+        let q = self
+            .norm_q
+            .forward(&split(linear3(&self.q, x)?)?)?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let k = self
+            .norm_k
+            .forward(&split(linear3(&self.k, x)?)?)?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let v = split(linear3(&self.v, x)?)?.transpose(1, 2)?.contiguous()?;
+        let (q, k) = match rope {
+            None => (q, k),
+            Some((cos, sin, n_rope)) if n_rope == n => (
+                apply_rotary_emb(&q, cos, sin)?,
+                apply_rotary_emb(&k, cos, sin)?,
+            ),
+            Some((cos, sin, n_rope)) => {
+                let rot = |t: &Tensor| -> Result<Tensor> {
+                    let head = apply_rotary_emb(&t.narrow(2, 0, n_rope)?.contiguous()?, cos, sin)?;
+                    Tensor::cat(&[head, t.narrow(2, n_rope, n - n_rope)?], 2)
+                };
+                (rot(&q)?, rot(&k)?)
+            }
+        };
+        Ok([q, k, v])
+    }
+}
+
+/// `HunyuanVideoTransformerBlock`: dual-stream (image and text weights, joint attention).
+#[derive(Debug, Clone)]
+struct TransformerBlock {
+    norm1: Linear,
+    norm1_context: Linear,
+    img_qkv: QkvNorm,
+    txt_qkv: QkvNorm,
+    to_out: Linear,
+    to_add_out: Linear,
+    norm: LayerNormNoAffine,
+    ff: FeedForward,
+    ff_context: FeedForward,
+    heads: usize,
+}
+
+impl TransformerBlock {
+    fn new(cfg: &TransformerConfig, dtype: DType, vb: VarBuilder) -> Result<Self> {
+        let dim = cfg.inner_dim();
+        let attn = vb.pp("attn");
+        let hd = cfg.attention_head_dim;
+        Ok(Self {
+            norm1: linear(dim, 6 * dim, vb.pp("norm1.linear"))?,
+            norm1_context: linear(dim, 6 * dim, vb.pp("norm1_context.linear"))?,
+            img_qkv: QkvNorm::new(dim, hd, ["to_q", "to_k", "to_v", "norm_q", "norm_k"], &attn)?,
+            txt_qkv: QkvNorm::new(
+                dim,
+                hd,
+                [
+                    "add_q_proj",
+                    "add_k_proj",
+                    "add_v_proj",
+                    "norm_added_q",
+                    "norm_added_k",
+                ],
+                &attn,
+            )?,
+            to_out: linear(dim, dim, attn.pp("to_out.0"))?,
+            to_add_out: linear(dim, dim, attn.pp("to_add_out"))?,
+            norm: LayerNormNoAffine::new(dim, NORM_EPS, dtype, &vb)?,
+            ff: FeedForward::new(dim, cfg.mlp_dim(), true, vb.pp("ff"))?,
+            ff_context: FeedForward::new(dim, cfg.mlp_dim(), true, vb.pp("ff_context"))?,
+            heads: cfg.num_attention_heads,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        c: &Tensor,
+        temb: &Tensor,
+        rope: (&Tensor, &Tensor),
+        ctx: &AttnCtx,
+    ) -> Result<(Tensor, Tensor)> {
+        // shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp
+        let m = modulation(&self.norm1, temb, 6)?;
+        let cm = modulation(&self.norm1_context, temb, 6)?;
+        let xn = modulate(&self.norm.forward(x)?, &m[0], &m[1])?;
+        let cn = modulate(&self.norm.forward(c)?, &cm[0], &cm[1])?;
+        let n_img = x.dim(1)?;
+        let [qi, ki, vi] = self
+            .img_qkv
+            .forward(&xn, self.heads, Some((rope.0, rope.1, n_img)))?;
+        let [qt, kt, vt] = self.txt_qkv.forward(&cn, self.heads, None)?;
+        // sequence [img; txt] along dim 2 of (b, heads, n, d)
+        let q = Tensor::cat(&[qi, qt], 2)?;
+        let k = Tensor::cat(&[ki, kt], 2)?;
+        let v = Tensor::cat(&[vi, vt], 2)?;
+        let a = from_heads(&attention_first_keys(&q, &k, &v, ctx)?)?;
+        let n_txt = c.dim(1)?;
+        let img_out = linear3(&self.to_out, &a.narrow(1, 0, n_img)?.contiguous()?)?;
+        let txt_out = linear3(&self.to_add_out, &a.narrow(1, n_img, n_txt)?.contiguous()?)?;
+        let x = (x + img_out.broadcast_mul(&m[2].unsqueeze(1)?)?)?;
+        let c = (c + txt_out.broadcast_mul(&cm[2].unsqueeze(1)?)?)?;
+        let xn = modulate(&self.norm.forward(&x)?, &m[3], &m[4])?;
+        let cn = modulate(&self.norm.forward(&c)?, &cm[3], &cm[4])?;
+        let x = (&x + ff3(&self.ff, &xn)?.broadcast_mul(&m[5].unsqueeze(1)?)?)?;
+        let c = (&c + ff3(&self.ff_context, &cn)?.broadcast_mul(&cm[5].unsqueeze(1)?)?)?;
+        Ok((x, c))
+    }
+}
+
+/// `HunyuanVideoSingleTransformerBlock`: one stream over [img; txt], attention and MLP in parallel.
+#[derive(Debug, Clone)]
+struct SingleTransformerBlock {
+    norm: Linear,
+    qkv: QkvNorm,
+    proj_mlp: Linear,
+    proj_out: Linear,
+    ln: LayerNormNoAffine,
+    heads: usize,
+}
+
+impl SingleTransformerBlock {
+    fn new(cfg: &TransformerConfig, dtype: DType, vb: VarBuilder) -> Result<Self> {
+        let dim = cfg.inner_dim();
+        let mlp = cfg.mlp_dim();
+        Ok(Self {
+            norm: linear(dim, 3 * dim, vb.pp("norm.linear"))?,
+            qkv: QkvNorm::new(
+                dim,
+                cfg.attention_head_dim,
+                ["to_q", "to_k", "to_v", "norm_q", "norm_k"],
+                &vb.pp("attn"),
+            )?,
+            proj_mlp: linear(dim, mlp, vb.pp("proj_mlp"))?,
+            proj_out: linear(dim + mlp, dim, vb.pp("proj_out"))?,
+            ln: LayerNormNoAffine::new(dim, NORM_EPS, dtype, &vb)?,
+            heads: cfg.num_attention_heads,
+        })
+    }
+
+    fn forward(
+        &self,
+        s: &Tensor,
+        temb: &Tensor,
+        rope: (&Tensor, &Tensor, usize),
+        ctx: &AttnCtx,
+    ) -> Result<Tensor> {
+        // shift, scale, gate
+        let m = modulation(&self.norm, temb, 3)?;
+        let sn = modulate(&self.ln.forward(s)?, &m[0], &m[1])?;
+        let mlp = linear3(&self.proj_mlp, &sn)?.gelu()?;
+        let [q, k, v] = self.qkv.forward(&sn, self.heads, Some(rope))?;
+        let a = from_heads(&attention_first_keys(&q, &k, &v, ctx)?)?;
+        // (b, n, dim) ++ (b, n, mlp) -> (b, n, dim + mlp)
+        let out = linear3(&self.proj_out, &Tensor::cat(&[a, mlp], 2)?)?;
+        s + out.broadcast_mul(&m[2].unsqueeze(1)?)?
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The model
+
+/// The HunyuanVideo / SkyReels V1 diffusion transformer.
+#[derive(Debug, Clone)]
+pub struct HunyuanVideoTransformer3DModel {
+    x_embedder: Conv3d,
+    context_embedder: TokenRefiner,
+    time_text_embed: ConditionEmbedding,
+    transformer_blocks: Vec<TransformerBlock>,
+    single_transformer_blocks: Vec<SingleTransformerBlock>,
+    norm_out: Linear,
+    norm_out_ln: LayerNormNoAffine,
+    proj_out: Linear,
+    cfg: TransformerConfig,
+    dtype: DType,
+    attention_budget: usize,
+}
+
+impl HunyuanVideoTransformer3DModel {
+    pub fn new(cfg: &TransformerConfig, vb: VarBuilder) -> Result<Self> {
+        cfg.validate()?;
+        let dim = cfg.inner_dim();
+        let dtype = vb.dtype();
+        let (p, pt) = (cfg.patch_size, cfg.patch_size_t);
+        let x_embedder = Conv3d::new(
+            cfg.in_channels,
+            dim,
+            (pt, p, p),
+            Conv3dConfig { stride: (pt, p, p) },
+            vb.pp("x_embedder.proj"),
+        )?;
+        let blocks = vb.pp("transformer_blocks");
+        let singles = vb.pp("single_transformer_blocks");
+        Ok(Self {
+            x_embedder,
+            context_embedder: TokenRefiner::new(cfg, vb.pp("context_embedder"))?,
+            time_text_embed: ConditionEmbedding::new(
+                dim,
+                cfg.pooled_projection_dim,
+                cfg.guidance_embeds,
+                vb.pp("time_text_embed"),
+            )?,
+            transformer_blocks: (0..cfg.num_layers)
+                .map(|i| TransformerBlock::new(cfg, dtype, blocks.pp(i)))
+                .collect::<Result<_>>()?,
+            single_transformer_blocks: (0..cfg.num_single_layers)
+                .map(|i| SingleTransformerBlock::new(cfg, dtype, singles.pp(i)))
+                .collect::<Result<_>>()?,
+            norm_out: linear(dim, 2 * dim, vb.pp("norm_out.linear"))?,
+            norm_out_ln: LayerNormNoAffine::new(dim, NORM_EPS, dtype, &vb)?,
+            proj_out: linear(dim, pt * p * p * cfg.out_channels(), vb.pp("proj_out"))?,
+            cfg: cfg.clone(),
+            dtype,
+            attention_budget: DEFAULT_SCORE_BUDGET,
+        })
+    }
+
+    /// Sets how many attention score elements (batch × heads × query rows × keys) are held at
+    /// once. Smaller saves memory at some speed; the result does not depend on it.
+    pub fn set_attention_budget(&mut self, elements: usize) {
+        self.attention_budget = elements.max(1);
+    }
+
+    pub fn config(&self) -> &TransformerConfig {
+        &self.cfg
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        self.x_embedder.weight().device()
+    }
+
+    /// Predicts the flow-matching velocity, (b, out_channels, t, h, w) in the model dtype.
+    pub fn forward(&self, inp: &TransformerInputs) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let dt = self.dtype;
+        let (b, c_in, t, h, w) = inp.hidden_states.dims5()?;
+        if c_in != cfg.in_channels {
+            bail!(
+                "hidden_states {:?} has {c_in} channels, the transformer expects in_channels {}",
+                inp.hidden_states.shape(),
+                cfg.in_channels
+            )
+        }
+        let (p, pt) = (cfg.patch_size, cfg.patch_size_t);
+        if t % pt != 0 || h % p != 0 || w % p != 0 {
+            bail!(
+                "hidden_states {:?}: height and width must be multiples of {p} (patch_size) and \
+                 frames of {pt} (patch_size_t)",
+                inp.hidden_states.shape()
+            )
+        }
+        let (tb, n_txt, txt_dim) = inp.encoder_hidden_states.dims3()?;
+        if tb != b || txt_dim != cfg.text_embed_dim {
+            bail!(
+                "encoder_hidden_states {:?} must be ({b}, n, {})",
+                inp.encoder_hidden_states.shape(),
+                cfg.text_embed_dim
+            )
+        }
+        if inp.pooled_projections.dims() != [b, cfg.pooled_projection_dim] {
+            bail!(
+                "pooled_projections {:?} must be ({b}, {})",
+                inp.pooled_projections.shape(),
+                cfg.pooled_projection_dim
+            )
+        }
+        if inp.timestep.dims() != [b] {
+            bail!("timestep {:?} must be ({b},)", inp.timestep.shape())
+        }
+        if let Some(g) = inp.guidance {
+            if g.dims() != [b] {
+                bail!("guidance {:?} must be ({b},)", g.shape())
+            }
+        }
+        let text_mask = TextMask::new(inp.encoder_attention_mask, n_txt)?;
+        let (gt, gh, gw) = (t / pt, h / p, w / p);
+        let n_img = gt * gh * gw;
+        let (cos, sin) = rope_tables(
+            (gt, gh, gw),
+            &cfg.rope_axes_dim,
+            cfg.rope_theta,
+            self.device(),
+        )?;
+
+        let temb = self.time_text_embed.forward(
+            inp.timestep,
+            &inp.pooled_projections.to_dtype(dt)?,
+            inp.guidance,
+        )?;
+        // (b, c, t, h, w) -> (b, dim, gt, gh, gw) -> (b, gt·gh·gw, dim)
+        let x = self.x_embedder.forward(&inp.hidden_states.to_dtype(dt)?)?;
+        let mut x = x.flatten_from(2)?.transpose(1, 2)?.contiguous()?;
+        let ctx = AttnCtx {
+            key_counts: text_mask.joint_key_counts(n_img),
+            text_mask,
+            budget: self.attention_budget,
+        };
+        let mut c = self.context_embedder.forward(
+            &inp.encoder_hidden_states.to_dtype(dt)?,
+            inp.timestep,
+            inp.encoder_attention_mask,
+            &ctx,
+        )?;
+
+        for block in &self.transformer_blocks {
+            (x, c) = block.forward(&x, &c, &temb, (&cos, &sin), &ctx)?;
+        }
+        let mut s = Tensor::cat(&[x, c], 1)?;
+        for block in &self.single_transformer_blocks {
+            s = block.forward(&s, &temb, (&cos, &sin, n_img), &ctx)?;
+        }
+        let x = s.narrow(1, 0, n_img)?;
+
+        // norm_out: (scale, shift), in that order
+        let m = modulation(&self.norm_out, &temb, 2)?;
+        let y = modulate(&self.norm_out_ln.forward(&x)?, &m[1], &m[0])?;
+        let y = linear3(&self.proj_out, &y)?;
+        let oc = cfg.out_channels();
+        // (b, gt·gh·gw, oc·pt·p·p) -> (b, gt, gh, gw, oc, pt, p, p)
+        let y = y.reshape(vec![b, gt, gh, gw, oc, pt, p, p])?;
+        // -> (b, oc, gt, pt, gh, p, gw, p) -> (b, oc, t, h, w)
+        y.permute(vec![0, 4, 1, 5, 2, 6, 3, 7])?
+            .contiguous()?
+            .reshape((b, oc, t, h, w))
+    }
+}

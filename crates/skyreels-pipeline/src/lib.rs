@@ -1,0 +1,6 @@
+//! SkyReels V1 pipeline: loading checkpoints from diffusers / Hugging Face folders, conditioning,
+//! sampling and export.
+
+pub mod loading;
+
+pub use loading::{load_transformer, LoadError, WeightStore};

@@ -1,0 +1,403 @@
+//! Loading model components from diffusers-layout folders.
+//!
+//! A component folder holds `config.json` and its weights either as one `<stem>.safetensors` or
+//! sharded as `<stem>-0000i-of-0000n.safetensors` with `<stem>.safetensors.index.json`. Tensors
+//! are read through a tracking VarBuilder backend, so that after the model is built every missing
+//! tensor, wrong shape and unused tensor is reported by name. Stored f32/f16/bf16 convert to the
+//! run dtype.
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+use serde::Deserialize;
+use skyreels_models::{HunyuanVideoTransformer3DModel, TransformerConfig};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// Weight file stem of diffusers models (transformer, VAE).
+pub const DIFFUSERS_WEIGHTS: &str = "diffusion_pytorch_model";
+
+/// At most this many missing or mis-shaped tensors are collected before loading stops.
+const MAX_REPORTED: usize = 32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("model folder {0} does not exist")]
+    FolderNotFound(PathBuf),
+    #[error("{0}: no config.json in this folder or in its `{1}/` subfolder")]
+    NoConfig(PathBuf, String),
+    #[error("{path}: cannot read: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: invalid config: {message}")]
+    Config { path: PathBuf, message: String },
+    #[error("{0}: no weights (expected {1}.safetensors or {1}.safetensors.index.json)")]
+    NoWeights(PathBuf, String),
+    #[error("{path}: invalid index: {message}")]
+    Index { path: PathBuf, message: String },
+    #[error("shard {shard} listed in {index} is missing")]
+    MissingShard { shard: PathBuf, index: PathBuf },
+    #[error("{path}: not a readable safetensors file: {message}")]
+    CorruptFile { path: PathBuf, message: String },
+    #[error("tensor {name} is stored in both {first} and {second}")]
+    DuplicateTensor {
+        name: String,
+        first: PathBuf,
+        second: PathBuf,
+    },
+    #[error("tensor {name} in {path} has dtype {dtype}; only f32, f16 and bf16 weights load")]
+    UnsupportedDtype {
+        name: String,
+        path: PathBuf,
+        dtype: String,
+    },
+    #[error("{}", describe_problems(.0))]
+    Tensors(Vec<TensorProblem>),
+    #[error("{} unexpected tensor(s) not used by the model: {}", .0.len(), .0.join(", "))]
+    UnusedTensors(Vec<String>),
+    #[error("building the model: {0}")]
+    Model(#[from] candle_core::Error),
+}
+
+/// A tensor the model asked for that the checkpoint cannot provide as requested.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TensorProblem {
+    Missing {
+        name: String,
+    },
+    Shape {
+        name: String,
+        file: PathBuf,
+        stored: Vec<usize>,
+        expected: Vec<usize>,
+    },
+}
+
+fn describe_problems(problems: &[TensorProblem]) -> String {
+    let items: Vec<String> = problems
+        .iter()
+        .map(|p| match p {
+            TensorProblem::Missing { name } => format!("missing tensor {name}"),
+            TensorProblem::Shape {
+                name,
+                file,
+                stored,
+                expected,
+            } => format!(
+                "tensor {name} in {} has shape {stored:?}, the model expects {expected:?}",
+                file.display()
+            ),
+        })
+        .collect();
+    items.join("; ")
+}
+
+/// All tensors of a checkpoint (one file or a sharded set), memory-mapped.
+pub struct WeightStore {
+    files: Vec<(PathBuf, MmapedSafetensors)>,
+    /// tensor name -> index in `files`
+    names: HashMap<String, usize>,
+}
+
+#[derive(Deserialize)]
+struct ShardIndex {
+    weight_map: BTreeMap<String, String>,
+}
+
+impl WeightStore {
+    /// Opens `<dir>/<stem>.safetensors.index.json` and its shards, or else `<dir>/<stem>.safetensors`.
+    pub fn open(dir: &Path, stem: &str) -> Result<Self, LoadError> {
+        let index_path = dir.join(format!("{stem}.safetensors.index.json"));
+        let single = dir.join(format!("{stem}.safetensors"));
+        if index_path.is_file() {
+            let text = read(&index_path)?;
+            let index: ShardIndex = serde_json::from_str(&text).map_err(|e| LoadError::Index {
+                path: index_path.clone(),
+                message: e.to_string(),
+            })?;
+            let shards: BTreeSet<&String> = index.weight_map.values().collect();
+            if shards.is_empty() {
+                return Err(LoadError::Index {
+                    path: index_path,
+                    message: "weight_map is empty".into(),
+                });
+            }
+            let mut paths = Vec::with_capacity(shards.len());
+            for shard in shards {
+                if shard.contains('/') || shard.contains('\\') || shard.starts_with('.') {
+                    return Err(LoadError::Index {
+                        path: index_path,
+                        message: format!("shard name {shard:?} is not a plain file name"),
+                    });
+                }
+                let p = dir.join(shard);
+                if !p.is_file() {
+                    return Err(LoadError::MissingShard {
+                        shard: p,
+                        index: index_path,
+                    });
+                }
+                paths.push(p);
+            }
+            let store = Self::from_files(paths)?;
+            for (name, shard) in &index.weight_map {
+                let found = store.names.get(name).map(|&i| &store.files[i].0);
+                if found.and_then(|p| p.file_name()) != Some(std::ffi::OsStr::new(shard)) {
+                    return Err(LoadError::Index {
+                        path: index_path,
+                        message: format!(
+                            "tensor {name} is mapped to {shard} but {}",
+                            match found {
+                                Some(p) => format!("is stored in {}", p.display()),
+                                None => "no shard contains it".into(),
+                            }
+                        ),
+                    });
+                }
+            }
+            Ok(store)
+        } else if single.is_file() {
+            Self::from_files(vec![single])
+        } else {
+            Err(LoadError::NoWeights(dir.to_path_buf(), stem.to_string()))
+        }
+    }
+
+    /// Opens safetensors files as one store; a tensor name may appear in only one of them.
+    pub fn from_files(paths: Vec<PathBuf>) -> Result<Self, LoadError> {
+        let mut files = Vec::with_capacity(paths.len());
+        let mut names: HashMap<String, usize> = HashMap::new();
+        for (i, path) in paths.into_iter().enumerate() {
+            // SAFETY: the file is mapped read-only; like every mmap-based loader we rely on it not
+            // being truncated while the model is loading.
+            let st =
+                unsafe { MmapedSafetensors::new(&path) }.map_err(|e| LoadError::CorruptFile {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?;
+            for (name, view) in st.tensors() {
+                match view.dtype() {
+                    safetensors::Dtype::F32
+                    | safetensors::Dtype::F16
+                    | safetensors::Dtype::BF16 => {}
+                    other => {
+                        return Err(LoadError::UnsupportedDtype {
+                            name,
+                            path,
+                            dtype: format!("{other:?}"),
+                        })
+                    }
+                }
+                if let Some(&j) = names.get(&name) {
+                    let first: &(PathBuf, MmapedSafetensors) = &files[j];
+                    return Err(LoadError::DuplicateTensor {
+                        name,
+                        first: first.0.clone(),
+                        second: path,
+                    });
+                }
+                names.insert(name, i);
+            }
+            files.push((path, st));
+        }
+        Ok(Self { files, names })
+    }
+
+    /// Every tensor name, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.names.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    pub fn files(&self) -> impl Iterator<Item = &Path> {
+        self.files.iter().map(|(p, _)| p.as_path())
+    }
+
+    /// Stored shape and file of a tensor.
+    fn lookup(&self, name: &str) -> Option<(Vec<usize>, &Path, &MmapedSafetensors)> {
+        let &i = self.names.get(name)?;
+        let (path, st) = &self.files[i];
+        let view = st.get(name).ok()?;
+        Some((view.shape().to_vec(), path.as_path(), st))
+    }
+
+    /// Loads one tensor as stored (its own dtype).
+    pub fn load(&self, name: &str, device: &Device) -> Result<Tensor, LoadError> {
+        match self.lookup(name) {
+            None => Err(LoadError::Tensors(vec![TensorProblem::Missing {
+                name: name.into(),
+            }])),
+            Some((_, _, st)) => Ok(st.load(name, device)?),
+        }
+    }
+}
+
+fn read(path: &Path) -> Result<String, LoadError> {
+    std::fs::read_to_string(path).map_err(|source| LoadError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+#[derive(Default)]
+struct Tracker {
+    used: BTreeSet<String>,
+    problems: Vec<TensorProblem>,
+}
+
+/// VarBuilder backend that records every tensor asked for and every problem, and hands out a
+/// zero-size placeholder (a broadcast scalar, no allocation) for a tensor it cannot provide, so
+/// that one load reports all problems at once.
+struct TrackingBackend {
+    store: Arc<WeightStore>,
+    tracker: Arc<Mutex<Tracker>>,
+}
+
+impl TrackingBackend {
+    fn placeholder(&self, s: Shape, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let t = self.tracker.lock().expect("tracker lock poisoned");
+        if t.problems.len() >= MAX_REPORTED {
+            candle_core::bail!("{}", describe_problems(&t.problems))
+        }
+        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
+    }
+}
+
+impl SimpleBackend for TrackingBackend {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let found = self.store.lookup(name);
+        {
+            let mut t = self.tracker.lock().expect("tracker lock poisoned");
+            t.used.insert(name.to_string());
+            match &found {
+                None => t
+                    .problems
+                    .push(TensorProblem::Missing { name: name.into() }),
+                Some((shape, file, _)) if shape.as_slice() != s.dims() => {
+                    t.problems.push(TensorProblem::Shape {
+                        name: name.into(),
+                        file: file.to_path_buf(),
+                        stored: shape.clone(),
+                        expected: s.dims().to_vec(),
+                    })
+                }
+                Some(_) => {}
+            }
+        }
+        match found {
+            Some((shape, _, st)) if shape.as_slice() == s.dims() => {
+                st.load(name, dev)?.to_dtype(dtype)
+            }
+            _ => self.placeholder(s, dtype, dev),
+        }
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.tracker
+            .lock()
+            .expect("tracker lock poisoned")
+            .used
+            .insert(name.to_string());
+        match self.store.lookup(name) {
+            Some((_, _, st)) => st.load(name, dev)?.to_dtype(dtype),
+            None => candle_core::bail!("missing tensor {name}"),
+        }
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.store.names.contains_key(name)
+    }
+}
+
+/// Builds a model from a weight store, then checks that every tensor was found with the right
+/// shape and that the checkpoint holds nothing the model did not use.
+pub fn build_checked<M>(
+    store: WeightStore,
+    dtype: DType,
+    device: &Device,
+    build: impl FnOnce(VarBuilder) -> candle_core::Result<M>,
+) -> Result<M, LoadError> {
+    let tracker = Arc::new(Mutex::new(Tracker::default()));
+    let store = Arc::new(store);
+    let backend = TrackingBackend {
+        store: store.clone(),
+        tracker: tracker.clone(),
+    };
+    let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
+    let built = build(vb);
+    let t = tracker.lock().expect("tracker lock poisoned");
+    if !t.problems.is_empty() {
+        return Err(LoadError::Tensors(t.problems.clone()));
+    }
+    let model = built?;
+    let unused: Vec<String> = store
+        .names()
+        .into_iter()
+        .filter(|n| !t.used.contains(n))
+        .collect();
+    if !unused.is_empty() {
+        return Err(LoadError::UnusedTensors(unused));
+    }
+    Ok(model)
+}
+
+/// The folder holding a component: `dir` itself when it has `config.json` (a bare model repo such
+/// as Skywork's), else `dir/<subfolder>` (a diffusers pipeline).
+pub fn component_dir(dir: &Path, subfolder: &str) -> Result<PathBuf, LoadError> {
+    if !dir.is_dir() {
+        return Err(LoadError::FolderNotFound(dir.to_path_buf()));
+    }
+    if dir.join("config.json").is_file() {
+        return Ok(dir.to_path_buf());
+    }
+    let sub = dir.join(subfolder);
+    if sub.join("config.json").is_file() {
+        return Ok(sub);
+    }
+    Err(LoadError::NoConfig(
+        dir.to_path_buf(),
+        subfolder.to_string(),
+    ))
+}
+
+/// Reads and parses `<dir>/config.json`.
+pub fn read_config<C: serde::de::DeserializeOwned>(dir: &Path) -> Result<C, LoadError> {
+    let path = dir.join("config.json");
+    let text = read(&path)?;
+    let de = &mut serde_json::Deserializer::from_str(&text);
+    serde_path_to_error::deserialize(de).map_err(|e| LoadError::Config {
+        path,
+        message: format!("field `{}`: {}", e.path(), e.inner()),
+    })
+}
+
+/// Loads `HunyuanVideoTransformer3DModel` from a transformer folder or a pipeline folder with a
+/// `transformer/` subfolder, converting the stored weights to `dtype`.
+pub fn load_transformer(
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<HunyuanVideoTransformer3DModel, LoadError> {
+    let dir = component_dir(dir, "transformer")?;
+    let cfg: TransformerConfig = read_config(&dir)?;
+    cfg.validate().map_err(|e| LoadError::Config {
+        path: dir.join("config.json"),
+        message: e.to_string(),
+    })?;
+    let store = WeightStore::open(&dir, DIFFUSERS_WEIGHTS)?;
+    build_checked(store, dtype, device, |vb| {
+        HunyuanVideoTransformer3DModel::new(&cfg, vb)
+    })
+}

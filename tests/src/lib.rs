@@ -1,0 +1,40 @@
+//! Helpers shared by the cross-crate tests.
+
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// `tests/fixtures/<rel>`.
+pub fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(rel)
+}
+
+/// Every tensor of a safetensors file, on the CPU.
+pub fn load_tensors(path: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// ‖got − want‖₂ / ‖want‖₂, computed in f64.
+pub fn rel_l2(got: &Tensor, want: &Tensor) -> f64 {
+    assert_eq!(got.dims(), want.dims(), "shape mismatch");
+    let g = got.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+    let w = want.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+    let num = (g - &w).unwrap().sqr().unwrap().sum_all().unwrap();
+    let den = w.sqr().unwrap().sum_all().unwrap();
+    (num.to_scalar::<f64>().unwrap() / den.to_scalar::<f64>().unwrap()).sqrt()
+}
+
+/// Copies the files of `src` (not recursive) into a new temporary folder.
+pub fn copy_dir(src: &Path) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(src).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+        }
+    }
+    dir
+}

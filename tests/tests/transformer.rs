@@ -1,0 +1,315 @@
+//! HunyuanVideo transformer: parity with diffusers 0.42.1 and checkpoint loading.
+//!
+//! Fixtures come from `scripts/gen_transformer_fixtures.py` (tiny random weights, f32 CPU
+//! reference forward passes).
+
+use candle_core::{DType, Device, Tensor};
+use skyreels_models::{HunyuanVideoTransformer3DModel, TransformerInputs};
+use skyreels_pipeline::load_transformer;
+use skyreels_pipeline::loading::{LoadError, TensorProblem, DIFFUSERS_WEIGHTS};
+use skyreels_tests::{copy_dir, fixture, load_tensors, rel_l2};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Relative L2 bound for f32 parity. Both sides run the same f32 math; they differ only in
+/// summation order (GEMM blocking, chunked softmax, fused norms), which costs a few f32 ulps
+/// (~1e-7 relative) per op and stays below ~1e-6 through these shallow stacks. Any real
+/// deviation (a swapped modulation chunk, a mask rule, a RoPE convention) is >= 1e-2.
+const F32_TOL: f64 = 1e-5;
+
+fn forward(model: &HunyuanVideoTransformer3DModel, io: &HashMap<String, Tensor>) -> Tensor {
+    let inputs = TransformerInputs {
+        hidden_states: &io["hidden_states"],
+        timestep: &io["timestep"],
+        encoder_hidden_states: &io["encoder_hidden_states"],
+        encoder_attention_mask: &io["encoder_attention_mask"],
+        pooled_projections: &io["pooled_projections"],
+        guidance: io.get("guidance"),
+    };
+    model.forward(&inputs).unwrap()
+}
+
+fn check_parity(case: &str, weights: &Path) {
+    let io = load_tensors(&fixture(&format!("transformer/{case}/io.safetensors")));
+    let mut model = load_transformer(weights, DType::F32, &Device::Cpu).unwrap();
+    let want = &io["output"];
+    let got = forward(&model, &io);
+    let err = rel_l2(&got, want);
+    assert!(err <= F32_TOL, "{case}: relative L2 error {err:e}");
+    // Tiny attention budgets force many query chunks per call: still the same result.
+    for budget in [64, 1000] {
+        model.set_attention_budget(budget);
+        let err = rel_l2(&forward(&model, &io), want);
+        assert!(
+            err <= F32_TOL,
+            "{case} (budget {budget}): relative L2 error {err:e}"
+        );
+    }
+}
+
+#[test]
+fn tiny_a_matches_diffusers() {
+    // pipeline layout (transformer/ subfolder), single f32 file, 32 input channels, patch 2,
+    // guidance embedder, batch of 2 with one padded prompt
+    check_parity("tiny_a", &fixture("transformer/tiny_a"));
+}
+
+#[test]
+fn tiny_b_matches_diffusers() {
+    // bare-repo layout, bf16 shards + index, patch 1 x temporal patch 2, no guidance embedder
+    check_parity("tiny_b", &fixture("transformer/tiny_b/model"));
+}
+
+/// Writes every tensor of a checkpoint folder into one `diffusion_pytorch_model.safetensors`.
+fn to_single_file(src: &Path, dst: &Path, edit: impl FnOnce(&mut HashMap<String, Tensor>)) {
+    let store = skyreels_pipeline::WeightStore::open(src, DIFFUSERS_WEIGHTS).unwrap();
+    let mut tensors: HashMap<String, Tensor> = store
+        .names()
+        .into_iter()
+        .map(|n| {
+            let t = store.load(&n, &Device::Cpu).unwrap();
+            (n, t)
+        })
+        .collect();
+    edit(&mut tensors);
+    std::fs::copy(src.join("config.json"), dst.join("config.json")).unwrap();
+    candle_core::safetensors::save(
+        &tensors,
+        dst.join(format!("{DIFFUSERS_WEIGHTS}.safetensors")),
+    )
+    .unwrap();
+}
+
+#[test]
+fn sharded_and_single_file_agree() {
+    let sharded = fixture("transformer/tiny_b/model");
+    let single = tempfile::tempdir().unwrap();
+    to_single_file(&sharded, single.path(), |_| {});
+    let io = load_tensors(&fixture("transformer/tiny_b/io.safetensors"));
+    let a = forward(
+        &load_transformer(&sharded, DType::F32, &Device::Cpu).unwrap(),
+        &io,
+    );
+    let b = forward(
+        &load_transformer(single.path(), DType::F32, &Device::Cpu).unwrap(),
+        &io,
+    );
+    let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+    assert_eq!(
+        diff.to_scalar::<f32>().unwrap(),
+        0.0,
+        "same weights must give identical outputs"
+    );
+}
+
+#[test]
+fn f16_storage_converts_to_the_run_dtype() {
+    let src = fixture("transformer/tiny_a/transformer");
+    let dir = tempfile::tempdir().unwrap();
+    to_single_file(&src, dir.path(), |t| {
+        for v in t.values_mut() {
+            *v = v.to_dtype(DType::F16).unwrap();
+        }
+    });
+    let io = load_tensors(&fixture("transformer/tiny_a/io.safetensors"));
+    let model = load_transformer(dir.path(), DType::F32, &Device::Cpu).unwrap();
+    let err = rel_l2(&forward(&model, &io), &io["output"]);
+    // f16 weights carry ~5e-4 relative rounding each; the output moves by about that much.
+    assert!(
+        err > 0.0 && err < 1e-2,
+        "f16-stored weights: relative L2 error {err:e}"
+    );
+}
+
+fn load_err(dir: &Path) -> LoadError {
+    match load_transformer(dir, DType::F32, &Device::Cpu) {
+        Ok(_) => panic!("loading {} should fail", dir.display()),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn missing_shard_is_named() {
+    let dir = copy_dir(&fixture("transformer/tiny_b/model"));
+    let shard = dir
+        .path()
+        .join("diffusion_pytorch_model-00002-of-00004.safetensors");
+    std::fs::remove_file(&shard).unwrap();
+    match load_err(dir.path()) {
+        LoadError::MissingShard { shard: s, .. } => assert_eq!(s, shard),
+        e => panic!("unexpected error: {e}"),
+    }
+}
+
+#[test]
+fn corrupted_shard_is_named() {
+    let dir = copy_dir(&fixture("transformer/tiny_b/model"));
+    let shard = dir
+        .path()
+        .join("diffusion_pytorch_model-00003-of-00004.safetensors");
+    let bytes = std::fs::read(&shard).unwrap();
+    std::fs::write(&shard, &bytes[..bytes.len() / 2]).unwrap();
+    let e = load_err(dir.path());
+    assert!(
+        matches!(&e, LoadError::CorruptFile { path, .. } if path == &shard),
+        "{e}"
+    );
+    assert!(e.to_string().contains("00003-of-00004"), "{e}");
+}
+
+#[test]
+fn wrong_shape_names_tensor_and_both_shapes() {
+    let dir = tempfile::tempdir().unwrap();
+    to_single_file(
+        &fixture("transformer/tiny_a/transformer"),
+        dir.path(),
+        |t| {
+            let name = "transformer_blocks.1.attn.to_k.weight";
+            t.insert(
+                name.into(),
+                Tensor::zeros((32, 31), DType::F32, &Device::Cpu).unwrap(),
+            );
+        },
+    );
+    let e = load_err(dir.path());
+    let msg = e.to_string();
+    match e {
+        LoadError::Tensors(p) => assert_eq!(
+            p,
+            vec![TensorProblem::Shape {
+                name: "transformer_blocks.1.attn.to_k.weight".into(),
+                file: dir.path().join("diffusion_pytorch_model.safetensors"),
+                stored: vec![32, 31],
+                expected: vec![32, 32],
+            }]
+        ),
+        e => panic!("unexpected error: {e}"),
+    }
+    assert!(
+        msg.contains("[32, 31]") && msg.contains("[32, 32]"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn missing_and_extra_tensors_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    to_single_file(
+        &fixture("transformer/tiny_a/transformer"),
+        dir.path(),
+        |t| {
+            t.remove("single_transformer_blocks.0.proj_mlp.bias");
+            t.remove("norm_out.linear.weight");
+        },
+    );
+    match load_err(dir.path()) {
+        LoadError::Tensors(p) => {
+            let names: Vec<_> = p
+                .iter()
+                .map(|p| match p {
+                    TensorProblem::Missing { name } => name.as_str(),
+                    other => panic!("unexpected {other:?}"),
+                })
+                .collect();
+            assert_eq!(
+                names,
+                [
+                    "single_transformer_blocks.0.proj_mlp.bias",
+                    "norm_out.linear.weight"
+                ]
+            );
+        }
+        e => panic!("unexpected error: {e}"),
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    to_single_file(
+        &fixture("transformer/tiny_a/transformer"),
+        dir.path(),
+        |t| {
+            let extra = Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap();
+            t.insert(
+                "transformer_blocks.7.attn.to_q.weight".into(),
+                extra.clone(),
+            );
+            t.insert("pos_embed".into(), extra);
+        },
+    );
+    match load_err(dir.path()) {
+        LoadError::UnusedTensors(names) => {
+            assert_eq!(
+                names,
+                ["pos_embed", "transformer_blocks.7.attn.to_q.weight"]
+            )
+        }
+        e => panic!("unexpected error: {e}"),
+    }
+}
+
+#[test]
+fn folder_errors_are_clear() {
+    let e = load_err(Path::new("/nonexistent/skyreels-model"));
+    assert!(matches!(e, LoadError::FolderNotFound(_)), "{e}");
+    let empty = tempfile::tempdir().unwrap();
+    let e = load_err(empty.path());
+    assert!(e.to_string().contains("no config.json"), "{e}");
+    std::fs::write(
+        empty.path().join("config.json"),
+        "{\"num_layers\": \"two\"}",
+    )
+    .unwrap();
+    let e = load_err(empty.path());
+    assert!(
+        matches!(e, LoadError::Config { .. }) && e.to_string().contains("num_layers"),
+        "{e}"
+    );
+    std::fs::write(empty.path().join("config.json"), "{}").unwrap();
+    let e = load_err(empty.path());
+    assert!(matches!(e, LoadError::NoWeights(..)), "{e}");
+    // an index naming a tensor its shard does not hold
+    let dir = copy_dir(&fixture("transformer/tiny_b/model"));
+    let index = dir
+        .path()
+        .join("diffusion_pytorch_model.safetensors.index.json");
+    let text = std::fs::read_to_string(&index).unwrap();
+    let text = text.replacen("\"proj_out.bias\"", "\"proj_out.bias_renamed\"", 1);
+    std::fs::write(&index, text).unwrap();
+    let e = load_err(dir.path());
+    assert!(
+        matches!(e, LoadError::Index { .. }) && e.to_string().contains("proj_out.bias_renamed"),
+        "{e}"
+    );
+}
+
+#[test]
+fn bad_inputs_are_errors_not_panics() {
+    let model = load_transformer(&fixture("transformer/tiny_a"), DType::F32, &Device::Cpu).unwrap();
+    let io = load_tensors(&fixture("transformer/tiny_a/io.safetensors"));
+    let wrong_channels = io["hidden_states"].narrow(1, 0, 16).unwrap();
+    let odd_width = io["hidden_states"].narrow(4, 0, 9).unwrap();
+    for (hs, needle) in [
+        (&wrong_channels, "in_channels 32"),
+        (&odd_width, "multiples of 2"),
+    ] {
+        let inputs = TransformerInputs {
+            hidden_states: hs,
+            timestep: &io["timestep"],
+            encoder_hidden_states: &io["encoder_hidden_states"],
+            encoder_attention_mask: &io["encoder_attention_mask"],
+            pooled_projections: &io["pooled_projections"],
+            guidance: io.get("guidance"),
+        };
+        let e = model.forward(&inputs).unwrap_err().to_string();
+        assert!(e.contains(needle), "{e}");
+    }
+    let inputs = TransformerInputs {
+        hidden_states: &io["hidden_states"],
+        timestep: &io["timestep"],
+        encoder_hidden_states: &io["encoder_hidden_states"],
+        encoder_attention_mask: &io["encoder_attention_mask"],
+        pooled_projections: &io["pooled_projections"],
+        guidance: None,
+    };
+    let e = model.forward(&inputs).unwrap_err().to_string();
+    assert!(e.contains("guidance"), "{e}");
+}
