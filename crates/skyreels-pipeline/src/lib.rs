@@ -2,5 +2,6 @@
 //! sampling and export.
 
 pub mod loading;
+pub mod runtime;
 
 pub use loading::{load_transformer, LoadError, WeightStore};

@@ -1,7 +1,8 @@
 //! Timestep and conditioning embeddings (diffusers `embeddings.py`).
 
+use super::linear::{linear, Linear};
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{linear, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 /// `get_timestep_embedding(t, dim, flip_sin_to_cos=True, downscale_freq_shift=0)`:
 /// f_k = exp(-ln(10000)·k/half), a = t·f_k in f32, output [cos(a), sin(a)] of shape [b, dim].

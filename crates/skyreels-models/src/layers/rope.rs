@@ -4,7 +4,7 @@
 //! the order of the patch embedding. The rotation pairs features (2j, 2j+1) (interleaved,
 //! GPT-J style), so the tables here hold one angle per pair: [n_tokens, head_dim / 2].
 
-use candle_core::{bail, Device, Result, Tensor};
+use candle_core::{bail, DType, Device, Result, Tensor};
 
 /// cos and sin tables, each [t·h·w, sum(axes_dim)/2] f32, for a (t, h, w) token grid.
 ///
@@ -54,11 +54,29 @@ pub fn rope_tables(
     ))
 }
 
-/// Rotates interleaved pairs of x (b, heads, n, d) with tables (n, d/2), in f32 then cast back.
+/// Rotates interleaved pairs of the first `cos.dim(0)` tokens of x (b, n, heads, d) with tables
+/// (n_rope, d/2), in f32 then cast back to x's dtype; later tokens (text) pass unchanged.
 pub fn apply_rotary_emb(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        return super::cpu_kernels::rope_bnhd_f32(x, cos, sin);
+    }
+    let (_, n, _, _) = x.dims4()?;
+    let n_rope = cos.dim(0)?;
     let dtype = x.dtype();
-    let xf = x.to_dtype(candle_core::DType::F32)?.contiguous()?;
-    candle_nn::rotary_emb::rope_i(&xf, cos, sin)?.to_dtype(dtype)
+    // (b, n_rope, h, d) -> (b, h, n_rope, d) for candle's rope_i
+    let head = x
+        .narrow(1, 0, n_rope)?
+        .to_dtype(DType::F32)?
+        .transpose(1, 2)?
+        .contiguous()?;
+    let head = candle_nn::rotary_emb::rope_i(&head, cos, sin)?
+        .transpose(1, 2)?
+        .to_dtype(dtype)?;
+    if n_rope == n {
+        head.contiguous()
+    } else {
+        Tensor::cat(&[head, x.narrow(1, n_rope, n - n_rope)?], 1)
+    }
 }
 
 #[cfg(test)]
@@ -102,22 +120,36 @@ mod tests {
 
     #[test]
     fn rotation_is_interleaved_pairs() {
-        // x = [1, 2, 3, 4] at angles [a0, a1]: out = (x0 c0 - x1 s0, x0 s0 + x1 c0, ...)
+        // x = [1, 2, 3, 4] at angles [a0, a1]: out = (x0 c0 - x1 s0, x0 s0 + x1 c0, ...); a second
+        // token past the table is left alone. Checked on the f32 CPU kernel and the generic path.
         let dev = Device::Cpu;
-        let x = Tensor::new(&[[[[1f32, 2., 3., 4.]]]], &dev).unwrap();
+        let x = Tensor::new(&[[[[1f32, 2., 3., 4.]], [[5., 6., 7., 8.]]]], &dev).unwrap();
         let (a0, a1) = (0.3f32, -1.1f32);
         let cos = Tensor::new(&[[a0.cos(), a1.cos()]], &dev).unwrap();
         let sin = Tensor::new(&[[a0.sin(), a1.sin()]], &dev).unwrap();
-        let y = apply_rotary_emb(&x, &cos, &sin).unwrap();
-        let y = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let want = [
             a0.cos() - 2. * a0.sin(),
             a0.sin() + 2. * a0.cos(),
             3. * a1.cos() - 4. * a1.sin(),
             3. * a1.sin() + 4. * a1.cos(),
+            5.,
+            6.,
+            7.,
+            8.,
         ];
-        for (g, w) in y.iter().zip(want) {
-            assert!((g - w).abs() < 1e-6, "{y:?} vs {want:?}");
+        for x in [x.clone(), x.to_dtype(DType::F64).unwrap()] {
+            let y = apply_rotary_emb(&x, &cos, &sin).unwrap();
+            assert_eq!(y.dtype(), x.dtype());
+            let y = y
+                .to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            for (g, w) in y.iter().zip(want) {
+                assert!((g - w).abs() < 1e-6, "{y:?} vs {want:?}");
+            }
         }
     }
 }

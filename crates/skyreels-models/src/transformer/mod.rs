@@ -8,15 +8,17 @@ mod config;
 pub use config::TransformerConfig;
 
 use crate::layers::{
+    attention,
     attention::DEFAULT_SCORE_BUDGET,
-    attention_chunked,
     conv3d::{Conv3d, Conv3dConfig},
+    cpu_kernels::gelu_tanh,
     embeddings::{timestep_sinusoid, TextProjection, TimestepEmbedding},
+    linear::{linear, Linear},
     norm::{LayerNormNoAffine, RmsNorm},
     rope::{apply_rotary_emb, rope_tables},
 };
 use candle_core::{bail, DType, Device, IndexOp, Module, Result, Tensor};
-use candle_nn::{linear, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 const NORM_EPS: f64 = 1e-6;
 /// Width of the sinusoidal timestep projection (`Timesteps(num_channels=256)`).
@@ -83,41 +85,20 @@ struct AttnCtx {
     /// Keys visible to each sample in the joint blocks (a prefix of [img; txt]).
     key_counts: Vec<usize>,
     text_mask: TextMask,
-    /// Score elements held at once (see [`attention_chunked`]).
+    /// Score elements held at once (see [`attention`]).
     budget: usize,
 }
 
-/// Attention of (b, h, n, d) tensors where sample i only sees its first `key_counts[i]` keys.
-fn attention_first_keys(q: &Tensor, k: &Tensor, v: &Tensor, ctx: &AttnCtx) -> Result<Tensor> {
-    let (_, _, n, d) = q.dims4()?;
-    let scale = 1.0 / (d as f64).sqrt();
-    let nk = k.dim(2)?;
-    if ctx.key_counts.iter().all(|&c| c == nk) {
-        return attention_chunked(q, k, v, scale, ctx.budget);
-    }
-    let mut outs = Vec::with_capacity(ctx.key_counts.len());
-    for (i, &count) in ctx.key_counts.iter().enumerate() {
-        let (qi, ki, vi) = (q.i(i..i + 1)?, k.i(i..i + 1)?, v.i(i..i + 1)?);
-        let (ki, vi) = (ki.narrow(2, 0, count)?, vi.narrow(2, 0, count)?);
-        outs.push(attention_chunked(&qi, &ki, &vi, scale, ctx.budget)?);
-    }
-    let out = Tensor::cat(&outs, 0)?;
-    debug_assert_eq!(out.dim(2)?, n);
-    Ok(out)
-}
-
-/// (b, n, heads·d) -> (b, heads, n, d)
+/// (b, n, heads·d) -> (b, n, heads, d)
 fn to_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
     let (b, n, c) = x.dims3()?;
-    x.reshape((b, n, heads, c / heads))?
-        .transpose(1, 2)?
-        .contiguous()
+    x.reshape((b, n, heads, c / heads))
 }
 
-/// (b, heads, n, d) -> (b, n, heads·d)
+/// (b, n, heads, d) -> (b, n, heads·d)
 fn from_heads(x: &Tensor) -> Result<Tensor> {
-    let (b, h, n, d) = x.dims4()?;
-    x.transpose(1, 2)?.reshape((b, n, h * d))
+    let (b, n, h, d) = x.dims4()?;
+    x.reshape((b, n, h * d))
 }
 
 /// x·(1 + scale) + shift with (b, c) modulation broadcast over tokens.
@@ -155,22 +136,9 @@ impl FeedForward {
 impl Module for FeedForward {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.proj_in.forward(x)?;
-        let h = if self.gelu { h.gelu()? } else { h.silu()? };
+        let h = if self.gelu { gelu_tanh(&h)? } else { h.silu()? };
         self.proj_out.forward(&h)
     }
-}
-
-/// `linear` of the last dim for (b, n, c) inputs as one 2D matmul.
-fn linear3(l: &Linear, x: &Tensor) -> Result<Tensor> {
-    let (b, n, c) = x.dims3()?;
-    let y = l.forward(&x.reshape((b * n, c))?)?;
-    let o = y.dim(1)?;
-    y.reshape((b, n, o))
-}
-
-fn ff3(ff: &FeedForward, x: &Tensor) -> Result<Tensor> {
-    let (b, n, c) = x.dims3()?;
-    ff.forward(&x.reshape((b * n, c))?)?.reshape((b, n, c))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -258,13 +226,12 @@ impl RefinerAttention {
     /// valid keys (and key 0); a padded query sees key 0 only, so its output is exactly v[0].
     fn forward(&self, x: &Tensor, ctx: &AttnCtx) -> Result<Tensor> {
         let mask = &ctx.text_mask;
-        let q = to_heads(&linear3(&self.to_q, x)?, self.heads)?;
-        let k = to_heads(&linear3(&self.to_k, x)?, self.heads)?;
-        let v = to_heads(&linear3(&self.to_v, x)?, self.heads)?;
-        let (_, h, n, d) = q.dims4()?;
-        let scale = 1.0 / (d as f64).sqrt();
+        let q = to_heads(&self.to_q.forward(x)?, self.heads)?;
+        let k = to_heads(&self.to_k.forward(x)?, self.heads)?;
+        let v = to_heads(&self.to_v.forward(x)?, self.heads)?;
+        let (_, n, h, d) = q.dims4()?;
         let out = if mask.valid.iter().all(|r| r.iter().all(|&v| v)) {
-            attention_chunked(&q, &k, &v, scale, ctx.budget)?
+            attention(&q, &k, &v, None, ctx.budget)?
         } else {
             let mut outs = Vec::with_capacity(mask.valid.len());
             for (i, row) in mask.valid.iter().enumerate() {
@@ -274,19 +241,19 @@ impl RefinerAttention {
                     .collect();
                 let keys = Tensor::new(keys.as_slice(), x.device())?;
                 let (qi, ki, vi) = (q.i(i..i + 1)?, k.i(i..i + 1)?, v.i(i..i + 1)?);
-                let ki = ki.index_select(&keys, 2)?;
-                let vs = vi.index_select(&keys, 2)?;
-                let full = attention_chunked(&qi, &ki, &vs, scale, ctx.budget)?;
+                let ki = ki.index_select(&keys, 1)?;
+                let vs = vi.index_select(&keys, 1)?;
+                let full = attention(&qi, &ki, &vs, None, ctx.budget)?;
                 let rows: Vec<u8> = row.iter().map(|&v| v as u8).collect();
                 let rows = Tensor::new(rows.as_slice(), x.device())?
-                    .reshape((1, 1, n, 1))?
-                    .broadcast_as((1, h, n, d))?;
-                let v0 = vi.narrow(2, 0, 1)?.broadcast_as((1, h, n, d))?;
+                    .reshape((1, n, 1, 1))?
+                    .broadcast_as((1, n, h, d))?;
+                let v0 = vi.narrow(1, 0, 1)?.broadcast_as((1, n, h, d))?;
                 outs.push(rows.where_cond(&full, &v0)?);
             }
             Tensor::cat(&outs, 0)?
         };
-        linear3(&self.to_out, &from_heads(&out)?)
+        self.to_out.forward(&from_heads(&out)?)
     }
 }
 
@@ -321,7 +288,7 @@ impl RefinerBlock {
         let a = self.attn.forward(&self.norm1.forward(x)?, ctx)?;
         let g = modulation(&self.norm_out, temb, 2)?;
         let x = (x + a.broadcast_mul(&g[0].unsqueeze(1)?)?)?;
-        let f = ff3(&self.ff, &self.norm2.forward(&x)?)?;
+        let f = self.ff.forward(&self.norm2.forward(&x)?)?;
         x + f.broadcast_mul(&g[1].unsqueeze(1)?)?
     }
 }
@@ -369,7 +336,7 @@ impl TokenRefiner {
             .broadcast_div(&m.sum(1)?)?
             .to_dtype(dtype)?;
         let temb = self.time_text_embed.forward(timestep, &pooled, None)?;
-        let mut h = linear3(&self.proj_in, x)?;
+        let mut h = self.proj_in.forward(x)?;
         for block in &self.refiner_blocks {
             h = block.forward(&h, &temb, ctx)?;
         }
@@ -401,41 +368,27 @@ impl QkvNorm {
         })
     }
 
-    /// (b, n, c) -> q, k, v each (b, heads, n, d); RoPE on the first `n_rope` tokens of q and k.
+    /// (b, n, c) -> q, k, v each (b, n, heads, d); RoPE (tables for the leading image tokens) on
+    /// q and k.
     fn forward(
         &self,
         x: &Tensor,
         heads: usize,
-        rope: Option<(&Tensor, &Tensor, usize)>,
+        rope: Option<(&Tensor, &Tensor)>,
     ) -> Result<[Tensor; 3]> {
-        let (b, n, c) = x.dims3()?;
-        let d = c / heads;
-        // (b, n, c) -> (b, n, heads, d): the norms act on the head dim
-        let split = |t: Tensor| t.reshape((b, n, heads, d));
         let q = self
             .norm_q
-            .forward(&split(linear3(&self.q, x)?)?)?
-            .transpose(1, 2)?
-            .contiguous()?;
+            .forward(&to_heads(&self.q.forward(x)?, heads)?)?;
         let k = self
             .norm_k
-            .forward(&split(linear3(&self.k, x)?)?)?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let v = split(linear3(&self.v, x)?)?.transpose(1, 2)?.contiguous()?;
+            .forward(&to_heads(&self.k.forward(x)?, heads)?)?;
+        let v = to_heads(&self.v.forward(x)?, heads)?;
         let (q, k) = match rope {
             None => (q, k),
-            Some((cos, sin, n_rope)) if n_rope == n => (
+            Some((cos, sin)) => (
                 apply_rotary_emb(&q, cos, sin)?,
                 apply_rotary_emb(&k, cos, sin)?,
             ),
-            Some((cos, sin, n_rope)) => {
-                let rot = |t: &Tensor| -> Result<Tensor> {
-                    let head = apply_rotary_emb(&t.narrow(2, 0, n_rope)?.contiguous()?, cos, sin)?;
-                    Tensor::cat(&[head, t.narrow(2, n_rope, n - n_rope)?], 2)
-                };
-                (rot(&q)?, rot(&k)?)
-            }
         };
         Ok([q, k, v])
     }
@@ -500,24 +453,28 @@ impl TransformerBlock {
         let xn = modulate(&self.norm.forward(x)?, &m[0], &m[1])?;
         let cn = modulate(&self.norm.forward(c)?, &cm[0], &cm[1])?;
         let n_img = x.dim(1)?;
-        let [qi, ki, vi] = self
-            .img_qkv
-            .forward(&xn, self.heads, Some((rope.0, rope.1, n_img)))?;
+        let [qi, ki, vi] = self.img_qkv.forward(&xn, self.heads, Some(rope))?;
         let [qt, kt, vt] = self.txt_qkv.forward(&cn, self.heads, None)?;
-        // sequence [img; txt] along dim 2 of (b, heads, n, d)
-        let q = Tensor::cat(&[qi, qt], 2)?;
-        let k = Tensor::cat(&[ki, kt], 2)?;
-        let v = Tensor::cat(&[vi, vt], 2)?;
-        let a = from_heads(&attention_first_keys(&q, &k, &v, ctx)?)?;
+        // sequence [img; txt] along dim 1 of (b, n, heads, d)
+        let q = Tensor::cat(&[qi, qt], 1)?;
+        let k = Tensor::cat(&[ki, kt], 1)?;
+        let v = Tensor::cat(&[vi, vt], 1)?;
+        let a = from_heads(&attention(&q, &k, &v, Some(&ctx.key_counts), ctx.budget)?)?;
         let n_txt = c.dim(1)?;
-        let img_out = linear3(&self.to_out, &a.narrow(1, 0, n_img)?.contiguous()?)?;
-        let txt_out = linear3(&self.to_add_out, &a.narrow(1, n_img, n_txt)?.contiguous()?)?;
+        let img_out = self.to_out.forward(&a.narrow(1, 0, n_img)?.contiguous()?)?;
+        let txt_out = self
+            .to_add_out
+            .forward(&a.narrow(1, n_img, n_txt)?.contiguous()?)?;
         let x = (x + img_out.broadcast_mul(&m[2].unsqueeze(1)?)?)?;
         let c = (c + txt_out.broadcast_mul(&cm[2].unsqueeze(1)?)?)?;
         let xn = modulate(&self.norm.forward(&x)?, &m[3], &m[4])?;
         let cn = modulate(&self.norm.forward(&c)?, &cm[3], &cm[4])?;
-        let x = (&x + ff3(&self.ff, &xn)?.broadcast_mul(&m[5].unsqueeze(1)?)?)?;
-        let c = (&c + ff3(&self.ff_context, &cn)?.broadcast_mul(&cm[5].unsqueeze(1)?)?)?;
+        let x = (&x + self.ff.forward(&xn)?.broadcast_mul(&m[5].unsqueeze(1)?)?)?;
+        let c = (&c
+            + self
+                .ff_context
+                .forward(&cn)?
+                .broadcast_mul(&cm[5].unsqueeze(1)?)?)?;
         Ok((x, c))
     }
 }
@@ -556,17 +513,17 @@ impl SingleTransformerBlock {
         &self,
         s: &Tensor,
         temb: &Tensor,
-        rope: (&Tensor, &Tensor, usize),
+        rope: (&Tensor, &Tensor),
         ctx: &AttnCtx,
     ) -> Result<Tensor> {
         // shift, scale, gate
         let m = modulation(&self.norm, temb, 3)?;
         let sn = modulate(&self.ln.forward(s)?, &m[0], &m[1])?;
-        let mlp = linear3(&self.proj_mlp, &sn)?.gelu()?;
+        let mlp = gelu_tanh(&self.proj_mlp.forward(&sn)?)?;
         let [q, k, v] = self.qkv.forward(&sn, self.heads, Some(rope))?;
-        let a = from_heads(&attention_first_keys(&q, &k, &v, ctx)?)?;
+        let a = from_heads(&attention(&q, &k, &v, Some(&ctx.key_counts), ctx.budget)?)?;
         // (b, n, dim) ++ (b, n, mlp) -> (b, n, dim + mlp)
-        let out = linear3(&self.proj_out, &Tensor::cat(&[a, mlp], 2)?)?;
+        let out = self.proj_out.forward(&Tensor::cat(&[a, mlp], 2)?)?;
         s + out.broadcast_mul(&m[2].unsqueeze(1)?)?
     }
 }
@@ -725,14 +682,14 @@ impl HunyuanVideoTransformer3DModel {
         }
         let mut s = Tensor::cat(&[x, c], 1)?;
         for block in &self.single_transformer_blocks {
-            s = block.forward(&s, &temb, (&cos, &sin, n_img), &ctx)?;
+            s = block.forward(&s, &temb, (&cos, &sin), &ctx)?;
         }
         let x = s.narrow(1, 0, n_img)?;
 
         // norm_out: (scale, shift), in that order
         let m = modulation(&self.norm_out, &temb, 2)?;
         let y = modulate(&self.norm_out_ln.forward(&x)?, &m[1], &m[0])?;
-        let y = linear3(&self.proj_out, &y)?;
+        let y = self.proj_out.forward(&y)?;
         let oc = cfg.out_channels();
         // (b, gt·gh·gw, oc·pt·p·p) -> (b, gt, gh, gw, oc, pt, p, p)
         let y = y.reshape(vec![b, gt, gh, gw, oc, pt, p, p])?;

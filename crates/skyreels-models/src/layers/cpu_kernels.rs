@@ -1,0 +1,414 @@
+//! Fused f32 CPU kernels for the hot spots candle runs as scalar or single-threaded ops:
+//! attention (GEMM -> in-place softmax -> GEMM per block of query rows, no score tensors) and
+//! GELU-tanh. The loops are written so LLVM vectorizes them; each kernel is compiled for
+//! AVX-512 and AVX2+FMA and picked at run time.
+
+use candle_core::{
+    backend::BackendStorage, bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage,
+    Tensor,
+};
+use rayon::prelude::*;
+
+/// Generates `$name(args)` that runs `$body` compiled for the best available x86 SIMD level.
+macro_rules! simd_dispatch {
+    (fn $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
+        fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                unsafe fn avx512($($arg: $ty),*) { body($($arg),*) }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) { body($($arg),*) }
+                if std::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU supports the features the function is compiled for.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: as above.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+
+/// exp(x) for f32, Cephes `expf` (range reduction by ln 2, degree-5 minimax polynomial): within
+/// 2 ulp over the f32 range; inputs below -87.3 give ~1e-38 instead of 0 (irrelevant where used:
+/// softmax terms and sigmoid denominators).
+#[inline(always)]
+fn exp_f32(x: f32) -> f32 {
+    let x = x.clamp(-87.336_55, 88.376_26);
+    let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
+    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 1.666_666_5e-1)
+        * r
+        + 0.5;
+    let y = p * (r * r) + r + 1.0;
+    // SAFETY: n is an integer in [-126, 127] after the clamp, so the conversion is exact (unlike
+    // `as`, it vectorizes: no saturation checks).
+    let e: i32 = unsafe { (n + 127.0).to_int_unchecked() };
+    y * f32::from_bits((e as u32) << 23)
+}
+
+const LANES: usize = 16;
+
+simd_dispatch! {
+    fn softmax_scaled_rows(buf: &mut [f32], cols: usize, scale: f32) {
+        for row in buf.chunks_exact_mut(cols) {
+            let mut m = [f32::NEG_INFINITY; LANES];
+            let mut chunks = row.chunks_exact(LANES);
+            for c in &mut chunks {
+                for i in 0..LANES {
+                    m[i] = if c[i] > m[i] { c[i] } else { m[i] };
+                }
+            }
+            let mut max = chunks.remainder().iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+            for v in m {
+                max = if v > max { v } else { max };
+            }
+            let shift = max * scale;
+            let mut s = [0f32; LANES];
+            let mut chunks = row.chunks_exact_mut(LANES);
+            for c in &mut chunks {
+                for i in 0..LANES {
+                    let e = exp_f32(c[i] * scale - shift);
+                    c[i] = e;
+                    s[i] += e;
+                }
+            }
+            let mut sum = 0f32;
+            for x in chunks.into_remainder() {
+                *x = exp_f32(*x * scale - shift);
+                sum += *x;
+            }
+            sum += s.iter().sum::<f32>();
+            let inv = 1.0 / sum;
+            for x in row.iter_mut() {
+                *x *= inv;
+            }
+        }
+    }
+}
+
+simd_dispatch! {
+    fn gelu_tanh_slice(src: &[f32], dst: &mut [f32]) {
+        // 0.5·x·(1 + tanh(u)) = x·sigmoid(2u), u = √(2/π)·(x + 0.044715·x³)
+        const K: f32 = 0.797_884_6; // sqrt(2 / pi)
+        for (d, &x) in dst.iter_mut().zip(src) {
+            let u = K * (x + 0.044_715 * x * x * x);
+            *d = x / (1.0 + exp_f32(-2.0 * u));
+        }
+    }
+}
+
+/// Runs `f` on the data of a contiguous f32 CPU tensor.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let (guard, layout) = t.storage_and_layout();
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        bail!("cpu kernel: tensor {:?} is not contiguous", t.shape())
+    };
+    match &*guard {
+        Storage::Cpu(CpuStorage::F32(v)) => Ok(f(&v[start..end])),
+        _ => bail!(
+            "cpu kernel: expected an f32 CPU tensor, got {:?} on {:?}",
+            t.dtype(),
+            t.device()
+        ),
+    }
+}
+
+/// A raw pointer that tasks writing disjoint regions of one buffer may share.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+// SAFETY: every task writes a region no other task touches (see the callers).
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    /// Through a method, so closures capture the whole (Send) wrapper, not the raw field.
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// softmax(q kᵀ · scale) v per head for contiguous f32 CPU tensors in token-major layout:
+/// q (b, nq, h, d), k (b, nk, h, d), v (b, nk, h, dv) -> (b, nq, h, dv). Sample i attends to its
+/// first `key_counts[i]` keys. Work is split into tasks of `block_rows` query rows of one head;
+/// each task computes its full score rows in a reused buffer (GEMM, in-place softmax, GEMM), with
+/// heads addressed through strides, so nothing is transposed or copied.
+pub fn attention_bnhd_f32(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    key_counts: &[usize],
+    scale: f32,
+    block_rows: usize,
+) -> Result<Tensor> {
+    let (b, nq, h, d) = q.dims4()?;
+    let (_, nk, _, _) = k.dims4()?;
+    let dv = v.dim(3)?;
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let br = block_rows.clamp(1, nq.max(1));
+    let mut out = vec![0f32; b * nq * h * dv];
+    let dst = SharedMut(out.as_mut_ptr());
+    let tasks: Vec<(usize, usize, usize)> = (0..b)
+        .flat_map(|bi| (0..h).flat_map(move |hi| (0..nq).step_by(br).map(move |r| (bi, hi, r))))
+        .collect();
+    with_f32(&q, |qd| {
+        with_f32(&k, |kd| {
+            with_f32(&v, |vd| {
+                tasks.par_iter().for_each_init(
+                    || vec![0f32; br * nk],
+                    |scratch, &(bi, hi, r0)| {
+                        let rows = br.min(nq - r0);
+                        let nkb = key_counts[bi];
+                        let sc = &mut scratch[..rows * nkb];
+                        let qp = qd[((bi * nq + r0) * h + hi) * d..].as_ptr();
+                        let kp = kd[(bi * nk * h + hi) * d..].as_ptr();
+                        let vp = vd[(bi * nk * h + hi) * dv..].as_ptr();
+
+                        // SAFETY: pointers and strides stay inside q, k, v (rows < nq - r0,
+                        // keys < nk) and `sc`; the destination rows (bi, r0..r0+rows, hi) belong
+                        // to this task only.
+                        unsafe {
+                            // (rows, d) x (d, nkb): q rows and kᵀ read through head strides
+                            gemm::gemm(
+                                rows,
+                                nkb,
+                                d,
+                                sc.as_mut_ptr(),
+                                1,
+                                nkb as isize,
+                                false,
+                                qp,
+                                1,
+                                (h * d) as isize,
+                                kp,
+                                (h * d) as isize,
+                                1,
+                                0.0,
+                                1.0,
+                                false,
+                                false,
+                                false,
+                                gemm::Parallelism::None,
+                            );
+                            softmax_scaled_rows(sc, nkb, scale);
+                            let op = dst.ptr().add(((bi * nq + r0) * h + hi) * dv);
+                            // (rows, nkb) x (nkb, dv)
+                            gemm::gemm(
+                                rows,
+                                dv,
+                                nkb,
+                                op,
+                                1,
+                                (h * dv) as isize,
+                                false,
+                                sc.as_ptr(),
+                                1,
+                                nkb as isize,
+                                vp,
+                                1,
+                                (h * dv) as isize,
+                                0.0,
+                                1.0,
+                                false,
+                                false,
+                                false,
+                                gemm::Parallelism::None,
+                            );
+                        }
+                    },
+                )
+            })
+        })
+    })???;
+    Tensor::from_vec(out, (b, nq, h, dv), q.device())
+}
+
+/// Rotates interleaved pairs of the first `cos.dim(0)` tokens of x (b, n, h, d) (f32, CPU) by
+/// angles (n_rope, d/2); later tokens are copied unchanged.
+pub fn rope_bnhd_f32(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (b, n, h, d) = x.dims4()?;
+    let n_rope = cos.dim(0)?;
+    let x = x.contiguous()?;
+    let mut out = vec![0f32; b * n * h * d];
+    with_f32(&x, |xd| {
+        with_f32(cos, |cd| {
+            with_f32(sin, |sd| {
+                out.par_chunks_mut(h * d)
+                    .zip(xd.par_chunks(h * d))
+                    .enumerate()
+                    .for_each(|(row, (o, xi))| {
+                        let t = row % n;
+                        if t >= n_rope {
+                            o.copy_from_slice(xi);
+                            return;
+                        }
+                        let (c, s) = (
+                            &cd[t * d / 2..(t + 1) * d / 2],
+                            &sd[t * d / 2..(t + 1) * d / 2],
+                        );
+                        for (oh, xh) in o.chunks_exact_mut(d).zip(xi.chunks_exact(d)) {
+                            for j in 0..d / 2 {
+                                let (x0, x1) = (xh[2 * j], xh[2 * j + 1]);
+                                oh[2 * j] = x0 * c[j] - x1 * s[j];
+                                oh[2 * j + 1] = x0 * s[j] + x1 * c[j];
+                            }
+                        }
+                    })
+            })
+        })
+    })???;
+    Tensor::from_vec(out, (b, n, h, d), x.device())
+}
+
+/// x (m, k) · wᵀ + bias for f32 CPU tensors, w (n, k): the bias is written first and the GEMM
+/// accumulates onto it, one pass and one allocation fewer than matmul + broadcast add.
+pub fn linear_f32(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let (m, k) = x.dims2()?;
+    let (n, _) = w.dims2()?;
+    let x = x.contiguous()?;
+    let mut out = vec![0f32; m * n];
+    if let Some(bias) = bias {
+        with_f32(bias, |bd| {
+            out.par_chunks_mut(n)
+                .for_each(|row| row.copy_from_slice(bd))
+        })?;
+    }
+    let threads = rayon::current_num_threads();
+    with_f32(&x, |xd| {
+        with_f32(w, |wd| {
+            // SAFETY: shapes (m, k), (n, k) and (m, n) match the buffers.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    k,
+                    out.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    bias.is_some(),
+                    xd.as_ptr(),
+                    1,
+                    k as isize,
+                    wd.as_ptr(),
+                    k as isize,
+                    1,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    if threads > 1 {
+                        gemm::Parallelism::Rayon(threads)
+                    } else {
+                        gemm::Parallelism::None
+                    },
+                );
+            }
+        })
+    })??;
+    Tensor::from_vec(out, (m, n), x.device())
+}
+
+struct GeluTanh;
+
+impl CustomOp1 for GeluTanh {
+    fn name(&self) -> &'static str {
+        "gelu-tanh-f32"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = storage else {
+            bail!("gelu-tanh-f32: expected f32, got {:?}", storage.dtype())
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            bail!("gelu-tanh-f32: input must be contiguous")
+        };
+        let src = &data[start..end];
+        let mut dst = vec![0f32; src.len()];
+        dst.par_chunks_mut(1 << 14)
+            .zip(src.par_chunks(1 << 14))
+            .for_each(|(d, s)| gelu_tanh_slice(s, d));
+        Ok((CpuStorage::F32(dst), layout.shape().clone()))
+    }
+}
+
+/// GELU with the tanh approximation (`gelu(x, approximate="tanh")`); fused and parallel for f32
+/// on the CPU, candle's op elsewhere.
+pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        x.contiguous()?.apply_op1_no_bwd(&GeluTanh)
+    } else {
+        x.gelu()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn exp_is_accurate() {
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x < 88.3 {
+            let got = exp_f32(x) as f64;
+            let want = (x as f64).exp();
+            worst = worst.max(((got - want) / want).abs());
+            x += 0.001_37;
+        }
+        // f32 has 6e-8 relative resolution: 2.5e-7 is about 2 ulp
+        assert!(worst < 2.5e-7, "worst relative error {worst:e}");
+        assert_eq!(exp_f32(0.0), 1.0);
+    }
+
+    #[test]
+    fn gelu_matches_the_tanh_formula() {
+        let xs: Vec<f32> = (-4000..4000)
+            .map(|i| i as f32 * 0.003)
+            .chain([-30.0, 30.0, 0.0])
+            .collect();
+        let t = Tensor::new(xs.as_slice(), &Device::Cpu).unwrap();
+        let got = gelu_tanh(&t).unwrap().to_vec1::<f32>().unwrap();
+        for (x, g) in xs.iter().zip(got) {
+            let x64 = *x as f64;
+            let u = (2.0 / std::f64::consts::PI).sqrt() * (x64 + 0.044715 * x64.powi(3));
+            let want = 0.5 * x64 * (1.0 + u.tanh());
+            // 1e-6 relative: a few ulps of exp and the division. The floor 1e-8 covers the far
+            // negative tail, where the reference's own 0.5·x·(1 + tanh) form cancels to ~3e-4
+            // relative in f32 and values are far below anything that matters next to O(1) ones.
+            let tol = 1e-6 * want.abs() + 1e-8;
+            assert!(
+                (g as f64 - want).abs() <= tol,
+                "gelu({x}) = {g}, want {want}"
+            );
+        }
+    }
+
+    #[test]
+    fn softmax_rows_sum_to_one() {
+        let mut buf: Vec<f32> = (0..3 * 37)
+            .map(|i| ((i * 7919) % 101) as f32 * 0.37 - 15.0)
+            .collect();
+        let orig = buf.clone();
+        softmax_scaled_rows(&mut buf, 37, 0.5);
+        for (row, o) in buf.chunks(37).zip(orig.chunks(37)) {
+            let m = o
+                .iter()
+                .cloned()
+                .fold(f64::NEG_INFINITY, |a, b| a.max(b as f64));
+            let e: Vec<f64> = o.iter().map(|&x| ((x as f64 - m) * 0.5).exp()).collect();
+            let s: f64 = e.iter().sum();
+            for (g, w) in row.iter().zip(e) {
+                assert!((*g as f64 - w / s).abs() < 1e-7, "{g} vs {}", w / s);
+            }
+        }
+    }
+}
