@@ -7,7 +7,7 @@ single blocks, 32 input channels, latent 4x34x68 -> 2,312 video tokens, 256 text
 `cargo bench --bench transformer` with RAYON_NUM_THREADS=2 on the same folder, and prints both
 median times and the ratio rust/diffusers (<= 1.0 means we are not slower).
 
-Usage: venv/bin/python scripts/bench_transformer.py [--runs 3] [--threads 2] [--out DIR]
+Usage: venv/bin/python scripts/bench_transformer.py [--runs 3] [--rounds 4] [--threads 2] [--out DIR]
 """
 import argparse
 import os
@@ -36,7 +36,8 @@ N_TXT, N_VALID = 256, 180
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=3, help="timed forwards per side per round")
+    ap.add_argument("--rounds", type=int, default=4, help="alternating rounds")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=ROOT / "out" / "bench_transformer")
     args = ap.parse_args()
@@ -64,29 +65,40 @@ def main() -> None:
 
     with torch.no_grad():
         out = model(**io, return_dict=False)[0]  # warm-up and reference output
-        times = []
-        for _ in range(args.runs):
-            t = time.perf_counter()
-            model(**io, return_dict=False)
-            times.append(time.perf_counter() - t)
-    py = statistics.median(times)
-    print(f"diffusers forward: median {py:.3f}s min {min(times):.3f}s over {args.runs} runs")
-
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out, safe_serialization=True)
     io["output"] = out
     save_file({k: v.contiguous() for k, v in io.items()}, str(args.out / "io.safetensors"))
+    del io["output"]
 
+    # Build first, so compilation never overlaps a timing.
+    subprocess.run(["cargo", "build", "-q", "--release", "--benches", "-p", "skyreels-pipeline"], cwd=ROOT, check=True)
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
     cmd = ["cargo", "bench", "-q", "-p", "skyreels-pipeline", "--bench", "transformer", "--",
            str(args.out), str(args.runs)]
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    sys.stdout.write(res.stdout)
-    if res.returncode != 0:
-        sys.stderr.write(res.stderr)
-        sys.exit(res.returncode)
-    rust = float(re.search(r"RESULT rust_s=([0-9.]+)", res.stdout).group(1))
-    print(f"ratio rust/diffusers = {rust / py:.3f}  (rust {rust:.3f}s, diffusers {py:.3f}s)")
+
+    # This machine's speed drifts by ~10% over seconds: alternate the two sides for several
+    # rounds and compare medians over all rounds, so drift hits both alike.
+    py_times, rust_times, parity = [], [], ""
+    for r in range(args.rounds):
+        with torch.no_grad():
+            for _ in range(args.runs):
+                t = time.perf_counter()
+                model(**io, return_dict=False)
+                py_times.append(time.perf_counter() - t)
+        res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        if res.returncode != 0:
+            sys.stderr.write(res.stdout + res.stderr)
+            sys.exit(res.returncode)
+        rust_times += [float(x) for x in re.search(r"RESULT times=([0-9.,]+)", res.stdout).group(1).split(",")]
+        parity = re.search(r"parity (rel_l2=\S+)", res.stdout).group(1)
+        print(f"round {r + 1}: diffusers {statistics.median(py_times[-args.runs:]):.3f}s, "
+              f"rust {statistics.median(rust_times[-args.runs:]):.3f}s")
+    py, rust = statistics.median(py_times), statistics.median(rust_times)
+    print(f"rust vs diffusers output: {parity}")
+    print(f"diffusers forward: median {py:.3f}s (min {min(py_times):.3f}s) over {len(py_times)} runs")
+    print(f"rust forward:      median {rust:.3f}s (min {min(rust_times):.3f}s) over {len(rust_times)} runs")
+    print(f"ratio rust/diffusers = {rust / py:.3f}")
 
 
 if __name__ == "__main__":

@@ -66,6 +66,7 @@ fn main() -> Result<()> {
         times.len(),
         std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all".into())
     );
-    println!("RESULT rust_s={median:.4}");
+    let list: Vec<String> = times.iter().map(|t| format!("{t:.4}")).collect();
+    println!("RESULT times={}", list.join(","));
     Ok(())
 }

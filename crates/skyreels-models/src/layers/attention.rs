@@ -15,7 +15,7 @@ pub const DEFAULT_SCORE_BUDGET: usize = 16 << 20;
 
 /// Query rows per task of the fused f32 CPU kernel; its scores (rows × keys) stay in a reused
 /// per-thread buffer of a few MB. Large enough that re-packing K and V per block is cheap.
-const CPU_BLOCK_ROWS: usize = 256;
+const CPU_BLOCK_ROWS: usize = 512;
 
 /// softmax(q kᵀ / √d) v per head in token-major layout: q (b, nq, h, d), k (b, nk, h, d),
 /// v (b, nk, h, dv) -> (b, nq, h, dv). Sample i attends to its first `key_counts[i]` keys (all keys

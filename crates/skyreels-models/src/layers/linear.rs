@@ -1,6 +1,6 @@
 //! `nn.Linear` over the last dimension of any-rank input.
 
-use super::cpu_kernels::linear_f32;
+use super::cpu_kernels::{linear_f32, linear_parts_f32};
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
@@ -16,6 +16,29 @@ pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
         weight: vb.get((out_dim, in_dim), "weight")?,
         bias: Some(vb.get(out_dim, "bias")?),
     })
+}
+
+impl Linear {
+    /// The layer applied to the concatenation of `parts` along the last dim (each (rows, kᵢ)),
+    /// without materializing it on the CPU in f32.
+    pub fn forward_concat(&self, parts: &[&Tensor]) -> Result<Tensor> {
+        let fused = parts
+            .iter()
+            .all(|p| p.device().is_cpu() && p.dtype() == DType::F32);
+        if !fused || parts.iter().any(|p| p.rank() != 2) {
+            return self.forward(&Tensor::cat(parts, parts[0].rank() - 1)?);
+        }
+        let mut off = 0;
+        let with_offsets: Vec<(&Tensor, usize)> = parts
+            .iter()
+            .map(|p| {
+                let o = off;
+                off += p.dim(1).unwrap_or(0);
+                (*p, o)
+            })
+            .collect();
+        linear_parts_f32(&with_offsets, &self.weight, self.bias.as_ref())
+    }
 }
 
 impl Module for Linear {
@@ -62,8 +85,18 @@ mod tests {
             .unwrap()
             .broadcast_add(&b)
             .unwrap();
-        let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap();
+        let diff = (&got - want).unwrap().abs().unwrap().max_all().unwrap();
         // 5-term sums: rounding only
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
+        // a split input gives the same result as the concatenation
+        let (x1, x2) = (x.narrow(2, 0, 2).unwrap(), x.narrow(2, 2, 3).unwrap());
+        let parts = [x1.reshape((6, 2)).unwrap(), x2.reshape((6, 3)).unwrap()];
+        let split = l
+            .forward_concat(&[&parts[0], &parts[1]])
+            .unwrap()
+            .reshape((2, 3, 7))
+            .unwrap();
+        let diff = (split - &got).unwrap().abs().unwrap().max_all().unwrap();
         assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
         // other dtypes take candle's matmul path
         let l64 = Linear {

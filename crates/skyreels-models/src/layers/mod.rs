@@ -5,10 +5,11 @@ pub mod conv3d;
 pub mod cpu_kernels;
 pub mod embeddings;
 pub mod linear;
+pub mod modulation;
 pub mod norm;
 pub mod rope;
 
 pub use attention::{attention, attention_chunked, DEFAULT_SCORE_BUDGET};
 pub use conv3d::{Conv3d, Conv3dConfig};
 pub use linear::{linear, Linear};
-pub use norm::{LayerNormNoAffine, RmsNorm};
+pub use norm::{LayerNorm, RmsNorm};

@@ -1,28 +1,20 @@
 //! Normalization layers with the reference's parameterization.
 
-use candle_core::{DType, Module, Result, Tensor};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-/// `nn.LayerNorm(dim, elementwise_affine=False)` (and, with `new_affine`, the affine form).
+/// `nn.LayerNorm(dim, elementwise_affine=True)` (the no-affine form is fused into
+/// [`super::modulation::layer_norm_modulate`]).
 #[derive(Debug, Clone)]
-pub struct LayerNormNoAffine {
+pub struct LayerNorm {
     weight: Tensor,
     bias: Tensor,
     eps: f64,
 }
 
-impl LayerNormNoAffine {
-    /// A LayerNorm without learned parameters, for `dim` features of `dtype` on `vb`'s device.
-    pub fn new(dim: usize, eps: f64, dtype: DType, vb: &VarBuilder) -> Result<Self> {
-        Ok(Self {
-            weight: Tensor::ones(dim, dtype, vb.device())?,
-            bias: Tensor::zeros(dim, dtype, vb.device())?,
-            eps,
-        })
-    }
-
+impl LayerNorm {
     /// A LayerNorm with `weight` and `bias` loaded from `vb`.
-    pub fn new_affine(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+    pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             weight: vb.get(dim, "weight")?,
             bias: vb.get(dim, "bias")?,
@@ -31,7 +23,7 @@ impl LayerNormNoAffine {
     }
 }
 
-impl Module for LayerNormNoAffine {
+impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)
     }

@@ -14,7 +14,8 @@ use crate::layers::{
     cpu_kernels::gelu_tanh,
     embeddings::{timestep_sinusoid, TextProjection, TimestepEmbedding},
     linear::{linear, Linear},
-    norm::{LayerNormNoAffine, RmsNorm},
+    modulation::{add_gated, layer_norm_modulate},
+    norm::{LayerNorm, RmsNorm},
     rope::{apply_rotary_emb, rope_tables},
 };
 use candle_core::{bail, DType, Device, IndexOp, Module, Result, Tensor};
@@ -99,12 +100,6 @@ fn to_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
 fn from_heads(x: &Tensor) -> Result<Tensor> {
     let (b, n, h, d) = x.dims4()?;
     x.reshape((b, n, h * d))
-}
-
-/// x·(1 + scale) + shift with (b, c) modulation broadcast over tokens.
-fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
-    x.broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?
-        .broadcast_add(&shift.unsqueeze(1)?)
 }
 
 /// `linear(silu(temb))` split into `n` chunks of (b, c).
@@ -260,9 +255,9 @@ impl RefinerAttention {
 /// `HunyuanVideoIndividualTokenRefinerBlock`.
 #[derive(Debug, Clone)]
 struct RefinerBlock {
-    norm1: LayerNormNoAffine,
+    norm1: LayerNorm,
     attn: RefinerAttention,
-    norm2: LayerNormNoAffine,
+    norm2: LayerNorm,
     ff: FeedForward,
     norm_out: Linear,
 }
@@ -271,9 +266,9 @@ impl RefinerBlock {
     fn new(cfg: &TransformerConfig, vb: VarBuilder) -> Result<Self> {
         let dim = cfg.inner_dim();
         Ok(Self {
-            norm1: LayerNormNoAffine::new_affine(dim, NORM_EPS, vb.pp("norm1"))?,
+            norm1: LayerNorm::new(dim, NORM_EPS, vb.pp("norm1"))?,
             attn: RefinerAttention::new(dim, cfg.num_attention_heads, vb.pp("attn"))?,
-            norm2: LayerNormNoAffine::new_affine(dim, NORM_EPS, vb.pp("norm2"))?,
+            norm2: LayerNorm::new(dim, NORM_EPS, vb.pp("norm2"))?,
             ff: FeedForward::new(
                 dim,
                 (dim as f64 * REFINER_MLP_RATIO) as usize,
@@ -287,9 +282,9 @@ impl RefinerBlock {
     fn forward(&self, x: &Tensor, temb: &Tensor, ctx: &AttnCtx) -> Result<Tensor> {
         let a = self.attn.forward(&self.norm1.forward(x)?, ctx)?;
         let g = modulation(&self.norm_out, temb, 2)?;
-        let x = (x + a.broadcast_mul(&g[0].unsqueeze(1)?)?)?;
+        let x = add_gated(x, &a, &g[0])?;
         let f = self.ff.forward(&self.norm2.forward(&x)?)?;
-        x + f.broadcast_mul(&g[1].unsqueeze(1)?)?
+        add_gated(&x, &f, &g[1])
     }
 }
 
@@ -403,14 +398,14 @@ struct TransformerBlock {
     txt_qkv: QkvNorm,
     to_out: Linear,
     to_add_out: Linear,
-    norm: LayerNormNoAffine,
+
     ff: FeedForward,
     ff_context: FeedForward,
     heads: usize,
 }
 
 impl TransformerBlock {
-    fn new(cfg: &TransformerConfig, dtype: DType, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &TransformerConfig, vb: VarBuilder) -> Result<Self> {
         let dim = cfg.inner_dim();
         let attn = vb.pp("attn");
         let hd = cfg.attention_head_dim;
@@ -432,7 +427,7 @@ impl TransformerBlock {
             )?,
             to_out: linear(dim, dim, attn.pp("to_out.0"))?,
             to_add_out: linear(dim, dim, attn.pp("to_add_out"))?,
-            norm: LayerNormNoAffine::new(dim, NORM_EPS, dtype, &vb)?,
+
             ff: FeedForward::new(dim, cfg.mlp_dim(), true, vb.pp("ff"))?,
             ff_context: FeedForward::new(dim, cfg.mlp_dim(), true, vb.pp("ff_context"))?,
             heads: cfg.num_attention_heads,
@@ -450,8 +445,8 @@ impl TransformerBlock {
         // shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp
         let m = modulation(&self.norm1, temb, 6)?;
         let cm = modulation(&self.norm1_context, temb, 6)?;
-        let xn = modulate(&self.norm.forward(x)?, &m[0], &m[1])?;
-        let cn = modulate(&self.norm.forward(c)?, &cm[0], &cm[1])?;
+        let xn = layer_norm_modulate(x, &m[0], &m[1], NORM_EPS)?;
+        let cn = layer_norm_modulate(c, &cm[0], &cm[1], NORM_EPS)?;
         let n_img = x.dim(1)?;
         let [qi, ki, vi] = self.img_qkv.forward(&xn, self.heads, Some(rope))?;
         let [qt, kt, vt] = self.txt_qkv.forward(&cn, self.heads, None)?;
@@ -465,16 +460,12 @@ impl TransformerBlock {
         let txt_out = self
             .to_add_out
             .forward(&a.narrow(1, n_img, n_txt)?.contiguous()?)?;
-        let x = (x + img_out.broadcast_mul(&m[2].unsqueeze(1)?)?)?;
-        let c = (c + txt_out.broadcast_mul(&cm[2].unsqueeze(1)?)?)?;
-        let xn = modulate(&self.norm.forward(&x)?, &m[3], &m[4])?;
-        let cn = modulate(&self.norm.forward(&c)?, &cm[3], &cm[4])?;
-        let x = (&x + self.ff.forward(&xn)?.broadcast_mul(&m[5].unsqueeze(1)?)?)?;
-        let c = (&c
-            + self
-                .ff_context
-                .forward(&cn)?
-                .broadcast_mul(&cm[5].unsqueeze(1)?)?)?;
+        let x = add_gated(x, &img_out, &m[2])?;
+        let c = add_gated(c, &txt_out, &cm[2])?;
+        let xn = layer_norm_modulate(&x, &m[3], &m[4], NORM_EPS)?;
+        let cn = layer_norm_modulate(&c, &cm[3], &cm[4], NORM_EPS)?;
+        let x = add_gated(&x, &self.ff.forward(&xn)?, &m[5])?;
+        let c = add_gated(&c, &self.ff_context.forward(&cn)?, &cm[5])?;
         Ok((x, c))
     }
 }
@@ -486,12 +477,12 @@ struct SingleTransformerBlock {
     qkv: QkvNorm,
     proj_mlp: Linear,
     proj_out: Linear,
-    ln: LayerNormNoAffine,
+
     heads: usize,
 }
 
 impl SingleTransformerBlock {
-    fn new(cfg: &TransformerConfig, dtype: DType, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &TransformerConfig, vb: VarBuilder) -> Result<Self> {
         let dim = cfg.inner_dim();
         let mlp = cfg.mlp_dim();
         Ok(Self {
@@ -504,7 +495,7 @@ impl SingleTransformerBlock {
             )?,
             proj_mlp: linear(dim, mlp, vb.pp("proj_mlp"))?,
             proj_out: linear(dim + mlp, dim, vb.pp("proj_out"))?,
-            ln: LayerNormNoAffine::new(dim, NORM_EPS, dtype, &vb)?,
+
             heads: cfg.num_attention_heads,
         })
     }
@@ -518,13 +509,20 @@ impl SingleTransformerBlock {
     ) -> Result<Tensor> {
         // shift, scale, gate
         let m = modulation(&self.norm, temb, 3)?;
-        let sn = modulate(&self.ln.forward(s)?, &m[0], &m[1])?;
+        let sn = layer_norm_modulate(s, &m[0], &m[1], NORM_EPS)?;
         let mlp = gelu_tanh(&self.proj_mlp.forward(&sn)?)?;
         let [q, k, v] = self.qkv.forward(&sn, self.heads, Some(rope))?;
         let a = from_heads(&attention(&q, &k, &v, Some(&ctx.key_counts), ctx.budget)?)?;
         // (b, n, dim) ++ (b, n, mlp) -> (b, n, dim + mlp)
-        let out = self.proj_out.forward(&Tensor::cat(&[a, mlp], 2)?)?;
-        s + out.broadcast_mul(&m[2].unsqueeze(1)?)?
+        let (b, n, dim) = a.dims3()?;
+        let mlp_dim = mlp.dim(2)?;
+        // proj_out over [attn (dim); mlp] features, without building the concatenation:
+        // (b·n, dim) ++ (b·n, mlp) -> (b·n, dim) -> (b, n, dim)
+        let out = self
+            .proj_out
+            .forward_concat(&[&a.reshape((b * n, dim))?, &mlp.reshape((b * n, mlp_dim))?])?
+            .reshape((b, n, dim))?;
+        add_gated(s, &out, &m[2])
     }
 }
 
@@ -540,7 +538,7 @@ pub struct HunyuanVideoTransformer3DModel {
     transformer_blocks: Vec<TransformerBlock>,
     single_transformer_blocks: Vec<SingleTransformerBlock>,
     norm_out: Linear,
-    norm_out_ln: LayerNormNoAffine,
+
     proj_out: Linear,
     cfg: TransformerConfig,
     dtype: DType,
@@ -572,13 +570,13 @@ impl HunyuanVideoTransformer3DModel {
                 vb.pp("time_text_embed"),
             )?,
             transformer_blocks: (0..cfg.num_layers)
-                .map(|i| TransformerBlock::new(cfg, dtype, blocks.pp(i)))
+                .map(|i| TransformerBlock::new(cfg, blocks.pp(i)))
                 .collect::<Result<_>>()?,
             single_transformer_blocks: (0..cfg.num_single_layers)
-                .map(|i| SingleTransformerBlock::new(cfg, dtype, singles.pp(i)))
+                .map(|i| SingleTransformerBlock::new(cfg, singles.pp(i)))
                 .collect::<Result<_>>()?,
             norm_out: linear(dim, 2 * dim, vb.pp("norm_out.linear"))?,
-            norm_out_ln: LayerNormNoAffine::new(dim, NORM_EPS, dtype, &vb)?,
+
             proj_out: linear(dim, pt * p * p * cfg.out_channels(), vb.pp("proj_out"))?,
             cfg: cfg.clone(),
             dtype,
@@ -688,7 +686,7 @@ impl HunyuanVideoTransformer3DModel {
 
         // norm_out: (scale, shift), in that order
         let m = modulation(&self.norm_out, &temb, 2)?;
-        let y = modulate(&self.norm_out_ln.forward(&x)?, &m[1], &m[0])?;
+        let y = layer_norm_modulate(&x, &m[1], &m[0], NORM_EPS)?;
         let y = self.proj_out.forward(&y)?;
         let oc = cfg.out_channels();
         // (b, gt·gh·gw, oc·pt·p·p) -> (b, gt, gh, gw, oc, pt, p, p)
