@@ -258,6 +258,61 @@ fn heads_major_f32(x: &Tensor) -> Result<Tensor> {
     Tensor::from_vec(out, (b, h, n, d), x.device())
 }
 
+/// RMSNorm over the head dim then interleaved-pair RoPE on the first `cos.dim(0)` tokens, for f32
+/// CPU x (b, n, h, d), weight (d) and tables (n_rope, d/2), in one pass: the reference's
+/// `norm_q` / `norm_k` followed by `apply_rotary_emb`.
+pub fn rms_norm_rope_f32(
+    x: &Tensor,
+    weight: &Tensor,
+    eps: f32,
+    cos: &Tensor,
+    sin: &Tensor,
+) -> Result<Tensor> {
+    let (b, n, h, d) = x.dims4()?;
+    let n_rope = cos.dim(0)?;
+    let x = x.contiguous()?;
+    let mut out = vec![0f32; b * n * h * d];
+    with_f32(&x, |xd| {
+        with_f32(weight, |wd| {
+            with_f32(cos, |cd| {
+                with_f32(sin, |sd| {
+                    out.par_chunks_mut(h * d)
+                        .zip(xd.par_chunks(h * d))
+                        .enumerate()
+                        .for_each(|(row, (o, xi))| {
+                            let t = row % n;
+                            let rot = (t < n_rope).then(|| {
+                                let r = t * d / 2..(t + 1) * d / 2;
+                                (&cd[r.clone()], &sd[r])
+                            });
+                            for (oh, xh) in o.chunks_exact_mut(d).zip(xi.chunks_exact(d)) {
+                                rms_norm_rope_head(xh, oh, wd, eps, rot);
+                            }
+                        })
+                })
+            })
+        })
+    })????;
+    Tensor::from_vec(out, (b, n, h, d), x.device())
+}
+
+simd_dispatch! {
+    fn rms_norm_rope_head(x: &[f32], out: &mut [f32], w: &[f32], eps: f32, rot: Option<(&[f32], &[f32])>) {
+        let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+        let r = 1.0 / (ms + eps).sqrt();
+        for i in 0..x.len() {
+            out[i] = x[i] * r * w[i];
+        }
+        if let Some((c, s)) = rot {
+            for j in 0..x.len() / 2 {
+                let (x0, x1) = (out[2 * j], out[2 * j + 1]);
+                out[2 * j] = x0 * c[j] - x1 * s[j];
+                out[2 * j + 1] = x0 * s[j] + x1 * c[j];
+            }
+        }
+    }
+}
+
 /// Rotates interleaved pairs of the first `cos.dim(0)` tokens of x (b, n, h, d) (f32, CPU) by
 /// angles (n_rope, d/2); later tokens are copied unchanged.
 pub fn rope_bnhd_f32(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {

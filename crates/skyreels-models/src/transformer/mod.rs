@@ -16,10 +16,11 @@ use crate::layers::{
     linear::{linear, Linear},
     modulation::{add_gated, layer_norm_modulate},
     norm::{LayerNorm, RmsNorm},
-    rope::{apply_rotary_emb, rope_tables},
+    rope::rope_tables,
 };
 use candle_core::{bail, DType, Device, IndexOp, Module, Result, Tensor};
 use candle_nn::VarBuilder;
+use std::sync::{Arc, Mutex};
 
 const NORM_EPS: f64 = 1e-6;
 /// Width of the sinusoidal timestep projection (`Timesteps(num_channels=256)`).
@@ -371,18 +372,14 @@ impl QkvNorm {
         heads: usize,
         rope: Option<(&Tensor, &Tensor)>,
     ) -> Result<[Tensor; 3]> {
-        let q = self
-            .norm_q
-            .forward(&to_heads(&self.q.forward(x)?, heads)?)?;
-        let k = self
-            .norm_k
-            .forward(&to_heads(&self.k.forward(x)?, heads)?)?;
+        let q = to_heads(&self.q.forward(x)?, heads)?;
+        let k = to_heads(&self.k.forward(x)?, heads)?;
         let v = to_heads(&self.v.forward(x)?, heads)?;
         let (q, k) = match rope {
-            None => (q, k),
+            None => (self.norm_q.forward(&q)?, self.norm_k.forward(&k)?),
             Some((cos, sin)) => (
-                apply_rotary_emb(&q, cos, sin)?,
-                apply_rotary_emb(&k, cos, sin)?,
+                self.norm_q.forward_rope(&q, cos, sin)?,
+                self.norm_k.forward_rope(&k, cos, sin)?,
             ),
         };
         Ok([q, k, v])
@@ -543,6 +540,15 @@ pub struct HunyuanVideoTransformer3DModel {
     cfg: TransformerConfig,
     dtype: DType,
     attention_budget: usize,
+    /// RoPE tables of the last latent grid: the denoising loop reuses one shape every step.
+    rope_cache: Arc<Mutex<Option<RopeTables>>>,
+}
+
+#[derive(Debug)]
+struct RopeTables {
+    grid: (usize, usize, usize),
+    cos: Tensor,
+    sin: Tensor,
 }
 
 impl HunyuanVideoTransformer3DModel {
@@ -581,6 +587,7 @@ impl HunyuanVideoTransformer3DModel {
             cfg: cfg.clone(),
             dtype,
             attention_budget: DEFAULT_SCORE_BUDGET,
+            rope_cache: Arc::new(Mutex::new(None)),
         })
     }
 
@@ -588,6 +595,22 @@ impl HunyuanVideoTransformer3DModel {
     /// once. Smaller saves memory at some speed; the result does not depend on it.
     pub fn set_attention_budget(&mut self, elements: usize) {
         self.attention_budget = elements.max(1);
+    }
+
+    /// RoPE tables for a token grid, cached for the last grid seen.
+    fn rope(&self, grid: (usize, usize, usize)) -> Result<(Tensor, Tensor)> {
+        let mut cache = self.rope_cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = cache.as_ref().filter(|t| t.grid == grid) {
+            return Ok((t.cos.clone(), t.sin.clone()));
+        }
+        let cfg = &self.cfg;
+        let (cos, sin) = rope_tables(grid, &cfg.rope_axes_dim, cfg.rope_theta, self.device())?;
+        *cache = Some(RopeTables {
+            grid,
+            cos: cos.clone(),
+            sin: sin.clone(),
+        });
+        Ok((cos, sin))
     }
 
     pub fn config(&self) -> &TransformerConfig {
@@ -648,12 +671,7 @@ impl HunyuanVideoTransformer3DModel {
         let text_mask = TextMask::new(inp.encoder_attention_mask, n_txt)?;
         let (gt, gh, gw) = (t / pt, h / p, w / p);
         let n_img = gt * gh * gw;
-        let (cos, sin) = rope_tables(
-            (gt, gh, gw),
-            &cfg.rope_axes_dim,
-            cfg.rope_theta,
-            self.device(),
-        )?;
+        let (cos, sin) = self.rope((gt, gh, gw))?;
 
         let temb = self.time_text_embed.forward(
             inp.timestep,
