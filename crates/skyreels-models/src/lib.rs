@@ -6,5 +6,7 @@
 
 pub mod layers;
 pub mod transformer;
+pub mod vae;
 
 pub use transformer::{HunyuanVideoTransformer3DModel, TransformerConfig, TransformerInputs};
+pub use vae::{AutoencoderKLHunyuanVideo, Tiling, VaeConfig};

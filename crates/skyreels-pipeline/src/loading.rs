@@ -11,7 +11,9 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use serde::Deserialize;
-use skyreels_models::{HunyuanVideoTransformer3DModel, TransformerConfig};
+use skyreels_models::{
+    AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel, TransformerConfig, VaeConfig,
+};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -383,6 +385,28 @@ pub fn read_config<C: serde::de::DeserializeOwned>(dir: &Path) -> Result<C, Load
     })
 }
 
+/// Loads one model component: its folder is `dir` or `dir/<subfolder>` (see [`component_dir`]),
+/// its config `config.json` (validated by `validate`), its weights `<stem>.safetensors` (single or
+/// sharded), converted to `dtype`.
+pub fn load_component<C: serde::de::DeserializeOwned, M>(
+    dir: &Path,
+    subfolder: &str,
+    stem: &str,
+    dtype: DType,
+    device: &Device,
+    validate: impl FnOnce(&C) -> candle_core::Result<()>,
+    build: impl FnOnce(&C, VarBuilder) -> candle_core::Result<M>,
+) -> Result<M, LoadError> {
+    let dir = component_dir(dir, subfolder)?;
+    let cfg: C = read_config(&dir)?;
+    validate(&cfg).map_err(|e| LoadError::Config {
+        path: dir.join("config.json"),
+        message: e.to_string(),
+    })?;
+    let store = WeightStore::open(&dir, stem)?;
+    build_checked(store, dtype, device, |vb| build(&cfg, vb))
+}
+
 /// Loads `HunyuanVideoTransformer3DModel` from a transformer folder or a pipeline folder with a
 /// `transformer/` subfolder, converting the stored weights to `dtype`.
 pub fn load_transformer(
@@ -390,14 +414,31 @@ pub fn load_transformer(
     dtype: DType,
     device: &Device,
 ) -> Result<HunyuanVideoTransformer3DModel, LoadError> {
-    let dir = component_dir(dir, "transformer")?;
-    let cfg: TransformerConfig = read_config(&dir)?;
-    cfg.validate().map_err(|e| LoadError::Config {
-        path: dir.join("config.json"),
-        message: e.to_string(),
-    })?;
-    let store = WeightStore::open(&dir, DIFFUSERS_WEIGHTS)?;
-    build_checked(store, dtype, device, |vb| {
-        HunyuanVideoTransformer3DModel::new(&cfg, vb)
-    })
+    load_component(
+        dir,
+        "transformer",
+        DIFFUSERS_WEIGHTS,
+        dtype,
+        device,
+        TransformerConfig::validate,
+        HunyuanVideoTransformer3DModel::new,
+    )
+}
+
+/// Loads `AutoencoderKLHunyuanVideo` from a VAE folder or a pipeline folder with a `vae/`
+/// subfolder, converting the stored weights to `dtype`. Tiling starts at diffusers' defaults.
+pub fn load_vae(
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<AutoencoderKLHunyuanVideo, LoadError> {
+    load_component(
+        dir,
+        "vae",
+        DIFFUSERS_WEIGHTS,
+        dtype,
+        device,
+        VaeConfig::validate,
+        AutoencoderKLHunyuanVideo::new,
+    )
 }
