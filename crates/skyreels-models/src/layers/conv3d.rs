@@ -4,6 +4,7 @@
 //! into the batch dimension for every tap. No implicit padding: callers (the VAE's causal
 //! convolution) pad explicitly, exactly as the reference does.
 
+use super::cpu_kernels::{conv3d_f32, Conv3dGeometry};
 use candle_core::{bail, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
@@ -94,6 +95,27 @@ impl Conv3d {
     }
 }
 
+impl Conv3d {
+    /// The convolution of x replicate-padded by `pad` = (frames in front, rows on both sides,
+    /// columns on both sides), without materializing the padded input on the CPU in f32.
+    pub fn forward_padded(&self, x: &Tensor, pad: (usize, usize, usize)) -> Result<Tensor> {
+        if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+            let geo = Conv3dGeometry {
+                stride: self.cfg.stride,
+                pad,
+            };
+            return conv3d_f32(x, &self.weight, self.bias.as_ref(), geo);
+        }
+        let (pt, ph, pw) = pad;
+        // (b, c, t, h, w): replicate-pad w, h, then t on the front
+        let x = x
+            .pad_with_same(4, pw, pw)?
+            .pad_with_same(3, ph, ph)?
+            .pad_with_same(2, pt, 0)?;
+        self.forward(&x)
+    }
+}
+
 impl Module for Conv3d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (o, c_w, kt, kh, kw) = self.weight.dims5()?;
@@ -115,6 +137,13 @@ impl Module for Conv3d {
         let (st, ss, _) = self.cfg.stride;
         if (st, ss) == (kt, kh) && kh == kw {
             return self.forward_patchify(x);
+        }
+        if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+            let geo = Conv3dGeometry {
+                stride: self.cfg.stride,
+                pad: (0, 0, 0),
+            };
+            return conv3d_f32(x, &self.weight, self.bias.as_ref(), geo);
         }
         let t_out = (t - kt) / st + 1;
         // (b, c, t, h, w) -> (b, t, c, h, w), so that frames fold into the batch
@@ -210,17 +239,26 @@ mod tests {
         let got = conv.forward(&x).unwrap();
         let want = conv3d_naive(&x, &w, &b, stride);
         assert_eq!(got.dims(), want.dims());
-        let err = (got - want).unwrap().abs().unwrap().max_all().unwrap();
-        let err = err
-            .to_dtype(DType::F32)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+                let err = (got - &want).unwrap().abs().unwrap().max_all().unwrap();
+        let err = err.to_dtype(DType::F32).unwrap().to_scalar::<f32>().unwrap();
         // Summation order differs from the naive loop only: f32 rounding of ~100-term sums.
-        assert!(
-            err < 1e-4,
-            "kernel {kernel:?} stride {stride:?}: max abs err {err}"
-        );
+        assert!(err < 1e-4, "kernel {kernel:?} stride {stride:?}: max abs err {err}");
+        // f64 takes the generic path (2D convolutions over temporal taps)
+        let f64s = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+        let conv64 = Conv3d::from_tensors(f64s(&w), Some(f64s(&b)), Conv3dConfig { stride }).unwrap();
+        let got64 = conv64.forward(&f64s(&x)).unwrap();
+        let err = (got64 - f64s(&want)).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(err.to_scalar::<f64>().unwrap() < 1e-4, "generic path, kernel {kernel:?}");
+        // replicate padding inside the kernel equals padding the input first
+        if kernel.0 == 3 {
+            let pad = (2, 1, 1);
+            let padded = x.pad_with_same(4, 1, 1).unwrap().pad_with_same(3, 1, 1).unwrap();
+            let padded = padded.pad_with_same(2, 2, 0).unwrap();
+            let want = conv.forward(&padded).unwrap();
+            let got = conv.forward_padded(&x, pad).unwrap();
+            let err = (got - want).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(err.to_scalar::<f32>().unwrap() < 1e-5, "padded, stride {stride:?}");
+        }
     }
 
     #[test]

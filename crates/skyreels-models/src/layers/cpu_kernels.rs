@@ -598,3 +598,145 @@ mod tests {
         }
     }
 }
+
+/// Output geometry and padding of [`conv3d_f32`].
+#[derive(Debug, Clone, Copy)]
+pub struct Conv3dGeometry {
+    /// (t, h, w) strides.
+    pub stride: (usize, usize, usize),
+    /// Replicate padding: frames before, rows above and below, columns left and right.
+    pub pad: (usize, usize, usize),
+}
+
+/// Budget of the im2col buffer (K rows × output positions), in f32 elements: 16 Mi = 64 MiB.
+const IM2COL_BUDGET: usize = 16 << 20;
+
+/// 3D convolution of f32 CPU x (b, c, t, h, w) with w (o, c, kt, kh, kw) and bias, with
+/// replicate padding (`pad`: frames in front only, rows and columns on both sides) applied
+/// through clamped indices: im2col over chunks of output rows (bounded buffer), then one GEMM per
+/// chunk written straight into the (b, o, t', h', w') output with the bias preloaded.
+pub fn conv3d_f32(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    geo: Conv3dGeometry,
+) -> Result<Tensor> {
+    let (b, c, t, h, w) = x.dims5()?;
+    let (o, cw, kt, kh, kw) = weight.dims5()?;
+    if c != cw {
+        bail!(
+            "conv3d: input {:?} does not match weight {:?}",
+            x.shape(),
+            weight.shape()
+        )
+    }
+    let (st, sh, sw) = geo.stride;
+    let (pt, ph, pw) = geo.pad;
+    let (tp, hp, wp) = (t + pt, h + 2 * ph, w + 2 * pw);
+    if tp < kt || hp < kh || wp < kw || st == 0 || sh == 0 || sw == 0 {
+        bail!(
+            "conv3d: padded input {:?} smaller than kernel {:?}",
+            (tp, hp, wp),
+            (kt, kh, kw)
+        )
+    }
+    let (to, ho, wo) = ((tp - kt) / st + 1, (hp - kh) / sh + 1, (wp - kw) / sw + 1);
+    let kdim = c * kt * kh * kw;
+    let plane = to * ho * wo;
+    let x = x.contiguous()?;
+    let weight = weight.contiguous()?;
+    let mut out = vec![0f32; b * o * plane];
+    let rows_per_chunk = (IM2COL_BUDGET / (kdim * wo).max(1)).clamp(1, ho);
+    let threads = rayon::current_num_threads();
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    let mut cols = vec![0f32; kdim * rows_per_chunk * wo];
+    with_f32(&x, |xd| {
+        with_f32(&weight, |wd| -> Result<()> {
+            let bias_v: Option<Vec<f32>> = bias.map(|b| b.to_vec1::<f32>()).transpose()?;
+            for bi in 0..b {
+                let xb = &xd[bi * c * t * h * w..(bi + 1) * c * t * h * w];
+                let ob = &mut out[bi * o * plane..(bi + 1) * o * plane];
+                for ti in 0..to {
+                    let mut y0 = 0;
+                    while y0 < ho {
+                        let rows = rows_per_chunk.min(ho - y0);
+                        let n = rows * wo;
+                        let cols = &mut cols[..kdim * n];
+                        // im2col: row r = ((ci·kt + i)·kh + j)·kw + k holds, for each output
+                        // position (y, x) of the chunk, the clamped input sample
+                        cols.par_chunks_mut(n).enumerate().for_each(|(r, dst)| {
+                            let k = r % kw;
+                            let j = (r / kw) % kh;
+                            let i = (r / (kw * kh)) % kt;
+                            let ci = r / (kw * kh * kt);
+                            let ts = (ti * st + i).saturating_sub(pt).min(t - 1);
+                            let src_frame = &xb[(ci * t + ts) * h * w..(ci * t + ts + 1) * h * w];
+                            for (yy, drow) in dst.chunks_exact_mut(wo).enumerate() {
+                                let ys = ((y0 + yy) * sh + j).saturating_sub(ph).min(h - 1);
+                                let srow = &src_frame[ys * w..(ys + 1) * w];
+                                im2col_row(srow, drow, k, pw, sw);
+                            }
+                        });
+                        // bias first, then out[:, chunk] += W (o × K) · cols (K × n)
+                        let off = ti * ho * wo + y0 * wo;
+                        for oi in 0..o {
+                            let row = &mut ob[oi * plane + off..oi * plane + off + n];
+                            row.fill(bias_v.as_ref().map_or(0.0, |bv| bv[oi]));
+                        }
+                        // SAFETY: the weight is (o, kdim), cols (kdim, n); the destination is o
+                        // rows of n elements at stride `plane` inside `ob`.
+                        unsafe {
+                            gemm::gemm(
+                                o,
+                                n,
+                                kdim,
+                                ob[off..].as_mut_ptr(),
+                                1,
+                                plane as isize,
+                                true,
+                                wd.as_ptr(),
+                                1,
+                                kdim as isize,
+                                cols.as_ptr(),
+                                1,
+                                n as isize,
+                                1.0,
+                                1.0,
+                                false,
+                                false,
+                                false,
+                                par,
+                            );
+                        }
+                        y0 += rows;
+                    }
+                }
+            }
+            Ok(())
+        })
+    })???;
+    Tensor::from_vec(out, (b, o, to, ho, wo), x.device())
+}
+
+/// One im2col row: dst[x] = src[clamp(x·stride + k − pad, 0, w − 1)].
+#[inline]
+fn im2col_row(src: &[f32], dst: &mut [f32], k: usize, pad: usize, stride: usize) {
+    let w = src.len();
+    if stride == 1 {
+        // x + k − pad inside [0, w) for x in [lo, hi): a plain copy; clamp the edges
+        let lo = pad.saturating_sub(k).min(dst.len());
+        let hi = (w + pad).saturating_sub(k).min(dst.len()).max(lo);
+        dst[..lo].fill(src[0]);
+        let start = lo + k - pad;
+        dst[lo..hi].copy_from_slice(&src[start..start + (hi - lo)]);
+        dst[hi..].fill(src[w - 1]);
+    } else {
+        for (x, d) in dst.iter_mut().enumerate() {
+            *d = src[(x * stride + k).saturating_sub(pad).min(w - 1)];
+        }
+    }
+}

@@ -47,12 +47,7 @@ impl CausalConv3d {
 impl Module for CausalConv3d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (pw, ph, pt) = self.pad;
-        // (b, c, t, h, w): replicate-pad w, h, then t on the front
-        let x = x
-            .pad_with_same(4, pw, pw)?
-            .pad_with_same(3, ph, ph)?
-            .pad_with_same(2, pt, 0)?;
-        self.conv.forward(&x)
+        self.conv.forward_padded(x, (pt, ph, pw))
     }
 }
 
