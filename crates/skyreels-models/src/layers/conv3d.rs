@@ -239,25 +239,48 @@ mod tests {
         let got = conv.forward(&x).unwrap();
         let want = conv3d_naive(&x, &w, &b, stride);
         assert_eq!(got.dims(), want.dims());
-                let err = (got - &want).unwrap().abs().unwrap().max_all().unwrap();
-        let err = err.to_dtype(DType::F32).unwrap().to_scalar::<f32>().unwrap();
+        let err = (got - &want).unwrap().abs().unwrap().max_all().unwrap();
+        let err = err
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         // Summation order differs from the naive loop only: f32 rounding of ~100-term sums.
-        assert!(err < 1e-4, "kernel {kernel:?} stride {stride:?}: max abs err {err}");
+        assert!(
+            err < 1e-4,
+            "kernel {kernel:?} stride {stride:?}: max abs err {err}"
+        );
         // f64 takes the generic path (2D convolutions over temporal taps)
         let f64s = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
-        let conv64 = Conv3d::from_tensors(f64s(&w), Some(f64s(&b)), Conv3dConfig { stride }).unwrap();
+        let conv64 =
+            Conv3d::from_tensors(f64s(&w), Some(f64s(&b)), Conv3dConfig { stride }).unwrap();
         let got64 = conv64.forward(&f64s(&x)).unwrap();
-        let err = (got64 - f64s(&want)).unwrap().abs().unwrap().max_all().unwrap();
-        assert!(err.to_scalar::<f64>().unwrap() < 1e-4, "generic path, kernel {kernel:?}");
+        let err = (got64 - f64s(&want))
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        assert!(
+            err.to_scalar::<f64>().unwrap() < 1e-4,
+            "generic path, kernel {kernel:?}"
+        );
         // replicate padding inside the kernel equals padding the input first
         if kernel.0 == 3 {
             let pad = (2, 1, 1);
-            let padded = x.pad_with_same(4, 1, 1).unwrap().pad_with_same(3, 1, 1).unwrap();
+            let padded = x
+                .pad_with_same(4, 1, 1)
+                .unwrap()
+                .pad_with_same(3, 1, 1)
+                .unwrap();
             let padded = padded.pad_with_same(2, 2, 0).unwrap();
             let want = conv.forward(&padded).unwrap();
             let got = conv.forward_padded(&x, pad).unwrap();
             let err = (got - want).unwrap().abs().unwrap().max_all().unwrap();
-            assert!(err.to_scalar::<f32>().unwrap() < 1e-5, "padded, stride {stride:?}");
+            assert!(
+                err.to_scalar::<f32>().unwrap() < 1e-5,
+                "padded, stride {stride:?}"
+            );
         }
     }
 

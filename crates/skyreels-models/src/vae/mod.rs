@@ -132,26 +132,33 @@ impl Module for MidAttention {
         let q = self.to_q.forward(&normed)?.reshape((b, t * hw, 1, c))?;
         let k = self.to_k.forward(&normed)?.reshape((b, t * hw, 1, c))?;
         let v = self.to_v.forward(&normed)?.reshape((b, t * hw, 1, c))?;
-        // block-causal: queries of frame f see the keys of frames 0..=f, a prefix of the keys
-        let frames = (0..t)
-            .map(|f| {
-                let qf = q.narrow(1, f * hw, hw)?;
-                attention(
-                    &qf,
-                    &k,
-                    &v,
-                    Some(&vec![(f + 1) * hw; b]),
-                    DEFAULT_SCORE_BUDGET,
-                )
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let a = Tensor::cat(&frames, 1)?.reshape((b, t * hw, c))?;
+        let a = block_causal_attention(&q, &k, &v, hw)?.reshape((b, t * hw, c))?;
         let out = (self.to_out.forward(&a)? + tokens)?;
         // (b, t·h·w, c) -> (b, c, t, h, w)
         out.reshape((b, t, h, w, c))?
             .permute((0, 4, 1, 2, 3))?
             .contiguous()
     }
+}
+
+/// Attention over (b, frames·hw, h, d) tokens where a query of frame f sees the keys of frames
+/// 0..=f (the reference's additive mask: 0 where frame(key) <= frame(query), -inf elsewhere).
+/// Those keys are a prefix, so each query frame runs exact attention over its prefix.
+fn block_causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, hw: usize) -> Result<Tensor> {
+    let (b, n, _, _) = q.dims4()?;
+    let frames = (0..n / hw)
+        .map(|f| {
+            let qf = q.narrow(1, f * hw, hw)?;
+            attention(
+                &qf,
+                k,
+                v,
+                Some(&vec![(f + 1) * hw; b]),
+                DEFAULT_SCORE_BUDGET,
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&frames, 1)
 }
 
 /// `HunyuanVideoMidBlock3D` (one attention layer).
@@ -872,6 +879,41 @@ mod tests {
             .unwrap();
         // t=0 sees (1, 1, 1) [two replicated past frames]; t=1 sees (1, 1, 2); t=2 sees (1, 2, 3)
         assert_eq!(y.to_vec1::<f32>().unwrap(), vec![3.0, 4.0, 6.0]);
+    }
+
+    #[test]
+    fn block_causal_attention_matches_the_dense_mask() {
+        // 3 frames of 2 tokens, one head of 4; reference: softmax(q kᵀ/2 + mask) v with the
+        // additive mask of `prepare_causal_attention_mask`
+        let dev = Device::Cpu;
+        let (frames, hw, d) = (3usize, 2usize, 4usize);
+        let n = frames * hw;
+        let q = Tensor::randn(0f32, 1., (1, n, 1, d), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1., (1, n, 1, d), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1., (1, n, 1, d), &dev).unwrap();
+        let got = block_causal_attention(&q, &k, &v, hw)
+            .unwrap()
+            .reshape((n, d))
+            .unwrap();
+        let mask: Vec<f32> = (0..n * n)
+            .map(|i| {
+                if (i % n) / hw <= (i / n) / hw {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (n, n), &dev).unwrap();
+        let [q2, k2, v2] = [&q, &k, &v].map(|t| t.reshape((n, d)).unwrap());
+        let s = ((q2.matmul(&k2.t().unwrap()).unwrap() / 2.0).unwrap() + mask).unwrap();
+        let want = candle_nn::ops::softmax_last_dim(&s)
+            .unwrap()
+            .matmul(&v2)
+            .unwrap();
+        let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap();
+        // identical math up to summation order
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-6);
     }
 
     #[test]
