@@ -18,15 +18,9 @@ use std::path::Path;
 const F32_TOL: f64 = 1e-5;
 
 fn forward(model: &HunyuanVideoTransformer3DModel, io: &HashMap<String, Tensor>) -> Tensor {
-    let inputs = TransformerInputs {
-        hidden_states: &io["hidden_states"],
-        timestep: &io["timestep"],
-        encoder_hidden_states: &io["encoder_hidden_states"],
-        encoder_attention_mask: &io["encoder_attention_mask"],
-        pooled_projections: &io["pooled_projections"],
-        guidance: io.get("guidance"),
-    };
-    model.forward(&inputs).unwrap()
+    model
+        .forward(&TransformerInputs::from_named(io).unwrap())
+        .unwrap()
 }
 
 fn check_parity(case: &str, weights: &Path) {
@@ -291,25 +285,13 @@ fn bad_inputs_are_errors_not_panics() {
         (&wrong_channels, "in_channels 32"),
         (&odd_width, "multiples of 2"),
     ] {
-        let inputs = TransformerInputs {
-            hidden_states: hs,
-            timestep: &io["timestep"],
-            encoder_hidden_states: &io["encoder_hidden_states"],
-            encoder_attention_mask: &io["encoder_attention_mask"],
-            pooled_projections: &io["pooled_projections"],
-            guidance: io.get("guidance"),
-        };
+        let mut inputs = TransformerInputs::from_named(&io).unwrap();
+        inputs.hidden_states = hs;
         let e = model.forward(&inputs).unwrap_err().to_string();
         assert!(e.contains(needle), "{e}");
     }
-    let inputs = TransformerInputs {
-        hidden_states: &io["hidden_states"],
-        timestep: &io["timestep"],
-        encoder_hidden_states: &io["encoder_hidden_states"],
-        encoder_attention_mask: &io["encoder_attention_mask"],
-        pooled_projections: &io["pooled_projections"],
-        guidance: None,
-    };
+    let mut inputs = TransformerInputs::from_named(&io).unwrap();
+    inputs.guidance = None;
     let e = model.forward(&inputs).unwrap_err().to_string();
     assert!(e.contains("guidance"), "{e}");
 }

@@ -32,18 +32,7 @@ fn main() -> Result<()> {
     let model = skyreels_pipeline::load_transformer(&dir, DType::F32, &dev)?;
     eprintln!("loaded in {:.2}s", t0.elapsed().as_secs_f64());
     let io = candle_core::safetensors::load(dir.join("io.safetensors"), &dev)?;
-    let get = |k: &str| {
-        io.get(k)
-            .with_context(|| format!("io.safetensors has no {k}"))
-    };
-    let inputs = TransformerInputs {
-        hidden_states: get("hidden_states")?,
-        timestep: get("timestep")?,
-        encoder_hidden_states: get("encoder_hidden_states")?,
-        encoder_attention_mask: get("encoder_attention_mask")?,
-        pooled_projections: get("pooled_projections")?,
-        guidance: io.get("guidance"),
-    };
+    let inputs = TransformerInputs::from_named(&io)?;
     let out = model.forward(&inputs)?; // warm-up
     let mut times = Vec::with_capacity(runs);
     for _ in 0..runs.max(1) {

@@ -124,6 +124,37 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     }
 }
 
+/// A strided f32 matrix for [`gemm_f32`]: element (i, j) at `ptr + i·rs + j·cs`.
+#[derive(Clone, Copy)]
+struct View<P> {
+    ptr: P,
+    rs: isize,
+    cs: isize,
+}
+
+/// dst (m × n) = lhs (m × k) · rhs (k × n), added onto dst when `accumulate`.
+///
+/// # Safety
+/// Every view must address valid memory for its shape and strides, and dst must not alias lhs
+/// or rhs.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_f32(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: View<*mut f32>,
+    accumulate: bool,
+    lhs: View<*const f32>,
+    rhs: View<*const f32>,
+    par: gemm::Parallelism,
+) {
+    let alpha = if accumulate { 1.0 } else { 0.0 };
+    gemm::gemm(
+        m, n, k, dst.ptr, dst.cs, dst.rs, accumulate, lhs.ptr, lhs.cs, lhs.rs, rhs.ptr, rhs.cs,
+        rhs.rs, alpha, 1.0, false, false, false, par,
+    );
+}
+
 /// A raw pointer that tasks writing disjoint regions of one buffer may share.
 #[derive(Clone, Copy)]
 struct SharedMut(*mut f32);
@@ -183,49 +214,51 @@ pub fn attention_bnhd_f32(
                         // to this task only.
                         unsafe {
                             // (rows, d) x (d, nkb): kᵀ read through strides
-                            gemm::gemm(
+                            gemm_f32(
                                 rows,
                                 nkb,
                                 d,
-                                sc.as_mut_ptr(),
-                                1,
-                                nkb as isize,
+                                View {
+                                    ptr: sc.as_mut_ptr(),
+                                    rs: nkb as isize,
+                                    cs: 1,
+                                },
                                 false,
-                                qp,
-                                1,
-                                d as isize,
-                                kp,
-                                d as isize,
-                                1,
-                                0.0,
-                                1.0,
-                                false,
-                                false,
-                                false,
+                                View {
+                                    ptr: qp,
+                                    rs: d as isize,
+                                    cs: 1,
+                                },
+                                View {
+                                    ptr: kp,
+                                    rs: 1,
+                                    cs: d as isize,
+                                },
                                 gemm::Parallelism::None,
                             );
                             softmax_unnormalized_rows(sc, nkb, scale, inv);
                             let op = dst.ptr().add(((bi * nq + r0) * h + hi) * dv);
                             // (rows, nkb) x (nkb, dv)
-                            gemm::gemm(
+                            gemm_f32(
                                 rows,
                                 dv,
                                 nkb,
-                                op,
-                                1,
-                                (h * dv) as isize,
+                                View {
+                                    ptr: op,
+                                    rs: (h * dv) as isize,
+                                    cs: 1,
+                                },
                                 false,
-                                sc.as_ptr(),
-                                1,
-                                nkb as isize,
-                                vp,
-                                1,
-                                (h * dv) as isize,
-                                0.0,
-                                1.0,
-                                false,
-                                false,
-                                false,
+                                View {
+                                    ptr: sc.as_ptr(),
+                                    rs: nkb as isize,
+                                    cs: 1,
+                                },
+                                View {
+                                    ptr: vp,
+                                    rs: (h * dv) as isize,
+                                    cs: 1,
+                                },
                                 gemm::Parallelism::None,
                             );
                             for (r, &f) in inv[..rows].iter().enumerate() {
@@ -313,43 +346,6 @@ simd_dispatch! {
     }
 }
 
-/// Rotates interleaved pairs of the first `cos.dim(0)` tokens of x (b, n, h, d) (f32, CPU) by
-/// angles (n_rope, d/2); later tokens are copied unchanged.
-pub fn rope_bnhd_f32(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let (b, n, h, d) = x.dims4()?;
-    let n_rope = cos.dim(0)?;
-    let x = x.contiguous()?;
-    let mut out = vec![0f32; b * n * h * d];
-    with_f32(&x, |xd| {
-        with_f32(cos, |cd| {
-            with_f32(sin, |sd| {
-                out.par_chunks_mut(h * d)
-                    .zip(xd.par_chunks(h * d))
-                    .enumerate()
-                    .for_each(|(row, (o, xi))| {
-                        let t = row % n;
-                        if t >= n_rope {
-                            o.copy_from_slice(xi);
-                            return;
-                        }
-                        let (c, s) = (
-                            &cd[t * d / 2..(t + 1) * d / 2],
-                            &sd[t * d / 2..(t + 1) * d / 2],
-                        );
-                        for (oh, xh) in o.chunks_exact_mut(d).zip(xi.chunks_exact(d)) {
-                            for j in 0..d / 2 {
-                                let (x0, x1) = (xh[2 * j], xh[2 * j + 1]);
-                                oh[2 * j] = x0 * c[j] - x1 * s[j];
-                                oh[2 * j + 1] = x0 * s[j] + x1 * c[j];
-                            }
-                        }
-                    })
-            })
-        })
-    })???;
-    Tensor::from_vec(out, (b, n, h, d), x.device())
-}
-
 /// Σᵢ xᵢ · w[:, colsᵢ]ᵀ + bias for f32 CPU tensors: each xᵢ (m, kᵢ) multiplies the columns of
 /// w (n, k) starting at its offset (a linear layer over a concatenated input, without building
 /// the concatenation). The bias is written first and every GEMM accumulates onto the output:
@@ -397,25 +393,26 @@ pub fn linear_parts_f32(
                 // SAFETY: x is (m, kx); the weight columns off..off+kx of the (n, k_total) matrix
                 // are read with row stride k_total; out is (m, n).
                 unsafe {
-                    gemm::gemm(
+                    gemm_f32(
                         m,
                         n,
                         kx,
-                        out.as_mut_ptr(),
-                        1,
-                        n as isize,
+                        View {
+                            ptr: out.as_mut_ptr(),
+                            rs: n as isize,
+                            cs: 1,
+                        },
                         accumulate,
-                        xd.as_ptr(),
-                        1,
-                        kx as isize,
-                        wd[*off..].as_ptr(),
-                        k_total as isize,
-                        1,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
+                        View {
+                            ptr: xd.as_ptr(),
+                            rs: kx as isize,
+                            cs: 1,
+                        },
+                        View {
+                            ptr: wd[*off..].as_ptr(),
+                            rs: 1,
+                            cs: k_total as isize,
+                        },
                         par,
                     );
                 }
@@ -690,25 +687,26 @@ pub fn conv3d_f32(
                         // SAFETY: the weight is (o, kdim), cols (kdim, n); the destination is o
                         // rows of n elements at stride `plane` inside `ob`.
                         unsafe {
-                            gemm::gemm(
+                            gemm_f32(
                                 o,
                                 n,
                                 kdim,
-                                ob[off..].as_mut_ptr(),
-                                1,
-                                plane as isize,
+                                View {
+                                    ptr: ob[off..].as_mut_ptr(),
+                                    rs: plane as isize,
+                                    cs: 1,
+                                },
                                 true,
-                                wd.as_ptr(),
-                                1,
-                                kdim as isize,
-                                cols.as_ptr(),
-                                1,
-                                n as isize,
-                                1.0,
-                                1.0,
-                                false,
-                                false,
-                                false,
+                                View {
+                                    ptr: wd.as_ptr(),
+                                    rs: kdim as isize,
+                                    cs: 1,
+                                },
+                                View {
+                                    ptr: cols.as_ptr(),
+                                    rs: n as isize,
+                                    cs: 1,
+                                },
                                 par,
                             );
                         }

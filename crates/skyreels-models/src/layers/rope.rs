@@ -55,11 +55,9 @@ pub fn rope_tables(
 }
 
 /// Rotates interleaved pairs of the first `cos.dim(0)` tokens of x (b, n, heads, d) with tables
-/// (n_rope, d/2), in f32 then cast back to x's dtype; later tokens (text) pass unchanged.
+/// (n_rope, d/2), in f32 then cast back to x's dtype; later tokens (text) pass unchanged. (The
+/// transformer's hot path fuses this with the q/k norm: `RmsNorm::forward_rope`.)
 pub fn apply_rotary_emb(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
-        return super::cpu_kernels::rope_bnhd_f32(x, cos, sin);
-    }
     let (_, n, _, _) = x.dims4()?;
     let n_rope = cos.dim(0)?;
     let dtype = x.dtype();
@@ -121,7 +119,7 @@ mod tests {
     #[test]
     fn rotation_is_interleaved_pairs() {
         // x = [1, 2, 3, 4] at angles [a0, a1]: out = (x0 c0 - x1 s0, x0 s0 + x1 c0, ...); a second
-        // token past the table is left alone. Checked on the f32 CPU kernel and the generic path.
+        // token past the table is left alone. Checked in f32 and f64.
         let dev = Device::Cpu;
         let x = Tensor::new(&[[[[1f32, 2., 3., 4.]], [[5., 6., 7., 8.]]]], &dev).unwrap();
         let (a0, a1) = (0.3f32, -1.1f32);

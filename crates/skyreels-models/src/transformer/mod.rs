@@ -20,6 +20,7 @@ use crate::layers::{
 };
 use candle_core::{bail, DType, Device, IndexOp, Module, Result, Tensor};
 use candle_nn::VarBuilder;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 const NORM_EPS: f64 = 1e-6;
@@ -44,6 +45,24 @@ pub struct TransformerInputs<'a> {
     pub pooled_projections: &'a Tensor,
     /// (b,) embedded guidance × 1000; required when the config has `guidance_embeds`.
     pub guidance: Option<&'a Tensor>,
+}
+
+impl<'a> TransformerInputs<'a> {
+    /// The inputs from tensors named as the reference's arguments (`guidance` optional).
+    pub fn from_named(t: &'a HashMap<String, Tensor>) -> Result<Self> {
+        let get = |k: &str| match t.get(k) {
+            Some(v) => Ok(v),
+            None => bail!("transformer inputs: no tensor named {k}"),
+        };
+        Ok(Self {
+            hidden_states: get("hidden_states")?,
+            timestep: get("timestep")?,
+            encoder_hidden_states: get("encoder_hidden_states")?,
+            encoder_attention_mask: get("encoder_attention_mask")?,
+            pooled_projections: get("pooled_projections")?,
+            guidance: t.get("guidance"),
+        })
+    }
 }
 
 /// Per-sample description of the text padding, read once from the mask.

@@ -204,6 +204,19 @@ fn resamples(cfg: &VaeConfig, i: usize) -> (bool, bool) {
     (spatial, time)
 }
 
+/// `n` resnets `resnets.{0..n}`, the first mapping `cin` to `cout` channels.
+fn resnet_stack(
+    n: usize,
+    cin: usize,
+    cout: usize,
+    groups: usize,
+    vb: VarBuilder,
+) -> Result<Vec<ResnetBlock>> {
+    (0..n)
+        .map(|j| ResnetBlock::new(if j == 0 { cin } else { cout }, cout, groups, vb.pp(j)))
+        .collect()
+}
+
 /// `HunyuanVideoDownBlock3D`.
 #[derive(Debug, Clone)]
 struct DownBlock {
@@ -269,16 +282,7 @@ impl Encoder {
         let mut cin = boc[0];
         for (i, &cout) in boc.iter().enumerate() {
             let vbi = vb.pp("down_blocks").pp(i);
-            let resnets = (0..cfg.layers_per_block)
-                .map(|j| {
-                    ResnetBlock::new(
-                        if j == 0 { cin } else { cout },
-                        cout,
-                        g,
-                        vbi.pp("resnets").pp(j),
-                    )
-                })
-                .collect::<Result<Vec<_>>>()?;
+            let resnets = resnet_stack(cfg.layers_per_block, cin, cout, g, vbi.pp("resnets"))?;
             let (spatial, time) = resamples(cfg, i);
             let downsampler = if spatial || time {
                 let s = if spatial { 2 } else { 1 };
@@ -351,16 +355,7 @@ impl Decoder {
         let mut cin = rev[0];
         for (i, &cout) in rev.iter().enumerate() {
             let vbi = vb.pp("up_blocks").pp(i);
-            let resnets = (0..cfg.layers_per_block + 1)
-                .map(|j| {
-                    ResnetBlock::new(
-                        if j == 0 { cin } else { cout },
-                        cout,
-                        g,
-                        vbi.pp("resnets").pp(j),
-                    )
-                })
-                .collect::<Result<Vec<_>>>()?;
+            let resnets = resnet_stack(cfg.layers_per_block + 1, cin, cout, g, vbi.pp("resnets"))?;
             let (spatial, time) = resamples(cfg, i);
             let upsampler = if spatial || time {
                 let s = if spatial { 2 } else { 1 };
