@@ -738,3 +738,65 @@ fn im2col_row(src: &[f32], dst: &mut [f32], k: usize, pad: usize, stride: usize)
         }
     }
 }
+
+/// GroupNorm over (b, c, ...) f32 CPU x with per-channel weight and bias, optionally followed
+/// by SiLU, in two passes: statistics per (sample, group) — a contiguous block of c/groups
+/// channels — then normalize, scale, shift (and SiLU) in one write.
+pub fn group_norm_f32(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    groups: usize,
+    eps: f32,
+    silu: bool,
+) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    if dims.len() < 3 || groups == 0 || !dims[1].is_multiple_of(groups) {
+        bail!("group norm: input {dims:?} with {groups} groups")
+    }
+    let (b, c) = (dims[0], dims[1]);
+    let spatial: usize = dims[2..].iter().product();
+    let cpg = c / groups;
+    let x = x.contiguous()?;
+    let mut out = vec![0f32; x.elem_count()];
+    with_f32(&x, |xd| {
+        with_f32(weight, |wd| {
+            with_f32(bias, |bd| {
+                out.par_chunks_mut(cpg * spatial)
+                    .zip(xd.par_chunks(cpg * spatial))
+                    .enumerate()
+                    .for_each(|(bg, (o, xi))| {
+                        let g = bg % groups;
+                        let ch = g * cpg..(g + 1) * cpg;
+                        group_norm_block(xi, o, &wd[ch.clone()], &bd[ch], spatial, eps, silu);
+                    })
+            })
+        })
+    })???;
+    debug_assert_eq!(out.len(), b * c * spatial);
+    Tensor::from_vec(out, dims, x.device())
+}
+
+simd_dispatch! {
+    fn group_norm_block(
+        x: &[f32],
+        out: &mut [f32],
+        w: &[f32],
+        b: &[f32],
+        spatial: usize,
+        eps: f32,
+        silu: bool,
+    ) {
+        // sums in f64: a group holds up to millions of elements
+        let n = x.len() as f64;
+        let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
+        let var = x.iter().map(|&v| (v as f64 - mean) * (v as f64 - mean)).sum::<f64>() / n;
+        let (mean, rstd) = (mean as f32, (1.0 / (var + eps as f64).sqrt()) as f32);
+        for ((oc, xc), (&wc, &bc)) in out.chunks_exact_mut(spatial).zip(x.chunks_exact(spatial)).zip(w.iter().zip(b)) {
+            for (o, &v) in oc.iter_mut().zip(xc) {
+                let y = (v - mean) * rstd * wc + bc;
+                *o = if silu { y / (1.0 + exp_f32(-y)) } else { y };
+            }
+        }
+    }
+}

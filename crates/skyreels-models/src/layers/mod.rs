@@ -12,4 +12,4 @@ pub mod rope;
 pub use attention::{attention, attention_chunked, DEFAULT_SCORE_BUDGET};
 pub use conv3d::{Conv3d, Conv3dConfig};
 pub use linear::{linear, Linear};
-pub use norm::{LayerNorm, RmsNorm};
+pub use norm::{GroupNorm, LayerNorm, RmsNorm};

@@ -8,6 +8,7 @@ mod config;
 
 pub use config::VaeConfig;
 
+use crate::layers::GroupNorm;
 use crate::layers::{
     attention,
     attention::DEFAULT_SCORE_BUDGET,
@@ -15,7 +16,7 @@ use crate::layers::{
     linear::{linear, Linear},
 };
 use candle_core::{bail, Module, Result, Tensor};
-use candle_nn::{group_norm, GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
 
 const EPS: f64 = 1e-6;
 
@@ -64,9 +65,9 @@ struct ResnetBlock {
 impl ResnetBlock {
     fn new(cin: usize, cout: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            norm1: group_norm(groups, cin, EPS, vb.pp("norm1"))?,
+            norm1: GroupNorm::new(groups, cin, EPS, vb.pp("norm1"))?,
             conv1: CausalConv3d::new(cin, cout, 3, (1, 1, 1), vb.pp("conv1"))?,
-            norm2: group_norm(groups, cout, EPS, vb.pp("norm2"))?,
+            norm2: GroupNorm::new(groups, cout, EPS, vb.pp("norm2"))?,
             conv2: CausalConv3d::new(cout, cout, 3, (1, 1, 1), vb.pp("conv2"))?,
             conv_shortcut: if cin != cout {
                 Some(CausalConv3d::new(
@@ -85,8 +86,8 @@ impl ResnetBlock {
 
 impl Module for ResnetBlock {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         match &self.conv_shortcut {
             Some(s) => h + s.forward(x)?,
             None => h + x,
@@ -108,7 +109,7 @@ struct MidAttention {
 impl MidAttention {
     fn new(c: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            group_norm: group_norm(groups, c, EPS, vb.pp("group_norm"))?,
+            group_norm: GroupNorm::new(groups, c, EPS, vb.pp("group_norm"))?,
             to_q: linear(c, c, vb.pp("to_q"))?,
             to_k: linear(c, c, vb.pp("to_k"))?,
             to_v: linear(c, c, vb.pp("to_v"))?,
@@ -308,7 +309,7 @@ impl Encoder {
             conv_in: CausalConv3d::new(cfg.in_channels, boc[0], 3, (1, 1, 1), vb.pp("conv_in"))?,
             down_blocks,
             mid_block: MidBlock::new(top, g, cfg.mid_block_add_attention, vb.pp("mid_block"))?,
-            conv_norm_out: group_norm(g, top, EPS, vb.pp("conv_norm_out"))?,
+            conv_norm_out: GroupNorm::new(g, top, EPS, vb.pp("conv_norm_out"))?,
             conv_out: CausalConv3d::new(
                 top,
                 2 * cfg.latent_channels,
@@ -332,8 +333,7 @@ impl Module for Encoder {
             }
         }
         let h = self.mid_block.forward(&h)?;
-        self.conv_out
-            .forward(&self.conv_norm_out.forward(&h)?.silu()?)
+        self.conv_out.forward(&self.conv_norm_out.forward_silu(&h)?)
     }
 }
 
@@ -380,7 +380,7 @@ impl Decoder {
             )?,
             mid_block: MidBlock::new(rev[0], g, cfg.mid_block_add_attention, vb.pp("mid_block"))?,
             up_blocks,
-            conv_norm_out: group_norm(g, bottom, EPS, vb.pp("conv_norm_out"))?,
+            conv_norm_out: GroupNorm::new(g, bottom, EPS, vb.pp("conv_norm_out"))?,
             conv_out: CausalConv3d::new(bottom, cfg.out_channels, 3, (1, 1, 1), vb.pp("conv_out"))?,
         })
     }
@@ -392,8 +392,7 @@ impl Module for Decoder {
         for block in &self.up_blocks {
             h = block.forward(&h)?;
         }
-        self.conv_out
-            .forward(&self.conv_norm_out.forward(&h)?.silu()?)
+        self.conv_out.forward(&self.conv_norm_out.forward_silu(&h)?)
     }
 }
 
