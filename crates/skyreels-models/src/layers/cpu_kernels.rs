@@ -630,7 +630,8 @@ pub fn conv3d_f32(
     let (st, sh, sw) = geo.stride;
     let (pt, ph, pw) = geo.pad;
     let (tp, hp, wp) = (t + pt, h + 2 * ph, w + 2 * pw);
-    if tp < kt || hp < kh || wp < kw || st == 0 || sh == 0 || sw == 0 {
+    if t == 0 || h == 0 || w == 0 || tp < kt || hp < kh || wp < kw || st == 0 || sh == 0 || sw == 0
+    {
         bail!(
             "conv3d: padded input {:?} smaller than kernel {:?}",
             (tp, hp, wp),

@@ -44,7 +44,9 @@ impl Linear {
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims();
-        let in_dim = dims[dims.len() - 1];
+        let Some(&in_dim) = dims.last() else {
+            candle_core::bail!("linear: scalar input")
+        };
         let rows = x.elem_count() / in_dim.max(1);
         // (..., in) -> (rows, in)
         let x2 = x.reshape((rows, in_dim))?;
