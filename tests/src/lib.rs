@@ -38,3 +38,25 @@ pub fn copy_dir(src: &Path) -> tempfile::TempDir {
     }
     dir
 }
+
+/// Copies the checkpoint in `src` (config.json and `<stem>` weights, single or sharded) into
+/// `dst` as one `<stem>.safetensors`, after `edit` has changed its tensors.
+pub fn rewrite_checkpoint(
+    src: &Path,
+    dst: &Path,
+    stem: &str,
+    edit: impl FnOnce(&mut HashMap<String, Tensor>),
+) {
+    let store = skyreels_pipeline::WeightStore::open(src, stem).unwrap();
+    let mut tensors: HashMap<String, Tensor> = store
+        .names()
+        .into_iter()
+        .map(|n| {
+            let t = store.load(&n, &Device::Cpu).unwrap();
+            (n, t)
+        })
+        .collect();
+    edit(&mut tensors);
+    std::fs::copy(src.join("config.json"), dst.join("config.json")).unwrap();
+    candle_core::safetensors::save(&tensors, dst.join(format!("{stem}.safetensors"))).unwrap();
+}

@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use skyreels_models::{HunyuanVideoTransformer3DModel, TransformerInputs};
 use skyreels_pipeline::load_transformer;
 use skyreels_pipeline::loading::{LoadError, TensorProblem, DIFFUSERS_WEIGHTS};
-use skyreels_tests::{copy_dir, fixture, load_tensors, rel_l2};
+use skyreels_tests::{copy_dir, fixture, load_tensors, rel_l2, rewrite_checkpoint};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -56,22 +56,7 @@ fn tiny_b_matches_diffusers() {
 
 /// Writes every tensor of a checkpoint folder into one `diffusion_pytorch_model.safetensors`.
 fn to_single_file(src: &Path, dst: &Path, edit: impl FnOnce(&mut HashMap<String, Tensor>)) {
-    let store = skyreels_pipeline::WeightStore::open(src, DIFFUSERS_WEIGHTS).unwrap();
-    let mut tensors: HashMap<String, Tensor> = store
-        .names()
-        .into_iter()
-        .map(|n| {
-            let t = store.load(&n, &Device::Cpu).unwrap();
-            (n, t)
-        })
-        .collect();
-    edit(&mut tensors);
-    std::fs::copy(src.join("config.json"), dst.join("config.json")).unwrap();
-    candle_core::safetensors::save(
-        &tensors,
-        dst.join(format!("{DIFFUSERS_WEIGHTS}.safetensors")),
-    )
-    .unwrap();
+    rewrite_checkpoint(src, dst, DIFFUSERS_WEIGHTS, edit)
 }
 
 #[test]

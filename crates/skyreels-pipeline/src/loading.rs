@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use serde::Deserialize;
+use skyreels_models::text_encoders::{LlamaConfig, LlamaEncoder};
 use skyreels_models::{
     AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel, TransformerConfig, VaeConfig,
 };
@@ -325,10 +326,12 @@ impl SimpleBackend for TrackingBackend {
 
 /// Builds a model from a weight store, then checks that every tensor was found with the right
 /// shape and that the checkpoint holds nothing the model did not use.
+/// `unused_ok` names the stored tensors the model deliberately does not load.
 pub fn build_checked<M>(
     store: WeightStore,
     dtype: DType,
     device: &Device,
+    unused_ok: impl Fn(&str) -> bool,
     build: impl FnOnce(VarBuilder) -> candle_core::Result<M>,
 ) -> Result<M, LoadError> {
     let tracker = Arc::new(Mutex::new(Tracker::default()));
@@ -347,7 +350,7 @@ pub fn build_checked<M>(
     let unused: Vec<String> = store
         .names()
         .into_iter()
-        .filter(|n| !t.used.contains(n))
+        .filter(|n| !t.used.contains(n) && !unused_ok(n))
         .collect();
     if !unused.is_empty() {
         return Err(LoadError::UnusedTensors(unused));
@@ -404,7 +407,7 @@ pub fn load_component<C: serde::de::DeserializeOwned, M>(
         message: e.to_string(),
     })?;
     let store = WeightStore::open(&dir, stem)?;
-    build_checked(store, dtype, device, |vb| build(&cfg, vb))
+    build_checked(store, dtype, device, |_| false, |vb| build(&cfg, vb))
 }
 
 /// Loads `HunyuanVideoTransformer3DModel` from a transformer folder or a pipeline folder with a
@@ -441,4 +444,51 @@ pub fn load_vae(
         VaeConfig::validate,
         AutoencoderKLHunyuanVideo::new,
     )
+}
+
+/// Weight file stem of transformers models (text encoders).
+pub const TRANSFORMERS_WEIGHTS: &str = "model";
+
+/// Loads the LLaMA text encoder that returns `hidden_states[-(skip + 1)]` from a `LlamaModel`
+/// folder or a pipeline folder with a `text_encoder/` subfolder. Keys may carry a `model.`
+/// prefix (a `LlamaForCausalLM` export); the layers after the cut, the final norm and an
+/// `lm_head` are not loaded (their absence is fine, and their presence is not an error).
+pub fn load_llama_encoder(
+    dir: &Path,
+    skip: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<LlamaEncoder, LoadError> {
+    let dir = component_dir(dir, "text_encoder")?;
+    let cfg: LlamaConfig = read_config(&dir)?;
+    cfg.validate().map_err(|e| LoadError::Config {
+        path: dir.join("config.json"),
+        message: e.to_string(),
+    })?;
+    let store = WeightStore::open(&dir, TRANSFORMERS_WEIGHTS)?;
+    let prefix = if store.names.contains_key("model.embed_tokens.weight") {
+        "model."
+    } else {
+        ""
+    };
+    let run = LlamaEncoder::layers_run(&cfg, skip);
+    let unused_ok = move |name: &str| {
+        let Some(rest) = name.strip_prefix(prefix) else {
+            return name == "lm_head.weight";
+        };
+        let later_layer = rest
+            .strip_prefix("layers.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|i| i.parse::<usize>().ok())
+            .is_some_and(|i| i >= run);
+        later_layer || rest == "norm.weight" || name == "lm_head.weight"
+    };
+    build_checked(store, dtype, device, unused_ok, |vb| {
+        let vb = if prefix.is_empty() {
+            vb
+        } else {
+            vb.pp("model")
+        };
+        LlamaEncoder::new(&cfg, skip, vb)
+    })
 }

@@ -10,6 +10,23 @@ pub struct Linear {
     bias: Option<Tensor>,
 }
 
+impl Linear {
+    /// A layer from its weight [out, in] and optional bias [out].
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let (o, _) = weight.dims2()?;
+        if let Some(b) = &bias {
+            if b.dims() != [o] {
+                candle_core::bail!(
+                    "linear: bias {:?} does not match weight {:?}",
+                    b.shape(),
+                    weight.shape()
+                )
+            }
+        }
+        Ok(Self { weight, bias })
+    }
+}
+
 /// Loads `weight` [out, in] and `bias` [out].
 pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
     Ok(Linear {
