@@ -280,3 +280,18 @@ fn bad_inputs_are_errors_not_panics() {
     let e = model.forward(&inputs).unwrap_err().to_string();
     assert!(e.contains("guidance"), "{e}");
 }
+
+#[test]
+fn non_float_weight_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    to_single_file(
+        &fixture("transformer/tiny_a/transformer"),
+        dir.path(),
+        |t| {
+            let ints = Tensor::zeros(32, DType::I64, &Device::Cpu).unwrap();
+            t.insert("proj_out.bias".into(), ints.narrow(0, 0, 16).unwrap());
+        },
+    );
+    let e = load_err(dir.path()).to_string();
+    assert!(e.contains("proj_out.bias") && e.contains("I64"), "{e}");
+}

@@ -4,4 +4,6 @@
 pub mod loading;
 pub mod runtime;
 
-pub use loading::{load_llama_encoder, load_transformer, load_vae, LoadError, WeightStore};
+pub use loading::{
+    load_clip_text, load_llama_encoder, load_transformer, load_vae, LoadError, WeightStore,
+};

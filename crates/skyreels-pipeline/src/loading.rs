@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use serde::Deserialize;
-use skyreels_models::text_encoders::{LlamaConfig, LlamaEncoder};
+use skyreels_models::text_encoders::{ClipTextConfig, ClipTextModel, LlamaConfig, LlamaEncoder};
 use skyreels_models::{
     AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel, TransformerConfig, VaeConfig,
 };
@@ -52,12 +52,7 @@ pub enum LoadError {
         first: PathBuf,
         second: PathBuf,
     },
-    #[error("tensor {name} in {path} has dtype {dtype}; only f32, f16 and bf16 weights load")]
-    UnsupportedDtype {
-        name: String,
-        path: PathBuf,
-        dtype: String,
-    },
+
     #[error("{}", describe_problems(.0))]
     Tensors(Vec<TensorProblem>),
     #[error("{} unexpected tensor(s) not used by the model: {}", .0.len(), .0.join(", "))]
@@ -78,6 +73,12 @@ pub enum TensorProblem {
         stored: Vec<usize>,
         expected: Vec<usize>,
     },
+    /// Only f32, f16 and bf16 weights load.
+    Dtype {
+        name: String,
+        file: PathBuf,
+        dtype: String,
+    },
 }
 
 fn describe_problems(problems: &[TensorProblem]) -> String {
@@ -92,6 +93,10 @@ fn describe_problems(problems: &[TensorProblem]) -> String {
                 expected,
             } => format!(
                 "tensor {name} in {} has shape {stored:?}, the model expects {expected:?}",
+                file.display()
+            ),
+            TensorProblem::Dtype { name, file, dtype } => format!(
+                "tensor {name} in {} has dtype {dtype}; only f32, f16 and bf16 weights load",
                 file.display()
             ),
         })
@@ -182,19 +187,7 @@ impl WeightStore {
                     path: path.clone(),
                     message: e.to_string(),
                 })?;
-            for (name, view) in st.tensors() {
-                match view.dtype() {
-                    safetensors::Dtype::F32
-                    | safetensors::Dtype::F16
-                    | safetensors::Dtype::BF16 => {}
-                    other => {
-                        return Err(LoadError::UnsupportedDtype {
-                            name,
-                            path,
-                            dtype: format!("{other:?}"),
-                        })
-                    }
-                }
+            for (name, _) in st.tensors() {
                 if let Some(&j) = names.get(&name) {
                     let first: &(PathBuf, MmapedSafetensors) = &files[j];
                     return Err(LoadError::DuplicateTensor {
@@ -217,16 +210,21 @@ impl WeightStore {
         v
     }
 
-    pub fn files(&self) -> impl Iterator<Item = &Path> {
-        self.files.iter().map(|(p, _)| p.as_path())
-    }
-
-    /// Stored shape and file of a tensor.
-    fn lookup(&self, name: &str) -> Option<(Vec<usize>, &Path, &MmapedSafetensors)> {
+    /// Where a tensor is stored, its shape and whether its dtype is a float one we load.
+    fn lookup(&self, name: &str) -> Option<Found<'_>> {
         let &i = self.names.get(name)?;
         let (path, st) = &self.files[i];
         let view = st.get(name).ok()?;
-        Some((view.shape().to_vec(), path.as_path(), st))
+        let dtype = match view.dtype() {
+            safetensors::Dtype::F32 | safetensors::Dtype::F16 | safetensors::Dtype::BF16 => Ok(()),
+            other => Err(format!("{other:?}")),
+        };
+        Some(Found {
+            shape: view.shape().to_vec(),
+            file: path.as_path(),
+            st,
+            dtype,
+        })
     }
 
     /// Loads one tensor as stored (its own dtype).
@@ -235,9 +233,18 @@ impl WeightStore {
             None => Err(LoadError::Tensors(vec![TensorProblem::Missing {
                 name: name.into(),
             }])),
-            Some((_, _, st)) => Ok(st.load(name, device)?),
+            Some(f) => Ok(f.st.load(name, device)?),
         }
     }
+}
+
+/// A stored tensor, as [`WeightStore::lookup`] finds it.
+struct Found<'a> {
+    shape: Vec<usize>,
+    file: &'a Path,
+    st: &'a MmapedSafetensors,
+    /// Err(stored dtype) for a dtype that does not load
+    dtype: Result<(), String>,
 }
 
 fn read(path: &Path) -> Result<String, LoadError> {
@@ -288,7 +295,16 @@ impl SimpleBackend for TrackingBackend {
                 None => t
                     .problems
                     .push(TensorProblem::Missing { name: name.into() }),
-                Some((shape, file, _)) if shape.as_slice() != s.dims() => {
+                Some(Found {
+                    file,
+                    dtype: Err(dtype),
+                    ..
+                }) => t.problems.push(TensorProblem::Dtype {
+                    name: name.into(),
+                    file: file.to_path_buf(),
+                    dtype: dtype.clone(),
+                }),
+                Some(Found { shape, file, .. }) if shape.as_slice() != s.dims() => {
                     t.problems.push(TensorProblem::Shape {
                         name: name.into(),
                         file: file.to_path_buf(),
@@ -300,9 +316,12 @@ impl SimpleBackend for TrackingBackend {
             }
         }
         match found {
-            Some((shape, _, st)) if shape.as_slice() == s.dims() => {
-                st.load(name, dev)?.to_dtype(dtype)
-            }
+            Some(Found {
+                shape,
+                st,
+                dtype: Ok(()),
+                ..
+            }) if shape.as_slice() == s.dims() => st.load(name, dev)?.to_dtype(dtype),
             _ => self.placeholder(s, dtype, dev),
         }
     }
@@ -314,7 +333,10 @@ impl SimpleBackend for TrackingBackend {
             .used
             .insert(name.to_string());
         match self.store.lookup(name) {
-            Some((_, _, st)) => st.load(name, dev)?.to_dtype(dtype),
+            Some(Found {
+                st, dtype: Ok(()), ..
+            }) => st.load(name, dev)?.to_dtype(dtype),
+            Some(Found { dtype: Err(d), .. }) => candle_core::bail!("tensor {name} has dtype {d}"),
             None => candle_core::bail!("missing tensor {name}"),
         }
     }
@@ -388,6 +410,24 @@ pub fn read_config<C: serde::de::DeserializeOwned>(dir: &Path) -> Result<C, Load
     })
 }
 
+/// A component's parsed, validated config and its weights: the folder is `dir` or
+/// `dir/<subfolder>` (see [`component_dir`]), the weights `<stem>.safetensors` (single or sharded).
+pub fn open_component<C: serde::de::DeserializeOwned>(
+    dir: &Path,
+    subfolder: &str,
+    stem: &str,
+    validate: impl FnOnce(&C) -> candle_core::Result<()>,
+) -> Result<(C, WeightStore), LoadError> {
+    let dir = component_dir(dir, subfolder)?;
+    let cfg: C = read_config(&dir)?;
+    validate(&cfg).map_err(|e| LoadError::Config {
+        path: dir.join("config.json"),
+        message: e.to_string(),
+    })?;
+    let store = WeightStore::open(&dir, stem)?;
+    Ok((cfg, store))
+}
+
 /// Loads one model component: its folder is `dir` or `dir/<subfolder>` (see [`component_dir`]),
 /// its config `config.json` (validated by `validate`), its weights `<stem>.safetensors` (single or
 /// sharded), converted to `dtype`.
@@ -400,13 +440,7 @@ pub fn load_component<C: serde::de::DeserializeOwned, M>(
     validate: impl FnOnce(&C) -> candle_core::Result<()>,
     build: impl FnOnce(&C, VarBuilder) -> candle_core::Result<M>,
 ) -> Result<M, LoadError> {
-    let dir = component_dir(dir, subfolder)?;
-    let cfg: C = read_config(&dir)?;
-    validate(&cfg).map_err(|e| LoadError::Config {
-        path: dir.join("config.json"),
-        message: e.to_string(),
-    })?;
-    let store = WeightStore::open(&dir, stem)?;
+    let (cfg, store) = open_component(dir, subfolder, stem, validate)?;
     build_checked(store, dtype, device, |_| false, |vb| build(&cfg, vb))
 }
 
@@ -459,13 +493,12 @@ pub fn load_llama_encoder(
     dtype: DType,
     device: &Device,
 ) -> Result<LlamaEncoder, LoadError> {
-    let dir = component_dir(dir, "text_encoder")?;
-    let cfg: LlamaConfig = read_config(&dir)?;
-    cfg.validate().map_err(|e| LoadError::Config {
-        path: dir.join("config.json"),
-        message: e.to_string(),
-    })?;
-    let store = WeightStore::open(&dir, TRANSFORMERS_WEIGHTS)?;
+    let (cfg, store) = open_component(
+        dir,
+        "text_encoder",
+        TRANSFORMERS_WEIGHTS,
+        LlamaConfig::validate,
+    )?;
     let prefix = if store.names.contains_key("model.embed_tokens.weight") {
         "model."
     } else {
@@ -490,5 +523,29 @@ pub fn load_llama_encoder(
             vb.pp("model")
         };
         LlamaEncoder::new(&cfg, skip, vb)
+    })
+}
+
+/// Loads the CLIP text model (pooled output) from a `CLIPTextModel` folder or a pipeline folder
+/// with a `text_encoder_2/` subfolder. Keys may carry the `text_model.` prefix (transformers 4.x
+/// exports) or not (5.x); the `position_ids` buffer that checkpoints saved before transformers
+/// 4.31 carry is accepted and ignored.
+pub fn load_clip_text(
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<ClipTextModel, LoadError> {
+    let (cfg, store) = open_component(
+        dir,
+        "text_encoder_2",
+        TRANSFORMERS_WEIGHTS,
+        ClipTextConfig::validate,
+    )?;
+    let prefixed = store
+        .names
+        .contains_key("text_model.embeddings.token_embedding.weight");
+    let unused_ok = |name: &str| name.ends_with("embeddings.position_ids");
+    build_checked(store, dtype, device, unused_ok, |vb| {
+        ClipTextModel::new(&cfg, if prefixed { vb.pp("text_model") } else { vb })
     })
 }

@@ -1,6 +1,7 @@
 //! `LlamaModel` as a text encoder: returns `hidden_states[-(skip + 1)]`, the output of decoder
 //! layer `num_hidden_layers - skip` before the final norm, and runs no later layer.
 
+use super::{causal_mask, masked_attention};
 use crate::layers::linear::Linear;
 use candle_core::{bail, DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Embedding, VarBuilder};
@@ -192,10 +193,10 @@ impl DecoderLayer {
                 .reshape((b, h, n, hd))
         };
         let (k, v) = (rep(k)?, rep(v)?);
-        let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?.broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         // (b, heads, n, hd) -> (b, n, heads·hd)
-        let a = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, h * hd))?;
+        let a = masked_attention(&q, &k, &v, mask)?
+            .transpose(1, 2)?
+            .reshape((b, n, h * hd))?;
         let x = (x + self.o_proj.forward(&a)?)?;
         let xn = self.post_attention_layernorm.forward(&x)?;
         let mlp = (self.gate_proj.forward(&xn)?.silu()? * self.up_proj.forward(&xn)?)?;
@@ -255,7 +256,7 @@ impl LlamaEncoder {
         let dev = ids.device();
         let mut x = self.embed_tokens.forward(ids)?;
         let (cos, sin) = rope_tables(n, self.cfg.head_dim(), self.cfg.theta(), dev)?;
-        let mask = attention_mask(mask, x.dtype())?;
+        let mask = causal_mask(mask, x.dtype())?;
         for layer in &self.layers {
             x = layer.forward(&x, &cos, &sin, &mask)?;
         }
@@ -285,23 +286,6 @@ fn rope_tables(n: usize, dim: usize, theta: f64, dev: &Device) -> Result<(Tensor
         Tensor::from_vec(cos, (n, dim / 2), dev)?,
         Tensor::from_vec(sin, (n, dim / 2), dev)?,
     ))
-}
-
-/// Additive mask (b, 1, n, n): 0 where key j <= query i and key j is a real token, -inf elsewhere.
-fn attention_mask(mask: &Tensor, dtype: DType) -> Result<Tensor> {
-    let (b, n) = mask.dims2()?;
-    let m = mask.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-    let mut out = vec![0f32; b * n * n];
-    for (bi, row) in m.iter().enumerate() {
-        for i in 0..n {
-            for (j, &valid) in row.iter().enumerate() {
-                if j > i || valid == 0.0 {
-                    out[(bi * n + i) * n + j] = f32::NEG_INFINITY;
-                }
-            }
-        }
-    }
-    Tensor::from_vec(out, (b, 1, n, n), mask.device())?.to_dtype(dtype)
 }
 
 #[cfg(test)]
