@@ -108,19 +108,26 @@ simd_dispatch! {
     }
 }
 
-/// Runs `f` on the data of a contiguous f32 CPU tensor.
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    let (guard, layout) = t.storage_and_layout();
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        bail!("cpu kernel: tensor {:?} is not contiguous", t.shape())
-    };
-    match &*guard {
-        Storage::Cpu(CpuStorage::F32(v)) => Ok(f(&v[start..end])),
-        _ => bail!(
-            "cpu kernel: expected an f32 CPU tensor, got {:?} on {:?}",
-            t.dtype(),
-            t.device()
-        ),
+/// Runs `f` on the data of contiguous f32 CPU tensors (read locks held for the call).
+fn with_f32s<const N: usize, R>(ts: [&Tensor; N], f: impl FnOnce([&[f32]; N]) -> R) -> Result<R> {
+    let held: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices: Vec<&[f32]> = Vec::with_capacity(N);
+    for (t, (guard, layout)) in ts.iter().zip(&held) {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            bail!("cpu kernel: tensor {:?} is not contiguous", t.shape())
+        };
+        match &**guard {
+            Storage::Cpu(CpuStorage::F32(v)) => slices.push(&v[start..end]),
+            _ => bail!(
+                "cpu kernel: expected an f32 CPU tensor, got {:?} on {:?}",
+                t.dtype(),
+                t.device()
+            ),
+        }
+    }
+    match <[&[f32]; N]>::try_from(slices) {
+        Ok(arrays) => Ok(f(arrays)),
+        Err(_) => bail!("cpu kernel: one slice per tensor"),
     }
 }
 
@@ -196,81 +203,77 @@ pub fn attention_bnhd_f32(
     let tasks: Vec<(usize, usize, usize)> = (0..b)
         .flat_map(|bi| (0..h).flat_map(move |hi| (0..nq).step_by(br).map(move |r| (bi, hi, r))))
         .collect();
-    with_f32(&q, |qd| {
-        with_f32(&k, |kd| {
-            with_f32(&v, |vd| {
-                tasks.par_iter().for_each_init(
-                    || (vec![0f32; br * nk], vec![0f32; br]),
-                    |(scratch, inv), &(bi, hi, r0)| {
-                        let rows = br.min(nq - r0);
-                        let nkb = key_counts[bi];
-                        let sc = &mut scratch[..rows * nkb];
-                        let qp = qd[((bi * h + hi) * nq + r0) * d..].as_ptr();
-                        let kp = kd[(bi * h + hi) * nk * d..].as_ptr();
-                        let vp = vd[(bi * nk * h + hi) * dv..].as_ptr();
+    with_f32s([&q, &k, &v], |[qd, kd, vd]| {
+        tasks.par_iter().for_each_init(
+            || (vec![0f32; br * nk], vec![0f32; br]),
+            |(scratch, inv), &(bi, hi, r0)| {
+                let rows = br.min(nq - r0);
+                let nkb = key_counts[bi];
+                let sc = &mut scratch[..rows * nkb];
+                let qp = qd[((bi * h + hi) * nq + r0) * d..].as_ptr();
+                let kp = kd[(bi * h + hi) * nk * d..].as_ptr();
+                let vp = vd[(bi * nk * h + hi) * dv..].as_ptr();
 
-                        // SAFETY: pointers and strides stay inside q, k, v (rows < nq - r0,
-                        // keys < nk) and `sc`; the destination rows (bi, r0..r0+rows, hi) belong
-                        // to this task only.
-                        unsafe {
-                            // (rows, d) x (d, nkb): kᵀ read through strides
-                            gemm_f32(
-                                rows,
-                                nkb,
-                                d,
-                                View {
-                                    ptr: sc.as_mut_ptr(),
-                                    rs: nkb as isize,
-                                    cs: 1,
-                                },
-                                false,
-                                View {
-                                    ptr: qp,
-                                    rs: d as isize,
-                                    cs: 1,
-                                },
-                                View {
-                                    ptr: kp,
-                                    rs: 1,
-                                    cs: d as isize,
-                                },
-                                gemm::Parallelism::None,
-                            );
-                            softmax_unnormalized_rows(sc, nkb, scale, inv);
-                            let op = dst.ptr().add(((bi * nq + r0) * h + hi) * dv);
-                            // (rows, nkb) x (nkb, dv)
-                            gemm_f32(
-                                rows,
-                                dv,
-                                nkb,
-                                View {
-                                    ptr: op,
-                                    rs: (h * dv) as isize,
-                                    cs: 1,
-                                },
-                                false,
-                                View {
-                                    ptr: sc.as_ptr(),
-                                    rs: nkb as isize,
-                                    cs: 1,
-                                },
-                                View {
-                                    ptr: vp,
-                                    rs: (h * dv) as isize,
-                                    cs: 1,
-                                },
-                                gemm::Parallelism::None,
-                            );
-                            for (r, &f) in inv[..rows].iter().enumerate() {
-                                let o = std::slice::from_raw_parts_mut(op.add(r * h * dv), dv);
-                                o.iter_mut().for_each(|x| *x *= f);
-                            }
-                        }
-                    },
-                )
-            })
-        })
-    })???;
+                // SAFETY: pointers and strides stay inside q, k, v (rows < nq - r0,
+                // keys < nk) and `sc`; the destination rows (bi, r0..r0+rows, hi) belong
+                // to this task only.
+                unsafe {
+                    // (rows, d) x (d, nkb): kᵀ read through strides
+                    gemm_f32(
+                        rows,
+                        nkb,
+                        d,
+                        View {
+                            ptr: sc.as_mut_ptr(),
+                            rs: nkb as isize,
+                            cs: 1,
+                        },
+                        false,
+                        View {
+                            ptr: qp,
+                            rs: d as isize,
+                            cs: 1,
+                        },
+                        View {
+                            ptr: kp,
+                            rs: 1,
+                            cs: d as isize,
+                        },
+                        gemm::Parallelism::None,
+                    );
+                    softmax_unnormalized_rows(sc, nkb, scale, inv);
+                    let op = dst.ptr().add(((bi * nq + r0) * h + hi) * dv);
+                    // (rows, nkb) x (nkb, dv)
+                    gemm_f32(
+                        rows,
+                        dv,
+                        nkb,
+                        View {
+                            ptr: op,
+                            rs: (h * dv) as isize,
+                            cs: 1,
+                        },
+                        false,
+                        View {
+                            ptr: sc.as_ptr(),
+                            rs: nkb as isize,
+                            cs: 1,
+                        },
+                        View {
+                            ptr: vp,
+                            rs: (h * dv) as isize,
+                            cs: 1,
+                        },
+                        gemm::Parallelism::None,
+                    );
+                    for (r, &f) in inv[..rows].iter().enumerate() {
+                        let o = std::slice::from_raw_parts_mut(op.add(r * h * dv), dv);
+                        o.iter_mut().for_each(|x| *x *= f);
+                    }
+                }
+            },
+        )
+    })?;
     Tensor::from_vec(out, (b, nq, h, dv), q.device())
 }
 
@@ -279,7 +282,7 @@ fn heads_major_f32(x: &Tensor) -> Result<Tensor> {
     let (b, n, h, d) = x.dims4()?;
     let x = x.contiguous()?;
     let mut out = vec![0f32; b * n * h * d];
-    with_f32(&x, |xd| {
+    with_f32s([&x], |[xd]| {
         out.par_chunks_mut(n * d).enumerate().for_each(|(bh, o)| {
             let (bi, hi) = (bh / h, bh % h);
             for (t, row) in o.chunks_exact_mut(d).enumerate() {
@@ -305,27 +308,21 @@ pub fn rms_norm_rope_f32(
     let n_rope = cos.dim(0)?;
     let x = x.contiguous()?;
     let mut out = vec![0f32; b * n * h * d];
-    with_f32(&x, |xd| {
-        with_f32(weight, |wd| {
-            with_f32(cos, |cd| {
-                with_f32(sin, |sd| {
-                    out.par_chunks_mut(h * d)
-                        .zip(xd.par_chunks(h * d))
-                        .enumerate()
-                        .for_each(|(row, (o, xi))| {
-                            let t = row % n;
-                            let rot = (t < n_rope).then(|| {
-                                let r = t * d / 2..(t + 1) * d / 2;
-                                (&cd[r.clone()], &sd[r])
-                            });
-                            for (oh, xh) in o.chunks_exact_mut(d).zip(xi.chunks_exact(d)) {
-                                rms_norm_rope_head(xh, oh, wd, eps, rot);
-                            }
-                        })
-                })
+    with_f32s([&x, weight, cos, sin], |[xd, wd, cd, sd]| {
+        out.par_chunks_mut(h * d)
+            .zip(xd.par_chunks(h * d))
+            .enumerate()
+            .for_each(|(row, (o, xi))| {
+                let t = row % n;
+                let rot = (t < n_rope).then(|| {
+                    let r = t * d / 2..(t + 1) * d / 2;
+                    (&cd[r.clone()], &sd[r])
+                });
+                for (oh, xh) in o.chunks_exact_mut(d).zip(xi.chunks_exact(d)) {
+                    rms_norm_rope_head(xh, oh, wd, eps, rot);
+                }
             })
-        })
-    })????;
+    })?;
     Tensor::from_vec(out, (b, n, h, d), x.device())
 }
 
@@ -373,7 +370,7 @@ pub fn linear_parts_f32(
     let w = w.contiguous()?;
     let mut out = vec![0f32; m * n];
     if let Some(bias) = bias {
-        with_f32(bias, |bd| {
+        with_f32s([bias], |[bd]| {
             out.par_chunks_mut(n)
                 .for_each(|row| row.copy_from_slice(bd))
         })?;
@@ -388,36 +385,34 @@ pub fn linear_parts_f32(
         let x = x.contiguous()?;
         let kx = x.dim(1)?;
         let accumulate = bias.is_some() || i > 0;
-        with_f32(&x, |xd| {
-            with_f32(&w, |wd| {
-                // SAFETY: x is (m, kx); the weight columns off..off+kx of the (n, k_total) matrix
-                // are read with row stride k_total; out is (m, n).
-                unsafe {
-                    gemm_f32(
-                        m,
-                        n,
-                        kx,
-                        View {
-                            ptr: out.as_mut_ptr(),
-                            rs: n as isize,
-                            cs: 1,
-                        },
-                        accumulate,
-                        View {
-                            ptr: xd.as_ptr(),
-                            rs: kx as isize,
-                            cs: 1,
-                        },
-                        View {
-                            ptr: wd[*off..].as_ptr(),
-                            rs: 1,
-                            cs: k_total as isize,
-                        },
-                        par,
-                    );
-                }
-            })
-        })??;
+        with_f32s([&x, &w], |[xd, wd]| {
+            // SAFETY: x is (m, kx); the weight columns off..off+kx of the (n, k_total) matrix
+            // are read with row stride k_total; out is (m, n).
+            unsafe {
+                gemm_f32(
+                    m,
+                    n,
+                    kx,
+                    View {
+                        ptr: out.as_mut_ptr(),
+                        rs: n as isize,
+                        cs: 1,
+                    },
+                    accumulate,
+                    View {
+                        ptr: xd.as_ptr(),
+                        rs: kx as isize,
+                        cs: 1,
+                    },
+                    View {
+                        ptr: wd[*off..].as_ptr(),
+                        rs: 1,
+                        cs: k_total as isize,
+                    },
+                    par,
+                );
+            }
+        })?;
     }
     Tensor::from_vec(out, (m, n), w.device())
 }
@@ -439,20 +434,16 @@ pub fn layer_norm_modulate_f32(
     let x = x.contiguous()?;
     let (shift, scale) = (shift.contiguous()?, scale.contiguous()?);
     let mut out = vec![0f32; b * n * c];
-    with_f32(&x, |xd| {
-        with_f32(&shift, |sh| {
-            with_f32(&scale, |sc| {
-                let one_plus: Vec<f32> = sc.iter().map(|v| 1.0 + v).collect();
-                out.par_chunks_mut(c)
-                    .zip(xd.par_chunks(c))
-                    .enumerate()
-                    .for_each(|(row, (o, xi))| {
-                        let r = (row / n) * c..(row / n + 1) * c;
-                        layer_norm_modulate_row(xi, o, &sh[r.clone()], &one_plus[r], eps);
-                    })
+    with_f32s([&x, &shift, &scale], |[xd, sh, sc]| {
+        let one_plus: Vec<f32> = sc.iter().map(|v| 1.0 + v).collect();
+        out.par_chunks_mut(c)
+            .zip(xd.par_chunks(c))
+            .enumerate()
+            .for_each(|(row, (o, xi))| {
+                let r = (row / n) * c..(row / n + 1) * c;
+                layer_norm_modulate_row(xi, o, &sh[r.clone()], &one_plus[r], eps);
             })
-        })
-    })???;
+    })?;
     Tensor::from_vec(out, (b, n, c), x.device())
 }
 
@@ -479,21 +470,17 @@ pub fn add_gated_f32(x: &Tensor, y: &Tensor, gate: &Tensor) -> Result<Tensor> {
     let (b, n, c) = x.dims3()?;
     let (x, y, gate) = (x.contiguous()?, y.contiguous()?, gate.contiguous()?);
     let mut out = vec![0f32; b * n * c];
-    with_f32(&x, |xd| {
-        with_f32(&y, |yd| {
-            with_f32(&gate, |gd| {
-                out.par_chunks_mut(c)
-                    .zip(xd.par_chunks(c).zip(yd.par_chunks(c)))
-                    .enumerate()
-                    .for_each(|(row, (o, (xi, yi)))| {
-                        let g = &gd[(row / n) * c..(row / n + 1) * c];
-                        for i in 0..c {
-                            o[i] = xi[i] + yi[i] * g[i];
-                        }
-                    })
+    with_f32s([&x, &y, &gate], |[xd, yd, gd]| {
+        out.par_chunks_mut(c)
+            .zip(xd.par_chunks(c).zip(yd.par_chunks(c)))
+            .enumerate()
+            .for_each(|(row, (o, (xi, yi)))| {
+                let g = &gd[(row / n) * c..(row / n + 1) * c];
+                for i in 0..c {
+                    o[i] = xi[i] + yi[i] * g[i];
+                }
             })
-        })
-    })???;
+    })?;
     Tensor::from_vec(out, (b, n, c), x.device())
 }
 
@@ -652,72 +639,70 @@ pub fn conv3d_f32(
         gemm::Parallelism::None
     };
     let mut cols = vec![0f32; kdim * rows_per_chunk * wo];
-    with_f32(&x, |xd| {
-        with_f32(&weight, |wd| -> Result<()> {
-            let bias_v: Option<Vec<f32>> = bias.map(|b| b.to_vec1::<f32>()).transpose()?;
-            for bi in 0..b {
-                let xb = &xd[bi * c * t * h * w..(bi + 1) * c * t * h * w];
-                let ob = &mut out[bi * o * plane..(bi + 1) * o * plane];
-                for ti in 0..to {
-                    let mut y0 = 0;
-                    while y0 < ho {
-                        let rows = rows_per_chunk.min(ho - y0);
-                        let n = rows * wo;
-                        let cols = &mut cols[..kdim * n];
-                        // im2col: row r = ((ci·kt + i)·kh + j)·kw + k holds, for each output
-                        // position (y, x) of the chunk, the clamped input sample
-                        cols.par_chunks_mut(n).enumerate().for_each(|(r, dst)| {
-                            let k = r % kw;
-                            let j = (r / kw) % kh;
-                            let i = (r / (kw * kh)) % kt;
-                            let ci = r / (kw * kh * kt);
-                            let ts = (ti * st + i).saturating_sub(pt).min(t - 1);
-                            let src_frame = &xb[(ci * t + ts) * h * w..(ci * t + ts + 1) * h * w];
-                            for (yy, drow) in dst.chunks_exact_mut(wo).enumerate() {
-                                let ys = ((y0 + yy) * sh + j).saturating_sub(ph).min(h - 1);
-                                let srow = &src_frame[ys * w..(ys + 1) * w];
-                                im2col_row(srow, drow, k, pw, sw);
-                            }
-                        });
-                        // bias first, then out[:, chunk] += W (o × K) · cols (K × n)
-                        let off = ti * ho * wo + y0 * wo;
-                        for oi in 0..o {
-                            let row = &mut ob[oi * plane + off..oi * plane + off + n];
-                            row.fill(bias_v.as_ref().map_or(0.0, |bv| bv[oi]));
+    with_f32s([&x, &weight], |[xd, wd]| -> Result<()> {
+        let bias_v: Option<Vec<f32>> = bias.map(|b| b.to_vec1::<f32>()).transpose()?;
+        for bi in 0..b {
+            let xb = &xd[bi * c * t * h * w..(bi + 1) * c * t * h * w];
+            let ob = &mut out[bi * o * plane..(bi + 1) * o * plane];
+            for ti in 0..to {
+                let mut y0 = 0;
+                while y0 < ho {
+                    let rows = rows_per_chunk.min(ho - y0);
+                    let n = rows * wo;
+                    let cols = &mut cols[..kdim * n];
+                    // im2col: row r = ((ci·kt + i)·kh + j)·kw + k holds, for each output
+                    // position (y, x) of the chunk, the clamped input sample
+                    cols.par_chunks_mut(n).enumerate().for_each(|(r, dst)| {
+                        let k = r % kw;
+                        let j = (r / kw) % kh;
+                        let i = (r / (kw * kh)) % kt;
+                        let ci = r / (kw * kh * kt);
+                        let ts = (ti * st + i).saturating_sub(pt).min(t - 1);
+                        let src_frame = &xb[(ci * t + ts) * h * w..(ci * t + ts + 1) * h * w];
+                        for (yy, drow) in dst.chunks_exact_mut(wo).enumerate() {
+                            let ys = ((y0 + yy) * sh + j).saturating_sub(ph).min(h - 1);
+                            let srow = &src_frame[ys * w..(ys + 1) * w];
+                            im2col_row(srow, drow, k, pw, sw);
                         }
-                        // SAFETY: the weight is (o, kdim), cols (kdim, n); the destination is o
-                        // rows of n elements at stride `plane` inside `ob`.
-                        unsafe {
-                            gemm_f32(
-                                o,
-                                n,
-                                kdim,
-                                View {
-                                    ptr: ob[off..].as_mut_ptr(),
-                                    rs: plane as isize,
-                                    cs: 1,
-                                },
-                                true,
-                                View {
-                                    ptr: wd.as_ptr(),
-                                    rs: kdim as isize,
-                                    cs: 1,
-                                },
-                                View {
-                                    ptr: cols.as_ptr(),
-                                    rs: n as isize,
-                                    cs: 1,
-                                },
-                                par,
-                            );
-                        }
-                        y0 += rows;
+                    });
+                    // bias first, then out[:, chunk] += W (o × K) · cols (K × n)
+                    let off = ti * ho * wo + y0 * wo;
+                    for oi in 0..o {
+                        let row = &mut ob[oi * plane + off..oi * plane + off + n];
+                        row.fill(bias_v.as_ref().map_or(0.0, |bv| bv[oi]));
                     }
+                    // SAFETY: the weight is (o, kdim), cols (kdim, n); the destination is o
+                    // rows of n elements at stride `plane` inside `ob`.
+                    unsafe {
+                        gemm_f32(
+                            o,
+                            n,
+                            kdim,
+                            View {
+                                ptr: ob[off..].as_mut_ptr(),
+                                rs: plane as isize,
+                                cs: 1,
+                            },
+                            true,
+                            View {
+                                ptr: wd.as_ptr(),
+                                rs: kdim as isize,
+                                cs: 1,
+                            },
+                            View {
+                                ptr: cols.as_ptr(),
+                                rs: n as isize,
+                                cs: 1,
+                            },
+                            par,
+                        );
+                    }
+                    y0 += rows;
                 }
             }
-            Ok(())
-        })
-    })???;
+        }
+        Ok(())
+    })??;
     Tensor::from_vec(out, (b, o, to, ho, wo), x.device())
 }
 
@@ -760,20 +745,16 @@ pub fn group_norm_f32(
     let cpg = c / groups;
     let x = x.contiguous()?;
     let mut out = vec![0f32; x.elem_count()];
-    with_f32(&x, |xd| {
-        with_f32(weight, |wd| {
-            with_f32(bias, |bd| {
-                out.par_chunks_mut(cpg * spatial)
-                    .zip(xd.par_chunks(cpg * spatial))
-                    .enumerate()
-                    .for_each(|(bg, (o, xi))| {
-                        let g = bg % groups;
-                        let ch = g * cpg..(g + 1) * cpg;
-                        group_norm_block(xi, o, &wd[ch.clone()], &bd[ch], spatial, eps, silu);
-                    })
+    with_f32s([&x, weight, bias], |[xd, wd, bd]| {
+        out.par_chunks_mut(cpg * spatial)
+            .zip(xd.par_chunks(cpg * spatial))
+            .enumerate()
+            .for_each(|(bg, (o, xi))| {
+                let g = bg % groups;
+                let ch = g * cpg..(g + 1) * cpg;
+                group_norm_block(xi, o, &wd[ch.clone()], &bd[ch], spatial, eps, silu);
             })
-        })
-    })???;
+    })?;
     debug_assert_eq!(out.len(), b * c * spatial);
     Tensor::from_vec(out, dims, x.device())
 }
