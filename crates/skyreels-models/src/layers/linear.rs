@@ -10,28 +10,20 @@ pub struct Linear {
     bias: Option<Tensor>,
 }
 
-impl Linear {
-    /// A layer from its weight [out, in] and optional bias [out].
-    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
-        let (o, _) = weight.dims2()?;
-        if let Some(b) = &bias {
-            if b.dims() != [o] {
-                candle_core::bail!(
-                    "linear: bias {:?} does not match weight {:?}",
-                    b.shape(),
-                    weight.shape()
-                )
-            }
-        }
-        Ok(Self { weight, bias })
-    }
-}
-
 /// Loads `weight` [out, in] and `bias` [out].
 pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    linear_b(in_dim, out_dim, true, vb)
+}
+
+/// Loads `weight` [out, in] and, when `bias`, `bias` [out].
+pub fn linear_b(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
     Ok(Linear {
         weight: vb.get((out_dim, in_dim), "weight")?,
-        bias: Some(vb.get(out_dim, "bias")?),
+        bias: if bias {
+            Some(vb.get(out_dim, "bias")?)
+        } else {
+            None
+        },
     })
 }
 

@@ -108,9 +108,7 @@ impl RmsNorm {
             eps,
         })
     }
-}
 
-impl RmsNorm {
     /// The norm over the last dim of x (b, n, h, d), then RoPE on its first `cos.dim(0)` tokens:
     /// one fused pass on the CPU in f32.
     pub fn forward_rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
@@ -128,8 +126,20 @@ impl RmsNorm {
 }
 
 impl Module for RmsNorm {
+    /// diffusers' `RMSNorm` and transformers' `LlamaRMSNorm` agree: statistics in f32, the
+    /// normalized x cast back to its dtype, then multiplied by the weight. In f32 that is exactly
+    /// candle's fused op.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps as f32)
+        let dtype = x.dtype();
+        if dtype == candle_core::DType::F32 {
+            return candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps as f32);
+        }
+        let xf = x.to_dtype(candle_core::DType::F32)?;
+        let var = xf.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
+        let normed = xf
+            .broadcast_div(&(var + self.eps)?.sqrt()?)?
+            .to_dtype(dtype)?;
+        normed.broadcast_mul(&self.weight)
     }
 }
 
@@ -162,6 +172,27 @@ mod tests {
             // f32 evaluation order differs (candle: f32 sums, here f64): a few ulps
             assert!(diff.to_scalar::<f32>().unwrap() < 1e-5, "silu {silu}");
         }
+    }
+
+    #[test]
+    fn rms_norm_paths_agree() {
+        // f32: candle's fused op; other dtypes: the reference composition
+        let dev = Device::Cpu;
+        let w = Tensor::randn(1f32, 0.2, 8, &dev).unwrap();
+        let x = Tensor::randn(0f32, 2., (3, 5, 8), &dev).unwrap();
+        let f32_norm = RmsNorm {
+            weight: w.clone(),
+            eps: 1e-6,
+        };
+        let f64_norm = RmsNorm {
+            weight: w.to_dtype(DType::F64).unwrap(),
+            eps: 1e-6,
+        };
+        let a = f32_norm.forward(&x).unwrap().to_dtype(DType::F64).unwrap();
+        let b = f64_norm.forward(&x.to_dtype(DType::F64).unwrap()).unwrap();
+        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        // both compute the statistics in f32; the f64 branch multiplies in f64: ulps only
+        assert!(diff.to_scalar::<f64>().unwrap() < 1e-5);
     }
 
     #[test]

@@ -2,8 +2,11 @@
 //! layer `num_hidden_layers - skip` before the final norm, and runs no later layer.
 
 use super::{causal_mask, masked_attention};
-use crate::layers::linear::Linear;
-use candle_core::{bail, DType, Device, Module, Result, Tensor, D};
+use crate::layers::{
+    linear::{linear_b, Linear},
+    norm::RmsNorm,
+};
+use candle_core::{bail, DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 
@@ -98,32 +101,6 @@ impl LlamaConfig {
     }
 }
 
-/// `LlamaRMSNorm`: statistics in f32, then weight · x.to(input dtype).
-#[derive(Debug, Clone)]
-struct RmsNorm {
-    weight: Tensor,
-    eps: f64,
-}
-
-impl Module for RmsNorm {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dtype = x.dtype();
-        let xf = x.to_dtype(DType::F32)?;
-        let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = xf
-            .broadcast_div(&(var + self.eps)?.sqrt()?)?
-            .to_dtype(dtype)?;
-        normed.broadcast_mul(&self.weight)
-    }
-}
-
-fn linear(i: usize, o: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
-    Linear::new(
-        vb.get((o, i), "weight")?,
-        if bias { Some(vb.get(o, "bias")?) } else { None },
-    )
-}
-
 #[derive(Debug, Clone)]
 struct DecoderLayer {
     input_layernorm: RmsNorm,
@@ -146,22 +123,17 @@ impl DecoderLayer {
         let (h, kv) = (cfg.num_attention_heads, cfg.kv_heads());
         let a = vb.pp("self_attn");
         let m = vb.pp("mlp");
-        let norm = |name: &str| -> Result<RmsNorm> {
-            Ok(RmsNorm {
-                weight: vb.pp(name).get(d, "weight")?,
-                eps: cfg.rms_norm_eps,
-            })
-        };
+        let norm = |name: &str| RmsNorm::new(d, cfg.rms_norm_eps, vb.pp(name));
         Ok(Self {
             input_layernorm: norm("input_layernorm")?,
-            q_proj: linear(d, h * hd, cfg.attention_bias, a.pp("q_proj"))?,
-            k_proj: linear(d, kv * hd, cfg.attention_bias, a.pp("k_proj"))?,
-            v_proj: linear(d, kv * hd, cfg.attention_bias, a.pp("v_proj"))?,
-            o_proj: linear(h * hd, d, cfg.attention_bias, a.pp("o_proj"))?,
+            q_proj: linear_b(d, h * hd, cfg.attention_bias, a.pp("q_proj"))?,
+            k_proj: linear_b(d, kv * hd, cfg.attention_bias, a.pp("k_proj"))?,
+            v_proj: linear_b(d, kv * hd, cfg.attention_bias, a.pp("v_proj"))?,
+            o_proj: linear_b(h * hd, d, cfg.attention_bias, a.pp("o_proj"))?,
             post_attention_layernorm: norm("post_attention_layernorm")?,
-            gate_proj: linear(d, cfg.intermediate_size, cfg.mlp_bias, m.pp("gate_proj"))?,
-            up_proj: linear(d, cfg.intermediate_size, cfg.mlp_bias, m.pp("up_proj"))?,
-            down_proj: linear(cfg.intermediate_size, d, cfg.mlp_bias, m.pp("down_proj"))?,
+            gate_proj: linear_b(d, cfg.intermediate_size, cfg.mlp_bias, m.pp("gate_proj"))?,
+            up_proj: linear_b(d, cfg.intermediate_size, cfg.mlp_bias, m.pp("up_proj"))?,
+            down_proj: linear_b(cfg.intermediate_size, d, cfg.mlp_bias, m.pp("down_proj"))?,
             heads: h,
             kv_heads: kv,
             head_dim: hd,
