@@ -579,6 +579,53 @@ fn merge_temporal(
     Tensor::cat(&kept, 2)
 }
 
+/// `run` on overlapping tiles of x over dims 3 and 4 (tiles of `min`, every `stride`; edge tiles
+/// are smaller), as rows of columns.
+fn tile_grid(
+    x: &Tensor,
+    min: (usize, usize),
+    stride: (usize, usize),
+    run: impl Fn(&Tensor) -> Result<Tensor>,
+) -> Result<Vec<Vec<Tensor>>> {
+    let (_, _, _, h, w) = x.dims5()?;
+    (0..h)
+        .step_by(stride.0)
+        .map(|i| {
+            (0..w)
+                .step_by(stride.1)
+                .map(|j| {
+                    run(&x
+                        .narrow(3, i, min.0.min(h - i))?
+                        .narrow(4, j, min.1.min(w - j))?)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// `run` on windows of `window` entries of x every `stride` along dim 2; every window but the
+/// first loses its first output frame (the one it shares with the previous window). A one-entry
+/// window past the first (only ever the last) maps to one frame, which is dropped: it is skipped.
+fn temporal_windows(
+    x: &Tensor,
+    window: usize,
+    stride: usize,
+    run: impl Fn(&Tensor) -> Result<Tensor>,
+) -> Result<Vec<Tensor>> {
+    let f = x.dim(2)?;
+    let mut tiles = Vec::new();
+    for i in (0..f).step_by(stride) {
+        let n = window.min(f - i);
+        if i > 0 && n == 1 {
+            continue;
+        }
+        let out = run(&x.narrow(2, i, n)?)?;
+        let k = out.dim(2)?;
+        tiles.push(if i > 0 { out.narrow(2, 1, k - 1)? } else { out });
+    }
+    Ok(tiles)
+}
+
 /// `AutoencoderKLHunyuanVideo`.
 #[derive(Debug, Clone)]
 pub struct AutoencoderKLHunyuanVideo {
@@ -655,15 +702,28 @@ impl AutoencoderKLHunyuanVideo {
     }
 
     fn encode_moments(&self, x: &Tensor) -> Result<Tensor> {
-        let (_, _, f, h, w) = x.dims5()?;
         let tl = &self.tiling;
-        if tl.framewise && f > tl.tile_sample_min_num_frames {
+        if tl.framewise && x.dim(2)? > tl.tile_sample_min_num_frames {
             return self.temporal_tiled_encode(x);
         }
-        if tl.spatial && (w > tl.tile_sample_min_width || h > tl.tile_sample_min_height) {
-            return self.tiled_encode(x);
+        self.encode_clip(x)
+    }
+
+    /// Whether frames of h × w (in units of `unit` pixels: 1 for samples, the spatial compression
+    /// for latents) exceed a spatial tile, so that spatial tiling applies.
+    fn spatially_tiled(&self, h: usize, w: usize, unit: usize) -> bool {
+        let tl = &self.tiling;
+        tl.spatial && (w > tl.tile_sample_min_width / unit || h > tl.tile_sample_min_height / unit)
+    }
+
+    /// `quant_conv(encoder(x))`, spatially tiled when a frame exceeds a tile.
+    fn encode_clip(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, _, _, h, w) = x.dims5()?;
+        if self.spatially_tiled(h, w, 1) {
+            self.tiled_encode(x)
+        } else {
+            self.quant_conv.forward(&self.encoder.forward(x)?)
         }
-        self.quant_conv.forward(&self.encoder.forward(x)?)
     }
 
     fn tiled_encode(&self, x: &Tensor) -> Result<Tensor> {
@@ -672,43 +732,28 @@ impl AutoencoderKLHunyuanVideo {
         let tl = &self.tiling;
         let (min_h, min_w) = (tl.tile_sample_min_height, tl.tile_sample_min_width);
         let (st_h, st_w) = (tl.tile_sample_stride_height, tl.tile_sample_stride_width);
-        let mut rows = Vec::new();
-        for i in (0..h).step_by(st_h) {
-            let mut row = Vec::new();
-            for j in (0..w).step_by(st_w) {
-                let tile = x
-                    .narrow(3, i, min_h.min(h - i))?
-                    .narrow(4, j, min_w.min(w - j))?;
-                row.push(self.quant_conv.forward(&self.encoder.forward(&tile)?)?);
-            }
-            rows.push(row);
-        }
+        let rows = tile_grid(x, (min_h, min_w), (st_h, st_w), |tile| {
+            self.quant_conv.forward(&self.encoder.forward(tile)?)
+        })?;
         let blend = ((min_h - st_h) / s, (min_w - st_w) / s);
         let merged = merge_tiles(rows, blend, (st_h / s, st_w / s))?;
         merged.narrow(3, 0, h / s)?.narrow(4, 0, w / s)
     }
 
     fn temporal_tiled_encode(&self, x: &Tensor) -> Result<Tensor> {
-        let (_, _, f, h, w) = x.dims5()?;
         let t = self.cfg.temporal_compression_ratio;
         let tl = &self.tiling;
-        let latent_frames = (f - 1) / t + 1;
+        let latent_frames = (x.dim(2)? - 1) / t + 1;
         let (min_lat, stride_lat) = (
             tl.tile_sample_min_num_frames / t,
             tl.tile_sample_stride_num_frames / t,
         );
-        let mut tiles = Vec::new();
-        for i in (0..f).step_by(tl.tile_sample_stride_num_frames) {
-            let tile = x.narrow(2, i, (tl.tile_sample_min_num_frames + 1).min(f - i))?;
-            let enc =
-                if tl.spatial && (h > tl.tile_sample_min_height || w > tl.tile_sample_min_width) {
-                    self.tiled_encode(&tile)?
-                } else {
-                    self.quant_conv.forward(&self.encoder.forward(&tile)?)?
-                };
-            let n = enc.dim(2)?;
-            tiles.push(if i > 0 { enc.narrow(2, 1, n - 1)? } else { enc });
-        }
+        let tiles = temporal_windows(
+            x,
+            tl.tile_sample_min_num_frames + 1,
+            tl.tile_sample_stride_num_frames,
+            |tile| self.encode_clip(tile),
+        )?;
         let merged = merge_temporal(tiles, min_lat - stride_lat, stride_lat + 1, stride_lat)?;
         merged.narrow(2, 0, latent_frames.min(merged.dim(2)?))
     }
@@ -724,44 +769,36 @@ impl AutoencoderKLHunyuanVideo {
                 self.cfg.latent_channels
             )
         }
-        let (s, t) = (
-            self.cfg.spatial_compression_ratio,
-            self.cfg.temporal_compression_ratio,
-        );
-        let (_, _, f, h, w) = z.dims5()?;
+        let t = self.cfg.temporal_compression_ratio;
         let tl = &self.tiling;
-        if tl.framewise && f > tl.tile_sample_min_num_frames / t {
+        if tl.framewise && z.dim(2)? > tl.tile_sample_min_num_frames / t {
             return self.temporal_tiled_decode(z);
         }
-        if tl.spatial && (w > tl.tile_sample_min_width / s || h > tl.tile_sample_min_height / s) {
-            return self.tiled_decode(z);
+        self.decode_clip(z)
+    }
+
+    /// `decoder(post_quant_conv(z))`, spatially tiled when a frame exceeds a tile.
+    fn decode_clip(&self, z: &Tensor) -> Result<Tensor> {
+        let (_, _, _, h, w) = z.dims5()?;
+        if self.spatially_tiled(h, w, self.cfg.spatial_compression_ratio) {
+            self.tiled_decode(z)
+        } else {
+            self.decoder.forward(&self.post_quant_conv.forward(z)?)
         }
-        self.decoder.forward(&self.post_quant_conv.forward(z)?)
     }
 
     fn tiled_decode(&self, z: &Tensor) -> Result<Tensor> {
         let (_, _, _, h, w) = z.dims5()?;
         let s = self.cfg.spatial_compression_ratio;
         let tl = &self.tiling;
-        let (min_h, min_w) = (tl.tile_sample_min_height / s, tl.tile_sample_min_width / s);
-        let (st_h, st_w) = (
+        let min = (tl.tile_sample_min_height / s, tl.tile_sample_min_width / s);
+        let stride = (
             tl.tile_sample_stride_height / s,
             tl.tile_sample_stride_width / s,
         );
-        let mut rows = Vec::new();
-        for i in (0..h).step_by(st_h) {
-            let mut row = Vec::new();
-            for j in (0..w).step_by(st_w) {
-                let tile = z
-                    .narrow(3, i, min_h.min(h - i))?
-                    .narrow(4, j, min_w.min(w - j))?;
-                row.push(
-                    self.decoder
-                        .forward(&self.post_quant_conv.forward(&tile)?)?,
-                );
-            }
-            rows.push(row);
-        }
+        let rows = tile_grid(z, min, stride, |tile| {
+            self.decoder.forward(&self.post_quant_conv.forward(tile)?)
+        })?;
         let blend = (
             tl.tile_sample_min_height - tl.tile_sample_stride_height,
             tl.tile_sample_min_width - tl.tile_sample_stride_width,
@@ -773,40 +810,15 @@ impl AutoencoderKLHunyuanVideo {
     }
 
     fn temporal_tiled_decode(&self, z: &Tensor) -> Result<Tensor> {
-        let (_, _, f, h, w) = z.dims5()?;
-        let (s, t) = (
-            self.cfg.spatial_compression_ratio,
-            self.cfg.temporal_compression_ratio,
-        );
+        let t = self.cfg.temporal_compression_ratio;
         let tl = &self.tiling;
-        let frames = (f - 1) * t + 1;
-        let (min_lat, stride_lat) = (
-            tl.tile_sample_min_num_frames / t,
+        let frames = (z.dim(2)? - 1) * t + 1;
+        let tiles = temporal_windows(
+            z,
+            tl.tile_sample_min_num_frames / t + 1,
             tl.tile_sample_stride_num_frames / t,
-        );
-        let mut tiles = Vec::new();
-        for i in (0..f).step_by(stride_lat) {
-            let n = (min_lat + 1).min(f - i);
-            if i > 0 && n == 1 {
-                // one latent decodes to one frame, which is dropped: nothing to decode
-                continue;
-            }
-            let tile = z.narrow(2, i, n)?;
-            let dec = if tl.spatial
-                && (w > tl.tile_sample_min_width / s || h > tl.tile_sample_min_height / s)
-            {
-                self.tiled_decode(&tile)?
-            } else {
-                self.decoder
-                    .forward(&self.post_quant_conv.forward(&tile)?)?
-            };
-            let nf = dec.dim(2)?;
-            tiles.push(if i > 0 {
-                dec.narrow(2, 1, nf - 1)?
-            } else {
-                dec
-            });
-        }
+            |tile| self.decode_clip(tile),
+        )?;
         let blend = tl.tile_sample_min_num_frames - tl.tile_sample_stride_num_frames;
         let stride = tl.tile_sample_stride_num_frames;
         let merged = merge_temporal(tiles, blend, stride + 1, stride)?;
