@@ -17,6 +17,22 @@ pub fn load_tensors(path: &Path) -> HashMap<String, Tensor> {
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
+/// The string metadata of a safetensors file (`__metadata__`).
+pub fn load_metadata(path: &Path) -> HashMap<String, String> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    meta.metadata().clone().unwrap_or_default()
+}
+
+/// A JSON list of strings stored under `key` in a safetensors file's metadata.
+pub fn metadata_strings(path: &Path, key: &str) -> Vec<String> {
+    let meta = load_metadata(path);
+    let text = meta
+        .get(key)
+        .unwrap_or_else(|| panic!("{}: no metadata {key}", path.display()));
+    serde_json::from_str(text).unwrap()
+}
+
 /// ‖got − want‖₂ / ‖want‖₂, computed in f64.
 pub fn rel_l2(got: &Tensor, want: &Tensor) -> f64 {
     assert_eq!(got.dims(), want.dims(), "shape mismatch");

@@ -1,8 +1,10 @@
 //! SkyReels V1 pipeline: loading checkpoints from diffusers / Hugging Face folders, conditioning,
 //! sampling and export.
 
+pub mod conditioning;
 pub mod loading;
 pub mod runtime;
+pub mod tokenize;
 
 pub use loading::{
     load_clip_text, load_llama_encoder, load_transformer, load_vae, LoadError, WeightStore,
