@@ -11,6 +11,14 @@ pub fn fixture(rel: &str) -> PathBuf {
         .join(rel)
 }
 
+/// The bundled tiny pipeline, `weights/tiny`.
+pub fn tiny_weights() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("weights")
+        .join("tiny")
+}
+
 /// Every tensor of a safetensors file, on the CPU.
 pub fn load_tensors(path: &Path) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(path, &Device::Cpu)

@@ -1,10 +1,12 @@
 //! Prompts to conditioning tensors: the one place that runs tokenizers and text encoders
 //! (diffusers' `encode_prompt` of the HunyuanVideo pipelines), and frees the encoders after.
 
-use crate::loading::{load_clip_text, load_llama_encoder, LoadError};
+use crate::loading::{
+    load_clip_text, load_llama_encoder, open_component, LoadError, TRANSFORMERS_WEIGHTS,
+};
 use crate::tokenize::{ClipTokenizer, LlamaTokenizer, TokenBatch, TokenizeError, LLAMA_MAX_TOKENS};
 use candle_core::{DType, Device, Tensor};
-use skyreels_models::text_encoders::{ClipTextModel, LlamaEncoder};
+use skyreels_models::text_encoders::{ClipTextConfig, ClipTextModel, LlamaConfig, LlamaEncoder};
 use std::path::Path;
 
 /// SkyReels / HunyuanVideo take `hidden_states[-(2 + 1)]` of the LLaMA encoder.
@@ -63,6 +65,26 @@ impl TextEncoders {
             clip: load_clip_text(dir, dtype, device)?,
             device: device.clone(),
         })
+    }
+
+    /// Checks a pipeline folder's tokenizers and text encoder configs and weight files without
+    /// loading any weights.
+    pub fn check(dir: &Path) -> Result<(), TextError> {
+        LlamaTokenizer::from_dir(dir)?;
+        ClipTokenizer::from_dir(dir)?;
+        open_component(
+            dir,
+            "text_encoder",
+            TRANSFORMERS_WEIGHTS,
+            LlamaConfig::validate,
+        )?;
+        open_component(
+            dir,
+            "text_encoder_2",
+            TRANSFORMERS_WEIGHTS,
+            ClipTextConfig::validate,
+        )?;
+        Ok(())
     }
 
     pub fn llama_tokenizer(&self) -> &LlamaTokenizer {

@@ -2,8 +2,10 @@
 //! sampling and export.
 
 pub mod conditioning;
+pub mod generate;
 pub mod loading;
 pub mod runtime;
+pub mod scheduler;
 pub mod tokenize;
 
 pub use loading::{

@@ -1,0 +1,439 @@
+//! SkyReels V1 generation: image (or text) to video frames, as diffusers'
+//! `HunyuanSkyreelsImageToVideoPipeline` (I2V) and `HunyuanVideoPipeline` with true CFG (T2V)
+//! compute it (MODEL.md sections 4 and 5), with the project decisions: VAE posterior mean for the
+//! image, center-crop before resizing, computed `crop_start`, CFG whenever guidance_scale > 1.
+
+use crate::conditioning::{PromptEmbeds, TextEncoders, TextError};
+use crate::loading::{load_transformer, load_vae, LoadError};
+use crate::scheduler::{FlowMatchEuler, SchedulerConfig};
+use candle_core::{DType, Device, Tensor};
+use image::imageops::FilterType;
+use image::RgbImage;
+use rand::SeedableRng;
+use rand_distr::Distribution;
+use serde::Deserialize;
+use skyreels_models::{
+    AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel, TransformerInputs,
+};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// SkyReels' default negative prompt (its README and `video_generate.py`).
+pub const DEFAULT_NEGATIVE_PROMPT: &str = "Aerial view, aerial view, overexposed, low quality, deformation, a poor composition, bad hands, bad teeth, bad eyes, bad limbs, distortion";
+
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Text(#[from] TextError),
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error("{0}")]
+    Model(#[from] candle_core::Error),
+    #[error("cancelled")]
+    Cancelled,
+}
+
+fn invalid<T>(msg: impl Into<String>) -> Result<T, GenerateError> {
+    Err(GenerateError::Invalid(msg.into()))
+}
+
+/// Size and step defaults of a model: SkyReels' own, or a model folder's `skyreels_defaults.json`
+/// (the tiny bundled weights use small ones).
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerationDefaults {
+    pub height: usize,
+    pub width: usize,
+    pub num_frames: usize,
+    pub num_inference_steps: usize,
+}
+
+impl Default for GenerationDefaults {
+    fn default() -> Self {
+        Self {
+            height: 544,
+            width: 960,
+            num_frames: 97,
+            num_inference_steps: 30,
+        }
+    }
+}
+
+/// Where each component of a pipeline lives.
+#[derive(Debug, Clone)]
+pub struct ModelPaths {
+    /// A diffusers pipeline folder: tokenizers, text encoders, VAE and scheduler subfolders.
+    pub pipeline: PathBuf,
+    /// The transformer folder (the pipeline's `transformer/`, or a bare model folder).
+    pub transformer: PathBuf,
+    pub defaults: GenerationDefaults,
+}
+
+impl ModelPaths {
+    /// A local diffusers pipeline folder (with `model_index.json`), optionally with the
+    /// transformer taken from another folder. Components are found by their folder names, not by
+    /// the class names in `model_index.json` (which differ across library versions).
+    pub fn local(pipeline: &Path, transformer: Option<&Path>) -> Result<Self, GenerateError> {
+        if !pipeline.is_dir() {
+            return invalid(format!(
+                "model folder {} does not exist",
+                pipeline.display()
+            ));
+        }
+        if !pipeline.join("model_index.json").is_file() {
+            return invalid(format!(
+                "{} is not a diffusers pipeline folder (no model_index.json)",
+                pipeline.display()
+            ));
+        }
+        let transformer = match transformer {
+            Some(t) => t.to_path_buf(),
+            None => pipeline.join("transformer"),
+        };
+        let defaults_file = pipeline.join("skyreels_defaults.json");
+        let defaults = if defaults_file.is_file() {
+            let text = std::fs::read_to_string(&defaults_file).map_err(|source| LoadError::Io {
+                path: defaults_file.clone(),
+                source,
+            })?;
+            serde_json::from_str(&text).map_err(|e| LoadError::Config {
+                path: defaults_file,
+                message: e.to_string(),
+            })?
+        } else {
+            GenerationDefaults::default()
+        };
+        Ok(Self {
+            pipeline: pipeline.to_path_buf(),
+            transformer,
+            defaults,
+        })
+    }
+}
+
+/// One generation request. `image` None means text-to-video (the transformer must take only the
+/// latent channels).
+#[derive(Debug, Clone)]
+pub struct GenerateParams {
+    pub prompt: String,
+    /// Used when `guidance_scale > 1`; None means [`DEFAULT_NEGATIVE_PROMPT`].
+    pub negative_prompt: Option<String>,
+    pub image: Option<RgbImage>,
+    pub height: usize,
+    pub width: usize,
+    pub num_frames: usize,
+    pub steps: usize,
+    /// True classifier-free guidance; a second transformer pass per step when > 1.
+    pub guidance_scale: f64,
+    /// The guidance value fed to the transformer's guidance embedder (× 1000).
+    pub embedded_guidance_scale: f64,
+    pub seed: u64,
+    /// Replaces the seeded initial noise: (1, latent channels, latent frames, h / 8, w / 8).
+    pub noise: Option<Tensor>,
+}
+
+/// Time spent per stage.
+#[derive(Debug, Clone, Default)]
+pub struct StageTimings {
+    pub load: Duration,
+    pub text_encoding: Duration,
+    pub image_encoding: Duration,
+    pub denoising: Duration,
+    pub decoding: Duration,
+}
+
+/// The generated frames: (frames, height, width, 3) f32 in [0, 1], on the CPU.
+#[derive(Debug)]
+pub struct Video {
+    pub frames: Tensor,
+    pub timings: StageTimings,
+    /// The prompt (or negative prompt) was cut to fit a text encoder.
+    pub prompt_truncated: bool,
+}
+
+/// A loaded pipeline: transformer and VAE resident; text encoders loaded per request and
+/// released once the prompt is encoded.
+pub struct Pipeline {
+    paths: ModelPaths,
+    transformer: HunyuanVideoTransformer3DModel,
+    vae: AutoencoderKLHunyuanVideo,
+    scheduler: SchedulerConfig,
+    device: Device,
+    dtype: DType,
+    load_time: Duration,
+}
+
+impl Pipeline {
+    pub fn load(paths: ModelPaths, dtype: DType, device: &Device) -> Result<Self, GenerateError> {
+        let start = Instant::now();
+        let scheduler = SchedulerConfig::from_dir(&paths.pipeline)?;
+        let transformer = load_transformer(&paths.transformer, dtype, device)?;
+        // the VAE runs in f32 wherever it fits (the hub stores it in f32); bf16 on GPUs
+        let vae = load_vae(&paths.pipeline, dtype, device)?;
+        let t = transformer.config();
+        let v = vae.config();
+        if t.out_channels() != v.latent_channels {
+            return invalid(format!(
+                "the transformer predicts {} channels but the VAE has {} latent channels",
+                t.out_channels(),
+                v.latent_channels
+            ));
+        }
+        if t.in_channels != v.latent_channels && t.in_channels != 2 * v.latent_channels {
+            return invalid(format!(
+                "the transformer takes {} input channels; expected {} (text-to-video) or {} (image-to-video)",
+                t.in_channels,
+                v.latent_channels,
+                2 * v.latent_channels
+            ));
+        }
+        // validate the tokenizers and text encoder configs now, not at the first request
+        TextEncoders::check(&paths.pipeline)?;
+        Ok(Self {
+            paths,
+            transformer,
+            vae,
+            scheduler,
+            device: device.clone(),
+            dtype,
+            load_time: start.elapsed(),
+        })
+    }
+
+    pub fn paths(&self) -> &ModelPaths {
+        &self.paths
+    }
+
+    /// Whether the transformer takes an image (I2V: latents and image latents on channels).
+    pub fn is_image_to_video(&self) -> bool {
+        self.transformer.config().in_channels == 2 * self.vae.config().latent_channels
+    }
+
+    /// Pixels per latent cell (VAE) times the transformer's patch: sizes must be multiples.
+    pub fn size_multiple(&self) -> usize {
+        self.vae.config().spatial_compression_ratio * self.transformer.config().patch_size
+    }
+
+    /// Checks a request's sizes and mode; the messages name the offending setting.
+    pub fn validate(&self, p: &GenerateParams) -> Result<(), GenerateError> {
+        let m = self.size_multiple();
+        for (name, v) in [("height", p.height), ("width", p.width)] {
+            if v == 0 || !v.is_multiple_of(m) {
+                return invalid(format!(
+                    "{name} must be a positive multiple of {m}, got {v}"
+                ));
+            }
+        }
+        let t = self.vae.config().temporal_compression_ratio;
+        if p.num_frames == 0 || !(p.num_frames - 1).is_multiple_of(t) {
+            return invalid(format!(
+                "num_frames must be {t}k+1 (1, {}, {}, ...), got {}",
+                t + 1,
+                2 * t + 1,
+                p.num_frames
+            ));
+        }
+        if p.steps == 0 {
+            return invalid("steps must be at least 1");
+        }
+        for (name, v) in [
+            ("guidance_scale", p.guidance_scale),
+            ("embedded_guidance_scale", p.embedded_guidance_scale),
+        ] {
+            if !v.is_finite() || v < 0.0 {
+                return invalid(format!("{name} must be a finite number >= 0, got {v}"));
+            }
+        }
+        match (self.is_image_to_video(), &p.image) {
+            (true, None) => return invalid("this model is image-to-video: an image is required"),
+            (false, Some(_)) => return invalid("this model is text-to-video: it takes no image"),
+            _ => {}
+        }
+        if let Some(noise) = &p.noise {
+            let want = self.latent_shape(p);
+            if noise.dims() != want {
+                return invalid(format!(
+                    "noise has shape {:?}; this request needs {want:?}",
+                    noise.dims()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// (1, latent channels, latent frames, h, w) of a request.
+    pub fn latent_shape(&self, p: &GenerateParams) -> [usize; 5] {
+        let v = self.vae.config();
+        [
+            1,
+            v.latent_channels,
+            (p.num_frames - 1) / v.temporal_compression_ratio + 1,
+            p.height / v.spatial_compression_ratio,
+            p.width / v.spatial_compression_ratio,
+        ]
+    }
+
+    /// Runs a request. `on_step(done, total)` is called after each denoising step; returning false
+    /// cancels the run.
+    pub fn generate(
+        &self,
+        p: &GenerateParams,
+        on_step: &mut dyn FnMut(usize, usize) -> bool,
+    ) -> Result<Video, GenerateError> {
+        self.validate(p)?;
+        let mut timings = StageTimings {
+            load: self.load_time,
+            ..Default::default()
+        };
+
+        let start = Instant::now();
+        let cfg = p.guidance_scale > 1.0;
+        let negative = cfg.then(|| {
+            p.negative_prompt
+                .as_deref()
+                .unwrap_or(DEFAULT_NEGATIVE_PROMPT)
+        });
+        let encoders = TextEncoders::load(&self.paths.pipeline, self.dtype, &self.device)?;
+        let cond = encoders.into_conditioning(&p.prompt, negative)?;
+        let truncated = |e: &PromptEmbeds| e.truncated_llama[0] || e.truncated_clip[0];
+        let prompt_truncated =
+            truncated(&cond.prompt) || cond.negative.as_ref().is_some_and(truncated);
+        let to_run = |e: PromptEmbeds| -> candle_core::Result<PromptEmbeds> {
+            Ok(PromptEmbeds {
+                embeds: e.embeds.to_dtype(self.dtype)?,
+                pooled: e.pooled.to_dtype(self.dtype)?,
+                ..e
+            })
+        };
+        let positive = to_run(cond.prompt)?;
+        let negative = cond.negative.map(to_run).transpose()?;
+        timings.text_encoding = start.elapsed();
+
+        let start = Instant::now();
+        let shape = self.latent_shape(p);
+        let image_latents = match &p.image {
+            Some(img) => Some(self.image_latents(img, p, &shape)?),
+            None => None,
+        };
+        timings.image_encoding = start.elapsed();
+
+        let start = Instant::now();
+        let mut latents = match &p.noise {
+            Some(n) => n.to_dtype(DType::F32)?.to_device(&self.device)?,
+            None => seeded_noise(&shape, p.seed, &self.device)?,
+        };
+        let schedule = FlowMatchEuler::new(&self.scheduler, p.steps);
+        let guidance = self.transformer.config().guidance_embeds.then(|| {
+            // [g] in the transformer dtype, then × 1000 (also in that dtype)
+            Tensor::new(&[p.embedded_guidance_scale as f32], &self.device)
+                .and_then(|g| g.to_dtype(self.dtype))
+                .and_then(|g| g.affine(1000.0, 0.0))
+        });
+        let guidance = guidance.transpose()?;
+        for (i, &t) in schedule.timesteps().iter().enumerate() {
+            let mut x = latents.to_dtype(self.dtype)?;
+            if let Some(img) = &image_latents {
+                x = Tensor::cat(&[&x, img], 1)?;
+            }
+            // the timestep takes the latents' dtype (f32 at step 0, the model dtype after)
+            let timestep = Tensor::new(&[t], &self.device)?.to_dtype(latents.dtype())?;
+            let run = |e: &PromptEmbeds| {
+                self.transformer.forward(&TransformerInputs {
+                    hidden_states: &x,
+                    timestep: &timestep,
+                    encoder_hidden_states: &e.embeds,
+                    encoder_attention_mask: &e.mask,
+                    pooled_projections: &e.pooled,
+                    guidance: guidance.as_ref(),
+                })
+            };
+            let mut v = run(&positive)?;
+            if let Some(neg) = &negative {
+                let v_neg = run(neg)?;
+                v = (&v_neg + ((v - &v_neg)? * p.guidance_scale)?)?;
+            }
+            latents = schedule.step(i, &v, &latents)?;
+            if !on_step(i + 1, schedule.steps()) {
+                return Err(GenerateError::Cancelled);
+            }
+        }
+        timings.denoising = start.elapsed();
+
+        let start = Instant::now();
+        let vae_dtype = self.dtype;
+        let z = (latents.to_dtype(vae_dtype)? / self.vae.config().scaling_factor)?;
+        let video = self.vae.decode(&z)?;
+        // (x·0.5 + 0.5).clamp(0, 1) in the VAE dtype, then f32, as (frames, h, w, 3)
+        let video = video
+            .affine(0.5, 0.5)?
+            .clamp(0f32, 1f32)?
+            .to_dtype(DType::F32)?;
+        let frames = video
+            .squeeze(0)?
+            .permute((1, 2, 3, 0))?
+            .contiguous()?
+            .to_device(&Device::Cpu)?;
+        timings.decoding = start.elapsed();
+        Ok(Video {
+            frames,
+            timings,
+            prompt_truncated,
+        })
+    }
+
+    /// The I2V conditioning latents: the prepared image through the VAE encoder (posterior mean)
+    /// × scaling factor in latent frame 0, zeros after, in the transformer dtype.
+    fn image_latents(
+        &self,
+        img: &RgbImage,
+        p: &GenerateParams,
+        shape: &[usize; 5],
+    ) -> Result<Tensor, GenerateError> {
+        let img = fit_image(img, p.width, p.height);
+        let (w, h) = (img.width() as usize, img.height() as usize);
+        let pixels: Vec<f32> = img.as_raw().iter().map(|&v| v as f32 / 255.0).collect();
+        let x = Tensor::from_vec(pixels, (h, w, 3), &self.device)?
+            .permute((2, 0, 1))?
+            .affine(2.0, -1.0)?
+            .reshape((1, 3, 1, h, w))?
+            .to_dtype(self.dtype)?;
+        let posterior = self.vae.encode(&x)?;
+        let first = (posterior.mode().to_dtype(DType::F32)? * self.vae.config().scaling_factor)?;
+        let [b, c, t, lh, lw] = *shape;
+        let rest = Tensor::zeros((b, c, t - 1, lh, lw), DType::F32, &self.device)?;
+        Ok(Tensor::cat(&[&first, &rest], 2)?.to_dtype(self.dtype)?)
+    }
+}
+
+/// The image center-cropped to the aspect ratio of `width × height`, then resized with Lanczos
+/// (SkyReels' `resizecrop`); an image already at that size is used untouched.
+pub fn fit_image(img: &RgbImage, width: usize, height: usize) -> RgbImage {
+    let (w, h) = (img.width() as f64, img.height() as f64);
+    if img.width() as usize == width && img.height() as usize == height {
+        return img.clone();
+    }
+    let target = height as f64 / width as f64;
+    // keep the full width when the image is taller than the target aspect, else the full height
+    let (cw, ch) = if h / w > target {
+        (w, w * target)
+    } else {
+        (h / target, h)
+    };
+    let (x0, y0) = (((w - cw) / 2.0).round(), ((h - ch) / 2.0).round());
+    let (cw, ch) = (cw.round().max(1.0), ch.round().max(1.0));
+    let crop =
+        image::imageops::crop_imm(img, x0 as u32, y0 as u32, cw as u32, ch as u32).to_image();
+    image::imageops::resize(&crop, width as u32, height as u32, FilterType::Lanczos3)
+}
+
+/// Standard normal f32 noise of `shape` from `seed` (ChaCha8 on the CPU, then moved): the same
+/// seed gives the same noise on every device.
+pub fn seeded_noise(shape: &[usize], seed: u64, device: &Device) -> candle_core::Result<Tensor> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let normal = rand_distr::StandardNormal;
+    let values: Vec<f32> = (0..n).map(|_| normal.sample(&mut rng)).collect();
+    Tensor::from_vec(values, shape, &Device::Cpu)?.to_device(device)
+}
