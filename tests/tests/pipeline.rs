@@ -5,6 +5,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
+use skyreels_pipeline::export::{write_output, Frames8};
 use skyreels_pipeline::generate::{
     GenerateError, GenerateParams, ModelPaths, Pipeline, DEFAULT_NEGATIVE_PROMPT,
 };
@@ -162,4 +163,111 @@ fn model_folders_are_checked() {
     let e = ModelPaths::local(dir.path(), None).unwrap_err();
     assert!(e.to_string().contains("model_index.json"), "{e}");
     assert!(!DEFAULT_NEGATIVE_PROMPT.is_empty());
+}
+
+// ---- export ----
+
+/// A moving colour pattern (frames, h, w, 3) in [0, 1] with smooth and sharp parts.
+fn pattern(frames: usize, h: usize, w: usize) -> Tensor {
+    let mut v = Vec::with_capacity(frames * h * w * 3);
+    for f in 0..frames {
+        for y in 0..h {
+            for x in 0..w {
+                let stripe = if (x + 2 * f) / 8 % 2 == 0 { 0.8 } else { 0.2 };
+                v.extend([x as f32 / w as f32, y as f32 / h as f32, stripe]);
+            }
+        }
+    }
+    Tensor::from_vec(v, (frames, h, w, 3), &Device::Cpu).unwrap()
+}
+
+/// Reads an MP4 back: (width, height, fps, decoded RGB frames).
+fn decode_mp4(path: &Path) -> (u16, u16, f64, Vec<Vec<u8>>) {
+    let file = std::fs::File::open(path).unwrap();
+    let size = file.metadata().unwrap().len();
+    let mut mp4 = mp4::Mp4Reader::read_header(std::io::BufReader::new(file), size).unwrap();
+    let track = mp4.tracks().values().next().unwrap();
+    let (id, w, h, fps) = (
+        track.track_id(),
+        track.width(),
+        track.height(),
+        track.frame_rate(),
+    );
+    let sps = track.sequence_parameter_set().unwrap().to_vec();
+    let pps = track.picture_parameter_set().unwrap().to_vec();
+    let annex_b = |nal: &[u8], out: &mut Vec<u8>| {
+        out.extend([0, 0, 0, 1]);
+        out.extend_from_slice(nal);
+    };
+    let mut decoder = openh264::decoder::Decoder::new().unwrap();
+    let mut frames = Vec::new();
+    for i in 1..=mp4.sample_count(id).unwrap() {
+        let sample = mp4.read_sample(id, i).unwrap().unwrap();
+        let mut packet = Vec::new();
+        if i == 1 {
+            annex_b(&sps, &mut packet);
+            annex_b(&pps, &mut packet);
+        }
+        // AVCC: 4-byte big-endian lengths
+        let mut rest = &sample.bytes[..];
+        while rest.len() >= 4 {
+            let n = u32::from_be_bytes(rest[..4].try_into().unwrap()) as usize;
+            annex_b(&rest[4..4 + n], &mut packet);
+            rest = &rest[4 + n..];
+        }
+        if let Some(yuv) = decoder.decode(&packet).unwrap() {
+            let mut rgb = vec![0; w as usize * h as usize * 3];
+            yuv.write_rgb8(&mut rgb);
+            frames.push(rgb);
+        }
+    }
+    (w, h, fps, frames)
+}
+
+#[test]
+fn mp4_decodes_back_to_the_frames() {
+    let frames = pattern(17, 64, 96);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v.mp4");
+    write_output(&path, &frames, 24.0, None).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    // fast start: the index (moov) comes before the media data (mdat)
+    let find = |tag: &[u8]| bytes.windows(4).position(|w| w == tag).unwrap();
+    assert!(find(b"moov") < find(b"mdat"));
+    let (w, h, fps, decoded) = decode_mp4(&path);
+    assert_eq!((w, h), (96, 64));
+    assert!((fps - 24.0).abs() < 1e-6, "fps {fps}");
+    assert_eq!(decoded.len(), 17);
+    let src = Frames8::from_tensor(&frames).unwrap();
+    for (i, rgb) in decoded.iter().enumerate() {
+        let mean_err = rgb
+            .iter()
+            .zip(src.frame(i))
+            .map(|(a, b)| (*a as f64 - *b as f64).abs())
+            .sum::<f64>()
+            / rgb.len() as f64;
+        // lossy 4:2:0 at the default bitrate: a few levels of 255 on average, while a wrong
+        // frame order, channel order or size is off by tens
+        assert!(mean_err < 6.0, "frame {i}: mean abs error {mean_err}");
+    }
+}
+
+#[test]
+fn png_and_safetensors_outputs() {
+    let frames = pattern(3, 16, 32);
+    let dir = tempfile::tempdir().unwrap();
+    write_output(&dir.path().join("pngs"), &frames, 24.0, None).unwrap();
+    let png = image::open(dir.path().join("pngs/frame_00002.png"))
+        .unwrap()
+        .to_rgb8();
+    assert_eq!(
+        png.as_raw(),
+        Frames8::from_tensor(&frames).unwrap().frame(2)
+    );
+    let st = dir.path().join("f.safetensors");
+    write_output(&st, &frames, 24.0, None).unwrap();
+    assert_eq!(max_abs(&load_tensors(&st)["frames"], &frames), 0.0);
+    // unwritable targets are errors naming the path
+    let e = write_output(Path::new("/nonexistent/dir/v.mp4"), &frames, 24.0, None).unwrap_err();
+    assert!(e.to_string().contains("/nonexistent/dir/v.mp4"), "{e}");
 }

@@ -149,8 +149,10 @@ pub struct StageTimings {
 pub struct Video {
     pub frames: Tensor,
     pub timings: StageTimings,
-    /// The prompt (or negative prompt) was cut to fit a text encoder.
+    /// The prompt was cut to fit a text encoder.
     pub prompt_truncated: bool,
+    /// The negative prompt (true CFG) was cut to fit a text encoder.
+    pub negative_prompt_truncated: bool,
 }
 
 /// A loaded pipeline: transformer and VAE resident; text encoders loaded per request and
@@ -298,8 +300,8 @@ impl Pipeline {
         let encoders = TextEncoders::load(&self.paths.pipeline, self.dtype, &self.device)?;
         let cond = encoders.into_conditioning(&p.prompt, negative)?;
         let truncated = |e: &PromptEmbeds| e.truncated_llama[0] || e.truncated_clip[0];
-        let prompt_truncated =
-            truncated(&cond.prompt) || cond.negative.as_ref().is_some_and(truncated);
+        let prompt_truncated = truncated(&cond.prompt);
+        let negative_prompt_truncated = cond.negative.as_ref().is_some_and(truncated);
         let to_run = |e: PromptEmbeds| -> candle_core::Result<PromptEmbeds> {
             Ok(PromptEmbeds {
                 embeds: e.embeds.to_dtype(self.dtype)?,
@@ -380,6 +382,7 @@ impl Pipeline {
             frames,
             timings,
             prompt_truncated,
+            negative_prompt_truncated,
         })
     }
 

@@ -2,6 +2,7 @@
 //! sampling and export.
 
 pub mod conditioning;
+pub mod export;
 pub mod generate;
 pub mod loading;
 pub mod runtime;

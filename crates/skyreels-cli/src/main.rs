@@ -1,0 +1,266 @@
+//! `skyreels`: SkyReels V1 video generation.
+
+mod tiny;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use skyreels_pipeline::export::{write_output, OutputKind};
+use skyreels_pipeline::generate::{GenerateParams, ModelPaths, Pipeline, StageTimings};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(
+    name = "skyreels",
+    version,
+    about = "SkyReels V1 (HunyuanVideo) image/text-to-video"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate one video from an image (or text) and a prompt.
+    Generate(GenerateArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DeviceArg {
+    Cpu,
+    Cuda,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DtypeArg {
+    F32,
+    Bf16,
+    F16,
+}
+
+/// Which model to load and where to run it.
+#[derive(Args)]
+struct ModelArgs {
+    /// A local diffusers pipeline folder (model_index.json + subfolders). Without it, the tiny
+    /// random-weight pipeline bundled in this binary is used (its output is noise).
+    #[arg(long, env = "SKYREELS_MODEL")]
+    model: Option<PathBuf>,
+    /// Take the transformer from this folder instead (the Skywork repos keep it at the root).
+    #[arg(long, env = "SKYREELS_TRANSFORMER")]
+    transformer: Option<PathBuf>,
+    /// Where to run.
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceArg,
+    /// Weights and activations dtype [default: f32 on cpu, bf16 on cuda].
+    #[arg(long, value_enum)]
+    dtype: Option<DtypeArg>,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The first frame (image-to-video models): a file path.
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// What the video shows. SkyReels prompts start with "FPS-24, ".
+    #[arg(long)]
+    prompt: String,
+    /// What to avoid (used with true CFG) [default: SkyReels' negative prompt].
+    #[arg(long)]
+    negative_prompt: Option<String>,
+    /// Frame height in pixels, a multiple of 16 [default: 544, or 960 for a portrait image].
+    #[arg(long)]
+    height: Option<usize>,
+    /// Frame width in pixels, a multiple of 16 [default: 960, or 544 for a portrait image].
+    #[arg(long)]
+    width: Option<usize>,
+    /// Number of frames, 4k+1 [default: 97].
+    #[arg(long)]
+    num_frames: Option<usize>,
+    /// Denoising steps [default: 30].
+    #[arg(long)]
+    steps: Option<usize>,
+    /// True classifier-free guidance scale; values > 1 run the negative prompt too.
+    #[arg(long, default_value_t = 6.0)]
+    guidance_scale: f64,
+    /// Guidance value fed to the transformer's guidance embedder.
+    #[arg(long, default_value_t = 1.0)]
+    embedded_guidance_scale: f64,
+    /// Random seed; -1 picks one and prints it.
+    #[arg(long, default_value_t = 42, allow_negative_numbers = true)]
+    seed: i64,
+    /// Frames per second of the MP4.
+    #[arg(long, default_value_t = 24.0)]
+    fps: f64,
+    /// A safetensors file whose tensor `latents` [1, C, T, H/8, W/8] (f32) replaces the seeded
+    /// initial noise.
+    #[arg(long)]
+    noise: Option<PathBuf>,
+    /// H.264 bitrate in kbit/s [default: 0.5 bit per pixel per frame, ~6300 at 960x544x24].
+    #[arg(long)]
+    bitrate_kbps: Option<u32>,
+    /// Output: .mp4 (H.264), .safetensors (float frames [F, H, W, 3] in [0, 1]) or a folder of PNGs.
+    #[arg(long, short, default_value = "output.mp4")]
+    output: PathBuf,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(args) => generate(args),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn device_and_dtype(m: &ModelArgs) -> Result<(Device, DType)> {
+    let device = match m.device {
+        DeviceArg::Cpu => Device::Cpu,
+        DeviceArg::Cuda => Device::new_cuda(0).context(
+            "cannot use CUDA (this binary must be built with `--features cuda` and see a GPU)",
+        )?,
+    };
+    let dtype = match (m.dtype, m.device) {
+        (Some(DtypeArg::F32), _) | (None, DeviceArg::Cpu) => DType::F32,
+        (Some(DtypeArg::Bf16), _) | (None, DeviceArg::Cuda) => DType::BF16,
+        (Some(DtypeArg::F16), _) => DType::F16,
+    };
+    Ok((device, dtype))
+}
+
+/// The pipeline folders `--model` / `--transformer` name, or the bundled tiny pipeline.
+fn model_paths(m: &ModelArgs) -> Result<ModelPaths> {
+    let pipeline = match &m.model {
+        Some(p) => p.clone(),
+        None => {
+            let dir = tiny::extract().context("unpacking the bundled tiny weights")?;
+            eprintln!(
+                "note: no --model given, using the bundled tiny random weights: the video will be noise. \
+                 Pass --model <diffusers pipeline folder> (and --transformer <folder>) for the real model."
+            );
+            dir
+        }
+    };
+    Ok(ModelPaths::local(&pipeline, m.transformer.as_deref())?)
+}
+
+fn load_image(path: &Path) -> Result<image::RgbImage> {
+    if !path.is_file() {
+        bail!("image file {} does not exist", path.display());
+    }
+    let img = image::ImageReader::open(path)
+        .and_then(|r| r.with_guessed_format())
+        .with_context(|| format!("cannot read image {}", path.display()))?
+        .decode()
+        .with_context(|| format!("cannot decode image {}", path.display()))?;
+    Ok(img.to_rgb8())
+}
+
+fn load_noise(path: &Path) -> Result<Tensor> {
+    let mut tensors = candle_core::safetensors::load(path, &Device::Cpu)
+        .with_context(|| format!("cannot read noise file {}", path.display()))?;
+    tensors
+        .remove("latents")
+        .with_context(|| format!("{}: no tensor named `latents`", path.display()))
+}
+
+fn generate(args: GenerateArgs) -> Result<()> {
+    let started = Instant::now();
+    let (device, dtype) = device_and_dtype(&args.model)?;
+    let paths = model_paths(&args.model)?;
+    let image = args.image.as_deref().map(load_image).transpose()?;
+    let noise = args.noise.as_deref().map(load_noise).transpose()?;
+    // SkyReels' sizes, turned to portrait for a portrait image
+    let d = paths.defaults;
+    let portrait = image.as_ref().is_some_and(|i| i.height() > i.width());
+    let (dh, dw) = if portrait {
+        (d.width, d.height)
+    } else {
+        (d.height, d.width)
+    };
+    let seed = match args.seed {
+        -1 => {
+            let s = rand::random::<u32>() as u64;
+            eprintln!("seed: {s}");
+            s
+        }
+        s if s >= 0 => s as u64,
+        s => bail!("--seed must be >= 0 or -1 (random), got {s}"),
+    };
+    if OutputKind::of(&args.output) == OutputKind::Mp4 && !(args.fps.is_finite() && args.fps > 0.0)
+    {
+        bail!("--fps must be positive, got {}", args.fps);
+    }
+    let params = GenerateParams {
+        prompt: args.prompt,
+        negative_prompt: args.negative_prompt,
+        image,
+        height: args.height.unwrap_or(dh),
+        width: args.width.unwrap_or(dw),
+        num_frames: args.num_frames.unwrap_or(d.num_frames),
+        steps: args.steps.unwrap_or(d.num_inference_steps),
+        guidance_scale: args.guidance_scale,
+        embedded_guidance_scale: args.embedded_guidance_scale,
+        seed,
+        noise,
+    };
+    eprintln!(
+        "loading {} (transformer {})",
+        paths.pipeline.display(),
+        paths.transformer.display()
+    );
+    let pipeline = Pipeline::load(paths, dtype, &device)?;
+    pipeline.validate(&params)?;
+    eprintln!(
+        "generating {} frames of {}x{} in {} steps",
+        params.num_frames, params.width, params.height, params.steps
+    );
+    let bar = ProgressBar::new(params.steps as u64).with_style(
+        ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} steps [{elapsed_precise} < {eta_precise}]",
+        )
+        .expect("valid template"),
+    );
+    let video = pipeline.generate(&params, &mut |done, _| {
+        bar.set_position(done as u64);
+        true
+    })?;
+    bar.finish();
+    for (cut, what) in [
+        (video.prompt_truncated, "prompt"),
+        (video.negative_prompt_truncated, "negative prompt"),
+    ] {
+        if cut {
+            eprintln!(
+                "warning: the {what} was cut to fit the text encoders (256 LLaMA / 77 CLIP tokens)"
+            );
+        }
+    }
+    let start = Instant::now();
+    let bitrate = args.bitrate_kbps.map(|k| k.saturating_mul(1000));
+    write_output(&args.output, &video.frames, args.fps, bitrate)?;
+    print_timings(&video.timings, start.elapsed(), started.elapsed());
+    eprintln!("wrote {}", args.output.display());
+    Ok(())
+}
+
+fn print_timings(t: &StageTimings, export: std::time::Duration, total: std::time::Duration) {
+    let s = |d: std::time::Duration| d.as_secs_f64();
+    eprintln!(
+        "timings: load {:.2}s, text encoding {:.2}s, image encoding {:.2}s, denoising {:.2}s, \
+         VAE decoding {:.2}s, export {:.2}s, total {:.2}s",
+        s(t.load),
+        s(t.text_encoding),
+        s(t.image_encoding),
+        s(t.denoising),
+        s(t.decoding),
+        s(export),
+        s(total)
+    );
+}

@@ -1,0 +1,209 @@
+//! The `skyreels` binary end to end on the bundled tiny weights.
+
+use candle_core::Device;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(rel)
+}
+
+/// Runs `skyreels` with its cache in `home` (the tiny weights unpack there).
+fn skyreels(home: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_skyreels"))
+        .args(args)
+        .env("XDG_CACHE_HOME", home)
+        .env_remove("SKYREELS_MODEL")
+        .env_remove("SKYREELS_TRANSFORMER")
+        .output()
+        .unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Writes an RGB test image.
+fn image_file(dir: &Path, name: &str, w: u32, h: u32) -> PathBuf {
+    let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 7) as u8, (y * 5) as u8, 90]));
+    let path = dir.join(name);
+    img.save(&path).unwrap();
+    path
+}
+
+#[test]
+fn noise_file_path_matches_diffusers_frames() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = fixture("pipeline/i2v_cfg.safetensors");
+    let io = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    // the fixture's input image (uint8 [h, w, 3]) as a PNG, its noise as a --noise file
+    let (h, w, _) = io["image"].dims3().unwrap();
+    let raw = io["image"].flatten_all().unwrap().to_vec1::<u8>().unwrap();
+    let img = dir.path().join("in.png");
+    image::RgbImage::from_raw(w as u32, h as u32, raw)
+        .unwrap()
+        .save(&img)
+        .unwrap();
+    let noise = dir.path().join("noise.safetensors");
+    candle_core::safetensors::save(
+        &[("latents", io["latents"].clone())].into_iter().collect(),
+        &noise,
+    )
+    .unwrap();
+    let out = dir.path().join("frames.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let req: serde_json::Value =
+        serde_json::from_str(&meta.metadata().as_ref().unwrap()["request"]).unwrap();
+    let arg = |k: &str| req[k].to_string().trim_matches('"').to_string();
+    let o = skyreels(
+        dir.path(),
+        &[
+            "generate",
+            "--image",
+            img.to_str().unwrap(),
+            "--prompt",
+            &arg("prompt"),
+            "--negative-prompt",
+            &arg("negative_prompt"),
+            "--height",
+            &arg("height"),
+            "--width",
+            &arg("width"),
+            "--num-frames",
+            &arg("num_frames"),
+            "--steps",
+            &arg("steps"),
+            "--guidance-scale",
+            &arg("guidance_scale"),
+            "--embedded-guidance-scale",
+            &arg("embedded_guidance_scale"),
+            "--noise",
+            noise.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let got = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
+    let err: f32 = (&got["frames"] - &io["frames"])
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    // the same bound and reasoning as the library parity test (tests/tests/pipeline.rs)
+    assert!(err <= 5e-4, "max abs error {err:e}");
+}
+
+#[test]
+fn default_run_writes_an_mp4_and_says_the_weights_are_tiny() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image_file(dir.path(), "portrait.png", 60, 90);
+    let out = dir.path().join("out.mp4");
+    let o = skyreels(
+        dir.path(),
+        &[
+            "generate",
+            "--image",
+            img.to_str().unwrap(),
+            "--prompt",
+            "FPS-24, a cat",
+            "--seed",
+            "-1",
+            "-o",
+            out.to_str().unwrap(),
+        ],
+    );
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("bundled tiny random weights"), "{err}");
+    assert!(err.contains("seed: "), "{err}");
+    // a portrait image turns the default size around
+    assert!(err.contains("64x96"), "{err}");
+    assert!(err.contains("timings: "), "{err}");
+    let bytes = std::fs::read(&out).unwrap();
+    assert_eq!(&bytes[4..8], b"ftyp");
+}
+
+#[test]
+fn bad_input_gets_a_clear_message_and_a_failing_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image_file(dir.path(), "ok.png", 96, 64);
+    let img = img.to_str().unwrap();
+    let broken = dir.path().join("broken.png");
+    std::fs::write(&broken, b"not an image").unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--image", "/no/such.png"], "does not exist"),
+        (
+            vec!["--image", broken.to_str().unwrap()],
+            "cannot decode image",
+        ),
+        (
+            vec!["--image", img, "--height", "72"],
+            "height must be a positive multiple of 16",
+        ),
+        (
+            vec!["--image", img, "--num-frames", "8"],
+            "num_frames must be 4k+1",
+        ),
+        (
+            vec!["--image", img, "--model", "/no/such/model"],
+            "does not exist",
+        ),
+        (
+            vec!["--image", img, "--model", dir.path().to_str().unwrap()],
+            "model_index.json",
+        ),
+        (
+            vec!["--image", img, "--prompt", "  "],
+            "the prompt is empty",
+        ),
+        (vec!["--prompt", "x"], "an image is required"),
+        (vec!["--image", img, "--seed", "-5"], "--seed"),
+    ];
+    for (extra, want) in cases {
+        let out = dir.path().join("o.mp4");
+        let mut args = vec!["generate", "-o", out.to_str().unwrap()];
+        if !extra.contains(&"--prompt") {
+            args.extend(["--prompt", "a cat"]);
+        }
+        args.extend(extra.iter().copied());
+        let o = skyreels(dir.path(), &args);
+        let err = stderr(&o);
+        assert!(!o.status.success(), "{args:?} should fail");
+        assert!(
+            err.contains(want),
+            "{args:?}: {err:?} should mention {want:?}"
+        );
+    }
+}
+
+#[test]
+fn help_documents_the_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = skyreels(dir.path(), &["generate", "--help"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    for flag in [
+        "--model",
+        "--transformer",
+        "--image",
+        "--negative-prompt",
+        "--num-frames",
+        "--guidance-scale",
+        "--embedded-guidance-scale",
+        "--noise",
+        "--fps",
+        "--output",
+        "--device",
+        "--dtype",
+    ] {
+        assert!(out.contains(flag), "{flag} missing from --help");
+    }
+}
