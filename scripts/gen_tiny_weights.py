@@ -79,9 +79,23 @@ def build(out: Path, seed: int = 0) -> None:
     (out / "skyreels_defaults.json").write_text(json.dumps(DEFAULTS, indent=2) + "\n")
 
 
+def example_image(path: Path) -> None:
+    """A small synthetic picture for the README's first `generate` command (weights/example.png)."""
+    import numpy as np
+    from PIL import Image
+    y, x = np.mgrid[0:128, 0:192].astype(np.float32)
+    sky = np.stack([90 + 0.3 * y, 140 + 0.4 * y, 230 - 0.2 * y], -1)
+    ground = np.stack([60 + 0.2 * x, 150 - 0.3 * y, 60 + 0 * x], -1)
+    img = np.where((y > 80 + 6 * np.sin(x / 15))[..., None], ground, sky)
+    sun = (x - 140) ** 2 + (y - 35) ** 2 < 15 ** 2
+    img[sun] = (255, 220, 90)
+    Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(path)
+
+
 def main() -> None:
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "weights" / "tiny"
     build(out)
+    example_image(out.parent / "example.png")
     total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"{out}: {total / 1e6:.2f} MB")
     for p in sorted(out.rglob("*")):
