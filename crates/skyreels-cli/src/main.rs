@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use skyreels_pipeline::export::{write_output, OutputKind};
 use skyreels_pipeline::generate::{GenerateParams, ModelPaths, Pipeline, StageTimings};
+use skyreels_pipeline::hub::{HubOptions, ModelSpec, Source};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -25,7 +26,22 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Generate one video from an image (or text) and a prompt.
-    Generate(GenerateArgs),
+    Generate(Box<GenerateArgs>),
+    /// Download a model's files into the Hugging Face cache (only what a run needs).
+    Download(DownloadArgs),
+}
+
+#[derive(Args)]
+struct DownloadArgs {
+    /// A preset (skyreels-v1-i2v, skyreels-v1-t2v) or a diffusers pipeline repo id.
+    #[arg(long, default_value = "skyreels-v1-i2v")]
+    model: String,
+    /// A transformer repo id (or folder) replacing the pipeline's own.
+    #[arg(long)]
+    transformer: Option<String>,
+    /// Hugging Face cache folder [default: $HF_HOME/hub or ~/.cache/huggingface/hub].
+    #[arg(long, env = "HF_HUB_CACHE")]
+    cache_dir: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -44,13 +60,21 @@ enum DtypeArg {
 /// Which model to load and where to run it.
 #[derive(Args)]
 struct ModelArgs {
-    /// A local diffusers pipeline folder (model_index.json + subfolders). Without it, the tiny
+    /// A preset (skyreels-v1-i2v, skyreels-v1-t2v), a Hugging Face repo id of a diffusers pipeline,
+    /// or a local pipeline folder (model_index.json + subfolders). Without it, the tiny
     /// random-weight pipeline bundled in this binary is used (its output is noise).
     #[arg(long, env = "SKYREELS_MODEL")]
-    model: Option<PathBuf>,
-    /// Take the transformer from this folder instead (the Skywork repos keep it at the root).
+    model: Option<String>,
+    /// Take the transformer from this folder or repo id instead (the Skywork repos keep it at
+    /// the root).
     #[arg(long, env = "SKYREELS_TRANSFORMER")]
-    transformer: Option<PathBuf>,
+    transformer: Option<String>,
+    /// Use only the Hugging Face cache, never the network (also HF_HUB_OFFLINE=1).
+    #[arg(long)]
+    offline: bool,
+    /// Hugging Face cache folder [default: $HF_HOME/hub or ~/.cache/huggingface/hub].
+    #[arg(long, env = "HF_HUB_CACHE")]
+    cache_dir: Option<PathBuf>,
     /// Where to run.
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceArg,
@@ -111,7 +135,8 @@ struct GenerateArgs {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Generate(args) => generate(args),
+        Command::Generate(args) => generate(*args),
+        Command::Download(args) => download(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -134,20 +159,41 @@ fn device_and_dtype(m: &ModelArgs) -> Result<(Device, DType)> {
     Ok((device, dtype))
 }
 
-/// The pipeline folders `--model` / `--transformer` name, or the bundled tiny pipeline.
+/// The folders `--model` / `--transformer` name (downloading hub files as needed), or the
+/// bundled tiny pipeline.
 fn model_paths(m: &ModelArgs) -> Result<ModelPaths> {
-    let pipeline = match &m.model {
-        Some(p) => p.clone(),
+    let opts = HubOptions {
+        offline: m.offline,
+        cache_dir: m.cache_dir.clone(),
+        progress: true,
+    };
+    let spec = match &m.model {
+        Some(model) => ModelSpec::parse(model, m.transformer.as_deref())?,
         None => {
             let dir = tiny::extract().context("unpacking the bundled tiny weights")?;
             eprintln!(
                 "note: no --model given, using the bundled tiny random weights: the video will be noise. \
-                 Pass --model <diffusers pipeline folder> (and --transformer <folder>) for the real model."
+                 Pass --model skyreels-v1-i2v (or a pipeline folder or repo id) for the real model."
             );
-            dir
+            ModelSpec {
+                pipeline: Source::Local(dir),
+                transformer: m.transformer.as_deref().map(Source::parse).transpose()?,
+            }
         }
     };
-    Ok(ModelPaths::local(&pipeline, m.transformer.as_deref())?)
+    Ok(spec.resolve(&opts)?)
+}
+
+fn download(args: DownloadArgs) -> Result<()> {
+    let opts = HubOptions {
+        offline: false,
+        cache_dir: args.cache_dir,
+        progress: true,
+    };
+    let paths = ModelSpec::parse(&args.model, args.transformer.as_deref())?.resolve(&opts)?;
+    println!("pipeline: {}", paths.pipeline.display());
+    println!("transformer: {}", paths.transformer.display());
+    Ok(())
 }
 
 fn load_image(path: &Path) -> Result<image::RgbImage> {

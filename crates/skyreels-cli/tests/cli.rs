@@ -155,7 +155,7 @@ fn bad_input_gets_a_clear_message_and_a_failing_exit() {
         ),
         (
             vec!["--image", img, "--model", "/no/such/model"],
-            "does not exist",
+            "no such folder",
         ),
         (
             vec!["--image", img, "--model", dir.path().to_str().unwrap()],
@@ -206,4 +206,104 @@ fn help_documents_the_flags() {
     ] {
         assert!(out.contains(flag), "{flag} missing from --help");
     }
+}
+
+fn copy_tree(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for entry in std::fs::read_dir(src).unwrap() {
+        let entry = entry.unwrap();
+        let to = dst.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &to);
+        } else {
+            std::fs::copy(entry.path(), &to).unwrap();
+        }
+    }
+}
+
+/// A Hugging Face cache (hub layout: models--owner--name/{refs/main, snapshots/<sha>/...}) holding
+/// the tiny pipeline as `acme/tiny-pipeline` and the T2V test transformer as `acme/t2v` (files at
+/// the repo root, as Skywork's repos have them).
+fn fake_hub_cache(root: &Path) -> PathBuf {
+    let cache = root.join("hub");
+    for (repo, src) in [
+        (
+            "models--acme--tiny-pipeline",
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../weights/tiny"),
+        ),
+        ("models--acme--t2v", fixture("pipeline/t2v_transformer")),
+    ] {
+        let dir = cache.join(repo);
+        std::fs::create_dir_all(dir.join("refs")).unwrap();
+        std::fs::write(dir.join("refs/main"), "0123abcd").unwrap();
+        copy_tree(&src, &dir.join("snapshots/0123abcd"));
+    }
+    cache
+}
+
+#[test]
+fn hub_repos_resolve_from_the_cache_offline_or_unreachable() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = fake_hub_cache(dir.path());
+    let cache = cache.to_str().unwrap();
+    let img = image_file(dir.path(), "in.png", 96, 64);
+    let out = dir.path().join("o.safetensors");
+    let run = |extra: &[&str], endpoint: &str| {
+        let mut args = vec![
+            "generate",
+            "--prompt",
+            "a cat",
+            "--cache-dir",
+            cache,
+            "-o",
+            out.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        let o = Command::new(env!("CARGO_BIN_EXE_skyreels"))
+            .args(&args)
+            .env("XDG_CACHE_HOME", dir.path())
+            .env("HF_ENDPOINT", endpoint)
+            .env_remove("HF_HUB_OFFLINE")
+            .output()
+            .unwrap();
+        (o.status.success(), stderr(&o))
+    };
+    // nothing listens on port 9: the hub is unreachable either way
+    let hub = "http://127.0.0.1:9";
+    let i2v = [
+        "--model",
+        "acme/tiny-pipeline",
+        "--image",
+        img.to_str().unwrap(),
+    ];
+    let (ok, err) = run(&[&i2v[..], &["--offline"]].concat(), hub);
+    assert!(ok, "{err}");
+    let (ok, err) = run(&i2v, hub);
+    assert!(ok, "{err}");
+    assert!(err.contains("using the cached copy"), "{err}");
+    // a transformer repo with its weights at the root, text-to-video (no image)
+    let (ok, err) = run(
+        &[
+            "--model",
+            "acme/tiny-pipeline",
+            "--transformer",
+            "acme/t2v",
+            "--offline",
+        ],
+        hub,
+    );
+    assert!(ok, "{err}");
+    // not cached: the error names the repo and the cache
+    let (ok, err) = run(
+        &["--model", "acme/missing", "--offline", "--image", "x.png"],
+        hub,
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("acme/missing is not in the Hugging Face cache") && err.contains(cache),
+        "{err}"
+    );
+    let (ok, err) = run(&["--model", "acme/missing"], hub);
+    assert!(!ok);
+    assert!(err.contains("the hub cannot be reached"), "{err}");
 }

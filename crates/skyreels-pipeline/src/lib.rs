@@ -4,6 +4,7 @@
 pub mod conditioning;
 pub mod export;
 pub mod generate;
+pub mod hub;
 pub mod loading;
 pub mod runtime;
 pub mod scheduler;

@@ -1,0 +1,342 @@
+//! Model resolution: local folders, Hugging Face hub repos (through hf-hub's cache) and presets.
+//!
+//! A SkyReels run needs the base HunyuanVideo pipeline repo without its own transformer
+//! (tokenizers, text encoders, VAE, scheduler: ~16 GB) plus a Skywork transformer repo, which keeps
+//! its weights at the repo root (MODEL.md section 5). Only those files are fetched. Offline, or
+//! when the hub cannot be reached, the cache is used as it is and a missing file is an error that
+//! names it.
+
+use crate::generate::{GenerateError, ModelPaths};
+use hf_hub::api::sync::ApiBuilder;
+use hf_hub::{Cache, Repo};
+use std::path::{Path, PathBuf};
+
+/// The base pipeline repo: tokenizers, text encoders, VAE, scheduler.
+pub const BASE_REPO: &str = "hunyuanvideo-community/HunyuanVideo";
+
+/// `(name, pipeline repo, transformer repo)` of the presets.
+pub const PRESETS: &[(&str, &str, &str)] = &[
+    (
+        "skyreels-v1-i2v",
+        BASE_REPO,
+        "Skywork/SkyReels-V1-Hunyuan-I2V",
+    ),
+    (
+        "skyreels-v1-t2v",
+        BASE_REPO,
+        "Skywork/SkyReels-V1-Hunyuan-T2V",
+    ),
+];
+
+/// Pipeline subfolders a run needs besides the transformer.
+const PIPELINE_PARTS: &[&str] = &[
+    "scheduler",
+    "text_encoder",
+    "text_encoder_2",
+    "tokenizer",
+    "tokenizer_2",
+    "vae",
+];
+
+/// How the hub may be used.
+#[derive(Debug, Clone, Default)]
+pub struct HubOptions {
+    /// Use only the local cache (also on with the `HF_HUB_OFFLINE=1` environment variable).
+    pub offline: bool,
+    /// The hub cache folder; default `$HF_HOME/hub` or `~/.cache/huggingface/hub`.
+    pub cache_dir: Option<PathBuf>,
+    /// Show download progress bars.
+    pub progress: bool,
+}
+
+impl HubOptions {
+    fn cache(&self) -> Cache {
+        match &self.cache_dir {
+            Some(d) => Cache::new(d.clone()),
+            None => Cache::from_env(),
+        }
+    }
+
+    fn is_offline(&self) -> bool {
+        self.offline
+            || std::env::var("HF_HUB_OFFLINE")
+                .is_ok_and(|v| matches!(v.as_str(), "1" | "true" | "yes"))
+    }
+}
+
+/// Where a `--model` / `--transformer` value points.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    Local(PathBuf),
+    Hub(String),
+}
+
+impl Source {
+    /// An existing path is local; `owner/name` that is not a path is a hub repo id.
+    pub fn parse(value: &str) -> Result<Self, GenerateError> {
+        let path = Path::new(value);
+        if path.exists() {
+            return Ok(Self::Local(path.to_path_buf()));
+        }
+        let parts: Vec<&str> = value.split('/').collect();
+        let is_id = parts.len() == 2
+            && parts.iter().all(|p| {
+                !p.is_empty()
+                    && p.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            })
+            && !value.starts_with('.');
+        if is_id {
+            Ok(Self::Hub(value.to_string()))
+        } else {
+            Err(GenerateError::Invalid(format!(
+                "{value}: no such folder, and not a hub repo id (owner/name) or a preset ({})",
+                PRESETS.iter().map(|p| p.0).collect::<Vec<_>>().join(", ")
+            )))
+        }
+    }
+}
+
+/// What to load: `model` is a local pipeline folder, a hub repo id or a preset; `transformer`
+/// optionally a folder or repo id holding the transformer (at its root or in `transformer/`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelSpec {
+    pub pipeline: Source,
+    pub transformer: Option<Source>,
+}
+
+impl ModelSpec {
+    pub fn parse(model: &str, transformer: Option<&str>) -> Result<Self, GenerateError> {
+        let preset = PRESETS.iter().find(|p| p.0 == model);
+        let transformer = transformer.map(Source::parse).transpose()?;
+        Ok(match preset {
+            Some((_, base, skywork)) => Self {
+                pipeline: Source::Hub(base.to_string()),
+                transformer: transformer.or(Some(Source::Hub(skywork.to_string()))),
+            },
+            None => Self {
+                pipeline: Source::parse(model)?,
+                transformer,
+            },
+        })
+    }
+
+    /// Local folders for every component, downloading what is missing from the cache unless
+    /// offline.
+    pub fn resolve(&self, opts: &HubOptions) -> Result<ModelPaths, GenerateError> {
+        let own_transformer = self.transformer.is_none();
+        let pipeline = match &self.pipeline {
+            Source::Local(p) => p.clone(),
+            Source::Hub(repo) => fetch(repo, Layout::Pipeline { own_transformer }, opts)?,
+        };
+        let transformer = match &self.transformer {
+            None => None,
+            Some(Source::Local(p)) => Some(p.clone()),
+            Some(Source::Hub(repo)) => Some(fetch(repo, Layout::Transformer, opts)?),
+        };
+        ModelPaths::local(&pipeline, transformer.as_deref())
+    }
+}
+
+/// Which files of a repo are needed.
+#[derive(Debug, Clone, Copy)]
+pub enum Layout {
+    /// A diffusers pipeline repo; its `transformer/` only when no other transformer is given.
+    Pipeline { own_transformer: bool },
+    /// A bare transformer repo (config and weights at the root) or one with `transformer/`.
+    Transformer,
+}
+
+fn is_weight_or_config(name: &str) -> bool {
+    name.ends_with(".json") || name.ends_with(".safetensors") || name.ends_with(".txt")
+}
+
+/// The repo files a run needs, from the repo's file list: configs, tokenizer files and
+/// safetensors weights of the needed subfolders (never `.bin`/`.pt` duplicates).
+pub fn needed_files(files: &[String], layout: Layout) -> Vec<String> {
+    files
+        .iter()
+        .filter(|f| {
+            let (dir, name) = f.rsplit_once('/').unwrap_or(("", f.as_str()));
+            if !is_weight_or_config(name) {
+                return false;
+            }
+            match layout {
+                Layout::Pipeline { own_transformer } => {
+                    (dir.is_empty() && name == "model_index.json")
+                        || PIPELINE_PARTS.contains(&dir)
+                        || (own_transformer && dir == "transformer")
+                }
+                Layout::Transformer => {
+                    (dir.is_empty() && name != "model_index.json") || dir == "transformer"
+                }
+            }
+        })
+        .cloned()
+        .collect()
+}
+
+/// The file that marks a repo as present in the cache (at its root).
+fn marker(layout: Layout) -> &'static str {
+    match layout {
+        Layout::Pipeline { .. } => "model_index.json",
+        Layout::Transformer => "config.json",
+    }
+}
+
+/// The snapshot folder of `repo` in the cache, if its marker file is there (a transformer repo
+/// may keep its config in `transformer/`).
+fn cached(repo: &str, layout: Layout, opts: &HubOptions) -> Option<PathBuf> {
+    let cache = opts.cache().repo(Repo::model(repo.to_string()));
+    let m = marker(layout);
+    let (file, depth) = match (cache.get(m), layout) {
+        (Some(p), _) => (p, 1),
+        (None, Layout::Transformer) => (cache.get(&format!("transformer/{m}"))?, 2),
+        (None, Layout::Pipeline { .. }) => return None,
+    };
+    file.ancestors().nth(depth).map(Path::to_path_buf)
+}
+
+/// Downloads (or finds in the cache) the files of `repo` a run needs; returns its snapshot folder.
+pub fn fetch(repo: &str, layout: Layout, opts: &HubOptions) -> Result<PathBuf, GenerateError> {
+    let cache_path = opts.cache().path().clone();
+    let not_cached = |why: String| {
+        GenerateError::Invalid(format!(
+            "{repo} is not in the Hugging Face cache ({}) and {why}; run `skyreels download` \
+             with network access, or pass a local folder",
+            cache_path.display()
+        ))
+    };
+    if opts.is_offline() {
+        return cached(repo, layout, opts).ok_or_else(|| not_cached("downloads are off".into()));
+    }
+    let mut builder = ApiBuilder::from_cache(opts.cache()).with_progress(opts.progress);
+    if let Ok(endpoint) = std::env::var("HF_ENDPOINT") {
+        builder = builder.with_endpoint(endpoint);
+    }
+    let api = builder
+        .build()
+        .map_err(|e| GenerateError::Invalid(format!("hub client: {e}")))?;
+    let api_repo = api.model(repo.to_string());
+    let info = match api_repo.info() {
+        Ok(info) => info,
+        Err(e) => {
+            return match cached(repo, layout, opts) {
+                Some(dir) => {
+                    eprintln!("note: cannot reach the hub for {repo} ({e}); using the cached copy");
+                    Ok(dir)
+                }
+                None => Err(not_cached(format!("the hub cannot be reached ({e})"))),
+            };
+        }
+    };
+    let files: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
+    let needed = needed_files(&files, layout);
+    if needed.is_empty() {
+        return Err(GenerateError::Invalid(format!(
+            "{repo} has no diffusers model files (config.json, *.safetensors)"
+        )));
+    }
+    let mut snapshot = None;
+    for f in &needed {
+        let path = api_repo
+            .get(f)
+            .map_err(|e| GenerateError::Invalid(format!("downloading {repo}/{f}: {e}")))?;
+        // <snapshot>/<f>: walk up one level per path component
+        let mut dir = path.clone();
+        for _ in f.split('/') {
+            dir.pop();
+        }
+        snapshot.get_or_insert(dir);
+    }
+    Ok(snapshot.expect("at least one file"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn only_the_needed_files_are_fetched() {
+        let repo = names(&[
+            "model_index.json",
+            "README.md",
+            "scheduler/scheduler_config.json",
+            "text_encoder/config.json",
+            "text_encoder/model-00001-of-00004.safetensors",
+            "text_encoder/model.safetensors.index.json",
+            "text_encoder/pytorch_model.bin",
+            "tokenizer_2/merges.txt",
+            "tokenizer_2/vocab.json",
+            "transformer/config.json",
+            "transformer/diffusion_pytorch_model-00001-of-00003.safetensors",
+            "vae/diffusion_pytorch_model.safetensors",
+        ]);
+        let got = needed_files(
+            &repo,
+            Layout::Pipeline {
+                own_transformer: false,
+            },
+        );
+        assert_eq!(
+            got,
+            names(&[
+                "model_index.json",
+                "scheduler/scheduler_config.json",
+                "text_encoder/config.json",
+                "text_encoder/model-00001-of-00004.safetensors",
+                "text_encoder/model.safetensors.index.json",
+                "tokenizer_2/merges.txt",
+                "tokenizer_2/vocab.json",
+                "vae/diffusion_pytorch_model.safetensors",
+            ])
+        );
+        let with = needed_files(
+            &repo,
+            Layout::Pipeline {
+                own_transformer: true,
+            },
+        );
+        assert_eq!(with.len(), got.len() + 2);
+        let skywork = names(&[
+            ".gitattributes",
+            "README.md",
+            "config.json",
+            "diffusion_pytorch_model-00001-of-00006.safetensors",
+            "diffusion_pytorch_model.safetensors.index.json",
+            "assets/demo.mp4",
+        ]);
+        assert_eq!(
+            needed_files(&skywork, Layout::Transformer),
+            names(&[
+                "config.json",
+                "diffusion_pytorch_model-00001-of-00006.safetensors",
+                "diffusion_pytorch_model.safetensors.index.json",
+            ])
+        );
+    }
+
+    #[test]
+    fn model_values_parse_to_sources() {
+        let spec = ModelSpec::parse("skyreels-v1-i2v", None).unwrap();
+        assert_eq!(spec.pipeline, Source::Hub(BASE_REPO.into()));
+        assert_eq!(
+            spec.transformer,
+            Some(Source::Hub("Skywork/SkyReels-V1-Hunyuan-I2V".into()))
+        );
+        let spec = ModelSpec::parse("skyreels-v1-t2v", Some("me/my-finetune")).unwrap();
+        assert_eq!(spec.transformer, Some(Source::Hub("me/my-finetune".into())));
+        assert_eq!(
+            ModelSpec::parse("owner/name", None).unwrap().pipeline,
+            Source::Hub("owner/name".into())
+        );
+        let e = ModelSpec::parse("./no/such/folder", None).unwrap_err();
+        assert!(e.to_string().contains("skyreels-v1-i2v"), "{e}");
+        assert!(Source::parse("/no/such").is_err());
+        assert!(Source::parse("a/b/c").is_err());
+    }
+}
