@@ -87,9 +87,9 @@ struct ModelArgs {
 struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// The first frame (image-to-video models): a file path.
+    /// The first frame (image-to-video models): a file path or an http(s) URL.
     #[arg(long)]
-    image: Option<PathBuf>,
+    image: Option<String>,
     /// What the video shows. SkyReels prompts start with "FPS-24, ".
     #[arg(long)]
     prompt: String,
@@ -196,15 +196,41 @@ fn download(args: DownloadArgs) -> Result<()> {
     Ok(())
 }
 
-fn load_image(path: &Path) -> Result<image::RgbImage> {
-    if !path.is_file() {
-        bail!("image file {} does not exist", path.display());
-    }
-    let img = image::ImageReader::open(path)
-        .and_then(|r| r.with_guessed_format())
-        .with_context(|| format!("cannot read image {}", path.display()))?
+/// Largest image download accepted.
+const MAX_IMAGE_BYTES: u64 = 50 << 20;
+
+/// An image from a file or an http(s) URL, as RGB.
+fn load_image(source: &str) -> Result<image::RgbImage> {
+    let bytes = if source.starts_with("http://") || source.starts_with("https://") {
+        let response = ureq::get(source)
+            .timeout(std::time::Duration::from_secs(60))
+            .call()
+            .with_context(|| format!("cannot fetch image {source}"))?;
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(
+            &mut std::io::Read::take(response.into_reader(), MAX_IMAGE_BYTES + 1),
+            &mut bytes,
+        )
+        .with_context(|| format!("cannot fetch image {source}"))?;
+        if bytes.len() as u64 > MAX_IMAGE_BYTES {
+            bail!(
+                "image {source} is larger than {} MiB",
+                MAX_IMAGE_BYTES >> 20
+            );
+        }
+        bytes
+    } else {
+        let path = Path::new(source);
+        if !path.is_file() {
+            bail!("image file {source} does not exist");
+        }
+        std::fs::read(path).with_context(|| format!("cannot read image {source}"))?
+    };
+    let img = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .expect("reading from memory")
         .decode()
-        .with_context(|| format!("cannot decode image {}", path.display()))?;
+        .with_context(|| format!("cannot decode image {source}"))?;
     Ok(img.to_rgb8())
 }
 

@@ -307,3 +307,47 @@ fn hub_repos_resolve_from_the_cache_offline_or_unreachable() {
     assert!(!ok);
     assert!(err.contains("the hub cannot be reached"), "{err}");
 }
+
+/// Serves `body` with `status` to every connection on a local port; returns the base URL.
+fn http_server(status: &'static str, body: Vec<u8>) -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf);
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Length: {}\r\nContent-Type: image/png\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = stream.write_all(head.as_bytes());
+            let _ = stream.write_all(&body);
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[test]
+fn image_urls_are_fetched() {
+    let dir = tempfile::tempdir().unwrap();
+    let png = std::fs::read(image_file(dir.path(), "in.png", 96, 64)).unwrap();
+    let out = dir.path().join("o.safetensors");
+    let out = out.to_str().unwrap();
+    let url = format!("{}/in.png", http_server("200 OK", png));
+    let o = skyreels(
+        dir.path(),
+        &["generate", "--prompt", "a cat", "--image", &url, "-o", out],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let url = format!(
+        "{}/missing.png",
+        http_server("404 Not Found", b"no".to_vec())
+    );
+    let o = skyreels(
+        dir.path(),
+        &["generate", "--prompt", "a cat", "--image", &url, "-o", out],
+    );
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("cannot fetch image"), "{}", stderr(&o));
+}
