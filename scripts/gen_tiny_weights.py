@@ -38,14 +38,15 @@ VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels
            temporal_compression_ratio=4, mid_block_add_attention=True)
 
 
-def transformer(in_channels: int, seed: int) -> HunyuanVideoTransformer3DModel:
+def transformer(in_channels: int, seed: int, **overrides) -> HunyuanVideoTransformer3DModel:
     torch.manual_seed(seed)
-    model = HunyuanVideoTransformer3DModel(**{**TRANSFORMER, "in_channels": in_channels}).eval()
+    model = HunyuanVideoTransformer3DModel(**{**TRANSFORMER, **overrides, "in_channels": in_channels}).eval()
     randomize(model, torch.Generator().manual_seed(seed))
     return model
 
 
-def build(out: Path, seed: int = 0) -> None:
+def build(out: Path, seed: int = 0, transformer_cfg=None, vae_cfg=None) -> None:
+    """The pipeline in `out`; `transformer_cfg` / `vae_cfg` override the tiny configs (benchmarks)."""
     shutil.rmtree(out, ignore_errors=True)
     tok_dir = out / "_tok"
     llama_vocab = tiny_tokenizers.llama3_style(tok_dir / "tokenizer")
@@ -62,11 +63,11 @@ def build(out: Path, seed: int = 0) -> None:
                                         bos_token_id=clip_vocab - 2, pad_token_id=1)).eval()
     randomize_clip(clip, gen)
     torch.manual_seed(seed + 2)
-    vae = AutoencoderKLHunyuanVideo(**VAE).eval()
+    vae = AutoencoderKLHunyuanVideo(**{**VAE, **(vae_cfg or {})}).eval()
     randomize(vae, torch.Generator().manual_seed(seed + 2))
     pipe = HunyuanSkyreelsImageToVideoPipeline(
         text_encoder=llama, tokenizer=AutoTokenizer.from_pretrained(tok_dir / "tokenizer"),
-        transformer=transformer(32, seed + 3), vae=vae,
+        transformer=transformer(32, seed + 3, **(transformer_cfg or {})), vae=vae,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
         text_encoder_2=clip, tokenizer_2=CLIPTokenizer.from_pretrained(tok_dir / "tokenizer_2"))
     pipe.save_pretrained(out, safe_serialization=True)

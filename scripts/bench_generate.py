@@ -1,0 +1,134 @@
+#!/usr/bin/env python3
+"""End-to-end generation on CPU, f32: `skyreels generate` vs diffusers on the same weights and inputs.
+
+Builds a mid-size random SkyReels I2V pipeline in OUT (transformer hidden 256 = 4 heads x 64, 2 dual +
+4 single blocks; VAE 32/64/64/64 channels; the tiny text encoders of weights/tiny), then runs, each in
+a fresh process with the same number of threads, diffusers' HunyuanSkyreelsImageToVideoPipeline and
+the release `skyreels` binary on the same image, prompt, negative prompt (true CFG 6.0) and injected
+noise (--noise). Prints the generation time of each (model loading excluded: diffusers times its
+pipeline call, skyreels reports its stage timings), the whole-process wall times, the ratio
+rust/diffusers, both peak RSS values, and the max abs difference of the frames.
+
+Usage: venv/bin/python scripts/bench_generate.py [--threads 2] [--height 256] [--width 384]
+       [--frames 17] [--steps 4] [--out DIR]
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+TRANSFORMER = dict(num_attention_heads=4, attention_head_dim=64, num_layers=2, num_single_layers=4,
+                   num_refiner_layers=1, rope_axes_dim=(16, 24, 24))
+VAE = dict(block_out_channels=(32, 64, 64, 64), layers_per_block=1, norm_num_groups=16)
+PROMPT = "FPS-24, A cat walks on the grass, realistic style."
+NEGATIVE = "Aerial view, overexposed, low quality, deformation"
+
+DIFFUSERS_RUN = r'''
+import json, sys, time, torch, numpy as np
+from PIL import Image
+from safetensors.torch import load_file, save_file
+import diffusers.pipelines.hunyuan_video.pipeline_hunyuan_skyreels_image2video as m
+from diffusers import HunyuanSkyreelsImageToVideoPipeline
+from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+m.retrieve_latents = lambda e, generator=None, sample_mode="sample": e.latent_dist.mode()
+a = json.loads(sys.argv[1])
+torch.set_num_threads(a["threads"])
+t0 = time.perf_counter()
+pipe = HunyuanSkyreelsImageToVideoPipeline.from_pretrained(a["pipeline"], torch_dtype=torch.float32)
+pipe.vae.enable_tiling()
+pipe.set_progress_bar_config(disable=True)
+tmpl = DEFAULT_PROMPT_TEMPLATE["template"]
+crop = len(pipe.tokenizer(tmpl.split("{}")[0]).input_ids)
+noise = load_file(a["noise"])["latents"]
+t1 = time.perf_counter()
+with torch.no_grad():
+    frames = pipe(image=Image.open(a["image"]), prompt=a["prompt"], negative_prompt=a["negative"],
+                  height=a["height"], width=a["width"], num_frames=a["frames"], num_inference_steps=a["steps"],
+                  true_cfg_scale=6.0, guidance_scale=1.0, latents=noise, output_type="np",
+                  prompt_template={"template": tmpl, "crop_start": crop}).frames[0]
+t2 = time.perf_counter()
+save_file({"frames": torch.from_numpy(np.ascontiguousarray(frames)).float()}, a["frames_out"])
+print(f"RESULT generate={t2 - t1:.3f} load={t1 - t0:.3f}")
+'''
+
+
+def run(cmd, env):
+    """Runs cmd in a fresh process: (stdout+stderr, wall seconds, peak RSS MiB of that process)."""
+    import tempfile
+    with tempfile.TemporaryFile(mode="w+") as log:
+        t = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        log.seek(0)
+        out = log.read()
+    if proc.returncode != 0:
+        sys.stderr.write(out)
+        sys.exit(proc.returncode)
+    return out, wall, usage.ru_maxrss / 1024
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--height", type=int, default=256)
+    ap.add_argument("--width", type=int, default=384)
+    ap.add_argument("--frames", type=int, default=17)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--out", type=Path, default=ROOT / "out" / "bench_generate")
+    args = ap.parse_args()
+
+    import numpy as np
+    import torch
+    from PIL import Image
+    from safetensors.torch import load_file, save_file
+    from gen_tiny_weights import build
+
+    pipeline = args.out / "pipeline"
+    if not (pipeline / "model_index.json").exists():
+        build(pipeline, seed=5, transformer_cfg=TRANSFORMER, vae_cfg=VAE)
+    image = args.out / "image.png"
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:args.height, 0:args.width]
+    pic = np.stack([x * 255 / args.width, y * 255 / args.height, 128 + 0 * x], -1)
+    pic = (pic + rng.normal(0, 20, pic.shape)).clip(0, 255).astype(np.uint8)
+    Image.fromarray(pic).save(image)
+    noise = args.out / "noise.safetensors"
+    shape = (1, 16, (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8)
+    save_file({"latents": torch.randn(shape, generator=torch.Generator().manual_seed(0))}, str(noise))
+    subprocess.run(["cargo", "build", "-q", "--release", "-p", "skyreels-cli"], cwd=ROOT, check=True)
+
+    env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
+    py_out = args.out / "frames_diffusers.safetensors"
+    rs_out = args.out / "frames_rust.safetensors"
+    spec = dict(pipeline=str(pipeline), image=str(image), noise=str(noise), prompt=PROMPT, negative=NEGATIVE,
+                height=args.height, width=args.width, frames=args.frames, steps=args.steps,
+                threads=args.threads, frames_out=str(py_out))
+    out, py_wall, py_rss = run([sys.executable, "-c", DIFFUSERS_RUN, json.dumps(spec)], env)
+    py_gen = float(re.search(r"RESULT generate=([0-9.]+)", out).group(1))
+    cmd = [str(ROOT / "target" / "release" / "skyreels"), "generate", "--model", str(pipeline),
+           "--image", str(image), "--prompt", PROMPT, "--negative-prompt", NEGATIVE,
+           "--height", str(args.height), "--width", str(args.width), "--num-frames", str(args.frames),
+           "--steps", str(args.steps), "--noise", str(noise), "-o", str(rs_out)]
+    out, rs_wall, rs_rss = run(cmd, env)
+    m = re.search(r"load ([0-9.]+)s, .* export ([0-9.]+)s, total ([0-9.]+)s", out)
+    rs_gen = float(m.group(3)) - float(m.group(1)) - float(m.group(2))
+    diff = (load_file(str(rs_out))["frames"] - load_file(str(py_out))["frames"]).abs().max().item()
+    print(f"config: {args.height}x{args.width}, {args.frames} frames, {args.steps} steps with true CFG, "
+          f"{args.threads} threads, f32 CPU")
+    print(f"diffusers: generate {py_gen:.2f}s, process {py_wall:.2f}s, peak RSS {py_rss:.0f} MiB")
+    print(f"skyreels:  generate {rs_gen:.2f}s, process {rs_wall:.2f}s, peak RSS {rs_rss:.0f} MiB")
+    print(f"ratio rust/diffusers (generate): {rs_gen / py_gen:.3f}; frames max abs diff {diff:.2e}")
+    print("stage timings (skyreels):", out.strip().splitlines()[-2])
+
+
+if __name__ == "__main__":
+    main()
