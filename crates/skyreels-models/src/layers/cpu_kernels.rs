@@ -626,6 +626,9 @@ pub fn conv3d_f32(
         )
     }
     let (to, ho, wo) = ((tp - kt) / st + 1, (hp - kh) / sh + 1, (wp - kw) / sw + 1);
+    if geo.stride == (1, 1, 1) {
+        return conv3d_f32_shifted(x, weight, bias, geo);
+    }
     let kdim = c * kt * kh * kw;
     let plane = to * ho * wo;
     let x = x.contiguous()?;
@@ -696,6 +699,129 @@ pub fn conv3d_f32(
                             },
                             par,
                         );
+                    }
+                    y0 += rows;
+                }
+            }
+        }
+        Ok(())
+    })??;
+    Tensor::from_vec(out, (b, o, to, ho, wo), x.device())
+}
+
+/// Output positions per GEMM of [`conv3d_f32_shifted`]: the rhs panel (channels × positions)
+/// stays cache-sized.
+const SHIFTED_COLUMNS: usize = 16384;
+
+/// Unit-stride [`conv3d_f32`] without im2col: input frames are replicate-padded into a ring of kt
+/// frame slots (c, hp, wp); for each tap (i, j, k) the GEMM
+/// `E[o, n] += W[:, :, i, j, k] · Xp[:, ti + i, n + j·wp + k]` reads the padded frame directly,
+/// with n running over output rows laid out at the padded width wp (the extra kw − 1 columns per
+/// row are computed and dropped when E is copied out with the bias).
+fn conv3d_f32_shifted(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    geo: Conv3dGeometry,
+) -> Result<Tensor> {
+    let (b, c, t, h, w) = x.dims5()?;
+    let (o, _, kt, kh, kw) = weight.dims5()?;
+    let (pt, ph, pw) = geo.pad;
+    let (tp, hp, wp) = (t + pt, h + 2 * ph, w + 2 * pw);
+    let (to, ho, wo) = (tp - kt + 1, hp - kh + 1, wp - kw + 1);
+    let taps = kt * kh * kw;
+    let x = x.contiguous()?;
+    let weight = weight.contiguous()?;
+    let threads = rayon::current_num_threads();
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    let plane = to * ho * wo;
+    let mut out = vec![0f32; b * o * plane];
+    let rows_per_chunk = (SHIFTED_COLUMNS / wp).clamp(1, ho);
+    let mut e = vec![0f32; o * rows_per_chunk * wp];
+    let slot = c * hp * wp;
+    let mut ring = vec![0f32; kt * slot];
+    with_f32s([&x, &weight], |[xd, wd]| -> Result<()> {
+        let bias_v: Option<Vec<f32>> = bias.map(|b| b.to_vec1::<f32>()).transpose()?;
+        // (o, c, kt, kh, kw) -> (taps, o, c)
+        let mut wt = vec![0f32; taps * o * c];
+        for oi in 0..o {
+            for ci in 0..c {
+                for tap in 0..taps {
+                    wt[(tap * o + oi) * c + ci] = wd[(oi * c + ci) * taps + tap];
+                }
+            }
+        }
+        for bi in 0..b {
+            let xb = &xd[bi * c * t * h * w..(bi + 1) * c * t * h * w];
+            // padded frame tt (frames in front, rows and columns around) into its ring slot
+            let fill = |ring: &mut [f32], tt: usize| {
+                let ts = tt.saturating_sub(pt).min(t - 1);
+                let dst = &mut ring[(tt % kt) * slot..(tt % kt + 1) * slot];
+                dst.par_chunks_mut(hp * wp)
+                    .enumerate()
+                    .for_each(|(ci, frame)| {
+                        let src = &xb[(ci * t + ts) * h * w..(ci * t + ts + 1) * h * w];
+                        for (yy, row) in frame.chunks_exact_mut(wp).enumerate() {
+                            let ys = yy.saturating_sub(ph).min(h - 1);
+                            im2col_row(&src[ys * w..(ys + 1) * w], row, 0, pw, 1);
+                        }
+                    });
+            };
+            for tt in 0..kt - 1 {
+                fill(&mut ring, tt);
+            }
+            let ob = &mut out[bi * o * plane..(bi + 1) * o * plane];
+            for ti in 0..to {
+                fill(&mut ring, ti + kt - 1);
+                let mut y0 = 0;
+                while y0 < ho {
+                    let rows = rows_per_chunk.min(ho - y0);
+                    // the last row's padding columns would read past the frame: stop at wo
+                    let n = (rows - 1) * wp + wo;
+                    for tap in 0..taps {
+                        let (i, j, k) = (tap / (kh * kw), (tap / kw) % kh, tap % kw);
+                        let src = ((ti + i) % kt) * slot + (y0 + j) * wp + k;
+                        // SAFETY: wt[tap] is (o, c); the rhs is c rows (stride hp·wp) of n
+                        // elements starting inside the slot of frame ti + i and ending at most
+                        // at the last element of its channel; e holds o rows of n elements.
+                        unsafe {
+                            gemm_f32(
+                                o,
+                                n,
+                                c,
+                                View {
+                                    ptr: e.as_mut_ptr(),
+                                    rs: n as isize,
+                                    cs: 1,
+                                },
+                                tap > 0,
+                                View {
+                                    ptr: wt[tap * o * c..].as_ptr(),
+                                    rs: c as isize,
+                                    cs: 1,
+                                },
+                                View {
+                                    ptr: ring[src..].as_ptr(),
+                                    rs: (hp * wp) as isize,
+                                    cs: 1,
+                                },
+                                par,
+                            );
+                        }
+                    }
+                    for oi in 0..o {
+                        let bv = bias_v.as_ref().map_or(0.0, |bv| bv[oi]);
+                        let er = &e[oi * n..(oi + 1) * n];
+                        let dst = &mut ob[oi * plane + (ti * ho + y0) * wo..][..rows * wo];
+                        for (yy, drow) in dst.chunks_exact_mut(wo).enumerate() {
+                            for (d, v) in drow.iter_mut().zip(&er[yy * wp..yy * wp + wo]) {
+                                *d = v + bv;
+                            }
+                        }
                     }
                     y0 += rows;
                 }
