@@ -1,0 +1,291 @@
+//! A prediction's record and its state machine.
+
+use serde::{Deserialize, Serialize};
+
+/// Task status, as WaveSpeed spells it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Accepted: its image is being fetched or it waits in the queue.
+    Created,
+    Processing,
+    Completed,
+    Failed,
+    Cancelled,
+    /// A finished task whose files were deleted by `DELETE`.
+    Deleted,
+}
+
+impl Status {
+    pub const ALL: [Status; 6] = [
+        Status::Created,
+        Status::Processing,
+        Status::Completed,
+        Status::Failed,
+        Status::Cancelled,
+        Status::Deleted,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Created => "created",
+            Status::Processing => "processing",
+            Status::Completed => "completed",
+            Status::Failed => "failed",
+            Status::Cancelled => "cancelled",
+            Status::Deleted => "deleted",
+        }
+    }
+
+    /// Completed, failed or cancelled (or deleted): nothing more will happen to it.
+    pub fn is_finished(self) -> bool {
+        !matches!(self, Status::Created | Status::Processing)
+    }
+
+    /// The transitions a task may take.
+    pub fn can_become(self, to: Status) -> bool {
+        use Status::*;
+        matches!(
+            (self, to),
+            (Created, Processing | Failed | Cancelled)
+                | (Processing, Completed | Failed | Cancelled)
+                | (Completed | Failed | Cancelled, Deleted)
+        )
+    }
+}
+
+/// Task-level error codes (`data.code`), WaveSpeed's table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "u32", try_from = "u32")]
+pub enum TaskCode {
+    Ok,
+    MissingParameter,
+    InvalidParameter,
+    MediaAccessFailed,
+    ExecutionFailed,
+    Internal,
+    Unavailable,
+    Timeout,
+}
+
+impl From<TaskCode> for u32 {
+    fn from(c: TaskCode) -> u32 {
+        match c {
+            TaskCode::Ok => 0,
+            TaskCode::MissingParameter => 1400,
+            TaskCode::InvalidParameter => 1401,
+            TaskCode::MediaAccessFailed => 1402,
+            TaskCode::ExecutionFailed => 1403,
+            TaskCode::Internal => 5000,
+            TaskCode::Unavailable => 5003,
+            TaskCode::Timeout => 5004,
+        }
+    }
+}
+
+impl TryFrom<u32> for TaskCode {
+    type Error = String;
+    fn try_from(v: u32) -> Result<Self, String> {
+        [
+            TaskCode::Ok,
+            TaskCode::MissingParameter,
+            TaskCode::InvalidParameter,
+            TaskCode::MediaAccessFailed,
+            TaskCode::ExecutionFailed,
+            TaskCode::Internal,
+            TaskCode::Unavailable,
+            TaskCode::Timeout,
+        ]
+        .into_iter()
+        .find(|c| u32::from(*c) == v)
+        .ok_or_else(|| format!("unknown task code {v}"))
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// RFC 3339 UTC with milliseconds and `Z`.
+pub fn rfc3339_ms(ms: u64) -> String {
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+        .to_string()
+}
+
+/// A fresh task id: 32 lowercase hex digits (a random uuid4 without dashes).
+pub fn new_id() -> String {
+    let mut b: [u8; 16] = rand::random();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    hex(&b)
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Everything known about a task; persisted as JSON on every state change.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: String,
+    pub model: String,
+    pub status: Status,
+    /// The request as received (a long data: URI image shortened).
+    pub input: serde_json::Value,
+    /// Absolute base URL of the server at submit time (for the `urls.get` and output links).
+    pub base_url: String,
+    pub created_at: u64,
+    pub started_at: Option<u64>,
+    pub completed_at: Option<u64>,
+    pub error: String,
+    pub code: TaskCode,
+    pub seed: u64,
+    /// Output files in the output folder (file names).
+    pub outputs: Vec<String>,
+    pub base64_output: bool,
+    pub webhook: Option<String>,
+    /// Denoising steps done, of `total`.
+    pub step: usize,
+    pub total_steps: usize,
+    /// Stage name -> milliseconds.
+    pub timings: Vec<(String, u64)>,
+}
+
+/// A transition the state machine does not allow.
+#[derive(Debug, thiserror::Error)]
+#[error("a {} task cannot become {}", from.as_str(), to.as_str())]
+pub struct InvalidTransition {
+    pub from: Status,
+    pub to: Status,
+}
+
+impl JobRecord {
+    /// Moves to `to`, stamping times; failures carry their code and message.
+    pub fn transition(&mut self, to: Status) -> Result<(), InvalidTransition> {
+        if !self.status.can_become(to) {
+            return Err(InvalidTransition {
+                from: self.status,
+                to,
+            });
+        }
+        let now = now_ms();
+        match to {
+            Status::Processing => self.started_at = Some(now),
+            Status::Completed | Status::Failed | Status::Cancelled => self.completed_at = Some(now),
+            Status::Created | Status::Deleted => {}
+        }
+        self.status = to;
+        Ok(())
+    }
+
+    /// Fails the task with a code and a readable reason.
+    pub fn fail(
+        &mut self,
+        code: TaskCode,
+        error: impl Into<String>,
+    ) -> Result<(), InvalidTransition> {
+        self.transition(Status::Failed)?;
+        self.code = code;
+        self.error = error.into();
+        Ok(())
+    }
+
+    /// Milliseconds between start and end of the work (0 until finished).
+    pub fn execution_ms(&self) -> u64 {
+        match (self.started_at, self.completed_at) {
+            (Some(s), Some(e)) => e.saturating_sub(s),
+            _ => 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn record() -> JobRecord {
+        JobRecord {
+            id: new_id(),
+            model: "wavespeed-ai/SkyReels-V1".into(),
+            status: Status::Created,
+            input: serde_json::json!({}),
+            base_url: "http://localhost".into(),
+            created_at: now_ms(),
+            started_at: None,
+            completed_at: None,
+            error: String::new(),
+            code: TaskCode::Ok,
+            seed: 1,
+            outputs: vec![],
+            base64_output: false,
+            webhook: None,
+            step: 0,
+            total_steps: 30,
+            timings: vec![],
+        }
+    }
+
+    #[test]
+    fn allowed_transitions() {
+        use Status::*;
+        let allowed = [
+            (Created, Processing),
+            (Created, Failed),
+            (Created, Cancelled),
+            (Processing, Completed),
+            (Processing, Failed),
+            (Processing, Cancelled),
+            (Completed, Deleted),
+            (Failed, Deleted),
+            (Cancelled, Deleted),
+        ];
+        for from in Status::ALL {
+            for to in Status::ALL {
+                assert_eq!(
+                    from.can_become(to),
+                    allowed.contains(&(from, to)),
+                    "{from:?} -> {to:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn transition_stamps_times_and_refuses_the_rest() {
+        let mut r = record();
+        assert!(r.transition(Status::Completed).is_err());
+        r.transition(Status::Processing).unwrap();
+        assert!(r.started_at.is_some() && r.completed_at.is_none());
+        r.fail(TaskCode::ExecutionFailed, "boom").unwrap();
+        assert_eq!(
+            (r.status, r.code, r.error.as_str()),
+            (Status::Failed, TaskCode::ExecutionFailed, "boom")
+        );
+        assert!(r.completed_at.unwrap() >= r.started_at.unwrap());
+        let e = r.transition(Status::Processing).unwrap_err();
+        assert_eq!(e.to_string(), "a failed task cannot become processing");
+        r.transition(Status::Deleted).unwrap();
+        assert!(r.transition(Status::Deleted).is_err());
+    }
+
+    #[test]
+    fn ids_times_and_codes() {
+        let id = new_id();
+        assert_eq!(id.len(), 32);
+        assert!(id
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        assert_eq!(&id[12..13], "4");
+        assert_ne!(new_id(), id);
+        assert_eq!(rfc3339_ms(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
+        assert_eq!(rfc3339_ms(0), "1970-01-01T00:00:00.000Z");
+        for c in [TaskCode::Ok, TaskCode::MediaAccessFailed, TaskCode::Timeout] {
+            assert_eq!(TaskCode::try_from(u32::from(c)).unwrap(), c);
+        }
+        assert_eq!(serde_json::to_value(TaskCode::Unavailable).unwrap(), 5003);
+        assert!(TaskCode::try_from(7).is_err());
+    }
+}

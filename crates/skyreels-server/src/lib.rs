@@ -1,0 +1,271 @@
+//! `skyreels-server`: a WaveSpeed `/api/v3` compatible HTTP server for video generation.
+//!
+//! Layers: [`generator::Generator`] (the model, behind a trait; no candle here) -> one worker
+//! thread that owns it -> [`store::Store`] (jobs, FIFO queue, uploads, records on disk) ->
+//! [`api::router`] (axum). Finished tasks flow to an async task that counts them and sends
+//! webhooks.
+
+pub mod api;
+pub mod generator;
+pub mod job;
+pub mod media;
+pub mod metrics;
+pub mod openapi;
+pub mod store;
+pub mod webhook;
+mod worker;
+
+use generator::{GeneratorLoader, ModelInfo};
+use metrics::Metrics;
+use sha2::{Digest, Sha256};
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+use store::Store;
+
+/// Everything the server is told at start-up.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Videos, job records, uploads and the webhook secret live here.
+    pub output_dir: PathBuf,
+    /// Accepted bearer keys; empty: no authentication.
+    pub api_keys: Vec<String>,
+    /// Tasks accepted and not yet started, at most.
+    pub max_queue: usize,
+    /// Base of the absolute URLs handed out; `None`: from each request's Host.
+    pub public_url: Option<String>,
+    /// Let image URLs (and webhooks) reach loopback, private and link-local addresses.
+    pub allow_private_urls: bool,
+    /// How long a sync-mode submit waits before answering "still processing".
+    pub sync_timeout: Duration,
+    /// Finished tasks, their videos and uploads are deleted this long after they finish;
+    /// `None` keeps them.
+    pub retention: Option<Duration>,
+    /// Largest request body (JSON with data: URIs, uploads).
+    pub max_body_bytes: usize,
+    /// `whsec_...`; `None`: generated once and kept in the output folder.
+    pub webhook_secret: Option<String>,
+    /// First webhook retry delay (doubles per retry).
+    pub webhook_backoff: Duration,
+    /// Timeout for fetching an image (and for one webhook attempt).
+    pub fetch_timeout: Duration,
+    /// On shutdown, how long the running task may take to finish before it is cancelled.
+    pub shutdown_grace: Duration,
+}
+
+impl ServerConfig {
+    pub fn new(output_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            output_dir: output_dir.into(),
+            api_keys: vec![],
+            max_queue: 16,
+            public_url: None,
+            allow_private_urls: false,
+            sync_timeout: Duration::from_secs(90),
+            retention: Some(Duration::from_secs(24 * 3600)),
+            max_body_bytes: 64 << 20,
+            webhook_secret: None,
+            webhook_backoff: Duration::from_secs(2),
+            fetch_timeout: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error("cannot set up the webhook secret in {path}: {source}")]
+    Secret {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("loading the model failed: {0}")]
+    Load(String),
+    #[error("server I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Shared by all handlers.
+pub struct AppState {
+    pub config: ServerConfig,
+    pub store: Arc<Store>,
+    pub metrics: Arc<Metrics>,
+    /// Set by the worker once the generator is loaded.
+    pub models: OnceLock<Vec<ModelInfo>>,
+    pub webhook_secret: String,
+    /// Blocking HTTP client for images and webhooks (address policy applied).
+    pub agent: ureq::Agent,
+    pub(crate) key_hashes: Vec<[u8; 32]>,
+}
+
+/// A running server's parts, before it is bound to a socket (tests drive the router directly).
+pub struct Server {
+    pub state: Arc<AppState>,
+    worker: std::thread::JoinHandle<()>,
+    loaded: tokio::sync::oneshot::Receiver<Result<(), String>>,
+}
+
+impl Server {
+    /// Opens the output folder (recovering earlier records), starts the worker thread (which
+    /// loads the generator), the finished-task consumer (metrics, webhooks) and the retention
+    /// sweeper. Call inside a tokio runtime.
+    pub fn start(config: ServerConfig, loader: GeneratorLoader) -> Result<Self, ServerError> {
+        let (store, finished) = Store::open(&config.output_dir, config.max_queue)?;
+        let store = Arc::new(store);
+        let secret =
+            webhook::load_or_create_secret(config.webhook_secret.clone(), &config.output_dir)
+                .map_err(|source| ServerError::Secret {
+                    path: config.output_dir.clone(),
+                    source,
+                })?;
+        let state = Arc::new(AppState {
+            key_hashes: config
+                .api_keys
+                .iter()
+                .map(|k| Sha256::digest(k.trim().as_bytes()).into())
+                .collect(),
+            agent: media::http_agent(config.allow_private_urls, config.fetch_timeout),
+            config,
+            store: store.clone(),
+            metrics: Arc::default(),
+            models: OnceLock::new(),
+            webhook_secret: secret,
+        });
+        let (loaded_tx, loaded) = tokio::sync::oneshot::channel();
+        let worker = worker::spawn(state.clone(), loader, loaded_tx)?;
+        tokio::spawn(worker::finished_tasks(state.clone(), finished));
+        if let Some(retention) = state.config.retention {
+            let st = state.clone();
+            tokio::spawn(async move {
+                let every = (retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
+                loop {
+                    tokio::time::sleep(every).await;
+                    let store = st.store.clone();
+                    let ms = retention.as_millis() as u64;
+                    if let Ok(n) = tokio::task::spawn_blocking(move || store.sweep(ms)).await {
+                        if n > 0 {
+                            tracing::info!("retention: removed {n} expired tasks and uploads");
+                        }
+                    }
+                }
+            });
+        }
+        Ok(Self {
+            state,
+            worker,
+            loaded,
+        })
+    }
+
+    pub fn router(&self) -> axum::Router {
+        api::router(self.state.clone())
+    }
+
+    /// Waits until the generator is loaded (or failed to load).
+    pub async fn wait_loaded(&mut self) -> Result<(), ServerError> {
+        match (&mut self.loaded).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(ServerError::Load(e)),
+            Err(_) => Err(ServerError::Load("the worker thread stopped".into())),
+        }
+    }
+
+    /// Stops admitting, fails unstarted tasks (5003), lets the running one finish within the
+    /// grace period and cancels it after that, then waits for the worker.
+    pub async fn drain(self) {
+        let Server { state, worker, .. } = self;
+        state.store.drain();
+        let handle = tokio::task::spawn_blocking(move || {
+            let _ = worker.join();
+        });
+        tokio::pin!(handle);
+        if tokio::time::timeout(state.config.shutdown_grace, &mut handle)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "the running task did not finish within the grace period: cancelling it"
+            );
+            state.store.cancel_running();
+            // a step or the VAE decode can take a while; past a second grace period the process
+            // exits anyway and the record (still "processing") reads as failed after a restart
+            if tokio::time::timeout(state.config.shutdown_grace, &mut handle)
+                .await
+                .is_err()
+            {
+                tracing::error!("the running task did not stop; leaving it");
+            }
+        }
+    }
+
+    /// Serves on `listener` until `shutdown` resolves (or the model fails to load), then
+    /// drains. Logs `listening on http://HOST:PORT` once the socket accepts connections.
+    pub async fn run(
+        mut self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
+        let addr = listener.local_addr()?;
+        let router = self.router();
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut stop_http = stop_rx.clone();
+        let http = tokio::spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(async move {
+                    let _ = stop_http.wait_for(|s| *s).await;
+                })
+                .await
+        });
+        if self.state.key_hashes.is_empty() {
+            tracing::warn!("no API key configured: anyone who can reach this port can use the API");
+        }
+        tracing::info!("listening on http://{addr}");
+        tokio::pin!(shutdown);
+        let load = tokio::select! {
+            r = self.wait_loaded() => r,
+            () = &mut shutdown => Ok(()),
+        };
+        match load {
+            Ok(()) => {
+                if self.state.models.get().is_some() {
+                    tracing::info!("model loaded; ready");
+                    shutdown.await;
+                }
+                tracing::info!("shutting down: draining");
+                self.drain().await;
+                let _ = stop_tx.send(true);
+                http.await.map_err(std::io::Error::other)??;
+                Ok(())
+            }
+            Err(e) => {
+                let _ = stop_tx.send(true);
+                let _ = http.await;
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}
