@@ -6,3 +6,5 @@ cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
+# the official WaveSpeed Python SDK against a live `skyreels serve` (creates its own venv)
+./scripts/test_sdk.sh

@@ -1,5 +1,6 @@
 //! `skyreels`: SkyReels V1 video generation.
 
+mod serve;
 mod tiny;
 
 use anyhow::{bail, Context, Result};
@@ -27,6 +28,8 @@ struct Cli {
 enum Command {
     /// Generate one video from an image (or text) and a prompt.
     Generate(Box<GenerateArgs>),
+    /// Serve the WaveSpeed-compatible HTTP API (`/api/v3/wavespeed-ai/SkyReels-V1`).
+    Serve(Box<serve::ServeArgs>),
     /// Download a model's files into the Hugging Face cache (only what a run needs).
     Download(DownloadArgs),
 }
@@ -44,13 +47,13 @@ struct DownloadArgs {
     cache_dir: Option<PathBuf>,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, Debug, ValueEnum)]
 enum DeviceArg {
     Cpu,
     Cuda,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, Debug, ValueEnum)]
 enum DtypeArg {
     F32,
     Bf16,
@@ -59,7 +62,7 @@ enum DtypeArg {
 
 /// Which model to load and where to run it.
 #[derive(Args)]
-struct ModelArgs {
+pub(crate) struct ModelArgs {
     /// A preset (skyreels-v1-i2v, skyreels-v1-t2v), a Hugging Face repo id of a diffusers pipeline,
     /// or a local pipeline folder (model_index.json + subfolders). Without it, the tiny
     /// random-weight pipeline bundled in this binary is used (its output is noise).
@@ -136,6 +139,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate(*args),
+        Command::Serve(args) => serve::serve(*args),
         Command::Download(args) => download(args),
     };
     if let Err(e) = result {
@@ -144,7 +148,7 @@ fn main() {
     }
 }
 
-fn device_and_dtype(m: &ModelArgs) -> Result<(Device, DType)> {
+pub(crate) fn device_and_dtype(m: &ModelArgs) -> Result<(Device, DType)> {
     let device = match m.device {
         DeviceArg::Cpu => Device::Cpu,
         DeviceArg::Cuda => Device::new_cuda(0).context(
@@ -161,7 +165,7 @@ fn device_and_dtype(m: &ModelArgs) -> Result<(Device, DType)> {
 
 /// The folders `--model` / `--transformer` name (downloading hub files as needed), or the
 /// bundled tiny pipeline.
-fn model_paths(m: &ModelArgs) -> Result<ModelPaths> {
+pub(crate) fn model_paths(m: &ModelArgs) -> Result<ModelPaths> {
     let opts = HubOptions {
         offline: m.offline,
         cache_dir: m.cache_dir.clone(),

@@ -376,7 +376,7 @@ fn validate(body: &Map<String, Value>, model: &ModelInfo) -> Result<Submit, ApiE
     let width = opt_int(body, "width", m as i64, 4096)?;
     for (name, v) in [("height", height), ("width", width)] {
         if let Some(v) = v {
-            if v as usize % m != 0 {
+            if !(v as usize).is_multiple_of(m) {
                 return Err(ApiError::bad(
                     name,
                     format!("must be a multiple of {m}, got {v}"),

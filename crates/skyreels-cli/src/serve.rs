@@ -1,0 +1,200 @@
+//! `skyreels serve`: the HTTP server backed by the real pipeline.
+
+use crate::{device_and_dtype, model_paths, ModelArgs};
+use anyhow::{Context, Result};
+use clap::{Args, ValueEnum};
+use skyreels_pipeline::export::{write_mp4, Frames8};
+use skyreels_pipeline::generate::{GenerateError, GenerateParams, Pipeline};
+use skyreels_server::generator::{
+    GenerateFailure, GenerationRequest, Generator, ModelInfo, StageTimings,
+};
+use skyreels_server::{Server, ServerConfig};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// The id image-to-video models are served under (WaveSpeed's).
+pub const I2V_MODEL_ID: &str = "wavespeed-ai/SkyReels-V1";
+/// The id a text-to-video transformer is served under.
+pub const T2V_MODEL_ID: &str = "wavespeed-ai/SkyReels-V1-T2V";
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Address to listen on (0.0.0.0 for every interface).
+    #[arg(long, env = "SKYREELS_HOST", default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on; 0 picks a free one (logged).
+    #[arg(long, env = "SKYREELS_PORT", default_value_t = 8000)]
+    port: u16,
+    /// Accepted API key (repeat the flag, or comma-separate in the env var). Without any key
+    /// the API is open to whoever reaches the port.
+    #[arg(
+        long = "api-key",
+        env = "SKYREELS_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    api_keys: Vec<String>,
+    /// Folder for videos, task records, uploads and the webhook secret (kept across restarts).
+    #[arg(long, env = "SKYREELS_OUTPUT_DIR", default_value = "skyreels-outputs")]
+    output_dir: PathBuf,
+    /// Tasks accepted and waiting at most; beyond it submits get 429 with Retry-After.
+    #[arg(long, env = "SKYREELS_MAX_QUEUE", default_value_t = 16)]
+    max_queue: usize,
+    /// Base of the URLs handed out (e.g. https://video.example.com) [default: from each
+    /// request's Host header].
+    #[arg(long, env = "SKYREELS_PUBLIC_URL")]
+    public_url: Option<String>,
+    /// Let image URLs and webhooks reach loopback, private and link-local addresses (a
+    /// workstation on a private network; never on a public server).
+    #[arg(long, env = "SKYREELS_ALLOW_PRIVATE_IMAGE_URLS")]
+    allow_private_image_urls: bool,
+    /// Seconds a sync-mode submit waits before answering "still processing" (code 5004).
+    #[arg(long, env = "SKYREELS_SYNC_TIMEOUT", default_value_t = 90)]
+    sync_timeout: u64,
+    /// Hours finished tasks, their videos and uploads are kept; 0 keeps them forever.
+    #[arg(long, env = "SKYREELS_RETENTION_HOURS", default_value_t = 24.0)]
+    retention_hours: f64,
+    /// Largest request body in MiB (JSON with data: URI images, uploads).
+    #[arg(long, env = "SKYREELS_MAX_BODY_MIB", default_value_t = 64)]
+    max_body_mib: usize,
+    /// Webhook signing secret (whsec_...) [default: generated once, kept in the output folder].
+    #[arg(long, env = "SKYREELS_WEBHOOK_SECRET", hide_env_values = true)]
+    webhook_secret: Option<String>,
+    /// Seconds the running task may take to finish on SIGTERM before it is cancelled.
+    #[arg(long, env = "SKYREELS_SHUTDOWN_GRACE", default_value_t = 30)]
+    shutdown_grace: u64,
+    /// Log lines as text or JSON (filter with RUST_LOG, default info).
+    #[arg(long, env = "SKYREELS_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+/// The pipeline behind the server's generator trait.
+struct PipelineGenerator {
+    pipeline: Pipeline,
+}
+
+impl Generator for PipelineGenerator {
+    fn models(&self) -> Vec<ModelInfo> {
+        let d = self.pipeline.paths().defaults;
+        let i2v = self.pipeline.is_image_to_video();
+        vec![ModelInfo {
+            id: if i2v { I2V_MODEL_ID } else { T2V_MODEL_ID }.into(),
+            image_to_video: i2v,
+            height: d.height,
+            width: d.width,
+            num_frames: d.num_frames,
+            num_inference_steps: d.num_inference_steps,
+            size_multiple: self.pipeline.size_multiple(),
+        }]
+    }
+
+    fn generate(
+        &mut self,
+        req: &GenerationRequest,
+        output: &Path,
+        progress: &mut dyn FnMut(usize, usize) -> bool,
+    ) -> Result<StageTimings, GenerateFailure> {
+        let params = GenerateParams {
+            prompt: req.prompt.clone(),
+            negative_prompt: req.negative_prompt.clone(),
+            image: req.image.clone(),
+            height: req.height,
+            width: req.width,
+            num_frames: req.num_frames,
+            steps: req.steps,
+            guidance_scale: req.guidance_scale,
+            embedded_guidance_scale: req.embedded_guidance_scale,
+            seed: req.seed,
+            noise: None,
+        };
+        let video = self
+            .pipeline
+            .generate(&params, progress)
+            .map_err(|e| match e {
+                GenerateError::Cancelled => GenerateFailure::Cancelled,
+                GenerateError::Invalid(m) => GenerateFailure::InvalidInput(m),
+                e => GenerateFailure::Failed(e.to_string()),
+            })?;
+        let start = Instant::now();
+        let frames = Frames8::from_tensor(&video.frames)
+            .map_err(|e| GenerateFailure::Failed(e.to_string()))?;
+        write_mp4(output, &frames, req.fps, None)
+            .map_err(|e| GenerateFailure::Failed(e.to_string()))?;
+        let t = video.timings;
+        Ok(vec![
+            ("text_encoding", t.text_encoding),
+            ("image_encoding", t.image_encoding),
+            ("denoising", t.denoising),
+            ("decoding", t.decoding),
+            ("export", start.elapsed()),
+        ])
+    }
+}
+
+pub fn serve(args: ServeArgs) -> Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Text => fmt.init(),
+        LogFormat::Json => fmt.json().init(),
+    }
+    if !(args.retention_hours.is_finite() && args.retention_hours >= 0.0) {
+        anyhow::bail!(
+            "--retention-hours must be >= 0, got {}",
+            args.retention_hours
+        );
+    }
+    if args.max_queue == 0 {
+        anyhow::bail!("--max-queue must be at least 1");
+    }
+    let mut config = ServerConfig::new(&args.output_dir);
+    config.api_keys = args
+        .api_keys
+        .into_iter()
+        .map(|k| k.trim().to_string())
+        .filter(|k| !k.is_empty())
+        .collect();
+    config.max_queue = args.max_queue;
+    config.public_url = args.public_url;
+    config.allow_private_urls = args.allow_private_image_urls;
+    config.sync_timeout = Duration::from_secs(args.sync_timeout);
+    config.retention = (args.retention_hours > 0.0)
+        .then(|| Duration::from_secs_f64(args.retention_hours * 3600.0));
+    config.max_body_bytes = args.max_body_mib << 20;
+    config.webhook_secret = args.webhook_secret;
+    config.shutdown_grace = Duration::from_secs(args.shutdown_grace);
+
+    let (device, dtype) = device_and_dtype(&args.model)?;
+    let model = args.model;
+    let loader = Box::new(move || -> Result<Box<dyn Generator>, String> {
+        let paths = model_paths(&model).map_err(|e| format!("{e:#}"))?;
+        tracing::info!(pipeline = %paths.pipeline.display(), transformer = %paths.transformer.display(), "loading the model");
+        let pipeline = Pipeline::load(paths, dtype, &device).map_err(|e| e.to_string())?;
+        Ok(Box::new(PipelineGenerator { pipeline }))
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
+            .await
+            .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
+        let server = Server::start(config, loader)?;
+        server
+            .run(listener, skyreels_server::shutdown_signal())
+            .await?;
+        anyhow::Ok(())
+    })
+}

@@ -1,0 +1,78 @@
+"""The official WaveSpeed Python SDK against a live `skyreels serve` (run by scripts/test_sdk.sh).
+
+Usage: sdk_client.py BASE_URL API_KEY IMAGE
+Checks: run (async polling), sync mode, upload then run with the uploaded URL, a bad key; each
+returned MP4 downloads and decodes (PyAV) to the expected frame count, size and frame rate.
+"""
+import base64
+import io
+import json
+import os
+import sys
+import time
+import urllib.request
+
+BASE, KEY, IMAGE = sys.argv[1], sys.argv[2], sys.argv[3]
+os.environ["WAVESPEED_API_KEY"] = KEY  # read at import
+import av  # noqa: E402
+import wavespeed  # noqa: E402
+
+MODEL = "wavespeed-ai/SkyReels-V1"
+
+
+def wait_ready():
+    for _ in range(600):
+        try:
+            with urllib.request.urlopen(f"{BASE}/ready", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except Exception:
+            pass
+        time.sleep(0.2)
+    sys.exit("server never became ready")
+
+
+def check_video(url, frames=9, size=(96, 64), fps=24):
+    with urllib.request.urlopen(url, timeout=30) as r:
+        data = r.read()
+    with av.open(io.BytesIO(data)) as c:
+        s = c.streams.video[0]
+        decoded = [f for f in c.decode(s)]
+        got = (len(decoded), (decoded[0].width, decoded[0].height), round(float(s.average_rate)))
+    assert got == (frames, size, fps), f"{url}: got {got}, want {(frames, size, fps)}"
+    return got
+
+
+def main():
+    wait_ready()
+    client = wavespeed.Client(api_key=KEY, base_url=BASE)
+    with open(IMAGE, "rb") as f:
+        data_uri = "data:image/png;base64," + base64.b64encode(f.read()).decode()
+    prompt = "FPS-24, a sunny meadow"
+
+    out = client.run(MODEL, {"prompt": prompt, "image": data_uri, "seed": 1}, timeout=300)
+    print("run:", out["outputs"], check_video(out["outputs"][0]))
+
+    out = client.run(MODEL, {"prompt": prompt, "image": data_uri, "seed": 2}, enable_sync_mode=True, timeout=300)
+    print("sync:", out["outputs"], check_video(out["outputs"][0]))
+
+    url = client.upload(IMAGE)
+    assert url.startswith(BASE), url
+    out = client.run(MODEL, {"prompt": prompt, "image": url, "num_frames": 5}, timeout=300)
+    print("upload + run:", url, check_video(out["outputs"][0], frames=5))
+
+    result = client.run_no_throw(MODEL, {"prompt": prompt}, timeout=60)
+    assert result["status"] == "failed" and "image" in result["error"], result
+    print("missing image:", result["error"])
+
+    bad = wavespeed.Client(api_key="not-the-key", base_url=BASE)
+    try:
+        bad.run(MODEL, {"prompt": prompt, "image": data_uri}, timeout=60)
+        sys.exit("a bad key was accepted")
+    except RuntimeError as e:
+        assert "HTTP 401" in str(e), e
+        print("bad key:", e)
+    print("SDK OK")
+
+
+main()
