@@ -60,7 +60,12 @@ pub struct ServeArgs {
     #[arg(long, env = "SKYREELS_SYNC_TIMEOUT", default_value_t = 90)]
     sync_timeout: u64,
     /// Hours finished tasks, their videos and uploads are kept; 0 keeps them forever.
-    #[arg(long, env = "SKYREELS_RETENTION_HOURS", default_value_t = 24.0)]
+    #[arg(
+        long,
+        env = "SKYREELS_RETENTION_HOURS",
+        default_value_t = 24.0,
+        allow_negative_numbers = true
+    )]
     retention_hours: f64,
     /// Largest request body in MiB (JSON with data: URI images, uploads).
     #[arg(long, env = "SKYREELS_MAX_BODY_MIB", default_value_t = 64)]

@@ -206,6 +206,59 @@ fn help_documents_the_flags() {
     ] {
         assert!(out.contains(flag), "{flag} missing from --help");
     }
+    let o = skyreels(dir.path(), &["serve", "--help"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    for flag in [
+        "--host",
+        "--port",
+        "--model",
+        "--transformer",
+        "--api-key",
+        "--output-dir",
+        "--max-queue",
+        "--public-url",
+        "--allow-private-image-urls",
+        "--device",
+        "--dtype",
+        "SKYREELS_API_KEYS",
+    ] {
+        assert!(out.contains(flag), "{flag} missing from serve --help");
+    }
+}
+
+#[test]
+fn serve_refuses_bad_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let out = out.to_str().unwrap();
+    for (args, want) in [
+        (
+            &["serve", "--max-queue", "0"][..],
+            "--max-queue must be at least 1",
+        ),
+        (
+            &["serve", "--retention-hours", "-1"][..],
+            "--retention-hours must be >= 0",
+        ),
+        (&["serve", "--port", "70000"][..], "70000"),
+        (
+            &[
+                "serve",
+                "--model",
+                "/no/such/folder",
+                "--port",
+                "0",
+                "--output-dir",
+                out,
+            ][..],
+            "/no/such/folder",
+        ),
+    ] {
+        let o = skyreels(dir.path(), args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
 }
 
 fn copy_tree(src: &Path, dst: &Path) {

@@ -194,16 +194,7 @@ impl Store {
                                 );
                                 store.persist(&record);
                             }
-                            let (watch, _) = watch::channel(record.status);
-                            inner.jobs.insert(
-                                record.id.clone(),
-                                Job {
-                                    record,
-                                    request: None,
-                                    cancel: Arc::default(),
-                                    watch,
-                                },
-                            );
+                            insert(&mut inner, record);
                         }
                         Err(e) => tracing::warn!("skipping {}: {e}", path.display()),
                     }
@@ -285,17 +276,7 @@ impl Store {
             return Err(AdmitError::QueueFull);
         }
         self.persist(&record);
-        let (watch, rx) = watch::channel(record.status);
-        inner.jobs.insert(
-            record.id.clone(),
-            Job {
-                record,
-                request: None,
-                cancel: Arc::default(),
-                watch,
-            },
-        );
-        Ok(rx)
+        Ok(insert(&mut inner, record))
     }
 
     /// Its input is ready: the task joins the queue (unless it was cancelled meanwhile).
@@ -595,6 +576,21 @@ impl Store {
     pub fn upload(&self, id: &str) -> Option<Upload> {
         self.lock().uploads.get(id).filter(|u| u.complete).cloned()
     }
+}
+
+/// Adds a job record, returning a watcher of its status.
+fn insert(inner: &mut Inner, record: JobRecord) -> watch::Receiver<Status> {
+    let (watch, rx) = watch::channel(record.status);
+    inner.jobs.insert(
+        record.id.clone(),
+        Job {
+            record,
+            request: None,
+            cancel: Arc::default(),
+            watch,
+        },
+    );
+    rx
 }
 
 fn self_remove_upload_files(dir: &Path, id: &str) {

@@ -210,8 +210,12 @@ impl Harness {
     }
 
     async fn submit(&self, body: Value) -> (StatusCode, Value) {
-        self.json("POST", &format!("/api/v3/{MODEL}"), Some(body), Some(KEY))
-            .await
+        self.submit_query("", body).await
+    }
+
+    async fn submit_query(&self, query: &str, body: Value) -> (StatusCode, Value) {
+        let uri = format!("/api/v3/{MODEL}{query}");
+        self.json("POST", &uri, Some(body), Some(KEY)).await
     }
 
     async fn get(&self, id: &str) -> Value {
@@ -405,12 +409,7 @@ async fn validation_names_the_field() {
     }
     // bad webhook URL
     let (s, v) = h
-        .json(
-            "POST",
-            &format!("/api/v3/{MODEL}?webhook=file:///etc/passwd"),
-            Some(body("p")),
-            Some(KEY),
-        )
+        .submit_query("?webhook=file:///etc/passwd", body("p"))
         .await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
     // unknown model, bad JSON, missing content type, wrong method, unknown route
@@ -796,12 +795,7 @@ async fn webhooks_are_signed_and_retried() {
     })
     .await;
     let (s, v) = h
-        .json(
-            "POST",
-            &format!("/api/v3/{MODEL}?webhook=http://{addr}/hook"),
-            Some(body("p")),
-            Some(KEY),
-        )
+        .submit_query(&format!("?webhook=http://{addr}/hook"), body("p"))
         .await;
     assert_eq!(s, StatusCode::OK);
     let id = v["data"]["id"].as_str().unwrap().to_string();
@@ -841,12 +835,7 @@ async fn webhooks_are_signed_and_retried() {
     assert_eq!(headers[header::CONTENT_TYPE], "application/json");
     // a dead receiver costs nothing: the task is done and the server still answers
     let (_, v) = h
-        .json(
-            "POST",
-            &format!("/api/v3/{MODEL}?webhook=http://127.0.0.1:1/dead"),
-            Some(body("p")),
-            Some(KEY),
-        )
+        .submit_query("?webhook=http://127.0.0.1:1/dead", body("p"))
         .await;
     h.wait(v["data"]["id"].as_str().unwrap(), &["completed"])
         .await;
