@@ -1123,3 +1123,31 @@ async fn not_ready_while_loading_and_load_errors_surface() {
     let e = server.wait_loaded().await.unwrap_err().to_string();
     assert!(e.contains("weights missing"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retention_deletes_finished_tasks_with_their_files() {
+    let h = start(|c| c.retention = Some(Duration::from_millis(200))).await;
+    let (_, v) = h.submit(body("p")).await;
+    let id = v["data"]["id"].as_str().unwrap().to_string();
+    h.wait(&id, &["completed"]).await;
+    let file = h.dir.path().join("videos").join(format!("{id}.mp4"));
+    let record = h.dir.path().join("jobs").join(format!("{id}.json"));
+    assert!(file.exists() && record.exists());
+    // the sweeper runs every second at the shortest
+    for _ in 0..300 {
+        if !file.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!file.exists() && !record.exists());
+    let (s, _) = h
+        .json(
+            "GET",
+            &format!("/api/v3/predictions/{id}/result"),
+            None,
+            Some(KEY),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}
