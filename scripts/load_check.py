@@ -68,7 +68,8 @@ def main():
             time.sleep(0.1)
         image = "data:image/png;base64," + base64.b64encode((ROOT / "weights/example.png").read_bytes()).decode()
         # a long job: many steps and frames on the tiny model
-        long_job = {"prompt": "FPS-24, load", "image": image, "num_inference_steps": 60, "num_frames": 33}
+        long_job = {"prompt": "FPS-24, load", "image": image, "num_inference_steps": 100, "num_frames": 97,
+                "width": 384, "height": 256}
         s, v, _ = call("POST", f"{base}/api/v3/{MODEL}", long_job)
         job = v["data"]["id"]
         lat, stop = [], time.time() + a.seconds
@@ -101,7 +102,7 @@ def main():
             t.join()
         status = call("GET", f"{base}/api/v3/predictions/{job}/result")[1]["data"]
         print(f"result route: {len(lat)} polls by {a.pollers} clients in {a.seconds:.0f} s while a job ran "
-              f"(step {status['progress']['step']}/{status['progress']['total']}): "
+              f"(at the end: {status['status']}, step {status['progress']['step']}/{status['progress']['total']}): "
               f"p50 {pct(lat, 50):.2f} ms, p99 {pct(lat, 99):.2f} ms, max {max(lat) * 1000:.2f} ms")
         print(f"submit: {len(submit_lat)} submits: p50 {pct(submit_lat, 50):.2f} ms, p99 {pct(submit_lat, 99):.2f} ms; "
               f"{len(accepted)} accepted, {rejected} refused with 429 (queue {a.max_queue})")
