@@ -105,7 +105,7 @@ impl Upload {
 #[derive(Default)]
 struct Inner {
     jobs: HashMap<String, Job>,
-    /// Prepared jobs in arrival order.
+    /// Unstarted jobs in arrival order (their inputs may still be being prepared).
     queue: VecDeque<String>,
     running: Option<String>,
     uploads: HashMap<String, Upload>,
@@ -276,10 +276,11 @@ impl Store {
             return Err(AdmitError::QueueFull);
         }
         self.persist(&record);
+        inner.queue.push_back(record.id.clone());
         Ok(insert(&mut inner, record))
     }
 
-    /// Its input is ready: the task joins the queue (unless it was cancelled meanwhile).
+    /// Its input is ready: the worker may take it (unless it was cancelled meanwhile).
     pub fn enqueue(&self, id: &str, request: GenerationRequest) {
         let mut inner = self.lock();
         let Some(job) = inner.jobs.get_mut(id) else {
@@ -289,7 +290,6 @@ impl Store {
             return;
         }
         job.request = Some(request);
-        inner.queue.push_back(id.to_string());
         drop(inner);
         self.work.notify_all();
     }
@@ -305,7 +305,8 @@ impl Store {
         });
     }
 
-    /// The next queued task, marked processing; waits while the queue is empty. `None` once
+    /// The first queued task whose input is ready, marked processing; waits while there is
+    /// none. `None` once
     /// the server is draining.
     pub fn next_work(&self) -> Option<Work> {
         let mut inner = self.lock();
@@ -313,13 +314,14 @@ impl Store {
             if inner.draining {
                 return None;
             }
-            if let Some(id) = inner.queue.pop_front() {
-                let Some(job) = inner.jobs.get_mut(&id) else {
-                    continue;
-                };
-                let Some(request) = job.request.take() else {
-                    continue;
-                };
+            let ready = inner
+                .queue
+                .iter()
+                .position(|id| inner.jobs.get(id).is_some_and(|j| j.request.is_some()));
+            if let Some(i) = ready {
+                let id = inner.queue.remove(i).expect("index from position");
+                let job = inner.jobs.get_mut(&id).expect("queued jobs exist");
+                let request = job.request.take().expect("checked above");
                 let cancel = job.cancel.clone();
                 self.update(&mut inner, &id, |r| {
                     let _ = r.transition(Status::Processing);
@@ -402,13 +404,8 @@ impl Store {
     pub fn get(&self, id: &str) -> Option<(JobRecord, Option<usize>)> {
         let inner = self.lock();
         let job = inner.jobs.get(id)?;
-        let position = (job.record.status == Status::Created).then(|| {
-            inner
-                .queue
-                .iter()
-                .position(|q| q == id)
-                .unwrap_or(inner.queue.len())
-        });
+        let position = (job.record.status == Status::Created)
+            .then(|| inner.queue.iter().position(|q| q == id).unwrap_or_default());
         Some((job.record.clone(), position))
     }
 
