@@ -218,15 +218,13 @@ impl Harness {
         self.json("POST", &uri, Some(body), Some(KEY)).await
     }
 
+    async fn result(&self, id: &str) -> (StatusCode, Value) {
+        let uri = format!("/api/v3/predictions/{id}/result");
+        self.json("GET", &uri, None, Some(KEY)).await
+    }
+
     async fn get(&self, id: &str) -> Value {
-        let (s, v) = self
-            .json(
-                "GET",
-                &format!("/api/v3/predictions/{id}/result"),
-                None,
-                Some(KEY),
-            )
-            .await;
+        let (s, v) = self.result(id).await;
         assert_eq!(s, StatusCode::OK, "{v}");
         v["data"].clone()
     }
@@ -1141,13 +1139,5 @@ async fn retention_deletes_finished_tasks_with_their_files() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(!file.exists() && !record.exists());
-    let (s, _) = h
-        .json(
-            "GET",
-            &format!("/api/v3/predictions/{id}/result"),
-            None,
-            Some(KEY),
-        )
-        .await;
-    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_eq!(h.result(&id).await.0, StatusCode::NOT_FOUND);
 }
