@@ -10,6 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use skyreels_pipeline::export::{write_output, OutputKind};
 use skyreels_pipeline::generate::{GenerateParams, ModelPaths, Pipeline, StageTimings};
 use skyreels_pipeline::hub::{HubOptions, ModelSpec, Source};
+use skyreels_server::media;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -200,29 +201,12 @@ fn download(args: DownloadArgs) -> Result<()> {
     Ok(())
 }
 
-/// Largest image download accepted.
-const MAX_IMAGE_BYTES: u64 = 50 << 20;
-
-/// An image from a file or an http(s) URL, as RGB.
+/// An image from a file or an http(s) URL (any address: this is the user's own machine), as
+/// RGB, with the server's size cap, content sniffing and decoding limits.
 fn load_image(source: &str) -> Result<image::RgbImage> {
     let bytes = if source.starts_with("http://") || source.starts_with("https://") {
-        let response = ureq::get(source)
-            .timeout(std::time::Duration::from_secs(60))
-            .call()
-            .with_context(|| format!("cannot fetch image {source}"))?;
-        let mut bytes = Vec::new();
-        std::io::Read::read_to_end(
-            &mut std::io::Read::take(response.into_reader(), MAX_IMAGE_BYTES + 1),
-            &mut bytes,
-        )
-        .with_context(|| format!("cannot fetch image {source}"))?;
-        if bytes.len() as u64 > MAX_IMAGE_BYTES {
-            bail!(
-                "image {source} is larger than {} MiB",
-                MAX_IMAGE_BYTES >> 20
-            );
-        }
-        bytes
+        let agent = media::http_agent(true, std::time::Duration::from_secs(60));
+        media::fetch(&agent, source).context("cannot fetch image")?
     } else {
         let path = Path::new(source);
         if !path.is_file() {
@@ -230,12 +214,7 @@ fn load_image(source: &str) -> Result<image::RgbImage> {
         }
         std::fs::read(path).with_context(|| format!("cannot read image {source}"))?
     };
-    let img = image::ImageReader::new(std::io::Cursor::new(bytes))
-        .with_guessed_format()
-        .expect("reading from memory")
-        .decode()
-        .with_context(|| format!("cannot decode image {source}"))?;
-    Ok(img.to_rgb8())
+    media::decode(&bytes).with_context(|| format!("cannot decode image {source}"))
 }
 
 fn load_noise(path: &Path) -> Result<Tensor> {

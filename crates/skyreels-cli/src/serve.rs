@@ -3,7 +3,7 @@
 use crate::{device_and_dtype, model_paths, ModelArgs};
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
-use skyreels_pipeline::export::{write_mp4, Frames8};
+use skyreels_pipeline::export::write_output;
 use skyreels_pipeline::generate::{GenerateError, GenerateParams, Pipeline};
 use skyreels_server::generator::{
     GenerateFailure, GenerationRequest, Generator, ModelInfo, StageTimings,
@@ -129,9 +129,8 @@ impl Generator for PipelineGenerator {
                 e => GenerateFailure::Failed(e.to_string()),
             })?;
         let start = Instant::now();
-        let frames = Frames8::from_tensor(&video.frames)
-            .map_err(|e| GenerateFailure::Failed(e.to_string()))?;
-        write_mp4(output, &frames, req.fps, None)
+        // the output path ends in .mp4: H.264 at the default bitrate
+        write_output(output, &video.frames, req.fps, None)
             .map_err(|e| GenerateFailure::Failed(e.to_string()))?;
         let t = video.timings;
         Ok(vec![

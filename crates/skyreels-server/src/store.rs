@@ -203,7 +203,7 @@ impl Store {
                         Ok(u) if u.complete => {
                             inner.uploads.insert(u.id.clone(), u);
                         }
-                        Ok(u) => self_remove_upload_files(dir, &u.id),
+                        Ok(u) => remove_upload_files(dir, &u.id),
                         Err(e) => tracing::warn!("skipping {}: {e}", path.display()),
                     }
                 }
@@ -267,12 +267,8 @@ impl Store {
         if inner.draining {
             return Err(AdmitError::Draining);
         }
-        let waiting = inner
-            .jobs
-            .values()
-            .filter(|j| j.record.status == Status::Created)
-            .count();
-        if waiting >= self.max_queue {
+        // the queue holds exactly the unstarted (created) tasks
+        if inner.queue.len() >= self.max_queue {
             return Err(AdmitError::QueueFull);
         }
         self.persist(&record);
@@ -429,25 +425,14 @@ impl Store {
                 )
             })
             .collect();
-        let waiting = inner
-            .jobs
-            .values()
-            .filter(|j| j.record.status == Status::Created)
-            .count();
-        (by, waiting)
+        (by, inner.queue.len())
     }
 
     /// Stops admitting and starting tasks; those not started fail with 5003.
     pub fn drain(&self) {
         let mut inner = self.lock();
         inner.draining = true;
-        let waiting: Vec<String> = inner
-            .jobs
-            .values()
-            .filter(|j| j.record.status == Status::Created)
-            .map(|j| j.record.id.clone())
-            .collect();
-        inner.queue.clear();
+        let waiting: Vec<String> = inner.queue.drain(..).collect();
         for id in waiting {
             self.update(&mut inner, &id, |r| {
                 let _ = r.fail(
@@ -509,7 +494,7 @@ impl Store {
             let _ = std::fs::remove_file(self.dir.join("jobs").join(format!("{}.json", r.id)));
         }
         for id in &old_uploads {
-            self_remove_upload_files(&self.dir, id);
+            remove_upload_files(&self.dir, id);
         }
         old.len() + old_uploads.len()
     }
@@ -590,7 +575,7 @@ fn insert(inner: &mut Inner, record: JobRecord) -> watch::Receiver<Status> {
     rx
 }
 
-fn self_remove_upload_files(dir: &Path, id: &str) {
+fn remove_upload_files(dir: &Path, id: &str) {
     for ext in ["json", "bin"] {
         let _ = std::fs::remove_file(dir.join("uploads").join(format!("{id}.{ext}")));
     }

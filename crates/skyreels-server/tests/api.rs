@@ -867,21 +867,20 @@ async fn upload_flows_and_submitting_an_upload() {
         .strip_prefix("http://gen.local:8000")
         .unwrap()
         .to_string();
-    let download = d["download_url"].as_str().unwrap().to_string();
-    let put = |bytes: Vec<u8>| {
-        Request::put(&put_url)
+    let put = |url: &str, bytes: &[u8]| {
+        Request::put(url)
             .header(header::CONTENT_TYPE, "image/png")
-            .body(Body::from(bytes))
+            .body(Body::from(bytes.to_vec()))
             .unwrap()
     };
-    let (s, _, b) = h.call(put(png[..10].to_vec())).await;
+    let (s, _, b) = h.call(put(&put_url, &png[..10])).await;
     assert_eq!(
         s,
         StatusCode::BAD_REQUEST,
         "{}",
         String::from_utf8_lossy(&b)
     );
-    let (s, _, b) = h.call(put(png.clone())).await;
+    let (s, _, b) = h.call(put(&put_url, &png)).await;
     assert_eq!(
         s,
         StatusCode::NOT_FOUND,
@@ -903,25 +902,10 @@ async fn upload_flows_and_submitting_an_upload() {
         .strip_prefix("http://gen.local:8000")
         .unwrap()
         .to_string();
-    let download = {
-        let _ = download;
-        v["data"]["download_url"].as_str().unwrap().to_string()
-    };
-    let (s, _, b) = h
-        .call(
-            Request::put(&put_url)
-                .body(Body::from(png.clone()))
-                .unwrap(),
-        )
-        .await;
+    let download = v["data"]["download_url"].as_str().unwrap().to_string();
+    let (s, _, b) = h.call(put(&put_url, &png)).await;
     assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
-    let (s, _, b) = h
-        .call(
-            Request::put(&put_url)
-                .body(Body::from(png.clone()))
-                .unwrap(),
-        )
-        .await;
+    let (s, _, b) = h.call(put(&put_url, &png)).await;
     assert_eq!(s, StatusCode::NOT_FOUND, "{}", String::from_utf8_lossy(&b));
     let path = download.strip_prefix("http://gen.local:8000").unwrap();
     let (s, hd, bytes) = h
