@@ -627,7 +627,7 @@ pub fn conv3d_f32(
     }
     let (to, ho, wo) = ((tp - kt) / st + 1, (hp - kh) / sh + 1, (wp - kw) / sw + 1);
     if geo.stride == (1, 1, 1) {
-        return conv3d_f32_shifted(x, weight, bias, geo);
+        return conv3d_f32_direct(x, weight, bias, geo);
     }
     let kdim = c * kt * kh * kw;
     let plane = to * ho * wo;
@@ -709,16 +709,79 @@ pub fn conv3d_f32(
     Tensor::from_vec(out, (b, o, to, ho, wo), x.device())
 }
 
-/// Output positions per GEMM of [`conv3d_f32_shifted`]: the rhs panel (channels × positions)
-/// stays cache-sized.
-const SHIFTED_COLUMNS: usize = 16384;
+/// Register tile of [`conv_tile`]: output channels × vectors of [`CONV_VL`] positions. 4 × 3
+/// keeps 12 vector accumulators in registers (of 16 with AVX2) and costs 3 loads and 4
+/// broadcasts per 12 FMAs, so the loop is bound by FMA throughput, not by loads.
+const CONV_TO: usize = 6;
+const CONV_TV: usize = 2;
+const CONV_VL: usize = 8;
+/// Output positions per register tile.
+const CONV_TN: usize = CONV_TV * CONV_VL;
+/// Input channels per pass over a task's tiles: the packed weights of one channel group
+/// (CONV_CB · taps · CONV_TO floats, 13.5 KiB for 3×3×3) stay in L1.
+const CONV_CB: usize = 16;
+/// Register tiles per parallel task: the task's input window and accumulators stay in L2.
+const CONV_TASK_TILES: usize = 8;
 
-/// Unit-stride [`conv3d_f32`] without im2col: input frames are replicate-padded into a ring of kt
-/// frame slots (c, hp, wp); for each tap (i, j, k) the GEMM
-/// `E[o, n] += W[:, :, i, j, k] · Xp[:, ti + i, n + j·wp + k]` reads the padded frame directly,
-/// with n running over output rows laid out at the padded width wp (the extra kw − 1 columns per
-/// row are computed and dropped when E is copied out with the bias).
-fn conv3d_f32_shifted(
+simd_dispatch! {
+    /// acc[o][p] += Σ_{ci < cb, tap} w[(ci·taps + tap)·CONV_TO + o] · x[ci·cs + offs[tap] + p]
+    /// for o < CONV_TO and p < CONV_TN; acc row o starts at o·acc_stride.
+    fn conv_tile(
+        acc: &mut [f32],
+        acc_stride: usize,
+        w: &[f32],
+        x: &[f32],
+        cs: usize,
+        cb: usize,
+        offs: &[usize],
+    ) {
+        let mut r = [[[0f32; CONV_VL]; CONV_TV]; CONV_TO];
+        for (o, ro) in r.iter_mut().enumerate() {
+            let row = &acc[o * acc_stride..o * acc_stride + CONV_TN];
+            for (v, rv) in ro.iter_mut().enumerate() {
+                rv.copy_from_slice(&row[v * CONV_VL..(v + 1) * CONV_VL]);
+            }
+        }
+        let taps = offs.len();
+        let reach = offs.iter().max().map_or(0, |m| m + CONV_TN);
+        assert!(
+            cb == 0 || ((cb - 1) * cs + reach <= x.len() && cb * taps * CONV_TO <= w.len()),
+            "conv_tile: input or weights shorter than the tile reads"
+        );
+        for ci in 0..cb {
+            // SAFETY: ci·cs + off + CONV_TN <= x.len() for every tap (asserted above).
+            let xc = unsafe { x.as_ptr().add(ci * cs) };
+            let wc = &w[ci * taps * CONV_TO..(ci + 1) * taps * CONV_TO];
+            for (&off, wt) in offs.iter().zip(wc.chunks_exact(CONV_TO)) {
+                // SAFETY: as above.
+                let xs = unsafe { &*(xc.add(off) as *const [f32; CONV_TN]) };
+                for (ro, &wo) in r.iter_mut().zip(wt) {
+                    for (rv, xv) in ro.iter_mut().zip(xs.chunks_exact(CONV_VL)) {
+                        for (a, &xe) in rv.iter_mut().zip(xv) {
+                            *a = wo.mul_add(xe, *a);
+                        }
+                    }
+                }
+            }
+        }
+        for (o, ro) in r.iter().enumerate() {
+            let row = &mut acc[o * acc_stride..o * acc_stride + CONV_TN];
+            for (v, rv) in ro.iter().enumerate() {
+                row[v * CONV_VL..(v + 1) * CONV_VL].copy_from_slice(rv);
+            }
+        }
+    }
+}
+
+/// Unit-stride [`conv3d_f32`] as a direct convolution: input frames are replicate-padded into a
+/// ring of kt frame slots (c channels of hp·wp values, plus [`CONV_TN`] of slack so the last
+/// register tile may read past the frame); output positions n run over rows laid out at the
+/// padded width wp, so tap (i, j, k) reads the slot of frame ti + i at n + j·wp + k. Each frame
+/// is split into tasks of [`CONV_TASK_TILES`] register tiles, run in parallel; a task
+/// accumulates all output channels of its positions over channel blocks of [`CONV_CB`] with
+/// [`conv_tile`] (weights packed per group of [`CONV_TO`] output channels), then copies the
+/// valid columns (x < wo) out.
+fn conv3d_f32_direct(
     x: &Tensor,
     weight: &Tensor,
     bias: Option<&Tensor>,
@@ -732,99 +795,112 @@ fn conv3d_f32_shifted(
     let taps = kt * kh * kw;
     let x = x.contiguous()?;
     let weight = weight.contiguous()?;
-    let threads = rayon::current_num_threads();
-    let par = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
     let plane = to * ho * wo;
     let mut out = vec![0f32; b * o * plane];
-    let rows_per_chunk = (SHIFTED_COLUMNS / wp).clamp(1, ho);
-    let mut e = vec![0f32; o * rows_per_chunk * wp];
-    let slot = c * hp * wp;
+    let groups = o.div_ceil(CONV_TO);
+    let cs = hp * wp + CONV_TN;
+    let slot = c * cs;
     let mut ring = vec![0f32; kt * slot];
+    // positions of one output frame at width wp, in tasks of whole register tiles
+    let n_valid = (ho - 1) * wp + wo;
+    let task_n = CONV_TASK_TILES * CONV_TN;
+    let tasks = n_valid.div_ceil(task_n);
     with_f32s([&x, &weight], |[xd, wd]| -> Result<()> {
-        let bias_v: Option<Vec<f32>> = bias.map(|b| b.to_vec1::<f32>()).transpose()?;
-        // (o, c, kt, kh, kw) -> (taps, o, c)
-        let mut wt = vec![0f32; taps * o * c];
+        let bias_v: Vec<f32> = match bias {
+            Some(b) => b.to_vec1::<f32>()?,
+            None => vec![0.0; o],
+        };
+        // (o, c, kt, kh, kw) -> (groups, c, taps, CONV_TO), zero rows past o
+        let mut wpk = vec![0f32; groups * c * taps * CONV_TO];
         for oi in 0..o {
+            let (g, r) = (oi / CONV_TO, oi % CONV_TO);
             for ci in 0..c {
                 for tap in 0..taps {
-                    wt[(tap * o + oi) * c + ci] = wd[(oi * c + ci) * taps + tap];
+                    wpk[((g * c + ci) * taps + tap) * CONV_TO + r] = wd[(oi * c + ci) * taps + tap];
                 }
             }
         }
+        let wpk = &wpk;
+        let bias_v = &bias_v;
         for bi in 0..b {
             let xb = &xd[bi * c * t * h * w..(bi + 1) * c * t * h * w];
             // padded frame tt (frames in front, rows and columns around) into its ring slot
             let fill = |ring: &mut [f32], tt: usize| {
                 let ts = tt.saturating_sub(pt).min(t - 1);
                 let dst = &mut ring[(tt % kt) * slot..(tt % kt + 1) * slot];
-                dst.par_chunks_mut(hp * wp)
-                    .enumerate()
-                    .for_each(|(ci, frame)| {
-                        let src = &xb[(ci * t + ts) * h * w..(ci * t + ts + 1) * h * w];
-                        for (yy, row) in frame.chunks_exact_mut(wp).enumerate() {
-                            let ys = yy.saturating_sub(ph).min(h - 1);
-                            im2col_row(&src[ys * w..(ys + 1) * w], row, 0, pw, 1);
-                        }
-                    });
+                dst.par_chunks_mut(cs).enumerate().for_each(|(ci, frame)| {
+                    let src = &xb[(ci * t + ts) * h * w..(ci * t + ts + 1) * h * w];
+                    for (yy, row) in frame[..hp * wp].chunks_exact_mut(wp).enumerate() {
+                        let ys = yy.saturating_sub(ph).min(h - 1);
+                        im2col_row(&src[ys * w..(ys + 1) * w], row, 0, pw, 1);
+                    }
+                });
             };
             for tt in 0..kt - 1 {
                 fill(&mut ring, tt);
             }
-            let ob = &mut out[bi * o * plane..(bi + 1) * o * plane];
+            let ob = SharedMut(out[bi * o * plane..(bi + 1) * o * plane].as_mut_ptr());
             for ti in 0..to {
                 fill(&mut ring, ti + kt - 1);
-                let mut y0 = 0;
-                while y0 < ho {
-                    let rows = rows_per_chunk.min(ho - y0);
-                    // the last row's padding columns would read past the frame: stop at wo
-                    let n = (rows - 1) * wp + wo;
-                    for tap in 0..taps {
+                let offs: Vec<usize> = (0..taps)
+                    .map(|tap| {
                         let (i, j, k) = (tap / (kh * kw), (tap / kw) % kh, tap % kw);
-                        let src = ((ti + i) % kt) * slot + (y0 + j) * wp + k;
-                        // SAFETY: wt[tap] is (o, c); the rhs is c rows (stride hp·wp) of n
-                        // elements starting inside the slot of frame ti + i and ending at most
-                        // at the last element of its channel; e holds o rows of n elements.
-                        unsafe {
-                            gemm_f32(
-                                o,
-                                n,
-                                c,
-                                View {
-                                    ptr: e.as_mut_ptr(),
-                                    rs: n as isize,
-                                    cs: 1,
-                                },
-                                tap > 0,
-                                View {
-                                    ptr: wt[tap * o * c..].as_ptr(),
-                                    rs: c as isize,
-                                    cs: 1,
-                                },
-                                View {
-                                    ptr: ring[src..].as_ptr(),
-                                    rs: (hp * wp) as isize,
-                                    cs: 1,
-                                },
-                                par,
-                            );
+                        ((ti + i) % kt) * slot + j * wp + k
+                    })
+                    .collect();
+                let ring = &ring;
+                (0..tasks).into_par_iter().for_each_init(
+                    || vec![0f32; groups * CONV_TO * task_n],
+                    |acc, task| {
+                        let n0 = task * task_n;
+                        let tiles = (n_valid - n0).div_ceil(CONV_TN).min(CONV_TASK_TILES);
+                        for (row, bv) in acc.chunks_exact_mut(task_n).zip(bias_v) {
+                            row.fill(*bv);
                         }
-                    }
-                    for oi in 0..o {
-                        let bv = bias_v.as_ref().map_or(0.0, |bv| bv[oi]);
-                        let er = &e[oi * n..(oi + 1) * n];
-                        let dst = &mut ob[oi * plane + (ti * ho + y0) * wo..][..rows * wo];
-                        for (yy, drow) in dst.chunks_exact_mut(wo).enumerate() {
-                            for (d, v) in drow.iter_mut().zip(&er[yy * wp..yy * wp + wo]) {
-                                *d = v + bv;
+                        for cb0 in (0..c).step_by(CONV_CB) {
+                            let cb = CONV_CB.min(c - cb0);
+                            for tile in 0..tiles {
+                                for g in 0..groups {
+                                    let wg = &wpk[(g * c + cb0) * taps * CONV_TO..]
+                                        [..cb * taps * CONV_TO];
+                                    let ag = &mut acc[g * CONV_TO * task_n..][..CONV_TO * task_n];
+                                    let p = n0 + tile * CONV_TN;
+                                    conv_tile(
+                                        &mut ag[tile * CONV_TN..],
+                                        task_n,
+                                        wg,
+                                        &ring[cb0 * cs + p..],
+                                        cs,
+                                        cb,
+                                        &offs,
+                                    );
+                                }
                             }
                         }
-                    }
-                    y0 += rows;
-                }
+                        // valid positions n0..n1 of rows y at width wp -> (y, x < wo)
+                        let n1 = (n0 + task_n).min(n_valid);
+                        for (oi, row) in acc.chunks_exact(task_n).take(o).enumerate() {
+                            let mut n = n0;
+                            while n < n1 {
+                                let (y, xx) = (n / wp, n % wp);
+                                let end = (n1 - n).min(wp - xx);
+                                let len = end.min(wo.saturating_sub(xx));
+                                if len > 0 {
+                                    // SAFETY: row y, columns xx..xx + len of channel oi of
+                                    // frame ti: tasks cover disjoint positions.
+                                    let dst = unsafe {
+                                        std::slice::from_raw_parts_mut(
+                                            ob.ptr().add(oi * plane + (ti * ho + y) * wo + xx),
+                                            len,
+                                        )
+                                    };
+                                    dst.copy_from_slice(&row[n - n0..n - n0 + len]);
+                                }
+                                n += end;
+                            }
+                        }
+                    },
+                );
             }
         }
         Ok(())
