@@ -709,9 +709,10 @@ pub fn conv3d_f32(
     Tensor::from_vec(out, (b, o, to, ho, wo), x.device())
 }
 
-/// Register tile of [`conv_tile`]: output channels × vectors of [`CONV_VL`] positions. 4 × 3
-/// keeps 12 vector accumulators in registers (of 16 with AVX2) and costs 3 loads and 4
-/// broadcasts per 12 FMAs, so the loop is bound by FMA throughput, not by loads.
+/// Register tile of [`conv_tile`]: output channels × vectors of [`CONV_VL`] positions. 6 × 2
+/// keeps 12 vector accumulators in registers (of 16 with AVX2) and costs 2 loads and 6
+/// broadcasts per 12 FMAs, so the loop is bound by FMA throughput. (4 × 3 needs one more register
+/// than LLVM leaves free and spills.)
 const CONV_TO: usize = 6;
 const CONV_TV: usize = 2;
 const CONV_VL: usize = 8;
