@@ -93,6 +93,16 @@ fn check(name: &str, pipe: &Pipeline) {
     assert!(err <= FRAME_TOL, "{name}: max abs error {err:e}");
 }
 
+/// The whole I2V pipeline (text encoders, transformer, VAE) in f32 on the GPU, against the
+/// same diffusers frames and bound as on the CPU.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_image_to_video_with_true_cfg_matches_diffusers() {
+    let paths = ModelPaths::local(&tiny_weights(), None).unwrap();
+    let dev = Device::new_cuda(0).expect("a CUDA GPU for the cuda feature's tests");
+    check("i2v_cfg", &Pipeline::load(paths, DType::F32, &dev).unwrap());
+}
+
 #[test]
 fn image_to_video_with_true_cfg_matches_diffusers() {
     check("i2v_cfg", &pipeline(None));

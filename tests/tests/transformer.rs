@@ -54,6 +54,38 @@ fn tiny_b_matches_diffusers() {
     check_parity("tiny_b", &fixture("transformer/tiny_b/model"));
 }
 
+/// The tiny fixtures on the GPU: f32 as on the CPU (cuBLAS and candle's kernels differ from the
+/// CPU only in summation order), and bf16 within bf16's precision: 8 mantissa bits (relative
+/// rounding 2^-9 = 2e-3 per op) accumulated over two blocks' matmuls and norms gives ~1e-2.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_matches_the_reference_in_f32_and_bf16() {
+    let dev = Device::new_cuda(0).expect("a CUDA GPU for the cuda feature's tests");
+    let io = load_tensors(&fixture("transformer/tiny_a/io.safetensors"));
+    let want = &io["output"];
+    for (dtype, tol) in [(DType::F32, F32_TOL), (DType::BF16, 3e-2)] {
+        let model = load_transformer(&fixture("transformer/tiny_a"), dtype, &dev).unwrap();
+        let on_dev: HashMap<String, Tensor> = io
+            .iter()
+            .map(|(k, v)| {
+                let v = if v.dtype().is_float() {
+                    v.to_dtype(dtype).unwrap()
+                } else {
+                    v.clone()
+                };
+                (k.clone(), v.to_device(&dev).unwrap())
+            })
+            .collect();
+        let got = forward(&model, &on_dev)
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_device(&Device::Cpu)
+            .unwrap();
+        let err = rel_l2(&got, want);
+        assert!(err <= tol, "{dtype:?} on CUDA: relative L2 error {err:e}");
+    }
+}
+
 /// Writes every tensor of a checkpoint folder into one `diffusion_pytorch_model.safetensors`.
 fn to_single_file(src: &Path, dst: &Path, edit: impl FnOnce(&mut HashMap<String, Tensor>)) {
     rewrite_checkpoint(src, dst, DIFFUSERS_WEIGHTS, edit)

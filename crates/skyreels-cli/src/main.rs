@@ -1,5 +1,6 @@
 //! `skyreels`: SkyReels V1 video generation.
 
+mod bench;
 mod serve;
 mod tiny;
 
@@ -33,6 +34,8 @@ enum Command {
     Serve(Box<serve::ServeArgs>),
     /// Download a model's files into the Hugging Face cache (only what a run needs).
     Download(DownloadArgs),
+    /// Time the stages on random weights at SkyReels' real size (GPU benchmark; no checkpoint).
+    Bench(Box<bench::BenchArgs>),
 }
 
 #[derive(Args)]
@@ -49,13 +52,13 @@ struct DownloadArgs {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
-enum DeviceArg {
+pub(crate) enum DeviceArg {
     Cpu,
     Cuda,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
-enum DtypeArg {
+pub(crate) enum DtypeArg {
     F32,
     Bf16,
     F16,
@@ -142,6 +145,7 @@ fn main() {
         Command::Generate(args) => generate(*args),
         Command::Serve(args) => serve::serve(*args),
         Command::Download(args) => download(args),
+        Command::Bench(args) => bench::bench(*args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -150,13 +154,22 @@ fn main() {
 }
 
 pub(crate) fn device_and_dtype(m: &ModelArgs) -> Result<(Device, DType)> {
-    let device = match m.device {
+    resolve_device(m.device, m.dtype)
+}
+
+/// The device, and the dtype: as asked, else f32 on the CPU and bf16 on CUDA.
+pub(crate) fn resolve_device(
+    device: DeviceArg,
+    dtype: Option<DtypeArg>,
+) -> Result<(Device, DType)> {
+    let device_arg = device;
+    let device = match device_arg {
         DeviceArg::Cpu => Device::Cpu,
         DeviceArg::Cuda => Device::new_cuda(0).context(
             "cannot use CUDA (this binary must be built with `--features cuda` and see a GPU)",
         )?,
     };
-    let dtype = match (m.dtype, m.device) {
+    let dtype = match (dtype, device_arg) {
         (Some(DtypeArg::F32), _) | (None, DeviceArg::Cpu) => DType::F32,
         (Some(DtypeArg::Bf16), _) | (None, DeviceArg::Cuda) => DType::BF16,
         (Some(DtypeArg::F16), _) => DType::F16,

@@ -404,3 +404,43 @@ fn image_urls_are_fetched() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("cannot fetch image"), "{}", stderr(&o));
 }
+
+#[test]
+fn bench_runs_every_stage_on_tiny_random_models() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = skyreels(
+        dir.path(),
+        &["bench", "--size", "tiny", "--device", "cpu", "--runs", "1"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    // 64x64, 5 frames: 2 x 4 x 4 video tokens after the (1, 2, 2) patch, + 16 text tokens
+    assert!(text.contains("48 tokens (32 video + 16 text)"), "{text}");
+    for stage in ["forward", "cfg step", "vae decode", "text encode"] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(stage) && l.contains(" s ")),
+            "no timing for {stage}: {text}"
+        );
+    }
+    let out = skyreels(
+        dir.path(),
+        &[
+            "bench",
+            "--size",
+            "tiny",
+            "--device",
+            "cpu",
+            "--num-frames",
+            "6",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("4k+1"), "{}", stderr(&out));
+    // a CPU-only build says how to get CUDA (a CUDA build on a machine without a GPU fails too)
+    let out = skyreels(dir.path(), &["bench", "--size", "tiny", "--device", "cuda"]);
+    if !cfg!(feature = "cuda") {
+        assert!(!out.status.success());
+        assert!(stderr(&out).contains("--features cuda"), "{}", stderr(&out));
+    }
+}

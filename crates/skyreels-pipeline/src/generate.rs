@@ -341,21 +341,15 @@ impl Pipeline {
             }
             // the timestep takes the latents' dtype (f32 at step 0, the model dtype after)
             let timestep = Tensor::new(&[t], &self.device)?.to_dtype(latents.dtype())?;
-            let run = |e: &PromptEmbeds| {
-                self.transformer.forward(&TransformerInputs {
-                    hidden_states: &x,
-                    timestep: &timestep,
-                    encoder_hidden_states: &e.embeds,
-                    encoder_attention_mask: &e.mask,
-                    pooled_projections: &e.pooled,
-                    guidance: guidance.as_ref(),
-                })
-            };
-            let mut v = run(&positive)?;
-            if let Some(neg) = &negative {
-                let v_neg = run(neg)?;
-                v = (&v_neg + ((v - &v_neg)? * p.guidance_scale)?)?;
-            }
+            let v = guided_velocity(
+                &self.transformer,
+                &x,
+                &timestep,
+                &positive,
+                negative.as_ref(),
+                guidance.as_ref(),
+                p.guidance_scale,
+            )?;
             latents = schedule.step(i, &v, &latents)?;
             if !on_step(i + 1, schedule.steps()) {
                 return Err(GenerateError::Cancelled);
@@ -439,4 +433,35 @@ pub fn seeded_noise(shape: &[usize], seed: u64, device: &Device) -> candle_core:
     let normal = rand_distr::StandardNormal;
     let values: Vec<f32> = (0..n).map(|_| normal.sample(&mut rng)).collect();
     Tensor::from_vec(values, shape, &Device::Cpu)?.to_device(device)
+}
+
+/// The velocity of one denoising step: the transformer on the prompt and, with true CFG (a
+/// negative prompt), `v_neg + scale · (v − v_neg)` with the transformer on the negative prompt.
+pub fn guided_velocity(
+    transformer: &HunyuanVideoTransformer3DModel,
+    x: &Tensor,
+    timestep: &Tensor,
+    positive: &PromptEmbeds,
+    negative: Option<&PromptEmbeds>,
+    guidance: Option<&Tensor>,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    let run = |e: &PromptEmbeds| {
+        transformer.forward(&TransformerInputs {
+            hidden_states: x,
+            timestep,
+            encoder_hidden_states: &e.embeds,
+            encoder_attention_mask: &e.mask,
+            pooled_projections: &e.pooled,
+            guidance,
+        })
+    };
+    let v = run(positive)?;
+    match negative {
+        Some(neg) => {
+            let v_neg = run(neg)?;
+            &v_neg + ((v - &v_neg)? * scale)?
+        }
+        None => Ok(v),
+    }
 }

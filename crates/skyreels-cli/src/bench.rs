@@ -1,0 +1,368 @@
+//! `skyreels bench`: the model's stages on random weights at SkyReels' real dimensions (no
+//! checkpoint needed), timed on one device: one transformer forward, one true-CFG step, a VAE
+//! decode and text encoding, each with its effective TFLOP/s (transformer) and peak device
+//! memory. `--size tiny` runs the same code on small dimensions (a CPU smoke test).
+
+use crate::{resolve_device, DeviceArg, DtypeArg};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::{Init, VarBuilder};
+use clap::{Args, ValueEnum};
+use skyreels_models::text_encoders::{ClipTextConfig, ClipTextModel, LlamaConfig, LlamaEncoder};
+use skyreels_models::{
+    AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel, TransformerConfig,
+    TransformerInputs, VaeConfig,
+};
+use skyreels_pipeline::conditioning::HIDDEN_STATE_SKIP;
+use skyreels_pipeline::generate::guided_velocity;
+use std::time::Instant;
+
+#[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
+pub(crate) enum Size {
+    /// SkyReels V1 I2V: 24 heads × 128, 20 dual + 40 single blocks, LLaMA-3-8B, CLIP-L, the
+    /// HunyuanVideo VAE; 544x960, 97 frames.
+    Full,
+    /// Small random models and 64x64, 5 frames: checks the command on a CPU in seconds.
+    Tiny,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
+pub(crate) enum Part {
+    Transformer,
+    CfgStep,
+    Vae,
+    Text,
+}
+
+#[derive(Args)]
+pub(crate) struct BenchArgs {
+    /// Model dimensions.
+    #[arg(long, value_enum, default_value = "full")]
+    size: Size,
+    /// Video height [default: 544 full, 64 tiny].
+    #[arg(long)]
+    height: Option<usize>,
+    /// Video width [default: 960 full, 64 tiny].
+    #[arg(long)]
+    width: Option<usize>,
+    /// Frames, 4k+1 [default: 97 full, 5 tiny].
+    #[arg(long)]
+    num_frames: Option<usize>,
+    /// Stages to run.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "transformer,cfg-step,vae,text"
+    )]
+    parts: Vec<Part>,
+    /// Timed repetitions of each stage (after one warm-up run).
+    #[arg(long, default_value_t = 2)]
+    runs: usize,
+    /// Where to run.
+    #[arg(long, value_enum, default_value = "cuda")]
+    device: DeviceArg,
+    /// Weights and activations dtype [default: f32 on cpu, bf16 on cuda].
+    #[arg(long, value_enum)]
+    dtype: Option<DtypeArg>,
+}
+
+/// Weights drawn from N(0, 0.02²) (norm scales too: values do not change the cost).
+struct RandomWeights;
+
+impl candle_nn::var_builder::SimpleBackend for RandomWeights {
+    fn get(
+        &self,
+        s: Shape,
+        _name: &str,
+        _h: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        Tensor::randn(0f32, 0.02, s, dev)?.to_dtype(dtype)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("random weights: {name} needs a shape")
+    }
+
+    fn contains_tensor(&self, _name: &str) -> bool {
+        true
+    }
+}
+
+fn random_vb(dtype: DType, device: &Device) -> VarBuilder<'static> {
+    VarBuilder::from_backend(Box::new(RandomWeights), dtype, device.clone())
+}
+
+fn config<T: serde::de::DeserializeOwned>(json: serde_json::Value) -> Result<T> {
+    serde_json::from_value(json).context("bench: model config")
+}
+
+/// Peak memory in use on the device while a stage runs, sampled every 2 ms (CUDA; the whole
+/// device, as the driver reports it).
+struct PeakMemory {
+    #[cfg(feature = "cuda")]
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    #[cfg(feature = "cuda")]
+    thread: Option<std::thread::JoinHandle<usize>>,
+}
+
+impl PeakMemory {
+    fn start(device: &Device) -> Result<Self> {
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(dev) = device {
+            use std::sync::atomic::{AtomicBool, Ordering};
+            let ctx = dev.cuda_stream().context().clone();
+            let stop = std::sync::Arc::new(AtomicBool::new(false));
+            let flag = stop.clone();
+            let thread = std::thread::spawn(move || {
+                let mut peak = 0usize;
+                while !flag.load(Ordering::Relaxed) {
+                    if let Ok((free, total)) = ctx.mem_get_info() {
+                        peak = peak.max(total - free);
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                }
+                peak
+            });
+            return Ok(Self {
+                stop,
+                thread: Some(thread),
+            });
+        }
+        let _ = device;
+        Ok(Self {
+            #[cfg(feature = "cuda")]
+            stop: Default::default(),
+            #[cfg(feature = "cuda")]
+            thread: None,
+        })
+    }
+
+    /// GiB in use at the peak, when measured.
+    fn finish(self) -> Option<f64> {
+        #[cfg(feature = "cuda")]
+        if let Some(t) = self.thread {
+            self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            return t.join().ok().map(|b| b as f64 / (1u64 << 30) as f64);
+        }
+        None
+    }
+}
+
+/// Runs `f` once to warm up, then `runs` times; prints the median seconds (and TFLOP/s when
+/// `flops` is given) with the peak device memory.
+fn time_stage(
+    name: &str,
+    device: &Device,
+    runs: usize,
+    flops: Option<f64>,
+    mut f: impl FnMut() -> Result<Tensor>,
+) -> Result<f64> {
+    let peak = PeakMemory::start(device)?;
+    let warm = Instant::now();
+    f()?;
+    device.synchronize()?;
+    let warm = warm.elapsed().as_secs_f64();
+    let mut times = Vec::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        f()?;
+        device.synchronize()?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times.get(times.len() / 2).copied().unwrap_or(warm);
+    let mut line = format!("{name:<12} {median:>8.3} s (warm-up {warm:.3} s)");
+    if let Some(fl) = flops {
+        line += &format!(", {:.1} TFLOP/s effective", fl / median / 1e12);
+    }
+    if let Some(gib) = peak.finish() {
+        line += &format!(", peak {gib:.1} GiB on the device");
+    }
+    println!("{line}");
+    Ok(median)
+}
+
+/// FLOPs of one forward over `l` tokens, counting the blocks' matmuls (24·D² per token) and
+/// attention (4·L²·D), as `../shared/spec/GPU.md` does: 2.63 PFLOP at 544x960x97.
+fn forward_flops(cfg: &TransformerConfig, l: usize) -> f64 {
+    let d = (cfg.num_attention_heads * cfg.attention_head_dim) as f64;
+    let l = l as f64;
+    let blocks = (cfg.num_layers + cfg.num_single_layers) as f64;
+    blocks * (24.0 * d * d * l + 4.0 * l * l * d)
+}
+
+pub(crate) fn bench(args: BenchArgs) -> Result<()> {
+    let (device, dtype) = resolve_device(args.device, args.dtype)?;
+    let tiny = args.size == Size::Tiny;
+    let height = args.height.unwrap_or(if tiny { 64 } else { 544 });
+    let width = args.width.unwrap_or(if tiny { 64 } else { 960 });
+    let frames = args.num_frames.unwrap_or(if tiny { 5 } else { 97 });
+    if !height.is_multiple_of(16) || !width.is_multiple_of(16) || height == 0 || width == 0 {
+        bail!("--height and --width must be positive multiples of 16, got {height}x{width}")
+    }
+    if frames % 4 != 1 {
+        bail!("--num-frames must be 4k+1 (1, 5, ..., 97), got {frames}")
+    }
+    let (lt, lh, lw) = ((frames - 1) / 4 + 1, height / 8, width / 8);
+    let txt = if tiny { 16 } else { 256 };
+    let vb = random_vb(dtype, &device);
+    println!(
+        "skyreels bench: {:?} models, random weights, {height}x{width}, {frames} frames, {dtype:?} on {:?}",
+        args.size,
+        device.location()
+    );
+
+    let mut tcfg: TransformerConfig = if tiny {
+        config(serde_json::json!({
+            "num_attention_heads": 2, "attention_head_dim": 16, "num_layers": 1,
+            "num_single_layers": 1, "text_embed_dim": 32, "pooled_projection_dim": 16,
+            "rope_axes_dim": [4, 6, 6]
+        }))?
+    } else {
+        TransformerConfig::default()
+    };
+    // SkyReels I2V: noisy latents and image latents on channels
+    tcfg.in_channels = 32;
+    tcfg.out_channels = Some(16);
+
+    let wants = |p: Part| args.parts.contains(&p);
+    if wants(Part::Transformer) || wants(Part::CfgStep) {
+        let t = Instant::now();
+        let model = HunyuanVideoTransformer3DModel::new(&tcfg, vb.pp("transformer"))?;
+        device.synchronize()?;
+        println!("transformer built in {:.1} s", t.elapsed().as_secs_f64());
+        let x = Tensor::randn(0f32, 1.0, (1, 32, lt, lh, lw), &device)?.to_dtype(dtype)?;
+        let timestep = Tensor::new(&[900f32], &device)?.to_dtype(dtype)?;
+        let guidance = Tensor::new(&[1000f32], &device)?.to_dtype(dtype)?;
+        let embeds = |seed: f64| -> Result<skyreels_pipeline::conditioning::PromptEmbeds> {
+            Ok(skyreels_pipeline::conditioning::PromptEmbeds {
+                embeds: Tensor::randn(seed as f32, 1.0, (1, txt, tcfg.text_embed_dim), &device)?
+                    .to_dtype(dtype)?,
+                // a prompt of ~3/4 of the window, padding after it
+                mask: Tensor::from_vec(
+                    (0..txt).map(|i| u32::from(i < 3 * txt / 4)).collect(),
+                    (1, txt),
+                    &device,
+                )?,
+                pooled: Tensor::randn(0f32, 1.0, (1, tcfg.pooled_projection_dim), &device)?
+                    .to_dtype(dtype)?,
+                truncated_llama: vec![false],
+                truncated_clip: vec![false],
+            })
+        };
+        let (pos, neg) = (embeds(0.0)?, embeds(0.5)?);
+        let (pt, ps) = (tcfg.patch_size_t, tcfg.patch_size);
+        let tokens = (lt / pt) * (lh / ps) * (lw / ps) + txt;
+        let flops = forward_flops(&tcfg, tokens);
+        println!(
+            "{tokens} tokens ({} video + {txt} text), {:.2} PFLOP per forward",
+            tokens - txt,
+            flops / 1e15
+        );
+        if wants(Part::Transformer) {
+            time_stage("forward", &device, args.runs, Some(flops), || {
+                Ok(model.forward(&TransformerInputs {
+                    hidden_states: &x,
+                    timestep: &timestep,
+                    encoder_hidden_states: &pos.embeds,
+                    encoder_attention_mask: &pos.mask,
+                    pooled_projections: &pos.pooled,
+                    guidance: Some(&guidance),
+                })?)
+            })?;
+        }
+        if wants(Part::CfgStep) {
+            time_stage("cfg step", &device, args.runs, Some(2.0 * flops), || {
+                Ok(guided_velocity(
+                    &model,
+                    &x,
+                    &timestep,
+                    &pos,
+                    Some(&neg),
+                    Some(&guidance),
+                    6.0,
+                )?)
+            })?;
+        }
+    }
+
+    if wants(Part::Vae) {
+        let vcfg: VaeConfig = if tiny {
+            config(serde_json::json!({
+                "block_out_channels": [8, 16, 16, 16], "layers_per_block": 1, "norm_num_groups": 4
+            }))?
+        } else {
+            config(serde_json::json!({}))?
+        };
+        let vae = AutoencoderKLHunyuanVideo::new(&vcfg, vb.pp("vae"))?;
+        let z = Tensor::randn(0f32, 1.0, (1, vcfg.latent_channels, lt, lh, lw), &device)?
+            .to_dtype(dtype)?;
+        time_stage("vae decode", &device, args.runs, None, || {
+            Ok(vae.decode(&z)?)
+        })?;
+    }
+
+    if wants(Part::Text) {
+        let (lcfg, ccfg): (LlamaConfig, ClipTextConfig) = if tiny {
+            (
+                config(serde_json::json!({
+                    "vocab_size": 256, "hidden_size": 32, "intermediate_size": 64,
+                    "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2
+                }))?,
+                config(serde_json::json!({
+                    "vocab_size": 256, "hidden_size": 16, "intermediate_size": 32,
+                    "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 77
+                }))?,
+            )
+        } else {
+            // llava-llama-3-8b (HunyuanVideo's text_encoder) and CLIP ViT-L/14's text model
+            (
+                config(serde_json::json!({
+                    "vocab_size": 128320, "hidden_size": 4096, "intermediate_size": 14336,
+                    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                    "rms_norm_eps": 1e-5, "rope_theta": 500000.0
+                }))?,
+                config(serde_json::json!({
+                    "vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072,
+                    "num_hidden_layers": 12, "num_attention_heads": 12,
+                    "max_position_embeddings": 77
+                }))?,
+            )
+        };
+        let llama = LlamaEncoder::new(&lcfg, HIDDEN_STATE_SKIP, vb.pp("text_encoder"))?;
+        let clip = ClipTextModel::new(&ccfg, vb.pp("text_encoder_2"))?;
+        // prompt and negative prompt: the LLaMA window with its template (256 + 95 tokens), and
+        // CLIP's 77
+        let n = txt + 95;
+        let token_ids = |count: usize, vocab: usize| {
+            let ids = (0..2 * count)
+                .map(|i| ((i * 7919) % vocab) as u32)
+                .collect();
+            Tensor::from_vec(ids, (2, count), &device)
+        };
+        let ids = token_ids(n, lcfg.vocab_size)?;
+        let mask = Tensor::ones((2, n), DType::U32, &device)?;
+        let clip_ids = token_ids(77, ccfg.vocab_size)?;
+        time_stage("text encode", &device, args.runs, None, || {
+            let h = llama.forward(&ids, &mask)?;
+            let p = clip.pooled(&clip_ids)?;
+            Ok((h.sum_all()?.to_dtype(DType::F32)? + p.sum_all()?.to_dtype(DType::F32)?)?)
+        })?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flop_count_matches_the_spec() {
+        // GPU.md: 51,256 tokens at 544x960x97 cost 2.63 PFLOP per forward
+        let f = forward_flops(&TransformerConfig::default(), 51_256);
+        assert!((f / 1e15 - 2.63).abs() < 0.01, "{f:e}");
+    }
+}
