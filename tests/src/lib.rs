@@ -4,19 +4,23 @@ use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+/// The repository root: `SKYREELS_REPO` when set (test binaries run on another machine, see
+/// `scripts/gpu_check.sh`), else where these tests were built.
+fn repo_root() -> PathBuf {
+    match std::env::var_os("SKYREELS_REPO") {
+        Some(root) => PathBuf::from(root),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join(".."),
+    }
+}
+
 /// `tests/fixtures/<rel>`.
 pub fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures")
-        .join(rel)
+    repo_root().join("tests").join("fixtures").join(rel)
 }
 
 /// The bundled tiny pipeline, `weights/tiny`.
 pub fn tiny_weights() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join("weights")
-        .join("tiny")
+    repo_root().join("weights").join("tiny")
 }
 
 /// Every tensor of a safetensors file, on the CPU.
