@@ -14,7 +14,7 @@ PACK=target/gpu-pack
 
 case "${1:-}" in
 pack)
-    [ -f target/cuda/env.sh ] || ./scripts/setup_cuda.sh
+    ./scripts/setup_cuda.sh   # idempotent; quick when the toolkit is already there
     # shellcheck disable=SC1091
     . target/cuda/env.sh
     export CARGO_TARGET_DIR=target/cuda-build

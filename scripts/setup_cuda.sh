@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what `cargo build --release --features cuda` needs, on a machine with or without a GPU,
-# from PyPI only (NVIDIA's CUDA 13 wheels: nvcc, headers, cudart, cuBLAS, cuRAND, NVRTC), and
-# writes an environment file that points candle's and cudarc's build scripts at it:
+# from PyPI only (NVIDIA's CUDA 13 wheels: nvcc, headers, cudart, cuBLAS, cuRAND, NVRTC, and the
+# CUTLASS headers flash attention compiles against), and writes an environment file that points
+# candle's, cudarc's and skyreels-flash-attn's build scripts at it:
 #
 #     ./scripts/setup_cuda.sh                 # once (about 700 MB of wheels)
 #     source target/cuda/env.sh
@@ -33,9 +34,17 @@ fi
     "nvidia-cuda-cccl" \
     "nvidia-cublas==13.*" \
     "nvidia-curand"
+# CUTLASS/CuTe headers for the FlashAttention-2 kernels (crates/skyreels-flash-attn); the wheel's
+# Python dependencies are not needed for the headers.
+"$PREFIX/venv/bin/pip" install --quiet --disable-pip-version-check --no-deps "nvidia-cutlass==4.2.0.0"
 
 SITE="$("$PREFIX/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 CU="$SITE/nvidia/cu13"
+CUTLASS_INCLUDE_DIR="$SITE/cutlass_library/source/include"
+if [ ! -e "$CUTLASS_INCLUDE_DIR/cute/tensor.hpp" ]; then
+    echo "setup_cuda: no CuTe headers in $CUTLASS_INCLUDE_DIR; the nvidia-cutlass wheel layout changed?" >&2
+    exit 1
+fi
 for need in bin/nvcc include/cuda_runtime.h include/cuda_bf16.h lib/libcudart.so.13 lib/libcublas.so.13; do
     if [ ! -e "$CU/$need" ]; then
         echo "setup_cuda: $CU/$need is missing after the install; the wheel layout changed?" >&2
@@ -78,6 +87,7 @@ export CUDA_PATH="$CUDA_ROOT"
 export PATH="$CUDA_ROOT/bin:\$PATH"
 export CUDA_COMPUTE_CAP="\${CUDA_COMPUTE_CAP:-90}"
 export CUDARC_CUDA_VERSION="${CUDA_RELEASE/./0}0"
+export CUTLASS_INCLUDE_DIR="$CUTLASS_INCLUDE_DIR"
 export LIBRARY_PATH="$CUDA_ROOT/lib64:$CUDA_ROOT/lib64/stubs\${LIBRARY_PATH:+:\$LIBRARY_PATH}"
 EOF
 echo "CUDA $CUDA_RELEASE toolkit in $CUDA_ROOT ($("$CUDA_ROOT/bin/nvcc" --version | tail -n 1))"

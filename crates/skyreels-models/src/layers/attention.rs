@@ -7,11 +7,26 @@
 //! callers pass how many leading keys each sample sees instead of a dense mask.
 
 use super::cpu_kernels::attention_bnhd_f32;
-use candle_core::{bail, DType, IndexOp, Result, Tensor};
+use candle_core::{bail, DType, Device, IndexOp, Result, Tensor};
 
-/// Score elements held at once by the generic path (batch x heads x query rows x keys): 16 Mi
-/// elements = 64 MiB in f32; on GPUs irrelevant next to the weights.
-pub const DEFAULT_SCORE_BUDGET: usize = 16 << 20;
+/// Score elements held at once by the generic path (batch x heads x query rows x keys) on the
+/// CPU: 16 Mi elements = 64 MiB in f32.
+const CPU_SCORE_BUDGET: usize = 16 << 20;
+
+/// The same on a GPU, where each chunk is a few kernel launches: 256 Mi elements (512 MiB of
+/// bf16 scores, about 1.5 GiB transient with the softmax) gives ~220-row chunks at SkyReels' full
+/// size (24 heads x 51,256 keys) instead of 13, small next to 26 GB of weights. Only used where
+/// flash attention does not apply (f32, or head dims other than 128).
+const GPU_SCORE_BUDGET: usize = 256 << 20;
+
+/// The default score budget for attention on `device`.
+pub fn default_score_budget(device: &Device) -> usize {
+    if device.is_cpu() {
+        CPU_SCORE_BUDGET
+    } else {
+        GPU_SCORE_BUDGET
+    }
+}
 
 /// Query rows per task of the fused f32 CPU kernel; its scores (rows × keys) stay in a reused
 /// per-thread buffer of a few MB. Large enough that re-packing K and V per block is cheap.
@@ -19,7 +34,9 @@ const CPU_BLOCK_ROWS: usize = 512;
 
 /// softmax(q kᵀ / √d) v per head in token-major layout: q (b, nq, h, d), k (b, nk, h, d),
 /// v (b, nk, h, dv) -> (b, nq, h, dv). Sample i attends to its first `key_counts[i]` keys (all keys
-/// when `None`). `budget` bounds the score elements held at once.
+/// when `None`). `budget` bounds the score elements held at once; it does not apply to the fused
+/// kernels, which hold no score matrix (the f32 CPU kernel, and with the `cuda` feature
+/// FlashAttention-2 for bf16 with head dim 128, the transformer's case on GPUs).
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -46,6 +63,10 @@ pub fn attention(
         bail!("attention: key counts {counts:?} invalid for {b} samples of {nk} keys")
     }
     let scale = 1.0 / (d as f64).sqrt();
+    #[cfg(feature = "cuda")]
+    if skyreels_flash_attn::supports(q, k, v) {
+        return skyreels_flash_attn::flash_attn(q, k, v, &counts, scale as f32);
+    }
     if q.device().is_cpu() && q.dtype() == DType::F32 {
         let rows = (budget / nk).clamp(1, CPU_BLOCK_ROWS);
         return attention_bnhd_f32(q, k, v, &counts, scale as f32, rows);

@@ -9,7 +9,7 @@ pub mod modulation;
 pub mod norm;
 pub mod rope;
 
-pub use attention::{attention, attention_chunked, DEFAULT_SCORE_BUDGET};
+pub use attention::{attention, attention_chunked, default_score_budget};
 pub use conv3d::{Conv3d, Conv3dConfig};
 pub use linear::{linear, Linear};
 pub use norm::{GroupNorm, LayerNorm, RmsNorm};

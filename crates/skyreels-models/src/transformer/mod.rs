@@ -9,7 +9,7 @@ pub use config::TransformerConfig;
 
 use crate::layers::{
     attention,
-    attention::DEFAULT_SCORE_BUDGET,
+    attention::default_score_budget,
     conv3d::{Conv3d, Conv3dConfig},
     cpu_kernels::gelu_tanh,
     embeddings::{timestep_sinusoid, TextProjection, TimestepEmbedding},
@@ -605,7 +605,7 @@ impl HunyuanVideoTransformer3DModel {
             proj_out: linear(dim, pt * p * p * cfg.out_channels(), vb.pp("proj_out"))?,
             cfg: cfg.clone(),
             dtype,
-            attention_budget: DEFAULT_SCORE_BUDGET,
+            attention_budget: default_score_budget(vb.device()),
             rope_cache: Arc::new(Mutex::new(None)),
         })
     }

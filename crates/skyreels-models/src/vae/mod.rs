@@ -11,7 +11,7 @@ pub use config::VaeConfig;
 use crate::layers::GroupNorm;
 use crate::layers::{
     attention,
-    attention::DEFAULT_SCORE_BUDGET,
+    attention::default_score_budget,
     conv3d::{Conv3d, Conv3dConfig},
     linear::{linear, Linear},
 };
@@ -155,7 +155,7 @@ fn block_causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, hw: usize) -> Resu
                 k,
                 v,
                 Some(&vec![(f + 1) * hw; b]),
-                DEFAULT_SCORE_BUDGET,
+                default_score_budget(q.device()),
             )
         })
         .collect::<Result<Vec<_>>>()?;
