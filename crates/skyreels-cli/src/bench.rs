@@ -28,9 +28,17 @@ pub(crate) enum Size {
 
 #[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
 pub(crate) enum Part {
+    /// One transformer forward.
     Transformer,
+    /// Where a forward's time goes: one attention call and the blocks' linear layers, each timed
+    /// alone and multiplied by their count per forward (the rest of a timed forward is norms,
+    /// modulation, RoPE and other elementwise work).
+    Breakdown,
+    /// One true-CFG step (two forwards).
     CfgStep,
+    /// VAE decode of the latent video.
     Vae,
+    /// LLaMA + CLIP encoding of a prompt and a negative prompt.
     Text,
 }
 
@@ -53,7 +61,7 @@ pub(crate) struct BenchArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "transformer,cfg-step,vae,text"
+        default_value = "transformer,breakdown,cfg-step,vae,text"
     )]
     parts: Vec<Part>,
     /// Timed repetitions of each stage (after one warm-up run).
@@ -174,7 +182,7 @@ fn time_stage(
     }
     times.sort_by(f64::total_cmp);
     let median = times.get(times.len() / 2).copied().unwrap_or(warm);
-    let mut line = format!("{name:<12} {median:>8.3} s (warm-up {warm:.3} s)");
+    let mut line = format!("{name:<18} {median:>8.3} s (warm-up {warm:.3} s)");
     if let Some(fl) = flops {
         line += &format!(", {:.1} TFLOP/s effective", fl / median / 1e12);
     }
@@ -183,6 +191,80 @@ fn time_stage(
     }
     println!("{line}");
     Ok(median)
+}
+
+/// Times one joint attention call over `tokens` (the last `padding` of them text padding, which
+/// no query sees) and the blocks' linear layers at `tokens` rows, each scaled by its count per
+/// forward, and prints them with their share of `forward_s` (the rest: norms, modulation, RoPE
+/// and other elementwise work).
+fn breakdown(
+    cfg: &TransformerConfig,
+    tokens: usize,
+    padding: usize,
+    dtype: DType,
+    device: &Device,
+    runs: usize,
+    forward_s: Option<f64>,
+) -> Result<()> {
+    use candle_core::Module;
+    use skyreels_models::layers::{attention, default_score_budget, linear::linear};
+    let (heads, hd) = (cfg.num_attention_heads, cfg.attention_head_dim);
+    let d = heads * hd;
+    let (dual, single) = (cfg.num_layers, cfg.num_single_layers);
+    let qkv = |seed: f32| -> Result<Tensor> {
+        Ok(Tensor::randn(seed, 1.0, (1, tokens, heads, hd), device)?.to_dtype(dtype)?)
+    };
+    let (q, k, v) = (qkv(0.0)?, qkv(0.1)?, qkv(0.2)?);
+    let keys = [tokens - padding];
+    let budget = default_score_budget(device);
+    let attn = time_stage("attention", device, runs, None, || {
+        Ok(attention(&q, &k, &v, Some(&keys), budget)?)
+    })?;
+    // the blocks' projections, all at `tokens` rows: dual blocks have q/k/v, out and a 4x MLP
+    // per stream (image and text rows together here), single blocks one fused q/k/v+MLP input
+    // projection (D -> 7D) and one output projection (5D -> D)
+    let x = |cols: usize| -> Result<Tensor> {
+        Ok(Tensor::randn(0f32, 1.0, (1, tokens, cols), device)?.to_dtype(dtype)?)
+    };
+    let vb = random_vb(dtype, device);
+    let mut linear_s = 0.0;
+    for (name, i, o, per_forward) in [
+        ("qkv", d, 3 * d, dual),
+        ("attn out", d, d, dual),
+        ("mlp in", d, 4 * d, dual),
+        ("mlp out", 4 * d, d, dual),
+        ("single in", d, 7 * d, single),
+        ("single out", 5 * d, d, single),
+    ] {
+        let layer = linear(i, o, vb.pp(name))?;
+        let input = x(i)?;
+        let t = time_stage(&format!("linear {i}->{o}"), device, runs, None, || {
+            Ok(layer.forward(&input)?)
+        })?;
+        linear_s += t * per_forward as f64;
+    }
+    let attn_s = attn * (dual + single) as f64;
+    let share = |t: f64| match forward_s {
+        Some(f) => format!(" ({:.0}% of the forward)", 100.0 * t / f),
+        None => String::new(),
+    };
+    println!(
+        "per forward: attention {} x {attn:.3} s = {attn_s:.2} s{}",
+        dual + single,
+        share(attn_s)
+    );
+    println!(
+        "per forward: linear layers {linear_s:.2} s{}",
+        share(linear_s)
+    );
+    if let Some(f) = forward_s {
+        let rest = f - attn_s - linear_s;
+        println!(
+            "per forward: the rest (norms, modulation, RoPE, elementwise) {rest:.2} s{}",
+            share(rest)
+        );
+    }
+    Ok(())
 }
 
 /// FLOPs of one forward over `l` tokens, counting the blocks' matmuls (24·D² per token) and
@@ -229,7 +311,7 @@ pub(crate) fn bench(args: BenchArgs) -> Result<()> {
     tcfg.out_channels = Some(16);
 
     let wants = |p: Part| args.parts.contains(&p);
-    if wants(Part::Transformer) || wants(Part::CfgStep) {
+    if wants(Part::Transformer) || wants(Part::Breakdown) || wants(Part::CfgStep) {
         let t = Instant::now();
         let model = HunyuanVideoTransformer3DModel::new(&tcfg, vb.pp("transformer"))?;
         device.synchronize()?;
@@ -237,13 +319,14 @@ pub(crate) fn bench(args: BenchArgs) -> Result<()> {
         let x = Tensor::randn(0f32, 1.0, (1, 32, lt, lh, lw), &device)?.to_dtype(dtype)?;
         let timestep = Tensor::new(&[900f32], &device)?.to_dtype(dtype)?;
         let guidance = Tensor::new(&[1000f32], &device)?.to_dtype(dtype)?;
+        // a prompt of ~3/4 of the text window, padding after it
+        let prompt = 3 * txt / 4;
         let embeds = |seed: f64| -> Result<skyreels_pipeline::conditioning::PromptEmbeds> {
             Ok(skyreels_pipeline::conditioning::PromptEmbeds {
                 embeds: Tensor::randn(seed as f32, 1.0, (1, txt, tcfg.text_embed_dim), &device)?
                     .to_dtype(dtype)?,
-                // a prompt of ~3/4 of the window, padding after it
                 mask: Tensor::from_vec(
-                    (0..txt).map(|i| u32::from(i < 3 * txt / 4)).collect(),
+                    (0..txt).map(|i| u32::from(i < prompt)).collect(),
                     (1, txt),
                     &device,
                 )?,
@@ -262,17 +345,35 @@ pub(crate) fn bench(args: BenchArgs) -> Result<()> {
             tokens - txt,
             flops / 1e15
         );
+        let mut forward_s = None;
         if wants(Part::Transformer) {
-            time_stage("forward", &device, args.runs, Some(flops), || {
-                Ok(model.forward(&TransformerInputs {
-                    hidden_states: &x,
-                    timestep: &timestep,
-                    encoder_hidden_states: &pos.embeds,
-                    encoder_attention_mask: &pos.mask,
-                    pooled_projections: &pos.pooled,
-                    guidance: Some(&guidance),
-                })?)
-            })?;
+            forward_s = Some(time_stage(
+                "forward",
+                &device,
+                args.runs,
+                Some(flops),
+                || {
+                    Ok(model.forward(&TransformerInputs {
+                        hidden_states: &x,
+                        timestep: &timestep,
+                        encoder_hidden_states: &pos.embeds,
+                        encoder_attention_mask: &pos.mask,
+                        pooled_projections: &pos.pooled,
+                        guidance: Some(&guidance),
+                    })?)
+                },
+            )?);
+        }
+        if wants(Part::Breakdown) {
+            breakdown(
+                &tcfg,
+                tokens,
+                txt - prompt,
+                dtype,
+                &device,
+                args.runs,
+                forward_s,
+            )?;
         }
         if wants(Part::CfgStep) {
             time_stage("cfg step", &device, args.runs, Some(2.0 * flops), || {

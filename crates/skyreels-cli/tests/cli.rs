@@ -416,11 +416,31 @@ fn bench_runs_every_stage_on_tiny_random_models() {
     let text = String::from_utf8_lossy(&out.stdout);
     // 64x64, 5 frames: 2 x 4 x 4 video tokens after the (1, 2, 2) patch, + 16 text tokens
     assert!(text.contains("48 tokens (32 video + 16 text)"), "{text}");
-    for stage in ["forward", "cfg step", "vae decode", "text encode"] {
+    for stage in [
+        "forward",
+        "attention",
+        "linear 32->96",
+        "linear 160->32",
+        "cfg step",
+        "vae decode",
+        "text encode",
+    ] {
         assert!(
             text.lines()
                 .any(|l| l.starts_with(stage) && l.contains(" s ")),
             "no timing for {stage}: {text}"
+        );
+    }
+    // the breakdown: one attention call per block (1 dual + 1 single), the linears, the rest
+    for line in [
+        "per forward: attention 2 x ",
+        "per forward: linear layers ",
+        "per forward: the rest (norms, modulation, RoPE, elementwise) ",
+    ] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(line) && l.ends_with("% of the forward)")),
+            "no '{line}' line: {text}"
         );
     }
     let out = skyreels(
