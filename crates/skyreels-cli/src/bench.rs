@@ -15,6 +15,7 @@ use skyreels_models::{
 };
 use skyreels_pipeline::conditioning::HIDDEN_STATE_SKIP;
 use skyreels_pipeline::generate::guided_velocity;
+use skyreels_pipeline::runtime::{gib, PeakMemory};
 use std::time::Instant;
 
 #[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
@@ -107,58 +108,6 @@ fn config<T: serde::de::DeserializeOwned>(json: serde_json::Value) -> Result<T> 
     serde_json::from_value(json).context("bench: model config")
 }
 
-/// Peak memory in use on the device while a stage runs, sampled every 2 ms (CUDA; the whole
-/// device, as the driver reports it).
-struct PeakMemory {
-    #[cfg(feature = "cuda")]
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    #[cfg(feature = "cuda")]
-    thread: Option<std::thread::JoinHandle<usize>>,
-}
-
-impl PeakMemory {
-    fn start(device: &Device) -> Result<Self> {
-        #[cfg(feature = "cuda")]
-        if let Device::Cuda(dev) = device {
-            use std::sync::atomic::{AtomicBool, Ordering};
-            let ctx = dev.cuda_stream().context().clone();
-            let stop = std::sync::Arc::new(AtomicBool::new(false));
-            let flag = stop.clone();
-            let thread = std::thread::spawn(move || {
-                let mut peak = 0usize;
-                while !flag.load(Ordering::Relaxed) {
-                    if let Ok((free, total)) = ctx.mem_get_info() {
-                        peak = peak.max(total - free);
-                    }
-                    std::thread::sleep(std::time::Duration::from_millis(2));
-                }
-                peak
-            });
-            return Ok(Self {
-                stop,
-                thread: Some(thread),
-            });
-        }
-        let _ = device;
-        Ok(Self {
-            #[cfg(feature = "cuda")]
-            stop: Default::default(),
-            #[cfg(feature = "cuda")]
-            thread: None,
-        })
-    }
-
-    /// GiB in use at the peak, when measured.
-    fn finish(self) -> Option<f64> {
-        #[cfg(feature = "cuda")]
-        if let Some(t) = self.thread {
-            self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-            return t.join().ok().map(|b| b as f64 / (1u64 << 30) as f64);
-        }
-        None
-    }
-}
-
 /// Runs `f` once to warm up, then `runs` times; prints the median seconds (and TFLOP/s when
 /// `flops` is given) with the peak device memory.
 fn time_stage(
@@ -168,7 +117,7 @@ fn time_stage(
     flops: Option<f64>,
     mut f: impl FnMut() -> Result<Tensor>,
 ) -> Result<f64> {
-    let peak = PeakMemory::start(device)?;
+    let peak = PeakMemory::start(device);
     let warm = Instant::now();
     f()?;
     device.synchronize()?;
@@ -186,8 +135,8 @@ fn time_stage(
     if let Some(fl) = flops {
         line += &format!(", {:.1} TFLOP/s effective", fl / median / 1e12);
     }
-    if let Some(gib) = peak.finish() {
-        line += &format!(", peak {gib:.1} GiB on the device");
+    if let Some(bytes) = peak.take() {
+        line += &format!(", peak {:.1} GiB on the device", gib(bytes));
     }
     println!("{line}");
     Ok(median)

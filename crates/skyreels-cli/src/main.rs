@@ -331,4 +331,7 @@ fn print_timings(t: &StageTimings, export: std::time::Duration, total: std::time
         s(export),
         s(total)
     );
+    if let Some(peaks) = &t.peak_memory {
+        eprintln!("peak device memory: {peaks}");
+    }
 }

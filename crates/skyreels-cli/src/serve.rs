@@ -133,6 +133,9 @@ impl Generator for PipelineGenerator {
         write_output(output, &video.frames, req.fps, None)
             .map_err(|e| GenerateFailure::Failed(e.to_string()))?;
         let t = video.timings;
+        if let Some(peaks) = &t.peak_memory {
+            tracing::info!(%peaks, "peak device memory per stage");
+        }
         Ok(vec![
             ("text_encoding", t.text_encoding),
             ("image_encoding", t.image_encoding),

@@ -5,6 +5,7 @@
 
 use crate::conditioning::{PromptEmbeds, TextEncoders, TextError};
 use crate::loading::{load_transformer, load_vae, LoadError};
+use crate::runtime::{gib, PeakMemory};
 use crate::scheduler::{FlowMatchEuler, SchedulerConfig};
 use candle_core::{DType, Device, Tensor};
 use image::imageops::FilterType;
@@ -134,7 +135,7 @@ pub struct GenerateParams {
     pub noise: Option<Tensor>,
 }
 
-/// Time spent per stage.
+/// Time spent per stage, and on CUDA the peak device memory of each.
 #[derive(Debug, Clone, Default)]
 pub struct StageTimings {
     pub load: Duration,
@@ -142,6 +143,32 @@ pub struct StageTimings {
     pub image_encoding: Duration,
     pub denoising: Duration,
     pub decoding: Duration,
+    /// Peak bytes in use on the device per generation stage (CUDA only; see [`PeakMemory`]).
+    pub peak_memory: Option<StagePeaks>,
+}
+
+/// Peak device memory in bytes during each generation stage.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StagePeaks {
+    /// With the text encoders loaded (they are released at its end).
+    pub text_encoding: u64,
+    pub image_encoding: u64,
+    pub denoising: u64,
+    pub decoding: u64,
+}
+
+impl std::fmt::Display for StagePeaks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "text encoding {:.1} GiB, image encoding {:.1} GiB, denoising {:.1} GiB, \
+             VAE decoding {:.1} GiB",
+            gib(self.text_encoding),
+            gib(self.image_encoding),
+            gib(self.denoising),
+            gib(self.decoding)
+        )
+    }
 }
 
 /// The generated frames: (frames, height, width, 3) f32 in [0, 1], on the CPU.
@@ -290,6 +317,7 @@ impl Pipeline {
             ..Default::default()
         };
 
+        let memory = PeakMemory::start(&self.device);
         let start = Instant::now();
         let cfg = p.guidance_scale > 1.0;
         let negative = cfg.then(|| {
@@ -311,7 +339,9 @@ impl Pipeline {
         };
         let positive = to_run(cond.prompt)?;
         let negative = cond.negative.map(to_run).transpose()?;
+        self.device.synchronize()?;
         timings.text_encoding = start.elapsed();
+        let peak_text = memory.take();
 
         let start = Instant::now();
         let shape = self.latent_shape(p);
@@ -319,7 +349,9 @@ impl Pipeline {
             Some(img) => Some(self.image_latents(img, p, &shape)?),
             None => None,
         };
+        self.device.synchronize()?;
         timings.image_encoding = start.elapsed();
+        let peak_image = memory.take();
 
         let start = Instant::now();
         let mut latents = match &p.noise {
@@ -351,11 +383,15 @@ impl Pipeline {
                 p.guidance_scale,
             )?;
             latents = schedule.step(i, &v, &latents)?;
+            // GPU work is queued: wait for the step so progress reports finished steps
+            self.device.synchronize()?;
             if !on_step(i + 1, schedule.steps()) {
                 return Err(GenerateError::Cancelled);
             }
         }
+        self.device.synchronize()?;
         timings.denoising = start.elapsed();
+        let peak_denoise = memory.take();
 
         let start = Instant::now();
         let vae_dtype = self.dtype;
@@ -371,7 +407,18 @@ impl Pipeline {
             .permute((1, 2, 3, 0))?
             .contiguous()?
             .to_device(&Device::Cpu)?;
+        self.device.synchronize()?;
         timings.decoding = start.elapsed();
+        if let (Some(text_encoding), Some(image_encoding), Some(denoising), Some(decoding)) =
+            (peak_text, peak_image, peak_denoise, memory.take())
+        {
+            timings.peak_memory = Some(StagePeaks {
+                text_encoding,
+                image_encoding,
+                denoising,
+                decoding,
+            });
+        }
         Ok(Video {
             frames,
             timings,
