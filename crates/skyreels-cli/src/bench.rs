@@ -160,10 +160,11 @@ fn breakdown(
     let (heads, hd) = (cfg.num_attention_heads, cfg.attention_head_dim);
     let d = heads * hd;
     let (dual, single) = (cfg.num_layers, cfg.num_single_layers);
-    let qkv = |seed: f32| -> Result<Tensor> {
-        Ok(Tensor::randn(seed, 1.0, (1, tokens, heads, hd), device)?.to_dtype(dtype)?)
+    let random = |shape: &[usize]| -> Result<Tensor> {
+        Ok(Tensor::randn(0f32, 1.0, shape, device)?.to_dtype(dtype)?)
     };
-    let (q, k, v) = (qkv(0.0)?, qkv(0.1)?, qkv(0.2)?);
+    let qkv = [1, tokens, heads, hd];
+    let (q, k, v) = (random(&qkv)?, random(&qkv)?, random(&qkv)?);
     let keys = [tokens - padding];
     let budget = default_score_budget(device);
     let attn = time_stage("attention", device, runs, None, || {
@@ -172,9 +173,6 @@ fn breakdown(
     // the blocks' projections, all at `tokens` rows: dual blocks have q/k/v, out and a 4x MLP
     // per stream (image and text rows together here), single blocks one fused q/k/v+MLP input
     // projection (D -> 7D) and one output projection (5D -> D)
-    let x = |cols: usize| -> Result<Tensor> {
-        Ok(Tensor::randn(0f32, 1.0, (1, tokens, cols), device)?.to_dtype(dtype)?)
-    };
     let vb = random_vb(dtype, device);
     let mut linear_s = 0.0;
     for (name, i, o, per_forward) in [
@@ -186,7 +184,7 @@ fn breakdown(
         ("single out", 5 * d, d, single),
     ] {
         let layer = linear(i, o, vb.pp(name))?;
-        let input = x(i)?;
+        let input = random(&[1, tokens, i])?;
         let t = time_stage(&format!("linear {i}->{o}"), device, runs, None, || {
             Ok(layer.forward(&input)?)
         })?;

@@ -51,8 +51,8 @@ pub fn supports(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
 }
 
 /// softmax(q kᵀ · scale) v for q (b, nq, h, 128), k and v (b, nk, h, 128), all bf16 on one CUDA
-/// device, each with a contiguous last dimension; sample `i` attends to its first `key_counts[i]`
-/// keys. Returns (b, nq, h, 128) bf16. Softmax statistics are kept in f32 inside the kernel.
+/// device (strided layouts are fine; a non-contiguous last dimension is copied); sample `i`
+/// attends to its first `key_counts[i]` keys. Returns (b, nq, h, 128) bf16. Softmax statistics are kept in f32 inside the kernel.
 pub fn flash_attn(
     q: &Tensor,
     k: &Tensor,
