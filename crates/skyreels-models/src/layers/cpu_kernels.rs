@@ -8,6 +8,7 @@ use candle_core::{
     Tensor,
 };
 use rayon::prelude::*;
+use std::collections::HashMap;
 
 /// Generates `$name(args)` that runs `$body` compiled for the best available x86 SIMD level.
 macro_rules! simd_dispatch {
@@ -560,6 +561,44 @@ mod tests {
         }
     }
 
+    /// Taps that read the same source sample merge: the causal padding's copies of the first
+    /// frame, and the repeated samples of a nearest upsampling (the values are checked against
+    /// the naive convolution in `conv3d`'s tests; this pins how much work is saved).
+    #[test]
+    fn merged_taps_read_each_source_once() {
+        let taps = |v: &[(usize, &[usize])]| -> Taps {
+            v.iter().map(|(s, is)| (*s, is.to_vec())).collect()
+        };
+        // causal 3-tap convolution of 4 frames
+        let want: Vec<Taps> = vec![
+            taps(&[(0, &[0, 1, 2])]),
+            taps(&[(0, &[0, 1]), (1, &[2])]),
+            taps(&[(0, &[0]), (1, &[1]), (2, &[2])]),
+            taps(&[(1, &[0]), (2, &[1]), (3, &[2])]),
+        ];
+        assert_eq!(frame_taps(4, 3, 2, 1), want);
+        // 3 frames upsampled by 2 in time (f0 f1 f1 f2 f2), then the causal convolution
+        let want: Vec<Taps> = vec![
+            taps(&[(0, &[0, 1, 2])]),
+            taps(&[(0, &[0, 1]), (1, &[2])]),
+            taps(&[(0, &[0]), (1, &[1, 2])]),
+            taps(&[(1, &[0, 1]), (2, &[2])]),
+            taps(&[(1, &[0]), (2, &[1, 2])]),
+        ];
+        assert_eq!(frame_taps(3, 3, 2, 2), want);
+        // a row of 5 upsampled by 2, padded by 1, 3 taps: 2 taps per output in each phase
+        let a = Axis::new(5, 3, 1, 2);
+        assert_eq!((a.lo, a.hi, a.total, &a.outs[..]), (1, 1, 10, &[5, 5][..]));
+        let want = vec![
+            taps(&[(0, &[0]), (1, &[1, 2])]),
+            taps(&[(1, &[0, 1]), (2, &[2])]),
+        ];
+        assert_eq!(a.phases, want);
+        let p = Axis::new(5, 3, 1, 1);
+        assert_eq!((p.lo, p.hi, p.total), (1, 1, 5));
+        assert_eq!(p.phases, vec![taps(&[(0, &[0]), (1, &[1]), (2, &[2])])]);
+    }
+
     #[test]
     fn softmax_rows_sum_to_one() {
         let mut buf: Vec<f32> = (0..3 * 37)
@@ -583,13 +622,17 @@ mod tests {
     }
 }
 
-/// Output geometry and padding of [`conv3d_f32`].
+/// Output geometry, padding and input upsampling of [`conv3d_f32`].
 #[derive(Debug, Clone, Copy)]
 pub struct Conv3dGeometry {
     /// (t, h, w) strides.
     pub stride: (usize, usize, usize),
     /// Replicate padding: frames before, rows above and below, columns left and right.
     pub pad: (usize, usize, usize),
+    /// (t, h, w) nearest-upsampling factors applied to the input before padding, the first frame
+    /// upsampled spatially only (HunyuanVideo's causal upsampler); (1, 1, 1) for none. Only with
+    /// unit strides.
+    pub upsample: (usize, usize, usize),
 }
 
 /// Budget of the im2col buffer (K rows × output positions), in f32 elements: 16 Mi = 64 MiB.
@@ -597,7 +640,8 @@ const IM2COL_BUDGET: usize = 16 << 20;
 
 /// 3D convolution of f32 CPU x (b, c, t, h, w) with w (o, c, kt, kh, kw) and bias, with
 /// replicate padding (`pad`: frames in front only, rows and columns on both sides) applied
-/// through clamped indices: im2col over chunks of output rows (bounded buffer), then one GEMM per
+/// through clamped indices. Unit strides run [`conv3d_f32_direct`] (which also does the
+/// upsampling); others im2col over chunks of output rows (bounded buffer), then one GEMM per
 /// chunk written straight into the (b, o, t', h', w') output with the bias preloaded.
 pub fn conv3d_f32(
     x: &Tensor,
@@ -615,8 +659,17 @@ pub fn conv3d_f32(
         )
     }
     let (st, sh, sw) = geo.stride;
+    let (ut, uh, uw) = geo.upsample;
+    if ut == 0 || uh == 0 || uw == 0 || (geo.upsample != (1, 1, 1) && geo.stride != (1, 1, 1)) {
+        bail!(
+            "conv3d: upsampling {:?} needs positive factors and unit strides, got strides {:?}",
+            geo.upsample,
+            geo.stride
+        )
+    }
     let (pt, ph, pw) = geo.pad;
-    let (tp, hp, wp) = (t + pt, h + 2 * ph, w + 2 * pw);
+    let tu = if t == 0 { 0 } else { 1 + ut * (t - 1) };
+    let (tp, hp, wp) = (tu + pt, uh * h + 2 * ph, uw * w + 2 * pw);
     if t == 0 || h == 0 || w == 0 || tp < kt || hp < kh || wp < kw || st == 0 || sh == 0 || sw == 0
     {
         bail!(
@@ -625,10 +678,10 @@ pub fn conv3d_f32(
             (kt, kh, kw)
         )
     }
-    let (to, ho, wo) = ((tp - kt) / st + 1, (hp - kh) / sh + 1, (wp - kw) / sw + 1);
     if geo.stride == (1, 1, 1) {
-        return conv3d_f32_direct(x, weight, bias, geo);
+        return conv3d_f32_direct(x, weight, bias, geo.pad, geo.upsample);
     }
+    let (to, ho, wo) = ((tp - kt) / st + 1, (hp - kh) / sh + 1, (wp - kw) / sw + 1);
     let kdim = c * kt * kh * kw;
     let plane = to * ho * wo;
     let x = x.contiguous()?;
@@ -774,26 +827,166 @@ simd_dispatch! {
     }
 }
 
-/// Unit-stride [`conv3d_f32`] as a direct convolution: input frames are replicate-padded into a
-/// ring of kt frame slots (c channels of hp·wp values, plus [`CONV_TN`] of slack so the last
-/// register tile may read past the frame); output positions n run over rows laid out at the
-/// padded width wp, so tap (i, j, k) reads the slot of frame ti + i at n + j·wp + k. Each frame
-/// is split into tasks of [`CONV_TASK_TILES`] register tiles, run in parallel; a task
-/// accumulates all output channels of its positions over channel blocks of [`CONV_CB`] with
-/// [`conv_tile`] (weights packed per group of [`CONV_TO`] output channels), then copies the
-/// valid columns (x < wo) out.
+/// Merged taps: (source index, the kernel taps that read it, whose weights are summed).
+type Taps = Vec<(usize, Vec<usize>)>;
+
+/// Key of the packed weights of [`conv3d_f32_direct`]: (merged kernel time taps of each source
+/// frame, row phase, column phase).
+type PackKey = (Vec<Vec<usize>>, usize, usize);
+
+/// Taps of one axis of [`conv3d_f32_direct`] for each output phase: output o·factor + phase reads,
+/// for every (offset, kernel indices) of its phase, the source row (or column) o + offset of the
+/// source replicate-padded by `lo` in front and `hi` behind, with those kernel weights summed.
+///
+/// This is the convolution (k taps, replicate padding `pad` on both sides) of the source
+/// nearest-upsampled by `factor`: tap j of output Y reads upsampled sample clamp(Y + j − pad),
+/// which is source sample clamp(floor((Y + j − pad) / factor)) (clamping commutes with the
+/// division), so for Y = o·factor + r it is source o + floor((r + j − pad) / factor): taps that
+/// land on the same source sample merge into one.
+#[derive(Debug)]
+struct Axis {
+    lo: usize,
+    hi: usize,
+    factor: usize,
+    /// output length
+    total: usize,
+    /// outputs per phase
+    outs: Vec<usize>,
+    phases: Vec<Taps>,
+}
+
+impl Axis {
+    /// Source length `len` (≥ 1), upsampled by `factor` (≥ 1), padded by `pad`, `k` taps; the
+    /// caller checks that factor·len + 2·pad ≥ k.
+    fn new(len: usize, k: usize, pad: usize, factor: usize) -> Self {
+        let total = factor * len + 2 * pad + 1 - k;
+        let d = |r: usize, j: usize| {
+            (r as isize + j as isize - pad as isize).div_euclid(factor as isize)
+        };
+        let lo = (0..factor).map(|r| -d(r, 0)).max().unwrap_or(0).max(0) as usize;
+        let outs: Vec<usize> = (0..factor)
+            .map(|r| (total + factor - 1 - r) / factor)
+            .collect();
+        let phases: Vec<Taps> = (0..factor)
+            .map(|r| merge_taps((0..k).map(|j| (d(r, j) + lo as isize) as usize)))
+            .collect();
+        // output o of a phase reads padded index o + offset <= len + lo + hi − 1
+        let hi = outs
+            .iter()
+            .zip(&phases)
+            .filter(|(&n, _)| n > 0)
+            .map(|(&n, taps)| n + taps.last().map_or(0, |t| t.0))
+            .max()
+            .unwrap_or(0)
+            .saturating_sub(len + lo);
+        Self {
+            lo,
+            hi,
+            factor,
+            total,
+            outs,
+            phases,
+        }
+    }
+}
+
+/// Groups consecutive taps that read the same source index: (index, tap numbers).
+fn merge_taps(sources: impl Iterator<Item = usize>) -> Taps {
+    let mut taps = Taps::new();
+    for (j, s) in sources.enumerate() {
+        match taps.last_mut() {
+            Some((last, js)) if *last == s => js.push(j),
+            _ => taps.push((s, vec![j])),
+        }
+    }
+    taps
+}
+
+/// Source frames of each output frame of [`conv3d_f32_direct`]: the t source frames are
+/// nearest-upsampled in time by `factor` with the first frame kept single (HunyuanVideo's causal
+/// upsampling: 1 + factor·(t − 1) frames), padded in front by `pad` copies of the first, and
+/// convolved with `kt` taps. Tap i of output frame f reads upsampled frame u = max(f + i − pad, 0),
+/// source frame 0 for u = 0 and (u − 1) / factor + 1 after; taps reading the same frame merge
+/// (the causal padding makes the first frames read frame 0 up to kt times).
+fn frame_taps(t: usize, kt: usize, pad: usize, factor: usize) -> Vec<Taps> {
+    let frames = 1 + factor * (t - 1) + pad + 1 - kt;
+    (0..frames)
+        .map(|f| {
+            merge_taps((0..kt).map(|i| match (f + i).saturating_sub(pad) {
+                0 => 0,
+                u => ((u - 1) / factor + 1).min(t - 1),
+            }))
+        })
+        .collect()
+}
+
+/// Packs the (o, c, kt, kh, kw) weights for one output frame and phase into (groups, c, taps,
+/// [`CONV_TO`]) with zero rows past o: tap (a, b, d) of the merged lists gets the sum of the
+/// kernel weights it merges.
+fn pack_conv_weights(
+    wd: &[f32],
+    (o, c, kh, kw): (usize, usize, usize, usize),
+    t_sets: &[Vec<usize>],
+    y_taps: &[(usize, Vec<usize>)],
+    x_taps: &[(usize, Vec<usize>)],
+) -> Vec<f32> {
+    let kt = wd.len() / (o * c * kh * kw);
+    let taps = t_sets.len() * y_taps.len() * x_taps.len();
+    let mut wpk = vec![0f32; o.div_ceil(CONV_TO) * c * taps * CONV_TO];
+    for oi in 0..o {
+        let (g, r) = (oi / CONV_TO, oi % CONV_TO);
+        for ci in 0..c {
+            let wk = &wd[(oi * c + ci) * kt * kh * kw..][..kt * kh * kw];
+            let mut tap = 0;
+            for is in t_sets {
+                for (_, js) in y_taps {
+                    for (_, ks) in x_taps {
+                        let mut s = 0f32;
+                        for &i in is {
+                            for &j in js {
+                                for &k in ks {
+                                    s += wk[(i * kh + j) * kw + k];
+                                }
+                            }
+                        }
+                        wpk[((g * c + ci) * taps + tap) * CONV_TO + r] = s;
+                        tap += 1;
+                    }
+                }
+            }
+        }
+    }
+    wpk
+}
+
+/// Unit-stride 3D convolution of x replicate-padded by `pad` (frames in front, rows and columns
+/// on both sides) and nearest-upsampled first by `up` (t, h, w) factors (the first frame
+/// spatially only; (1, 1, 1) for a plain convolution), as a direct convolution that builds
+/// neither the upsampled nor the padded input and merges the taps that read the same source
+/// sample ([`frame_taps`], [`Axis`]): an upsampling by 2 costs 8 instead of 27 taps per output,
+/// and the causal padding's repeated first frame is read once.
+///
+/// Source frames are replicate-padded spatially into a ring of kt frame slots (c channels of
+/// hp·wp values, plus [`CONV_TN`] of slack so the last register tile may read past the frame).
+/// Per output frame and spatial phase, positions n run over rows laid out at the padded width
+/// wp, so a tap (frame, row offset, column offset) reads the frame's slot at n + row·wp + col.
+/// Positions are split into tasks of [`CONV_TASK_TILES`] register tiles, all phases' tasks of a
+/// frame run in parallel; a task accumulates all output channels of its positions over channel
+/// blocks of [`CONV_CB`] with [`conv_tile`] (weights packed per group of [`CONV_TO`] output
+/// channels), then copies the valid columns out to their upsampled positions.
 fn conv3d_f32_direct(
     x: &Tensor,
     weight: &Tensor,
     bias: Option<&Tensor>,
-    geo: Conv3dGeometry,
+    pad: (usize, usize, usize),
+    up: (usize, usize, usize),
 ) -> Result<Tensor> {
     let (b, c, t, h, w) = x.dims5()?;
     let (o, _, kt, kh, kw) = weight.dims5()?;
-    let (pt, ph, pw) = geo.pad;
-    let (tp, hp, wp) = (t + pt, h + 2 * ph, w + 2 * pw);
-    let (to, ho, wo) = (tp - kt + 1, hp - kh + 1, wp - kw + 1);
-    let taps = kt * kh * kw;
+    let frames = frame_taps(t, kt, pad.0, up.0);
+    let (ay, ax) = (Axis::new(h, kh, pad.1, up.1), Axis::new(w, kw, pad.2, up.2));
+    let (hp, wp) = (h + ay.lo + ay.hi, w + ax.lo + ax.hi);
+    let (to, ho, wo) = (frames.len(), ay.total, ax.total);
     let x = x.contiguous()?;
     let weight = weight.contiguous()?;
     let plane = to * ho * wo;
@@ -801,59 +994,86 @@ fn conv3d_f32_direct(
     let groups = o.div_ceil(CONV_TO);
     let cs = hp * wp + CONV_TN;
     let slot = c * cs;
+    // an output frame reads at most kt consecutive source frames: source s lives in slot s % kt
     let mut ring = vec![0f32; kt * slot];
-    // positions of one output frame at width wp, in tasks of whole register tiles
-    let n_valid = (ho - 1) * wp + wo;
     let task_n = CONV_TASK_TILES * CONV_TN;
-    let tasks = n_valid.div_ceil(task_n);
+    // (spatial phase (ry, rx), valid positions at width wp); then (phase, first position) tasks
+    let phases: Vec<((usize, usize), usize)> = (0..up.1)
+        .flat_map(|ry| (0..up.2).map(move |rx| (ry, rx)))
+        .filter(|&(ry, rx)| ay.outs[ry] > 0 && ax.outs[rx] > 0)
+        .map(|(ry, rx)| ((ry, rx), (ay.outs[ry] - 1) * wp + ax.outs[rx]))
+        .collect();
+    let tasks: Vec<(usize, usize)> = phases
+        .iter()
+        .enumerate()
+        .flat_map(|(p, &(_, n_valid))| (0..n_valid).step_by(task_n).map(move |n0| (p, n0)))
+        .collect();
     with_f32s([&x, &weight], |[xd, wd]| -> Result<()> {
         let bias_v: Vec<f32> = match bias {
             Some(b) => b.to_vec1::<f32>()?,
             None => vec![0.0; o],
         };
-        // (o, c, kt, kh, kw) -> (groups, c, taps, CONV_TO), zero rows past o
-        let mut wpk = vec![0f32; groups * c * taps * CONV_TO];
-        for oi in 0..o {
-            let (g, r) = (oi / CONV_TO, oi % CONV_TO);
-            for ci in 0..c {
-                for tap in 0..taps {
-                    wpk[((g * c + ci) * taps + tap) * CONV_TO + r] = wd[(oi * c + ci) * taps + tap];
-                }
-            }
-        }
-        let wpk = &wpk;
         let bias_v = &bias_v;
+        // packed weights per (kernel time taps of each source frame, spatial phase)
+        let mut packed: HashMap<PackKey, Vec<f32>> = HashMap::new();
         for bi in 0..b {
             let xb = &xd[bi * c * t * h * w..(bi + 1) * c * t * h * w];
-            // padded frame tt (frames in front, rows and columns around) into its ring slot
-            let fill = |ring: &mut [f32], tt: usize| {
-                let ts = tt.saturating_sub(pt).min(t - 1);
-                let dst = &mut ring[(tt % kt) * slot..(tt % kt + 1) * slot];
+            // source frame s, padded by (lo, hi) rows and columns, into its ring slot
+            let fill = |ring: &mut [f32], s: usize| {
+                let dst = &mut ring[(s % kt) * slot..(s % kt + 1) * slot];
                 dst.par_chunks_mut(cs).enumerate().for_each(|(ci, frame)| {
-                    let src = &xb[(ci * t + ts) * h * w..(ci * t + ts + 1) * h * w];
+                    let src = &xb[(ci * t + s) * h * w..(ci * t + s + 1) * h * w];
                     for (yy, row) in frame[..hp * wp].chunks_exact_mut(wp).enumerate() {
-                        let ys = yy.saturating_sub(ph).min(h - 1);
-                        im2col_row(&src[ys * w..(ys + 1) * w], row, 0, pw, 1);
+                        let ys = yy.saturating_sub(ay.lo).min(h - 1);
+                        im2col_row(&src[ys * w..(ys + 1) * w], row, 0, ax.lo, 1);
                     }
                 });
             };
-            for tt in 0..kt - 1 {
-                fill(&mut ring, tt);
-            }
+            let mut next = 0;
             let ob = SharedMut(out[bi * o * plane..(bi + 1) * o * plane].as_mut_ptr());
-            for ti in 0..to {
-                fill(&mut ring, ti + kt - 1);
-                let offs: Vec<usize> = (0..taps)
-                    .map(|tap| {
-                        let (i, j, k) = (tap / (kh * kw), (tap / kw) % kh, tap % kw);
-                        ((ti + i) % kt) * slot + j * wp + k
+            for (ti, taps_t) in frames.iter().enumerate() {
+                let last = taps_t.last().map_or(0, |s| s.0);
+                for s in next.max((last + 1).saturating_sub(kt))..=last {
+                    fill(&mut ring, s);
+                }
+                next = next.max(last + 1);
+                let t_sets: Vec<Vec<usize>> = taps_t.iter().map(|(_, is)| is.clone()).collect();
+                for &((ry, rx), _) in &phases {
+                    packed.entry((t_sets.clone(), ry, rx)).or_insert_with(|| {
+                        pack_conv_weights(
+                            wd,
+                            (o, c, kh, kw),
+                            &t_sets,
+                            &ay.phases[ry],
+                            &ax.phases[rx],
+                        )
+                    });
+                }
+                // per phase: packed weights and the tap offsets in the same order
+                let plans: Vec<(&[f32], Vec<usize>)> = phases
+                    .iter()
+                    .map(|&((ry, rx), _)| {
+                        let (y_taps, x_taps) = (&ay.phases[ry], &ax.phases[rx]);
+                        let offs = taps_t
+                            .iter()
+                            .flat_map(|(s, _)| {
+                                y_taps.iter().flat_map(move |(oy, _)| {
+                                    x_taps
+                                        .iter()
+                                        .map(move |(ox, _)| (s % kt) * slot + oy * wp + ox)
+                                })
+                            })
+                            .collect();
+                        (packed[&(t_sets.clone(), ry, rx)].as_slice(), offs)
                     })
                     .collect();
                 let ring = &ring;
-                (0..tasks).into_par_iter().for_each_init(
+                tasks.par_iter().for_each_init(
                     || vec![0f32; groups * CONV_TO * task_n],
-                    |acc, task| {
-                        let n0 = task * task_n;
+                    |acc, &(p, n0)| {
+                        let ((ry, rx), n_valid) = phases[p];
+                        let (wpk, offs) = (plans[p].0, &plans[p].1);
+                        let taps = offs.len();
                         let tiles = (n_valid - n0).div_ceil(CONV_TN).min(CONV_TASK_TILES);
                         for (row, bv) in acc.chunks_exact_mut(task_n).zip(bias_v) {
                             row.fill(*bv);
@@ -865,37 +1085,43 @@ fn conv3d_f32_direct(
                                     let wg = &wpk[(g * c + cb0) * taps * CONV_TO..]
                                         [..cb * taps * CONV_TO];
                                     let ag = &mut acc[g * CONV_TO * task_n..][..CONV_TO * task_n];
-                                    let p = n0 + tile * CONV_TN;
+                                    let n = n0 + tile * CONV_TN;
                                     conv_tile(
                                         &mut ag[tile * CONV_TN..],
                                         task_n,
                                         wg,
-                                        &ring[cb0 * cs + p..],
+                                        &ring[cb0 * cs + n..],
                                         cs,
                                         cb,
-                                        &offs,
+                                        offs,
                                     );
                                 }
                             }
                         }
-                        // valid positions n0..n1 of rows y at width wp -> (y, x < wo)
+                        // valid positions n0..n1 of rows y at width wp -> (y, x < outs)
                         let n1 = (n0 + task_n).min(n_valid);
+                        let (fy, fx) = (ay.factor, ax.factor);
+                        let wv = ax.outs[rx];
                         for (oi, row) in acc.chunks_exact(task_n).take(o).enumerate() {
                             let mut n = n0;
                             while n < n1 {
                                 let (y, xx) = (n / wp, n % wp);
                                 let end = (n1 - n).min(wp - xx);
-                                let len = end.min(wo.saturating_sub(xx));
-                                if len > 0 {
-                                    // SAFETY: row y, columns xx..xx + len of channel oi of
-                                    // frame ti: tasks cover disjoint positions.
-                                    let dst = unsafe {
-                                        std::slice::from_raw_parts_mut(
-                                            ob.ptr().add(oi * plane + (ti * ho + y) * wo + xx),
-                                            len,
-                                        )
-                                    };
-                                    dst.copy_from_slice(&row[n - n0..n - n0 + len]);
+                                let len = end.min(wv.saturating_sub(xx));
+                                let src = &row[n - n0..n - n0 + len];
+                                let at = oi * plane + (ti * ho + y * fy + ry) * wo + xx * fx + rx;
+                                // SAFETY: output row y·fy + ry, columns (xx..xx + len)·fx + rx
+                                // of channel oi of frame ti: tasks cover disjoint positions and
+                                // phases disjoint rows or columns.
+                                unsafe {
+                                    if fx == 1 {
+                                        std::slice::from_raw_parts_mut(ob.ptr().add(at), len)
+                                            .copy_from_slice(src);
+                                    } else {
+                                        for (i, &v) in src.iter().enumerate() {
+                                            *ob.ptr().add(at + i * fx) = v;
+                                        }
+                                    }
                                 }
                                 n += end;
                             }

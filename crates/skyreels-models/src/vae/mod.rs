@@ -45,10 +45,18 @@ impl CausalConv3d {
     }
 }
 
+impl CausalConv3d {
+    /// The convolution of x nearest-upsampled by `factors` (t, h, w), the first frame spatially
+    /// only: the reference upsampler's interpolation and convolution in one.
+    fn forward_upsampled(&self, x: &Tensor, factors: (usize, usize, usize)) -> Result<Tensor> {
+        let (pw, ph, pt) = self.pad;
+        self.conv.forward_upsampled(x, factors, (pt, ph, pw))
+    }
+}
+
 impl Module for CausalConv3d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (pw, ph, pt) = self.pad;
-        self.conv.forward_padded(x, (pt, ph, pw))
+        self.forward_upsampled(x, (1, 1, 1))
     }
 }
 
@@ -233,35 +241,16 @@ struct UpBlock {
     upsampler: Option<(CausalConv3d, (usize, usize, usize))>,
 }
 
-/// Nearest-neighbour upsampling of (b, c, t, h, w) by integer factors.
-fn upsample_nearest(x: &Tensor, (ft, fh, fw): (usize, usize, usize)) -> Result<Tensor> {
-    let (b, c, t, h, w) = x.dims5()?;
-    // (b, c, t, 1, h, 1, w, 1) -> (b, c, t, ft, h, fh, w, fw) -> (b, c, t·ft, h·fh, w·fw)
-    x.reshape(vec![b, c, t, 1, h, 1, w, 1])?
-        .broadcast_as(vec![b, c, t, ft, h, fh, w, fw])?
-        .contiguous()?
-        .reshape((b, c, t * ft, h * fh, w * fw))
-}
-
 impl UpBlock {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut h = x.clone();
         for r in &self.resnets {
             h = r.forward(&h)?;
         }
-        let Some((conv, (ft, fh, fw))) = &self.upsampler else {
-            return Ok(h);
-        };
-        let t = h.dim(2)?;
-        // the first frame is upsampled spatially only, the others in time too
-        let first = upsample_nearest(&h.narrow(2, 0, 1)?, (1, *fh, *fw))?;
-        let h = if t > 1 {
-            let rest = upsample_nearest(&h.narrow(2, 1, t - 1)?, (*ft, *fh, *fw))?;
-            Tensor::cat(&[first, rest], 2)?
-        } else {
-            first
-        };
-        conv.forward(&h)
+        match &self.upsampler {
+            Some((conv, factors)) => conv.forward_upsampled(&h, *factors),
+            None => Ok(h),
+        }
     }
 }
 
@@ -920,24 +909,5 @@ mod tests {
         let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap();
         // identical math up to summation order
         assert!(diff.to_scalar::<f32>().unwrap() < 1e-6);
-    }
-
-    #[test]
-    fn upsampling_keeps_the_first_frame_single() {
-        let dev = Device::Cpu;
-        let x = Tensor::arange(0f32, 6., &dev)
-            .unwrap()
-            .reshape((1, 1, 3, 1, 2))
-            .unwrap();
-        let up = upsample_nearest(&x, (2, 2, 2)).unwrap();
-        assert_eq!(up.dims(), &[1, 1, 6, 2, 4]);
-        let v = up
-            .narrow(3, 0, 1)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        assert_eq!(&v[..8], &[0., 0., 1., 1., 0., 0., 1., 1.]);
     }
 }
