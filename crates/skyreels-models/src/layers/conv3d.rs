@@ -339,10 +339,15 @@ mod tests {
         check((3, 4), (3, 3, 3), (2, 2, 2), (5, 7, 9));
         check((3, 4), (3, 3, 3), (1, 2, 2), (4, 7, 8));
         check((3, 4), (1, 1, 1), (1, 1, 1), (2, 3, 4));
-        // the direct kernel with several channel blocks, a partial output-channel group and
-        // several tasks per frame (the last one partial)
+        // Winograd (unit stride, 3x3 spatial taps) with several bands of tile rows (the last
+        // one partial), odd and even output sizes, a single tile row
         check((37, 13), (3, 3, 3), (1, 1, 1), (4, 17, 23));
+        check((5, 7), (3, 3, 3), (1, 1, 1), (3, 3, 4));
+        check((5, 7), (2, 3, 3), (1, 1, 1), (3, 4, 3));
+        // the direct kernel (other unit-stride kernels) with several channel blocks, a partial
+        // output-channel group and several tasks per frame (the last one partial)
         check((37, 13), (1, 1, 1), (1, 1, 1), (2, 9, 30));
+        check((37, 13), (2, 1, 3), (1, 1, 1), (3, 9, 30));
         // patchify fast path, including sizes that do not divide evenly
         check((3, 4), (1, 2, 2), (1, 2, 2), (3, 4, 6));
         check((3, 4), (2, 2, 2), (2, 2, 2), (5, 5, 7));
