@@ -109,10 +109,11 @@ pub struct Server {
 
 impl Server {
     /// Opens the output folder (recovering earlier records), starts the worker thread (which
-    /// loads the generator), the finished-task consumer (metrics, webhooks) and the retention
+    /// loads the generator), the finished-task consumer (log, webhooks) and the retention
     /// sweeper. Call inside a tokio runtime.
     pub fn start(config: ServerConfig, loader: GeneratorLoader) -> Result<Self, ServerError> {
-        let (store, finished) = Store::open(&config.output_dir, config.max_queue)?;
+        let metrics = Arc::<Metrics>::default();
+        let (store, finished) = Store::open(&config.output_dir, config.max_queue, metrics.clone())?;
         let store = Arc::new(store);
         let secret =
             webhook::load_or_create_secret(config.webhook_secret.clone(), &config.output_dir)
@@ -129,7 +130,7 @@ impl Server {
             agent: media::http_agent(config.allow_private_urls, config.fetch_timeout),
             config,
             store: store.clone(),
-            metrics: Arc::default(),
+            metrics,
             models: OnceLock::new(),
             webhook_secret: secret,
         });

@@ -6,6 +6,7 @@
 
 use crate::generator::GenerationRequest;
 use crate::job::{new_id, now_ms, JobRecord, Status, TaskCode};
+use crate::metrics::Metrics;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -117,6 +118,9 @@ pub struct Store {
     work: Condvar,
     dir: PathBuf,
     max_queue: usize,
+    /// Counts finished tasks as they finish (under the store lock, so a client that sees a
+    /// finished status also sees it counted).
+    metrics: Arc<Metrics>,
     finished: mpsc::UnboundedSender<JobRecord>,
 }
 
@@ -152,10 +156,12 @@ pub fn safe_filename(name: &str) -> String {
 impl Store {
     /// Opens (creating) the output folder and reloads its records: finished tasks keep being
     /// served; tasks that were queued or running when the server stopped become failed (5003).
-    /// Finished records are sent on the returned channel as they finish.
+    /// Tasks that finish from now on are counted in `metrics` and their records sent on the
+    /// returned channel.
     pub fn open(
         dir: &Path,
         max_queue: usize,
+        metrics: Arc<Metrics>,
     ) -> Result<(Self, mpsc::UnboundedReceiver<JobRecord>), StoreError> {
         for sub in ["jobs", "uploads", "videos"] {
             let p = dir.join(sub);
@@ -167,6 +173,7 @@ impl Store {
             work: Condvar::new(),
             dir: dir.to_path_buf(),
             max_queue,
+            metrics,
             finished: tx,
         };
         let mut inner = store.lock();
@@ -256,6 +263,7 @@ impl Store {
                 Status::Completed | Status::Failed | Status::Cancelled
             ) {
                 job.request = None;
+                self.metrics.finished(job.record.status.as_str());
                 let _ = self.finished.send(job.record.clone());
             }
         }

@@ -83,14 +83,13 @@ fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "the generator panicked".into())
 }
 
-/// Counts finished tasks and fires their webhooks, each delivery on the blocking pool so a
-/// slow or dead receiver holds nothing else up.
+/// Logs finished tasks and fires their webhooks, each delivery on the blocking pool so a slow
+/// or dead receiver holds nothing else up. (The store counts them in the metrics.)
 pub(crate) async fn finished_tasks(
     state: Arc<AppState>,
     mut rx: tokio::sync::mpsc::UnboundedReceiver<JobRecord>,
 ) {
     while let Some(record) = rx.recv().await {
-        state.metrics.finished(record.status.as_str());
         tracing::info!(id = %record.id, status = record.status.as_str(), error = %record.error, "task finished");
         let Some(url) = record.webhook.clone() else {
             continue;
