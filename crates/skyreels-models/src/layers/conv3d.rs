@@ -267,6 +267,13 @@ mod tests {
         Tensor::from_vec(out, (n, o, to, ho, wo), &Device::Cpu).unwrap()
     }
 
+    /// Largest |a − b|, computed in f64.
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+        let f64s = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+        let d = (f64s(a) - f64s(b)).unwrap().abs().unwrap();
+        d.max_all().unwrap().to_scalar::<f64>().unwrap()
+    }
+
     /// Checks (in, out) channels `chans` with the given kernel, stride and input frames × rows ×
     /// columns against the naive loop.
     fn check(
@@ -285,16 +292,12 @@ mod tests {
         let got = conv.forward(&x).unwrap();
         let want = conv3d_naive(&x, &w, &b, stride);
         assert_eq!(got.dims(), want.dims());
-        let err = (got - &want).unwrap().abs().unwrap().max_all().unwrap();
-        let err = err
-            .to_dtype(DType::F32)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let err = max_abs_diff(&got, &want);
         // Summation order (and FMA) differ from the naive loop only: f32 rounding of sums of up
         // to 27·37 unit-variance terms (magnitude ~30, rounding ~1e-5 relative).
+        let tol = 2e-4 * (c as f64).sqrt();
         assert!(
-            err < 2e-4 * (c as f32).sqrt(),
+            err < tol,
             "kernel {kernel:?} stride {stride:?}: max abs err {err}"
         );
         // f64 takes the generic path (2D convolutions over temporal taps)
@@ -302,16 +305,8 @@ mod tests {
         let conv64 =
             Conv3d::from_tensors(f64s(&w), Some(f64s(&b)), Conv3dConfig { stride }).unwrap();
         let got64 = conv64.forward(&f64s(&x)).unwrap();
-        let err = (got64 - f64s(&want))
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap();
-        assert!(
-            err.to_scalar::<f64>().unwrap() < 2e-4 * (c as f64).sqrt(),
-            "generic path, kernel {kernel:?}"
-        );
+        let err = max_abs_diff(&got64, &want);
+        assert!(err < tol, "generic path, kernel {kernel:?}: {err}");
         // replicate padding inside the kernel equals padding the input first
         if kernel.0 == 3 {
             let pad = (2, 1, 1);
@@ -323,13 +318,10 @@ mod tests {
             let padded = padded.pad_with_same(2, 2, 0).unwrap();
             let want = conv3d_naive(&padded, &w, &b, stride);
             let got = conv.forward_padded(&x, pad).unwrap();
-            let err = (got - want).unwrap().abs().unwrap().max_all().unwrap();
+            let err = max_abs_diff(&got, &want);
             // as above; with unit strides the taps that read the replicated first frame are
             // merged (weights summed first), another change of summation order only
-            assert!(
-                err.to_scalar::<f32>().unwrap() < 2e-4 * (c as f32).sqrt(),
-                "padded, stride {stride:?}"
-            );
+            assert!(err < tol, "padded, stride {stride:?}: {err}");
         }
     }
 
@@ -412,10 +404,9 @@ mod tests {
                 Conv3d::from_tensors(w.clone(), Some(b.clone()), Conv3dConfig::default()).unwrap();
             let got = conv.forward_upsampled(&x, factors, (pt, ph, pw)).unwrap();
             assert_eq!(got.dims(), want.dims(), "{factors:?} {kernel:?}");
-            let err = (got - &want).unwrap().abs().unwrap().max_all().unwrap();
+            let err = max_abs_diff(&got, &want);
             // as in `check`: summation order (here also summed weights of merged taps)
-            let tol = 2e-4 * (c as f32).sqrt();
-            let err = err.to_scalar::<f32>().unwrap();
+            let tol = 2e-4 * (c as f64).sqrt();
             assert!(
                 err < tol,
                 "{factors:?} {kernel:?} pad {:?}: {err}",
@@ -427,14 +418,8 @@ mod tests {
             let got64 = conv64
                 .forward_upsampled(&f64s(&x), factors, (pt, ph, pw))
                 .unwrap();
-            let err = (got64 - f64s(&want))
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap();
-            let err = err.to_scalar::<f64>().unwrap();
-            assert!(err < tol as f64, "generic path {factors:?}: {err}");
+            let err = max_abs_diff(&got64, &want);
+            assert!(err < tol, "generic path {factors:?}: {err}");
         }
     }
 
