@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The official WaveSpeed Python SDK against a live `skyreels serve` on the bundled tiny weights.
-# Creates its own venv (target/sdk-venv: wavespeed + PyAV from PyPI), starts the server on a free
-# port with an API key, runs tests/sdk/sdk_client.py, then stops the server with SIGTERM and
-# checks it exits cleanly. Needs python3 and PyPI the first time.
+# Creates its own venv (sdk-venv in target/ or $CARGO_TARGET_DIR: wavespeed + PyAV from PyPI),
+# starts the server on a free port with an API key, runs tests/sdk/sdk_client.py, then stops the
+# server with SIGTERM and checks it exits cleanly. Needs python3 and PyPI the first time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-venv=target/sdk-venv
+target="${CARGO_TARGET_DIR:-target}"
+venv="$target/sdk-venv"
 if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import wavespeed, av" 2>/dev/null; then
     python3 -m venv "$venv"
     "$venv/bin/pip" install -q --disable-pip-version-check "wavespeed==2.0.5" "av>=12"
@@ -13,7 +14,7 @@ fi
 cargo build -q --locked -p skyreels-cli --bin skyreels
 tmp=$(mktemp -d)
 key="sdk-test-$RANDOM$RANDOM"
-target/debug/skyreels serve --port 0 --api-key "$key" --output-dir "$tmp/out" > "$tmp/log" 2>&1 &
+"$target/debug/skyreels" serve --port 0 --api-key "$key" --output-dir "$tmp/out" > "$tmp/log" 2>&1 &
 pid=$!
 cleanup() { kill "$pid" 2>/dev/null || true; rm -rf "$tmp"; }
 trap cleanup EXIT
