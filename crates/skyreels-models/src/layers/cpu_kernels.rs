@@ -1236,8 +1236,8 @@ const WINOGRAD_TILES: usize = 64;
 ///
 /// Tasks (run in parallel) are bands of whole rows of 2×2 output tiles, about
 /// [`WINOGRAD_TILES`] tiles, through all output frames. A task transforms each source frame once
-/// into a ring of kt slots: the 4×4 input patches of its tiles (Bᵀ d B per channel: 16
-/// rows of tiles per channel; replicate padding by clamped rows and columns). Per output frame it
+/// into a ring of kt slots: Bᵀ d B of the 4×4 input patch of each of its tiles and channels, as 16
+/// matrices of c × tiles (replicate padding by clamped rows and columns). Per output frame it
 /// accumulates the 16 products M[ξ] (o × tiles) = Σ over the source frames the frame reads of
 /// U[ξ] (o × c) · V[ξ] with GEMMs, where U is the transformed kernel of the (merged, see
 /// [`frame_taps`]) time taps reading that frame, and writes Aᵀ M A plus the bias to
