@@ -304,6 +304,17 @@ impl Pipeline {
         ]
     }
 
+    /// Ends a stage started at `start`: waits for the device's queued work, then returns the
+    /// stage's time and its peak device memory (CUDA only).
+    fn stage_end(
+        &self,
+        start: Instant,
+        memory: &PeakMemory,
+    ) -> Result<(Duration, Option<u64>), GenerateError> {
+        self.device.synchronize()?;
+        Ok((start.elapsed(), memory.take()))
+    }
+
     /// Runs a request. `on_step(done, total)` is called after each denoising step; returning false
     /// cancels the run.
     pub fn generate(
@@ -339,9 +350,8 @@ impl Pipeline {
         };
         let positive = to_run(cond.prompt)?;
         let negative = cond.negative.map(to_run).transpose()?;
-        self.device.synchronize()?;
-        timings.text_encoding = start.elapsed();
-        let peak_text = memory.take();
+        let (elapsed, peak_text) = self.stage_end(start, &memory)?;
+        timings.text_encoding = elapsed;
 
         let start = Instant::now();
         let shape = self.latent_shape(p);
@@ -349,9 +359,8 @@ impl Pipeline {
             Some(img) => Some(self.image_latents(img, p, &shape)?),
             None => None,
         };
-        self.device.synchronize()?;
-        timings.image_encoding = start.elapsed();
-        let peak_image = memory.take();
+        let (elapsed, peak_image) = self.stage_end(start, &memory)?;
+        timings.image_encoding = elapsed;
 
         let start = Instant::now();
         let mut latents = match &p.noise {
@@ -389,9 +398,8 @@ impl Pipeline {
                 return Err(GenerateError::Cancelled);
             }
         }
-        self.device.synchronize()?;
-        timings.denoising = start.elapsed();
-        let peak_denoise = memory.take();
+        let (elapsed, peak_denoise) = self.stage_end(start, &memory)?;
+        timings.denoising = elapsed;
 
         let start = Instant::now();
         let vae_dtype = self.dtype;
@@ -407,18 +415,16 @@ impl Pipeline {
             .permute((1, 2, 3, 0))?
             .contiguous()?
             .to_device(&Device::Cpu)?;
-        self.device.synchronize()?;
-        timings.decoding = start.elapsed();
-        if let (Some(text_encoding), Some(image_encoding), Some(denoising), Some(decoding)) =
-            (peak_text, peak_image, peak_denoise, memory.take())
-        {
-            timings.peak_memory = Some(StagePeaks {
-                text_encoding,
-                image_encoding,
-                denoising,
-                decoding,
-            });
-        }
+        let (elapsed, peak_decode) = self.stage_end(start, &memory)?;
+        timings.decoding = elapsed;
+        timings.peak_memory = (|| {
+            Some(StagePeaks {
+                text_encoding: peak_text?,
+                image_encoding: peak_image?,
+                denoising: peak_denoise?,
+                decoding: peak_decode?,
+            })
+        })();
         Ok(Video {
             frames,
             timings,

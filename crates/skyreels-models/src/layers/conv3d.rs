@@ -180,12 +180,8 @@ impl Module for Conv3d {
             return self.forward_patchify(x);
         }
         if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
-            let geo = Conv3dGeometry {
-                stride: self.cfg.stride,
-                pad: (0, 0, 0),
-                upsample: (1, 1, 1),
-            };
-            return conv3d_f32(x, &self.weight, self.bias.as_ref(), geo);
+            // the fused CPU kernels, without padding or upsampling
+            return self.forward_upsampled(x, (1, 1, 1), (0, 0, 0));
         }
         let t_out = (t - kt) / st + 1;
         // (b, c, t, h, w) -> (b, t, c, h, w), so that frames fold into the batch

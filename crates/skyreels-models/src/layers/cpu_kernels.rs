@@ -699,7 +699,7 @@ pub fn conv3d_f32(
     };
     let mut cols = vec![0f32; kdim * rows_per_chunk * wo];
     with_f32s([&x, &weight], |[xd, wd]| -> Result<()> {
-        let bias_v: Option<Vec<f32>> = bias.map(|b| b.to_vec1::<f32>()).transpose()?;
+        let bias_v = bias_values(bias, o)?;
         for bi in 0..b {
             let xb = &xd[bi * c * t * h * w..(bi + 1) * c * t * h * w];
             let ob = &mut out[bi * o * plane..(bi + 1) * o * plane];
@@ -728,7 +728,7 @@ pub fn conv3d_f32(
                     let off = ti * ho * wo + y0 * wo;
                     for oi in 0..o {
                         let row = &mut ob[oi * plane + off..oi * plane + off + n];
-                        row.fill(bias_v.as_ref().map_or(0.0, |bv| bv[oi]));
+                        row.fill(bias_v[oi]);
                     }
                     // SAFETY: the weight is (o, kdim), cols (kdim, n); the destination is o
                     // rows of n elements at stride `plane` inside `ob`.
@@ -833,10 +833,6 @@ simd_dispatch! {
 /// Merged taps: (source index, the kernel taps that read it, whose weights are summed).
 type Taps = Vec<(usize, Vec<usize>)>;
 
-/// Key of the packed weights of [`conv3d_f32_direct`]: (merged kernel time taps of each source
-/// frame, row phase, column phase).
-type PackKey = (Vec<Vec<usize>>, usize, usize);
-
 /// Taps of one axis of [`conv3d_f32_direct`] for each output phase: output o·factor + phase reads,
 /// for every (offset, kernel indices) of its phase, the source row (or column) o + offset of the
 /// source replicate-padded by `lo` in front and `hi` behind, with those kernel weights summed.
@@ -905,6 +901,24 @@ fn merge_taps(sources: impl Iterator<Item = usize>) -> Taps {
     taps
 }
 
+/// The bias as o values (zeros without one).
+fn bias_values(bias: Option<&Tensor>, o: usize) -> Result<Vec<f32>> {
+    match bias {
+        Some(b) => b.to_vec1::<f32>(),
+        None => Ok(vec![0.0; o]),
+    }
+}
+
+/// The source frames to load into a ring of `slots` frame slots (frame s in slot s % slots)
+/// before computing an output frame with time taps `taps` ([`frame_taps`]: increasing sources,
+/// at most `slots` of them), when the frames before `*next` are loaded; advances `*next`.
+fn frames_to_load(next: &mut usize, taps: &Taps, slots: usize) -> std::ops::RangeInclusive<usize> {
+    let last = taps.last().map_or(0, |s| s.0);
+    let first = (*next).max((last + 1).saturating_sub(slots));
+    *next = (*next).max(last + 1);
+    first..=last
+}
+
 /// Source frames of each output frame of [`conv3d_f32_direct`]: the t source frames are
 /// nearest-upsampled in time by `factor` with the first frame kept single (HunyuanVideo's causal
 /// upsampling: 1 + factor·(t − 1) frames), padded in front by `pad` copies of the first, and
@@ -928,12 +942,11 @@ fn frame_taps(t: usize, kt: usize, pad: usize, factor: usize) -> Vec<Taps> {
 /// kernel weights it merges.
 fn pack_conv_weights(
     wd: &[f32],
-    (o, c, kh, kw): (usize, usize, usize, usize),
+    (o, c, kt, kh, kw): (usize, usize, usize, usize, usize),
     t_sets: &[Vec<usize>],
     y_taps: &[(usize, Vec<usize>)],
     x_taps: &[(usize, Vec<usize>)],
 ) -> Vec<f32> {
-    let kt = wd.len() / (o * c * kh * kw);
     let taps = t_sets.len() * y_taps.len() * x_taps.len();
     let mut wpk = vec![0f32; o.div_ceil(CONV_TO) * c * taps * CONV_TO];
     for oi in 0..o {
@@ -1012,13 +1025,9 @@ fn conv3d_f32_direct(
         .flat_map(|(p, &(_, n_valid))| (0..n_valid).step_by(task_n).map(move |n0| (p, n0)))
         .collect();
     with_f32s([&x, &weight], |[xd, wd]| -> Result<()> {
-        let bias_v: Vec<f32> = match bias {
-            Some(b) => b.to_vec1::<f32>()?,
-            None => vec![0.0; o],
-        };
-        let bias_v = &bias_v;
-        // packed weights per (kernel time taps of each source frame, spatial phase)
-        let mut packed: HashMap<PackKey, Vec<f32>> = HashMap::new();
+        let bias_v = &bias_values(bias, o)?;
+        // per kernel time taps of each source frame: the packed weights of each spatial phase
+        let mut packed: HashMap<Vec<Vec<usize>>, Vec<Vec<f32>>> = HashMap::new();
         for bi in 0..b {
             let xb = &xd[bi * c * t * h * w..(bi + 1) * c * t * h * w];
             // source frame s, padded by (lo, hi) rows and columns, into its ring slot
@@ -1035,27 +1044,24 @@ fn conv3d_f32_direct(
             let mut next = 0;
             let ob = SharedMut(out[bi * o * plane..(bi + 1) * o * plane].as_mut_ptr());
             for (ti, taps_t) in frames.iter().enumerate() {
-                let last = taps_t.last().map_or(0, |s| s.0);
-                for s in next.max((last + 1).saturating_sub(kt))..=last {
+                for s in frames_to_load(&mut next, taps_t, kt) {
                     fill(&mut ring, s);
                 }
-                next = next.max(last + 1);
                 let t_sets: Vec<Vec<usize>> = taps_t.iter().map(|(_, is)| is.clone()).collect();
-                for &((ry, rx), _) in &phases {
-                    packed.entry((t_sets.clone(), ry, rx)).or_insert_with(|| {
-                        pack_conv_weights(
-                            wd,
-                            (o, c, kh, kw),
-                            &t_sets,
-                            &ay.phases[ry],
-                            &ax.phases[rx],
-                        )
-                    });
-                }
+                let weights = packed.entry(t_sets).or_insert_with_key(|t_sets| {
+                    phases
+                        .iter()
+                        .map(|&((ry, rx), _)| {
+                            let (y_taps, x_taps) = (&ay.phases[ry], &ax.phases[rx]);
+                            pack_conv_weights(wd, (o, c, kt, kh, kw), t_sets, y_taps, x_taps)
+                        })
+                        .collect()
+                });
                 // per phase: packed weights and the tap offsets in the same order
                 let plans: Vec<(&[f32], Vec<usize>)> = phases
                     .iter()
-                    .map(|&((ry, rx), _)| {
+                    .zip(weights.iter())
+                    .map(|(&((ry, rx), _), wpk)| {
                         let (y_taps, x_taps) = (&ay.phases[ry], &ax.phases[rx]);
                         let offs = taps_t
                             .iter()
@@ -1067,7 +1073,7 @@ fn conv3d_f32_direct(
                                 })
                             })
                             .collect();
-                        (packed[&(t_sets.clone(), ry, rx)].as_slice(), offs)
+                        (wpk.as_slice(), offs)
                     })
                     .collect();
                 let ring = &ring;
@@ -1273,10 +1279,7 @@ fn conv3d_f32_winograd(
         .flat_map(|bi| (0..ty).step_by(band).map(move |y0| (bi, y0)))
         .collect();
     with_f32s([&x, &weight], |[xd, wd]| -> Result<()> {
-        let bias_v: Vec<f32> = match bias {
-            Some(b) => b.to_vec1::<f32>()?,
-            None => vec![0.0; o],
-        };
+        let bias_v = bias_values(bias, o)?;
         // transformed kernels (16, o, c) per set of merged time taps
         let mut kernels: HashMap<&[usize], Vec<f32>> = HashMap::new();
         for (_, set) in frames.iter().flatten() {
@@ -1320,8 +1323,7 @@ fn conv3d_f32_winograd(
                 for (ti, taps_t) in frames.iter().enumerate() {
                     // source frame s of the band, transformed ((16, c, n): Bᵀ d B of each
                     // channel's tiles), in ring slot s % kt
-                    let last = taps_t.last().map_or(0, |s| s.0);
-                    for s in next.max((last + 1).saturating_sub(kt))..=last {
+                    for s in frames_to_load(&mut next, taps_t, kt) {
                         let vs = &mut ring[(s % kt) * slot..][..16 * c * n];
                         for ci in 0..c {
                             let src = &xd[((bi * c + ci) * t + s) * h * w..][..h * w];
@@ -1339,7 +1341,6 @@ fn conv3d_f32_winograd(
                             }
                         }
                     }
-                    next = next.max(last + 1);
                     for xi in 0..16 {
                         for (k, (s, set)) in taps_t.iter().enumerate() {
                             let u = &kernels[set.as_slice()][xi * o * c..][..o * c];
