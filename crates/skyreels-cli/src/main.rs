@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
+use skyreels_params as params;
 use skyreels_pipeline::export::{write_output, OutputKind};
 use skyreels_pipeline::generate::{GenerateParams, ModelPaths, Pipeline, StageTimings};
 use skyreels_pipeline::hub::{HubOptions, ModelSpec, Source};
@@ -103,29 +104,31 @@ struct GenerateArgs {
     /// What to avoid (used with true CFG) [default: SkyReels' negative prompt].
     #[arg(long)]
     negative_prompt: Option<String>,
-    /// Frame height in pixels, a multiple of 16 [default: 544, or 960 for a portrait image].
+    /// Frame height in pixels, a multiple of 16 up to 4096 [default: 544, or 960 for a
+    /// portrait image].
     #[arg(long)]
     height: Option<usize>,
-    /// Frame width in pixels, a multiple of 16 [default: 960, or 544 for a portrait image].
+    /// Frame width in pixels, a multiple of 16 up to 4096 [default: 960, or 544 for a portrait
+    /// image].
     #[arg(long)]
     width: Option<usize>,
-    /// Number of frames, 4k+1 [default: 97].
+    /// Number of frames, 4k+1 up to 257 [default: 97].
     #[arg(long)]
     num_frames: Option<usize>,
-    /// Denoising steps [default: 30].
+    /// Denoising steps, 1 to 100 [default: 30].
     #[arg(long)]
     steps: Option<usize>,
-    /// True classifier-free guidance scale; values > 1 run the negative prompt too.
-    #[arg(long, default_value_t = 6.0)]
+    /// True classifier-free guidance scale, 0 to 30; values > 1 run the negative prompt too.
+    #[arg(long, default_value_t = params::GUIDANCE_SCALE)]
     guidance_scale: f64,
-    /// Guidance value fed to the transformer's guidance embedder.
-    #[arg(long, default_value_t = 1.0)]
+    /// Guidance value fed to the transformer's guidance embedder, 0 to 30.
+    #[arg(long, default_value_t = params::EMBEDDED_GUIDANCE_SCALE)]
     embedded_guidance_scale: f64,
     /// Random seed; -1 picks one and prints it.
     #[arg(long, default_value_t = 42, allow_negative_numbers = true)]
     seed: i64,
-    /// Frames per second of the MP4.
-    #[arg(long, default_value_t = 24.0)]
+    /// Frames per second of the MP4, 1 to 120.
+    #[arg(long, default_value_t = params::FPS)]
     fps: f64,
     /// A safetensors file whose tensor `latents` [1, C, T, H/8, W/8] (f32) replaces the seeded
     /// initial noise.
@@ -218,8 +221,9 @@ fn download(args: DownloadArgs) -> Result<()> {
 /// RGB, with the server's size cap, content sniffing and decoding limits.
 fn load_image(source: &str) -> Result<image::RgbImage> {
     let bytes = if source.starts_with("http://") || source.starts_with("https://") {
+        let url = url::Url::parse(source).with_context(|| format!("bad image URL {source:?}"))?;
         let agent = media::http_agent(true, std::time::Duration::from_secs(60));
-        media::fetch(&agent, source).context("cannot fetch image")?
+        media::fetch(&agent, &url).context("cannot fetch image")?
     } else {
         let path = Path::new(source);
         if !path.is_file() {
@@ -244,28 +248,19 @@ fn generate(args: GenerateArgs) -> Result<()> {
     let paths = model_paths(&args.model)?;
     let image = args.image.as_deref().map(load_image).transpose()?;
     let noise = args.noise.as_deref().map(load_noise).transpose()?;
-    // SkyReels' sizes, turned to portrait for a portrait image
-    let d = paths.defaults;
-    let portrait = image.as_ref().is_some_and(|i| i.height() > i.width());
-    let (dh, dw) = if portrait {
-        (d.width, d.height)
-    } else {
-        (d.height, d.width)
-    };
+    // the model's sizes, turned to portrait for a portrait image
+    let d = &paths.defaults;
+    let (dh, dw) = d.size(image.as_ref().is_some_and(params::is_portrait));
     let seed = match args.seed {
         -1 => {
-            let s = rand::random::<u32>() as u64;
+            let s = rand::random_range(0..=params::SEED.max as u64);
             eprintln!("seed: {s}");
             s
         }
-        s if s >= 0 => s as u64,
-        s => bail!("--seed must be >= 0 or -1 (random), got {s}"),
+        s if params::SEED.contains(s) => s as u64,
+        s => bail!("--seed {}, got {s}", params::SEED.rule()),
     };
-    if OutputKind::of(&args.output) == OutputKind::Mp4 && !(args.fps.is_finite() && args.fps > 0.0)
-    {
-        bail!("--fps must be positive, got {}", args.fps);
-    }
-    let params = GenerateParams {
+    let p = GenerateParams {
         prompt: args.prompt,
         negative_prompt: args.negative_prompt,
         image,
@@ -278,24 +273,29 @@ fn generate(args: GenerateArgs) -> Result<()> {
         seed,
         noise,
     };
+    check_limits(&p, args.fps, &args.output)?;
     eprintln!(
         "loading {} (transformer {})",
         paths.pipeline.display(),
         paths.transformer.display()
     );
     let pipeline = Pipeline::load(paths, dtype, &device)?;
-    pipeline.validate(&params)?;
+    for (flag, v) in [("--height", p.height), ("--width", p.width)] {
+        params::check_side(v, pipeline.size_multiple())
+            .map_err(|rule| anyhow::anyhow!("{flag} {rule}"))?;
+    }
+    pipeline.validate(&p)?;
     eprintln!(
         "generating {} frames of {}x{} in {} steps",
-        params.num_frames, params.width, params.height, params.steps
+        p.num_frames, p.width, p.height, p.steps
     );
-    let bar = ProgressBar::new(params.steps as u64).with_style(
+    let bar = ProgressBar::new(p.steps as u64).with_style(
         ProgressStyle::with_template(
             "{bar:40} {pos}/{len} steps [{elapsed_precise} < {eta_precise}]",
         )
         .expect("valid template"),
     );
-    let video = pipeline.generate(&params, &mut |done, _| {
+    let video = pipeline.generate(&p, &mut |done, _| {
         bar.set_position(done as u64);
         true
     })?;
@@ -315,6 +315,37 @@ fn generate(args: GenerateArgs) -> Result<()> {
     write_output(&args.output, &video.frames, args.fps, bitrate)?;
     print_timings(&video.timings, start.elapsed(), started.elapsed());
     eprintln!("wrote {}", args.output.display());
+    Ok(())
+}
+
+/// The limits the server applies too (`skyreels-params`), named by their flags.
+fn check_limits(p: &GenerateParams, fps: f64, output: &Path) -> Result<()> {
+    let rule = |flag: &str, rule: String| anyhow::anyhow!("{flag} {rule}");
+    if !params::STEPS.contains(p.steps as i64) {
+        return Err(rule(
+            "--steps",
+            format!("{}, got {}", params::STEPS.rule(), p.steps),
+        ));
+    }
+    params::check_frames(p.num_frames).map_err(|r| rule("--num-frames", r))?;
+    for (flag, range, v) in [
+        ("--guidance-scale", params::GUIDANCE, p.guidance_scale),
+        (
+            "--embedded-guidance-scale",
+            params::EMBEDDED_GUIDANCE,
+            p.embedded_guidance_scale,
+        ),
+    ] {
+        if !range.contains(v) {
+            return Err(rule(flag, format!("{}, got {v}", range.rule())));
+        }
+    }
+    if OutputKind::of(output) == OutputKind::Mp4 && !params::FPS_RANGE.contains(fps) {
+        return Err(rule(
+            "--fps",
+            format!("{}, got {fps}", params::FPS_RANGE.rule()),
+        ));
+    }
     Ok(())
 }
 

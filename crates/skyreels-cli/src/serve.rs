@@ -76,6 +76,39 @@ pub struct ServeArgs {
     /// Seconds the running task may take to finish on SIGTERM before it is cancelled.
     #[arg(long, env = "SKYREELS_SHUTDOWN_GRACE", default_value_t = 30)]
     shutdown_grace: u64,
+    /// A host name clients may use besides the bound address and localhost (repeat the flag, or
+    /// comma-separate in the env var). Without --public-url, requests naming any other Host
+    /// are refused (a web page cannot drive the API through DNS rebinding).
+    #[arg(
+        long = "allowed-host",
+        env = "SKYREELS_ALLOWED_HOSTS",
+        value_delimiter = ','
+    )]
+    allowed_hosts: Vec<String>,
+    /// Require an API key for /metrics, /docs and /openapi.json too (they are open by default,
+    /// for scrapers).
+    #[arg(long, env = "SKYREELS_PROTECT_OPS")]
+    protect_ops: bool,
+    /// Largest task accepted, as width x height x frames x steps in millions (SkyReels'
+    /// default 960x544, 97 frames, 30 steps is 1,520); larger submits get a 400 that says so.
+    #[arg(long, env = "SKYREELS_MAX_WORK", default_value_t = 3000.0)]
+    max_work: f64,
+    /// Seconds a task may run before it is stopped (status failed, code 5004); 0: no limit.
+    #[arg(long, env = "SKYREELS_MAX_TASK_SECONDS", default_value_t = 7200)]
+    max_task_seconds: u64,
+    /// Seconds a client has to send a request's headers, from connecting or from the previous
+    /// response (idle keep-alive connections close after it too).
+    #[arg(long, env = "SKYREELS_HEADER_TIMEOUT", default_value_t = 10)]
+    header_timeout: u64,
+    /// Seconds a request's whole body may take to arrive (408 after).
+    #[arg(long, env = "SKYREELS_BODY_TIMEOUT", default_value_t = 120)]
+    body_timeout: u64,
+    /// Seconds a connection may sit with no bytes moving while no request is being handled.
+    #[arg(long, env = "SKYREELS_IDLE_TIMEOUT", default_value_t = 60)]
+    idle_timeout: u64,
+    /// Connections served at once; more wait to be accepted.
+    #[arg(long, env = "SKYREELS_MAX_CONNECTIONS", default_value_t = 1024)]
+    max_connections: usize,
     /// Log lines as text or JSON (filter with RUST_LOG, default info).
     #[arg(long, env = "SKYREELS_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -88,7 +121,7 @@ struct PipelineGenerator {
 
 impl Generator for PipelineGenerator {
     fn models(&self) -> Vec<ModelInfo> {
-        let d = self.pipeline.paths().defaults;
+        let d = &self.pipeline.paths().defaults;
         let i2v = self.pipeline.is_image_to_video();
         vec![ModelInfo {
             id: if i2v { I2V_MODEL_ID } else { T2V_MODEL_ID }.into(),
@@ -149,8 +182,10 @@ impl Generator for PipelineGenerator {
 pub fn serve(args: ServeArgs) -> Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // colours only for a terminal: a log file gets plain text
     let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match args.log_format {
         LogFormat::Text => fmt.init(),
@@ -164,6 +199,22 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     }
     if args.max_queue == 0 {
         anyhow::bail!("--max-queue must be at least 1");
+    }
+    if !(args.max_work.is_finite() && args.max_work > 0.0) {
+        anyhow::bail!(
+            "--max-work must be a positive number, got {}",
+            args.max_work
+        );
+    }
+    for (flag, v) in [
+        ("--header-timeout", args.header_timeout),
+        ("--body-timeout", args.body_timeout),
+        ("--idle-timeout", args.idle_timeout),
+        ("--max-connections", args.max_connections as u64),
+    ] {
+        if v == 0 {
+            anyhow::bail!("{flag} must be at least 1");
+        }
     }
     let mut config = ServerConfig::new(&args.output_dir);
     config.api_keys = args
@@ -181,6 +232,15 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     config.max_body_bytes = args.max_body_mib << 20;
     config.webhook_secret = args.webhook_secret;
     config.shutdown_grace = Duration::from_secs(args.shutdown_grace);
+    config.allowed_hosts = args.allowed_hosts;
+    config.protect_ops = args.protect_ops;
+    config.max_work = args.max_work;
+    config.max_task_time =
+        (args.max_task_seconds > 0).then(|| Duration::from_secs(args.max_task_seconds));
+    config.header_timeout = Duration::from_secs(args.header_timeout);
+    config.body_timeout = Duration::from_secs(args.body_timeout);
+    config.idle_timeout = Duration::from_secs(args.idle_timeout);
+    config.max_connections = args.max_connections;
 
     let (device, dtype) = device_and_dtype(&args.model)?;
     let model = args.model;

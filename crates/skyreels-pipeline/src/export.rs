@@ -112,9 +112,22 @@ pub fn write_mp4(
     let mut yuv = YUVBuffer::new(w, h);
     for i in 0..frames.count {
         yuv.read_rgb8(RgbSliceU8::new(frames.frame(i), (w, h)));
-        let bits = encoder.encode(&yuv).map_err(enc_err)?;
-        let key = matches!(bits.frame_type(), FrameType::IDR | FrameType::I);
-        let data = bits.to_vec();
+        // the first frame initializes the encoder, which prints its parameter checks to the
+        // process's stderr: catch them instead of letting them reach the terminal raw
+        let mut encode = || {
+            encoder.encode(&yuv).map(|b| {
+                let key = matches!(b.frame_type(), FrameType::IDR | FrameType::I);
+                (key, b.to_vec())
+            })
+        };
+        let (key, data) = if i == 0 {
+            let (bits, chatter) = quiet_stderr(encode);
+            report_encoder_chatter(&chatter);
+            bits
+        } else {
+            encode()
+        }
+        .map_err(enc_err)?;
         if data.is_empty() {
             return Err(ExportError::Encode(format!("frame {i} produced no data")));
         }
@@ -124,6 +137,78 @@ pub fn write_mp4(
     }
     muxer.finish().map_err(|e| write_err(path)(e.to_string()))?;
     Ok(())
+}
+
+/// OpenH264's warning that a bitrate cannot be held without skipping frames: expected, since
+/// frames are never skipped here (every generated frame is kept).
+const KNOWN_ENCODER_WARNING: &str = "bitrate can't be controlled";
+
+/// Passes on what the encoder printed, minus the known warning: its own lines as notes, any
+/// other program output caught meanwhile as it was.
+fn report_encoder_chatter(bytes: &[u8]) {
+    use std::io::Write;
+    let text = String::from_utf8_lossy(bytes);
+    let mut err = std::io::stderr().lock();
+    for line in text.lines() {
+        if let Some(i) = line.find("[OpenH264]") {
+            let _ = write!(err, "{}", &line[..i]);
+            if !line.contains(KNOWN_ENCODER_WARNING) {
+                let msg = line[i..].rsplit("Warning:").next().unwrap_or(line);
+                let _ = writeln!(err, "note: H.264 encoder: {}", msg.trim());
+            } else if i > 0 {
+                let _ = writeln!(err);
+            }
+        } else {
+            let _ = writeln!(err, "{line}");
+        }
+    }
+}
+
+/// Runs `f` with the process's standard error (file descriptor 2) sent into a pipe, and
+/// returns what was written there meanwhile. C libraries print to it directly; this is the
+/// only way to keep their chatter off a terminal or log. One capture at a time; on other
+/// platforms, or if the pipe cannot be made, `f` just runs.
+fn quiet_stderr<T>(f: impl FnOnce() -> T) -> (T, Vec<u8>) {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        use std::io::Read;
+        use std::os::fd::FromRawFd;
+        static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+        let mut fds = [0i32; 2];
+        // SAFETY: plain fd syscalls on descriptors this function creates; fd 2 is restored
+        // from its saved copy before returning, and each descriptor is closed once.
+        unsafe {
+            if libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
+                return (f(), Vec::new());
+            }
+            let saved = libc::dup(2);
+            if saved < 0 || libc::dup2(fds[1], 2) < 0 {
+                libc::close(fds[0]);
+                libc::close(fds[1]);
+                if saved >= 0 {
+                    libc::close(saved);
+                }
+                return (f(), Vec::new());
+            }
+            libc::close(fds[1]);
+            let mut pipe = std::fs::File::from_raw_fd(fds[0]);
+            // drained meanwhile, so a chatty writer never fills the pipe and blocks
+            let reader = std::thread::spawn(move || {
+                let mut out = Vec::new();
+                let _ = pipe.read_to_end(&mut out);
+                out
+            });
+            let result = f();
+            libc::dup2(saved, 2);
+            libc::close(saved);
+            (result, reader.join().unwrap_or_default())
+        }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        (f(), Vec::new())
+    }
 }
 
 /// Writes `frame_00000.png`, ... into `dir` (created if needed).

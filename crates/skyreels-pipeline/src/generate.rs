@@ -8,19 +8,16 @@ use crate::loading::{load_transformer, load_vae, LoadError};
 use crate::runtime::{gib, PeakMemory};
 use crate::scheduler::{FlowMatchEuler, SchedulerConfig};
 use candle_core::{DType, Device, Tensor};
-use image::imageops::FilterType;
 use image::RgbImage;
 use rand::SeedableRng;
 use rand_distr::Distribution;
-use serde::Deserialize;
 use skyreels_models::{
     AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel, TransformerInputs,
 };
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// SkyReels' default negative prompt (its README and `video_generate.py`).
-pub const DEFAULT_NEGATIVE_PROMPT: &str = "Aerial view, aerial view, overexposed, low quality, deformation, a poor composition, bad hands, bad teeth, bad eyes, bad limbs, distortion";
+pub use skyreels_params::{fit_image, GenerationDefaults, DEFAULT_NEGATIVE_PROMPT};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GenerateError {
@@ -38,28 +35,6 @@ pub enum GenerateError {
 
 fn invalid<T>(msg: impl Into<String>) -> Result<T, GenerateError> {
     Err(GenerateError::Invalid(msg.into()))
-}
-
-/// Size and step defaults of a model: SkyReels' own, or a model folder's `skyreels_defaults.json`
-/// (the tiny bundled weights use small ones).
-#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct GenerationDefaults {
-    pub height: usize,
-    pub width: usize,
-    pub num_frames: usize,
-    pub num_inference_steps: usize,
-}
-
-impl Default for GenerationDefaults {
-    fn default() -> Self {
-        Self {
-            height: 544,
-            width: 960,
-            num_frames: 97,
-            num_inference_steps: 30,
-        }
-    }
 }
 
 /// Where each component of a pipeline lives.
@@ -334,7 +309,7 @@ impl Pipeline {
         let negative = cfg.then(|| {
             p.negative_prompt
                 .as_deref()
-                .unwrap_or(DEFAULT_NEGATIVE_PROMPT)
+                .unwrap_or(self.paths.defaults.negative_prompt())
         });
         let encoders = TextEncoders::load(&self.paths.pipeline, self.dtype, &self.device)?;
         let cond = encoders.into_conditioning(&p.prompt, negative)?;
@@ -455,27 +430,6 @@ impl Pipeline {
         let rest = Tensor::zeros((b, c, t - 1, lh, lw), DType::F32, &self.device)?;
         Ok(Tensor::cat(&[&first, &rest], 2)?.to_dtype(self.dtype)?)
     }
-}
-
-/// The image center-cropped to the aspect ratio of `width × height`, then resized with Lanczos
-/// (SkyReels' `resizecrop`); an image already at that size is used untouched.
-pub fn fit_image(img: &RgbImage, width: usize, height: usize) -> RgbImage {
-    let (w, h) = (img.width() as f64, img.height() as f64);
-    if img.width() as usize == width && img.height() as usize == height {
-        return img.clone();
-    }
-    let target = height as f64 / width as f64;
-    // keep the full width when the image is taller than the target aspect, else the full height
-    let (cw, ch) = if h / w > target {
-        (w, w * target)
-    } else {
-        (h / target, h)
-    };
-    let (x0, y0) = (((w - cw) / 2.0).round(), ((h - ch) / 2.0).round());
-    let (cw, ch) = (cw.round().max(1.0), ch.round().max(1.0));
-    let crop =
-        image::imageops::crop_imm(img, x0 as u32, y0 as u32, cw as u32, ch as u32).to_image();
-    image::imageops::resize(&crop, width as u32, height as u32, FilterType::Lanczos3)
 }
 
 /// Standard normal f32 noise of `shape` from `seed` (ChaCha8 on the CPU, then moved): the same

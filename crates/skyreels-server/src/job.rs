@@ -1,9 +1,10 @@
 //! A prediction's record and its state machine.
 
-use serde::{Deserialize, Serialize};
+use crate::contract::SubmitRequest;
+use serde::{Deserialize, Deserializer, Serialize};
 
 /// Task status, as WaveSpeed spells it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     /// Accepted: its image is being fetched or it waits in the queue.
@@ -133,8 +134,9 @@ pub struct JobRecord {
     pub id: String,
     pub model: String,
     pub status: Status,
-    /// The request as received (a long data: URI image shortened).
-    pub input: serde_json::Value,
+    /// The request's known fields (a long data: URI image shortened).
+    #[serde(deserialize_with = "input_or_empty")]
+    pub input: SubmitRequest,
     /// Absolute base URL of the server at submit time (for the `urls.get` and output links).
     pub base_url: String,
     pub created_at: u64,
@@ -152,6 +154,13 @@ pub struct JobRecord {
     pub total_steps: usize,
     /// Stage name -> milliseconds.
     pub timings: Vec<(String, u64)>,
+}
+
+/// Records written by earlier versions kept the whole request: read what still parses under
+/// today's rules, and an empty input otherwise (the rest of the record is still good).
+fn input_or_empty<'de, D: Deserializer<'de>>(d: D) -> Result<SubmitRequest, D::Error> {
+    let v = serde_json::Value::deserialize(d)?;
+    Ok(SubmitRequest::deserialize(v).unwrap_or_default())
 }
 
 /// A transition the state machine does not allow.
@@ -211,7 +220,7 @@ mod tests {
             id: new_id(),
             model: "wavespeed-ai/SkyReels-V1".into(),
             status: Status::Created,
-            input: serde_json::json!({}),
+            input: SubmitRequest::default(),
             base_url: "http://localhost".into(),
             created_at: now_ms(),
             started_at: None,

@@ -2,11 +2,14 @@
 //!
 //! Layers: [`generator::Generator`] (the model, behind a trait; no candle here) -> one worker
 //! thread that owns it -> [`store::Store`] (jobs, FIFO queue, uploads, records on disk) ->
-//! [`api::router`] (axum). Finished tasks flow to an async task that counts them and sends
-//! webhooks.
+//! [`api::router`] (axum, its contract typed in [`contract`]) -> connections served with
+//! timeouts and a cap (`http`). Finished tasks flow to an async task that logs them and sends
+//! webhooks. The HTTP contract is `docs/API.md`.
 
 pub mod api;
+pub mod contract;
 pub mod generator;
+mod http;
 pub mod job;
 pub mod media;
 pub mod metrics;
@@ -51,6 +54,24 @@ pub struct ServerConfig {
     pub fetch_timeout: Duration,
     /// On shutdown, how long the running task may take to finish before it is cancelled.
     pub shutdown_grace: Duration,
+    /// Host names accepted besides the bound address and localhost (without `public_url`).
+    pub allowed_hosts: Vec<String>,
+    /// `/metrics`, `/docs` and `/openapi.json` need a key too.
+    pub protect_ops: bool,
+    /// Largest task, as width x height x frames x steps in millions.
+    pub max_work: f64,
+    /// A running task is stopped (failed, 5004) after this long; `None`: no limit.
+    pub max_task_time: Option<Duration>,
+    /// A client must send a request's headers within this time of connecting or of the
+    /// previous response (an idle keep-alive connection closes after it too).
+    pub header_timeout: Duration,
+    /// A request's whole body must arrive within this time (408 otherwise).
+    pub body_timeout: Duration,
+    /// A connection where no byte moves either way for this long while no handler runs is
+    /// closed (a client that stopped reading a response).
+    pub idle_timeout: Duration,
+    /// Connections served at once; more wait to be accepted.
+    pub max_connections: usize,
 }
 
 impl ServerConfig {
@@ -68,6 +89,14 @@ impl ServerConfig {
             webhook_backoff: Duration::from_secs(2),
             fetch_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(30),
+            allowed_hosts: vec![],
+            protect_ops: false,
+            max_work: 3000.0,
+            max_task_time: None,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(120),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 1024,
         }
     }
 }
@@ -98,7 +127,17 @@ pub struct AppState {
     /// Blocking HTTP client for images and webhooks (address policy applied).
     pub agent: ureq::Agent,
     pub(crate) key_hashes: Vec<[u8; 32]>,
+    /// Image downloads in flight at once.
+    pub(crate) fetches: tokio::sync::Semaphore,
+    /// Image decodes at once (each may hold up to `media::MAX_DECODE_ALLOC`).
+    pub(crate) decodes: tokio::sync::Semaphore,
+    /// Webhook attempts in flight at once.
+    pub(crate) webhooks: tokio::sync::Semaphore,
 }
+
+/// Image downloads and decodes at once.
+pub const CONCURRENT_FETCHES: usize = 8;
+pub const CONCURRENT_DECODES: usize = 2;
 
 /// A running server's parts, before it is bound to a socket (tests drive the router directly).
 pub struct Server {
@@ -133,6 +172,9 @@ impl Server {
             metrics,
             models: OnceLock::new(),
             webhook_secret: secret,
+            fetches: tokio::sync::Semaphore::new(CONCURRENT_FETCHES),
+            decodes: tokio::sync::Semaphore::new(CONCURRENT_DECODES),
+            webhooks: tokio::sync::Semaphore::new(webhook::CONCURRENT_DELIVERIES),
         });
         let (loaded_tx, loaded) = tokio::sync::oneshot::channel();
         let worker = worker::spawn(state.clone(), loader, loaded_tx)?;
@@ -160,8 +202,10 @@ impl Server {
         })
     }
 
+    /// The router as a socket-less caller sees it (tests): Host names other than loopback,
+    /// localhost and the allowed ones are refused.
     pub fn router(&self) -> axum::Router {
-        api::router(self.state.clone())
+        api::router(self.state.clone(), api::HostPolicy::new(&self.state, None))
     }
 
     /// Waits until the generator is loaded (or failed to load).
@@ -199,6 +243,7 @@ impl Server {
                 tracing::error!("the running task did not stop; leaving it");
             }
         }
+        state.store.flushed().await;
     }
 
     /// Serves on `listener` until `shutdown` resolves (or the model fails to load), then
@@ -209,16 +254,16 @@ impl Server {
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
         let addr = listener.local_addr()?;
-        let router = self.router();
+        let router = api::router(
+            self.state.clone(),
+            api::HostPolicy::new(&self.state, Some(addr.ip())),
+        );
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut stop_http = stop_rx.clone();
-        let http = tokio::spawn(async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(async move {
-                    let _ = stop_http.wait_for(|s| *s).await;
-                })
-                .await
-        });
+        let limits = http::Limits::of(&self.state.config);
+        let http = tokio::spawn(http::serve(listener, router, limits, async move {
+            let _ = stop_http.wait_for(|s| *s).await;
+        }));
         if self.state.key_hashes.is_empty() {
             tracing::warn!("no API key configured: anyone who can reach this port can use the API");
         }
@@ -237,7 +282,7 @@ impl Server {
                 tracing::info!("shutting down: draining");
                 self.drain().await;
                 let _ = stop_tx.send(true);
-                http.await.map_err(std::io::Error::other)??;
+                http.await.map_err(std::io::Error::other)?;
                 Ok(())
             }
             Err(e) => {

@@ -1,18 +1,25 @@
 //! Jobs, the FIFO queue the worker drains, uploads, and their files on disk.
 //!
-//! One mutex guards it all (every critical section is short: no I/O beyond writing a small
-//! JSON record); the worker thread waits on a condition variable, HTTP handlers on per-job
-//! `watch` channels.
+//! One mutex guards the state (every critical section is short and does no I/O: records are
+//! serialized under it, compactly, and written by the records thread in the order they
+//! changed); the worker thread waits on a condition variable, HTTP handlers on per-job `watch`
+//! channels.
 
+use crate::api::middleware::ct_eq;
 use crate::generator::GenerationRequest;
 use crate::job::{new_id, now_ms, JobRecord, Status, TaskCode};
 use crate::metrics::Metrics;
 use serde::{Deserialize, Serialize};
-use std::collections::{HashMap, VecDeque};
+use sha2::{Digest, Sha256};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// PUT tickets open at once, at most (each is a little memory until it expires).
+pub const MAX_OPEN_TICKETS: usize = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -37,6 +44,8 @@ pub struct Work {
     pub id: String,
     pub request: GenerationRequest,
     pub cancel: Arc<AtomicBool>,
+    /// Outputs are answered as data: URIs: encode them once, when done.
+    pub base64: bool,
 }
 
 /// How a job the worker ran ended.
@@ -75,13 +84,10 @@ pub struct Upload {
     pub id: String,
     pub filename: String,
     pub content_type: String,
-    pub size: usize,
+    pub size: u64,
     pub created_at: u64,
     /// `false` while a PUT ticket is open.
     pub complete: bool,
-    /// The single-use secret of the PUT URL.
-    #[serde(default)]
-    pub put_token: Option<String>,
     pub base_url: String,
 }
 
@@ -109,8 +115,22 @@ struct Inner {
     /// Unstarted jobs in arrival order (their inputs may still be being prepared).
     queue: VecDeque<String>,
     running: Option<String>,
+    /// Completed uploads, and open tickets (not complete).
     uploads: HashMap<String, Upload>,
+    /// SHA-256 of an open ticket's PUT token -> upload id.
+    tickets: HashMap<[u8; 32], String>,
     draining: bool,
+}
+
+/// A write for the records thread, in the order of the changes.
+enum Disk {
+    Write {
+        path: PathBuf,
+        bytes: Vec<u8>,
+        done: Option<oneshot::Sender<()>>,
+    },
+    Remove(Vec<PathBuf>),
+    Flush(oneshot::Sender<()>),
 }
 
 pub struct Store {
@@ -122,6 +142,7 @@ pub struct Store {
     /// finished status also sees it counted).
     metrics: Arc<Metrics>,
     finished: mpsc::UnboundedSender<JobRecord>,
+    disk: Mutex<std::sync::mpsc::Sender<Disk>>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -156,18 +177,24 @@ pub fn safe_filename(name: &str) -> String {
 impl Store {
     /// Opens (creating) the output folder and reloads its records: finished tasks keep being
     /// served; tasks that were queued or running when the server stopped become failed (5003).
-    /// Tasks that finish from now on are counted in `metrics` and their records sent on the
-    /// returned channel.
+    /// Records that do not parse move to `corrupt/` (with a warning); files no record owns
+    /// (videos, upload bytes, half-written temporaries) are removed. Tasks that finish from
+    /// now on are counted in `metrics` and their records sent on the returned channel.
     pub fn open(
         dir: &Path,
         max_queue: usize,
         metrics: Arc<Metrics>,
     ) -> Result<(Self, mpsc::UnboundedReceiver<JobRecord>), StoreError> {
-        for sub in ["jobs", "uploads", "videos"] {
+        for sub in ["jobs", "uploads", "videos", "base64"] {
             let p = dir.join(sub);
             std::fs::create_dir_all(&p).map_err(io_err(&p))?;
         }
         let (tx, rx) = mpsc::unbounded_channel();
+        let (disk, disk_rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("skyreels-records".into())
+            .spawn(move || write_records(disk_rx))
+            .map_err(io_err(dir))?;
         let store = Store {
             inner: Mutex::new(Inner::default()),
             work: Condvar::new(),
@@ -175,46 +202,68 @@ impl Store {
             max_queue,
             metrics,
             finished: tx,
+            disk: Mutex::new(disk),
         };
         let mut inner = store.lock();
-        for (sub, is_job) in [("jobs", true), ("uploads", false)] {
+        let jobs = dir.join("jobs");
+        for path in json_files(&jobs)? {
+            match read_record::<JobRecord>(&path) {
+                Ok(mut record) => {
+                    if !record.status.is_finished() {
+                        let _ = record.fail(
+                            TaskCode::Unavailable,
+                            "the server restarted before this task finished; submit it again",
+                        );
+                        store.persist(&record, None);
+                    }
+                    insert(&mut inner, record);
+                }
+                Err(e) => move_aside(dir, &path, &e),
+            }
+        }
+        let uploads = dir.join("uploads");
+        for path in json_files(&uploads)? {
+            match read_record::<Upload>(&path) {
+                Ok(u) if u.complete => {
+                    inner.uploads.insert(u.id.clone(), u);
+                }
+                Ok(u) => remove_upload_files(dir, &u.id),
+                Err(e) => move_aside(dir, &path, &e),
+            }
+        }
+        // files no record owns: outputs of tasks whose records are gone, upload bytes without
+        // a record, and temporaries of writes that never finished
+        let outputs: HashSet<String> = inner
+            .jobs
+            .values()
+            .flat_map(|j| j.record.outputs.iter().cloned())
+            .collect();
+        let mut orphans = 0;
+        let owners: [(&str, &dyn Fn(&str) -> bool); 4] = [
+            ("videos", &|name: &str| outputs.contains(name)),
+            ("base64", &|name: &str| {
+                name.strip_suffix(".b64")
+                    .is_some_and(|n| outputs.contains(n))
+            }),
+            ("uploads", &|name: &str| {
+                name.strip_suffix(".bin")
+                    .is_some_and(|id| inner.uploads.contains_key(id))
+                    || name.ends_with(".json")
+            }),
+            ("jobs", &|name: &str| name.ends_with(".json")),
+        ];
+        for (sub, owned) in owners {
             let p = dir.join(sub);
             for entry in std::fs::read_dir(&p).map_err(io_err(&p))?.flatten() {
-                let path = entry.path();
-                if path.extension().is_none_or(|e| e != "json") {
-                    continue;
-                }
-                let text = match std::fs::read_to_string(&path) {
-                    Ok(t) => t,
-                    Err(e) => {
-                        tracing::warn!("skipping {}: {e}", path.display());
-                        continue;
-                    }
-                };
-                if is_job {
-                    match serde_json::from_str::<JobRecord>(&text) {
-                        Ok(mut record) => {
-                            if !record.status.is_finished() {
-                                let _ = record.fail(
-                                    TaskCode::Unavailable,
-                                    "the server restarted before this task finished; submit it again",
-                                );
-                                store.persist(&record);
-                            }
-                            insert(&mut inner, record);
-                        }
-                        Err(e) => tracing::warn!("skipping {}: {e}", path.display()),
-                    }
-                } else {
-                    match serde_json::from_str::<Upload>(&text) {
-                        Ok(u) if u.complete => {
-                            inner.uploads.insert(u.id.clone(), u);
-                        }
-                        Ok(u) => remove_upload_files(dir, &u.id),
-                        Err(e) => tracing::warn!("skipping {}: {e}", path.display()),
-                    }
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if entry.path().is_file() && !owned(&name) {
+                    let _ = std::fs::remove_file(entry.path());
+                    orphans += 1;
                 }
             }
+        }
+        if orphans > 0 {
+            tracing::info!("removed {orphans} files no task or upload owns");
         }
         drop(inner);
         Ok((store, rx))
@@ -239,13 +288,45 @@ impl Store {
         self.video_dir().join(file)
     }
 
+    /// The data: URI of a finished video, written once when it completed with base64 output.
+    pub fn base64_path(&self, file: &str) -> PathBuf {
+        self.dir.join("base64").join(format!("{file}.b64"))
+    }
+
     pub fn upload_data_path(&self, id: &str) -> PathBuf {
         self.dir.join("uploads").join(format!("{id}.bin"))
     }
 
-    fn persist(&self, record: &JobRecord) {
-        let path = self.dir.join("jobs").join(format!("{}.json", record.id));
-        write_json(&path, record);
+    /// Where an upload's bytes stream to before they are checked.
+    pub fn upload_part_path(&self, id: &str) -> PathBuf {
+        self.dir.join("uploads").join(format!("{id}.part"))
+    }
+
+    fn to_disk(&self, op: Disk) {
+        let sender = self.disk.lock().unwrap_or_else(|p| p.into_inner());
+        if sender.send(op).is_err() {
+            tracing::error!("the records thread stopped: a record was not written");
+        }
+    }
+
+    /// Queues the record's write (compact JSON, serialized here, written by the records
+    /// thread); `done` is told once it is on disk.
+    fn persist(&self, record: &JobRecord, done: Option<oneshot::Sender<()>>) {
+        match serde_json::to_vec(record) {
+            Ok(bytes) => self.to_disk(Disk::Write {
+                path: self.dir.join("jobs").join(format!("{}.json", record.id)),
+                bytes,
+                done,
+            }),
+            Err(e) => tracing::error!(id = %record.id, "cannot serialize the record: {e}"),
+        }
+    }
+
+    /// Resolves once every record change and file removal so far is done on disk.
+    pub async fn flushed(&self) {
+        let (tx, rx) = oneshot::channel();
+        self.to_disk(Disk::Flush(tx));
+        let _ = rx.await;
     }
 
     /// Changes a job and, when its status moved, persists it and tells the watchers.
@@ -256,7 +337,7 @@ impl Store {
         let before = job.record.status;
         f(&mut job.record);
         if job.record.status != before {
-            self.persist(&job.record);
+            self.persist(&job.record, None);
             job.watch.send_replace(job.record.status);
             if matches!(
                 job.record.status,
@@ -269,8 +350,12 @@ impl Store {
         }
     }
 
-    /// Accepts a new task (status created) if the queue has room.
-    pub fn admit(&self, record: JobRecord) -> Result<watch::Receiver<Status>, AdmitError> {
+    /// Accepts a new task (status created) if the queue has room: a watcher of its status, and
+    /// a receiver told once its record is on disk.
+    pub fn admit(
+        &self,
+        record: JobRecord,
+    ) -> Result<(watch::Receiver<Status>, oneshot::Receiver<()>), AdmitError> {
         let mut inner = self.lock();
         if inner.draining {
             return Err(AdmitError::Draining);
@@ -279,9 +364,10 @@ impl Store {
         if inner.queue.len() >= self.max_queue {
             return Err(AdmitError::QueueFull);
         }
-        self.persist(&record);
+        let (done, written) = oneshot::channel();
+        self.persist(&record, Some(done));
         inner.queue.push_back(record.id.clone());
-        Ok(insert(&mut inner, record))
+        Ok((insert(&mut inner, record), written))
     }
 
     /// Its input is ready: the worker may take it (unless it was cancelled meanwhile).
@@ -327,6 +413,7 @@ impl Store {
                 let job = inner.jobs.get_mut(&id).expect("queued jobs exist");
                 let request = job.request.take().expect("checked above");
                 let cancel = job.cancel.clone();
+                let base64 = job.record.base64_output;
                 self.update(&mut inner, &id, |r| {
                     let _ = r.transition(Status::Processing);
                     r.total_steps = request.steps;
@@ -336,6 +423,7 @@ impl Store {
                     id,
                     request,
                     cancel,
+                    base64,
                 });
             }
             inner = self.work.wait(inner).unwrap_or_else(|p| p.into_inner());
@@ -397,9 +485,7 @@ impl Store {
                     r.outputs.clear();
                 });
                 drop(inner);
-                for f in outputs {
-                    let _ = std::fs::remove_file(self.video_path(&f));
-                }
+                self.to_disk(Disk::Remove(self.output_files(&outputs)));
                 CancelResult::Deleted
             }
         })
@@ -494,72 +580,104 @@ impl Store {
         for id in &old_uploads {
             inner.uploads.remove(id);
         }
+        let tickets: Vec<[u8; 32]> = inner
+            .tickets
+            .iter()
+            .filter(|(_, id)| !inner.uploads.contains_key(*id))
+            .map(|(t, _)| *t)
+            .collect();
+        for t in &tickets {
+            inner.tickets.remove(t);
+        }
         drop(inner);
+        let mut files = vec![];
         for r in &old {
-            for f in &r.outputs {
-                let _ = std::fs::remove_file(self.video_path(f));
-            }
-            let _ = std::fs::remove_file(self.dir.join("jobs").join(format!("{}.json", r.id)));
+            files.extend(self.output_files(&r.outputs));
+            files.push(self.dir.join("jobs").join(format!("{}.json", r.id)));
         }
         for id in &old_uploads {
-            remove_upload_files(&self.dir, id);
+            files.extend(upload_files(&self.dir, id));
         }
+        self.to_disk(Disk::Remove(files));
         old.len() + old_uploads.len()
     }
 
-    /// A new upload record; with `put` it waits for its bytes on a single-use PUT URL.
+    /// A finished task's files: its videos and their base64 copies.
+    fn output_files(&self, outputs: &[String]) -> Vec<PathBuf> {
+        outputs
+            .iter()
+            .flat_map(|f| [self.video_path(f), self.base64_path(f)])
+            .collect()
+    }
+
+    /// A new upload (not stored until [`Store::complete_upload`]).
     pub fn new_upload(
         &self,
         filename: &str,
         content_type: &str,
-        size: usize,
+        size: u64,
         base_url: &str,
-        put: bool,
     ) -> Upload {
-        let upload = Upload {
+        Upload {
             id: new_id(),
             filename: safe_filename(filename),
             content_type: content_type.to_string(),
             size,
             created_at: now_ms(),
             complete: false,
-            put_token: put.then(new_id),
             base_url: base_url.to_string(),
-        };
-        if put {
-            self.lock()
-                .uploads
-                .insert(upload.id.clone(), upload.clone());
         }
-        upload
     }
 
-    /// Stores the bytes of an upload and marks it complete.
-    pub fn complete_upload(&self, mut upload: Upload, bytes: &[u8]) -> std::io::Result<Upload> {
-        std::fs::write(self.upload_data_path(&upload.id), bytes)?;
+    /// Opens a PUT ticket: the upload and the single-use secret of its URL; `None` when
+    /// [`MAX_OPEN_TICKETS`] are open.
+    pub fn open_ticket(
+        &self,
+        filename: &str,
+        content_type: &str,
+        size: u64,
+        base_url: &str,
+    ) -> Option<(Upload, String)> {
+        let upload = self.new_upload(filename, content_type, size, base_url);
+        let token = format!("{}{}", new_id(), new_id());
+        let mut inner = self.lock();
+        if inner.tickets.len() >= MAX_OPEN_TICKETS {
+            return None;
+        }
+        inner
+            .tickets
+            .insert(Sha256::digest(token.as_bytes()).into(), upload.id.clone());
+        inner.uploads.insert(upload.id.clone(), upload.clone());
+        Some((upload, token))
+    }
+
+    /// Takes the open ticket of a PUT token (single use): found by the token's digest, and the
+    /// digest compared in constant time.
+    pub fn take_ticket(&self, token: &str) -> Option<Upload> {
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let mut inner = self.lock();
+        let (key, id) = inner.tickets.remove_entry(&digest)?;
+        if !ct_eq(&key, &digest) {
+            return None;
+        }
+        inner.uploads.remove(&id).filter(|u| !u.complete)
+    }
+
+    /// Stores the record of an upload whose bytes are in place, and marks it complete.
+    pub fn complete_upload(&self, mut upload: Upload) -> Upload {
         upload.complete = true;
-        upload.put_token = None;
-        upload.size = bytes.len();
-        write_json(
-            &self.dir.join("uploads").join(format!("{}.json", upload.id)),
-            &upload,
-        );
+        match serde_json::to_vec(&upload) {
+            Ok(bytes) => self.to_disk(Disk::Write {
+                path: self.dir.join("uploads").join(format!("{}.json", upload.id)),
+                bytes,
+                done: None,
+            }),
+            Err(e) => tracing::error!(id = %upload.id, "cannot serialize the upload: {e}"),
+        }
         self.lock()
             .uploads
             .insert(upload.id.clone(), upload.clone());
-        Ok(upload)
-    }
-
-    /// Takes the open ticket of a PUT token (single use).
-    pub fn take_ticket(&self, token: &str) -> Option<Upload> {
-        let mut inner = self.lock();
-        let id = inner
-            .uploads
-            .values()
-            .find(|u| !u.complete && u.put_token.as_deref() == Some(token))?
-            .id
-            .clone();
-        inner.uploads.remove(&id)
+        upload
     }
 
     /// A completed upload by id.
@@ -583,20 +701,92 @@ fn insert(inner: &mut Inner, record: JobRecord) -> watch::Receiver<Status> {
     rx
 }
 
+fn upload_files(dir: &Path, id: &str) -> Vec<PathBuf> {
+    ["json", "bin", "part"]
+        .iter()
+        .map(|ext| dir.join("uploads").join(format!("{id}.{ext}")))
+        .collect()
+}
+
 fn remove_upload_files(dir: &Path, id: &str) {
-    for ext in ["json", "bin"] {
-        let _ = std::fs::remove_file(dir.join("uploads").join(format!("{id}.{ext}")));
+    for f in upload_files(dir, id) {
+        let _ = std::fs::remove_file(f);
     }
 }
 
-/// Writes JSON atomically (temporary file, then rename); failures are logged, not fatal.
-fn write_json<T: Serialize>(path: &Path, value: &T) {
-    let tmp = path.with_extension("json.tmp");
-    let result = serde_json::to_vec_pretty(value)
-        .map_err(std::io::Error::other)
-        .and_then(|bytes| std::fs::write(&tmp, bytes))
-        .and_then(|()| std::fs::rename(&tmp, path));
-    if let Err(e) = result {
-        tracing::error!("cannot write {}: {e}", path.display());
+/// The `*.json` files of a folder.
+fn json_files(p: &Path) -> Result<Vec<PathBuf>, StoreError> {
+    Ok(std::fs::read_dir(p)
+        .map_err(io_err(p))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect())
+}
+
+fn read_record<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, String> {
+    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+    serde_json::from_slice(&bytes).map_err(|e| e.to_string())
+}
+
+/// Moves a record that does not parse to `corrupt/`, so it is neither lost nor retried.
+fn move_aside(dir: &Path, path: &Path, why: &str) {
+    let corrupt = dir.join("corrupt");
+    let to = corrupt.join(path.file_name().unwrap_or_default());
+    let moved = std::fs::create_dir_all(&corrupt).and_then(|()| std::fs::rename(path, &to));
+    match moved {
+        Ok(()) => tracing::warn!(
+            "record {} does not parse ({why}); moved to {}",
+            path.display(),
+            to.display()
+        ),
+        Err(e) => tracing::warn!(
+            "record {} does not parse ({why}) and cannot be moved aside: {e}",
+            path.display()
+        ),
     }
+}
+
+/// The records thread: writes and removes files in the order the changes happened.
+fn write_records(rx: std::sync::mpsc::Receiver<Disk>) {
+    for op in rx {
+        match op {
+            Disk::Write { path, bytes, done } => {
+                if let Err(e) = write_private(&path, &bytes) {
+                    tracing::error!("cannot write {}: {e}", path.display());
+                }
+                if let Some(done) = done {
+                    let _ = done.send(());
+                }
+            }
+            Disk::Remove(paths) => {
+                for p in paths {
+                    let _ = std::fs::remove_file(p);
+                }
+            }
+            Disk::Flush(done) => {
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
+/// Writes a file only its owner can read, atomically: a fresh temporary (mode 0600), synced
+/// to disk, then renamed over the target.
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension(format!("tmp{}", &new_id()[..8]));
+    let result = (|| {
+        let mut o = std::fs::OpenOptions::new();
+        o.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+        let mut f = o.open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }

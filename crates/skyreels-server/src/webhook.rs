@@ -1,11 +1,18 @@
-//! Signed webhooks (Standard Webhooks style, WaveSpeed's `v3` signature), delivered off the
-//! worker with retries.
+//! Signed webhooks (Standard Webhooks style, WaveSpeed's `v3` signature), delivered
+//! asynchronously with retries: a bounded number of attempts run at a time, waits between
+//! attempts are timers (no thread sleeps), and an address the guard refused is not retried.
 
 use crate::job::{hex, new_id};
+use crate::media;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::Semaphore;
+
+/// Delivery attempts in flight at once, server-wide.
+pub const CONCURRENT_DELIVERIES: usize = 8;
 
 /// Attempts after the first one.
 pub const RETRIES: u32 = 3;
@@ -37,49 +44,78 @@ pub fn load_or_create_secret(configured: Option<String>, dir: &Path) -> std::io:
         }
     }
     let secret = format!("whsec_{}{}", new_id(), new_id());
-    std::fs::write(&path, &secret)?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-    }
+    crate::store::write_private(&path, secret.as_bytes())?;
     Ok(secret)
 }
 
+/// How a delivery ended.
+#[derive(Debug, PartialEq)]
+pub enum Delivery {
+    /// A 2xx answer after this many attempts.
+    Delivered(u32),
+    /// Every attempt failed.
+    GaveUp(u32),
+    /// The address policy refused the host: not retried.
+    Refused,
+}
+
 /// Delivers one event: POST the body, retrying non-2xx answers and connection errors up to
-/// [`RETRIES`] times with exponential backoff from `backoff`. Blocking; returns the attempts
-/// made and whether one succeeded.
-pub fn deliver(
+/// [`RETRIES`] times with exponential backoff from `backoff`. Each attempt holds a permit of
+/// `permits` while it runs on the blocking pool.
+pub async fn deliver(
     agent: &ureq::Agent,
     url: &str,
     secret: &str,
-    body: &[u8],
+    body: Arc<Vec<u8>>,
     backoff: Duration,
-) -> (u32, bool) {
+    permits: &Semaphore,
+) -> Delivery {
     let id = format!("msg_{}", new_id());
+    let shown = url::Url::parse(url).map_or_else(|_| "?".into(), |u| media::display_url(&u));
     for attempt in 0..=RETRIES {
         if attempt > 0 {
-            std::thread::sleep(backoff * 2u32.pow(attempt - 1));
+            tokio::time::sleep(backoff * 2u32.pow(attempt - 1)).await;
         }
+        let Ok(_permit) = permits.acquire().await else {
+            return Delivery::GaveUp(attempt);
+        };
         let ts = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let result = agent
-            .post(url)
-            .set("content-type", "application/json")
-            .set("webhook-id", &id)
-            .set("webhook-timestamp", &ts.to_string())
-            .set(
-                "webhook-signature",
-                &format!("v3,{}", signature(secret, &id, ts, body)),
-            )
-            .send_bytes(body);
+        let (agent, url, id, sig, body) = (
+            agent.clone(),
+            url.to_string(),
+            id.clone(),
+            format!("v3,{}", signature(secret, &id, ts, &body)),
+            body.clone(),
+        );
+        let result = tokio::task::spawn_blocking(move || {
+            agent
+                .post(&url)
+                .set("content-type", "application/json")
+                .set("webhook-id", &id)
+                .set("webhook-timestamp", &ts.to_string())
+                .set("webhook-signature", &sig)
+                .send_bytes(&body)
+                .map(|_| ())
+        })
+        .await;
         match result {
-            Ok(_) => return (attempt + 1, true),
-            Err(e) => tracing::warn!(%url, attempt = attempt + 1, "webhook delivery failed: {e}"),
+            Ok(Ok(())) => return Delivery::Delivered(attempt + 1),
+            Ok(Err(e)) if media::is_refused(&e) => {
+                tracing::warn!(url = %shown, "webhook refused: the host is an internal address");
+                return Delivery::Refused;
+            }
+            Ok(Err(e)) => tracing::warn!(
+                url = %shown,
+                attempt = attempt + 1,
+                "webhook delivery failed: {}",
+                media::failure_reason(&e)
+            ),
+            Err(e) => tracing::error!(url = %shown, "webhook attempt did not run: {e}"),
         }
     }
-    (RETRIES + 1, false)
+    Delivery::GaveUp(RETRIES + 1)
 }
 
 #[cfg(test)]

@@ -2,11 +2,15 @@
 
 use crate::generator::{GenerateFailure, GeneratorLoader};
 use crate::job::{JobRecord, TaskCode};
-use crate::store::Outcome;
+use crate::store::{Outcome, Work};
+use crate::webhook::Delivery;
 use crate::{api, webhook, AppState};
+use base64::Engine;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
 /// Starts the worker: it loads the generator, reports on `loaded`, then runs queued tasks one
 /// at a time until the store drains.
@@ -31,49 +35,123 @@ pub(crate) fn spawn(
             };
             let _ = state.models.set(generator.models());
             let _ = loaded.send(Ok(()));
-            let store = &state.store;
-            while let Some(work) = store.next_work() {
-                let file = format!("{}.mp4", work.id);
-                let path = store.video_path(&file);
-                tracing::info!(id = %work.id, "task started");
-                let (id, cancel) = (work.id.clone(), work.cancel.clone());
-                let result = catch_unwind(AssertUnwindSafe(|| {
-                    generator.generate(&work.request, &path, &mut |done, total| {
-                        store.progress(&id, done, total);
-                        !cancel.load(Ordering::SeqCst)
-                    })
-                }));
-                let outcome = match result {
-                    Ok(Ok(timings)) => {
-                        for (stage, d) in &timings {
-                            state.metrics.stage(stage, d.as_secs_f64());
-                        }
-                        Outcome::Completed {
-                            output: file,
-                            timings: timings
-                                .iter()
-                                .map(|(s, d)| (s.to_string(), d.as_millis() as u64))
-                                .collect(),
-                        }
-                    }
-                    Ok(Err(GenerateFailure::Cancelled)) => Outcome::Cancelled,
-                    Ok(Err(GenerateFailure::InvalidInput(e))) => {
-                        Outcome::Failed(TaskCode::InvalidParameter, e)
-                    }
-                    Ok(Err(GenerateFailure::Failed(e))) => {
-                        Outcome::Failed(TaskCode::ExecutionFailed, e)
-                    }
-                    Err(p) => Outcome::Failed(
-                        TaskCode::Internal,
-                        format!("internal error: {}", panic_message(&p)),
-                    ),
-                };
-                if !matches!(outcome, Outcome::Completed { .. }) {
-                    let _ = std::fs::remove_file(&path);
-                }
-                store.finish(&work.id, outcome);
+            while let Some(work) = state.store.next_work() {
+                let outcome = run(&state, &mut *generator, &work);
+                state.store.finish(&work.id, outcome);
             }
         })
+}
+
+/// Runs one task to its outcome. A cancel request (DELETE, shutdown) wins over whatever the
+/// generator returned; past `--max-task-seconds` the task stops at its next step and fails
+/// with 5004.
+fn run(state: &AppState, generator: &mut dyn crate::generator::Generator, work: &Work) -> Outcome {
+    let store = &state.store;
+    let file = format!("{}.mp4", work.id);
+    let path = store.video_path(&file);
+    tracing::info!(id = %work.id, "task started");
+    let deadline = state.config.max_task_time.map(|d| Instant::now() + d);
+    let mut timed_out = false;
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        generator.generate(&work.request, &path, &mut |done, total| {
+            store.progress(&work.id, done, total);
+            timed_out = deadline.is_some_and(|d| Instant::now() >= d);
+            !timed_out && !work.cancel.load(Ordering::SeqCst)
+        })
+    }));
+    let mut outcome = match result {
+        Ok(Ok(timings)) => {
+            for (stage, d) in &timings {
+                state.metrics.stage(stage, d.as_secs_f64());
+            }
+            Outcome::Completed {
+                output: file.clone(),
+                timings: timings
+                    .iter()
+                    .map(|(s, d)| (s.to_string(), d.as_millis() as u64))
+                    .collect(),
+            }
+        }
+        Ok(Err(GenerateFailure::Cancelled)) => Outcome::Cancelled,
+        Ok(Err(GenerateFailure::InvalidInput(e))) => {
+            Outcome::Failed(TaskCode::InvalidParameter, redact_paths(&e))
+        }
+        Ok(Err(GenerateFailure::Failed(e))) => {
+            tracing::error!(id = %work.id, error = ?e, "generation failed");
+            Outcome::Failed(TaskCode::ExecutionFailed, redact_paths(&e))
+        }
+        Err(p) => {
+            let message = panic_message(&p);
+            tracing::error!(id = %work.id, error = ?message, "the generator panicked");
+            Outcome::Failed(
+                TaskCode::Internal,
+                format!("internal error: {}", redact_paths(&message)),
+            )
+        }
+    };
+    if work.cancel.load(Ordering::SeqCst) {
+        outcome = Outcome::Cancelled;
+    } else if timed_out && !matches!(outcome, Outcome::Completed { .. }) {
+        let limit = state.config.max_task_time.unwrap_or_default().as_secs_f64();
+        outcome = Outcome::Failed(
+            TaskCode::Timeout,
+            format!(
+                "the task ran longer than this server's limit of {limit} seconds \
+                 (--max-task-seconds) and was stopped"
+            ),
+        );
+    }
+    if let (Outcome::Completed { .. }, true) = (&outcome, work.base64) {
+        if let Err(e) = write_base64(&path, &store.base64_path(&file)) {
+            tracing::error!(id = %work.id, "cannot encode the output as base64: {e}");
+            outcome = Outcome::Failed(
+                TaskCode::Internal,
+                "internal error: the output could not be encoded".into(),
+            );
+        }
+    }
+    if !matches!(outcome, Outcome::Completed { .. }) {
+        let _ = std::fs::remove_file(&path);
+    }
+    outcome
+}
+
+/// The data: URI of a video, encoded once (polls and webhooks read it back).
+fn write_base64(video: &Path, to: &Path) -> std::io::Result<()> {
+    let bytes = std::fs::read(video)?;
+    let uri = format!(
+        "data:video/mp4;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    );
+    crate::store::write_private(to, uri.as_bytes())
+}
+
+/// A message with the server's absolute paths cut to their last component, so task errors
+/// do not tell clients how the server's disks are laid out.
+pub fn redact_paths(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(i) = rest.find('/') {
+        let starts_path = i == 0
+            || rest[..i]
+                .chars()
+                .last()
+                .is_some_and(|c| c.is_whitespace() || "\"'`([{=:".contains(c));
+        let end = rest[i..]
+            .find(|c: char| c.is_whitespace() || "\"'`)]},;".contains(c))
+            .map_or(rest.len(), |e| i + e);
+        let token = &rest[i..end];
+        out.push_str(&rest[..i]);
+        if starts_path && token.matches('/').count() >= 2 {
+            out.push_str(".../");
+            out.push_str(token.rsplit('/').next().unwrap_or_default());
+        } else {
+            out.push_str(token);
+        }
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
@@ -83,38 +161,62 @@ fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "the generator panicked".into())
 }
 
-/// Logs finished tasks and fires their webhooks, each delivery on the blocking pool so a slow
-/// or dead receiver holds nothing else up. (The store counts them in the metrics.)
+/// Logs finished tasks and fires their webhooks: each delivery is a task of its own, so a
+/// slow or dead receiver holds nothing else up, and at most
+/// [`webhook::CONCURRENT_DELIVERIES`] attempts run at a time. (The store counts them in the
+/// metrics.)
 pub(crate) async fn finished_tasks(
     state: Arc<AppState>,
     mut rx: tokio::sync::mpsc::UnboundedReceiver<JobRecord>,
 ) {
     while let Some(record) = rx.recv().await {
-        tracing::info!(id = %record.id, status = record.status.as_str(), error = %record.error, "task finished");
+        tracing::info!(id = %record.id, status = record.status.as_str(), error = ?record.error, "task finished");
         let Some(url) = record.webhook.clone() else {
             continue;
         };
         let st = state.clone();
         tokio::spawn(async move {
             let body = match serde_json::to_vec(&api::prediction(&st, &record, None).await) {
-                Ok(b) => b,
+                Ok(b) => Arc::new(b),
                 Err(_) => return,
             };
-            let (agent, secret, backoff) = (
-                st.agent.clone(),
-                st.webhook_secret.clone(),
-                st.config.webhook_backoff,
-            );
-            let id = record.id.clone();
-            let _ = tokio::task::spawn_blocking(move || {
-                let (attempts, ok) = webhook::deliver(&agent, &url, &secret, &body, backoff);
-                if ok {
-                    tracing::info!(%id, attempts, "webhook delivered");
-                } else {
-                    tracing::error!(%id, attempts, "webhook gave up");
+            let c = &st.config;
+            let id = &record.id;
+            match webhook::deliver(
+                &st.agent,
+                &url,
+                &st.webhook_secret,
+                body,
+                c.webhook_backoff,
+                &st.webhooks,
+            )
+            .await
+            {
+                Delivery::Delivered(attempts) => tracing::info!(%id, attempts, "webhook delivered"),
+                Delivery::GaveUp(attempts) => tracing::error!(%id, attempts, "webhook gave up"),
+                Delivery::Refused => {
+                    tracing::error!(%id, "webhook not sent: its host is an internal address")
                 }
-            })
-            .await;
+            }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_paths;
+
+    #[test]
+    fn server_paths_are_cut_from_task_errors() {
+        assert_eq!(
+            redact_paths("cannot read /home/srv/models/tiny/vae/config.json: gone"),
+            "cannot read .../config.json: gone"
+        );
+        assert_eq!(
+            redact_paths("file \"/root/.cache/x.safetensors\" (os error 2)"),
+            "file \".../x.safetensors\" (os error 2)"
+        );
+        assert_eq!(redact_paths("a/b and 3/4 and /x"), "a/b and 3/4 and /x");
+        assert_eq!(redact_paths("width must be 16/32"), "width must be 16/32");
     }
 }

@@ -1,0 +1,216 @@
+//! Generation parameters in one place, shared by `skyreels generate` and `skyreels serve` so the
+//! two cannot disagree: SkyReels' defaults, the limits every request is checked against, the
+//! portrait swap of the default size, the cost measure behind `--max-work`, and the image fit
+//! (center crop + Lanczos) the pipeline applies to the first frame. No candle here.
+
+use image::imageops::FilterType;
+use image::RgbImage;
+use serde::Deserialize;
+
+/// SkyReels' default negative prompt (its README and `video_generate.py`).
+pub const DEFAULT_NEGATIVE_PROMPT: &str = "Aerial view, aerial view, overexposed, low quality, deformation, a poor composition, bad hands, bad teeth, bad eyes, bad limbs, distortion";
+
+/// True classifier-free guidance scale (SkyReels' 6.0).
+pub const GUIDANCE_SCALE: f64 = 6.0;
+/// The value fed to the transformer's guidance embedder.
+pub const EMBEDDED_GUIDANCE_SCALE: f64 = 1.0;
+/// Frames per second of the MP4.
+pub const FPS: f64 = 24.0;
+/// Frames come in 4k+1 (the VAE compresses time by 4, keeping the first frame).
+pub const FRAME_STEP: usize = 4;
+/// Longest prompt and negative prompt accepted, in bytes (the encoders read 256 LLaMA and 77
+/// CLIP tokens; 8 KiB is far beyond what they use).
+pub const MAX_PROMPT_BYTES: usize = 8 << 10;
+
+/// An inclusive integer range and the message that states it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct IntRange {
+    pub min: i64,
+    pub max: i64,
+}
+
+impl IntRange {
+    pub fn contains(&self, v: i64) -> bool {
+        (self.min..=self.max).contains(&v)
+    }
+
+    /// "must be an integer from MIN to MAX"
+    pub fn rule(&self) -> String {
+        format!("must be an integer from {} to {}", self.min, self.max)
+    }
+}
+
+/// An inclusive range of finite numbers and the message that states it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct FloatRange {
+    pub min: f64,
+    pub max: f64,
+}
+
+impl FloatRange {
+    pub fn contains(&self, v: f64) -> bool {
+        v.is_finite() && (self.min..=self.max).contains(&v)
+    }
+
+    /// "must be a number from MIN to MAX"
+    pub fn rule(&self) -> String {
+        format!("must be a number from {} to {}", self.min, self.max)
+    }
+}
+
+/// `-1` (random) or a fixed seed.
+pub const SEED: IntRange = IntRange {
+    min: -1,
+    max: 2_147_483_647,
+};
+pub const STEPS: IntRange = IntRange { min: 1, max: 100 };
+/// Frame counts (also 4k+1, see [`check_frames`]).
+pub const FRAMES: IntRange = IntRange { min: 1, max: 257 };
+/// Frame height and width in pixels (also multiples of the model's size multiple).
+pub const SIDE: IntRange = IntRange { min: 16, max: 4096 };
+pub const GUIDANCE: FloatRange = FloatRange {
+    min: 0.0,
+    max: 30.0,
+};
+pub const EMBEDDED_GUIDANCE: FloatRange = FloatRange {
+    min: 0.0,
+    max: 30.0,
+};
+pub const FPS_RANGE: FloatRange = FloatRange {
+    min: 1.0,
+    max: 120.0,
+};
+
+/// Size and step defaults of a model: SkyReels' own, or a model folder's `skyreels_defaults.json`
+/// (the tiny bundled weights use small ones).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerationDefaults {
+    pub height: usize,
+    pub width: usize,
+    pub num_frames: usize,
+    pub num_inference_steps: usize,
+    /// The model's own negative prompt when SkyReels' does not suit it (the tiny weights'
+    /// tokenizers would cut SkyReels' one); None: [`DEFAULT_NEGATIVE_PROMPT`].
+    #[serde(default)]
+    pub negative_prompt: Option<String>,
+}
+
+impl Default for GenerationDefaults {
+    fn default() -> Self {
+        Self {
+            height: 544,
+            width: 960,
+            num_frames: 97,
+            num_inference_steps: 30,
+            negative_prompt: None,
+        }
+    }
+}
+
+impl GenerationDefaults {
+    /// The negative prompt a request without one gets.
+    pub fn negative_prompt(&self) -> &str {
+        self.negative_prompt
+            .as_deref()
+            .unwrap_or(DEFAULT_NEGATIVE_PROMPT)
+    }
+
+    /// (height, width) when a request names no size: the landscape default, turned for a
+    /// portrait image (taller than wide) or a portrait aspect ratio.
+    pub fn size(&self, portrait: bool) -> (usize, usize) {
+        if portrait {
+            (self.width, self.height)
+        } else {
+            (self.height, self.width)
+        }
+    }
+}
+
+/// Whether an image is portrait (taller than wide): its video gets the turned default size.
+pub fn is_portrait(img: &RgbImage) -> bool {
+    img.height() > img.width()
+}
+
+/// Checks a frame count: within [`FRAMES`] and 4k+1.
+pub fn check_frames(n: usize) -> Result<(), String> {
+    if !FRAMES.contains(n as i64) {
+        return Err(FRAMES.rule());
+    }
+    if (n - 1) % FRAME_STEP != 0 {
+        return Err(format!("must be 4k+1 (1, 5, ..., 97, ...), got {n}"));
+    }
+    Ok(())
+}
+
+/// Checks a frame side: within [`SIDE`] and a multiple of `multiple`.
+pub fn check_side(v: usize, multiple: usize) -> Result<(), String> {
+    if !SIDE.contains(v as i64) {
+        return Err(SIDE.rule());
+    }
+    if !v.is_multiple_of(multiple) {
+        return Err(format!("must be a multiple of {multiple}, got {v}"));
+    }
+    Ok(())
+}
+
+/// The cost measure of `--max-work`: width × height × frames × steps, in millions (SkyReels'
+/// default 960x544, 97 frames, 30 steps is 1,520).
+pub fn work_millions(height: usize, width: usize, num_frames: usize, steps: usize) -> f64 {
+    (height as f64 * width as f64 * num_frames as f64 * steps as f64) / 1e6
+}
+
+/// The image center-cropped to the aspect ratio of `width × height`, then resized with Lanczos
+/// (SkyReels' `resizecrop`); an image already at that size is used untouched, so fitting twice
+/// is the same as fitting once.
+pub fn fit_image(img: &RgbImage, width: usize, height: usize) -> RgbImage {
+    let (w, h) = (img.width() as f64, img.height() as f64);
+    if img.width() as usize == width && img.height() as usize == height {
+        return img.clone();
+    }
+    let target = height as f64 / width as f64;
+    // keep the full width when the image is taller than the target aspect, else the full height
+    let (cw, ch) = if h / w > target {
+        (w, w * target)
+    } else {
+        (h / target, h)
+    };
+    let (x0, y0) = (((w - cw) / 2.0).round(), ((h - ch) / 2.0).round());
+    let (cw, ch) = (cw.round().max(1.0), ch.round().max(1.0));
+    let crop =
+        image::imageops::crop_imm(img, x0 as u32, y0 as u32, cw as u32, ch as u32).to_image();
+    image::imageops::resize(&crop, width as u32, height as u32, FilterType::Lanczos3)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_limits_and_work() {
+        let d = GenerationDefaults::default();
+        assert_eq!(d.size(false), (544, 960));
+        assert_eq!(d.size(true), (960, 544));
+        assert_eq!(work_millions(544, 960, 97, 30).round(), 1520.0);
+        for ok in [1, 5, 97, 257] {
+            assert_eq!(check_frames(ok), Ok(()), "{ok}");
+        }
+        assert!(check_frames(8).unwrap_err().contains("4k+1"));
+        assert!(check_frames(0).unwrap_err().contains("from 1 to 257"));
+        assert!(check_frames(261).unwrap_err().contains("from 1 to 257"));
+        assert_eq!(check_side(544, 16), Ok(()));
+        assert!(check_side(100, 16).unwrap_err().contains("multiple of 16"));
+        assert!(check_side(4112, 16).unwrap_err().contains("16 to 4096"));
+        assert!(!GUIDANCE.contains(f64::NAN) && GUIDANCE.contains(30.0));
+        assert!(SEED.contains(-1) && !SEED.contains(2_147_483_648));
+    }
+
+    #[test]
+    fn fitting_crops_to_the_aspect_and_is_idempotent() {
+        let img = RgbImage::from_fn(300, 100, |x, y| image::Rgb([x as u8, y as u8, 7]));
+        let fit = fit_image(&img, 96, 64);
+        assert_eq!(fit.dimensions(), (96, 64));
+        assert_eq!(fit_image(&fit, 96, 64), fit);
+        assert!(is_portrait(&RgbImage::new(3, 4)) && !is_portrait(&RgbImage::new(4, 4)));
+    }
+}

@@ -1,0 +1,69 @@
+//! Errors answered before a task exists, and the envelope every JSON answer wears.
+
+use crate::contract::Envelope;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+/// An error answered before a task exists: the envelope with `data: null`, HTTP status = code.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub retry_after: Option<u64>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// 400 naming the field and the rule: "`field`: `rule`".
+    pub fn bad(field: &str, rule: impl std::fmt::Display) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, format!("{field}: {rule}"))
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, message)
+    }
+
+    pub fn internal(message: impl std::fmt::Display) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, message.to_string())
+    }
+
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = envelope(self.status, &self.message, ());
+        if let Some(s) = self.retry_after {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        r
+    }
+}
+
+/// `{"code", "message", "data"}` with HTTP status = code; `()` data is `null`.
+pub fn envelope<T: Serialize>(status: StatusCode, message: &str, data: T) -> Response {
+    let body = Envelope {
+        code: status.as_u16(),
+        message: message.to_string(),
+        data,
+    };
+    (status, axum::Json(body)).into_response()
+}
+
+/// 200 `success` with `data`.
+pub fn success<T: Serialize>(data: T) -> Response {
+    envelope(StatusCode::OK, "success", data)
+}
+
+pub type ApiResult = Result<Response, ApiError>;

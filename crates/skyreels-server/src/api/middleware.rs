@@ -1,0 +1,274 @@
+//! What runs around every handler: request ids, logs and metrics; the Host check; keys; the
+//! body deadline; JSON envelopes for every error; headers that keep served files inert.
+
+use super::body::DeadlineBody;
+use super::error::ApiError;
+use crate::job::new_id;
+use crate::AppState;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use sha2::{Digest, Sha256};
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// The metrics label of a method: the standard ones, else "other" (hyper accepts any token as
+/// a method; recording it as received would let clients grow the label set without bound).
+pub fn method_label(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+/// A client's `X-Request-Id` if it is `[A-Za-z0-9._-]{1,64}`; anything else is replaced.
+pub fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            (1..=64).contains(&v.len())
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        })
+        .map_or_else(new_id, str::to_string)
+}
+
+/// Request id, structured log line and latency metric for every request. User-controlled
+/// strings are logged debug-escaped, so CR/LF cannot forge log lines.
+pub async fn observe(State(state): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let id = request_id(req.headers());
+    let value = HeaderValue::from_str(&id).expect("request ids are visible ASCII");
+    req.headers_mut().insert("x-request-id", value.clone());
+    let method = method_label(req.method());
+    let path = req.uri().path().to_string();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |m| m.as_str().to_string());
+    let mut response = next.run(req).await;
+    let status = response.status().as_u16();
+    let secs = start.elapsed().as_secs_f64();
+    state.metrics.http(method, &route, status, secs);
+    tracing::info!(request_id = %id, method, path = ?path, status, ms = secs * 1000.0, "request");
+    response.headers_mut().insert("x-request-id", value);
+    response
+}
+
+/// Which Host values the server answers for. Without `--public-url`, a browser page that
+/// re-binds its own name to this server's address (DNS rebinding) would otherwise drive an
+/// open API: only the bound address (every local interface address when bound to 0.0.0.0 or
+/// ::), `localhost` and `--allowed-host` names are accepted.
+#[derive(Clone, Debug)]
+pub struct HostPolicy {
+    any: bool,
+    names: HashSet<String>,
+    ips: HashSet<IpAddr>,
+}
+
+impl HostPolicy {
+    /// `bound`: the listening address (None: loopback only, as for a router without a socket).
+    pub fn new(state: &AppState, bound: Option<IpAddr>) -> Self {
+        let c = &state.config;
+        let mut names: HashSet<String> = c
+            .allowed_hosts
+            .iter()
+            .map(|h| h.trim().trim_end_matches('.').to_ascii_lowercase())
+            .filter(|h| !h.is_empty())
+            .collect();
+        names.insert("localhost".into());
+        let mut ips = HashSet::new();
+        match bound {
+            Some(ip) if ip.is_unspecified() => {
+                ips.extend(
+                    if_addrs::get_if_addrs()
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|i| i.ip()),
+                );
+                ips.extend([
+                    IpAddr::from([127, 0, 0, 1]),
+                    std::net::Ipv6Addr::LOCALHOST.into(),
+                ]);
+            }
+            Some(ip) => {
+                ips.insert(ip);
+            }
+            None => ips.extend([
+                IpAddr::from([127, 0, 0, 1]),
+                std::net::Ipv6Addr::LOCALHOST.into(),
+            ]),
+        }
+        Self {
+            any: c.public_url.is_some(),
+            names,
+            ips,
+        }
+    }
+
+    /// Whether a Host (or :authority) value names this server.
+    pub fn allows(&self, host: &str) -> bool {
+        if self.any {
+            return true;
+        }
+        let name = if let Some(rest) = host.strip_prefix('[') {
+            rest.split(']').next().unwrap_or_default()
+        } else {
+            match host.rsplit_once(':') {
+                Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+                _ => host,
+            }
+        };
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        match name.parse::<IpAddr>() {
+            Ok(ip) => self.ips.contains(&ip),
+            Err(_) => self.names.contains(&name),
+        }
+    }
+}
+
+pub async fn check_host(
+    State(policy): State<Arc<HostPolicy>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned())
+        .or_else(|| req.uri().authority().map(|a| a.to_string()));
+    match host {
+        Some(h) if !policy.allows(&h) => {
+            tracing::warn!(host = ?h, "refused a request for another host name");
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "Host {h:?} is not a name of this server; start it with --allowed-host NAME \
+                     (or --public-url) to answer for it"
+                ),
+            )
+            .into_response()
+        }
+        _ => next.run(req).await,
+    }
+}
+
+/// Compares two digests in constant time.
+pub fn ct_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Whether the request carries one of the configured keys (`Authorization: Bearer KEY`, the
+/// scheme in any case); always true when no key is configured.
+pub fn authorized(state: &AppState, headers: &HeaderMap) -> bool {
+    if state.key_hashes.is_empty() {
+        return true;
+    }
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim_start().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, k)| <[u8; 32]>::from(Sha256::digest(k.trim().as_bytes())));
+    // against every key, without stopping at a match
+    presented.is_some_and(|p| {
+        state
+            .key_hashes
+            .iter()
+            .fold(false, |found, k| found | ct_eq(k, &p))
+    })
+}
+
+pub async fn auth(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if authorized(&state, req.headers()) {
+        next.run(req).await
+    } else {
+        ApiError::new(StatusCode::UNAUTHORIZED, "Unauthorized: invalid API key").into_response()
+    }
+}
+
+/// Gives every request body a deadline (the body-read timeout).
+pub async fn body_deadline(
+    State(state): State<Arc<AppState>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let timeout = state.config.body_timeout;
+    next.run(req.map(|b| DeadlineBody::wrap(b, timeout))).await
+}
+
+/// Served files (outputs, uploads) are never interpreted by a browser as a page of ours.
+pub async fn inert_files(req: Request, next: Next) -> Response {
+    let mut r = next.run(req).await;
+    let h = r.headers_mut();
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("sandbox"),
+    );
+    r
+}
+
+/// Rewrites any error response that is not already JSON (axum's extractor rejections, file
+/// service errors) into the envelope, so no client ever sees a bare-text or empty error.
+pub async fn envelope_errors(
+    State(state): State<Arc<AppState>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let response = next.run(req).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !status.is_client_error() && !status.is_server_error() || is_json {
+        return response;
+    }
+    let text = match axum::body::to_bytes(response.into_body(), 64 << 10).await {
+        Ok(b) => String::from_utf8_lossy(&b).trim().to_string(),
+        Err(_) => String::new(),
+    };
+    let message = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            super::body::too_large(state.config.max_body_bytes).message
+        }
+        _ if text.is_empty() => status.canonical_reason().unwrap_or("error").to_string(),
+        _ => text,
+    };
+    ApiError::new(status, message).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_and_ids_are_bounded() {
+        assert_eq!(method_label(&Method::GET), "GET");
+        assert_eq!(method_label(&Method::from_bytes(b"BREW").unwrap()), "other");
+        assert_eq!(method_label(&Method::PATCH), "other");
+        let mut h = HeaderMap::new();
+        h.insert("x-request-id", HeaderValue::from_static("abc-1.2_3"));
+        assert_eq!(request_id(&h), "abc-1.2_3");
+        for bad in ["a b", "x".repeat(65).as_str(), "a\"b", "é"] {
+            if let Ok(v) = HeaderValue::from_str(bad) {
+                h.insert("x-request-id", v);
+                assert_ne!(request_id(&h), bad);
+                assert_eq!(request_id(&h).len(), 32);
+            }
+        }
+    }
+}

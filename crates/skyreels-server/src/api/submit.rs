@@ -1,0 +1,419 @@
+//! `POST /api/v3/{owner}/{model}`: check the request against its contract, admit it, prepare
+//! its image off the runtime, and answer (at once, or when it ends in sync mode).
+
+use super::body::read_json;
+use super::error::{success, ApiError, ApiResult};
+use super::predictions::{prediction, task_gone};
+use crate::contract::{AspectRatio, ErrorEnvelope, Prediction, SubmitRequest, MAX_URL_BYTES};
+use crate::generator::{GenerationRequest, ModelInfo};
+use crate::job::{new_id, now_ms, JobRecord, Status, TaskCode};
+use crate::media::{self, ImageSource};
+use crate::store::{AdmitError, Store};
+use crate::{AppState, ServerConfig};
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use serde::Deserialize;
+use skyreels_params::{self as params, GenerationDefaults};
+use std::sync::Arc;
+
+#[allow(unused_imports)] // named in the OpenAPI attributes
+use crate::contract::Envelope;
+
+/// A submit, checked: everything the task needs besides its image.
+#[derive(Debug)]
+struct Checked {
+    prompt: String,
+    negative_prompt: Option<String>,
+    image: Option<String>,
+    seed: u64,
+    sync: bool,
+    base64: bool,
+    steps: usize,
+    guidance_scale: f64,
+    embedded_guidance_scale: f64,
+    num_frames: usize,
+    fps: f64,
+    /// (height, width) when the request fixes it.
+    size: Option<(usize, usize)>,
+    /// Portrait from aspect_ratio "9:16"; `None`: follow the image.
+    portrait: Option<bool>,
+    webhook: Option<String>,
+}
+
+/// The model's defaults as the shared parameter type.
+fn defaults(m: &ModelInfo) -> GenerationDefaults {
+    GenerationDefaults {
+        height: m.height,
+        width: m.width,
+        num_frames: m.num_frames,
+        num_inference_steps: m.num_inference_steps,
+        negative_prompt: None,
+    }
+}
+
+/// The rules no single field carries: required fields, the model's mode and size multiple,
+/// 4k+1 frames, sizes given together, the cost limit.
+fn check(
+    r: SubmitRequest,
+    query_webhook: Option<String>,
+    model: &ModelInfo,
+    config: &ServerConfig,
+) -> Result<Checked, ApiError> {
+    let prompt = r
+        .prompt
+        .map(|p| p.0)
+        .filter(|p| !p.trim().is_empty())
+        .ok_or_else(|| ApiError::bad("prompt", "is required and must be a non-empty string"))?;
+    let image = r.image.filter(|s| !s.trim().is_empty());
+    match (&image, model.image_to_video) {
+        (None, true) => {
+            return Err(ApiError::bad(
+                "image",
+                "is required: an http(s) URL, a data:image/...;base64 URI or an uploaded file URL",
+            ))
+        }
+        (Some(_), false) => {
+            return Err(ApiError::bad(
+                "image",
+                format!("{} is a text-to-video model and takes no image", model.id),
+            ))
+        }
+        (Some(i), true) if !i.starts_with("data:") && i.len() > MAX_URL_BYTES => {
+            return Err(ApiError::bad(
+                "image",
+                format!("a URL must be at most {MAX_URL_BYTES} bytes"),
+            ))
+        }
+        _ => {}
+    }
+    let m = model.size_multiple;
+    for (name, v) in [("height", r.height), ("width", r.width)] {
+        if let Some(v) = v {
+            params::check_side(v.0, m).map_err(|rule| ApiError::bad(name, rule))?;
+        }
+    }
+    let size = match (r.height, r.width) {
+        (Some(h), Some(w)) => Some((h.0, w.0)),
+        (None, None) => None,
+        (h, _) => {
+            return Err(ApiError::bad(
+                if h.is_none() { "height" } else { "width" },
+                "give width and height together",
+            ))
+        }
+    };
+    let num_frames = r.num_frames.map_or(model.num_frames, |n| n.0);
+    params::check_frames(num_frames).map_err(|rule| ApiError::bad("num_frames", rule))?;
+    let steps = r
+        .num_inference_steps
+        .map_or(model.num_inference_steps, |s| s.0);
+    // the product is the same in either orientation, so the image need not be known yet
+    let (h, w) = size.unwrap_or_else(|| defaults(model).size(false));
+    let work = params::work_millions(h, w, num_frames, steps);
+    if work > config.max_work {
+        return Err(ApiError::bad(
+            "num_inference_steps",
+            format!(
+                "the task is too large: {w}x{h} pixels x {num_frames} frames x {steps} steps is \
+                 {work:.0} million; this server's limit (--max-work) is {:.0} million",
+                config.max_work
+            ),
+        ));
+    }
+    let webhook = match query_webhook.filter(|w| !w.is_empty()) {
+        Some(w) => Some(check_webhook(&w, "webhook", config)?),
+        None => match r.webhook_url.filter(|w| !w.is_empty()) {
+            Some(w) => Some(check_webhook(&w, "webhook_url", config)?),
+            None => None,
+        },
+    };
+    Ok(Checked {
+        prompt,
+        negative_prompt: r.negative_prompt.map(|n| n.0),
+        image,
+        seed: r.seed.map(|s| s.0).filter(|s| *s >= 0).map_or_else(
+            || rand::random_range(0..=params::SEED.max as u64),
+            |s| s as u64,
+        ),
+        sync: r.enable_sync_mode.is_some_and(|f| f.0),
+        base64: r.enable_base64_output.is_some_and(|f| f.0),
+        steps,
+        guidance_scale: r.guidance_scale.map_or(params::GUIDANCE_SCALE, |g| g.0),
+        embedded_guidance_scale: r
+            .embedded_guidance_scale
+            .map_or(params::EMBEDDED_GUIDANCE_SCALE, |g| g.0),
+        num_frames,
+        fps: r.fps.map_or(params::FPS, |f| f.0),
+        size,
+        portrait: r.aspect_ratio.map(|a| a == AspectRatio::Portrait),
+        webhook,
+    })
+}
+
+/// An http(s) URL of at most [`MAX_URL_BYTES`]; a literal internal address is refused here
+/// (names are checked at delivery, on every connection).
+fn check_webhook(w: &str, field: &str, config: &ServerConfig) -> Result<String, ApiError> {
+    if w.len() > MAX_URL_BYTES {
+        return Err(ApiError::bad(
+            field,
+            format!("must be at most {MAX_URL_BYTES} bytes"),
+        ));
+    }
+    let url = url::Url::parse(w)
+        .ok()
+        .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+        .ok_or_else(|| ApiError::bad(field, "must be an http(s) URL"))?;
+    if !config.allow_private_urls && media::url_is_internal_literal(&url) {
+        return Err(ApiError::bad(
+            field,
+            "this address may not be called (start the server with --allow-private-image-urls \
+             for private networks)",
+        ));
+    }
+    // the parsed form: no raw control characters reach the record or a log line
+    Ok(url.to_string())
+}
+
+/// Where the `image` string points.
+fn image_source(store: &Store, image: &str) -> Result<ImageSource, ApiError> {
+    if image.starts_with("data:") {
+        return media::parse_data_uri(image)
+            .map(ImageSource::Data)
+            .map_err(|e| ApiError::bad("image", e));
+    }
+    let url = url::Url::parse(image).map_err(|_| {
+        ApiError::bad(
+            "image",
+            "must be an http(s) URL, a data:image/...;base64 URI or an uploaded file URL",
+        )
+    })?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(ApiError::bad(
+            "image",
+            format!(
+                "URL scheme {:?} is not supported (http or https)",
+                url.scheme()
+            ),
+        ));
+    }
+    // an upload of ours is read from disk, whatever host name the client used to reach us
+    let segments: Vec<&str> = url.path_segments().map(|s| s.collect()).unwrap_or_default();
+    if let ["api", "v3", "media", "files", id, _] = segments.as_slice() {
+        if let Some(u) = store.upload(id) {
+            return Ok(ImageSource::Upload(u.id));
+        }
+    }
+    Ok(ImageSource::Url(url))
+}
+
+#[derive(Deserialize)]
+pub struct SubmitQuery {
+    webhook: Option<String>,
+}
+
+/// Submit a task.
+#[utoipa::path(
+    post,
+    path = "/api/v3/{owner}/{model}",
+    tag = "tasks",
+    params(
+        ("owner" = String, Path, description = "e.g. wavespeed-ai"),
+        ("model" = String, Path, description = "e.g. SkyReels-V1"),
+        ("webhook" = Option<String>, Query, description = "POST the finished prediction here (signed); also the body field webhook_url"),
+    ),
+    request_body = SubmitRequest,
+    responses(
+        (status = 200, description = "Accepted (sync mode: finished, or still processing with code 5004)", body = Envelope<Prediction>),
+        (status = 400, description = "A field breaks its rule (the message names it)", body = ErrorEnvelope),
+        (status = 401, description = "Missing or wrong key", body = ErrorEnvelope),
+        (status = 404, description = "Unknown model", body = ErrorEnvelope),
+        (status = 413, description = "Body too large", body = ErrorEnvelope),
+        (status = 415, description = "Not JSON", body = ErrorEnvelope),
+        (status = 429, description = "Queue full (Retry-After)", body = ErrorEnvelope),
+        (status = 503, description = "Loading or shutting down", body = ErrorEnvelope),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn submit(
+    State(state): State<Arc<AppState>>,
+    Path((owner, name)): Path<(String, String)>,
+    Query(query): Query<SubmitQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    let models = super::ops::models_loaded(&state)?;
+    let id = format!("{owner}/{name}");
+    let model = models
+        .iter()
+        .find(|m| m.id.eq_ignore_ascii_case(&id))
+        .ok_or_else(|| {
+            let served: Vec<&str> = models.iter().map(|m| m.id.as_str()).collect();
+            ApiError::not_found(format!(
+                "unknown model {id:?}; this server runs {}",
+                served.join(", ")
+            ))
+        })?
+        .clone();
+    let request: SubmitRequest = read_json(&headers, body, state.config.max_body_bytes).await?;
+    let input = request.echo();
+    let c = check(request, query.webhook, &model, &state.config)?;
+    let source = c
+        .image
+        .as_deref()
+        .map(|i| image_source(&state.store, i))
+        .transpose()?;
+    let record = JobRecord {
+        id: new_id(),
+        model: model.id.clone(),
+        status: Status::Created,
+        input,
+        base_url: super::base_url(&state, &headers),
+        created_at: now_ms(),
+        started_at: None,
+        completed_at: None,
+        error: String::new(),
+        code: TaskCode::Ok,
+        seed: c.seed,
+        outputs: vec![],
+        base64_output: c.base64,
+        webhook: c.webhook.clone(),
+        step: 0,
+        total_steps: c.steps,
+        timings: vec![],
+    };
+    let task_id = record.id.clone();
+    let (mut watch, written) = state.store.admit(record).map_err(|e| match e {
+        AdmitError::QueueFull => {
+            state.metrics.queue_full();
+            ApiError {
+                status: StatusCode::TOO_MANY_REQUESTS,
+                message: format!(
+                    "the queue is full ({} tasks waiting); retry later",
+                    state.config.max_queue
+                ),
+                retry_after: Some(30),
+            }
+        }
+        AdmitError::Draining => ApiError::unavailable("the server is shutting down"),
+    })?;
+    // answer only once the record is on disk: an accepted task survives a crash
+    let _ = written.await;
+    state.metrics.submitted();
+    tracing::info!(id = %task_id, model = %model.id, "task accepted");
+    let sync = c.sync;
+    tokio::spawn(prepare(state.clone(), task_id.clone(), model, c, source));
+    if sync {
+        let limit = state.config.sync_timeout;
+        let timed_out = tokio::time::timeout(limit, watch.wait_for(|st| st.is_finished()))
+            .await
+            .is_err();
+        if timed_out {
+            let (r, pos) = state.store.get(&task_id).ok_or_else(task_gone)?;
+            let mut p: Prediction = prediction(&state, &r, pos).await;
+            p.code = u32::from(TaskCode::Timeout);
+            p.status = Status::Processing;
+            p.error = format!(
+                "Sync mode timed out after {} seconds. The prediction is still processing asynchronously.",
+                limit.as_secs()
+            );
+            return Ok(success(p));
+        }
+    }
+    let (r, pos) = state.store.get(&task_id).ok_or_else(task_gone)?;
+    Ok(success(prediction(&state, &r, pos).await))
+}
+
+/// Fetches (bounded fetches at a time) and decodes (bounded decodes at a time) the image off
+/// the runtime, settles the size, fits the image to it right away (so a queued task holds only
+/// what the model reads), and queues the task; a media failure fails it with 1402.
+async fn prepare(
+    state: Arc<AppState>,
+    id: String,
+    model: ModelInfo,
+    c: Checked,
+    source: Option<ImageSource>,
+) {
+    let (size, portrait, d) = (c.size, c.portrait, defaults(&model));
+    let fit = move |image: Option<image::RgbImage>| {
+        let portrait = portrait.unwrap_or_else(|| image.as_ref().is_some_and(params::is_portrait));
+        let (height, width) = size.unwrap_or_else(|| d.size(portrait));
+        let image = image.map(|i| params::fit_image(&i, width, height));
+        (image, height, width)
+    };
+    let (image, height, width) = match source {
+        None => fit(None),
+        Some(source) => match load_image(&state, &id, source, fit).await {
+            Ok(fitted) => fitted,
+            Err((code, e)) => {
+                tracing::warn!(%id, "image: {e}");
+                state.store.fail_unstarted(&id, code, e);
+                return;
+            }
+        },
+    };
+    state.store.enqueue(
+        &id,
+        GenerationRequest {
+            model: model.id,
+            prompt: c.prompt,
+            negative_prompt: c.negative_prompt,
+            image,
+            height,
+            width,
+            num_frames: c.num_frames,
+            steps: c.steps,
+            guidance_scale: c.guidance_scale,
+            embedded_guidance_scale: c.embedded_guidance_scale,
+            seed: c.seed,
+            fps: c.fps,
+        },
+    );
+}
+
+type Fitted = (Option<image::RgbImage>, usize, usize);
+
+async fn load_image(
+    state: &Arc<AppState>,
+    id: &str,
+    source: ImageSource,
+    fit: impl FnOnce(Option<image::RgbImage>) -> Fitted + Send + 'static,
+) -> Result<Fitted, (TaskCode, String)> {
+    let join = |e: tokio::task::JoinError| (TaskCode::Internal, format!("internal error: {e}"));
+    let media = |e: media::MediaError| (TaskCode::MediaAccessFailed, e.to_string());
+    let bytes = match source {
+        ImageSource::Url(url) => {
+            let _permit = state
+                .fetches
+                .acquire()
+                .await
+                .map_err(|e| join_closed(e, id))?;
+            let agent = state.agent.clone();
+            tokio::task::spawn_blocking(move || media::fetch(&agent, &url))
+                .await
+                .map_err(join)?
+                .map_err(media)?
+        }
+        ImageSource::Data(bytes) => bytes,
+        ImageSource::Upload(upload) => {
+            let path = state.store.upload_data_path(&upload);
+            tokio::fs::read(&path)
+                .await
+                .map_err(|_| media(media::MediaError::MissingUpload(upload)))?
+        }
+    };
+    let _permit = state
+        .decodes
+        .acquire()
+        .await
+        .map_err(|e| join_closed(e, id))?;
+    tokio::task::spawn_blocking(move || media::decode(&bytes).map(|img| fit(Some(img))))
+        .await
+        .map_err(join)?
+        .map_err(media)
+}
+
+fn join_closed(e: tokio::sync::AcquireError, id: &str) -> (TaskCode, String) {
+    tracing::error!(%id, "image limiter closed: {e}");
+    (TaskCode::Internal, "internal error: shutting down".into())
+}

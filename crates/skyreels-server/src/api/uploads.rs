@@ -1,0 +1,352 @@
+//! Uploads: multipart, PUT tickets, and serving the stored files. Only raster images (sniffed
+//! from the bytes, whatever was declared) are kept; bodies stream to disk within their cap.
+
+use super::body::{body_error, read_json};
+use super::error::{success, ApiError, ApiResult};
+use crate::contract::{
+    Envelope, ErrorEnvelope, UploadData, UploadHeaders, UploadTarget, UploadTicketRequest,
+    MAX_CONTENT_TYPE_BYTES, MAX_FILENAME_BYTES,
+};
+use crate::media::{sniff_raster, RASTER_TYPES};
+use crate::store::{Store, Upload};
+use crate::AppState;
+use axum::body::Body;
+use axum::extract::{Multipart, Path, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::Response;
+use http_body_util::BodyExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::io::AsyncWriteExt;
+use tower_http::services::ServeFile;
+
+fn upload_data(u: &Upload, upload: Option<UploadTarget>) -> UploadData {
+    UploadData {
+        kind: u.kind().into(),
+        download_url: u.download_url(),
+        filename: u.filename.clone(),
+        size: u.size,
+        upload,
+    }
+}
+
+fn not_raster() -> ApiError {
+    ApiError::new(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        format!(
+            "file: only raster images are accepted ({}), recognised from their bytes",
+            RASTER_TYPES.join(", ")
+        ),
+    )
+}
+
+/// Bytes of one upload on their way to disk: a private part file, at most `cap` bytes, whose
+/// first bytes decide its type. Removed unless finished (also when the client goes away).
+struct Sink {
+    part: PathBuf,
+    file: tokio::fs::File,
+    cap: u64,
+    written: u64,
+    head: Vec<u8>,
+    done: bool,
+}
+
+impl Sink {
+    async fn create(store: &Store, id: &str, cap: u64) -> Result<Self, ApiError> {
+        let part = store.upload_part_path(id);
+        let mut o = tokio::fs::OpenOptions::new();
+        o.write(true).create_new(true);
+        #[cfg(unix)]
+        o.mode(0o600);
+        let file = o
+            .open(&part)
+            .await
+            .map_err(|e| ApiError::internal(format!("cannot store the upload: {e}")))?;
+        Ok(Self {
+            part,
+            file,
+            cap,
+            written: 0,
+            head: Vec::new(),
+            done: false,
+        })
+    }
+
+    /// Appends a chunk; more than `cap` bytes in all is `over`.
+    async fn write(
+        &mut self,
+        chunk: &[u8],
+        over: impl FnOnce() -> ApiError,
+    ) -> Result<(), ApiError> {
+        self.written += chunk.len() as u64;
+        if self.written > self.cap {
+            return Err(over());
+        }
+        if self.head.len() < 64 {
+            let take = (64 - self.head.len()).min(chunk.len());
+            self.head.extend_from_slice(&chunk[..take]);
+        }
+        self.file
+            .write_all(chunk)
+            .await
+            .map_err(|e| ApiError::internal(format!("cannot store the upload: {e}")))
+    }
+
+    /// Syncs and moves the bytes into place; the raster type they were recognised as.
+    async fn finish(mut self, data: PathBuf) -> Result<(&'static str, u64), ApiError> {
+        if self.written == 0 {
+            return Err(ApiError::bad("file", "is empty"));
+        }
+        let mime = sniff_raster(&self.head).ok_or_else(not_raster)?;
+        let io = |e: std::io::Error| ApiError::internal(format!("cannot store the upload: {e}"));
+        self.file.sync_all().await.map_err(io)?;
+        tokio::fs::rename(&self.part, &data).await.map_err(io)?;
+        self.done = true;
+        Ok((mime, self.written))
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = std::fs::remove_file(&self.part);
+        }
+    }
+}
+
+/// Upload a file (multipart field `file`).
+#[utoipa::path(
+    post,
+    path = "/api/v3/media/upload/binary",
+    tag = "media",
+    request_body(content_type = "multipart/form-data", description = "field `file`: a PNG, JPEG, WebP, GIF or BMP image"),
+    responses(
+        (status = 200, description = "Stored", body = Envelope<UploadData>),
+        (status = 400, description = "No `file` field, or empty", body = ErrorEnvelope),
+        (status = 413, description = "Larger than the body limit", body = ErrorEnvelope),
+        (status = 415, description = "Not a raster image", body = ErrorEnvelope),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn upload_binary(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    mut form: Multipart,
+) -> ApiResult {
+    let max = state.config.max_body_bytes;
+    let field_error = |e: axum::extract::multipart::MultipartError| {
+        use std::error::Error;
+        match e.source() {
+            Some(src) => body_error(src, max),
+            None => ApiError::new(e.status(), e.body_text()),
+        }
+    };
+    while let Some(mut field) = form.next_field().await.map_err(field_error)? {
+        if field.name() != Some("file") {
+            continue;
+        }
+        let filename = field.file_name().unwrap_or("upload").to_string();
+        let upload = state
+            .store
+            .new_upload(&filename, "", 0, &super::base_url(&state, &headers));
+        let mut sink = Sink::create(&state.store, &upload.id, max as u64).await?;
+        while let Some(chunk) = field.chunk().await.map_err(field_error)? {
+            sink.write(&chunk, || super::body::too_large(max)).await?;
+        }
+        let (mime, size) = sink
+            .finish(state.store.upload_data_path(&upload.id))
+            .await?;
+        let upload = state.store.complete_upload(Upload {
+            content_type: mime.into(),
+            size,
+            ..upload
+        });
+        return Ok(success(upload_data(&upload, None)));
+    }
+    Err(ApiError::bad("file", "multipart field `file` is required"))
+}
+
+/// Open an upload ticket; PUT the bytes to the URL it returns.
+#[utoipa::path(
+    post,
+    path = "/api/v3/media/uploads",
+    tag = "media",
+    request_body = UploadTicketRequest,
+    responses(
+        (status = 200, description = "The ticket (data.upload says where to PUT)", body = Envelope<UploadData>),
+        (status = 400, description = "A field breaks its rule", body = ErrorEnvelope),
+        (status = 429, description = "Too many open tickets", body = ErrorEnvelope),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn upload_ticket(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    let r: UploadTicketRequest = read_json(&headers, body, 64 << 10).await?;
+    let filename = r
+        .filename
+        .filter(|f| !f.is_empty())
+        .ok_or_else(|| ApiError::bad("filename", "is required"))?;
+    if filename.len() > MAX_FILENAME_BYTES {
+        return Err(ApiError::bad(
+            "filename",
+            format!("must be at most {MAX_FILENAME_BYTES} bytes"),
+        ));
+    }
+    let max = state.config.max_body_bytes as u64;
+    let size = r
+        .size
+        .filter(|s| (1..=max).contains(s))
+        .ok_or_else(|| ApiError::bad("size", format!("is required: an integer from 1 to {max}")))?;
+    let ct = match r.content_type.filter(|c| !c.is_empty()) {
+        None => "application/octet-stream".to_string(),
+        Some(c) if c.len() > MAX_CONTENT_TYPE_BYTES => {
+            return Err(ApiError::bad(
+                "content_type",
+                format!("must be at most {MAX_CONTENT_TYPE_BYTES} bytes"),
+            ))
+        }
+        Some(c) => {
+            let c = c.to_ascii_lowercase();
+            if !RASTER_TYPES.contains(&c.as_str()) && c != "application/octet-stream" {
+                return Err(ApiError::bad(
+                    "content_type",
+                    format!("must be one of {}", RASTER_TYPES.join(", ")),
+                ));
+            }
+            c
+        }
+    };
+    let base = super::base_url(&state, &headers);
+    let (upload, token) = state
+        .store
+        .open_ticket(&filename, &ct, size, &base)
+        .ok_or_else(|| ApiError {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message: "too many upload tickets are open; send or let some expire first".into(),
+            retry_after: Some(30),
+        })?;
+    let target = UploadTarget {
+        method: "PUT".into(),
+        url: format!("{base}/api/v3/media/uploads/{token}"),
+        headers: UploadHeaders { content_type: ct },
+    };
+    Ok(success(upload_data(&upload, Some(target))))
+}
+
+/// Send an upload's bytes (no Authorization: the URL is the secret, single use).
+#[utoipa::path(
+    put,
+    path = "/api/v3/media/uploads/{token}",
+    tag = "media",
+    params(("token" = String, Path, description = "From the ticket's upload.url")),
+    request_body(content_type = "application/octet-stream", description = "Exactly the ticket's size"),
+    responses(
+        (status = 200, description = "Stored", body = Envelope<UploadData>),
+        (status = 400, description = "Not the ticket's size", body = ErrorEnvelope),
+        (status = 404, description = "Unknown or used ticket", body = ErrorEnvelope),
+        (status = 408, description = "The body did not arrive in time", body = ErrorEnvelope),
+        (status = 415, description = "Not a raster image", body = ErrorEnvelope),
+    )
+)]
+pub async fn upload_put(
+    State(state): State<Arc<AppState>>,
+    Path(token): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    // the ticket (and its size) is checked before a byte of the body is read
+    let ticket = state
+        .store
+        .take_ticket(&token)
+        .ok_or_else(|| ApiError::not_found("unknown or already used upload URL"))?;
+    let wrong_size = |got: String| {
+        ApiError::bad(
+            "body",
+            format!("is {got} bytes, the upload ticket said {}", ticket.size),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(len) = declared.filter(|l| *l != ticket.size) {
+        return Err(wrong_size(len.to_string()));
+    }
+    let mut sink = Sink::create(&state.store, &ticket.id, ticket.size).await?;
+    let mut body = body;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| body_error(&e, ticket.size as usize))?;
+        if let Ok(chunk) = frame.into_data() {
+            sink.write(&chunk, || wrong_size(format!("more than {}", ticket.size)))
+                .await?;
+        }
+    }
+    if sink.written != ticket.size {
+        return Err(wrong_size(sink.written.to_string()));
+    }
+    let (mime, size) = sink
+        .finish(state.store.upload_data_path(&ticket.id))
+        .await?;
+    let upload = state.store.complete_upload(Upload {
+        content_type: mime.into(),
+        size,
+        ..ticket
+    });
+    Ok(success(upload_data(&upload, None)))
+}
+
+/// An uploaded file (raster images as themselves, anything else as an attachment).
+#[utoipa::path(
+    get,
+    path = "/api/v3/media/files/{id}/{name}",
+    tag = "media",
+    params(("id" = String, Path), ("name" = String, Path)),
+    responses(
+        (status = 200, description = "The file (Range supported)", content_type = "image/*"),
+        (status = 404, description = "Unknown or expired", body = ErrorEnvelope),
+    )
+)]
+pub async fn upload_file(
+    State(state): State<Arc<AppState>>,
+    Path((id, _name)): Path<(String, String)>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let upload = state
+        .store
+        .upload(&id)
+        .ok_or_else(|| ApiError::not_found("file not found"))?;
+    let response =
+        tower::ServiceExt::oneshot(ServeFile::new(state.store.upload_data_path(&id)), req)
+            .await
+            .map_err(ApiError::internal)?;
+    let mut response = response.map(Body::new);
+    let h = response.headers_mut();
+    if RASTER_TYPES.contains(&upload.content_type.as_str()) {
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(sniff_static(&upload.content_type)),
+        );
+    } else {
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
+        h.insert(
+            header::CONTENT_DISPOSITION,
+            HeaderValue::from_static("attachment"),
+        );
+    }
+    Ok(response)
+}
+
+/// The static spelling of a raster type known to be in [`RASTER_TYPES`].
+fn sniff_static(mime: &str) -> &'static str {
+    RASTER_TYPES
+        .iter()
+        .find(|t| **t == mime)
+        .copied()
+        .unwrap_or("application/octet-stream")
+}
