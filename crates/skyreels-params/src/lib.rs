@@ -137,7 +137,7 @@ pub fn check_frames(n: usize) -> Result<(), String> {
     if !FRAMES.contains(n as i64) {
         return Err(FRAMES.rule());
     }
-    if (n - 1) % FRAME_STEP != 0 {
+    if !(n - 1).is_multiple_of(FRAME_STEP) {
         return Err(format!("must be 4k+1 (1, 5, ..., 97, ...), got {n}"));
     }
     Ok(())

@@ -1,14 +1,15 @@
-//! Serving connections: hyper-util's builder with a timer (header-read timeout, which also
-//! closes idle keep-alive connections), an idle timeout for connections where nothing moves
-//! while no handler runs, a cap on connections served at once, and a graceful stop. (The body
-//! deadline is a middleware: `api::middleware::body_deadline`.)
+//! Serving connections: HTTP/1.1 (what every WaveSpeed client speaks; no HTTP/2 surface) by
+//! hyper's builder with a timer (header-read timeout from the first byte a connection may
+//! send, which also closes idle keep-alive connections), an idle timeout for connections where
+//! nothing moves while no handler runs, a cap on connections served at once, and a graceful
+//! stop with hyper-util. (The body deadline is a middleware: `api::middleware::body_deadline`.)
 
 use crate::ServerConfig;
 use axum::body::Body;
 use axum::Router;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto::Builder;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use std::future::Future;
 use std::pin::Pin;
@@ -134,13 +135,10 @@ pub async fn serve(
     limits: Limits,
     stop: impl Future<Output = ()> + Send + 'static,
 ) {
-    let mut builder = Builder::new(TokioExecutor::new());
+    let mut builder = http1::Builder::new();
     builder
-        .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout);
-    builder.http2().timer(TokioTimer::new());
-    let builder = Arc::new(builder);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
     tokio::pin!(stop);
@@ -177,12 +175,7 @@ pub async fn serve(
                 response
             }
         });
-        let builder = builder.clone();
-        let watched = graceful.watch(
-            builder
-                .serve_connection_with_upgrades(io, service)
-                .into_owned(),
-        );
+        let watched = graceful.watch(builder.serve_connection(io, service));
         let idle = limits.idle_timeout;
         tokio::spawn(async move {
             tokio::pin!(watched);

@@ -239,24 +239,24 @@ impl Store {
             .flat_map(|j| j.record.outputs.iter().cloned())
             .collect();
         let mut orphans = 0;
-        let owners: [(&str, &dyn Fn(&str) -> bool); 4] = [
-            ("videos", &|name: &str| outputs.contains(name)),
-            ("base64", &|name: &str| {
-                name.strip_suffix(".b64")
-                    .is_some_and(|n| outputs.contains(n))
-            }),
-            ("uploads", &|name: &str| {
-                name.strip_suffix(".bin")
-                    .is_some_and(|id| inner.uploads.contains_key(id))
-                    || name.ends_with(".json")
-            }),
-            ("jobs", &|name: &str| name.ends_with(".json")),
-        ];
-        for (sub, owned) in owners {
+        for sub in ["videos", "base64", "uploads", "jobs"] {
             let p = dir.join(sub);
             for entry in std::fs::read_dir(&p).map_err(io_err(&p))?.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
-                if entry.path().is_file() && !owned(&name) {
+                let owned = match sub {
+                    "videos" => outputs.contains(&name),
+                    "base64" => name
+                        .strip_suffix(".b64")
+                        .is_some_and(|n| outputs.contains(n)),
+                    "uploads" => {
+                        name.ends_with(".json")
+                            || name
+                                .strip_suffix(".bin")
+                                .is_some_and(|id| inner.uploads.contains_key(id))
+                    }
+                    _ => name.ends_with(".json"),
+                };
+                if entry.path().is_file() && !owned {
                     let _ = std::fs::remove_file(entry.path());
                     orphans += 1;
                 }

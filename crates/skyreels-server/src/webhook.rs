@@ -98,19 +98,19 @@ pub async fn deliver(
                 .set("webhook-signature", &sig)
                 .send_bytes(&body)
                 .map(|_| ())
+                .map_err(|e| (media::is_refused(&e), media::failure_reason(&e)))
         })
         .await;
         match result {
             Ok(Ok(())) => return Delivery::Delivered(attempt + 1),
-            Ok(Err(e)) if media::is_refused(&e) => {
+            Ok(Err((true, _))) => {
                 tracing::warn!(url = %shown, "webhook refused: the host is an internal address");
                 return Delivery::Refused;
             }
-            Ok(Err(e)) => tracing::warn!(
+            Ok(Err((false, reason))) => tracing::warn!(
                 url = %shown,
                 attempt = attempt + 1,
-                "webhook delivery failed: {}",
-                media::failure_reason(&e)
+                "webhook delivery failed: {reason}"
             ),
             Err(e) => tracing::error!(url = %shown, "webhook attempt did not run: {e}"),
         }
@@ -134,5 +134,37 @@ mod tests {
         let v = "6176de8f7ab210c9d6be2013ce564fb7f65a28e9b360920fd0b90965978f4a2b";
         assert_eq!(signature("whsec_abc", "x", 1, b""), v);
         assert_eq!(signature("abc", "x", 1, b""), v);
+    }
+
+    #[tokio::test]
+    async fn a_refused_address_is_not_retried() {
+        // with a minute of backoff a retry would hold this test for minutes; a refusal returns
+        // after the one attempt the guard stopped
+        let agent = media::http_agent(false, Duration::from_secs(2));
+        let permits = Semaphore::new(1);
+        let start = std::time::Instant::now();
+        let got = deliver(
+            &agent,
+            "http://localhost:9/hook",
+            "whsec_x",
+            Arc::new(b"{}".to_vec()),
+            Duration::from_secs(60),
+            &permits,
+        )
+        .await;
+        assert_eq!(got, Delivery::Refused);
+        assert!(start.elapsed() < Duration::from_secs(30));
+        // an allowed but dead receiver is retried (backoff 1 ms): every attempt made
+        let open = media::http_agent(true, Duration::from_secs(2));
+        let got = deliver(
+            &open,
+            "http://127.0.0.1:9/hook",
+            "whsec_x",
+            Arc::new(b"{}".to_vec()),
+            Duration::from_millis(1),
+            &permits,
+        )
+        .await;
+        assert_eq!(got, Delivery::GaveUp(RETRIES + 1));
     }
 }

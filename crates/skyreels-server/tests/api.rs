@@ -78,15 +78,17 @@ impl Generator for Fake {
         if req.prompt.contains("fail") {
             return Err(GenerateFailure::Failed("fake failure".into()));
         }
+        // "stubborn": a generator that never looks at the cancel answer (a last step, a decode)
+        let obeys = !req.prompt.contains("stubborn");
         for step in 1..=req.steps {
             // while held at the gate, keep polling for cancellation as a real step loop would
             while !self.gate.wait_a_little() {
-                if !progress(step - 1, req.steps) {
+                if !progress(step - 1, req.steps) && obeys {
                     return Err(GenerateFailure::Cancelled);
                 }
             }
             std::thread::sleep(Duration::from_millis(2));
-            if !progress(step, req.steps) {
+            if !progress(step, req.steps) && obeys {
                 return Err(GenerateFailure::Cancelled);
             }
         }
@@ -1128,4 +1130,917 @@ async fn retention_deletes_finished_tasks_with_their_files() {
     }
     assert!(!file.exists() && !record.exists());
     assert_eq!(h.result(&id).await.0, StatusCode::NOT_FOUND);
+}
+
+// ---- hardening: each test reproduces one finding of the server review (issue 14) ----
+
+/// A body that counts how often it is read and would send `chunks` MiB.
+struct CountingBody {
+    polls: Arc<std::sync::atomic::AtomicUsize>,
+    chunks: usize,
+}
+
+impl http_body::Body for CountingBody {
+    type Data = axum::body::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        self.polls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if self.chunks == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        self.chunks -= 1;
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(vec![0u8; 1 << 20].into()))))
+    }
+}
+
+fn counting(chunks: usize) -> (Body, Arc<std::sync::atomic::AtomicUsize>) {
+    let polls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let body = Body::new(CountingBody {
+        polls: polls.clone(),
+        chunks,
+    });
+    (body, polls)
+}
+
+fn png_bytes(w: u32, h: u32) -> Vec<u8> {
+    let mut out = Vec::new();
+    image::RgbImage::new(w, h)
+        .write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+        .unwrap();
+    out
+}
+
+async fn metrics_text(h: &Harness) -> String {
+    let (_, _, text) = h
+        .call(Request::get("/metrics").body(Body::empty()).unwrap())
+        .await;
+    String::from_utf8(text).unwrap()
+}
+
+/// Finding 1: invented methods became metric labels, so /metrics grew without bound.
+#[tokio::test(flavor = "multi_thread")]
+async fn invented_methods_do_not_grow_the_metrics() {
+    let h = start(|_| {}).await;
+    let before = metrics_text(&h).await;
+    for i in 0..50 {
+        let method = format!("X{i}{}", "Y".repeat(2000));
+        let req = Request::builder()
+            .method(axum::http::Method::from_bytes(method.as_bytes()).unwrap())
+            .uri(format!("/api/v3/predictions/{i}"))
+            .body(Body::empty())
+            .unwrap();
+        let (s, _, _) = h.call(req).await;
+        assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
+    }
+    let after = metrics_text(&h).await;
+    assert!(!after.contains("YYYY"), "an invented method is a label");
+    assert!(after.contains("method=\"other\""), "{after}");
+    // one new series (method other, its route, status 405), whatever the number of methods
+    assert!(
+        after.len() < before.len() + 4096,
+        "/metrics grew from {} to {} bytes",
+        before.len(),
+        after.len()
+    );
+}
+
+/// Finding 2: a PUT body was buffered before its token (and declared size) was checked.
+#[tokio::test(flavor = "multi_thread")]
+async fn upload_puts_are_checked_before_their_body_is_read() {
+    let h = start(|_| {}).await;
+    let (body, polls) = counting(60);
+    let req = Request::put("/api/v3/media/uploads/invented-token")
+        .body(body)
+        .unwrap();
+    let (s, _, _) = h.call(req).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_eq!(
+        polls.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "body read for an unknown token"
+    );
+    // a real ticket, but a declared length that is not the ticket's size
+    let ticket =
+        |size: usize| json!({"filename": "a.png", "size": size, "content_type": "image/png"});
+    let (_, v) = h
+        .json(
+            "POST",
+            "/api/v3/media/uploads",
+            Some(ticket(100)),
+            Some(KEY),
+        )
+        .await;
+    let url = v["data"]["upload"]["url"]
+        .as_str()
+        .unwrap()
+        .replace("http://gen.local:8000", "");
+    let (body, polls) = counting(60);
+    let req = Request::put(&url)
+        .header(header::CONTENT_LENGTH, (60usize << 20).to_string())
+        .body(body)
+        .unwrap();
+    let (s, _, b) = h.call(req).await;
+    assert_eq!(
+        s,
+        StatusCode::BAD_REQUEST,
+        "{}",
+        String::from_utf8_lossy(&b)
+    );
+    assert_eq!(polls.load(std::sync::atomic::Ordering::SeqCst), 0);
+    // no declared length: the stream stops at the ticket's size, not at the end of 60 MiB
+    let (_, v) = h
+        .json(
+            "POST",
+            "/api/v3/media/uploads",
+            Some(ticket(100)),
+            Some(KEY),
+        )
+        .await;
+    let url = v["data"]["upload"]["url"]
+        .as_str()
+        .unwrap()
+        .replace("http://gen.local:8000", "");
+    let (body, polls) = counting(60);
+    let (s, _, _) = h.call(Request::put(&url).body(body).unwrap()).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        polls.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "read past the cap"
+    );
+    // nothing was left on disk by the refused uploads
+    let left: Vec<_> = std::fs::read_dir(h.dir.path().join("uploads"))
+        .unwrap()
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+/// Finding 3: unknown fields and unbounded strings were kept in every record.
+#[tokio::test(flavor = "multi_thread")]
+async fn records_keep_only_the_known_fields_compactly() {
+    let h = start(|_| {}).await;
+    let mut b = body("FPS-24, a cat");
+    b["junk"] = json!("x".repeat(1 << 20));
+    b["nested"] = json!({"deep": ["y".repeat(1000)]});
+    b["negative_prompt"] = json!("n".repeat(8192));
+    let (s, v) = h.submit(b).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let id = v["data"]["id"].as_str().unwrap().to_string();
+    let input = v["data"]["input"].as_object().unwrap();
+    let mut keys: Vec<&str> = input.keys().map(String::as_str).collect();
+    keys.sort();
+    assert_eq!(keys, ["image", "negative_prompt", "prompt", "seed"]);
+    h.wait(&id, &["completed"]).await;
+    h.server.as_ref().unwrap().state.store.flushed().await;
+    let path = h.dir.path().join("jobs").join(format!("{id}.json"));
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.len() < 12 << 10, "record of {} bytes", text.len());
+    assert!(!text.contains("xxxx") && !text.contains("yyyy"));
+    assert!(!text.contains('\n'), "records are compact");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "record mode {mode:o}");
+        let secret = h.dir.path().join("webhook_secret");
+        let mode = std::fs::metadata(&secret).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "secret mode {mode:o}");
+    }
+    // and the long strings themselves are bounded
+    for (field, len) in [("prompt", 8193), ("negative_prompt", 9000)] {
+        let mut b = body("p");
+        b[field] = json!("p".repeat(len));
+        let (s, v) = h.submit(b).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+        assert!(
+            v["message"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("{field}: must be a string of at most 8192 bytes")),
+            "{v}"
+        );
+    }
+    let (s, v) = h
+        .submit(json!({"prompt": "p", "image": format!("http://example.com/{}", "a".repeat(5000))}))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    let (s, v) = h
+        .json(
+            "POST",
+            "/api/v3/media/uploads",
+            Some(json!({"filename": "a".repeat(300), "size": 3})),
+            Some(KEY),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(v["message"].as_str().unwrap().starts_with("filename:"));
+    let (s, v) = h
+        .json(
+            "POST",
+            "/api/v3/media/uploads",
+            Some(json!({"filename": "a.png", "size": 3, "content_type": "image/".repeat(30)})),
+            Some(KEY),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(v["message"].as_str().unwrap().starts_with("content_type:"));
+}
+
+/// Finding 4: webhook retries slept on the shared blocking pool, without bound.
+#[tokio::test(flavor = "multi_thread")]
+async fn webhooks_run_under_a_concurrency_bound_and_the_body_field_works() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let (now, max, total) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let (n2, m2, t2) = (now.clone(), max.clone(), total.clone());
+    let app = Router::new().route(
+        "/slow",
+        axum::routing::post(move || {
+            let (now, max, total) = (n2.clone(), m2.clone(), t2.clone());
+            async move {
+                let in_flight = now.fetch_add(1, Ordering::SeqCst) + 1;
+                max.fetch_max(in_flight, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                now.fetch_sub(1, Ordering::SeqCst);
+                total.fetch_add(1, Ordering::SeqCst);
+                StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let h = start(|c| {
+        c.allow_private_urls = true;
+        c.max_queue = 30;
+    })
+    .await;
+    let n = 20;
+    for i in 0..n {
+        // half through the query, half through WaveSpeed's body field
+        let (s, v) = if i % 2 == 0 {
+            h.submit_query(&format!("?webhook=http://{addr}/slow"), body("p"))
+                .await
+        } else {
+            let mut b = body("p");
+            b["webhook_url"] = json!(format!("http://{addr}/slow"));
+            h.submit(b).await
+        };
+        assert_eq!(s, StatusCode::OK, "{v}");
+    }
+    for _ in 0..1000 {
+        if total.load(Ordering::SeqCst) == n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        total.load(Ordering::SeqCst),
+        n,
+        "every webhook delivered once"
+    );
+    let max = max.load(Ordering::SeqCst);
+    assert!(
+        (1..=skyreels_server::webhook::CONCURRENT_DELIVERIES).contains(&max),
+        "{max} deliveries at once"
+    );
+    // a literal internal address is refused at submit time
+    let strict = start(|_| {}).await;
+    let (s, v) = strict
+        .submit_query("?webhook=http://169.254.169.254/latest", body("p"))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        v["message"].as_str().unwrap().starts_with("webhook:"),
+        "{v}"
+    );
+}
+
+/// Finding 5: declared content types were trusted and served back on our origin.
+#[tokio::test(flavor = "multi_thread")]
+async fn uploads_accept_only_raster_images_and_are_served_inert() {
+    let h = start(|_| {}).await;
+    let multipart = |name: &str, ct: &str, bytes: &[u8]| {
+        let boundary = "XyZ";
+        let mut form = format!("--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\nContent-Type: {ct}\r\n\r\n").into_bytes();
+        form.extend_from_slice(bytes);
+        form.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+        Request::post("/api/v3/media/upload/binary")
+            .header(header::HOST, "gen.local:8000")
+            .header(header::AUTHORIZATION, format!("Bearer {KEY}"))
+            .header(
+                header::CONTENT_TYPE,
+                format!("multipart/form-data; boundary={boundary}"),
+            )
+            .body(Body::from(form))
+            .unwrap()
+    };
+    let html = b"<html><script>alert(document.cookie)</script></html>";
+    let svg = b"<svg xmlns=\"http://www.w3.org/2000/svg\" onload=\"alert(1)\"/>";
+    for (name, ct, bytes) in [
+        ("x.html", "text/html", &html[..]),
+        ("x.svg", "image/svg+xml", &svg[..]),
+        ("x.png", "image/png", &html[..]),
+    ] {
+        let (s, _, b) = h.call(multipart(name, ct, bytes)).await;
+        assert_eq!(
+            s,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "{name}: {}",
+            String::from_utf8_lossy(&b)
+        );
+    }
+    // a declared HTML ticket is refused; a PNG ticket carrying SVG bytes too
+    let (s, _) = h
+        .json(
+            "POST",
+            "/api/v3/media/uploads",
+            Some(json!({"filename": "x.html", "size": html.len(), "content_type": "text/html"})),
+            Some(KEY),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let (_, v) = h
+        .json(
+            "POST",
+            "/api/v3/media/uploads",
+            Some(json!({"filename": "x.png", "size": svg.len(), "content_type": "image/png"})),
+            Some(KEY),
+        )
+        .await;
+    let url = v["data"]["upload"]["url"]
+        .as_str()
+        .unwrap()
+        .replace("http://gen.local:8000", "");
+    let (s, _, _) = h
+        .call(Request::put(&url).body(Body::from(svg.to_vec())).unwrap())
+        .await;
+    assert_eq!(s, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    // a real PNG declared as HTML is stored as what it is, and served inert
+    let png = png_bytes(4, 4);
+    let (s, _, b) = h.call(multipart("x.html", "text/html", &png)).await;
+    assert_eq!(s, StatusCode::OK);
+    let v: Value = serde_json::from_slice(&b).unwrap();
+    let path = v["data"]["download_url"]
+        .as_str()
+        .unwrap()
+        .replace("http://gen.local:8000", "");
+    let (s, hd, bytes) = h
+        .call(Request::get(&path).body(Body::empty()).unwrap())
+        .await;
+    assert_eq!((s, bytes), (StatusCode::OK, png.clone()));
+    assert_eq!(hd[header::CONTENT_TYPE], "image/png");
+    assert_eq!(hd[header::X_CONTENT_TYPE_OPTIONS], "nosniff");
+    assert_eq!(hd[header::CONTENT_SECURITY_POLICY], "sandbox");
+    // outputs too
+    let (_, v) = h.submit(body("p")).await;
+    let id = v["data"]["id"].as_str().unwrap().to_string();
+    h.wait(&id, &["completed"]).await;
+    let (_, hd, _) = h
+        .call(
+            Request::get(format!("/outputs/{id}.mp4"))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(hd[header::X_CONTENT_TYPE_OPTIONS], "nosniff");
+    assert_eq!(hd[header::CONTENT_SECURITY_POLICY], "sandbox");
+    // an upload stored by an earlier version with a declared HTML type is served as a download
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("uploads")).unwrap();
+    let old = "0123456789abcdef0123456789abcdef";
+    std::fs::write(dir.path().join(format!("uploads/{old}.bin")), html).unwrap();
+    std::fs::write(
+        dir.path().join(format!("uploads/{old}.json")),
+        json!({"id": old, "filename": "x.html", "content_type": "text/html", "size": html.len(), "created_at": 1, "complete": true, "base_url": "http://gen.local:8000"}).to_string(),
+    )
+    .unwrap();
+    let gate = Gate::closed();
+    gate.open();
+    let legacy = start_with(dir, |_| {}, gate).await;
+    let (s, hd, _) = legacy
+        .call(
+            Request::get(format!("/api/v3/media/files/{old}/x.html"))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(hd[header::CONTENT_TYPE], "application/octet-stream");
+    assert_eq!(hd[header::CONTENT_DISPOSITION], "attachment");
+    assert_eq!(hd[header::CONTENT_SECURITY_POLICY], "sandbox");
+}
+
+/// A PNG header announcing `side` x `side` RGB pixels, with a valid IHDR CRC (a few hundred
+/// bytes: a decompression bomb for a decoder without limits).
+fn png_bomb(side: u32) -> Vec<u8> {
+    let mut bomb = png_bytes(1, 1);
+    bomb[16..20].copy_from_slice(&side.to_be_bytes());
+    bomb[20..24].copy_from_slice(&side.to_be_bytes());
+    let mut c = 0xffff_ffffu32;
+    for &b in &bomb[12..29] {
+        c ^= b as u32;
+        for _ in 0..8 {
+            c = if c & 1 == 1 {
+                0xedb8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
+        }
+    }
+    bomb[29..33].copy_from_slice(&(!c).to_be_bytes());
+    bomb
+}
+
+/// Finding 6: small files decoded into huge buffers, and queued tasks kept full-size images.
+#[tokio::test(flavor = "multi_thread")]
+async fn decode_bombs_fail_fast_and_images_are_fitted_on_arrival() {
+    let h = start(|_| {}).await;
+    let uri = format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(png_bomb(8192))
+    );
+    let (_, v) = h.submit(json!({"prompt": "p", "image": uri})).await;
+    let d = h.wait(v["data"]["id"].as_str().unwrap(), &["failed"]).await;
+    assert_eq!(d["code"], 1402, "{d}");
+    assert!(
+        d["error"].as_str().unwrap().contains("too large to decode"),
+        "{d}"
+    );
+    // a big image reaches the generator at the task's size (96x64 here), not its own
+    let (_, v) = h
+        .submit(json!({"prompt": "p", "image": png_data_uri(1200, 900)}))
+        .await;
+    h.wait(v["data"]["id"].as_str().unwrap(), &["completed"])
+        .await;
+    let seen = h.seen.lock().unwrap();
+    assert_eq!(
+        seen.last().unwrap().image.as_ref().unwrap().dimensions(),
+        (96, 64)
+    );
+}
+
+/// Finding 7: no cost limit and no task timeout.
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_tasks_are_refused_and_long_ones_stopped() {
+    let h = start(|_| {}).await;
+    let huge = json!({"prompt": "p", "image": png_data_uri(8, 8), "width": 4096, "height": 4096, "num_frames": 257, "num_inference_steps": 100});
+    let (s, v) = h.submit(huge).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    let m = v["message"].as_str().unwrap();
+    assert!(
+        m.contains("--max-work") && m.contains("3000 million") && m.contains("431174 million"),
+        "{m}"
+    );
+    // within the limit (the default 544x960x97x30 = 1,520 million) is fine
+    let ok = json!({"prompt": "p", "image": png_data_uri(8, 8), "width": 960, "height": 544, "num_frames": 97, "num_inference_steps": 30});
+    let (s, v) = h.submit(ok).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+
+    let gate = Gate::closed();
+    let slow = start_with(
+        tempfile::tempdir().unwrap(),
+        |c| c.max_task_time = Some(Duration::from_millis(300)),
+        gate,
+    )
+    .await;
+    let (_, v) = slow.submit(body("p")).await;
+    let d = slow
+        .wait(
+            v["data"]["id"].as_str().unwrap(),
+            &["failed", "completed", "cancelled"],
+        )
+        .await;
+    assert_eq!(
+        (d["status"].as_str(), d["code"].as_u64()),
+        (Some("failed"), Some(5004)),
+        "{d}"
+    );
+    assert!(
+        d["error"].as_str().unwrap().contains("--max-task-seconds"),
+        "{d}"
+    );
+    assert!(d["outputs"].as_array().unwrap().is_empty());
+}
+
+/// Where this binary's log lines go (set once for the whole test binary).
+fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
+    static LOGS: std::sync::OnceLock<Arc<Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buf: Arc<Mutex<Vec<u8>>> = Arc::default();
+        let b = buf.clone();
+        let writer = move || Capture(b.clone());
+        tracing_subscriber::fmt()
+            .with_writer(writer)
+            .with_ansi(false)
+            .with_max_level(tracing::Level::DEBUG)
+            .init();
+        buf
+    })
+    .clone()
+}
+
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Finding 8: raw image and webhook strings and request ids forged log lines.
+#[tokio::test(flavor = "multi_thread")]
+async fn user_strings_cannot_forge_log_lines() {
+    let logs = captured_logs();
+    let h = start(|c| c.allow_private_urls = true).await;
+    let forged = "2026-12-02T00:00:00.000000Z  INFO forged: admin logged in";
+    let (s, v) = h
+        .submit_query(
+            "?webhook=http://127.0.0.1:1/hook%0D%0A2026-12-02T00:00:00.000000Z%20%20INFO%20forged",
+            json!({"prompt": "p\r\nforged", "image": format!("http://127.0.0.1:1/x\r\n{forged}")}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let d = h.wait(v["data"]["id"].as_str().unwrap(), &["failed"]).await;
+    assert_eq!(d["code"], 1402);
+    // a request id that is not [A-Za-z0-9._-]{1,64} is replaced, one that is comes back
+    for (sent, kept) in [
+        ("good-id_1.2", true),
+        ("bad id", false),
+        ("<script>", false),
+    ] {
+        let req = Request::get("/health")
+            .header("x-request-id", sent)
+            .body(Body::empty())
+            .unwrap();
+        let (_, hd, _) = h.call(req).await;
+        assert_eq!(hd["x-request-id"] == sent, kept, "{sent}");
+    }
+    h.server.as_ref().unwrap().state.store.flushed().await;
+    let text = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    assert!(text.contains("request"), "nothing captured");
+    for line in text.lines() {
+        assert!(
+            !line.starts_with("2026-12-02T00:00:00"),
+            "forged line: {line:?}"
+        );
+        assert!(!line.contains("<script>"), "{line:?}");
+    }
+}
+
+/// Finding 9: any Host was trusted (DNS rebinding of an open API).
+#[tokio::test(flavor = "multi_thread")]
+async fn only_our_host_names_are_answered() {
+    let h = start(|c| c.api_keys.clear()).await;
+    let get = |host: &'static str| {
+        Request::get("/api/v3/models")
+            .header(header::HOST, host)
+            .body(Body::empty())
+            .unwrap()
+    };
+    for host in [
+        "evil.example",
+        "evil.example:8000",
+        "127.0.0.2",
+        "localhost.evil.example",
+        "gen.local.evil",
+    ] {
+        let (s, _, b) = h.call(get(host)).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{host}");
+        let v: Value = serde_json::from_slice(&b).unwrap();
+        assert!(
+            v["message"].as_str().unwrap().contains("--allowed-host"),
+            "{v}"
+        );
+    }
+    for host in [
+        "localhost",
+        "LOCALHOST:8000",
+        "127.0.0.1:8000",
+        "[::1]:8000",
+        "gen.local",
+        "gen.local.:80",
+    ] {
+        let (s, _, _) = h.call(get(host)).await;
+        assert_eq!(s, StatusCode::OK, "{host}");
+    }
+    // behind a proxy (--public-url) the Host is the proxy's business
+    let proxied = start(|c| {
+        c.api_keys.clear();
+        c.public_url = Some("https://video.example.com".into());
+    })
+    .await;
+    let (s, _, _) = proxied.call(get("evil.example")).await;
+    assert_eq!(s, StatusCode::OK);
+}
+
+/// Finding 10 (low): scheme case, corrupt records, orphans, base64 encoded once, and a DELETE
+/// answered "cancelling" that must end cancelled.
+#[tokio::test(flavor = "multi_thread")]
+async fn bearer_in_any_case_and_ops_protection() {
+    let h = start(|_| {}).await;
+    for scheme in ["bearer", "BEARER", "Bearer "] {
+        let req = Request::get("/api/v3/models")
+            .header(header::AUTHORIZATION, format!("{scheme} {KEY}"))
+            .body(Body::empty())
+            .unwrap();
+        assert_eq!(h.call(req).await.0, StatusCode::OK, "{scheme}");
+    }
+    let req = Request::get("/api/v3/models")
+        .header(header::AUTHORIZATION, format!("Basic {KEY}"))
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(h.call(req).await.0, StatusCode::UNAUTHORIZED);
+    for path in ["/metrics", "/openapi.json", "/docs/"] {
+        let (s, _, _) = h
+            .call(Request::get(path).body(Body::empty()).unwrap())
+            .await;
+        assert_eq!(s, StatusCode::OK, "{path} is open by default");
+    }
+    let p = start(|c| c.protect_ops = true).await;
+    for path in ["/metrics", "/openapi.json", "/docs/"] {
+        let (s, _, _) = p
+            .call(Request::get(path).body(Body::empty()).unwrap())
+            .await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "{path}");
+        let req = Request::get(path)
+            .header(header::AUTHORIZATION, format!("Bearer {KEY}"))
+            .body(Body::empty())
+            .unwrap();
+        assert_eq!(p.call(req).await.0, StatusCode::OK, "{path}");
+    }
+    let (s, _, _) = p
+        .call(Request::get("/health").body(Body::empty()).unwrap())
+        .await;
+    assert_eq!(s, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn corrupt_records_move_aside_and_orphans_are_cleaned() {
+    let dir = tempfile::tempdir().unwrap();
+    for sub in ["jobs", "videos", "uploads", "base64"] {
+        std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+    }
+    std::fs::write(dir.path().join("jobs/broken.json"), b"{\"id\": \"bro").unwrap();
+    std::fs::write(dir.path().join("jobs/x.tmp1234abcd"), b"half").unwrap();
+    std::fs::write(dir.path().join("videos/orphan.mp4"), b"nobody's").unwrap();
+    std::fs::write(dir.path().join("base64/orphan.mp4.b64"), b"nobody's").unwrap();
+    std::fs::write(dir.path().join("uploads/lost.bin"), b"nobody's").unwrap();
+    std::fs::write(dir.path().join("uploads/lost.part"), b"nobody's").unwrap();
+    let gate = Gate::closed();
+    gate.open();
+    let h = start_with(dir, |_| {}, gate).await;
+    let p = h.dir.path();
+    assert!(p.join("corrupt/broken.json").exists());
+    assert!(!p.join("jobs/broken.json").exists());
+    for gone in [
+        "jobs/x.tmp1234abcd",
+        "videos/orphan.mp4",
+        "base64/orphan.mp4.b64",
+        "uploads/lost.bin",
+        "uploads/lost.part",
+    ] {
+        assert!(!p.join(gone).exists(), "{gone} was kept");
+    }
+    let (_, v) = h.submit(body("p")).await;
+    h.wait(v["data"]["id"].as_str().unwrap(), &["completed"])
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn base64_outputs_are_encoded_once() {
+    let h = start(|_| {}).await;
+    let mut b = body("p");
+    b["enable_base64_output"] = json!(true);
+    let (_, v) = h.submit(b).await;
+    let id = v["data"]["id"].as_str().unwrap().to_string();
+    let first = h.wait(&id, &["completed"]).await["outputs"][0].clone();
+    // the polls read the encoded copy: the video itself is no longer needed for them
+    std::fs::remove_file(h.dir.path().join(format!("videos/{id}.mp4"))).unwrap();
+    let again = h.get(&id).await["outputs"][0].clone();
+    assert_eq!(first, again);
+    assert!(first
+        .as_str()
+        .unwrap()
+        .starts_with("data:video/mp4;base64,"));
+    // deleting the task removes the copy too
+    let (s, _) = h
+        .json(
+            "DELETE",
+            &format!("/api/v3/predictions/{id}"),
+            None,
+            Some(KEY),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(!h.dir.path().join(format!("base64/{id}.mp4.b64")).exists());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancelling_task_ends_cancelled_even_if_the_generator_finishes() {
+    let gate = Gate::closed();
+    let h = start_with(tempfile::tempdir().unwrap(), |_| {}, gate.clone()).await;
+    let (_, v) = h.submit(body("stubborn")).await;
+    let id = v["data"]["id"].as_str().unwrap().to_string();
+    h.wait(&id, &["processing"]).await;
+    let (s, v) = h
+        .json(
+            "DELETE",
+            &format!("/api/v3/predictions/{id}"),
+            None,
+            Some(KEY),
+        )
+        .await;
+    assert_eq!(
+        (s, v["data"]["status"].as_str()),
+        (StatusCode::OK, Some("processing")),
+        "{v}"
+    );
+    gate.open();
+    let d = h.wait(&id, &["cancelled", "completed"]).await;
+    assert_eq!(d["status"], "cancelled", "{d}");
+    assert!(d["outputs"].as_array().unwrap().is_empty());
+    assert!(!h.dir.path().join(format!("videos/{id}.mp4")).exists());
+}
+
+/// A server on a real socket (timeouts and the connection cap live in the accept loop).
+struct Live {
+    addr: std::net::SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    done: tokio::task::JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+async fn live(cfg: impl FnOnce(&mut ServerConfig)) -> Live {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path());
+    c.api_keys.clear();
+    cfg(&mut c);
+    let gate = Gate::closed();
+    gate.open();
+    let seen = Arc::new(Mutex::new(vec![]));
+    let server = Server::start(
+        c,
+        Box::new(move || Ok(Box::new(Fake { gate, seen }) as Box<dyn Generator>)),
+    )
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    let done = tokio::spawn(async move {
+        server
+            .run(listener, async move {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+    });
+    Live {
+        addr,
+        stop: Some(stop),
+        done,
+        _dir: dir,
+    }
+}
+
+impl Live {
+    async fn connect(&self) -> tokio::net::TcpStream {
+        tokio::net::TcpStream::connect(self.addr).await.unwrap()
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.done.await.unwrap();
+    }
+}
+
+/// Reads until the server closes the connection (or `limit` passes); what it sent.
+async fn read_until_closed(s: &mut tokio::net::TcpStream, limit: Duration) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    let r = tokio::time::timeout(limit, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    r.ok().map(|()| out)
+}
+
+/// Finding 2 (connections): headers that never finish, bodies that trickle, idle sockets and
+/// more connections than the cap.
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_clients_time_out_and_connections_are_capped() {
+    use tokio::io::AsyncWriteExt;
+    let s = live(|c| {
+        c.header_timeout = Duration::from_millis(500);
+        c.body_timeout = Duration::from_millis(500);
+        c.idle_timeout = Duration::from_secs(30);
+    })
+    .await;
+    // headers that never finish: closed
+    let mut c = s.connect().await;
+    c.write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: 1\r\n")
+        .await
+        .unwrap();
+    assert!(
+        read_until_closed(&mut c, Duration::from_secs(10))
+            .await
+            .is_some(),
+        "half-sent headers kept the connection"
+    );
+    // nothing at all: closed too
+    let mut c = s.connect().await;
+    assert!(read_until_closed(&mut c, Duration::from_secs(10))
+        .await
+        .is_some());
+    // a body that does not arrive in time: 408 in the envelope
+    let mut c = s.connect().await;
+    c.write_all(format!("POST /api/v3/{MODEL} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"prompt\":").as_bytes()).await.unwrap();
+    let got = read_until_closed(&mut c, Duration::from_secs(10))
+        .await
+        .expect("answered");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("\"code\":408"), "{text}");
+    // the Host check on the socket: the bound address and localhost, nothing else
+    for (host, want) in [
+        ("127.0.0.1", "200"),
+        ("localhost:1", "200"),
+        ("evil.example", "400"),
+    ] {
+        let mut c = s.connect().await;
+        c.write_all(
+            format!("GET /health HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let got = read_until_closed(&mut c, Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert!(
+            String::from_utf8_lossy(&got).starts_with(&format!("HTTP/1.1 {want}")),
+            "{host}"
+        );
+    }
+    s.stop().await;
+
+    // idle: a connection where nothing moves is closed even with a long header timeout
+    let s = live(|c| {
+        c.header_timeout = Duration::from_secs(60);
+        c.idle_timeout = Duration::from_millis(400);
+    })
+    .await;
+    let mut c = s.connect().await;
+    assert!(
+        read_until_closed(&mut c, Duration::from_secs(10))
+            .await
+            .is_some(),
+        "an idle connection stayed"
+    );
+    s.stop().await;
+
+    // the cap: two silent connections hold both slots; a third is served only once one closes
+    let s = live(|c| {
+        c.header_timeout = Duration::from_secs(60);
+        c.idle_timeout = Duration::from_secs(60);
+        c.max_connections = 2;
+    })
+    .await;
+    let hold1 = s.connect().await;
+    let hold2 = s.connect().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut third = s.connect().await;
+    third
+        .write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(
+        read_until_closed(&mut third, Duration::from_millis(500))
+            .await
+            .is_none(),
+        "served beyond the cap"
+    );
+    drop(hold1);
+    let got = read_until_closed(&mut third, Duration::from_secs(10))
+        .await
+        .expect("served after a slot freed");
+    assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"));
+    drop(hold2);
+    s.stop().await;
 }

@@ -255,6 +255,30 @@ pub async fn envelope_errors(
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn host_policy_follows_the_bound_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = crate::ServerConfig::new(dir.path());
+        c.allowed_hosts = vec!["Video.Example.COM.".into()];
+        let server = crate::Server::start(c, Box::new(|| Err("no model".into()))).unwrap();
+        let state = &server.state;
+        let specific = HostPolicy::new(state, Some("10.1.2.3".parse().unwrap()));
+        assert!(specific.allows("10.1.2.3:8000") && specific.allows("localhost"));
+        assert!(specific.allows("video.example.com") && specific.allows("VIDEO.example.com:443"));
+        assert!(!specific.allows("127.0.0.1") && !specific.allows("10.1.2.4"));
+        let any = HostPolicy::new(state, Some("0.0.0.0".parse().unwrap()));
+        for i in if_addrs::get_if_addrs().unwrap() {
+            let ip = i.ip();
+            let host = if ip.is_ipv6() {
+                format!("[{ip}]:80")
+            } else {
+                format!("{ip}:80")
+            };
+            assert!(any.allows(&host), "{host}");
+        }
+        assert!(any.allows("127.0.0.1") && !any.allows("evil.example"));
+    }
+
     #[test]
     fn labels_and_ids_are_bounded() {
         assert_eq!(method_label(&Method::GET), "GET");
