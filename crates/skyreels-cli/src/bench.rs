@@ -215,7 +215,7 @@ fn breakdown(
 }
 
 /// FLOPs of one forward over `l` tokens, counting the blocks' matmuls (24·D² per token) and
-/// attention (4·L²·D), as `../shared/spec/GPU.md` does: 2.63 PFLOP at 544x960x97.
+/// attention (4·L²·D), as `docs/GPU.md` does: 2.63 PFLOP at 544x960x97.
 fn forward_flops(cfg: &TransformerConfig, l: usize) -> f64 {
     let d = (cfg.num_attention_heads * cfg.attention_head_dim) as f64;
     let l = l as f64;
@@ -409,7 +409,7 @@ mod tests {
 
     #[test]
     fn flop_count_matches_the_spec() {
-        // GPU.md: 51,256 tokens at 544x960x97 cost 2.63 PFLOP per forward
+        // docs/GPU.md: 51,256 tokens at 544x960x97 cost 2.63 PFLOP per forward
         let f = forward_flops(&TransformerConfig::default(), 51_256);
         assert!((f / 1e15 - 2.63).abs() < 0.01, "{f:e}");
     }

@@ -1,6 +1,6 @@
 //! SkyReels V1 generation: image (or text) to video frames, as diffusers'
 //! `HunyuanSkyreelsImageToVideoPipeline` (I2V) and `HunyuanVideoPipeline` with true CFG (T2V)
-//! compute it (MODEL.md sections 4 and 5), with the project decisions: VAE posterior mean for the
+//! compute it (docs/MODEL.md sections 4 and 5), with the project decisions: VAE posterior mean for the
 //! image, center-crop before resizing, computed `crop_start`, CFG whenever guidance_scale > 1.
 
 use crate::conditioning::{PromptEmbeds, TextEncoders, TextError};

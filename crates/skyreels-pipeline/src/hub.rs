@@ -2,7 +2,7 @@
 //!
 //! A SkyReels run needs the base HunyuanVideo pipeline repo without its own transformer
 //! (tokenizers, text encoders, VAE, scheduler: ~16 GB) plus a Skywork transformer repo, which keeps
-//! its weights at the repo root (MODEL.md section 5). Only those files are fetched. Offline, or
+//! its weights at the repo root (docs/MODEL.md section 5). Only those files are fetched. Offline, or
 //! when the hub cannot be reached, the cache is used as it is and a missing file is an error that
 //! names it.
 

@@ -1,5 +1,5 @@
 //! diffusers' `FlowMatchEulerDiscreteScheduler` as the HunyuanVideo pipelines drive it
-//! (MODEL.md section 4.1): explicit sigmas `linspace(1, 0, N + 1)[:-1]`, the static shift of
+//! (docs/MODEL.md section 4.1): explicit sigmas `linspace(1, 0, N + 1)[:-1]`, the static shift of
 //! `scheduler_config.json`, timesteps = sigma × num_train_timesteps, and the Euler step.
 
 use crate::loading::LoadError;
@@ -150,7 +150,7 @@ impl FlowMatchEuler {
 mod tests {
     use super::*;
 
-    /// MODEL.md 4.1: the 30 timesteps of the hub config (shift 7), printed by diffusers.
+    /// docs/MODEL.md 4.1: the 30 timesteps of the hub config (shift 7), printed by diffusers.
     #[test]
     fn thirty_steps_with_shift_seven_match_diffusers() {
         let cfg: SchedulerConfig = serde_json::from_str(r#"{"shift": 7.0}"#).unwrap();

@@ -1,5 +1,5 @@
 //! Tokenization for the two text encoders, as diffusers' HunyuanVideo pipelines call the
-//! Hugging Face tokenizers (MODEL.md section 3).
+//! Hugging Face tokenizers (docs/MODEL.md section 3).
 //!
 //! - LLaMA (`tokenizer/`): `tokenizer.json`; the prompt goes into [`PROMPT_TEMPLATE`]; the first
 //!   `crop_start` tokens (the template before the prompt, BOS included) are computed from the
