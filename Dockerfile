@@ -37,6 +37,8 @@ ENV HF_HOME=/data/hf \
     RUST_LOG=info
 VOLUME ["/data/hf", "/data/outputs"]
 EXPOSE 8000
+# clients use the host's name, not the container's address: pass it as SKYREELS_ALLOWED_HOSTS (or set
+# SKYREELS_PUBLIC_URL behind a proxy), else their requests are refused (400) as a DNS-rebinding guard
 # /health answers as soon as the server listens; /ready once the weights are loaded
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
     CMD curl -fsS http://127.0.0.1:8000/health || exit 1

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Load check of `skyreels serve` (not CI): result-route and submit latency under concurrent
-polling while a job runs, and no accepted job lost when submits exceed the queue.
+polling while a job runs, no accepted job lost when submits exceed the queue, and the server's
+RSS before and after (bounded loops, loopback only; scripts/abuse_check.py runs the attacks).
 
 Starts the server on the bundled tiny weights (binary from `cargo build --release -p skyreels-cli`
 unless --bin), with a small queue. Stdlib only.
@@ -39,6 +40,13 @@ def call(method, url, body=None, timeout=30):
     return status, payload, time.perf_counter() - start
 
 
+def rss_mib(pid):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def pct(xs, p):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] * 1000
@@ -66,6 +74,7 @@ def main():
             time.sleep(0.1)
         while call("GET", f"{base}/ready")[0] != 200:
             time.sleep(0.1)
+        rss_before = rss_mib(server.pid)
         image = "data:image/png;base64," + base64.b64encode((ROOT / "weights/example.png").read_bytes()).decode()
         # a long job: many steps and frames on the tiny model
         long_job = {"prompt": "FPS-24, load", "image": image, "num_inference_steps": 100, "num_frames": 97,
@@ -117,6 +126,8 @@ def main():
         print(f"accepted jobs' final states: {ends} (of {1 + len(accepted)} accepted)")
         assert ends == {"completed": 1 + len(accepted)}, "an accepted job was lost or failed"
         print("no accepted job lost")
+        time.sleep(1)
+        print(f"server RSS: {rss_before:.1f} MiB before the load, {rss_mib(server.pid):.1f} MiB after")
     finally:
         server.terminate()
         server.wait(timeout=60)

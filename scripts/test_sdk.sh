@@ -37,4 +37,7 @@ if ! wait "$pid"; then
     exit 1
 fi
 grep -q "shutting down" "$tmp/log"
+# a log file gets plain text: no colour codes, no raw encoder chatter
+if grep -q $'\x1b\[' "$tmp/log"; then echo "colour codes in the server's log file"; exit 1; fi
+if grep -q "OpenH264" "$tmp/log"; then echo "raw encoder output in the server's log"; exit 1; fi
 echo "SDK test passed"

@@ -292,11 +292,10 @@ pub enum AspectRatio {
     Portrait,
 }
 
-/// The body of `POST /api/v3/{owner}/{model}`. Every field is optional at the parsing level so
-/// that a missing required one (`prompt`, `image` for image-to-video) gets the same kind of
-/// message as a bad one; unknown fields are ignored and never stored.
+/// The body of `POST /api/v3/{owner}/{model}`; unknown fields are ignored and never stored.
+// Every field is optional at the parsing level (a missing Option is None), so that a missing
+// required one (`prompt`, `image` for image-to-video) gets the same kind of message as a bad one.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
-#[serde(default)]
 pub struct SubmitRequest {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(inline, required = true)]
@@ -437,7 +436,6 @@ pub struct Deleted {
 
 /// `POST /api/v3/media/uploads`: open a PUT ticket.
 #[derive(Debug, Default, Deserialize, ToSchema)]
-#[serde(default)]
 pub struct UploadTicketRequest {
     #[schema(required = true)]
     pub filename: Option<String>,

@@ -142,7 +142,7 @@ pub struct Store {
     /// finished status also sees it counted).
     metrics: Arc<Metrics>,
     finished: mpsc::UnboundedSender<JobRecord>,
-    disk: Mutex<std::sync::mpsc::Sender<Disk>>,
+    disk: std::sync::mpsc::Sender<Disk>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -202,7 +202,7 @@ impl Store {
             max_queue,
             metrics,
             finished: tx,
-            disk: Mutex::new(disk),
+            disk,
         };
         let mut inner = store.lock();
         let jobs = dir.join("jobs");
@@ -303,8 +303,7 @@ impl Store {
     }
 
     fn to_disk(&self, op: Disk) {
-        let sender = self.disk.lock().unwrap_or_else(|p| p.into_inner());
-        if sender.send(op).is_err() {
+        if self.disk.send(op).is_err() {
             tracing::error!("the records thread stopped: a record was not written");
         }
     }

@@ -226,6 +226,11 @@ impl Harness {
         self.json("GET", &uri, None, Some(KEY)).await
     }
 
+    async fn delete(&self, id: &str) -> (StatusCode, Value) {
+        let uri = format!("/api/v3/predictions/{id}");
+        self.json("DELETE", &uri, None, Some(KEY)).await
+    }
+
     async fn get(&self, id: &str) -> Value {
         let (s, v) = self.result(id).await;
         assert_eq!(s, StatusCode::OK, "{v}");
@@ -651,27 +656,13 @@ async fn cancel_queued_and_running_delete_finished() {
     let (_, v) = h.submit(body("p")).await;
     let queued = v["data"]["id"].as_str().unwrap().to_string();
     h.wait(&queued, &["created"]).await;
-    let (s, v) = h
-        .json(
-            "DELETE",
-            &format!("/api/v3/predictions/{queued}"),
-            None,
-            Some(KEY),
-        )
-        .await;
+    let (s, v) = h.delete(&queued).await;
     assert_eq!(
         (s, v["data"]["status"].as_str()),
         (StatusCode::OK, Some("cancelled")),
         "{v}"
     );
-    let (s, _) = h
-        .json(
-            "DELETE",
-            &format!("/api/v3/predictions/{running}"),
-            None,
-            Some(KEY),
-        )
-        .await;
+    let (s, _) = h.delete(&running).await;
     assert_eq!(s, StatusCode::OK);
     gate.open();
     let d = h.wait(&running, &["cancelled", "completed"]).await;
@@ -683,14 +674,7 @@ async fn cancel_queued_and_running_delete_finished() {
     h.wait(&done, &["completed"]).await;
     let file = h.dir.path().join("videos").join(format!("{done}.mp4"));
     assert!(file.exists());
-    let (s, v) = h
-        .json(
-            "DELETE",
-            &format!("/api/v3/predictions/{done}"),
-            None,
-            Some(KEY),
-        )
-        .await;
+    let (s, v) = h.delete(&done).await;
     assert_eq!(
         (s, v["data"].clone()),
         (StatusCode::OK, json!({"id": done, "status": "deleted"}))
@@ -1538,25 +1522,20 @@ async fn uploads_accept_only_raster_images_and_are_served_inert() {
     assert_eq!(hd[header::CONTENT_SECURITY_POLICY], "sandbox");
 }
 
-/// A PNG header announcing `side` x `side` RGB pixels, with a valid IHDR CRC (a few hundred
+/// A PNG that announces `side` x `side` RGB pixels and carries the first rows (a few hundred
 /// bytes: a decompression bomb for a decoder without limits).
 fn png_bomb(side: u32) -> Vec<u8> {
-    let mut bomb = png_bytes(1, 1);
-    bomb[16..20].copy_from_slice(&side.to_be_bytes());
-    bomb[20..24].copy_from_slice(&side.to_be_bytes());
-    let mut c = 0xffff_ffffu32;
-    for &b in &bomb[12..29] {
-        c ^= b as u32;
-        for _ in 0..8 {
-            c = if c & 1 == 1 {
-                0xedb8_8320 ^ (c >> 1)
-            } else {
-                c >> 1
-            };
-        }
-    }
-    bomb[29..33].copy_from_slice(&(!c).to_be_bytes());
-    bomb
+    use std::io::Write;
+    let mut out = Vec::new();
+    let mut e = png::Encoder::new(&mut out, side, side);
+    e.set_color(png::ColorType::Rgb);
+    let mut w = e.write_header().unwrap();
+    let mut rows = w.stream_writer().unwrap();
+    rows.write_all(&vec![0; 3 * side as usize * 4]).unwrap();
+    rows.flush().unwrap();
+    drop(rows);
+    drop(w);
+    out
 }
 
 /// Finding 6: small files decoded into huge buffers, and queued tasks kept full-size images.
@@ -1835,14 +1814,7 @@ async fn base64_outputs_are_encoded_once() {
         .unwrap()
         .starts_with("data:video/mp4;base64,"));
     // deleting the task removes the copy too
-    let (s, _) = h
-        .json(
-            "DELETE",
-            &format!("/api/v3/predictions/{id}"),
-            None,
-            Some(KEY),
-        )
-        .await;
+    let (s, _) = h.delete(&id).await;
     assert_eq!(s, StatusCode::OK);
     assert!(!h.dir.path().join(format!("base64/{id}.mp4.b64")).exists());
 }
@@ -1854,14 +1826,7 @@ async fn a_cancelling_task_ends_cancelled_even_if_the_generator_finishes() {
     let (_, v) = h.submit(body("stubborn")).await;
     let id = v["data"]["id"].as_str().unwrap().to_string();
     h.wait(&id, &["processing"]).await;
-    let (s, v) = h
-        .json(
-            "DELETE",
-            &format!("/api/v3/predictions/{id}"),
-            None,
-            Some(KEY),
-        )
-        .await;
+    let (s, v) = h.delete(&id).await;
     assert_eq!(
         (s, v["data"]["status"].as_str()),
         (StatusCode::OK, Some("processing")),

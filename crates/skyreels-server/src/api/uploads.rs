@@ -324,29 +324,16 @@ pub async fn upload_file(
             .map_err(ApiError::internal)?;
     let mut response = response.map(Body::new);
     let h = response.headers_mut();
-    if RASTER_TYPES.contains(&upload.content_type.as_str()) {
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static(sniff_static(&upload.content_type)),
-        );
-    } else {
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/octet-stream"),
-        );
-        h.insert(
-            header::CONTENT_DISPOSITION,
-            HeaderValue::from_static("attachment"),
-        );
+    match RASTER_TYPES.iter().find(|t| **t == upload.content_type) {
+        Some(raster) => {
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static(raster));
+        }
+        None => {
+            let octets = HeaderValue::from_static("application/octet-stream");
+            h.insert(header::CONTENT_TYPE, octets);
+            let download = HeaderValue::from_static("attachment");
+            h.insert(header::CONTENT_DISPOSITION, download);
+        }
     }
     Ok(response)
-}
-
-/// The static spelling of a raster type known to be in [`RASTER_TYPES`].
-fn sniff_static(mime: &str) -> &'static str {
-    RASTER_TYPES
-        .iter()
-        .find(|t| **t == mime)
-        .copied()
-        .unwrap_or("application/octet-stream")
 }
