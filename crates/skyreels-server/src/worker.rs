@@ -96,7 +96,7 @@ fn run(state: &AppState, generator: &mut dyn crate::generator::Generator, work: 
         outcome = Outcome::Failed(
             TaskCode::Timeout,
             format!(
-                "the task ran longer than this server's limit of {limit} seconds \
+                "the task ran longer than this server's limit of {limit} s \
                  (--max-task-seconds) and was stopped"
             ),
         );

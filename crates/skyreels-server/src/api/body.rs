@@ -111,7 +111,7 @@ pub async fn read_limited(body: Body, max_bytes: usize) -> Result<Bytes, ApiErro
 
 /// A JSON object body as `T`: 415 without a JSON content type, 400 for bad JSON or a
 /// non-object, and for a field that breaks its rule "`field`: `rule`".
-pub async fn read_json<T: DeserializeOwned>(
+pub async fn read_json<T: DeserializeOwned + Send + 'static>(
     headers: &HeaderMap,
     body: Body,
     max_bytes: usize,
@@ -132,13 +132,26 @@ pub async fn read_json<T: DeserializeOwned>(
         ));
     }
     let bytes = read_limited(body, max_bytes).await?;
-    let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+    // a large body (a data: URI image) is parsed off the async runtime
+    if bytes.len() > INLINE_PARSE_BYTES {
+        tokio::task::spawn_blocking(move || parse_json(&bytes))
+            .await
+            .map_err(ApiError::internal)?
+    } else {
+        parse_json(&bytes)
+    }
+}
+
+/// Bodies up to this size are parsed on the async runtime (well under a millisecond).
+const INLINE_PARSE_BYTES: usize = 64 << 10;
+
+fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
             format!("the body is not valid JSON: {e}"),
         )
     })?;
-    drop(bytes);
     if !value.is_object() {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,

@@ -175,13 +175,16 @@ fn check_webhook(w: &str, field: &str, config: &ServerConfig) -> Result<String, 
     Ok(url.to_string())
 }
 
-/// Where the `image` string points.
-fn image_source(store: &Store, image: &str) -> Result<ImageSource, ApiError> {
+/// Where the `image` string points (a data: URI is decoded off the async runtime).
+async fn image_source(store: &Store, image: String) -> Result<ImageSource, ApiError> {
     if image.starts_with("data:") {
-        return media::parse_data_uri(image)
+        return tokio::task::spawn_blocking(move || media::parse_data_uri(&image))
+            .await
+            .map_err(ApiError::internal)?
             .map(ImageSource::Data)
             .map_err(|e| ApiError::bad("image", e));
     }
+    let image = image.as_str();
     let url = url::Url::parse(image).map_err(|_| {
         ApiError::bad(
             "image",
@@ -257,12 +260,11 @@ pub async fn submit(
         .clone();
     let request: SubmitRequest = read_json(&headers, body, state.config.max_body_bytes).await?;
     let input = request.echo();
-    let c = check(request, query.webhook, &model, &state.config)?;
-    let source = c
-        .image
-        .as_deref()
-        .map(|i| image_source(&state.store, i))
-        .transpose()?;
+    let mut c = check(request, query.webhook, &model, &state.config)?;
+    let source = match c.image.take() {
+        Some(i) => Some(image_source(&state.store, i).await?),
+        None => None,
+    };
     let record = JobRecord {
         id: new_id(),
         model: model.id.clone(),
