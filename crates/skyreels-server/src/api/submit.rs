@@ -4,7 +4,9 @@
 use super::body::read_json;
 use super::error::{success, ApiError, ApiResult};
 use super::predictions::{prediction, task_gone};
-use crate::contract::{AspectRatio, ErrorEnvelope, Prediction, SubmitRequest, MAX_URL_BYTES};
+use crate::contract::{
+    AspectRatio, Envelope, ErrorEnvelope, Prediction, SubmitRequest, MAX_URL_BYTES,
+};
 use crate::generator::{GenerationRequest, ModelInfo};
 use crate::job::{new_id, now_ms, JobRecord, Status, TaskCode};
 use crate::media::{self, ImageSource};
@@ -17,10 +19,7 @@ use serde::Deserialize;
 use skyreels_params::{self as params, GenerationDefaults};
 use std::sync::Arc;
 
-#[allow(unused_imports)] // named in the OpenAPI attributes
-use crate::contract::Envelope;
-
-/// A submit, checked: everything the task needs besides its image.
+/// A submit, checked: the values the task runs with (the image still as given).
 #[derive(Debug)]
 struct Checked {
     prompt: String,
