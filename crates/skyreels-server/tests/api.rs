@@ -226,6 +226,18 @@ impl Harness {
         self.json("GET", &uri, None, Some(KEY)).await
     }
 
+    /// Opens an upload ticket: the path of its PUT URL.
+    async fn ticket(&self, req: Value) -> String {
+        let (s, v) = self
+            .json("POST", "/api/v3/media/uploads", Some(req), Some(KEY))
+            .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        v["data"]["upload"]["url"]
+            .as_str()
+            .unwrap()
+            .replace("http://gen.local:8000", "")
+    }
+
     async fn delete(&self, id: &str) -> (StatusCode, Value) {
         let uri = format!("/api/v3/predictions/{id}");
         self.json("DELETE", &uri, None, Some(KEY)).await
@@ -1210,18 +1222,7 @@ async fn upload_puts_are_checked_before_their_body_is_read() {
     // a real ticket, but a declared length that is not the ticket's size
     let ticket =
         |size: usize| json!({"filename": "a.png", "size": size, "content_type": "image/png"});
-    let (_, v) = h
-        .json(
-            "POST",
-            "/api/v3/media/uploads",
-            Some(ticket(100)),
-            Some(KEY),
-        )
-        .await;
-    let url = v["data"]["upload"]["url"]
-        .as_str()
-        .unwrap()
-        .replace("http://gen.local:8000", "");
+    let url = h.ticket(ticket(100)).await;
     let (body, polls) = counting(60);
     let req = Request::put(&url)
         .header(header::CONTENT_LENGTH, (60usize << 20).to_string())
@@ -1236,18 +1237,7 @@ async fn upload_puts_are_checked_before_their_body_is_read() {
     );
     assert_eq!(polls.load(std::sync::atomic::Ordering::SeqCst), 0);
     // no declared length: the stream stops at the ticket's size, not at the end of 60 MiB
-    let (_, v) = h
-        .json(
-            "POST",
-            "/api/v3/media/uploads",
-            Some(ticket(100)),
-            Some(KEY),
-        )
-        .await;
-    let url = v["data"]["upload"]["url"]
-        .as_str()
-        .unwrap()
-        .replace("http://gen.local:8000", "");
+    let url = h.ticket(ticket(100)).await;
     let (body, polls) = counting(60);
     let (s, _, _) = h.call(Request::put(&url).body(body).unwrap()).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
@@ -1451,18 +1441,9 @@ async fn uploads_accept_only_raster_images_and_are_served_inert() {
         )
         .await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
-    let (_, v) = h
-        .json(
-            "POST",
-            "/api/v3/media/uploads",
-            Some(json!({"filename": "x.png", "size": svg.len(), "content_type": "image/png"})),
-            Some(KEY),
-        )
+    let url = h
+        .ticket(json!({"filename": "x.png", "size": svg.len(), "content_type": "image/png"}))
         .await;
-    let url = v["data"]["upload"]["url"]
-        .as_str()
-        .unwrap()
-        .replace("http://gen.local:8000", "");
     let (s, _, _) = h
         .call(Request::put(&url).body(Body::from(svg.to_vec())).unwrap())
         .await;
