@@ -275,10 +275,6 @@ impl Store {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// The folder of finished videos (served at `/outputs`).
     pub fn video_dir(&self) -> PathBuf {
         self.dir.join("videos")
@@ -496,10 +492,6 @@ impl Store {
         let position = (job.record.status == Status::Created)
             .then(|| inner.queue.iter().position(|q| q == id).unwrap_or_default());
         Some((job.record.clone(), position))
-    }
-
-    pub fn subscribe(&self, id: &str) -> Option<watch::Receiver<Status>> {
-        self.lock().jobs.get(id).map(|j| j.watch.subscribe())
     }
 
     /// Jobs per status and the number of tasks waiting to start.
