@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one test command (README "Tests"): formatting, lints, then every test of the workspace.
-# Needs only a Rust toolchain: fixtures are committed, no Python, torch or network at test time.
+# Fixtures are committed (no torch); the client tests make their own Python venvs from PyPI and the
+# browser test installs Debian's chromium when it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
@@ -8,3 +9,5 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
 # the official WaveSpeed Python SDK against a live `skyreels serve` (creates its own venv)
 ./scripts/test_sdk.sh
+# the playground page in Debian's Chromium (installs chromium + chromium-driver when missing)
+./scripts/test_playground.sh

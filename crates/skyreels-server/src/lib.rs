@@ -267,7 +267,9 @@ impl Server {
         if self.state.key_hashes.is_empty() {
             tracing::warn!("no API key configured: anyone who can reach this port can use the API");
         }
-        tracing::info!("listening on http://{addr}");
+        tracing::info!(
+            "listening on http://{addr} (API at /api/v3, playground at http://{addr}/playground)"
+        );
         tokio::pin!(shutdown);
         let load = tokio::select! {
             r = self.wait_loaded() => r,

@@ -2,7 +2,7 @@
 //! contract types; the Swagger UI (`/docs`, assets vendored in the binary); the model entries
 //! of `/api/v3/models`.
 
-use crate::api::{ops, predictions, submit, uploads};
+use crate::api::{ops, playground, predictions, submit, uploads};
 use crate::contract::{ModelEntry, SubmitRequest};
 use crate::generator::ModelInfo;
 use serde_json::{json, Value};
@@ -34,6 +34,7 @@ use utoipa_swagger_ui::SwaggerUi;
         ops::health,
         ops::ready,
         ops::metrics,
+        playground::page,
     ),
     modifiers(&Extras)
 )]

@@ -1990,3 +1990,53 @@ async fn slow_clients_time_out_and_connections_are_capped() {
     drop(hold2);
     s.stop().await;
 }
+
+/// Issue 20: the playground page is public (it asks for the key itself), embedded, and served
+/// under a strict Content-Security-Policy; everything it loads is from this origin.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_playground_is_served_with_a_strict_csp() {
+    for keys in [true, false] {
+        let h = start(|c| {
+            if !keys {
+                c.api_keys.clear();
+            }
+        })
+        .await;
+        for (path, ct) in [
+            ("/", "text/html"),
+            ("/playground", "text/html"),
+            ("/playground.js", "text/javascript"),
+            ("/playground.css", "text/css"),
+        ] {
+            let (s, hd, body) = h
+                .call(Request::get(path).body(Body::empty()).unwrap())
+                .await;
+            assert_eq!(s, StatusCode::OK, "{path}");
+            assert!(
+                hd[header::CONTENT_TYPE].to_str().unwrap().starts_with(ct),
+                "{path}"
+            );
+            let csp = hd[header::CONTENT_SECURITY_POLICY].to_str().unwrap();
+            assert!(
+                csp.contains("script-src 'self'") && csp.contains("default-src 'none'"),
+                "{csp}"
+            );
+            assert!(
+                !csp.contains("unsafe-inline") && !csp.contains("unsafe-eval"),
+                "{csp}"
+            );
+            assert!(!body.is_empty());
+            if ct == "text/html" {
+                let html = String::from_utf8(body).unwrap();
+                // no inline script or style, nothing from another origin
+                assert!(html.contains("<script src=\"/playground.js\" defer></script>"));
+                assert!(
+                    !html.contains("<script>")
+                        && !html.contains("<style")
+                        && !html.contains(" style=")
+                );
+                assert!(!html.contains("http://") && !html.contains("https://cdn"));
+            }
+        }
+    }
+}

@@ -1,11 +1,12 @@
 //! The HTTP surface: WaveSpeed's `/api/v3` routes and ours, built by a pure function of the
 //! state. One module per concern: errors and the envelope, request bodies, middleware, submit,
-//! predictions, uploads, operations.
+//! predictions, uploads, operations, the playground page.
 
 pub mod body;
 pub mod error;
 pub mod middleware;
 pub mod ops;
+pub mod playground;
 pub mod predictions;
 pub mod submit;
 pub mod uploads;
@@ -58,6 +59,10 @@ pub fn router(state: Arc<AppState>, hosts: HostPolicy) -> Router {
         .merge(files)
         .merge(ops)
         .route("/api/v3/media/uploads/{token}", put(uploads::upload_put))
+        .route("/", get(playground::page))
+        .route("/playground", get(playground::page))
+        .route("/playground.js", get(playground::script))
+        .route("/playground.css", get(playground::style))
         .route("/health", get(ops::health))
         .route("/ready", get(ops::ready))
         .fallback(not_found)

@@ -1,0 +1,127 @@
+"""The playground page in a real browser (run by scripts/test_playground.sh).
+
+Usage: playground_test.py BASE_URL API_KEY IMAGE OUT_DIR
+Debian's Chromium, driven by Selenium through Debian's chromedriver (no browser download), against a
+live `skyreels serve` on the tiny weights with an API key: enter the key, upload an image file, submit,
+see the progress bar move, see the <video> load a playable clip (duration and videoWidth read through
+JavaScript), cancel a second long task, reload and find both in the history. Writes a screenshot of the
+finished state to OUT_DIR/playground.png.
+"""
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+
+BASE, KEY, IMAGE, OUT = sys.argv[1], sys.argv[2], sys.argv[3], Path(sys.argv[4])
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+
+
+def browser():
+    o = webdriver.ChromeOptions()
+    o.binary_location = CHROMIUM
+    for flag in ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1280,1000",
+                 f"--user-data-dir={tempfile.mkdtemp()}"]:
+        o.add_argument(flag)
+    return webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=o)
+
+
+def until(what, check, limit=120):
+    end = time.time() + limit
+    while time.time() < end:
+        got = check()
+        if got:
+            return got
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def main():
+    OUT.mkdir(parents=True, exist_ok=True)
+    d = browser()
+    js = d.execute_script
+    try:
+        d.get(BASE + "/playground")
+        # without the key the page says it needs one (and submits are disabled)
+        until("the key request", lambda: "API key" in d.find_element(By.ID, "server-state").text
+              or "Unauthorized" in d.find_element(By.ID, "page-error").text)
+        assert d.find_element(By.ID, "run").get_attribute("disabled") is not None
+        key = d.find_element(By.ID, "api-key")
+        key.send_keys(KEY)
+        js("arguments[0].dispatchEvent(new Event('change'))", key)
+        until("the model", lambda: d.find_element(By.ID, "model-id").text == "wavespeed-ai/SkyReels-V1")
+        # the model's defaults are shown
+        assert d.find_element(By.ID, "num_inference_steps").get_attribute("placeholder") == "4"
+        d.find_element(By.ID, "image-file").send_keys(str(Path(IMAGE).resolve()))
+        until("the upload", lambda: "uploaded" in d.find_element(By.ID, "image-status").text)
+        assert js("return document.getElementById('image-preview').naturalWidth") > 0, "no preview"
+        prompt = d.find_element(By.ID, "prompt")
+        prompt.clear()
+        prompt.send_keys("FPS-24, a sunny meadow")
+        d.find_element(By.ID, "advanced").click()
+        # long enough for several polls: 97 frames, 100 steps of the tiny model
+        for field, value in [("num_frames", "97"), ("num_inference_steps", "100")]:
+            d.find_element(By.ID, field).send_keys(value)
+        d.find_element(By.ID, "run").click()
+        first = until("the task id", lambda: d.find_element(By.ID, "task-id").text)
+        # the progress bar moves: values strictly between 0 and done, then done
+        seen = set()
+        def progressed():
+            v, m = js("const p = document.getElementById('progress'); return [p.value, p.max]")
+            seen.add(v)
+            return d.find_element(By.ID, "task-status").text == "completed"
+        until("the first task", progressed, limit=300)
+        moving = sorted(v for v in seen if 0 < v < 100)
+        assert moving, f"the progress bar never showed a step between 0 and 100: {sorted(seen)}"
+        # a playable clip
+        until("the video's metadata", lambda: js("return document.getElementById('video').readyState") >= 1)
+        duration, width, height, err = js(
+            "const v = document.getElementById('video'); return [v.duration, v.videoWidth, v.videoHeight, v.error && v.error.code]")
+        assert err is None, f"the video element failed: code {err}"
+        assert abs(duration - 97 / 24) < 0.1 and (width, height) == (96, 64), (duration, width, height)
+        js("return document.getElementById('video').play()")
+        until("playback", lambda: js("return document.getElementById('video').currentTime") > 0, limit=30)
+        assert d.find_element(By.ID, "download").get_attribute("href").endswith(f"/outputs/{first}.mp4")
+        assert d.find_element(By.ID, "seed-used").text.isdigit()
+        assert "denoising" in d.find_element(By.ID, "timings").text
+        d.save_screenshot(str(OUT / "playground.png"))
+
+        # a second long task, cancelled while it runs
+        d.find_element(By.ID, "run").click()
+        second = until("a second task", lambda: (t := d.find_element(By.ID, "task-id").text) != first and t)
+        until("it to run", lambda: d.find_element(By.ID, "task-status").text == "processing")
+        d.find_element(By.ID, "cancel").click()
+        until("the cancel", lambda: d.find_element(By.ID, "task-status").text == "cancelled", limit=60)
+
+        # after a reload, both are in the history, with a thumbnail for the finished one
+        d.refresh()
+        def history():
+            items = d.find_elements(By.CSS_SELECTOR, "#history li")
+            states = {i.get_attribute("data-id"): i.find_element(By.CLASS_NAME, "status").text for i in items}
+            return states if states.get(first) == "completed" and states.get(second) == "cancelled" else None
+        states = until("the history", history, limit=30)
+        until("the thumbnail", lambda: js(
+            f"const v = document.querySelector('#history li[data-id=\"{first}\"] video'); return v && v.readyState >= 1"),
+            limit=30)
+        # reopening the finished one from the history shows its clip again
+        d.find_element(By.CSS_SELECTOR, f"#history li[data-id='{first}']").click()
+        until("the reopened clip", lambda: d.find_element(By.ID, "task-status").text == "completed"
+              and js("return document.getElementById('video').readyState") >= 1)
+        d.save_screenshot(str(OUT / "playground.png"))
+        # an API error is shown, not a blank page: no image
+        js("document.getElementById('image-url').value = ''; document.getElementById('image-url').dispatchEvent(new Event('change'))")
+        d.find_element(By.ID, "run").click()
+        until("the error", lambda: "image" in d.find_element(By.ID, "task-error").text, limit=30)
+        print(f"playground OK: tasks {first} (completed, {duration:.2f} s, {width}x{height}) and {second} "
+              f"(cancelled); history {states}; screenshot {OUT / 'playground.png'}")
+    finally:
+        d.quit()
+
+
+main()
