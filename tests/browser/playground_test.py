@@ -57,7 +57,10 @@ def main():
         js("arguments[0].dispatchEvent(new Event('change'))", key)
         until("the model", lambda: d.find_element(By.ID, "model-id").text == "wavespeed-ai/SkyReels-V1")
         # the model's defaults are shown
-        assert d.find_element(By.ID, "num_inference_steps").get_attribute("placeholder") == "4"
+        for field, default in [("num_inference_steps", "4"), ("num_frames", "9"), ("guidance_scale", "6"),
+                               ("embedded_guidance_scale", "1"), ("fps", "24"), ("width", "96")]:
+            shown = d.find_element(By.ID, field).get_attribute("placeholder")
+            assert shown == default, f"{field}: {shown!r}, want {default}"
         d.find_element(By.ID, "image-file").send_keys(str(Path(IMAGE).resolve()))
         until("the upload", lambda: "uploaded" in d.find_element(By.ID, "image-status").text)
         assert js("return document.getElementById('image-preview').naturalWidth") > 0, "no preview"

@@ -92,6 +92,13 @@ pub fn input_schema(m: &ModelInfo) -> Value {
         ("num_frames", json!(m.num_frames)),
         ("width", json!(m.width)),
         ("height", json!(m.height)),
+        ("guidance_scale", json!(skyreels_params::GUIDANCE_SCALE)),
+        (
+            "embedded_guidance_scale",
+            json!(skyreels_params::EMBEDDED_GUIDANCE_SCALE),
+        ),
+        ("fps", json!(skyreels_params::FPS)),
+        ("seed", json!(-1)),
     ] {
         if let Some(p) = s["properties"].get_mut(field) {
             p["default"] = default;
