@@ -6,7 +6,7 @@
 # target/playground/playground.png.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-target="${CARGO_TARGET_DIR:-target}"
+. scripts/tiny_server.sh
 if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
@@ -14,30 +14,13 @@ if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends chromium chromium-driver
 fi
 venv="$target/browser-venv"
-if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import selenium" 2>/dev/null; then
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install -q --disable-pip-version-check "selenium==4.51.0"
-fi
-cargo build -q --locked -p skyreels-cli --bin skyreels
-tmp=$(mktemp -d)
+python_venv "$venv" selenium "selenium==4.51.0"
 key="browser-test-$RANDOM$RANDOM"
-"$target/debug/skyreels" serve --port 0 --api-key "$key" --output-dir "$tmp/out" > "$tmp/log" 2>&1 &
-pid=$!
-cleanup() { kill "$pid" 2>/dev/null || true; rm -rf "$tmp"; }
-trap cleanup EXIT
-url=""
-for _ in $(seq 1 600); do
-    url=$(grep -o 'listening on http://[0-9.:]*' "$tmp/log" | head -1 | cut -d' ' -f3 || true)
-    [ -n "$url" ] && break
-    kill -0 "$pid" 2>/dev/null || { cat "$tmp/log"; exit 1; }
-    sleep 0.1
-done
-[ -n "$url" ] || { cat "$tmp/log"; echo "server did not start"; exit 1; }
+start_tiny_server "$key"
 grep -q "playground at $url/playground" "$tmp/log" || { cat "$tmp/log"; echo "no playground URL in the log"; exit 1; }
 if ! "$venv/bin/python" tests/browser/playground_test.py "$url" "$key" weights/example.png "$target/playground"; then
     cat "$tmp/log"
     exit 1
 fi
-kill -TERM "$pid"
-wait "$pid" || { cat "$tmp/log"; echo "server did not exit cleanly on SIGTERM"; exit 1; }
+stop_tiny_server
 echo "playground test passed"
