@@ -226,11 +226,14 @@ impl Harness {
         self.json("GET", &uri, None, Some(KEY)).await
     }
 
+    async fn open_ticket(&self, req: Value) -> (StatusCode, Value) {
+        self.json("POST", "/api/v3/media/uploads", Some(req), Some(KEY))
+            .await
+    }
+
     /// Opens an upload ticket: the path of its PUT URL.
     async fn ticket(&self, req: Value) -> String {
-        let (s, v) = self
-            .json("POST", "/api/v3/media/uploads", Some(req), Some(KEY))
-            .await;
+        let (s, v) = self.open_ticket(req).await;
         assert_eq!(s, StatusCode::OK, "{v}");
         v["data"]["upload"]["url"]
             .as_str()
@@ -851,7 +854,9 @@ async fn upload_flows_and_submitting_an_upload() {
     };
     // ticket + PUT (no Authorization on the PUT)
     let (s, v) = h
-        .json("POST", "/api/v3/media/uploads", Some(json!({"filename": "../cat pic.png", "size": png.len(), "content_type": "image/png"})), Some(KEY))
+        .open_ticket(
+            json!({"filename": "../cat pic.png", "size": png.len(), "content_type": "image/png"}),
+        )
         .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     let d = &v["data"];
@@ -889,12 +894,7 @@ async fn upload_flows_and_submitting_an_upload() {
     );
     // a fresh ticket, right size
     let (_, v) = h
-        .json(
-            "POST",
-            "/api/v3/media/uploads",
-            Some(json!({"filename": "cat.png", "size": png.len()})),
-            Some(KEY),
-        )
+        .open_ticket(json!({"filename": "cat.png", "size": png.len()}))
         .await;
     let put_url = v["data"]["upload"]["url"]
         .as_str()
@@ -914,24 +914,10 @@ async fn upload_flows_and_submitting_an_upload() {
     assert_eq!((s, bytes.as_slice()), (StatusCode::OK, png.as_slice()));
     assert_eq!(hd[header::CONTENT_TYPE], "image/png");
     // missing fields
-    let (s, v) = h
-        .json(
-            "POST",
-            "/api/v3/media/uploads",
-            Some(json!({"size": 3})),
-            Some(KEY),
-        )
-        .await;
+    let (s, v) = h.open_ticket(json!({"size": 3})).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     assert!(v["message"].as_str().unwrap().starts_with("filename:"));
-    let (s, _) = h
-        .json(
-            "POST",
-            "/api/v3/media/uploads",
-            Some(json!({"filename": "a.png"})),
-            Some(KEY),
-        )
-        .await;
+    let (s, _) = h.open_ticket(json!({"filename": "a.png"})).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     // submitting the uploaded URL reads the file locally (a loopback URL would otherwise be refused)
     let (_, v) = h.submit(json!({"prompt": "p", "image": download})).await;
@@ -1303,22 +1289,12 @@ async fn records_keep_only_the_known_fields_compactly() {
         .await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
     let (s, v) = h
-        .json(
-            "POST",
-            "/api/v3/media/uploads",
-            Some(json!({"filename": "a".repeat(300), "size": 3})),
-            Some(KEY),
-        )
+        .open_ticket(json!({"filename": "a".repeat(300), "size": 3}))
         .await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
     assert!(v["message"].as_str().unwrap().starts_with("filename:"));
     let (s, v) = h
-        .json(
-            "POST",
-            "/api/v3/media/uploads",
-            Some(json!({"filename": "a.png", "size": 3, "content_type": "image/".repeat(30)})),
-            Some(KEY),
-        )
+        .open_ticket(json!({"filename": "a.png", "size": 3, "content_type": "image/".repeat(30)}))
         .await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
     assert!(v["message"].as_str().unwrap().starts_with("content_type:"));
@@ -1433,12 +1409,7 @@ async fn uploads_accept_only_raster_images_and_are_served_inert() {
     }
     // a declared HTML ticket is refused; a PNG ticket carrying SVG bytes too
     let (s, _) = h
-        .json(
-            "POST",
-            "/api/v3/media/uploads",
-            Some(json!({"filename": "x.html", "size": html.len(), "content_type": "text/html"})),
-            Some(KEY),
-        )
+        .open_ticket(json!({"filename": "x.html", "size": html.len(), "content_type": "text/html"}))
         .await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     let url = h
