@@ -126,10 +126,7 @@ impl Generator for PipelineGenerator {
         vec![ModelInfo {
             id: if i2v { I2V_MODEL_ID } else { T2V_MODEL_ID }.into(),
             image_to_video: i2v,
-            height: d.height,
-            width: d.width,
-            num_frames: d.num_frames,
-            num_inference_steps: d.num_inference_steps,
+            defaults: d.clone(),
             size_multiple: self.pipeline.size_multiple(),
         }]
     }

@@ -12,11 +12,9 @@ pub struct ModelInfo {
     pub id: String,
     /// Image-to-video (needs `image`) or text-to-video.
     pub image_to_video: bool,
-    /// Size used when a request names none: landscape (height < width); turned for portrait.
-    pub height: usize,
-    pub width: usize,
-    pub num_frames: usize,
-    pub num_inference_steps: usize,
+    /// What a request that names no size, frames or steps gets (the size turned for a
+    /// portrait image).
+    pub defaults: skyreels_params::GenerationDefaults,
     /// Height and width must be multiples of this.
     pub size_multiple: usize,
 }

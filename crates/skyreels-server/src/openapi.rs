@@ -88,10 +88,10 @@ pub fn input_schema(m: &ModelInfo) -> Value {
     }
     s["required"] = json!(required);
     for (field, default) in [
-        ("num_inference_steps", json!(m.num_inference_steps)),
-        ("num_frames", json!(m.num_frames)),
-        ("width", json!(m.width)),
-        ("height", json!(m.height)),
+        ("num_inference_steps", json!(m.defaults.num_inference_steps)),
+        ("num_frames", json!(m.defaults.num_frames)),
+        ("width", json!(m.defaults.width)),
+        ("height", json!(m.defaults.height)),
         ("guidance_scale", json!(skyreels_params::GUIDANCE_SCALE)),
         (
             "embedded_guidance_scale",

@@ -138,33 +138,23 @@ mod tests {
 
     #[tokio::test]
     async fn a_refused_address_is_not_retried() {
+        let permits = Semaphore::new(1);
+        let send = |allow_private: bool, url: &'static str, backoff: Duration| {
+            let agent = media::http_agent(allow_private, Duration::from_secs(2));
+            let permits = &permits;
+            async move {
+                let body = Arc::new(b"{}".to_vec());
+                deliver(&agent, url, "whsec_x", body, backoff, permits).await
+            }
+        };
         // with a minute of backoff a retry would hold this test for minutes; a refusal returns
         // after the one attempt the guard stopped
-        let agent = media::http_agent(false, Duration::from_secs(2));
-        let permits = Semaphore::new(1);
         let start = std::time::Instant::now();
-        let got = deliver(
-            &agent,
-            "http://localhost:9/hook",
-            "whsec_x",
-            Arc::new(b"{}".to_vec()),
-            Duration::from_secs(60),
-            &permits,
-        )
-        .await;
+        let got = send(false, "http://localhost:9/hook", Duration::from_secs(60)).await;
         assert_eq!(got, Delivery::Refused);
         assert!(start.elapsed() < Duration::from_secs(30));
         // an allowed but dead receiver is retried (backoff 1 ms): every attempt made
-        let open = media::http_agent(true, Duration::from_secs(2));
-        let got = deliver(
-            &open,
-            "http://127.0.0.1:9/hook",
-            "whsec_x",
-            Arc::new(b"{}".to_vec()),
-            Duration::from_millis(1),
-            &permits,
-        )
-        .await;
+        let got = send(true, "http://127.0.0.1:9/hook", Duration::from_millis(1)).await;
         assert_eq!(got, Delivery::GaveUp(RETRIES + 1));
     }
 }

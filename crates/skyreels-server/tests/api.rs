@@ -57,10 +57,13 @@ impl Generator for Fake {
         vec![ModelInfo {
             id: MODEL.into(),
             image_to_video: true,
-            height: 64,
-            width: 96,
-            num_frames: 9,
-            num_inference_steps: 4,
+            defaults: skyreels_params::GenerationDefaults {
+                height: 64,
+                width: 96,
+                num_frames: 9,
+                num_inference_steps: 4,
+                negative_prompt: None,
+            },
             size_multiple: 16,
         }]
     }

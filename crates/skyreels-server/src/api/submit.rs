@@ -16,7 +16,7 @@ use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use serde::Deserialize;
-use skyreels_params::{self as params, GenerationDefaults};
+use skyreels_params as params;
 use std::sync::Arc;
 
 /// A submit, checked: the values the task runs with (the image still as given).
@@ -38,17 +38,6 @@ struct Checked {
     /// Portrait from aspect_ratio "9:16"; `None`: follow the image.
     portrait: Option<bool>,
     webhook: Option<String>,
-}
-
-/// The model's defaults as the shared parameter type.
-fn defaults(m: &ModelInfo) -> GenerationDefaults {
-    GenerationDefaults {
-        height: m.height,
-        width: m.width,
-        num_frames: m.num_frames,
-        num_inference_steps: m.num_inference_steps,
-        negative_prompt: None,
-    }
 }
 
 /// The rules no single field carries: required fields, the model's mode and size multiple,
@@ -102,13 +91,13 @@ fn check(
             ))
         }
     };
-    let num_frames = r.num_frames.map_or(model.num_frames, |n| n.0);
+    let num_frames = r.num_frames.map_or(model.defaults.num_frames, |n| n.0);
     params::check_frames(num_frames).map_err(|rule| ApiError::bad("num_frames", rule))?;
     let steps = r
         .num_inference_steps
-        .map_or(model.num_inference_steps, |s| s.0);
+        .map_or(model.defaults.num_inference_steps, |s| s.0);
     // the product is the same in either orientation, so the image need not be known yet
-    let (h, w) = size.unwrap_or_else(|| defaults(model).size(false));
+    let (h, w) = size.unwrap_or_else(|| model.defaults.size(false));
     let work = params::work_millions(h, w, num_frames, steps);
     if work > config.max_work {
         return Err(ApiError::bad(
@@ -335,7 +324,7 @@ async fn prepare(
     c: Checked,
     source: Option<ImageSource>,
 ) {
-    let (size, portrait, d) = (c.size, c.portrait, defaults(&model));
+    let (size, portrait, d) = (c.size, c.portrait, model.defaults.clone());
     let fit = move |image: Option<image::RgbImage>| {
         let portrait = portrait.unwrap_or_else(|| image.as_ref().is_some_and(params::is_portrait));
         let (height, width) = size.unwrap_or_else(|| d.size(portrait));
