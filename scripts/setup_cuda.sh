@@ -1,71 +1,94 @@
 #!/usr/bin/env bash
 # Installs what `cargo build --release --features cuda` needs, on a machine with or without a GPU,
-# from PyPI only (NVIDIA's CUDA 13 wheels: nvcc, headers, cudart, cuBLAS, cuRAND, NVRTC, and the
+# from PyPI only (NVIDIA's CUDA wheels: nvcc, headers, cudart, cuBLAS, cuRAND, NVRTC, and the
 # CUTLASS headers flash attention compiles against), and writes an environment file that points
 # candle's, cudarc's and skyreels-flash-attn's build scripts at it:
 #
-#     ./scripts/setup_cuda.sh                 # once (about 700 MB of wheels)
+#     ./scripts/setup_cuda.sh                 # once (about 700 MB of wheels); CUDA 13.0 by default,
+#                                             # SKYREELS_CUDA_RELEASE=12.8 for CUDA 12 drivers
 #     source target/cuda/env.sh
 #     cargo build --release --features cuda -p skyreels-cli
 #
 # The toolkit lands in target/cuda (or $SKYREELS_CUDA_PREFIX). Linking needs libcuda.so, which
 # only a driver installs: the script builds a stub (every driver entry point cudarc declares,
 # each returning CUDA_ERROR_STUB_LIBRARY) that is used at link time only; at run time the
-# binary loads the driver's libcuda.so.1 and the CUDA 13 libraries of the host (or of the
+# binary loads the driver's libcuda.so.1 and the CUDA libraries of the host (or of the
 # Docker image, see Dockerfile). Kernels are compiled for CUDA_COMPUTE_CAP (default 90: H100,
 # H200); set it before sourcing env.sh for another GPU (80: A100).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PREFIX="${SKYREELS_CUDA_PREFIX:-$ROOT/target/cuda}"
-# cudarc 0.19.10 (candle 0.11.1) knows CUDA up to 13.4; the wheels of one release line up.
-CUDA_RELEASE="${SKYREELS_CUDA_RELEASE:-13.2}"
+# The toolkit release decides the oldest driver that runs the build: candle's kernels are PTX that
+# the driver compiles at start, and a driver rejects PTX newer than itself
+# (CUDA_ERROR_UNSUPPORTED_PTX_VERSION). 13.0 runs on driver 580 and newer (the H100/H200 machines
+# here); README "CUDA" has the table, and 12.x (e.g. 12.8, driver 570) builds for CUDA 12 drivers.
+# cudarc 0.19.10 (candle 0.11.1) knows CUDA 11.4 to 13.4.
+CUDA_RELEASE="${SKYREELS_CUDA_RELEASE:-13.0}"
+R="$CUDA_RELEASE"
 
 mkdir -p "$PREFIX"
 if [ ! -x "$PREFIX/venv/bin/pip" ]; then
     python3 -m venv "$PREFIX/venv"
 fi
-"$PREFIX/venv/bin/pip" install --quiet --disable-pip-version-check \
-    "nvidia-cuda-nvcc==$CUDA_RELEASE.*" \
-    "nvidia-cuda-crt==$CUDA_RELEASE.*" \
-    "nvidia-nvvm==$CUDA_RELEASE.*" \
-    "nvidia-cuda-runtime==$CUDA_RELEASE.*" \
-    "nvidia-cuda-nvrtc==$CUDA_RELEASE.*" \
-    "nvidia-cuda-cccl" \
-    "nvidia-cublas==13.*" \
-    "nvidia-curand"
+SITE="$("$PREFIX/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+# NVIDIA's wheels: CUDA 13's share one folder (nvidia/cu13), CUDA 12's have one folder each.
+case "$R" in
+13.*)
+    packages=("nvidia-cuda-nvcc==$R.*" "nvidia-cuda-crt==$R.*" "nvidia-nvvm==$R.*"
+        "nvidia-cuda-runtime==$R.*" "nvidia-cuda-nvrtc==$R.*" "nvidia-cuda-cccl==$R.*"
+        "nvidia-cublas==13.*" "nvidia-curand")
+    parts=("$SITE/nvidia/cu13")
+    cudart=libcudart.so.13 cublas=libcublas.so.13
+    ;;
+12.*)
+    packages=("nvidia-cuda-nvcc-cu12==$R.*" "nvidia-cuda-runtime-cu12==$R.*"
+        "nvidia-cuda-nvrtc-cu12==$R.*" "nvidia-cuda-cccl-cu12==$R.*" "nvidia-cublas-cu12==12.*"
+        "nvidia-curand-cu12")
+    parts=()
+    for p in cuda_nvcc cuda_runtime cuda_nvrtc cuda_cccl cublas curand; do parts+=("$SITE/nvidia/$p"); done
+    cudart=libcudart.so.12 cublas=libcublas.so.12
+    ;;
+*)
+    echo "setup_cuda: SKYREELS_CUDA_RELEASE=$R: use a CUDA 12 or 13 release such as 12.8 or 13.0" >&2
+    exit 2
+    ;;
+esac
+"$PREFIX/venv/bin/pip" install --quiet --disable-pip-version-check "${packages[@]}"
 # CUTLASS/CuTe headers for the FlashAttention-2 kernels (crates/skyreels-flash-attn); the wheel's
 # Python dependencies are not needed for the headers.
 "$PREFIX/venv/bin/pip" install --quiet --disable-pip-version-check --no-deps "nvidia-cutlass==4.2.0.0"
 
-SITE="$("$PREFIX/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-CU="$SITE/nvidia/cu13"
 CUTLASS_INCLUDE_DIR="$SITE/cutlass_library/source/include"
 if [ ! -e "$CUTLASS_INCLUDE_DIR/cute/tensor.hpp" ]; then
     echo "setup_cuda: no CuTe headers in $CUTLASS_INCLUDE_DIR; the nvidia-cutlass wheel layout changed?" >&2
     exit 1
 fi
-for need in bin/nvcc include/cuda_runtime.h include/cuda_bf16.h lib/libcudart.so.13 lib/libcublas.so.13; do
-    if [ ! -e "$CU/$need" ]; then
-        echo "setup_cuda: $CU/$need is missing after the install; the wheel layout changed?" >&2
-        exit 1
-    fi
-done
 
 # A toolkit root in the layout build scripts expect: bin, include, lib64 (with the unversioned
-# names the linker looks for), nvvm.
+# names the linker looks for), nvvm, merged from the wheels' folders. bin is copied, not linked:
+# nvcc finds its headers and nvvm relative to where its binary really is.
 CUDA_ROOT="$PREFIX/root"
 rm -rf "$CUDA_ROOT"
-mkdir -p "$CUDA_ROOT/lib64"
-ln -s "$CU/bin" "$CUDA_ROOT/bin"
-ln -s "$CU/include" "$CUDA_ROOT/include"
-[ -d "$CU/nvvm" ] && ln -s "$CU/nvvm" "$CUDA_ROOT/nvvm"
-for lib in "$CU"/lib/lib*.so*; do
-    name="$(basename "$lib")"
-    ln -s "$lib" "$CUDA_ROOT/lib64/$name"
-    case "$name" in
-        *.so.*) base="${name%%.so.*}.so"; [ -e "$CUDA_ROOT/lib64/$base" ] || ln -s "$lib" "$CUDA_ROOT/lib64/$base" ;;
-    esac
+mkdir -p "$CUDA_ROOT/bin" "$CUDA_ROOT/include" "$CUDA_ROOT/lib64"
+for part in "${parts[@]}"; do
+    [ -d "$part/bin" ] && cp -r "$part/bin/." "$CUDA_ROOT/bin/"
+    [ -d "$part/include" ] && cp -rsn "$part/include/." "$CUDA_ROOT/include/"
+    [ -d "$part/nvvm" ] && [ ! -e "$CUDA_ROOT/nvvm" ] && ln -s "$part/nvvm" "$CUDA_ROOT/nvvm"
+    for lib in "$part"/lib/lib*.so*; do
+        [ -e "$lib" ] || continue
+        name="$(basename "$lib")"
+        ln -sf "$lib" "$CUDA_ROOT/lib64/$name"
+        case "$name" in
+            *.so.*) base="${name%%.so.*}.so"; [ -e "$CUDA_ROOT/lib64/$base" ] || ln -s "$lib" "$CUDA_ROOT/lib64/$base" ;;
+        esac
+    done
+done
+for need in bin/nvcc nvvm include/cuda_runtime.h include/cuda_bf16.h include/cublas_v2.h "lib64/$cudart" "lib64/$cublas"; do
+    if [ ! -e "$CUDA_ROOT/$need" ]; then
+        echo "setup_cuda: $need is missing from the CUDA $R wheels; the wheel layout changed?" >&2
+        exit 1
+    fi
 done
 
 # libcuda.so link stub, from the driver API names cudarc declares.
@@ -86,7 +109,7 @@ export CUDA_HOME="$CUDA_ROOT"
 export CUDA_PATH="$CUDA_ROOT"
 export PATH="$CUDA_ROOT/bin:\$PATH"
 export CUDA_COMPUTE_CAP="\${CUDA_COMPUTE_CAP:-90}"
-export CUDARC_CUDA_VERSION="${CUDA_RELEASE/./0}0"
+export CUDARC_CUDA_VERSION="$(echo "$R" | awk -F. '{ printf "%d%02d0", $1, $2 }')"
 export CUTLASS_INCLUDE_DIR="$CUTLASS_INCLUDE_DIR"
 export LIBRARY_PATH="$CUDA_ROOT/lib64:$CUDA_ROOT/lib64/stubs\${LIBRARY_PATH:+:\$LIBRARY_PATH}"
 EOF

@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
+# gpu_check.sh run: finding the CUDA libraries of a GPU machine (no GPU needed)
+./scripts/test_gpu_check.sh
 # the official WaveSpeed Python SDK against a live `skyreels serve` (creates its own venv)
 ./scripts/test_sdk.sh
 # the playground page in Debian's Chromium (installs chromium + chromium-driver when missing)

@@ -66,6 +66,7 @@ fn build() -> Result<(), String> {
                 "-fPIC",
             ])
             .arg(format!("--generate-code=arch=compute_{cap},code=sm_{cap}"))
+            .arg(format!("-DSKYREELS_SM={cap}"))
             .args([
                 "-U__CUDA_NO_HALF_OPERATORS__",
                 "-U__CUDA_NO_HALF_CONVERSIONS__",
@@ -105,6 +106,8 @@ fn build() -> Result<(), String> {
     if !status.success() {
         return Err(format!("ar failed ({status})"));
     }
+    // the Rust side names the architecture in its "built for another GPU" error
+    println!("cargo::rustc-env=SKYREELS_FLASH_ATTN_SM={cap}");
     println!("cargo::rustc-link-search=native={}", out.display());
     println!("cargo::rustc-link-lib=static=skyreels_flash_attn");
     println!("cargo::rustc-link-lib=dylib=cudart");

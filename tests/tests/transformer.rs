@@ -127,6 +127,76 @@ fn cuda_flash_attention_matches_exact_attention() {
     }
 }
 
+/// Layouts the kernel cannot read in place are copied first: q, k and v as views 4 elements (8
+/// bytes) into rows of 136 (so the base is misaligned by 8 bytes) give the same bits as the same
+/// values stored contiguously.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_flash_attention_copies_misaligned_views() {
+    let dev = Device::new_cuda(0).expect("a CUDA GPU for the cuda feature's tests");
+    let wide = |n: usize| {
+        Tensor::randn(0f32, 1., (2, n, 3, 136), &dev)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap()
+    };
+    let (q, k, v) = (wide(130), wide(70), wide(70));
+    let view = |t: &Tensor| t.narrow(3, 4, 128).unwrap();
+    let (qv, kv, vv) = (view(&q), view(&k), view(&v));
+    assert!(!skyreels_flash_attn::reads_in_place(
+        qv.layout().start_offset(),
+        qv.stride()
+    ));
+    let dense = |t: &Tensor| t.force_contiguous().unwrap();
+    let counts = [70, 33];
+    let got = skyreels_flash_attn::flash_attn(&qv, &kv, &vv, &counts, 0.1).unwrap();
+    let want = skyreels_flash_attn::flash_attn(&dense(&qv), &dense(&kv), &dense(&vv), &counts, 0.1)
+        .unwrap();
+    let diff = (got.to_dtype(DType::F32).unwrap() - want.to_dtype(DType::F32).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert_eq!(
+        diff, 0.0,
+        "a misaligned view must be copied, not read as is"
+    );
+}
+
+/// A launch the GPU refuses is an error with CUDA's reason, never an uninitialised output: 65536
+/// heads exceed the launch grid's z limit of 65535 (`supports` is false there, so the model falls
+/// back to the exact path and never asks for it). The error is not sticky: the next call works.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_flash_attention_reports_a_failed_launch() {
+    let dev = Device::new_cuda(0).expect("a CUDA GPU for the cuda feature's tests");
+    let q = Tensor::zeros((1, 1, 65536, 128), DType::BF16, &dev).unwrap();
+    assert!(!skyreels_flash_attn::supports(&q, &q, &q));
+    let err = skyreels_flash_attn::flash_attn(&q, &q, &q, &[1], 1.0)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("launch failed") && err.contains("cudaErrorInvalidConfiguration"),
+        "{err}"
+    );
+    let small = Tensor::ones((1, 5, 2, 128), DType::BF16, &dev).unwrap();
+    let out = skyreels_flash_attn::flash_attn(&small, &small, &small, &[5], 1.0)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_device(&Device::Cpu)
+        .unwrap();
+    // all values 1: every output is exactly 1
+    let (lo, hi) = (
+        out.min_all().unwrap().to_scalar::<f32>().unwrap(),
+        out.max_all().unwrap().to_scalar::<f32>().unwrap(),
+    );
+    assert_eq!((lo, hi), (1.0, 1.0));
+}
+
 /// Writes every tensor of a checkpoint folder into one `diffusion_pytorch_model.safetensors`.
 fn to_single_file(src: &Path, dst: &Path, edit: impl FnOnce(&mut HashMap<String, Tensor>)) {
     rewrite_checkpoint(src, dst, DIFFUSERS_WEIGHTS, edit)

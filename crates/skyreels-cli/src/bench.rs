@@ -68,6 +68,10 @@ pub(crate) struct BenchArgs {
     /// Timed repetitions of each stage (after one warm-up run).
     #[arg(long, default_value_t = 2)]
     runs: usize,
+    /// Denoising steps of the clip estimate printed at the end (steps × a true-CFG step + VAE
+    /// decode + text encoding, from the stages measured).
+    #[arg(long, default_value_t = 30)]
+    steps: usize,
     /// Where to run.
     #[arg(long, value_enum, default_value = "cuda")]
     device: DeviceArg,
@@ -258,6 +262,7 @@ pub(crate) fn bench(args: BenchArgs) -> Result<()> {
     tcfg.out_channels = Some(16);
 
     let wants = |p: Part| args.parts.contains(&p);
+    let (mut forward_s, mut cfg_step_s, mut vae_s, mut text_s) = (None, None, None, None);
     if wants(Part::Transformer) || wants(Part::Breakdown) || wants(Part::CfgStep) {
         let t = Instant::now();
         let model = HunyuanVideoTransformer3DModel::new(&tcfg, vb.pp("transformer"))?;
@@ -292,7 +297,6 @@ pub(crate) fn bench(args: BenchArgs) -> Result<()> {
             tokens - txt,
             flops / 1e15
         );
-        let mut forward_s = None;
         if wants(Part::Transformer) {
             forward_s = Some(time_stage(
                 "forward",
@@ -323,17 +327,23 @@ pub(crate) fn bench(args: BenchArgs) -> Result<()> {
             )?;
         }
         if wants(Part::CfgStep) {
-            time_stage("cfg step", &device, args.runs, Some(2.0 * flops), || {
-                Ok(guided_velocity(
-                    &model,
-                    &x,
-                    &timestep,
-                    &pos,
-                    Some(&neg),
-                    Some(&guidance),
-                    6.0,
-                )?)
-            })?;
+            cfg_step_s = Some(time_stage(
+                "cfg step",
+                &device,
+                args.runs,
+                Some(2.0 * flops),
+                || {
+                    Ok(guided_velocity(
+                        &model,
+                        &x,
+                        &timestep,
+                        &pos,
+                        Some(&neg),
+                        Some(&guidance),
+                        6.0,
+                    )?)
+                },
+            )?);
         }
     }
 
@@ -348,9 +358,9 @@ pub(crate) fn bench(args: BenchArgs) -> Result<()> {
         let vae = AutoencoderKLHunyuanVideo::new(&vcfg, vb.pp("vae"))?;
         let z = Tensor::randn(0f32, 1.0, (1, vcfg.latent_channels, lt, lh, lw), &device)?
             .to_dtype(dtype)?;
-        time_stage("vae decode", &device, args.runs, None, || {
+        vae_s = Some(time_stage("vae decode", &device, args.runs, None, || {
             Ok(vae.decode(&z)?)
-        })?;
+        })?);
     }
 
     if wants(Part::Text) {
@@ -394,11 +404,20 @@ pub(crate) fn bench(args: BenchArgs) -> Result<()> {
         let ids = token_ids(n, lcfg.vocab_size)?;
         let mask = Tensor::ones((2, n), DType::U32, &device)?;
         let clip_ids = token_ids(77, ccfg.vocab_size)?;
-        time_stage("text encode", &device, args.runs, None, || {
+        text_s = Some(time_stage("text encode", &device, args.runs, None, || {
             let h = llama.forward(&ids, &mask)?;
             let p = clip.pooled(&clip_ids)?;
             Ok((h.sum_all()?.to_dtype(DType::F32)? + p.sum_all()?.to_dtype(DType::F32)?)?)
-        })?;
+        })?);
+    }
+    // a true-CFG step is two forwards; a measured step counts its guidance arithmetic too
+    let step = cfg_step_s.or(forward_s.map(|f| 2.0 * f));
+    if let (Some(step), Some(vae), Some(text)) = (step, vae_s, text_s) {
+        println!(
+            "clip estimate      {:>8.1} s = {} steps x {step:.3} s (true CFG) + VAE {vae:.3} s + text {text:.3} s",
+            args.steps as f64 * step + vae + text,
+            args.steps
+        );
     }
     Ok(())
 }

@@ -12,6 +12,10 @@
 #include <cmath>
 #include <cstring>
 
+// Returns 0 when the kernel was launched; otherwise the first CUDA runtime error of the launch
+// (a cudaError_t), or minus the device's compute capability (e.g. -80) when the kernels were
+// built for another architecture. Errors inside the running kernel surface at the stream's next
+// synchronisation, through candle.
 extern "C" int skyreels_flash_attn_bf16_hdim128(
     const void *q, const void *k, const void *v, void *o, float *softmax_lse,
     int *seqlens_k,
@@ -78,7 +82,31 @@ extern "C" int skyreels_flash_attn_bf16_hdim128(
     params.num_splits = 1;
     params.unpadded_lse = false;
 
-    cudaGetLastError();  // clear a stale error so the check below is about this launch
+    // A kernel image for another architecture fails the launch with "no kernel image"; say so
+    // before launching, with both capabilities (SKYREELS_SM: the build's CUDA_COMPUTE_CAP). The
+    // machine code of sm_XY runs on sm_XZ for Z >= Y only.
+    int device = 0, major = 0, minor = 0;
+    cudaError_t err = cudaGetDevice(&device);
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+    if (err != cudaSuccess) return static_cast<int>(err);
+    if (major != SKYREELS_SM / 10 || minor < SKYREELS_SM % 10) {
+        return -(major * 10 + minor);  // the Rust side names both architectures
+    }
+
+    cudaGetLastError();  // clear a stale (non-sticky) error so what follows is about this launch
+    skyreels::reset_first_error();
     run_mha_fwd_<cutlass::bfloat16_t, 128, false>(params, reinterpret_cast<cudaStream_t>(stream));
-    return static_cast<int>(cudaGetLastError());
+    err = skyreels::first_error;
+    const cudaError_t last = cudaGetLastError();
+    return static_cast<int>(err != cudaSuccess ? err : last);
+}
+
+// The runtime's name and description of a CUDA error code, for the Rust side's message.
+extern "C" const char *skyreels_flash_attn_error_name(int code) {
+    return cudaGetErrorName(static_cast<cudaError_t>(code));
+}
+
+extern "C" const char *skyreels_flash_attn_error_string(int code) {
+    return cudaGetErrorString(static_cast<cudaError_t>(code));
 }

@@ -2,7 +2,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
 use candle_core::{bail, CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use half::bf16;
-use std::ffi::{c_int, c_void};
+use std::ffi::{c_char, c_int, c_void, CStr};
 
 /// The head dimension the kernel is compiled for (SkyReels: 24 heads of 128).
 const HEAD_DIM: usize = 128;
@@ -34,6 +34,39 @@ extern "C" {
         softmax_scale: f32,
         stream: *mut c_void,
     ) -> c_int;
+    fn skyreels_flash_attn_error_name(code: c_int) -> *const c_char;
+    fn skyreels_flash_attn_error_string(code: c_int) -> *const c_char;
+}
+
+/// The compute capability the kernels were built for (`CUDA_COMPUTE_CAP` at build time).
+const BUILT_FOR: &str = env!("SKYREELS_FLASH_ATTN_SM");
+
+/// What a non-zero return of the entry point means, in words.
+fn launch_error(code: c_int) -> String {
+    if code < 0 {
+        let sm = -code;
+        return format!(
+            "flash_attn: the kernels were built for compute capability {BUILT_FOR} \
+             (CUDA_COMPUTE_CAP={BUILT_FOR}) but this GPU is {sm}; rebuild with \
+             CUDA_COMPUTE_CAP={sm} (see scripts/setup_cuda.sh)"
+        );
+    }
+    let text = |p: *const c_char| {
+        if p.is_null() {
+            "unknown".to_string()
+        } else {
+            // SAFETY: the CUDA runtime returns static NUL-terminated strings for any code.
+            unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+        }
+    };
+    // SAFETY: both take any integer and return a static string (or null).
+    let (name, what) = unsafe {
+        (
+            text(skyreels_flash_attn_error_name(code)),
+            text(skyreels_flash_attn_error_string(code)),
+        )
+    };
+    format!("flash_attn: the kernel launch failed: {name} ({code}): {what}")
 }
 
 /// Whether [`flash_attn`] handles these inputs: bf16 tensors on a CUDA device, rank 4 with head
@@ -48,11 +81,20 @@ pub fn supports(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
         && q.rank() == 4
         && q.dim(3).is_ok_and(|d| d == HEAD_DIM)
         && k.dims() == v.dims()
+        // the launch grid's y and z dimensions are the batch and the heads (at most 65535)
+        && q.dims()[0] <= GRID_YZ
+        && q.dims()[2] <= GRID_YZ
 }
 
+/// The largest y and z dimension of a CUDA launch grid.
+const GRID_YZ: usize = 65535;
+
 /// softmax(q kᵀ · scale) v for q (b, nq, h, 128), k and v (b, nk, h, 128), all bf16 on one CUDA
-/// device (strided layouts are fine; a non-contiguous last dimension is copied); sample `i`
-/// attends to its first `key_counts[i]` keys. Returns (b, nq, h, 128) bf16. Softmax statistics are kept in f32 inside the kernel.
+/// device (strided layouts are fine; one the kernel cannot read in place, see
+/// [`crate::reads_in_place`], is copied); sample `i` attends to its first `key_counts[i]` keys.
+/// Returns (b, nq, h, 128) bf16. Softmax statistics are kept in f32 inside the kernel. A failed
+/// launch (kernels built for another GPU, a grid past CUDA's limits: check [`supports`]) is an
+/// error naming the CUDA error, never an uninitialised output.
 pub fn flash_attn(
     q: &Tensor,
     k: &Tensor,
@@ -73,12 +115,12 @@ pub fn flash_attn(
     if nq == 0 || key_counts.len() != b || key_counts.iter().any(|&c| c == 0 || c > nk) {
         bail!("flash_attn: key counts {key_counts:?} invalid for {b} samples of {nk} keys")
     }
-    // the kernel reads rows with strides but needs each head vector contiguous
     let [q, k, v] = [q, k, v].map(|t| {
-        if t.stride().last() == Some(&1) {
+        if crate::reads_in_place(t.layout().start_offset(), t.stride()) {
             Ok(t.clone())
         } else {
-            t.contiguous()
+            // a fresh allocation at offset 0, contiguous: strides are multiples of 128
+            t.force_contiguous()
         }
     });
     let op = FlashAttn {
@@ -93,11 +135,15 @@ struct FlashAttn {
     scale: f32,
 }
 
-/// Element strides (batch, row, head) of a rank-4 (b, n, h, d) layout with contiguous d.
+/// Element strides (batch, row, head) of a rank-4 (b, n, h, d) layout the kernel reads in place
+/// (`flash_attn` copies any other).
 fn strides(l: &Layout, what: &str) -> Result<[i64; 3]> {
     let s = l.stride();
-    if s.len() != 4 || s[3] != 1 {
-        bail!("flash_attn: {what} needs a contiguous last dimension, strides {s:?}")
+    if !crate::reads_in_place(l.start_offset(), s) {
+        bail!(
+            "flash_attn: {what} (offset {}, strides {s:?}) is not 16-byte aligned with a contiguous last dimension",
+            l.start_offset()
+        )
     }
     Ok([s[0] as i64, s[1] as i64, s[2] as i64])
 }
@@ -159,6 +205,10 @@ impl CustomOp3 for FlashAttn {
             let (q_ptr, _gq) = qs.device_ptr(&stream);
             let (k_ptr, _gk) = ks.device_ptr(&stream);
             let (v_ptr, _gv) = vs.device_ptr(&stream);
+            // offsets were checked; this guards the allocation's own alignment
+            if [q_ptr, k_ptr, v_ptr].iter().any(|p| !p.is_multiple_of(16)) {
+                bail!("flash_attn: an input's device address is not 16-byte aligned")
+            }
             let (o_ptr, _go) = out.device_ptr_mut(&stream);
             let (lse_ptr, _gl) = lse.device_ptr_mut(&stream);
             let (seq_ptr, _gs) = seqlens.device_ptr_mut(&stream);
@@ -195,7 +245,7 @@ impl CustomOp3 for FlashAttn {
             }
         };
         if code != 0 {
-            bail!("flash_attn: kernel launch failed with CUDA runtime error {code}")
+            bail!("{}", launch_error(code))
         }
         Ok((CudaStorage::wrap_cuda_slice(out, dev), out_shape))
     }

@@ -266,6 +266,8 @@ struct Tracker {
 struct TrackingBackend {
     store: Arc<WeightStore>,
     tracker: Arc<Mutex<Tracker>>,
+    /// Check names, shapes and dtypes only: every tensor is a placeholder, nothing is read.
+    dry: bool,
 }
 
 impl TrackingBackend {
@@ -321,7 +323,7 @@ impl SimpleBackend for TrackingBackend {
                 st,
                 dtype: Ok(()),
                 ..
-            }) if shape.as_slice() == s.dims() => st.load(name, dev)?.to_dtype(dtype),
+            }) if shape.as_slice() == s.dims() && !self.dry => st.load(name, dev)?.to_dtype(dtype),
             _ => self.placeholder(s, dtype, dev),
         }
     }
@@ -356,13 +358,29 @@ pub fn build_checked<M>(
     unused_ok: impl Fn(&str) -> bool,
     build: impl FnOnce(VarBuilder) -> candle_core::Result<M>,
 ) -> Result<M, LoadError> {
+    build_tracked(Arc::new(store), dtype, device, false, unused_ok, build)
+}
+
+/// [`build_checked`]'s checks without reading a weight (`build` gets placeholders), for models
+/// that read their weights later ([`LlamaEncoder::streamed`]).
+fn check_tensors<M>(
+    store: Arc<WeightStore>,
+    unused_ok: impl Fn(&str) -> bool,
+    build: impl FnOnce(VarBuilder) -> candle_core::Result<M>,
+) -> Result<(), LoadError> {
+    build_tracked(store, DType::F32, &Device::Cpu, true, unused_ok, build).map(drop)
+}
+
+fn build_tracked<M>(
+    store: Arc<WeightStore>,
+    dtype: DType,
+    device: &Device,
+    dry: bool,
+    unused_ok: impl Fn(&str) -> bool,
+    build: impl FnOnce(VarBuilder) -> candle_core::Result<M>,
+) -> Result<M, LoadError> {
     let tracker = Arc::new(Mutex::new(Tracker::default()));
-    let store = Arc::new(store);
-    let backend = TrackingBackend {
-        store: store.clone(),
-        tracker: tracker.clone(),
-    };
-    let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
+    let vb = tracked_vb(store.clone(), tracker.clone(), dry, dtype, device);
     let built = build(vb);
     let t = tracker.lock().expect("tracker lock poisoned");
     if !t.problems.is_empty() {
@@ -378,6 +396,21 @@ pub fn build_checked<M>(
         return Err(LoadError::UnusedTensors(unused));
     }
     Ok(model)
+}
+
+fn tracked_vb(
+    store: Arc<WeightStore>,
+    tracker: Arc<Mutex<Tracker>>,
+    dry: bool,
+    dtype: DType,
+    device: &Device,
+) -> VarBuilder<'static> {
+    let backend = TrackingBackend {
+        store,
+        tracker,
+        dry,
+    };
+    VarBuilder::from_backend(Box::new(backend), dtype, device.clone())
 }
 
 /// The folder holding a component: `dir` itself when it has `config.json` (a bare model repo such
@@ -487,6 +520,11 @@ pub const TRANSFORMERS_WEIGHTS: &str = "model";
 /// folder or a pipeline folder with a `text_encoder/` subfolder. Keys may carry a `model.`
 /// prefix (a `LlamaForCausalLM` export); the layers after the cut, the final norm and an
 /// `lm_head` are not loaded (their absence is fine, and their presence is not an error).
+///
+/// Every tensor's name, shape and dtype is checked here, but only the embedding table is read
+/// (onto the host): each decoder layer is read onto `device` when it runs and freed after it
+/// ([`LlamaEncoder::streamed`]), so encoding a prompt next to a resident transformer adds one
+/// layer, not the whole LLaMA, to the device's peak.
 pub fn load_llama_encoder(
     dir: &Path,
     skip: usize,
@@ -516,14 +554,31 @@ pub fn load_llama_encoder(
             .is_some_and(|i| i >= run);
         later_layer || rest == "norm.weight" || name == "lm_head.weight"
     };
-    build_checked(store, dtype, device, unused_ok, |vb| {
-        let vb = if prefix.is_empty() {
+    fn root<'a>(vb: VarBuilder<'a>, prefix: &str) -> VarBuilder<'a> {
+        if prefix.is_empty() {
             vb
         } else {
             vb.pp("model")
-        };
-        LlamaEncoder::new(&cfg, skip, vb)
-    })
+        }
+    }
+    let store = Arc::new(store);
+    check_tensors(store.clone(), unused_ok, |vb| {
+        LlamaEncoder::new(&cfg, skip, root(vb, prefix))
+    })?;
+    // checked: now the embedding table on the host, the layers read per encoding on `device`
+    let vb = |device: &Device| {
+        let tracker = Arc::new(Mutex::new(Tracker::default()));
+        root(
+            tracked_vb(store.clone(), tracker, false, dtype, device),
+            prefix,
+        )
+    };
+    Ok(LlamaEncoder::streamed(
+        &cfg,
+        skip,
+        vb(&Device::Cpu),
+        vb(device),
+    )?)
 }
 
 /// Loads the CLIP text model (pooled output) from a `CLIPTextModel` folder or a pipeline folder

@@ -180,14 +180,70 @@ impl DecoderLayer {
 #[derive(Debug, Clone)]
 pub struct LlamaEncoder {
     embed_tokens: Embedding,
-    layers: Vec<DecoderLayer>,
+    layers: Layers,
     cfg: LlamaConfig,
+}
+
+#[derive(Clone)]
+enum Layers {
+    /// Every layer built once and kept.
+    Resident(Vec<DecoderLayer>),
+    /// Each layer built from `vb` (`layers.i`) just before it runs and freed after it.
+    Streamed {
+        vb: VarBuilder<'static>,
+        count: usize,
+    },
+}
+
+impl std::fmt::Debug for Layers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Layers::Resident(l) => write!(f, "Resident({} layers)", l.len()),
+            Layers::Streamed { count, .. } => write!(f, "Streamed({count} layers)"),
+        }
+    }
 }
 
 impl LlamaEncoder {
     /// The encoder producing `hidden_states[-(skip + 1)]`: it loads and runs
     /// `num_hidden_layers - skip` layers. `vb` is the model root (`embed_tokens`, `layers.*`).
     pub fn new(cfg: &LlamaConfig, skip: usize, vb: VarBuilder) -> Result<Self> {
+        let n = Self::checked_layers(cfg, skip)?;
+        Ok(Self {
+            embed_tokens: embedding(cfg, vb.pp("embed_tokens"))?,
+            layers: Layers::Resident(
+                (0..n)
+                    .map(|i| DecoderLayer::new(cfg, vb.pp("layers").pp(i)))
+                    .collect::<Result<_>>()?,
+            ),
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// The same encoder holding only its embedding table, from `embed_vb` (the model root, on
+    /// the host, say): each decoder layer is read from `layers_vb` (the model root on the device
+    /// the layers run on) just before it runs and freed after it. So LLaMA never holds more than
+    /// one layer on the device (~0.44 GB in bf16 for LLaMA-3-8B, instead of ~15 GB), next to
+    /// a resident transformer; the weights are read once per encoding, as loading them per request
+    /// did already. Numerically identical to [`LlamaEncoder::new`].
+    pub fn streamed(
+        cfg: &LlamaConfig,
+        skip: usize,
+        embed_vb: VarBuilder,
+        layers_vb: VarBuilder<'static>,
+    ) -> Result<Self> {
+        let count = Self::checked_layers(cfg, skip)?;
+        Ok(Self {
+            embed_tokens: embedding(cfg, embed_vb.pp("embed_tokens"))?,
+            layers: Layers::Streamed {
+                vb: layers_vb.pp("layers"),
+                count,
+            },
+            cfg: cfg.clone(),
+        })
+    }
+
+    fn checked_layers(cfg: &LlamaConfig, skip: usize) -> Result<usize> {
         cfg.validate()?;
         if skip > cfg.num_hidden_layers {
             bail!(
@@ -195,18 +251,7 @@ impl LlamaEncoder {
                 cfg.num_hidden_layers
             )
         }
-        let n = Self::layers_run(cfg, skip);
-        Ok(Self {
-            embed_tokens: candle_nn::embedding(
-                cfg.vocab_size,
-                cfg.hidden_size,
-                vb.pp("embed_tokens"),
-            )?,
-            layers: (0..n)
-                .map(|i| DecoderLayer::new(cfg, vb.pp("layers").pp(i)))
-                .collect::<Result<_>>()?,
-            cfg: cfg.clone(),
-        })
+        Ok(Self::layers_run(cfg, skip))
     }
 
     /// How many decoder layers produce `hidden_states[-(skip + 1)]`.
@@ -215,7 +260,8 @@ impl LlamaEncoder {
     }
 
     /// Hidden states (b, n, hidden) for token ids (b, n) and attention mask (b, n) of 1/0, with
-    /// positions 0..n, causal attention and padded keys masked.
+    /// positions 0..n, causal attention and padded keys masked. The result is on the mask's
+    /// device (the ids may be anywhere: they are looked up where the embedding table is).
     pub fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let (b, n) = ids.dims2()?;
         if mask.dims() != [b, n] {
@@ -225,15 +271,33 @@ impl LlamaEncoder {
                 ids.shape()
             )
         }
-        let dev = ids.device();
-        let mut x = self.embed_tokens.forward(ids)?;
+        let dev = mask.device();
+        let table = self.embed_tokens.embeddings().device();
+        let mut x = self
+            .embed_tokens
+            .forward(&ids.to_device(table)?)?
+            .to_device(dev)?;
         let (cos, sin) = rope_tables(n, self.cfg.head_dim(), self.cfg.theta(), dev)?;
         let mask = causal_mask(mask, x.dtype())?;
-        for layer in &self.layers {
-            x = layer.forward(&x, &cos, &sin, &mask)?;
+        match &self.layers {
+            Layers::Resident(layers) => {
+                for layer in layers {
+                    x = layer.forward(&x, &cos, &sin, &mask)?;
+                }
+            }
+            Layers::Streamed { vb, count } => {
+                for i in 0..*count {
+                    let layer = DecoderLayer::new(&self.cfg, vb.pp(i))?;
+                    x = layer.forward(&x, &cos, &sin, &mask)?;
+                }
+            }
         }
         Ok(x)
     }
+}
+
+fn embedding(cfg: &LlamaConfig, vb: VarBuilder) -> Result<Embedding> {
+    candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, vb)
 }
 
 /// cos and sin (n, head_dim / 2) of transformers' default rotary embedding, in f32:
@@ -286,5 +350,83 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("rope_type"));
+    }
+
+    /// Seeded weights that count what is read, by top-level name (`embed_tokens`, `layers.i`);
+    /// clones share the count.
+    #[derive(Clone, Default)]
+    struct Counting {
+        reads: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    }
+
+    impl candle_nn::var_builder::SimpleBackend for Counting {
+        fn get(
+            &self,
+            s: candle_core::Shape,
+            name: &str,
+            _: candle_nn::Init,
+            dtype: DType,
+            dev: &Device,
+        ) -> Result<Tensor> {
+            let part: Vec<&str> = name.split('.').collect();
+            let key = match part[0] {
+                "layers" => format!("layers.{}", part[1]),
+                other => other.to_string(),
+            };
+            self.reads.lock().unwrap().push(key);
+            // the same values every time a name is read: seeded by the name
+            let seed = name
+                .bytes()
+                .fold(7u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
+            let n = s.elem_count();
+            let v: Vec<f32> = (0..n)
+                .map(|i| (((i as u64).wrapping_mul(2654435761) ^ seed) % 997) as f32 / 997.0 - 0.5)
+                .collect();
+            Tensor::from_vec(v, s, dev)?.to_dtype(dtype)
+        }
+
+        fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> Result<Tensor> {
+            bail!("unexpected unchecked read of {name}")
+        }
+
+        fn contains_tensor(&self, _: &str) -> bool {
+            true
+        }
+    }
+
+    #[test]
+    fn streamed_layers_are_read_when_they_run_and_match_resident_ones() {
+        let cfg: LlamaConfig = serde_json::from_str(
+            r#"{"vocab_size": 40, "hidden_size": 16, "intermediate_size": 24,
+                "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2}"#,
+        )
+        .unwrap();
+        let backend = Counting::default();
+        let vb =
+            |b: &Counting| VarBuilder::from_backend(Box::new(b.clone()), DType::F32, Device::Cpu);
+        let reads = || std::mem::take(&mut *backend.reads.lock().unwrap());
+        let resident = LlamaEncoder::new(&cfg, 1, vb(&backend)).unwrap();
+        reads();
+        let streamed = LlamaEncoder::streamed(&cfg, 1, vb(&backend), vb(&backend)).unwrap();
+        // built: the embedding table only
+        assert_eq!(reads(), ["embed_tokens"]);
+        let ids = Tensor::new(&[[3u32, 9, 27, 1, 0], [5, 5, 8, 0, 0]], &Device::Cpu).unwrap();
+        let mask = Tensor::new(&[[1u32, 1, 1, 1, 0], [1, 1, 1, 0, 0]], &Device::Cpu).unwrap();
+        let want = resident.forward(&ids, &mask).unwrap();
+        assert!(reads().is_empty(), "resident layers are never read again");
+        let got = streamed.forward(&ids, &mask).unwrap();
+        // each of the 3 layers run (4 - skip 1) read once, in order, while it runs
+        let mut seen = reads();
+        seen.dedup();
+        assert_eq!(seen, ["layers.0", "layers.1", "layers.2"]);
+        let diff = (got - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(diff, 0.0, "streaming changes no number");
     }
 }
