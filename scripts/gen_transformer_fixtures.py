@@ -8,7 +8,10 @@ one forward pass in float32 on CPU and stores inputs and output next to the weig
   tests/fixtures/transformer/tiny_b/model/         Skywork layout (weights at the folder root), bf16, sharded + index
   .../io.safetensors                               inputs and the reference output
 
-Usage: python scripts/gen_transformer_fixtures.py [OUT_DIR]   (needs torch + diffusers==0.42.1)
+  tests/fixtures/transformer/tiny_c/transformer/   head dim 128 (FlashAttention's), bf16 storage
+
+Usage: python scripts/gen_transformer_fixtures.py [OUT_DIR [CASE ...]]   (scripts/requirements.txt)
+       CASE: tiny_a, tiny_b, tiny_c (default: all)
 """
 import json
 import sys
@@ -81,7 +84,9 @@ def make(out: Path, name: str, cfg: dict, seed: int, store_dtype, subfolder, sha
 
 def main() -> None:
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "tests" / "fixtures" / "transformer"
+    only = set(sys.argv[2:])
     torch.set_num_threads(2)
+    cases = []
     # A: SkyReels-I2V-like (32 input channels, 16 out), patch 2, guidance embedder, batch 2 with one
     # padded prompt, non-square latent.
     cfg_a = dict(
@@ -90,8 +95,8 @@ def main() -> None:
         qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=24, pooled_projection_dim=12,
         rope_theta=256.0, rope_axes_dim=(4, 6, 6),
     )
-    make(out, "tiny_a", cfg_a, 1, torch.float32, "transformer", "10GB",
-         batch=2, latent=(3, 6, 10), n_txt=8, lengths=[5, 8])
+    cases.append(("tiny_a", cfg_a, 1, torch.float32, "transformer", "10GB",
+                  dict(batch=2, latent=(3, 6, 10), n_txt=8, lengths=[5, 8])))
     # B: T2V-like, patch 1 and temporal patch 2, 3 heads of 8, no guidance embedder, other depths
     # and mlp ratio, bf16 storage, sharded; batch 1 with padding, odd sizes.
     cfg_b = dict(
@@ -100,8 +105,23 @@ def main() -> None:
         qk_norm="rms_norm", guidance_embeds=False, text_embed_dim=20, pooled_projection_dim=10,
         rope_theta=10000.0, rope_axes_dim=(2, 2, 4),
     )
-    make(out, "tiny_b", cfg_b, 2, torch.bfloat16, "model", "40KB",
-         batch=1, latent=(4, 5, 3), n_txt=7, lengths=[3])
+    cases.append(("tiny_b", cfg_b, 2, torch.bfloat16, "model", "40KB",
+                  dict(batch=1, latent=(4, 5, 3), n_txt=7, lengths=[3])))
+    # C: SkyReels' head dim (one head of 128, RoPE axes 16/56/56 as the real model; one head keeps the
+    # bf16 file under 3 MB, the standalone FlashAttention test covers several heads), so the
+    # bf16 GPU test runs FlashAttention inside the model: bf16 storage, batch 2 whose text padding
+    # (key counts 162 + 17 and 162 + 40 of 202) ends inside the kernel's 64-key blocks.
+    cfg_c = dict(
+        in_channels=32, out_channels=16, num_attention_heads=1, attention_head_dim=128, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, mlp_ratio=2.0, patch_size=2, patch_size_t=1,
+        qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=32, pooled_projection_dim=16,
+        rope_theta=256.0, rope_axes_dim=(16, 56, 56),
+    )
+    cases.append(("tiny_c", cfg_c, 3, torch.bfloat16, "transformer", "10GB",
+                  dict(batch=2, latent=(3, 12, 18), n_txt=40, lengths=[17, 40])))
+    for name, cfg, seed, dtype, sub, shard, shapes in cases:
+        if not only or name in only:
+            make(out, name, cfg, seed, dtype, sub, shard, **shapes)
     # config.json files are written by save_pretrained; echo them for the record
     for p in sorted(out.rglob("config.json")):
         json.loads(p.read_text())

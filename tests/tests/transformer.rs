@@ -49,6 +49,13 @@ fn tiny_a_matches_diffusers() {
 }
 
 #[test]
+fn tiny_c_matches_diffusers() {
+    // SkyReels' head dim (one head of 128, RoPE axes 16/56/56), bf16 storage, batch 2 with text
+    // padding: on the CPU in f32, and the fixture the GPU test runs FlashAttention on
+    check_parity("tiny_c", &fixture("transformer/tiny_c"));
+}
+
+#[test]
 fn tiny_b_matches_diffusers() {
     // bare-repo layout, bf16 shards + index, patch 1 x temporal patch 2, no guidance embedder
     check_parity("tiny_b", &fixture("transformer/tiny_b/model"));
@@ -57,32 +64,42 @@ fn tiny_b_matches_diffusers() {
 /// The tiny fixtures on the GPU: f32 as on the CPU (cuBLAS and candle's kernels differ from the
 /// CPU only in summation order), and bf16 within bf16's precision: 8 mantissa bits (relative
 /// rounding 2^-9 = 2e-3 per op) accumulated over two blocks' matmuls and norms gives ~1e-2.
+/// tiny_c has head dim 128, so its bf16 run goes through FlashAttention-2 inside the model (with
+/// per-sample key counts from the padded text), which adds two bf16 roundings per attention
+/// (probabilities and output): the same 3e-2 bound holds, while a wrong key count, stride or
+/// layout inside the model gives errors of order 0.1-1.
 #[cfg(feature = "cuda")]
 #[test]
 fn cuda_matches_the_reference_in_f32_and_bf16() {
     let dev = Device::new_cuda(0).expect("a CUDA GPU for the cuda feature's tests");
-    let io = load_tensors(&fixture("transformer/tiny_a/io.safetensors"));
-    let want = &io["output"];
-    for (dtype, tol) in [(DType::F32, F32_TOL), (DType::BF16, 3e-2)] {
-        let model = load_transformer(&fixture("transformer/tiny_a"), dtype, &dev).unwrap();
-        let on_dev: HashMap<String, Tensor> = io
-            .iter()
-            .map(|(k, v)| {
-                let v = if v.dtype().is_float() {
-                    v.to_dtype(dtype).unwrap()
-                } else {
-                    v.clone()
-                };
-                (k.clone(), v.to_device(&dev).unwrap())
-            })
-            .collect();
-        let got = forward(&model, &on_dev)
-            .to_dtype(DType::F32)
-            .unwrap()
-            .to_device(&Device::Cpu)
-            .unwrap();
-        let err = rel_l2(&got, want);
-        assert!(err <= tol, "{dtype:?} on CUDA: relative L2 error {err:e}");
+    for case in ["tiny_a", "tiny_c"] {
+        let io = load_tensors(&fixture(&format!("transformer/{case}/io.safetensors")));
+        let want = &io["output"];
+        for (dtype, tol) in [(DType::F32, F32_TOL), (DType::BF16, 3e-2)] {
+            let model =
+                load_transformer(&fixture(&format!("transformer/{case}")), dtype, &dev).unwrap();
+            let on_dev: HashMap<String, Tensor> = io
+                .iter()
+                .map(|(k, v)| {
+                    let v = if v.dtype().is_float() {
+                        v.to_dtype(dtype).unwrap()
+                    } else {
+                        v.clone()
+                    };
+                    (k.clone(), v.to_device(&dev).unwrap())
+                })
+                .collect();
+            let got = forward(&model, &on_dev)
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_device(&Device::Cpu)
+                .unwrap();
+            let err = rel_l2(&got, want);
+            assert!(
+                err <= tol,
+                "{case}, {dtype:?} on CUDA: relative L2 error {err:e}"
+            );
+        }
     }
 }
 
