@@ -48,8 +48,8 @@ def crop_start(tokenizer) -> int:
     return len(tokenizer(DEFAULT_PROMPT_TEMPLATE["template"].split("{}")[0]).input_ids)
 
 
-def run_case(name, pipe, req, image=None):
-    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+def run_case(name, pipe, req, image=None, seed_name=None):
+    gen = torch.Generator().manual_seed(zlib.crc32((seed_name or name).encode()))
     h, w, f = req["height"], req["width"], req["num_frames"]
     latents = torch.randn(1, 16, (f - 1) // 4 + 1, h // 8, w // 8, generator=gen)
     template = {"template": DEFAULT_PROMPT_TEMPLATE["template"], "crop_start": crop_start(pipe.tokenizer)}

@@ -89,7 +89,7 @@ pack)
     . target/cuda/env.sh
     export CARGO_TARGET_DIR=target/cuda-build
     cargo build --release --locked --features cuda -p skyreels-cli
-    tests=$(cargo test --release --locked --features cuda -p skyreels-tests --no-run --message-format=json 2>/dev/null |
+    tests=$(cargo test --release --locked --features cuda -p skyreels-tests --no-run --message-format=json |
         python3 -c 'import json,sys
 for line in sys.stdin:
     m = json.loads(line)

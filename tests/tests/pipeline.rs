@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 use skyreels_pipeline::export::{write_output, Frames8};
 use skyreels_pipeline::generate::{
-    GenerateError, GenerateParams, ModelPaths, Pipeline, DEFAULT_NEGATIVE_PROMPT,
+    CacheSpec, GenerateError, GenerateParams, ModelPaths, Pipeline, DEFAULT_NEGATIVE_PROMPT,
 };
 use skyreels_pipeline::scheduler::{FlowMatchEuler, SchedulerConfig};
 use skyreels_tests::{fixture, load_metadata, load_tensors, tiny_weights};
@@ -45,6 +45,10 @@ fn params(io: &HashMap<String, Tensor>, req: &Value) -> GenerateParams {
         embedded_guidance_scale: num("embedded_guidance_scale"),
         seed: 0,
         noise: Some(io["latents"].clone()),
+        // the step-cache fixtures name theirs ("first-block:T", "teacache:T")
+        cache: req["cache"]
+            .as_str()
+            .map_or(CacheSpec::None, |c| c.parse().unwrap()),
     }
 }
 
@@ -91,6 +95,62 @@ fn check(name: &str, pipe: &Pipeline) {
     );
     let err = max_abs(&video.frames, &io["frames"]);
     assert!(err <= FRAME_TOL, "{name}: max abs error {err:e}");
+    // no cache: every forward ran, two per step with true CFG
+    let per_step = if p.guidance_scale > 1.0 { 2 } else { 1 };
+    let t = &video.timings;
+    assert_eq!(
+        (t.forwards_computed, t.forwards_cached),
+        (per_step * p.steps, 0)
+    );
+}
+
+/// Step caching against its references (`scripts/gen_cache_fixtures.py`): diffusers 0.42.1's
+/// first-block cache (`FirstBlockCacheConfig`, the I2V pipeline's two calls wrapped in
+/// cache_context("cond") / ("uncond") as its T2V pipeline does) and the committed TeaCache
+/// reference (`scripts/teacache_reference.py`), true CFG on and off, two thresholds each, 10
+/// steps. The frames are held to the uncached end-to-end bound (FRAME_TOL: a reused residual is
+/// the same f32 arithmetic as in diffusers), and the sequence of computed and cached forwards
+/// must be the reference's exactly. Each threshold was picked so that the reference makes the
+/// same sequence at 0.99 T and 1.01 T, so the ~1e-6 relative difference of the change measure
+/// (f32 summation order) cannot flip a decision; we check the same margin on our side.
+#[test]
+fn step_caches_match_their_references() {
+    let pipe = pipeline(None);
+    for method in ["fbc", "tea"] {
+        for cfg in ["cfg", "nocfg"] {
+            for variant in ["a", "b"] {
+                let name = format!("cache_{method}_{cfg}_{variant}");
+                let (io, req) = case(&name);
+                let want: Vec<bool> = serde_json::from_value(req["decisions"].clone()).unwrap();
+                assert!(
+                    want.contains(&true) && want.contains(&false),
+                    "{name}: {want:?}"
+                );
+                let p = params(&io, &req);
+                let video = pipe.generate(&p, &mut |_, _| true).unwrap();
+                let t = &video.timings;
+                assert_eq!(t.forward_decisions, want, "{name}");
+                let computed = want.iter().filter(|&&c| c).count();
+                assert_eq!(
+                    (t.forwards_computed, t.forwards_cached),
+                    (computed, want.len() - computed),
+                    "{name}"
+                );
+                let err = max_abs(&video.frames, &io["frames"]);
+                assert!(err <= FRAME_TOL, "{name}: max abs error {err:e}");
+                for f in [0.99, 1.01] {
+                    let cache = match p.cache {
+                        CacheSpec::FirstBlock(t) => CacheSpec::FirstBlock(t * f),
+                        CacheSpec::TeaCache(t) => CacheSpec::TeaCache(t * f),
+                        CacheSpec::None => unreachable!("{name} names a cache"),
+                    };
+                    let q = GenerateParams { cache, ..p.clone() };
+                    let v = pipe.generate(&q, &mut |_, _| true).unwrap();
+                    assert_eq!(v.timings.forward_decisions, want, "{name} at {cache}");
+                }
+            }
+        }
+    }
 }
 
 /// The whole I2V pipeline (text encoders, transformer, VAE) in f32 on the GPU, against the

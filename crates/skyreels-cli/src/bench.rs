@@ -14,7 +14,7 @@ use skyreels_models::{
     TransformerInputs, VaeConfig,
 };
 use skyreels_pipeline::conditioning::HIDDEN_STATE_SKIP;
-use skyreels_pipeline::generate::guided_velocity;
+use skyreels_pipeline::generate::{guided_velocity, CacheSpec, StepCache};
 use skyreels_pipeline::runtime::{gib, PeakMemory};
 use std::time::Instant;
 
@@ -341,6 +341,10 @@ pub(crate) fn bench(args: BenchArgs) -> Result<()> {
                         Some(&neg),
                         Some(&guidance),
                         6.0,
+                        &mut [
+                            StepCache::new(CacheSpec::None, 1),
+                            StepCache::new(CacheSpec::None, 1),
+                        ],
                     )?)
                 },
             )?);

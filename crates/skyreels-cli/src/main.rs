@@ -130,6 +130,12 @@ struct GenerateArgs {
     /// Frames per second of the MP4, 1 to 120.
     #[arg(long, default_value_t = params::FPS)]
     fps: f64,
+    /// Step caching: `none`, `first-block:T` (reuse the rest of the transformer when the first
+    /// block's residual changed by less than T relative to the last computed step, as diffusers'
+    /// FirstBlockCacheConfig; e.g. first-block:0.05) or `teacache:T` (TeaCache4HunyuanVideo's
+    /// accumulated, rescaled input change; e.g. teacache:0.1). Faster, at some quality cost.
+    #[arg(long, value_name = "SPEC", default_value = "none")]
+    cache: params::CacheSpec,
     /// A safetensors file whose tensor `latents` [1, C, T, H/8, W/8] (f32) replaces the seeded
     /// initial noise.
     #[arg(long)]
@@ -272,6 +278,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         embedded_guidance_scale: args.embedded_guidance_scale,
         seed,
         noise,
+        cache: args.cache,
     };
     check_limits(&p, args.fps, &args.output)?;
     eprintln!(
@@ -353,14 +360,17 @@ fn print_timings(t: &StageTimings, export: std::time::Duration, total: std::time
     let s = |d: std::time::Duration| d.as_secs_f64();
     eprintln!(
         "timings: load {:.2}s, text encoding {:.2}s, image encoding {:.2}s, denoising {:.2}s, \
-         VAE decoding {:.2}s, export {:.2}s, total {:.2}s",
+         VAE decoding {:.2}s, export {:.2}s, total {:.2}s; transformer forwards: {} computed, \
+         {} from the cache",
         s(t.load),
         s(t.text_encoding),
         s(t.image_encoding),
         s(t.denoising),
         s(t.decoding),
         s(export),
-        s(total)
+        s(total),
+        t.forwards_computed,
+        t.forwards_cached
     );
     if let Some(peaks) = &t.peak_memory {
         eprintln!("peak device memory: {peaks}");

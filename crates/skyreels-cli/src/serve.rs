@@ -6,7 +6,7 @@ use clap::{Args, ValueEnum};
 use skyreels_pipeline::export::write_output;
 use skyreels_pipeline::generate::{GenerateError, GenerateParams, Pipeline};
 use skyreels_server::generator::{
-    GenerateFailure, GenerationRequest, Generator, ModelInfo, StageTimings,
+    GenerateFailure, Generated, GenerationRequest, Generator, ModelInfo,
 };
 use skyreels_server::{Server, ServerConfig};
 use std::path::{Path, PathBuf};
@@ -93,6 +93,15 @@ pub struct ServeArgs {
     /// default 960x544, 97 frames, 30 steps is 1,520); larger submits get a 400 that says so.
     #[arg(long, env = "SKYREELS_MAX_WORK", default_value_t = 3000.0)]
     max_work: f64,
+    /// Step caching of tasks whose submit has no `cache` field: `none`, `first-block:T` or
+    /// `teacache:T` (see `skyreels generate --help`).
+    #[arg(
+        long,
+        env = "SKYREELS_CACHE",
+        value_name = "SPEC",
+        default_value = "none"
+    )]
+    cache: skyreels_params::CacheSpec,
     /// Seconds a task may run before it is stopped (status failed, code 5004); 0: no limit.
     #[arg(long, env = "SKYREELS_MAX_TASK_SECONDS", default_value_t = 7200)]
     max_task_seconds: u64,
@@ -136,7 +145,7 @@ impl Generator for PipelineGenerator {
         req: &GenerationRequest,
         output: &Path,
         progress: &mut dyn FnMut(usize, usize) -> bool,
-    ) -> Result<StageTimings, GenerateFailure> {
+    ) -> Result<Generated, GenerateFailure> {
         let params = GenerateParams {
             prompt: req.prompt.clone(),
             negative_prompt: req.negative_prompt.clone(),
@@ -149,6 +158,7 @@ impl Generator for PipelineGenerator {
             embedded_guidance_scale: req.embedded_guidance_scale,
             seed: req.seed,
             noise: None,
+            cache: req.cache,
         };
         let video = self
             .pipeline
@@ -166,13 +176,19 @@ impl Generator for PipelineGenerator {
         if let Some(peaks) = &t.peak_memory {
             tracing::info!(%peaks, "peak device memory per stage");
         }
-        Ok(vec![
-            ("text_encoding", t.text_encoding),
-            ("image_encoding", t.image_encoding),
-            ("denoising", t.denoising),
-            ("decoding", t.decoding),
-            ("export", start.elapsed()),
-        ])
+        Ok(Generated {
+            stages: vec![
+                ("text_encoding", t.text_encoding),
+                ("image_encoding", t.image_encoding),
+                ("denoising", t.denoising),
+                ("decoding", t.decoding),
+                ("export", start.elapsed()),
+            ],
+            counts: vec![
+                ("forwards_computed", t.forwards_computed as u64),
+                ("forwards_cached", t.forwards_cached as u64),
+            ],
+        })
     }
 }
 
@@ -232,6 +248,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     config.allowed_hosts = args.allowed_hosts;
     config.protect_ops = args.protect_ops;
     config.max_work = args.max_work;
+    config.cache = args.cache;
     config.max_task_time =
         (args.max_task_seconds > 0).then(|| Duration::from_secs(args.max_task_seconds));
     config.header_timeout = Duration::from_secs(args.header_timeout);

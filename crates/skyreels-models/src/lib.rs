@@ -9,5 +9,7 @@ pub mod text_encoders;
 pub mod transformer;
 pub mod vae;
 
-pub use transformer::{HunyuanVideoTransformer3DModel, TransformerConfig, TransformerInputs};
+pub use transformer::{
+    CacheSpec, HunyuanVideoTransformer3DModel, StepCache, TransformerConfig, TransformerInputs,
+};
 pub use vae::{AutoencoderKLHunyuanVideo, Tiling, VaeConfig};

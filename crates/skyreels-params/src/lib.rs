@@ -182,9 +182,92 @@ pub fn fit_image(img: &RgbImage, width: usize, height: usize) -> RgbImage {
     image::imageops::resize(&crop, width as u32, height as u32, FilterType::Lanczos3)
 }
 
+/// Step caching across denoising steps (`--cache`, the submit body's `cache`): off, ParaAttention's
+/// first-block cache as diffusers 0.42.1's `FirstBlockCacheConfig(threshold)`, or TeaCache
+/// (TeaCache4HunyuanVideo) with its `rel_l1_thresh`. Written `none`, `first-block:T`,
+/// `teacache:T`.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub enum CacheSpec {
+    #[default]
+    None,
+    FirstBlock(f64),
+    TeaCache(f64),
+}
+
+/// The thresholds a cache spec accepts.
+pub const CACHE_THRESHOLD: FloatRange = FloatRange {
+    min: 0.0,
+    max: 10.0,
+};
+
+/// The accepted forms, for messages.
+pub const CACHE_FORMS: &str =
+    "none, first-block:THRESHOLD or teacache:THRESHOLD (THRESHOLD a number \
+     above 0 and at most 10, e.g. first-block:0.05, teacache:0.1)";
+
+impl std::str::FromStr for CacheSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("must be {CACHE_FORMS}, got {s:?}");
+        if s == "none" {
+            return Ok(CacheSpec::None);
+        }
+        let (kind, t) = s.split_once(':').ok_or_else(bad)?;
+        let t: f64 = t.parse().map_err(|_| bad())?;
+        if !CACHE_THRESHOLD.contains(t) || t <= 0.0 {
+            return Err(bad());
+        }
+        match kind {
+            "first-block" => Ok(CacheSpec::FirstBlock(t)),
+            "teacache" => Ok(CacheSpec::TeaCache(t)),
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl std::fmt::Display for CacheSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CacheSpec::None => f.write_str("none"),
+            CacheSpec::FirstBlock(t) => write!(f, "first-block:{t}"),
+            CacheSpec::TeaCache(t) => write!(f, "teacache:{t}"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cache_specs_parse_print_and_refuse() {
+        for (text, spec) in [
+            ("none", CacheSpec::None),
+            ("first-block:0.05", CacheSpec::FirstBlock(0.05)),
+            ("teacache:0.1", CacheSpec::TeaCache(0.1)),
+            ("teacache:10", CacheSpec::TeaCache(10.0)),
+        ] {
+            assert_eq!(text.parse::<CacheSpec>(), Ok(spec));
+            assert_eq!(spec.to_string().parse::<CacheSpec>(), Ok(spec));
+        }
+        for bad in [
+            "",
+            "None",
+            "first-block",
+            "first-block:",
+            "first-block:0",
+            "first-block:-0.1",
+            "teacache:nan",
+            "teacache:inf",
+            "teacache:10.5",
+            "tea:0.1",
+            "first-block:0.05:1",
+        ] {
+            let err = bad.parse::<CacheSpec>().unwrap_err();
+            assert!(err.contains("first-block:THRESHOLD"), "{bad}: {err}");
+        }
+    }
 
     #[test]
     fn defaults_limits_and_work() {

@@ -17,6 +17,7 @@ use skyreels_models::{
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+pub use skyreels_models::{CacheSpec, StepCache};
 pub use skyreels_params::{fit_image, GenerationDefaults, DEFAULT_NEGATIVE_PROMPT};
 
 #[derive(Debug, thiserror::Error)]
@@ -108,6 +109,8 @@ pub struct GenerateParams {
     pub seed: u64,
     /// Replaces the seeded initial noise: (1, latent channels, latent frames, h / 8, w / 8).
     pub noise: Option<Tensor>,
+    /// Step caching across the denoising steps (off: [`CacheSpec::None`]).
+    pub cache: CacheSpec,
 }
 
 /// Time spent per stage, and on CUDA the peak device memory of each.
@@ -120,6 +123,13 @@ pub struct StageTimings {
     pub decoding: Duration,
     /// Peak bytes in use on the device per generation stage (CUDA only; see [`PeakMemory`]).
     pub peak_memory: Option<StagePeaks>,
+    /// Transformer forwards whose blocks ran, and forwards served from the step cache (true
+    /// CFG: two forwards per step).
+    pub forwards_computed: usize,
+    pub forwards_cached: usize,
+    /// Per forward, in order (the conditional before the unconditional one of a step): whether
+    /// its blocks ran.
+    pub forward_decisions: Vec<bool>,
 }
 
 /// Peak device memory in bytes during each generation stage.
@@ -343,6 +353,11 @@ impl Pipeline {
             None => seeded_noise(&shape, p.seed, &self.device)?,
         };
         let schedule = FlowMatchEuler::new(&self.scheduler, p.steps);
+        // one cache per CFG branch, as diffusers' cache_context("cond") / ("uncond")
+        let mut caches = [
+            StepCache::new(p.cache, schedule.steps()),
+            StepCache::new(p.cache, schedule.steps()),
+        ];
         let guidance = self.transformer.config().guidance_embeds.then(|| {
             // [g] in the transformer dtype, then × 1000 (also in that dtype)
             Tensor::new(&[p.embedded_guidance_scale as f32], &self.device)
@@ -365,6 +380,7 @@ impl Pipeline {
                 negative.as_ref(),
                 guidance.as_ref(),
                 p.guidance_scale,
+                &mut caches,
             )?;
             latents = schedule.step(i, &v, &latents)?;
             // GPU work is queued: wait for the step so progress reports finished steps
@@ -375,6 +391,15 @@ impl Pipeline {
         }
         let (elapsed, peak_denoise) = self.stage_end(start, &memory)?;
         timings.denoising = elapsed;
+        timings.forwards_computed = caches.iter().map(StepCache::computed).sum();
+        timings.forwards_cached = caches.iter().map(StepCache::cached).sum();
+        // interleaved per step: cond, then uncond when true CFG ran
+        let [cond, uncond] = &caches;
+        timings.forward_decisions = (0..cond.decisions().len())
+            .flat_map(|i| {
+                std::iter::once(cond.decisions()[i]).chain(uncond.decisions().get(i).copied())
+            })
+            .collect();
 
         let start = Instant::now();
         let vae_dtype = self.dtype;
@@ -444,6 +469,8 @@ pub fn seeded_noise(shape: &[usize], seed: u64, device: &Device) -> candle_core:
 
 /// The velocity of one denoising step: the transformer on the prompt and, with true CFG (a
 /// negative prompt), `v_neg + scale · (v − v_neg)` with the transformer on the negative prompt.
+/// `caches` are the step caches of the conditional and the unconditional branch.
+#[allow(clippy::too_many_arguments)]
 pub fn guided_velocity(
     transformer: &HunyuanVideoTransformer3DModel,
     x: &Tensor,
@@ -452,21 +479,26 @@ pub fn guided_velocity(
     negative: Option<&PromptEmbeds>,
     guidance: Option<&Tensor>,
     scale: f64,
+    caches: &mut [StepCache; 2],
 ) -> candle_core::Result<Tensor> {
-    let run = |e: &PromptEmbeds| {
-        transformer.forward(&TransformerInputs {
-            hidden_states: x,
-            timestep,
-            encoder_hidden_states: &e.embeds,
-            encoder_attention_mask: &e.mask,
-            pooled_projections: &e.pooled,
-            guidance,
-        })
+    let run = |e: &PromptEmbeds, cache: &mut StepCache| {
+        transformer.forward_cached(
+            &TransformerInputs {
+                hidden_states: x,
+                timestep,
+                encoder_hidden_states: &e.embeds,
+                encoder_attention_mask: &e.mask,
+                pooled_projections: &e.pooled,
+                guidance,
+            },
+            Some(cache),
+        )
     };
-    let v = run(positive)?;
+    let [cond, uncond] = caches;
+    let v = run(positive, cond)?;
     match negative {
         Some(neg) => {
-            let v_neg = run(neg)?;
+            let v_neg = run(neg, uncond)?;
             &v_neg + ((v - &v_neg)? * scale)?
         }
         None => Ok(v),

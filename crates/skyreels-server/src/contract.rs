@@ -283,6 +283,53 @@ impl PartialSchema for Flag {
 
 impl ToSchema for Flag {}
 
+/// Step caching for one task (our extension): `none`, `first-block:T` or `teacache:T`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Cache(pub params::CacheSpec);
+
+impl Serialize for Cache {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Cache {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct CacheVisitor;
+        impl Visitor<'_> for CacheVisitor {
+            type Value = Cache;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                write!(f, "a string: {}", params::CACHE_FORMS)
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Cache, E> {
+                v.parse().map(Cache).map_err(E::custom)
+            }
+        }
+        d.deserialize_str(CacheVisitor)
+    }
+}
+
+impl PartialSchema for Cache {
+    fn schema() -> RefOr<Schema> {
+        describe(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some(
+                    r"^(none|(first-block|teacache):[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?)$",
+                ))
+                .examples(["first-block:0.05", "teacache:0.1"]),
+            "Step caching across denoising steps (an extension of this server): `none`, \
+             `first-block:T` (diffusers' FirstBlockCacheConfig(threshold=T): reuse the rest of \
+             the transformer while the first block's residual changes by less than T, e.g. 0.05) \
+             or `teacache:T` (TeaCache4HunyuanVideo with rel_l1_thresh T, e.g. 0.1); T above 0 \
+             and at most 10. Faster at some quality cost. Default: the server's --cache (none \
+             unless set).",
+        )
+    }
+}
+
+impl ToSchema for Cache {}
+
 /// Landscape or portrait output.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub enum AspectRatio {
@@ -345,6 +392,9 @@ pub struct SubmitRequest {
     /// Where to POST the finished prediction (same as the `?webhook=` query).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub webhook_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(inline)]
+    pub cache: Option<Cache>,
 }
 
 impl SubmitRequest {
@@ -416,7 +466,9 @@ pub struct Prediction {
     /// Milliseconds between start and end.
     #[serde(rename = "executionTime")]
     pub execution_time: u64,
-    /// Milliseconds per stage, and their sum as `inference`.
+    /// Milliseconds per stage, and their sum as `inference`; with them two counts (not
+    /// milliseconds): `forwards_computed` and `forwards_cached`, the transformer forwards whose
+    /// blocks ran and those served from the step cache (`cache`).
     pub timings: BTreeMap<String, u64>,
     /// The request's known fields as received (a long data: URI shortened).
     pub input: SubmitRequest,

@@ -35,6 +35,7 @@ pub struct GenerationRequest {
     pub embedded_guidance_scale: f64,
     pub seed: u64,
     pub fps: f64,
+    pub cache: skyreels_params::CacheSpec,
 }
 
 /// Why a generation did not produce a video.
@@ -54,6 +55,15 @@ pub enum GenerateFailure {
 /// Named stage durations of one generation (text encoding, denoising, decoding, export...).
 pub type StageTimings = Vec<(&'static str, Duration)>;
 
+/// What a finished generation reports besides its video.
+#[derive(Debug, Clone, Default)]
+pub struct Generated {
+    pub stages: StageTimings,
+    /// Named counts, shown next to the stage times in the prediction's `timings`
+    /// (`forwards_computed`, `forwards_cached`).
+    pub counts: Vec<(&'static str, u64)>,
+}
+
 /// Makes videos on one device. Runs on the worker thread only.
 pub trait Generator: Send {
     /// The models served; asked once after loading.
@@ -66,7 +76,7 @@ pub trait Generator: Send {
         req: &GenerationRequest,
         output: &Path,
         progress: &mut dyn FnMut(usize, usize) -> bool,
-    ) -> Result<StageTimings, GenerateFailure>;
+    ) -> Result<Generated, GenerateFailure>;
 }
 
 /// Builds the generator on the worker thread (loading weights can take minutes; the server

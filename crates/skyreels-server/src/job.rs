@@ -154,6 +154,9 @@ pub struct JobRecord {
     pub total_steps: usize,
     /// Stage name -> milliseconds.
     pub timings: Vec<(String, u64)>,
+    /// Named counts of the run (transformer forwards computed and cached).
+    #[serde(default)]
+    pub counts: Vec<(String, u64)>,
 }
 
 /// Records written by earlier versions kept the whole request: read what still parses under
@@ -234,6 +237,7 @@ mod tests {
             step: 0,
             total_steps: 30,
             timings: vec![],
+            counts: vec![],
         }
     }
 

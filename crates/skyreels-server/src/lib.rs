@@ -72,6 +72,8 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     /// Connections served at once; more wait to be accepted.
     pub max_connections: usize,
+    /// Step caching of tasks whose submit has no `cache`.
+    pub cache: skyreels_params::CacheSpec,
 }
 
 impl ServerConfig {
@@ -97,6 +99,7 @@ impl ServerConfig {
             body_timeout: Duration::from_secs(120),
             idle_timeout: Duration::from_secs(60),
             max_connections: 1024,
+            cache: skyreels_params::CacheSpec::None,
         }
     }
 }

@@ -53,6 +53,7 @@ pub enum Outcome {
     Completed {
         output: String,
         timings: Vec<(String, u64)>,
+        counts: Vec<(String, u64)>,
     },
     Cancelled,
     Failed(TaskCode, String),
@@ -438,9 +439,14 @@ impl Store {
         let mut inner = self.lock();
         inner.running = None;
         self.update(&mut inner, id, |r| match outcome {
-            Outcome::Completed { output, timings } => {
+            Outcome::Completed {
+                output,
+                timings,
+                counts,
+            } => {
                 r.outputs = vec![output];
                 r.timings = timings;
+                r.counts = counts;
                 r.step = r.total_steps;
                 let _ = r.transition(Status::Completed);
             }

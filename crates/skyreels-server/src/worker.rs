@@ -60,15 +60,21 @@ fn run(state: &AppState, generator: &mut dyn crate::generator::Generator, work: 
         })
     }));
     let mut outcome = match result {
-        Ok(Ok(timings)) => {
-            for (stage, d) in &timings {
+        Ok(Ok(generated)) => {
+            for (stage, d) in &generated.stages {
                 state.metrics.stage(stage, d.as_secs_f64());
             }
             Outcome::Completed {
                 output: file.clone(),
-                timings: timings
+                timings: generated
+                    .stages
                     .iter()
                     .map(|(s, d)| (s.to_string(), d.as_millis() as u64))
+                    .collect(),
+                counts: generated
+                    .counts
+                    .iter()
+                    .map(|(s, n)| (s.to_string(), *n))
                     .collect(),
             }
         }

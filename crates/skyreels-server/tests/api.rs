@@ -8,8 +8,9 @@ use base64::Engine;
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
+use skyreels_params::CacheSpec;
 use skyreels_server::generator::{
-    GenerateFailure, GenerationRequest, Generator, ModelInfo, StageTimings,
+    GenerateFailure, Generated, GenerationRequest, Generator, ModelInfo,
 };
 use skyreels_server::{Server, ServerConfig};
 use std::path::Path;
@@ -73,7 +74,7 @@ impl Generator for Fake {
         req: &GenerationRequest,
         output: &Path,
         progress: &mut dyn FnMut(usize, usize) -> bool,
-    ) -> Result<StageTimings, GenerateFailure> {
+    ) -> Result<Generated, GenerateFailure> {
         self.seen.lock().unwrap().push(req.clone());
         if req.prompt.contains("panic") {
             panic!("fake generator exploded");
@@ -100,10 +101,22 @@ impl Generator for Fake {
             format!("fake mp4 {}x{} seed {}", req.width, req.height, req.seed),
         )
         .unwrap();
-        Ok(vec![
-            ("denoising", Duration::from_millis(40)),
-            ("decoding", Duration::from_millis(2)),
-        ])
+        // as a cache would: with one, the first step computes and the others come from it
+        let cached = if req.cache == CacheSpec::None {
+            0
+        } else {
+            req.steps as u64 - 1
+        };
+        Ok(Generated {
+            stages: vec![
+                ("denoising", Duration::from_millis(40)),
+                ("decoding", Duration::from_millis(2)),
+            ],
+            counts: vec![
+                ("forwards_computed", req.steps as u64 - cached),
+                ("forwards_cached", cached),
+            ],
+        })
     }
 }
 
@@ -275,6 +288,58 @@ fn body(prompt: &str) -> Value {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn step_cache_comes_from_the_submit_or_the_server_default() {
+    let h = start(|c| c.cache = CacheSpec::TeaCache(0.1)).await;
+    let with = |cache: Value| {
+        let mut b = body("FPS-24, a cached cat");
+        b["cache"] = cache;
+        b
+    };
+    let cases = [
+        (
+            body("FPS-24, the server's cache"),
+            CacheSpec::TeaCache(0.1),
+            3,
+        ),
+        (
+            with(json!("first-block:0.05")),
+            CacheSpec::FirstBlock(0.05),
+            3,
+        ),
+        (with(json!("none")), CacheSpec::None, 0),
+    ];
+    for (i, (b, want, cached)) in cases.into_iter().enumerate() {
+        let (s, v) = h.submit(b.clone()).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        let d = h
+            .wait(v["data"]["id"].as_str().unwrap(), &["completed"])
+            .await;
+        assert_eq!(h.seen.lock().unwrap()[i].cache, want, "{b}");
+        assert_eq!(
+            d["input"]["cache"],
+            b.get("cache").cloned().unwrap_or(Value::Null)
+        );
+        assert_eq!(d["timings"]["forwards_cached"], cached, "{d}");
+        assert_eq!(d["timings"]["forwards_computed"], 4 - cached, "{d}");
+        assert_eq!(d["timings"]["inference"], 42, "{d}");
+    }
+    for bad in [
+        json!("fast"),
+        json!("first-block:0"),
+        json!("teacache:"),
+        json!(0.1),
+    ] {
+        let (s, v) = h.submit(with(bad.clone())).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{bad}: {v}");
+        let m = v["message"].as_str().unwrap();
+        assert!(
+            m.contains("cache") && m.contains("first-block:THRESHOLD"),
+            "{bad}: {m}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn async_task_runs_to_completion_with_the_prediction_shape() {
     let h = start(|_| {}).await;
     let (s, v) = h.submit(body("FPS-24, a cat")).await;
@@ -305,6 +370,9 @@ async fn async_task_runs_to_completion_with_the_prediction_shape() {
     assert_eq!(d["progress"], json!({"step": 4, "total": 4}));
     assert_eq!(d["has_nsfw_contents"], json!([false]));
     assert_eq!(d["timings"]["inference"], 42);
+    // counts ride along in timings, outside the inference sum
+    assert_eq!(d["timings"]["forwards_computed"], 4);
+    assert_eq!(d["timings"]["forwards_cached"], 0);
     assert!(d["executionTime"].as_u64().is_some());
     assert!(d["started_at"].is_string() && d["completed_at"].is_string());
     let url = d["outputs"][0].as_str().unwrap();

@@ -3,8 +3,10 @@
 //! Struct and field names follow diffusers' `transformer_hunyuan_video.py`, so the state-dict keys
 //! of a checkpoint are exactly the `vb.pp(..)` paths below.
 
+mod cache;
 mod config;
 
+pub use cache::{CacheSpec, StepCache, TEACACHE_COEFFICIENTS};
 pub use config::TransformerConfig;
 
 use crate::layers::{
@@ -450,6 +452,13 @@ impl TransformerBlock {
         })
     }
 
+    /// `norm1(x, temb)`'s normed and modulated image input (what the attention sees): TeaCache's
+    /// change signal.
+    fn modulated_input(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
+        let m = modulation(&self.norm1, temb, 6)?;
+        layer_norm_modulate(x, &m[0], &m[1], NORM_EPS)
+    }
+
     fn forward(
         &self,
         x: &Tensor,
@@ -616,6 +625,28 @@ impl HunyuanVideoTransformer3DModel {
         self.attention_budget = elements.max(1);
     }
 
+    /// `doubles` then every single block over image tokens `x` and text tokens `c`; returns the
+    /// image tokens.
+    fn stack(
+        &self,
+        doubles: &[TransformerBlock],
+        mut x: Tensor,
+        mut c: Tensor,
+        temb: &Tensor,
+        rope: (&Tensor, &Tensor),
+        ctx: &AttnCtx,
+    ) -> Result<Tensor> {
+        let n_img = x.dim(1)?;
+        for block in doubles {
+            (x, c) = block.forward(&x, &c, temb, rope, ctx)?;
+        }
+        let mut s = Tensor::cat(&[x, c], 1)?;
+        for block in &self.single_transformer_blocks {
+            s = block.forward(&s, temb, rope, ctx)?;
+        }
+        s.narrow(1, 0, n_img)
+    }
+
     /// RoPE tables for a token grid, cached for the last grid seen.
     fn rope(&self, grid: (usize, usize, usize)) -> Result<(Tensor, Tensor)> {
         let mut cache = self.rope_cache.lock().unwrap_or_else(|e| e.into_inner());
@@ -646,6 +677,16 @@ impl HunyuanVideoTransformer3DModel {
 
     /// Predicts the flow-matching velocity, (b, out_channels, t, h, w) in the model dtype.
     pub fn forward(&self, inp: &TransformerInputs) -> Result<Tensor> {
+        self.forward_cached(inp, None)
+    }
+
+    /// [`Self::forward`] through a step cache (one per CFG branch, across one generation's
+    /// steps): the blocks may be skipped in favour of a stored residual (see [`StepCache`]).
+    pub fn forward_cached(
+        &self,
+        inp: &TransformerInputs,
+        cache: Option<&mut StepCache>,
+    ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let dt = self.dtype;
         let (b, c_in, t, h, w) = inp.hidden_states.dims5()?;
@@ -699,27 +740,61 @@ impl HunyuanVideoTransformer3DModel {
         )?;
         // (b, c, t, h, w) -> (b, dim, gt, gh, gw) -> (b, gt·gh·gw, dim)
         let x = self.x_embedder.forward(&inp.hidden_states.to_dtype(dt)?)?;
-        let mut x = x.flatten_from(2)?.transpose(1, 2)?.contiguous()?;
+        let x = x.flatten_from(2)?.transpose(1, 2)?.contiguous()?;
         let ctx = AttnCtx {
             key_counts: text_mask.joint_key_counts(n_img),
             text_mask,
             budget: self.attention_budget,
         };
-        let mut c = self.context_embedder.forward(
-            &inp.encoder_hidden_states.to_dtype(dt)?,
-            inp.timestep,
-            inp.encoder_attention_mask,
-            &ctx,
-        )?;
-
-        for block in &self.transformer_blocks {
-            (x, c) = block.forward(&x, &c, &temb, (&cos, &sin), &ctx)?;
-        }
-        let mut s = Tensor::cat(&[x, c], 1)?;
-        for block in &self.single_transformer_blocks {
-            s = block.forward(&s, &temb, (&cos, &sin), &ctx)?;
-        }
-        let x = s.narrow(1, 0, n_img)?;
+        let context = || {
+            self.context_embedder.forward(
+                &inp.encoder_hidden_states.to_dtype(dt)?,
+                inp.timestep,
+                inp.encoder_attention_mask,
+                &ctx,
+            )
+        };
+        let rope = (&cos, &sin);
+        let stack = |doubles: &[TransformerBlock], x: Tensor, c: Tensor| {
+            self.stack(doubles, x, c, &temb, rope, &ctx)
+        };
+        let spec = cache.as_ref().map_or(CacheSpec::None, |c| c.spec());
+        let x = match (spec, cache) {
+            (CacheSpec::FirstBlock(_), Some(cache)) => {
+                let Some((first, rest)) = self.transformer_blocks.split_first() else {
+                    bail!("the first-block cache needs a transformer with a double block")
+                };
+                let (head, c) = first.forward(&x, &context()?, &temb, rope, &ctx)?;
+                match cache.first_block(&x, &head)? {
+                    cache::Plan::Reuse(x) => x,
+                    cache::Plan::Compute => {
+                        let out = stack(rest, head.clone(), c)?;
+                        cache.first_block_computed(&head, &out)?;
+                        out
+                    }
+                }
+            }
+            (CacheSpec::TeaCache(_), Some(cache)) => {
+                let Some(first) = self.transformer_blocks.first() else {
+                    bail!("TeaCache needs a transformer with a double block")
+                };
+                let modulated = first.modulated_input(&x, &temb)?;
+                match cache.teacache(&modulated, &x)? {
+                    cache::Plan::Reuse(x) => x,
+                    cache::Plan::Compute => {
+                        let out = stack(&self.transformer_blocks, x.clone(), context()?)?;
+                        cache.teacache_computed(&x, &out)?;
+                        out
+                    }
+                }
+            }
+            (_, cache) => {
+                if let Some(cache) = cache {
+                    cache.record(true);
+                }
+                stack(&self.transformer_blocks, x, context()?)?
+            }
+        };
 
         // norm_out: (scale, shift), in that order
         let m = modulation(&self.norm_out, &temb, 2)?;

@@ -29,6 +29,8 @@ pub async fn prediction(
     }
     let mut timings: BTreeMap<String, u64> = r.timings.iter().cloned().collect();
     timings.insert("inference".into(), r.timings.iter().map(|(_, ms)| ms).sum());
+    // counts, not milliseconds: outside the inference sum
+    timings.extend(r.counts.iter().cloned());
     Prediction {
         id: r.id.clone(),
         model: r.model.clone(),

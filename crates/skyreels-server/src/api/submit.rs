@@ -38,6 +38,7 @@ struct Checked {
     /// Portrait from aspect_ratio "9:16"; `None`: follow the image.
     portrait: Option<bool>,
     webhook: Option<String>,
+    cache: params::CacheSpec,
 }
 
 /// The rules no single field carries: required fields, the model's mode and size multiple,
@@ -136,6 +137,7 @@ fn check(
         size,
         portrait: r.aspect_ratio.map(|a| a == AspectRatio::Portrait),
         webhook,
+        cache: r.cache.map_or(config.cache, |c| c.0),
     })
 }
 
@@ -271,6 +273,7 @@ pub async fn submit(
         step: 0,
         total_steps: c.steps,
         timings: vec![],
+        counts: vec![],
     };
     let task_id = record.id.clone();
     let (mut watch, written) = state.store.admit(record).map_err(|e| match e {
@@ -357,6 +360,7 @@ async fn prepare(
             embedded_guidance_scale: c.embedded_guidance_scale,
             seed: c.seed,
             fps: c.fps,
+            cache: c.cache,
         },
     );
 }

@@ -1,0 +1,207 @@
+//! Step caching: reusing the transformer blocks' residual from an earlier denoising step when the
+//! input has barely changed. Two policies, each exact to its reference:
+//!
+//! - **First-block cache** (ParaAttention; diffusers 0.42.1 `FirstBlockCacheConfig`, hooks in
+//!   `diffusers/hooks/first_block_cache.py`): the first double block always runs; its image-token
+//!   residual (output − input) is compared with the one of the last computed step as
+//!   `mean|r − r_prev| / mean|r_prev|`. Above the threshold every other block runs and the cache
+//!   keeps the first block's output, its residual and the residual of the rest of the stack (last
+//!   single block's image tokens − first block's output); at or below it, the first block's output
+//!   plus that stored residual stands in for the stack, and nothing is refreshed.
+//! - **TeaCache** (TeaCache4HunyuanVideo): the first double block's modulated normed image input
+//!   (`norm1` LayerNorm × (1 + scale) + shift) is compared with the previous step's as
+//!   `mean|m − m_prev| / mean|m_prev|`, rescaled by HunyuanVideo's published polynomial and
+//!   accumulated. The first and the last step always compute; a step computes when the
+//!   accumulation reaches the threshold (which then resets it) and otherwise adds the stored
+//!   residual of the whole stack (last single block's image tokens − the first block's input) to
+//!   its input. The modulated input is stored at every step.
+//!
+//! One [`StepCache`] holds one branch's state: true CFG keeps one for the conditional and one for
+//! the unconditional forward, as diffusers' `cache_context("cond")` / `("uncond")` do.
+
+use candle_core::{DType, Result, Tensor};
+pub use skyreels_params::CacheSpec;
+
+/// TeaCache4HunyuanVideo's rescaling polynomial, highest power first.
+pub const TEACACHE_COEFFICIENTS: [f64; 5] = [
+    7.33226126e+02,
+    -4.01131952e+02,
+    6.75869174e+01,
+    -3.14987800e+00,
+    9.61237896e-02,
+];
+
+/// One branch's cache across the steps of one generation.
+#[derive(Debug)]
+pub struct StepCache {
+    spec: CacheSpec,
+    steps: usize,
+    /// Forwards run so far through this cache.
+    calls: usize,
+    state: State,
+    /// For each forward, whether the blocks ran (true) or the cache served it (false).
+    decisions: Vec<bool>,
+}
+
+#[derive(Debug, Default)]
+enum State {
+    #[default]
+    Empty,
+    FirstBlock {
+        head_residual: Tensor,
+        /// last single block's image tokens − first block's output, of the last computed step
+        tail_residual: Tensor,
+    },
+    TeaCache {
+        previous_modulated: Tensor,
+        accumulated: f64,
+        /// stack output − stack input (image tokens) of the last computed step
+        residual: Option<Tensor>,
+    },
+}
+
+/// What the transformer does for the blocks after the first one.
+pub(crate) enum Plan {
+    /// Run every block.
+    Compute,
+    /// Stand in for the stack with this image-token tensor.
+    Reuse(Tensor),
+}
+
+impl StepCache {
+    /// A cache for a generation of `steps` denoising steps (TeaCache always computes the last).
+    pub fn new(spec: CacheSpec, steps: usize) -> Self {
+        Self {
+            spec,
+            steps,
+            calls: 0,
+            state: State::Empty,
+            decisions: Vec::new(),
+        }
+    }
+
+    pub fn spec(&self) -> CacheSpec {
+        self.spec
+    }
+
+    /// Whether each forward so far ran the blocks (true) or reused the cache (false), in order.
+    pub fn decisions(&self) -> &[bool] {
+        &self.decisions
+    }
+
+    /// Forwards whose blocks ran.
+    pub fn computed(&self) -> usize {
+        self.decisions.iter().filter(|&&c| c).count()
+    }
+
+    /// Forwards served from the cache.
+    pub fn cached(&self) -> usize {
+        self.decisions.len() - self.computed()
+    }
+
+    /// First-block cache, after the first block ran: `input` and `output` its image tokens.
+    pub(crate) fn first_block(&mut self, input: &Tensor, output: &Tensor) -> Result<Plan> {
+        let CacheSpec::FirstBlock(threshold) = self.spec else {
+            candle_core::bail!("first_block on a {} cache", self.spec)
+        };
+        let residual = (output - input)?;
+        let compute = match &self.state {
+            State::FirstBlock { head_residual, .. } => {
+                relative_l1(&residual, head_residual)? > threshold
+            }
+            _ => true,
+        };
+        let plan = if compute {
+            // the tail residual is filled in by `first_block_computed`
+            self.state = State::FirstBlock {
+                head_residual: residual,
+                tail_residual: Tensor::zeros((), output.dtype(), output.device())?,
+            };
+            Plan::Compute
+        } else {
+            let State::FirstBlock { tail_residual, .. } = &self.state else {
+                unreachable!("a skip needs a computed step before it")
+            };
+            Plan::Reuse((tail_residual + output)?)
+        };
+        self.record(matches!(plan, Plan::Compute));
+        Ok(plan)
+    }
+
+    /// First-block cache, after a computed step: the first block's image output and the last
+    /// single block's image output.
+    pub(crate) fn first_block_computed(
+        &mut self,
+        head_output: &Tensor,
+        tail_output: &Tensor,
+    ) -> Result<()> {
+        if let State::FirstBlock { tail_residual, .. } = &mut self.state {
+            *tail_residual = (tail_output - head_output)?;
+        }
+        Ok(())
+    }
+
+    /// TeaCache, before any block runs: `modulated` the first block's modulated normed image
+    /// input, `input` the stack's image-token input.
+    pub(crate) fn teacache(&mut self, modulated: &Tensor, input: &Tensor) -> Result<Plan> {
+        let CacheSpec::TeaCache(threshold) = self.spec else {
+            candle_core::bail!("teacache on a {} cache", self.spec)
+        };
+        let step = self.calls % self.steps.max(1);
+        let (previous, accumulated, residual) = match std::mem::take(&mut self.state) {
+            State::TeaCache {
+                previous_modulated,
+                accumulated,
+                residual,
+            } => (Some(previous_modulated), accumulated, residual),
+            _ => (None, 0.0, None),
+        };
+        let (compute, accumulated) = match previous {
+            Some(prev) if step != 0 && step + 1 != self.steps => {
+                let x = relative_l1(modulated, &prev)?;
+                let acc = accumulated + TEACACHE_COEFFICIENTS.iter().fold(0.0, |p, c| p * x + c);
+                if acc < threshold {
+                    (false, acc)
+                } else {
+                    (true, 0.0)
+                }
+            }
+            _ => (true, 0.0),
+        };
+        let plan = match (&residual, compute) {
+            (Some(r), false) => Plan::Reuse((input + r)?),
+            _ => Plan::Compute,
+        };
+        self.state = State::TeaCache {
+            previous_modulated: modulated.clone(),
+            accumulated,
+            residual,
+        };
+        self.record(matches!(plan, Plan::Compute));
+        Ok(plan)
+    }
+
+    /// TeaCache, after a computed step: the stack's image-token input and output.
+    pub(crate) fn teacache_computed(&mut self, input: &Tensor, output: &Tensor) -> Result<()> {
+        if let State::TeaCache { residual, .. } = &mut self.state {
+            *residual = Some((output - input)?);
+        }
+        Ok(())
+    }
+
+    /// Counts a forward (`computed`: its blocks ran).
+    pub(crate) fn record(&mut self, computed: bool) {
+        self.calls += 1;
+        self.decisions.push(computed);
+    }
+}
+
+/// `mean|a − b| / mean|b|` as a host number: the means in f32 whatever the run dtype (the
+/// references take `.item()` of the same ratio).
+fn relative_l1(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let a = a.to_dtype(DType::F32)?;
+    let b = b.to_dtype(DType::F32)?;
+    let diff = (a - &b)?.abs()?.mean_all()?;
+    let base = b.abs()?.mean_all()?;
+    Ok((diff / base)?.to_scalar::<f32>()? as f64)
+}
