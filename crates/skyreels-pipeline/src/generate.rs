@@ -167,6 +167,14 @@ pub struct Video {
     pub negative_prompt_truncated: bool,
 }
 
+/// The encoded prompt of one request, in the run dtype.
+struct EncodedPrompt {
+    positive: PromptEmbeds,
+    negative: Option<PromptEmbeds>,
+    prompt_truncated: bool,
+    negative_prompt_truncated: bool,
+}
+
 /// A loaded pipeline: transformer and VAE resident; text encoders loaded per request and
 /// released once the prompt is encoded.
 pub struct Pipeline {
@@ -301,7 +309,8 @@ impl Pipeline {
     }
 
     /// Runs a request. `on_step(done, total)` is called after each denoising step; returning false
-    /// cancels the run.
+    /// cancels the run. The stages carry the names of diffusers' `__call__`: `encode_prompt`,
+    /// `encode_image` (I2V), `prepare_latents`, the denoising loop (`denoise`), `decode_latents`.
     pub fn generate(
         &self,
         p: &GenerateParams,
@@ -312,9 +321,71 @@ impl Pipeline {
             load: self.load_time,
             ..Default::default()
         };
-
         let memory = PeakMemory::start(&self.device);
+
         let start = Instant::now();
+        let prompt = self.encode_prompt(p)?;
+        let (elapsed, peak_text) = self.stage_end(start, &memory)?;
+        timings.text_encoding = elapsed;
+
+        let start = Instant::now();
+        let shape = self.latent_shape(p);
+        let image_latents = match &p.image {
+            Some(img) => Some(self.encode_image(img, p, &shape)?),
+            None => None,
+        };
+        let (elapsed, peak_image) = self.stage_end(start, &memory)?;
+        timings.image_encoding = elapsed;
+
+        let start = Instant::now();
+        let latents = self.prepare_latents(p, &shape)?;
+        let mut caches = [
+            StepCache::new(p.cache, p.steps),
+            StepCache::new(p.cache, p.steps),
+        ];
+        let latents = self.denoise(
+            p,
+            latents,
+            image_latents.as_ref(),
+            &prompt,
+            &mut caches,
+            on_step,
+        )?;
+        let (elapsed, peak_denoise) = self.stage_end(start, &memory)?;
+        timings.denoising = elapsed;
+        timings.forwards_computed = caches.iter().map(StepCache::computed).sum();
+        timings.forwards_cached = caches.iter().map(StepCache::cached).sum();
+        // interleaved per step: cond, then uncond when true CFG ran
+        let [cond, uncond] = &caches;
+        timings.forward_decisions = (0..cond.decisions().len())
+            .flat_map(|i| {
+                std::iter::once(cond.decisions()[i]).chain(uncond.decisions().get(i).copied())
+            })
+            .collect();
+
+        let start = Instant::now();
+        let frames = self.decode_latents(&latents)?;
+        let (elapsed, peak_decode) = self.stage_end(start, &memory)?;
+        timings.decoding = elapsed;
+        timings.peak_memory = (|| {
+            Some(StagePeaks {
+                text_encoding: peak_text?,
+                image_encoding: peak_image?,
+                denoising: peak_denoise?,
+                decoding: peak_decode?,
+            })
+        })();
+        Ok(Video {
+            frames,
+            timings,
+            prompt_truncated: prompt.prompt_truncated,
+            negative_prompt_truncated: prompt.negative_prompt_truncated,
+        })
+    }
+
+    /// diffusers' `encode_prompt`: the prompt and, for true CFG, the negative prompt, through
+    /// both text encoders (loaded for this request and released at the end), in the run dtype.
+    fn encode_prompt(&self, p: &GenerateParams) -> Result<EncodedPrompt, GenerateError> {
         let cfg = p.guidance_scale > 1.0;
         let negative = cfg.then(|| {
             p.negative_prompt
@@ -333,31 +404,38 @@ impl Pipeline {
                 ..e
             })
         };
-        let positive = to_run(cond.prompt)?;
-        let negative = cond.negative.map(to_run).transpose()?;
-        let (elapsed, peak_text) = self.stage_end(start, &memory)?;
-        timings.text_encoding = elapsed;
+        Ok(EncodedPrompt {
+            positive: to_run(cond.prompt)?,
+            negative: cond.negative.map(to_run).transpose()?,
+            prompt_truncated,
+            negative_prompt_truncated,
+        })
+    }
 
-        let start = Instant::now();
-        let shape = self.latent_shape(p);
-        let image_latents = match &p.image {
-            Some(img) => Some(self.image_latents(img, p, &shape)?),
-            None => None,
-        };
-        let (elapsed, peak_image) = self.stage_end(start, &memory)?;
-        timings.image_encoding = elapsed;
-
-        let start = Instant::now();
-        let mut latents = match &p.noise {
+    /// diffusers' `prepare_latents`: the initial noise (f32), seeded or given.
+    fn prepare_latents(
+        &self,
+        p: &GenerateParams,
+        shape: &[usize; 5],
+    ) -> Result<Tensor, GenerateError> {
+        Ok(match &p.noise {
             Some(n) => n.to_dtype(DType::F32)?.to_device(&self.device)?,
-            None => seeded_noise(&shape, p.seed, &self.device)?,
-        };
+            None => seeded_noise(shape, p.seed, &self.device)?,
+        })
+    }
+
+    /// The denoising loop: flow-match Euler over the schedule, each step's velocity from
+    /// [`guided_velocity`] through the branches' step caches.
+    fn denoise(
+        &self,
+        p: &GenerateParams,
+        mut latents: Tensor,
+        image_latents: Option<&Tensor>,
+        prompt: &EncodedPrompt,
+        caches: &mut [StepCache; 2],
+        on_step: &mut dyn FnMut(usize, usize) -> bool,
+    ) -> Result<Tensor, GenerateError> {
         let schedule = FlowMatchEuler::new(&self.scheduler, p.steps);
-        // one cache per CFG branch, as diffusers' cache_context("cond") / ("uncond")
-        let mut caches = [
-            StepCache::new(p.cache, schedule.steps()),
-            StepCache::new(p.cache, schedule.steps()),
-        ];
         let guidance = self.transformer.config().guidance_embeds.then(|| {
             // [g] in the transformer dtype, then × 1000 (also in that dtype)
             Tensor::new(&[p.embedded_guidance_scale as f32], &self.device)
@@ -367,7 +445,7 @@ impl Pipeline {
         let guidance = guidance.transpose()?;
         for (i, &t) in schedule.timesteps().iter().enumerate() {
             let mut x = latents.to_dtype(self.dtype)?;
-            if let Some(img) = &image_latents {
+            if let Some(img) = image_latents {
                 x = Tensor::cat(&[&x, img], 1)?;
             }
             // the timestep takes the latents' dtype (f32 at step 0, the model dtype after)
@@ -376,11 +454,11 @@ impl Pipeline {
                 &self.transformer,
                 &x,
                 &timestep,
-                &positive,
-                negative.as_ref(),
+                &prompt.positive,
+                prompt.negative.as_ref(),
                 guidance.as_ref(),
                 p.guidance_scale,
-                &mut caches,
+                caches,
             )?;
             latents = schedule.step(i, &v, &latents)?;
             // GPU work is queued: wait for the step so progress reports finished steps
@@ -389,53 +467,31 @@ impl Pipeline {
                 return Err(GenerateError::Cancelled);
             }
         }
-        let (elapsed, peak_denoise) = self.stage_end(start, &memory)?;
-        timings.denoising = elapsed;
-        timings.forwards_computed = caches.iter().map(StepCache::computed).sum();
-        timings.forwards_cached = caches.iter().map(StepCache::cached).sum();
-        // interleaved per step: cond, then uncond when true CFG ran
-        let [cond, uncond] = &caches;
-        timings.forward_decisions = (0..cond.decisions().len())
-            .flat_map(|i| {
-                std::iter::once(cond.decisions()[i]).chain(uncond.decisions().get(i).copied())
-            })
-            .collect();
+        Ok(latents)
+    }
 
-        let start = Instant::now();
+    /// diffusers' `decode_latents` (+ the video processor's postprocess): latents / scaling
+    /// factor through the VAE, `(x·0.5 + 0.5).clamp(0, 1)`, as (frames, h, w, 3) f32 on the CPU.
+    fn decode_latents(&self, latents: &Tensor) -> Result<Tensor, GenerateError> {
         let vae_dtype = self.dtype;
         let z = (latents.to_dtype(vae_dtype)? / self.vae.config().scaling_factor)?;
         let video = self.vae.decode(&z)?;
-        // (x·0.5 + 0.5).clamp(0, 1) in the VAE dtype, then f32, as (frames, h, w, 3)
+        // (x·0.5 + 0.5).clamp(0, 1) in the VAE dtype, then f32
         let video = video
             .affine(0.5, 0.5)?
             .clamp(0f32, 1f32)?
             .to_dtype(DType::F32)?;
-        let frames = video
+        Ok(video
             .squeeze(0)?
             .permute((1, 2, 3, 0))?
             .contiguous()?
-            .to_device(&Device::Cpu)?;
-        let (elapsed, peak_decode) = self.stage_end(start, &memory)?;
-        timings.decoding = elapsed;
-        timings.peak_memory = (|| {
-            Some(StagePeaks {
-                text_encoding: peak_text?,
-                image_encoding: peak_image?,
-                denoising: peak_denoise?,
-                decoding: peak_decode?,
-            })
-        })();
-        Ok(Video {
-            frames,
-            timings,
-            prompt_truncated,
-            negative_prompt_truncated,
-        })
+            .to_device(&Device::Cpu)?)
     }
 
-    /// The I2V conditioning latents: the prepared image through the VAE encoder (posterior mean)
-    /// × scaling factor in latent frame 0, zeros after, in the transformer dtype.
-    fn image_latents(
+    /// The I2V conditioning latents (the SkyReels pipeline's image branch of `prepare_latents`):
+    /// the prepared image through the VAE encoder (posterior mean) × scaling factor in latent
+    /// frame 0, zeros after, in the transformer dtype.
+    fn encode_image(
         &self,
         img: &RgbImage,
         p: &GenerateParams,
