@@ -9,8 +9,15 @@ noise (--noise). Prints the generation time of each (model loading excluded: dif
 pipeline call, skyreels reports its stage timings), the whole-process wall times, the ratio
 rust/diffusers, both peak RSS values, and the max abs difference of the frames.
 
+With `--cache SPEC[,SPEC...]` (e.g. `--cache first-block:0.05,teacache:0.1`) it also runs each
+step cache on both sides, after an uncached run of each: diffusers' first-block cache
+(`FirstBlockCacheConfig`, the I2V pipeline's two calls in cache_context("cond") / ("uncond")) and
+for TeaCache the committed reference (scripts/teacache_reference.py), and prints a table: time,
+transformer forwards computed/cached, and the PSNR of the frames against the same side's uncached
+frames.
+
 Usage: venv/bin/python scripts/bench_generate.py [--threads 2] [--height 256] [--width 384]
-       [--frames 17] [--steps 4] [--out DIR]
+       [--frames 17] [--steps 4] [--cache SPECS] [--out DIR]
 """
 import argparse
 import json
@@ -44,6 +51,12 @@ t0 = time.perf_counter()
 pipe = HunyuanSkyreelsImageToVideoPipeline.from_pretrained(a["pipeline"], torch_dtype=torch.float32)
 pipe.vae.enable_tiling()
 pipe.set_progress_bar_config(disable=True)
+decisions = []
+if a["cache"] != "none":
+    sys.path.insert(0, a["scripts"])
+    import gen_cache_fixtures as g
+    method, threshold = a["cache"].split(":")
+    decisions = g.decisions_of(method, pipe, True, float(threshold), {"steps": a["steps"]})
 tmpl = DEFAULT_PROMPT_TEMPLATE["template"]
 crop = len(pipe.tokenizer(tmpl.split("{}")[0]).input_ids)
 noise = load_file(a["noise"])["latents"]
@@ -55,7 +68,8 @@ with torch.no_grad():
                   prompt_template={"template": tmpl, "crop_start": crop}).frames[0]
 t2 = time.perf_counter()
 save_file({"frames": torch.from_numpy(np.ascontiguousarray(frames)).float()}, a["frames_out"])
-print(f"RESULT generate={t2 - t1:.3f} load={t1 - t0:.3f}")
+print(f"RESULT generate={t2 - t1:.3f} load={t1 - t0:.3f} computed={sum(decisions)} "
+      f"cached={len(decisions) - sum(decisions)}")
 '''
 
 
@@ -83,6 +97,7 @@ def main():
     ap.add_argument("--width", type=int, default=384)
     ap.add_argument("--frames", type=int, default=17)
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--cache", default="", help="step caches to compare, e.g. first-block:0.05,teacache:0.1")
     ap.add_argument("--out", type=Path, default=ROOT / "out" / "bench_generate")
     args = ap.parse_args()
 
@@ -107,27 +122,59 @@ def main():
     subprocess.run(["cargo", "build", "-q", "--release", "-p", "skyreels-cli"], cwd=ROOT, check=True)
 
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
-    py_out = args.out / "frames_diffusers.safetensors"
-    rs_out = args.out / "frames_rust.safetensors"
-    spec = dict(pipeline=str(pipeline), image=str(image), noise=str(noise), prompt=PROMPT, negative=NEGATIVE,
-                height=args.height, width=args.width, frames=args.frames, steps=args.steps,
-                threads=args.threads, frames_out=str(py_out))
-    out, py_wall, py_rss = run([sys.executable, "-c", DIFFUSERS_RUN, json.dumps(spec)], env)
-    py_gen = float(re.search(r"RESULT generate=([0-9.]+)", out).group(1))
-    cmd = [str(ROOT / "target" / "release" / "skyreels"), "generate", "--model", str(pipeline),
-           "--image", str(image), "--prompt", PROMPT, "--negative-prompt", NEGATIVE,
-           "--height", str(args.height), "--width", str(args.width), "--num-frames", str(args.frames),
-           "--steps", str(args.steps), "--noise", str(noise), "-o", str(rs_out)]
-    out, rs_wall, rs_rss = run(cmd, env)
-    m = re.search(r"load ([0-9.]+)s, .* export ([0-9.]+)s, total ([0-9.]+)s", out)
-    rs_gen = float(m.group(3)) - float(m.group(1)) - float(m.group(2))
-    diff = (load_file(str(rs_out))["frames"] - load_file(str(py_out))["frames"]).abs().max().item()
+
+    def diffusers(cache):
+        frames = args.out / f"frames_diffusers_{cache.replace(':', '_')}.safetensors"
+        spec = dict(pipeline=str(pipeline), image=str(image), noise=str(noise), prompt=PROMPT, negative=NEGATIVE,
+                    height=args.height, width=args.width, frames=args.frames, steps=args.steps,
+                    threads=args.threads, frames_out=str(frames), cache=cache, scripts=str(ROOT / "scripts"))
+        out, wall, rss = run([sys.executable, "-c", DIFFUSERS_RUN, json.dumps(spec)], env)
+        m = re.search(r"RESULT generate=([0-9.]+) load=[0-9.]+ computed=(\d+) cached=(\d+)", out)
+        counts = (2 * args.steps, 0) if cache == "none" else (int(m.group(2)), int(m.group(3)))
+        return dict(gen=float(m.group(1)), wall=wall, rss=rss, frames=frames, counts=counts)
+
+    def skyreels(cache):
+        frames = args.out / f"frames_rust_{cache.replace(':', '_')}.safetensors"
+        cmd = [str(ROOT / "target" / "release" / "skyreels"), "generate", "--model", str(pipeline),
+               "--image", str(image), "--prompt", PROMPT, "--negative-prompt", NEGATIVE,
+               "--height", str(args.height), "--width", str(args.width), "--num-frames", str(args.frames),
+               "--steps", str(args.steps), "--noise", str(noise), "--cache", cache, "-o", str(frames)]
+        out, wall, rss = run(cmd, env)
+        m = re.search(r"load ([0-9.]+)s, .* export ([0-9.]+)s, total ([0-9.]+)s; transformer forwards: "
+                      r"(\d+) computed, (\d+) from the cache", out)
+        gen = float(m.group(3)) - float(m.group(1)) - float(m.group(2))
+        return dict(gen=gen, wall=wall, rss=rss, frames=frames, counts=(int(m.group(4)), int(m.group(5))),
+                    timings=out.strip().splitlines()[-2])
+
+    def psnr(a, b):
+        mse = ((load_file(str(a))["frames"] - load_file(str(b))["frames"]) ** 2).mean().item()
+        return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+
+    py = diffusers("none")
+    rs = skyreels("none")
+    diff = (load_file(str(rs["frames"]))["frames"] - load_file(str(py["frames"]))["frames"]).abs().max().item()
+    py_gen, py_wall, py_rss = py["gen"], py["wall"], py["rss"]
+    rs_gen, rs_wall, rs_rss = rs["gen"], rs["wall"], rs["rss"]
     print(f"config: {args.height}x{args.width}, {args.frames} frames, {args.steps} steps with true CFG, "
           f"{args.threads} threads, f32 CPU")
     print(f"diffusers: generate {py_gen:.2f}s, process {py_wall:.2f}s, peak RSS {py_rss:.0f} MiB")
     print(f"skyreels:  generate {rs_gen:.2f}s, process {rs_wall:.2f}s, peak RSS {rs_rss:.0f} MiB")
     print(f"ratio rust/diffusers (generate): {rs_gen / py_gen:.3f}; frames max abs diff {diff:.2e}")
-    print("stage timings (skyreels):", out.strip().splitlines()[-2])
+    print("stage timings (skyreels):", rs["timings"])
+    caches = [c for c in args.cache.split(",") if c]
+    if caches:
+        print()
+        print("| cache | skyreels | forwards computed/cached | PSNR vs uncached | diffusers (reference) "
+              "| forwards computed/cached | PSNR vs uncached |")
+        print("|---|---|---|---|---|---|---|")
+        print(f"| none | {rs_gen:.2f} s | {rs['counts'][0]}/{rs['counts'][1]} | - | {py_gen:.2f} s "
+              f"| {py['counts'][0]}/{py['counts'][1]} | - |")
+        for cache in caches:
+            r, d = skyreels(cache), diffusers(cache)
+            print(f"| {cache} | {r['gen']:.2f} s | {r['counts'][0]}/{r['counts'][1]} "
+                  f"| {psnr(r['frames'], rs['frames']):.1f} dB | {d['gen']:.2f} s "
+                  f"| {d['counts'][0]}/{d['counts'][1]} | {psnr(d['frames'], py['frames']):.1f} dB |",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,27 @@ pub fn metadata_strings(path: &Path, key: &str) -> Vec<String> {
 }
 
 /// ‖got − want‖₂ / ‖want‖₂, computed in f64.
+/// The VAE tile settings a fixture stores as `<case>.tiling`: [min_h, min_w, min_frames,
+/// stride_h, stride_w, stride_frames, spatial (0/1)] (scripts/gen_vae_fixtures.py).
+pub fn fixture_tiling(t: &Tensor) -> skyreels_models::Tiling {
+    let t: Vec<usize> = t
+        .to_vec1::<i64>()
+        .unwrap()
+        .iter()
+        .map(|&v| v as usize)
+        .collect();
+    skyreels_models::Tiling {
+        spatial: t[6] == 1,
+        framewise: true,
+        tile_sample_min_height: t[0],
+        tile_sample_min_width: t[1],
+        tile_sample_min_num_frames: t[2],
+        tile_sample_stride_height: t[3],
+        tile_sample_stride_width: t[4],
+        tile_sample_stride_num_frames: t[5],
+    }
+}
+
 pub fn rel_l2(got: &Tensor, want: &Tensor) -> f64 {
     assert_eq!(got.dims(), want.dims(), "shape mismatch");
     let g = got.to_dtype(DType::F64).unwrap().flatten_all().unwrap();

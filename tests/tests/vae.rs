@@ -5,7 +5,7 @@
 use candle_core::{DType, Device, Tensor};
 use skyreels_models::{AutoencoderKLHunyuanVideo, Tiling};
 use skyreels_pipeline::load_vae;
-use skyreels_tests::{fixture, load_tensors, rel_l2};
+use skyreels_tests::{fixture, fixture_tiling, load_tensors, rel_l2};
 use std::collections::HashMap;
 
 /// Relative L2 bound for f32 parity. Same math as the reference; only the rounding differs
@@ -28,19 +28,8 @@ fn case(name: &str) -> Case {
 
 impl Case {
     fn tiling(&mut self, id: &str) {
-        let t = self.data[&format!("{id}.tiling")].to_vec1::<i64>().unwrap();
-        let t: Vec<usize> = t.iter().map(|&v| v as usize).collect();
         self.vae
-            .set_tiling(Tiling {
-                spatial: t[6] == 1,
-                framewise: true,
-                tile_sample_min_height: t[0],
-                tile_sample_min_width: t[1],
-                tile_sample_min_num_frames: t[2],
-                tile_sample_stride_height: t[3],
-                tile_sample_stride_width: t[4],
-                tile_sample_stride_num_frames: t[5],
-            })
+            .set_tiling(fixture_tiling(&self.data[&format!("{id}.tiling")]))
             .unwrap();
     }
 

@@ -14,7 +14,7 @@ use skyreels_models::{
     TransformerInputs, VaeConfig,
 };
 use skyreels_pipeline::conditioning::HIDDEN_STATE_SKIP;
-use skyreels_pipeline::generate::{guided_velocity, CacheSpec, StepCache};
+use skyreels_pipeline::generate::{default_vae_dtype, guided_velocity, CacheSpec, StepCache};
 use skyreels_pipeline::runtime::{gib, PeakMemory};
 use std::time::Instant;
 
@@ -78,6 +78,9 @@ pub(crate) struct BenchArgs {
     /// Weights and activations dtype [default: f32 on cpu, bf16 on cuda].
     #[arg(long, value_enum)]
     dtype: Option<DtypeArg>,
+    /// The VAE's dtype [default: f16 on cuda, f32 on cpu].
+    #[arg(long, value_enum)]
+    vae_dtype: Option<DtypeArg>,
 }
 
 /// Weights drawn from N(0, 0.02²) (norm scales too: values do not change the cost).
@@ -359,10 +362,14 @@ pub(crate) fn bench(args: BenchArgs) -> Result<()> {
         } else {
             config(serde_json::json!({}))?
         };
-        let vae = AutoencoderKLHunyuanVideo::new(&vcfg, vb.pp("vae"))?;
+        let vae_dtype = args
+            .vae_dtype
+            .map_or_else(|| default_vae_dtype(&device), DtypeArg::dtype);
+        let vae = AutoencoderKLHunyuanVideo::new(&vcfg, random_vb(vae_dtype, &device).pp("vae"))?;
         let z = Tensor::randn(0f32, 1.0, (1, vcfg.latent_channels, lt, lh, lw), &device)?
-            .to_dtype(dtype)?;
-        vae_s = Some(time_stage("vae decode", &device, args.runs, None, || {
+            .to_dtype(vae_dtype)?;
+        let name = format!("vae decode {vae_dtype:?}");
+        vae_s = Some(time_stage(&name, &device, args.runs, None, || {
             Ok(vae.decode(&z)?)
         })?);
     }

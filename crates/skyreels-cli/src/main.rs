@@ -10,7 +10,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use skyreels_params as params;
 use skyreels_pipeline::export::{write_output, OutputKind};
-use skyreels_pipeline::generate::{GenerateParams, ModelPaths, Pipeline, StageTimings};
+use skyreels_pipeline::generate::{
+    default_vae_dtype, GenerateParams, ModelPaths, Pipeline, StageTimings,
+};
 use skyreels_pipeline::hub::{HubOptions, ModelSpec, Source};
 use skyreels_server::media;
 use std::path::{Path, PathBuf};
@@ -89,6 +91,9 @@ pub(crate) struct ModelArgs {
     /// Weights and activations dtype [default: f32 on cpu, bf16 on cuda].
     #[arg(long, value_enum)]
     dtype: Option<DtypeArg>,
+    /// The VAE's dtype [default: f16 on cuda (as HunyuanVideo and SkyReels decode), f32 on cpu].
+    #[arg(long, value_enum)]
+    vae_dtype: Option<DtypeArg>,
 }
 
 #[derive(Args)]
@@ -162,8 +167,23 @@ fn main() {
     }
 }
 
-pub(crate) fn device_and_dtype(m: &ModelArgs) -> Result<(Device, DType)> {
-    resolve_device(m.device, m.dtype)
+/// The device, the model dtype and the VAE dtype `m` asks for (each with its default).
+pub(crate) fn device_and_dtype(m: &ModelArgs) -> Result<(Device, DType, DType)> {
+    let (device, dtype) = resolve_device(m.device, m.dtype)?;
+    let vae = m
+        .vae_dtype
+        .map_or_else(|| default_vae_dtype(&device), DtypeArg::dtype);
+    Ok((device, dtype, vae))
+}
+
+impl DtypeArg {
+    pub(crate) fn dtype(self) -> DType {
+        match self {
+            DtypeArg::F32 => DType::F32,
+            DtypeArg::Bf16 => DType::BF16,
+            DtypeArg::F16 => DType::F16,
+        }
+    }
 }
 
 /// The device, and the dtype: as asked, else f32 on the CPU and bf16 on CUDA.
@@ -179,9 +199,9 @@ pub(crate) fn resolve_device(
         )?,
     };
     let dtype = match (dtype, device_arg) {
-        (Some(DtypeArg::F32), _) | (None, DeviceArg::Cpu) => DType::F32,
-        (Some(DtypeArg::Bf16), _) | (None, DeviceArg::Cuda) => DType::BF16,
-        (Some(DtypeArg::F16), _) => DType::F16,
+        (Some(d), _) => d.dtype(),
+        (None, DeviceArg::Cpu) => DType::F32,
+        (None, DeviceArg::Cuda) => DType::BF16,
     };
     Ok((device, dtype))
 }
@@ -250,7 +270,7 @@ fn load_noise(path: &Path) -> Result<Tensor> {
 
 fn generate(args: GenerateArgs) -> Result<()> {
     let started = Instant::now();
-    let (device, dtype) = device_and_dtype(&args.model)?;
+    let (device, dtype, vae_dtype) = device_and_dtype(&args.model)?;
     let paths = model_paths(&args.model)?;
     let image = args.image.as_deref().map(load_image).transpose()?;
     let noise = args.noise.as_deref().map(load_noise).transpose()?;
@@ -286,7 +306,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         paths.pipeline.display(),
         paths.transformer.display()
     );
-    let pipeline = Pipeline::load(paths, dtype, &device)?;
+    let pipeline = Pipeline::load(paths, dtype, vae_dtype, &device)?;
     for (flag, v) in [("--height", p.height), ("--width", p.width)] {
         params::check_side(v, pipeline.size_multiple())
             .map_err(|rule| anyhow::anyhow!("{flag} {rule}"))?;

@@ -256,12 +256,13 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     config.idle_timeout = Duration::from_secs(args.idle_timeout);
     config.max_connections = args.max_connections;
 
-    let (device, dtype) = device_and_dtype(&args.model)?;
+    let (device, dtype, vae_dtype) = device_and_dtype(&args.model)?;
     let model = args.model;
     let loader = Box::new(move || -> Result<Box<dyn Generator>, String> {
         let paths = model_paths(&model).map_err(|e| format!("{e:#}"))?;
         tracing::info!(pipeline = %paths.pipeline.display(), transformer = %paths.transformer.display(), "loading the model");
-        let pipeline = Pipeline::load(paths, dtype, &device).map_err(|e| e.to_string())?;
+        let pipeline =
+            Pipeline::load(paths, dtype, vae_dtype, &device).map_err(|e| e.to_string())?;
         Ok(Box::new(PipelineGenerator { pipeline }))
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()

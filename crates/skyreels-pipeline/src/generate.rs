@@ -167,6 +167,17 @@ pub struct Video {
     pub negative_prompt_truncated: bool,
 }
 
+/// The VAE's dtype when none is asked for: f16 on CUDA (HunyuanVideo and SkyReels decode in fp16;
+/// bf16 keeps 3 fewer mantissa bits), f32 elsewhere (the checkpoint's dtype, and the CPU's fast
+/// kernels).
+pub fn default_vae_dtype(device: &Device) -> DType {
+    if device.is_cuda() {
+        DType::F16
+    } else {
+        DType::F32
+    }
+}
+
 /// The encoded prompt of one request, in the run dtype.
 struct EncodedPrompt {
     positive: PromptEmbeds,
@@ -184,16 +195,23 @@ pub struct Pipeline {
     scheduler: SchedulerConfig,
     device: Device,
     dtype: DType,
+    vae_dtype: DType,
     load_time: Duration,
 }
 
 impl Pipeline {
-    pub fn load(paths: ModelPaths, dtype: DType, device: &Device) -> Result<Self, GenerateError> {
+    /// Loads the transformer in `dtype` and the VAE in `vae_dtype` on `device` (see
+    /// [`default_vae_dtype`]); the text encoders are checked now and loaded per request.
+    pub fn load(
+        paths: ModelPaths,
+        dtype: DType,
+        vae_dtype: DType,
+        device: &Device,
+    ) -> Result<Self, GenerateError> {
         let start = Instant::now();
         let scheduler = SchedulerConfig::from_dir(&paths.pipeline)?;
         let transformer = load_transformer(&paths.transformer, dtype, device)?;
-        // the VAE runs in f32 wherever it fits (the hub stores it in f32); bf16 on GPUs
-        let vae = load_vae(&paths.pipeline, dtype, device)?;
+        let vae = load_vae(&paths.pipeline, vae_dtype, device)?;
         let t = transformer.config();
         let v = vae.config();
         if t.out_channels() != v.latent_channels {
@@ -220,6 +238,7 @@ impl Pipeline {
             scheduler,
             device: device.clone(),
             dtype,
+            vae_dtype,
             load_time: start.elapsed(),
         })
     }
@@ -473,8 +492,7 @@ impl Pipeline {
     /// diffusers' `decode_latents` (+ the video processor's postprocess): latents / scaling
     /// factor through the VAE, `(x·0.5 + 0.5).clamp(0, 1)`, as (frames, h, w, 3) f32 on the CPU.
     fn decode_latents(&self, latents: &Tensor) -> Result<Tensor, GenerateError> {
-        let vae_dtype = self.dtype;
-        let z = (latents.to_dtype(vae_dtype)? / self.vae.config().scaling_factor)?;
+        let z = (latents.to_dtype(self.vae_dtype)? / self.vae.config().scaling_factor)?;
         let video = self.vae.decode(&z)?;
         // (x·0.5 + 0.5).clamp(0, 1) in the VAE dtype, then f32
         let video = video
@@ -504,7 +522,7 @@ impl Pipeline {
             .permute((2, 0, 1))?
             .affine(2.0, -1.0)?
             .reshape((1, 3, 1, h, w))?
-            .to_dtype(self.dtype)?;
+            .to_dtype(self.vae_dtype)?;
         let posterior = self.vae.encode(&x)?;
         let first = (posterior.mode().to_dtype(DType::F32)? * self.vae.config().scaling_factor)?;
         let [b, c, t, lh, lw] = *shape;
