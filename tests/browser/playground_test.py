@@ -58,7 +58,8 @@ def main():
         until("the model", lambda: d.find_element(By.ID, "model-id").text == "wavespeed-ai/SkyReels-V1")
         # the model's defaults are shown
         for field, default in [("num_inference_steps", "4"), ("num_frames", "9"), ("guidance_scale", "6"),
-                               ("embedded_guidance_scale", "1"), ("fps", "24"), ("width", "96")]:
+                               ("embedded_guidance_scale", "1"), ("fps", "24"), ("width", "96"),
+                               ("cache", "none")]:
             shown = d.find_element(By.ID, field).get_attribute("placeholder")
             assert shown == default, f"{field}: {shown!r}, want {default}"
         d.find_element(By.ID, "image-file").send_keys(str(Path(IMAGE).resolve()))
@@ -92,7 +93,10 @@ def main():
         until("playback", lambda: js("return document.getElementById('video').currentTime") > 0, limit=30)
         assert d.find_element(By.ID, "download").get_attribute("href").endswith(f"/outputs/{first}.mp4")
         assert d.find_element(By.ID, "seed-used").text.isdigit()
-        assert "denoising" in d.find_element(By.ID, "timings").text
+        timings = d.find_element(By.ID, "timings").text
+        assert "denoising" in timings, timings
+        # the forward counts are shown as counts (100 steps with true CFG, no cache)
+        assert "forwards_computed: 200\n" in timings + "\n" and "forwards_cached: 0\n" in timings + "\n", timings
         d.save_screenshot(str(OUT / "playground.png"))
 
         # a second long task, cancelled while it runs

@@ -121,6 +121,8 @@ function requestBody() {
     if (v !== "") body[f] = Number(v);
   }
   if ($("aspect_ratio").value) body.aspect_ratio = $("aspect_ratio").value;
+  const cache = $("cache").value.trim();
+  if (cache) body.cache = cache;
   return body;
 }
 
@@ -190,9 +192,10 @@ function showTask(p) {
     $("seed-used").textContent = String(p.seed);
     const list = $("timings");
     list.replaceChildren();
-    for (const [stage, ms] of Object.entries(p.timings)) {
+    for (const [stage, value] of Object.entries(p.timings)) {
       const li = document.createElement("li");
-      li.textContent = `${stage}: ${ms} ms`;
+      // forwards_computed / forwards_cached are counts; the rest are milliseconds
+      li.textContent = stage.startsWith("forwards_") ? `${stage}: ${value}` : `${stage}: ${value} ms`;
       list.append(li);
     }
     $("result").hidden = false;
