@@ -100,7 +100,7 @@ fn check(name: &str, pipe: &Pipeline) {
     let per_step = if p.guidance_scale > 1.0 { 2 } else { 1 };
     let t = &video.timings;
     assert_eq!(
-        (t.forwards_computed, t.forwards_cached),
+        (t.forwards_computed(), t.forwards_cached()),
         (per_step * p.steps, 0)
     );
 }
@@ -133,7 +133,7 @@ fn step_caches_match_their_references() {
                 assert_eq!(t.forward_decisions, want, "{name}");
                 let computed = want.iter().filter(|&&c| c).count();
                 assert_eq!(
-                    (t.forwards_computed, t.forwards_cached),
+                    (t.forwards_computed(), t.forwards_cached()),
                     (computed, want.len() - computed),
                     "{name}"
                 );

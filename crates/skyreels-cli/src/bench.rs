@@ -3,7 +3,7 @@
 //! decode and text encoding, each with its effective TFLOP/s (transformer) and peak device
 //! memory. `--size tiny` runs the same code on small dimensions (a CPU smoke test).
 
-use crate::{resolve_device, DeviceArg, DtypeArg};
+use crate::{resolve_device, vae_dtype, DeviceArg, DtypeArg};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
@@ -14,7 +14,7 @@ use skyreels_models::{
     TransformerInputs, VaeConfig,
 };
 use skyreels_pipeline::conditioning::HIDDEN_STATE_SKIP;
-use skyreels_pipeline::generate::{default_vae_dtype, guided_velocity, CacheSpec, StepCache};
+use skyreels_pipeline::generate::{guided_velocity, CacheSpec, StepCache};
 use skyreels_pipeline::runtime::{gib, PeakMemory};
 use std::time::Instant;
 
@@ -344,10 +344,7 @@ pub(crate) fn bench(args: BenchArgs) -> Result<()> {
                         Some(&neg),
                         Some(&guidance),
                         6.0,
-                        &mut [
-                            StepCache::new(CacheSpec::None, 1),
-                            StepCache::new(CacheSpec::None, 1),
-                        ],
+                        &mut StepCache::pair(CacheSpec::None, 1),
                     )?)
                 },
             )?);
@@ -362,9 +359,7 @@ pub(crate) fn bench(args: BenchArgs) -> Result<()> {
         } else {
             config(serde_json::json!({}))?
         };
-        let vae_dtype = args
-            .vae_dtype
-            .map_or_else(|| default_vae_dtype(&device), DtypeArg::dtype);
+        let vae_dtype = vae_dtype(args.vae_dtype, &device);
         let vae = AutoencoderKLHunyuanVideo::new(&vcfg, random_vb(vae_dtype, &device).pp("vae"))?;
         let z = Tensor::randn(0f32, 1.0, (1, vcfg.latent_channels, lt, lh, lw), &device)?
             .to_dtype(vae_dtype)?;

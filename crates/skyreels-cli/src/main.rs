@@ -170,10 +170,13 @@ fn main() {
 /// The device, the model dtype and the VAE dtype `m` asks for (each with its default).
 pub(crate) fn device_and_dtype(m: &ModelArgs) -> Result<(Device, DType, DType)> {
     let (device, dtype) = resolve_device(m.device, m.dtype)?;
-    let vae = m
-        .vae_dtype
-        .map_or_else(|| default_vae_dtype(&device), DtypeArg::dtype);
+    let vae = vae_dtype(m.vae_dtype, &device);
     Ok((device, dtype, vae))
+}
+
+/// `--vae-dtype` as asked, else the pipeline's default for the device (f16 on CUDA, f32 on CPU).
+pub(crate) fn vae_dtype(arg: Option<DtypeArg>, device: &Device) -> DType {
+    arg.map_or_else(|| default_vae_dtype(device), DtypeArg::dtype)
 }
 
 impl DtypeArg {
@@ -389,8 +392,8 @@ fn print_timings(t: &StageTimings, export: std::time::Duration, total: std::time
         s(t.decoding),
         s(export),
         s(total),
-        t.forwards_computed,
-        t.forwards_cached
+        t.forwards_computed(),
+        t.forwards_cached()
     );
     if let Some(peaks) = &t.peak_memory {
         eprintln!("peak device memory: {peaks}");

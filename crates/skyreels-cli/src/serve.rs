@@ -185,8 +185,8 @@ impl Generator for PipelineGenerator {
                 ("export", start.elapsed()),
             ],
             counts: vec![
-                ("forwards_computed", t.forwards_computed as u64),
-                ("forwards_cached", t.forwards_cached as u64),
+                ("forwards_computed", t.forwards_computed() as u64),
+                ("forwards_cached", t.forwards_cached() as u64),
             ],
         })
     }

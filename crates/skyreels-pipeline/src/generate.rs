@@ -123,13 +123,21 @@ pub struct StageTimings {
     pub decoding: Duration,
     /// Peak bytes in use on the device per generation stage (CUDA only; see [`PeakMemory`]).
     pub peak_memory: Option<StagePeaks>,
-    /// Transformer forwards whose blocks ran, and forwards served from the step cache (true
-    /// CFG: two forwards per step).
-    pub forwards_computed: usize,
-    pub forwards_cached: usize,
-    /// Per forward, in order (the conditional before the unconditional one of a step): whether
-    /// its blocks ran.
+    /// Per transformer forward, in order (the conditional before the unconditional one of a
+    /// step): whether its blocks ran (false: served from the step cache).
     pub forward_decisions: Vec<bool>,
+}
+
+impl StageTimings {
+    /// Transformer forwards whose blocks ran (true CFG: two forwards per step).
+    pub fn forwards_computed(&self) -> usize {
+        self.forward_decisions.iter().filter(|&&c| c).count()
+    }
+
+    /// Transformer forwards served from the step cache.
+    pub fn forwards_cached(&self) -> usize {
+        self.forward_decisions.len() - self.forwards_computed()
+    }
 }
 
 /// Peak device memory in bytes during each generation stage.
@@ -358,10 +366,7 @@ impl Pipeline {
 
         let start = Instant::now();
         let latents = self.prepare_latents(p, &shape)?;
-        let mut caches = [
-            StepCache::new(p.cache, p.steps),
-            StepCache::new(p.cache, p.steps),
-        ];
+        let mut caches = StepCache::pair(p.cache, p.steps);
         let latents = self.denoise(
             p,
             latents,
@@ -372,15 +377,7 @@ impl Pipeline {
         )?;
         let (elapsed, peak_denoise) = self.stage_end(start, &memory)?;
         timings.denoising = elapsed;
-        timings.forwards_computed = caches.iter().map(StepCache::computed).sum();
-        timings.forwards_cached = caches.iter().map(StepCache::cached).sum();
-        // interleaved per step: cond, then uncond when true CFG ran
-        let [cond, uncond] = &caches;
-        timings.forward_decisions = (0..cond.decisions().len())
-            .flat_map(|i| {
-                std::iter::once(cond.decisions()[i]).chain(uncond.decisions().get(i).copied())
-            })
-            .collect();
+        timings.forward_decisions = StepCache::interleaved(&caches);
 
         let start = Instant::now();
         let frames = self.decode_latents(&latents)?;

@@ -36,10 +36,8 @@ pub const TEACACHE_COEFFICIENTS: [f64; 5] = [
 pub struct StepCache {
     spec: CacheSpec,
     steps: usize,
-    /// Forwards run so far through this cache.
-    calls: usize,
     state: State,
-    /// For each forward, whether the blocks ran (true) or the cache served it (false).
+    /// For each forward so far, whether the blocks ran (true) or the cache served it (false).
     decisions: Vec<bool>,
 }
 
@@ -50,7 +48,8 @@ enum State {
     FirstBlock {
         head_residual: Tensor,
         /// last single block's image tokens − first block's output, of the last computed step
-        tail_residual: Tensor,
+        /// (None until that step's stack has run)
+        tail_residual: Option<Tensor>,
     },
     TeaCache {
         previous_modulated: Tensor,
@@ -74,29 +73,29 @@ impl StepCache {
         Self {
             spec,
             steps,
-            calls: 0,
             state: State::Empty,
             decisions: Vec::new(),
         }
     }
 
+    /// The caches of one generation: the conditional branch's, then the unconditional one's.
+    pub fn pair(spec: CacheSpec, steps: usize) -> [Self; 2] {
+        [Self::new(spec, steps), Self::new(spec, steps)]
+    }
+
+    /// A pair's decisions per forward in the order they ran: each step's conditional forward,
+    /// then its unconditional one when true CFG ran.
+    pub fn interleaved(pair: &[Self; 2]) -> Vec<bool> {
+        let [cond, uncond] = pair;
+        cond.decisions
+            .iter()
+            .enumerate()
+            .flat_map(|(i, &c)| std::iter::once(c).chain(uncond.decisions.get(i).copied()))
+            .collect()
+    }
+
     pub fn spec(&self) -> CacheSpec {
         self.spec
-    }
-
-    /// Whether each forward so far ran the blocks (true) or reused the cache (false), in order.
-    pub fn decisions(&self) -> &[bool] {
-        &self.decisions
-    }
-
-    /// Forwards whose blocks ran.
-    pub fn computed(&self) -> usize {
-        self.decisions.iter().filter(|&&c| c).count()
-    }
-
-    /// Forwards served from the cache.
-    pub fn cached(&self) -> usize {
-        self.decisions.len() - self.computed()
     }
 
     /// First-block cache, after the first block ran: `input` and `output` its image tokens.
@@ -105,27 +104,26 @@ impl StepCache {
             candle_core::bail!("first_block on a {} cache", self.spec)
         };
         let residual = (output - input)?;
-        let compute = match &self.state {
-            State::FirstBlock { head_residual, .. } => {
-                relative_l1(&residual, head_residual)? > threshold
+        if let State::FirstBlock {
+            head_residual,
+            tail_residual: Some(tail),
+        } = &self.state
+        {
+            // diffusers computes when the change is above the threshold
+            let compute = relative_l1(&residual, head_residual)? > threshold;
+            if !compute {
+                let reused = (tail + output)?;
+                self.record(false);
+                return Ok(Plan::Reuse(reused));
             }
-            _ => true,
+        }
+        // the tail residual is filled in by `first_block_computed`
+        self.state = State::FirstBlock {
+            head_residual: residual,
+            tail_residual: None,
         };
-        let plan = if compute {
-            // the tail residual is filled in by `first_block_computed`
-            self.state = State::FirstBlock {
-                head_residual: residual,
-                tail_residual: Tensor::zeros((), output.dtype(), output.device())?,
-            };
-            Plan::Compute
-        } else {
-            let State::FirstBlock { tail_residual, .. } = &self.state else {
-                unreachable!("a skip needs a computed step before it")
-            };
-            Plan::Reuse((tail_residual + output)?)
-        };
-        self.record(matches!(plan, Plan::Compute));
-        Ok(plan)
+        self.record(true);
+        Ok(Plan::Compute)
     }
 
     /// First-block cache, after a computed step: the first block's image output and the last
@@ -136,7 +134,7 @@ impl StepCache {
         tail_output: &Tensor,
     ) -> Result<()> {
         if let State::FirstBlock { tail_residual, .. } = &mut self.state {
-            *tail_residual = (tail_output - head_output)?;
+            *tail_residual = Some((tail_output - head_output)?);
         }
         Ok(())
     }
@@ -147,7 +145,7 @@ impl StepCache {
         let CacheSpec::TeaCache(threshold) = self.spec else {
             candle_core::bail!("teacache on a {} cache", self.spec)
         };
-        let step = self.calls % self.steps.max(1);
+        let step = self.decisions.len() % self.steps.max(1);
         let (previous, accumulated, residual) = match std::mem::take(&mut self.state) {
             State::TeaCache {
                 previous_modulated,
@@ -191,7 +189,6 @@ impl StepCache {
 
     /// Counts a forward (`computed`: its blocks ran).
     pub(crate) fn record(&mut self, computed: bool) {
-        self.calls += 1;
         self.decisions.push(computed);
     }
 }
