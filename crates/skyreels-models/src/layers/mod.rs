@@ -4,6 +4,7 @@ pub mod attention;
 pub mod conv3d;
 pub mod cpu_kernels;
 pub mod embeddings;
+pub mod gguf;
 pub mod linear;
 pub mod modulation;
 pub mod norm;
