@@ -172,6 +172,20 @@ fn image_to_video_with_true_cfg_matches_diffusers() {
     check("i2v_cfg", &pipeline(None));
 }
 
+/// A single-file transformer end to end: the tiny transformer in the original key layout as GGUF
+/// Q8_0, its config passed as `--config` does (head dim 16: RoPE axes cannot be read off the
+/// shapes), against diffusers' pipeline with `from_single_file` + `GGUFQuantizationConfig`
+/// (scripts/gen_single_file_fixtures.py). The same FRAME_TOL: both sides dequantize to the same
+/// f16 values, the rest is the f32 pipeline.
+#[test]
+fn image_to_video_with_a_gguf_transformer_matches_diffusers() {
+    let file = fixture("single_file/tiny_transformer_q8_0.gguf");
+    let mut paths = ModelPaths::local(&tiny_weights(), Some(&file)).unwrap();
+    paths.transformer_config = Some(tiny_weights().join("transformer"));
+    let pipe = Pipeline::load(paths, DType::F32, DType::F32, &Device::Cpu).unwrap();
+    check("i2v_cfg_q8_0", &pipe);
+}
+
 #[test]
 fn image_to_video_with_embedded_guidance_only_matches_diffusers() {
     check("i2v_embedded", &pipeline(None));

@@ -5,6 +5,7 @@ mod serve;
 mod tiny;
 
 use anyhow::{bail, Context, Result};
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -39,6 +40,84 @@ enum Command {
     Download(DownloadArgs),
     /// Time the stages on random weights at SkyReels' real size (GPU benchmark; no checkpoint).
     Bench(Box<bench::BenchArgs>),
+    /// Write a single-file transformer checkpoint (.safetensors in bf16/fp16/f32/fp8, either key
+    /// layout, or a .gguf) as a GGUF that `--transformer` loads and keeps quantized in memory.
+    Quantize(QuantizeArgs),
+}
+
+#[derive(Args)]
+struct QuantizeArgs {
+    /// The checkpoint to read: one .safetensors or .gguf file.
+    input: PathBuf,
+    /// The GGUF to write (architecture "hyvid", the input's key names).
+    output: PathBuf,
+    /// The type of the 2-D matmul weights; every other tensor is written in F32. A K-quant falls
+    /// back per tensor (Q4_K to Q5_0, Q5_K to Q5_1, Q6_K to Q8_0) when a row is not a whole
+    /// number of 256-element super-blocks.
+    #[arg(long = "type", value_enum, default_value = "Q8_0")]
+    ggml_type: GgmlTypeArg,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum GgmlTypeArg {
+    #[value(name = "Q8_0", alias = "q8_0")]
+    Q8_0,
+    #[value(name = "Q6_K", alias = "q6_k")]
+    Q6K,
+    #[value(name = "Q5_K", alias = "q5_k")]
+    Q5K,
+    #[value(name = "Q4_K", alias = "q4_k")]
+    Q4K,
+    #[value(name = "Q5_0", alias = "q5_0")]
+    Q5_0,
+    #[value(name = "Q5_1", alias = "q5_1")]
+    Q5_1,
+    #[value(name = "Q4_0", alias = "q4_0")]
+    Q4_0,
+    #[value(name = "Q4_1", alias = "q4_1")]
+    Q4_1,
+    #[value(name = "F16", alias = "f16")]
+    F16,
+    #[value(name = "BF16", alias = "bf16")]
+    Bf16,
+}
+
+impl GgmlTypeArg {
+    fn ggml(self) -> GgmlDType {
+        match self {
+            Self::Q8_0 => GgmlDType::Q8_0,
+            Self::Q6K => GgmlDType::Q6K,
+            Self::Q5K => GgmlDType::Q5K,
+            Self::Q4K => GgmlDType::Q4K,
+            Self::Q5_0 => GgmlDType::Q5_0,
+            Self::Q5_1 => GgmlDType::Q5_1,
+            Self::Q4_0 => GgmlDType::Q4_0,
+            Self::Q4_1 => GgmlDType::Q4_1,
+            Self::F16 => GgmlDType::F16,
+            Self::Bf16 => GgmlDType::BF16,
+        }
+    }
+}
+
+fn quantize(args: QuantizeArgs) -> Result<()> {
+    let report = skyreels_pipeline::single_file::quantize_to_gguf(
+        &args.input,
+        &args.output,
+        args.ggml_type.ggml(),
+    )?;
+    let types: Vec<String> = report
+        .types
+        .iter()
+        .map(|(name, n)| format!("{n} {name}"))
+        .collect();
+    println!(
+        "wrote {} ({:.1} MB from {:.1} MB): {} tensors",
+        args.output.display(),
+        report.bytes_out as f64 / 1e6,
+        report.bytes_in as f64 / 1e6,
+        types.join(", ")
+    );
+    Ok(())
 }
 
 #[derive(Args)]
@@ -46,7 +125,8 @@ struct DownloadArgs {
     /// A preset (skyreels-v1-i2v, skyreels-v1-t2v) or a diffusers pipeline repo id.
     #[arg(long, default_value = "skyreels-v1-i2v")]
     model: String,
-    /// A transformer repo id (or folder) replacing the pipeline's own.
+    /// A transformer repo id (or folder) replacing the pipeline's own, or one checkpoint file
+    /// of a repo (REPO_ID/FILE.safetensors or .gguf).
     #[arg(long)]
     transformer: Option<String>,
     /// Hugging Face cache folder [default: $HF_HOME/hub or ~/.cache/huggingface/hub].
@@ -76,9 +156,16 @@ pub(crate) struct ModelArgs {
     #[arg(long, env = "SKYREELS_MODEL")]
     model: Option<String>,
     /// Take the transformer from this folder or repo id instead (the Skywork repos keep it at
-    /// the root).
+    /// the root), or from one checkpoint file: a .safetensors (bf16, fp16, f32, fp8 e4m3fn or
+    /// ComfyUI's scaled fp8) or a .gguf (Q8_0, Q6_K, Q5_K, Q4_K, Q5_0, Q4_0, ...), local or
+    /// REPO_ID/FILE from the hub, in diffusers' or the original HunyuanVideo key layout. fp8 and
+    /// GGUF weights stay in that form in memory and are expanded one layer at a time.
     #[arg(long, env = "SKYREELS_TRANSFORMER")]
     transformer: Option<String>,
+    /// The config.json (or a folder with one) of a single-file --transformer; without it the
+    /// config is read off the tensor shapes.
+    #[arg(long, env = "SKYREELS_TRANSFORMER_CONFIG")]
+    config: Option<PathBuf>,
     /// Use only the Hugging Face cache, never the network (also HF_HUB_OFFLINE=1).
     #[arg(long)]
     offline: bool,
@@ -160,6 +247,7 @@ fn main() {
         Command::Serve(args) => serve::serve(*args),
         Command::Download(args) => download(args),
         Command::Bench(args) => bench::bench(*args),
+        Command::Quantize(args) => quantize(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -231,7 +319,14 @@ pub(crate) fn model_paths(m: &ModelArgs) -> Result<ModelPaths> {
             }
         }
     };
-    Ok(spec.resolve(&opts)?)
+    let mut paths = spec.resolve(&opts)?;
+    if let Some(config) = &m.config {
+        if !skyreels_pipeline::single_file::is_single_file(&paths.transformer) {
+            bail!("--config is for a single-file --transformer (.safetensors or .gguf)");
+        }
+        paths.transformer_config = Some(config.clone());
+    }
+    Ok(paths)
 }
 
 fn download(args: DownloadArgs) -> Result<()> {

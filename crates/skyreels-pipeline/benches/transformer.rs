@@ -29,7 +29,7 @@ fn main() -> Result<()> {
     skyreels_pipeline::runtime::tune_allocator();
     let dev = Device::Cpu;
     let t0 = Instant::now();
-    let model = skyreels_pipeline::load_transformer(&dir, DType::F32, &dev)?;
+    let model = skyreels_pipeline::load_transformer(&dir, None, DType::F32, &dev)?;
     eprintln!("loaded in {:.2}s", t0.elapsed().as_secs_f64());
     let io = candle_core::safetensors::load(dir.join("io.safetensors"), &dev)?;
     let inputs = TransformerInputs::from_named(&io)?;

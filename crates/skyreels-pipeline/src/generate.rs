@@ -43,8 +43,11 @@ fn invalid<T>(msg: impl Into<String>) -> Result<T, GenerateError> {
 pub struct ModelPaths {
     /// A diffusers pipeline folder: tokenizers, text encoders, VAE and scheduler subfolders.
     pub pipeline: PathBuf,
-    /// The transformer folder (the pipeline's `transformer/`, or a bare model folder).
+    /// The transformer folder (the pipeline's `transformer/`, or a bare model folder) or a
+    /// single `.safetensors` / `.gguf` checkpoint.
     pub transformer: PathBuf,
+    /// A single-file transformer's `config.json` (else the config comes from its shapes).
+    pub transformer_config: Option<PathBuf>,
     pub defaults: GenerationDefaults,
 }
 
@@ -85,6 +88,7 @@ impl ModelPaths {
         Ok(Self {
             pipeline: pipeline.to_path_buf(),
             transformer,
+            transformer_config: None,
             defaults,
         })
     }
@@ -218,7 +222,12 @@ impl Pipeline {
     ) -> Result<Self, GenerateError> {
         let start = Instant::now();
         let scheduler = SchedulerConfig::from_dir(&paths.pipeline)?;
-        let transformer = load_transformer(&paths.transformer, dtype, device)?;
+        let transformer = load_transformer(
+            &paths.transformer,
+            paths.transformer_config.as_deref(),
+            dtype,
+            device,
+        )?;
         let vae = load_vae(&paths.pipeline, vae_dtype, device)?;
         let t = transformer.config();
         let v = vae.config();

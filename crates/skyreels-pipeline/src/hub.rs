@@ -69,31 +69,52 @@ impl HubOptions {
 pub enum Source {
     Local(PathBuf),
     Hub(String),
+    /// One single-file checkpoint of a hub repo (`owner/name/path/in/repo.gguf`).
+    HubFile {
+        repo: String,
+        file: String,
+    },
+}
+
+fn is_repo_id(parts: &[&str]) -> bool {
+    parts.len() == 2
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && !p.starts_with('.')
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        })
 }
 
 impl Source {
-    /// An existing path is local; `owner/name` that is not a path is a hub repo id.
+    /// An existing path is local; `owner/name` that is not a path is a hub repo id, and
+    /// `owner/name/FILE` with FILE ending in `.safetensors` or `.gguf` one file of a repo.
     pub fn parse(value: &str) -> Result<Self, GenerateError> {
         let path = Path::new(value);
         if path.exists() {
             return Ok(Self::Local(path.to_path_buf()));
         }
-        let parts: Vec<&str> = value.split('/').collect();
-        let is_id = parts.len() == 2
-            && parts.iter().all(|p| {
-                !p.is_empty()
-                    && p.chars()
-                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-            })
-            && !value.starts_with('.');
-        if is_id {
-            Ok(Self::Hub(value.to_string()))
-        } else {
-            Err(GenerateError::Invalid(format!(
-                "{value}: no such folder, and not a hub repo id (owner/name) or a preset ({})",
-                PRESETS.iter().map(|p| p.0).collect::<Vec<_>>().join(", ")
-            )))
+        let parts: Vec<&str> = value.splitn(3, '/').collect();
+        if is_repo_id(&parts) {
+            return Ok(Self::Hub(value.to_string()));
         }
+        if let [owner, name, file] = parts[..] {
+            let single = file.ends_with(".safetensors") || file.ends_with(".gguf");
+            if is_repo_id(&[owner, name])
+                && single
+                && file.split('/').all(|c| !c.is_empty() && c != "..")
+            {
+                return Ok(Self::HubFile {
+                    repo: format!("{owner}/{name}"),
+                    file: file.to_string(),
+                });
+            }
+        }
+        Err(GenerateError::Invalid(format!(
+            "{value}: no such file or folder, and not a hub repo id (owner/name), a file of one \
+             (owner/name/FILE.safetensors or .gguf) or a preset ({})",
+            PRESETS.iter().map(|p| p.0).collect::<Vec<_>>().join(", ")
+        )))
     }
 }
 
@@ -128,11 +149,18 @@ impl ModelSpec {
         let pipeline = match &self.pipeline {
             Source::Local(p) => p.clone(),
             Source::Hub(repo) => fetch(repo, Layout::Pipeline { own_transformer }, opts)?,
+            Source::HubFile { repo, file } => {
+                return Err(GenerateError::Invalid(format!(
+                    "--model {repo}/{file}: a single file is a transformer checkpoint; pass it \
+                     as --transformer and a pipeline (or preset) as --model"
+                )))
+            }
         };
         let transformer = match &self.transformer {
             None => None,
             Some(Source::Local(p)) => Some(p.clone()),
             Some(Source::Hub(repo)) => Some(fetch(repo, Layout::Transformer, opts)?),
+            Some(Source::HubFile { repo, file }) => Some(fetch_file(repo, file, opts)?),
         };
         ModelPaths::local(&pipeline, transformer.as_deref())
     }
@@ -252,6 +280,40 @@ pub fn fetch(repo: &str, layout: Layout, opts: &HubOptions) -> Result<PathBuf, G
     Ok(snapshot.expect("at least one file"))
 }
 
+/// Downloads (or finds in the cache) one file of `repo`; returns its path in the snapshot.
+pub fn fetch_file(repo: &str, file: &str, opts: &HubOptions) -> Result<PathBuf, GenerateError> {
+    let cached = || opts.cache().repo(Repo::model(repo.to_string())).get(file);
+    let not_cached = |why: String| {
+        GenerateError::Invalid(format!(
+            "{repo}/{file} is not in the Hugging Face cache ({}) and {why}; run `skyreels \
+             download --transformer {repo}/{file}` with network access, or pass a local file",
+            opts.cache().path().display()
+        ))
+    };
+    if opts.is_offline() {
+        return cached().ok_or_else(|| not_cached("downloads are off".into()));
+    }
+    let mut builder = ApiBuilder::from_cache(opts.cache()).with_progress(opts.progress);
+    if let Ok(endpoint) = std::env::var("HF_ENDPOINT") {
+        builder = builder.with_endpoint(endpoint);
+    }
+    let api = builder
+        .build()
+        .map_err(|e| GenerateError::Invalid(format!("hub client: {e}")))?;
+    match api.model(repo.to_string()).get(file) {
+        Ok(path) => Ok(path),
+        Err(e) => match cached() {
+            Some(path) => {
+                eprintln!(
+                    "note: cannot reach the hub for {repo}/{file} ({e}); using the cached copy"
+                );
+                Ok(path)
+            }
+            None => Err(not_cached(format!("the download failed ({e})"))),
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -338,5 +400,50 @@ mod tests {
         assert!(e.to_string().contains("skyreels-v1-i2v"), "{e}");
         assert!(Source::parse("/no/such").is_err());
         assert!(Source::parse("a/b/c").is_err());
+        // one file of a repo, possibly in a subfolder
+        assert_eq!(
+            Source::parse(
+                "Kijai/SkyReels-V1-Hunyuan_comfy/skyreels_hunyuan_i2v_fp8_e4m3fn.safetensors"
+            )
+            .unwrap(),
+            Source::HubFile {
+                repo: "Kijai/SkyReels-V1-Hunyuan_comfy".into(),
+                file: "skyreels_hunyuan_i2v_fp8_e4m3fn.safetensors".into()
+            }
+        );
+        assert_eq!(
+            Source::parse("city96/HunyuanVideo-gguf/q/hunyuan-video-t2v-720p-Q4_K_S.gguf").unwrap(),
+            Source::HubFile {
+                repo: "city96/HunyuanVideo-gguf".into(),
+                file: "q/hunyuan-video-t2v-720p-Q4_K_S.gguf".into()
+            }
+        );
+        assert!(Source::parse("a/b/../c.gguf").is_err());
+        assert!(Source::parse("a/b/c.bin").is_err());
+    }
+
+    #[test]
+    fn single_files_come_from_the_cache_offline() {
+        let cache = tempfile::tempdir().unwrap();
+        let opts = HubOptions {
+            offline: true,
+            cache_dir: Some(cache.path().to_path_buf()),
+            progress: false,
+        };
+        let e = fetch_file("o/r", "m.gguf", &opts).unwrap_err().to_string();
+        assert!(
+            e.contains("o/r/m.gguf") && e.contains("skyreels download"),
+            "{e}"
+        );
+        // the standard cache layout: refs/main names the snapshot holding the file
+        let repo = cache.path().join("models--o--r");
+        std::fs::create_dir_all(repo.join("snapshots/abc")).unwrap();
+        std::fs::create_dir_all(repo.join("refs")).unwrap();
+        std::fs::write(repo.join("refs/main"), "abc").unwrap();
+        std::fs::write(repo.join("snapshots/abc/m.gguf"), b"x").unwrap();
+        assert_eq!(
+            fetch_file("o/r", "m.gguf", &opts).unwrap(),
+            repo.join("snapshots/abc/m.gguf")
+        );
     }
 }

@@ -4,12 +4,15 @@
 pub mod conditioning;
 pub mod export;
 pub mod generate;
+pub mod gguf;
 pub mod hub;
 pub mod loading;
 pub mod runtime;
 pub mod scheduler;
+pub mod single_file;
 pub mod tokenize;
 
 pub use loading::{
-    load_clip_text, load_llama_encoder, load_transformer, load_vae, LoadError, WeightStore,
+    load_clip_text, load_llama_encoder, load_transformer, load_transformer_resident, load_vae,
+    LoadError, ResidentWeights, WeightStore,
 };

@@ -6,11 +6,13 @@
 //! tensor, wrong shape and unused tensor is reported by name. Stored f32/f16/bf16 convert to the
 //! run dtype.
 
+use crate::single_file::{is_single_file, read_transformer_config, SingleFile};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use serde::Deserialize;
+use skyreels_models::layers::linear::{with_stored_weights, StoredWeight, StoredWeights};
 use skyreels_models::text_encoders::{ClipTextConfig, ClipTextModel, LlamaConfig, LlamaEncoder};
 use skyreels_models::{
     AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel, TransformerConfig, VaeConfig,
@@ -210,7 +212,22 @@ impl WeightStore {
         v
     }
 
-    /// Where a tensor is stored, its shape and whether its dtype is a float one we load.
+    /// Loads one tensor as stored (its own dtype).
+    pub fn load(&self, name: &str, device: &Device) -> Result<Tensor, LoadError> {
+        match self.names.get(name) {
+            None => Err(LoadError::Tensors(vec![TensorProblem::Missing {
+                name: name.into(),
+            }])),
+            Some(&i) => Ok(self.files[i].1.load(name, device)?),
+        }
+    }
+}
+
+impl TensorSource for WeightStore {
+    fn names(&self) -> Vec<String> {
+        WeightStore::names(self)
+    }
+
     fn lookup(&self, name: &str) -> Option<Found<'_>> {
         let &i = self.names.get(name)?;
         let (path, st) = &self.files[i];
@@ -222,29 +239,38 @@ impl WeightStore {
         Some(Found {
             shape: view.shape().to_vec(),
             file: path.as_path(),
-            st,
             dtype,
         })
     }
 
-    /// Loads one tensor as stored (its own dtype).
-    pub fn load(&self, name: &str, device: &Device) -> Result<Tensor, LoadError> {
-        match self.lookup(name) {
-            None => Err(LoadError::Tensors(vec![TensorProblem::Missing {
-                name: name.into(),
-            }])),
-            Some(f) => Ok(f.st.load(name, device)?),
+    fn load(&self, name: &str, device: &Device) -> candle_core::Result<Tensor> {
+        match self.names.get(name) {
+            Some(&i) => self.files[i].1.load(name, device),
+            None => candle_core::bail!("missing tensor {name}"),
         }
     }
 }
 
-/// A stored tensor, as [`WeightStore::lookup`] finds it.
-struct Found<'a> {
-    shape: Vec<usize>,
-    file: &'a Path,
-    st: &'a MmapedSafetensors,
+/// A stored tensor, as [`TensorSource::lookup`] finds it.
+pub(crate) struct Found<'a> {
+    pub shape: Vec<usize>,
+    pub file: &'a Path,
     /// Err(stored dtype) for a dtype that does not load
-    dtype: Result<(), String>,
+    pub dtype: Result<(), String>,
+}
+
+/// The tensors of a checkpoint under the names the model asks for.
+pub(crate) trait TensorSource: Send + Sync {
+    /// Every name, sorted.
+    fn names(&self) -> Vec<String>;
+    /// Where a tensor is stored, its shape and whether its dtype loads.
+    fn lookup(&self, name: &str) -> Option<Found<'_>>;
+    /// A tensor `lookup` found with a dtype that loads, in its stored dtype (or f32).
+    fn load(&self, name: &str, device: &Device) -> candle_core::Result<Tensor>;
+    /// The stored form of a matmul weight the checkpoint keeps narrow (fp8, GGUF), if it does.
+    fn stored(&self, _name: &str, _device: &Device) -> candle_core::Result<Option<StoredWeight>> {
+        Ok(None)
+    }
 }
 
 fn read(path: &Path) -> Result<String, LoadError> {
@@ -258,16 +284,60 @@ fn read(path: &Path) -> Result<String, LoadError> {
 struct Tracker {
     used: BTreeSet<String>,
     problems: Vec<TensorProblem>,
+    resident: ResidentWeights,
+}
+
+/// What a loaded model holds: tensors read, how many of them are matmul weights kept in their
+/// stored form (fp8, GGUF blocks), and their bytes on the device.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ResidentWeights {
+    pub tensors: usize,
+    pub stored: usize,
+    pub bytes: u64,
+}
+
+impl ResidentWeights {
+    fn add(&mut self, bytes: usize, stored: bool) {
+        self.tensors += 1;
+        self.stored += usize::from(stored);
+        self.bytes += bytes as u64;
+    }
 }
 
 /// VarBuilder backend that records every tensor asked for and every problem, and hands out a
 /// zero-size placeholder (a broadcast scalar, no allocation) for a tensor it cannot provide, so
-/// that one load reports all problems at once.
+/// that one load reports all problems at once. It also hands the linear layers the weights the
+/// checkpoint keeps in a stored form ([`StoredWeights`]).
+#[derive(Clone)]
 struct TrackingBackend {
-    store: Arc<WeightStore>,
+    store: Arc<dyn TensorSource>,
     tracker: Arc<Mutex<Tracker>>,
     /// Check names, shapes and dtypes only: every tensor is a placeholder, nothing is read.
     dry: bool,
+    device: Device,
+}
+
+impl StoredWeights for TrackingBackend {
+    fn stored_weight(
+        &self,
+        name: &str,
+        shape: (usize, usize),
+    ) -> candle_core::Result<Option<StoredWeight>> {
+        let fits = self
+            .store
+            .lookup(name)
+            .is_some_and(|f| f.dtype.is_ok() && f.shape == [shape.0, shape.1]);
+        if self.dry || !fits {
+            return Ok(None);
+        }
+        let stored = self.store.stored(name, &self.device)?;
+        if let Some(w) = &stored {
+            let mut t = self.tracker.lock().expect("tracker lock poisoned");
+            t.used.insert(name.to_string());
+            t.resident.add(w.size_in_bytes(), true);
+        }
+        Ok(stored)
+    }
 }
 
 impl TrackingBackend {
@@ -320,10 +390,15 @@ impl SimpleBackend for TrackingBackend {
         match found {
             Some(Found {
                 shape,
-                st,
                 dtype: Ok(()),
                 ..
-            }) if shape.as_slice() == s.dims() && !self.dry => st.load(name, dev)?.to_dtype(dtype),
+            }) if shape.as_slice() == s.dims() && !self.dry => {
+                let t = self.store.load(name, dev)?.to_dtype(dtype)?;
+                let bytes = t.elem_count() * dtype.size_in_bytes();
+                let mut tracker = self.tracker.lock().expect("tracker lock poisoned");
+                tracker.resident.add(bytes, false);
+                Ok(t)
+            }
             _ => self.placeholder(s, dtype, dev),
         }
     }
@@ -335,16 +410,14 @@ impl SimpleBackend for TrackingBackend {
             .used
             .insert(name.to_string());
         match self.store.lookup(name) {
-            Some(Found {
-                st, dtype: Ok(()), ..
-            }) => st.load(name, dev)?.to_dtype(dtype),
+            Some(Found { dtype: Ok(()), .. }) => self.store.load(name, dev)?.to_dtype(dtype),
             Some(Found { dtype: Err(d), .. }) => candle_core::bail!("tensor {name} has dtype {d}"),
             None => candle_core::bail!("missing tensor {name}"),
         }
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.store.names.contains_key(name)
+        self.store.lookup(name).is_some()
     }
 }
 
@@ -358,30 +431,30 @@ pub fn build_checked<M>(
     unused_ok: impl Fn(&str) -> bool,
     build: impl FnOnce(VarBuilder) -> candle_core::Result<M>,
 ) -> Result<M, LoadError> {
-    build_tracked(Arc::new(store), dtype, device, false, unused_ok, build)
+    build_tracked(Arc::new(store), dtype, device, false, unused_ok, build).map(|(m, _)| m)
 }
 
 /// [`build_checked`]'s checks without reading a weight (`build` gets placeholders), for models
 /// that read their weights later ([`LlamaEncoder::streamed`]).
 fn check_tensors<M>(
-    store: Arc<WeightStore>,
+    store: Arc<dyn TensorSource>,
     unused_ok: impl Fn(&str) -> bool,
     build: impl FnOnce(VarBuilder) -> candle_core::Result<M>,
 ) -> Result<(), LoadError> {
     build_tracked(store, DType::F32, &Device::Cpu, true, unused_ok, build).map(drop)
 }
 
-fn build_tracked<M>(
-    store: Arc<WeightStore>,
+pub(crate) fn build_tracked<M>(
+    store: Arc<dyn TensorSource>,
     dtype: DType,
     device: &Device,
     dry: bool,
     unused_ok: impl Fn(&str) -> bool,
     build: impl FnOnce(VarBuilder) -> candle_core::Result<M>,
-) -> Result<M, LoadError> {
+) -> Result<(M, ResidentWeights), LoadError> {
     let tracker = Arc::new(Mutex::new(Tracker::default()));
-    let vb = tracked_vb(store.clone(), tracker.clone(), dry, dtype, device);
-    let built = build(vb);
+    let (vb, backend) = tracked_vb(store.clone(), tracker.clone(), dry, dtype, device);
+    let built = with_stored_weights(Arc::new(backend), || build(vb));
     let t = tracker.lock().expect("tracker lock poisoned");
     if !t.problems.is_empty() {
         return Err(LoadError::Tensors(t.problems.clone()));
@@ -395,22 +468,24 @@ fn build_tracked<M>(
     if !unused.is_empty() {
         return Err(LoadError::UnusedTensors(unused));
     }
-    Ok(model)
+    Ok((model, t.resident))
 }
 
 fn tracked_vb(
-    store: Arc<WeightStore>,
+    store: Arc<dyn TensorSource>,
     tracker: Arc<Mutex<Tracker>>,
     dry: bool,
     dtype: DType,
     device: &Device,
-) -> VarBuilder<'static> {
+) -> (VarBuilder<'static>, TrackingBackend) {
     let backend = TrackingBackend {
         store,
         tracker,
         dry,
+        device: device.clone(),
     };
-    VarBuilder::from_backend(Box::new(backend), dtype, device.clone())
+    let vb = VarBuilder::from_backend(Box::new(backend.clone()), dtype, device.clone());
+    (vb, backend)
 }
 
 /// The folder holding a component: `dir` itself when it has `config.json` (a bare model repo such
@@ -434,7 +509,12 @@ pub fn component_dir(dir: &Path, subfolder: &str) -> Result<PathBuf, LoadError> 
 
 /// Reads and parses `<dir>/config.json`.
 pub fn read_config<C: serde::de::DeserializeOwned>(dir: &Path) -> Result<C, LoadError> {
-    let path = dir.join("config.json");
+    read_config_file(&dir.join("config.json"))
+}
+
+/// Reads and parses a config file.
+pub fn read_config_file<C: serde::de::DeserializeOwned>(path: &Path) -> Result<C, LoadError> {
+    let path = path.to_path_buf();
     let text = read(&path)?;
     let de = &mut serde_json::Deserializer::from_str(&text);
     serde_path_to_error::deserialize(de).map_err(|e| LoadError::Config {
@@ -477,21 +557,49 @@ pub fn load_component<C: serde::de::DeserializeOwned, M>(
     build_checked(store, dtype, device, |_| false, |vb| build(&cfg, vb))
 }
 
-/// Loads `HunyuanVideoTransformer3DModel` from a transformer folder or a pipeline folder with a
-/// `transformer/` subfolder, converting the stored weights to `dtype`.
+/// Loads `HunyuanVideoTransformer3DModel` from a transformer folder, a pipeline folder with a
+/// `transformer/` subfolder, or a single `.safetensors` / `.gguf` file (see [`crate::single_file`]:
+/// its config from `config`, a `config.json` or a folder with one, else from the tensor shapes).
+/// Dense weights are converted to `dtype`; fp8 and GGUF matmul weights stay in their stored form.
 pub fn load_transformer(
-    dir: &Path,
+    path: &Path,
+    config: Option<&Path>,
     dtype: DType,
     device: &Device,
 ) -> Result<HunyuanVideoTransformer3DModel, LoadError> {
-    load_component(
-        dir,
-        "transformer",
-        DIFFUSERS_WEIGHTS,
+    load_transformer_resident(path, config, dtype, device).map(|(m, _)| m)
+}
+
+/// [`load_transformer`], with what the model keeps resident.
+pub fn load_transformer_resident(
+    path: &Path,
+    config: Option<&Path>,
+    dtype: DType,
+    device: &Device,
+) -> Result<(HunyuanVideoTransformer3DModel, ResidentWeights), LoadError> {
+    let (cfg, store): (TransformerConfig, Arc<dyn TensorSource>) = if is_single_file(path) {
+        let file = SingleFile::open(path)?;
+        let cfg = match config {
+            Some(c) => read_transformer_config(c)?,
+            None => file.infer_config()?,
+        };
+        (cfg, Arc::new(file))
+    } else {
+        let (cfg, store) = open_component(
+            path,
+            "transformer",
+            DIFFUSERS_WEIGHTS,
+            TransformerConfig::validate,
+        )?;
+        (cfg, Arc::new(store))
+    };
+    build_tracked(
+        store,
         dtype,
         device,
-        TransformerConfig::validate,
-        HunyuanVideoTransformer3DModel::new,
+        false,
+        |_| false,
+        |vb| HunyuanVideoTransformer3DModel::new(&cfg, vb),
     )
 }
 
@@ -561,7 +669,7 @@ pub fn load_llama_encoder(
             vb.pp("model")
         }
     }
-    let store = Arc::new(store);
+    let store: Arc<dyn TensorSource> = Arc::new(store);
     check_tensors(store.clone(), unused_ok, |vb| {
         LlamaEncoder::new(&cfg, skip, root(vb, prefix))
     })?;
@@ -569,7 +677,7 @@ pub fn load_llama_encoder(
     let vb = |device: &Device| {
         let tracker = Arc::new(Mutex::new(Tracker::default()));
         root(
-            tracked_vb(store.clone(), tracker, false, dtype, device),
+            tracked_vb(store.clone(), tracker, false, dtype, device).0,
             prefix,
         )
     };
