@@ -7,7 +7,8 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 use skyreels_pipeline::export::{write_output, Frames8};
 use skyreels_pipeline::generate::{
-    CacheSpec, GenerateError, GenerateParams, ModelPaths, Pipeline, DEFAULT_NEGATIVE_PROMPT,
+    CacheSpec, GenerateError, GenerateParams, ModelPaths, Offload, Pipeline,
+    DEFAULT_NEGATIVE_PROMPT,
 };
 use skyreels_pipeline::load_vae;
 use skyreels_pipeline::scheduler::{FlowMatchEuler, SchedulerConfig};
@@ -186,6 +187,36 @@ fn image_to_video_with_a_gguf_transformer_matches_diffusers() {
     check("i2v_cfg_q8_0", &pipe);
 }
 
+/// `--offload model` (transformer and VAE loaded per stage) and `--offload blocks` (the blocks'
+/// linear weights in host memory, copied per use) compute exactly what the resident pipeline does,
+/// dense and GGUF.
+#[test]
+fn offloading_changes_no_number() {
+    let gguf = fixture("single_file/tiny_transformer_q8_0.gguf");
+    for (name, transformer) in [("i2v_cfg", None), ("i2v_cfg_q8_0", Some(gguf.as_path()))] {
+        let (io, req) = case(name);
+        let p = params(&io, &req);
+        let mut frames = Vec::new();
+        for offload in [Offload::None, Offload::Model, Offload::Blocks] {
+            let mut paths = ModelPaths::local(&tiny_weights(), transformer).unwrap();
+            paths.transformer_config = transformer.map(|_| tiny_weights().join("transformer"));
+            let pipe =
+                Pipeline::load_offloaded(paths, DType::F32, DType::F32, &Device::Cpu, offload)
+                    .unwrap();
+            assert_eq!(pipe.offload(), offload);
+            let video = pipe.generate(&p, &mut |_, _| true).unwrap();
+            assert!(
+                max_abs(&video.frames, &io["frames"]) <= FRAME_TOL,
+                "{name} {offload:?}"
+            );
+            frames.push(video.frames);
+        }
+        for (f, offload) in frames[1..].iter().zip(["model", "blocks"]) {
+            assert_eq!(max_abs(f, &frames[0]), 0.0, "{name}: --offload {offload}");
+        }
+    }
+}
+
 #[test]
 fn image_to_video_with_embedded_guidance_only_matches_diffusers() {
     check("i2v_embedded", &pipeline(None));
@@ -251,6 +282,17 @@ fn model_folders_are_checked() {
     let e = ModelPaths::local(dir.path(), None).unwrap_err();
     assert!(e.to_string().contains("model_index.json"), "{e}");
     assert!(!DEFAULT_NEGATIVE_PROMPT.is_empty());
+    // a transformer made for other text encoders is refused at load, not at the first request
+    let other = fixture("single_file/orig_q4_k.gguf");
+    let paths = ModelPaths::local(&tiny_weights(), Some(&other)).unwrap();
+    let e = Pipeline::load(paths, DType::F32, DType::F32, &Device::Cpu)
+        .err()
+        .expect("text widths differ")
+        .to_string();
+    assert!(
+        e.contains("text states of width 256") && e.contains("give 32 and 32"),
+        "{e}"
+    );
 }
 
 // ---- export ----

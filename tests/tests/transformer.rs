@@ -497,6 +497,7 @@ fn single_file_checkpoints_match_diffusers() {
             None,
             DType::F32,
             &Device::Cpu,
+            false,
         )
         .unwrap_or_else(|e| panic!("{file}: {e}"));
         // Both sides turn the stored weights into the same f32 values (fp8 and GGUF
@@ -693,4 +694,36 @@ fn bad_single_files_are_named_errors() {
     // a missing file
     let e = err(&dir.path().join("absent.gguf"));
     assert!(e.contains("absent.gguf"), "{e}");
+}
+
+#[test]
+fn offloaded_blocks_stay_in_host_memory() {
+    // `--offload blocks`: the 20 linear weights of the one double (14) and one single (6) block
+    // are host copies (dense in the run dtype, GGUF as blocks); the rest stays on the device
+    let load = |file: &str, host_blocks| {
+        skyreels_pipeline::load_transformer_resident(
+            &single_file(file),
+            None,
+            DType::F32,
+            &Device::Cpu,
+            host_blocks,
+        )
+        .unwrap()
+        .1
+    };
+    for (file, stored) in [("orig_bf16.safetensors", 0), ("orig_q8_0.gguf", 40)] {
+        let (resident, offloaded) = (load(file, false), load(file, true));
+        assert_eq!(
+            (resident.stored, resident.host_bytes),
+            (stored, 0),
+            "{file}"
+        );
+        assert_eq!(offloaded.stored, stored.max(20), "{file}");
+        assert!(offloaded.host_bytes > 0, "{file}");
+        assert_eq!(
+            offloaded.bytes + offloaded.host_bytes,
+            resident.bytes,
+            "{file}: the same weights, split between device and host"
+        );
+    }
 }

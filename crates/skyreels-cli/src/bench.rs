@@ -3,7 +3,7 @@
 //! decode and text encoding, each with its effective TFLOP/s (transformer) and peak device
 //! memory. `--size tiny` runs the same code on small dimensions (a CPU smoke test).
 
-use crate::{resolve_device, vae_dtype, DeviceArg, DtypeArg};
+use crate::{resolve_device, vae_dtype, DeviceArg, DtypeArg, OffloadArg};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
@@ -81,6 +81,20 @@ pub(crate) struct BenchArgs {
     /// The VAE's dtype [default: f16 on cuda, f32 on cpu].
     #[arg(long, value_enum)]
     vae_dtype: Option<DtypeArg>,
+    /// Time this transformer checkpoint instead of random weights: a folder, or one .safetensors
+    /// (bf16, fp8, ...) or .gguf file as `generate --transformer` takes (its config from the
+    /// shapes or --config); prints the bytes its weights keep resident. The other stages keep
+    /// random weights.
+    #[arg(long)]
+    transformer: Option<std::path::PathBuf>,
+    /// The config.json (or its folder) of a single-file --transformer.
+    #[arg(long, requires = "transformer")]
+    config: Option<std::path::PathBuf>,
+    /// none, or blocks: the transformer's blocks in host memory, each linear weight copied to
+    /// the device right before use (what that costs per forward is what this measures). `model`
+    /// is generate's and serve's (a load per stage; their stage timings show it).
+    #[arg(long, value_enum, default_value = "none")]
+    offload: OffloadArg,
 }
 
 /// Weights drawn from N(0, 0.02²) (norm scales too: values do not change the cost).
@@ -231,6 +245,13 @@ fn forward_flops(cfg: &TransformerConfig, l: usize) -> f64 {
 }
 
 pub(crate) fn bench(args: BenchArgs) -> Result<()> {
+    if args.offload == OffloadArg::Model {
+        bail!(
+            "bench times each stage with its network loaded; --offload model only adds a load per \
+             stage: run `skyreels generate --offload model` and read its stage timings"
+        )
+    }
+    let host_blocks = args.offload == OffloadArg::Blocks;
     let (device, dtype) = resolve_device(args.device, args.dtype)?;
     let tiny = args.size == Size::Tiny;
     let height = args.height.unwrap_or(if tiny { 64 } else { 544 });
@@ -268,10 +289,35 @@ pub(crate) fn bench(args: BenchArgs) -> Result<()> {
     let (mut forward_s, mut cfg_step_s, mut vae_s, mut text_s) = (None, None, None, None);
     if wants(Part::Transformer) || wants(Part::Breakdown) || wants(Part::CfgStep) {
         let t = Instant::now();
-        let model = HunyuanVideoTransformer3DModel::new(&tcfg, vb.pp("transformer"))?;
+        let model = match &args.transformer {
+            None if host_blocks => bail!("--offload blocks needs a --transformer checkpoint"),
+            None => HunyuanVideoTransformer3DModel::new(&tcfg, vb.pp("transformer"))?,
+            Some(path) => {
+                let (model, resident) = skyreels_pipeline::load_transformer_resident(
+                    path,
+                    args.config.as_deref(),
+                    dtype,
+                    &device,
+                    host_blocks,
+                )?;
+                let mib = |b: u64| b as f64 / f64::from(1 << 20);
+                println!(
+                    "{}: {} tensors, {} matmul weights in their stored form, {:.1} MiB resident, \
+                     {:.1} MiB in host memory",
+                    path.display(),
+                    resident.tensors,
+                    resident.stored,
+                    mib(resident.bytes),
+                    mib(resident.host_bytes)
+                );
+                tcfg = model.config().clone();
+                model
+            }
+        };
         device.synchronize()?;
         println!("transformer built in {:.1} s", t.elapsed().as_secs_f64());
-        let x = Tensor::randn(0f32, 1.0, (1, 32, lt, lh, lw), &device)?.to_dtype(dtype)?;
+        let x = Tensor::randn(0f32, 1.0, (1, tcfg.in_channels, lt, lh, lw), &device)?
+            .to_dtype(dtype)?;
         let timestep = Tensor::new(&[900f32], &device)?.to_dtype(dtype)?;
         let guidance = Tensor::new(&[1000f32], &device)?.to_dtype(dtype)?;
         // a prompt of ~3/4 of the text window, padding after it

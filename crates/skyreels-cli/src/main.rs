@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use skyreels_params as params;
 use skyreels_pipeline::export::{write_output, OutputKind};
 use skyreels_pipeline::generate::{
-    default_vae_dtype, GenerateParams, ModelPaths, Pipeline, StageTimings,
+    default_vae_dtype, GenerateParams, ModelPaths, Offload, Pipeline, StageTimings,
 };
 use skyreels_pipeline::hub::{HubOptions, ModelSpec, Source};
 use skyreels_server::media;
@@ -140,6 +140,23 @@ pub(crate) enum DeviceArg {
     Cuda,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
+pub(crate) enum OffloadArg {
+    None,
+    Model,
+    Blocks,
+}
+
+impl From<OffloadArg> for Offload {
+    fn from(o: OffloadArg) -> Self {
+        match o {
+            OffloadArg::None => Offload::None,
+            OffloadArg::Model => Offload::Model,
+            OffloadArg::Blocks => Offload::Blocks,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub(crate) enum DtypeArg {
     F32,
@@ -178,6 +195,13 @@ pub(crate) struct ModelArgs {
     /// Weights and activations dtype [default: f32 on cpu, bf16 on cuda].
     #[arg(long, value_enum)]
     dtype: Option<DtypeArg>,
+    /// Where the transformer and the VAE stay between uses: none (resident on the device), model
+    /// (each loaded onto the device only for the stage that runs it, then released: the peak is
+    /// the largest network's, at a load per stage), blocks (the transformer's blocks in host
+    /// memory, each linear weight copied to the device right before use). Same numbers in every
+    /// mode.
+    #[arg(long, value_enum, default_value = "none", env = "SKYREELS_OFFLOAD")]
+    pub(crate) offload: OffloadArg,
     /// The VAE's dtype [default: f16 on cuda (as HunyuanVideo and SkyReels decode), f32 on cpu].
     #[arg(long, value_enum)]
     vae_dtype: Option<DtypeArg>,
@@ -404,7 +428,8 @@ fn generate(args: GenerateArgs) -> Result<()> {
         paths.pipeline.display(),
         paths.transformer.display()
     );
-    let pipeline = Pipeline::load(paths, dtype, vae_dtype, &device)?;
+    let pipeline =
+        Pipeline::load_offloaded(paths, dtype, vae_dtype, &device, args.model.offload.into())?;
     for (flag, v) in [("--height", p.height), ("--width", p.width)] {
         params::check_side(v, pipeline.size_multiple())
             .map_err(|rule| anyhow::anyhow!("{flag} {rule}"))?;

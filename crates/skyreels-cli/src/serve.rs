@@ -262,7 +262,8 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         let paths = model_paths(&model).map_err(|e| format!("{e:#}"))?;
         tracing::info!(pipeline = %paths.pipeline.display(), transformer = %paths.transformer.display(), "loading the model");
         let pipeline =
-            Pipeline::load(paths, dtype, vae_dtype, &device).map_err(|e| e.to_string())?;
+            Pipeline::load_offloaded(paths, dtype, vae_dtype, &device, model.offload.into())
+                .map_err(|e| e.to_string())?;
         Ok(Box::new(PipelineGenerator { pipeline }))
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()

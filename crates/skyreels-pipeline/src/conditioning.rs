@@ -9,6 +9,13 @@ use candle_core::{DType, Device, Tensor};
 use skyreels_models::text_encoders::{ClipTextConfig, ClipTextModel, LlamaConfig, LlamaEncoder};
 use std::path::Path;
 
+/// The widths of what the text encoders give: LLaMA's hidden states and CLIP's pooled vector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TextWidths {
+    pub text: usize,
+    pub pooled: usize,
+}
+
 /// SkyReels / HunyuanVideo take `hidden_states[-(2 + 1)]` of the LLaMA encoder.
 pub const HIDDEN_STATE_SKIP: usize = 2;
 
@@ -69,22 +76,25 @@ impl TextEncoders {
 
     /// Checks a pipeline folder's tokenizers and text encoder configs and weight files without
     /// loading any weights.
-    pub fn check(dir: &Path) -> Result<(), TextError> {
+    pub fn check(dir: &Path) -> Result<TextWidths, TextError> {
         LlamaTokenizer::from_dir(dir)?;
         ClipTokenizer::from_dir(dir)?;
-        open_component(
+        let (llama, _) = open_component::<LlamaConfig>(
             dir,
             "text_encoder",
             TRANSFORMERS_WEIGHTS,
             LlamaConfig::validate,
         )?;
-        open_component(
+        let (clip, _) = open_component::<ClipTextConfig>(
             dir,
             "text_encoder_2",
             TRANSFORMERS_WEIGHTS,
             ClipTextConfig::validate,
         )?;
-        Ok(())
+        Ok(TextWidths {
+            text: llama.hidden_size,
+            pooled: clip.hidden_size,
+        })
     }
 
     pub fn llama_tokenizer(&self) -> &LlamaTokenizer {

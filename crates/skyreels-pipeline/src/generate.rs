@@ -4,7 +4,7 @@
 //! image, center-crop before resizing, computed `crop_start`, CFG whenever guidance_scale > 1.
 
 use crate::conditioning::{PromptEmbeds, TextEncoders, TextError};
-use crate::loading::{load_transformer, load_vae, LoadError};
+use crate::loading::{load_transformer, load_transformer_resident, load_vae, LoadError};
 use crate::runtime::{gib, PeakMemory};
 use crate::scheduler::{FlowMatchEuler, SchedulerConfig};
 use candle_core::{DType, Device, Tensor};
@@ -12,7 +12,8 @@ use image::RgbImage;
 use rand::SeedableRng;
 use rand_distr::Distribution;
 use skyreels_models::{
-    AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel, TransformerInputs,
+    AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel, TransformerConfig,
+    TransformerInputs, VaeConfig,
 };
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -202,13 +203,63 @@ struct EncodedPrompt {
 /// released once the prompt is encoded.
 pub struct Pipeline {
     paths: ModelPaths,
-    transformer: HunyuanVideoTransformer3DModel,
-    vae: AutoencoderKLHunyuanVideo,
+    transformer: Resident<HunyuanVideoTransformer3DModel>,
+    vae: Resident<AutoencoderKLHunyuanVideo>,
+    transformer_config: TransformerConfig,
+    vae_config: VaeConfig,
+    offload: Offload,
     scheduler: SchedulerConfig,
     device: Device,
     dtype: DType,
     vae_dtype: DType,
     load_time: Duration,
+}
+
+/// Where the transformer and the VAE stay between uses (`--offload`). Every mode gives the same
+/// numbers; the text encoders are always loaded per request and released before the denoising.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Offload {
+    /// Both resident on the device.
+    #[default]
+    None,
+    /// Each network on the device only while it runs: the transformer is loaded for the
+    /// denoising loop and the VAE for image encoding and for decoding, each released after (their
+    /// load time counts in those stages).
+    Model,
+    /// The transformer's blocks in host memory, each linear weight copied to the device right
+    /// before it is used (fp8 and GGUF weights in their stored form); the rest resident.
+    Blocks,
+}
+
+/// A network kept loaded, or (`Offload::Model`) loaded for each stage that runs it.
+enum Resident<T> {
+    Loaded(T),
+    OnDemand,
+}
+
+/// A network for one stage: the resident one, or one loaded for it.
+enum Held<'a, T> {
+    Borrowed(&'a T),
+    Owned(T),
+}
+
+impl<T> std::ops::Deref for Held<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        match self {
+            Held::Borrowed(t) => t,
+            Held::Owned(t) => t,
+        }
+    }
+}
+
+impl<T> Resident<T> {
+    fn get(&self, load: impl FnOnce() -> Result<T, LoadError>) -> Result<Held<'_, T>, LoadError> {
+        Ok(match self {
+            Resident::Loaded(t) => Held::Borrowed(t),
+            Resident::OnDemand => Held::Owned(load()?),
+        })
+    }
 }
 
 impl Pipeline {
@@ -220,17 +271,38 @@ impl Pipeline {
         vae_dtype: DType,
         device: &Device,
     ) -> Result<Self, GenerateError> {
+        Self::load_offloaded(paths, dtype, vae_dtype, device, Offload::None)
+    }
+
+    /// [`Pipeline::load`] with the transformer and VAE kept as `offload` says. With
+    /// `Offload::Model` both are still loaded once now (every check runs at start-up), then
+    /// released.
+    pub fn load_offloaded(
+        paths: ModelPaths,
+        dtype: DType,
+        vae_dtype: DType,
+        device: &Device,
+        offload: Offload,
+    ) -> Result<Self, GenerateError> {
         let start = Instant::now();
         let scheduler = SchedulerConfig::from_dir(&paths.pipeline)?;
-        let transformer = load_transformer(
+        let transformer = load_transformer_resident(
             &paths.transformer,
             paths.transformer_config.as_deref(),
             dtype,
             device,
-        )?;
+            offload == Offload::Blocks,
+        )?
+        .0;
         let vae = load_vae(&paths.pipeline, vae_dtype, device)?;
-        let t = transformer.config();
-        let v = vae.config();
+        let transformer_config = transformer.config().clone();
+        let vae_config = vae.config().clone();
+        let (transformer, vae) = if offload == Offload::Model {
+            (Resident::OnDemand, Resident::OnDemand)
+        } else {
+            (Resident::Loaded(transformer), Resident::Loaded(vae))
+        };
+        let (t, v) = (&transformer_config, &vae_config);
         if t.out_channels() != v.latent_channels {
             return invalid(format!(
                 "the transformer predicts {} channels but the VAE has {} latent channels",
@@ -247,11 +319,21 @@ impl Pipeline {
             ));
         }
         // validate the tokenizers and text encoder configs now, not at the first request
-        TextEncoders::check(&paths.pipeline)?;
+        let widths = TextEncoders::check(&paths.pipeline)?;
+        if (t.text_embed_dim, t.pooled_projection_dim) != (widths.text, widths.pooled) {
+            return invalid(format!(
+                "the transformer takes text states of width {} and a pooled vector of {}, but \
+                 the pipeline's text encoders give {} and {}",
+                t.text_embed_dim, t.pooled_projection_dim, widths.text, widths.pooled
+            ));
+        }
         Ok(Self {
             paths,
             transformer,
             vae,
+            transformer_config,
+            vae_config,
+            offload,
             scheduler,
             device: device.clone(),
             dtype,
@@ -264,14 +346,36 @@ impl Pipeline {
         &self.paths
     }
 
+    pub fn offload(&self) -> Offload {
+        self.offload
+    }
+
+    /// The transformer for a stage (loaded for it with `Offload::Model`).
+    fn transformer(&self) -> Result<Held<'_, HunyuanVideoTransformer3DModel>, LoadError> {
+        self.transformer.get(|| {
+            load_transformer(
+                &self.paths.transformer,
+                self.paths.transformer_config.as_deref(),
+                self.dtype,
+                &self.device,
+            )
+        })
+    }
+
+    /// The VAE for a stage (loaded for it with `Offload::Model`).
+    fn vae(&self) -> Result<Held<'_, AutoencoderKLHunyuanVideo>, LoadError> {
+        self.vae
+            .get(|| load_vae(&self.paths.pipeline, self.vae_dtype, &self.device))
+    }
+
     /// Whether the transformer takes an image (I2V: latents and image latents on channels).
     pub fn is_image_to_video(&self) -> bool {
-        self.transformer.config().in_channels == 2 * self.vae.config().latent_channels
+        self.transformer_config.in_channels == 2 * self.vae_config.latent_channels
     }
 
     /// Pixels per latent cell (VAE) times the transformer's patch: sizes must be multiples.
     pub fn size_multiple(&self) -> usize {
-        self.vae.config().spatial_compression_ratio * self.transformer.config().patch_size
+        self.vae_config.spatial_compression_ratio * self.transformer_config.patch_size
     }
 
     /// Checks a request's sizes and mode; the messages name the offending setting.
@@ -284,7 +388,7 @@ impl Pipeline {
                 ));
             }
         }
-        let t = self.vae.config().temporal_compression_ratio;
+        let t = self.vae_config.temporal_compression_ratio;
         if p.num_frames == 0 || !(p.num_frames - 1).is_multiple_of(t) {
             return invalid(format!(
                 "num_frames must be {t}k+1 (1, {}, {}, ...), got {}",
@@ -323,7 +427,7 @@ impl Pipeline {
 
     /// (1, latent channels, latent frames, h, w) of a request.
     pub fn latent_shape(&self, p: &GenerateParams) -> [usize; 5] {
-        let v = self.vae.config();
+        let v = &self.vae_config;
         [
             1,
             v.latent_channels,
@@ -461,7 +565,8 @@ impl Pipeline {
         on_step: &mut dyn FnMut(usize, usize) -> bool,
     ) -> Result<Tensor, GenerateError> {
         let schedule = FlowMatchEuler::new(&self.scheduler, p.steps);
-        let guidance = self.transformer.config().guidance_embeds.then(|| {
+        let transformer = self.transformer()?;
+        let guidance = self.transformer_config.guidance_embeds.then(|| {
             // [g] in the transformer dtype, then × 1000 (also in that dtype)
             Tensor::new(&[p.embedded_guidance_scale as f32], &self.device)
                 .and_then(|g| g.to_dtype(self.dtype))
@@ -476,7 +581,7 @@ impl Pipeline {
             // the timestep takes the latents' dtype (f32 at step 0, the model dtype after)
             let timestep = Tensor::new(&[t], &self.device)?.to_dtype(latents.dtype())?;
             let v = guided_velocity(
-                &self.transformer,
+                &transformer,
                 &x,
                 &timestep,
                 &prompt.positive,
@@ -498,8 +603,8 @@ impl Pipeline {
     /// diffusers' `decode_latents` (+ the video processor's postprocess): latents / scaling
     /// factor through the VAE, `(x·0.5 + 0.5).clamp(0, 1)`, as (frames, h, w, 3) f32 on the CPU.
     fn decode_latents(&self, latents: &Tensor) -> Result<Tensor, GenerateError> {
-        let z = (latents.to_dtype(self.vae_dtype)? / self.vae.config().scaling_factor)?;
-        let video = self.vae.decode(&z)?;
+        let z = (latents.to_dtype(self.vae_dtype)? / self.vae_config.scaling_factor)?;
+        let video = self.vae()?.decode(&z)?;
         // (x·0.5 + 0.5).clamp(0, 1) in the VAE dtype, then f32
         let video = video
             .affine(0.5, 0.5)?
@@ -529,8 +634,8 @@ impl Pipeline {
             .affine(2.0, -1.0)?
             .reshape((1, 3, 1, h, w))?
             .to_dtype(self.vae_dtype)?;
-        let posterior = self.vae.encode(&x)?;
-        let first = (posterior.mode().to_dtype(DType::F32)? * self.vae.config().scaling_factor)?;
+        let posterior = self.vae()?.encode(&x)?;
+        let first = (posterior.mode().to_dtype(DType::F32)? * self.vae_config.scaling_factor)?;
         let [b, c, t, lh, lw] = *shape;
         let rest = Tensor::zeros((b, c, t - 1, lh, lw), DType::F32, &self.device)?;
         Ok(Tensor::cat(&[&first, &rest], 2)?.to_dtype(self.dtype)?)

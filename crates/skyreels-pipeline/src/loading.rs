@@ -288,20 +288,31 @@ struct Tracker {
 }
 
 /// What a loaded model holds: tensors read, how many of them are matmul weights kept in their
-/// stored form (fp8, GGUF blocks), and their bytes on the device.
+/// stored form (fp8, GGUF blocks, or host copies with `--offload blocks`), their bytes on the
+/// device and in host memory.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ResidentWeights {
     pub tensors: usize,
     pub stored: usize,
     pub bytes: u64,
+    pub host_bytes: u64,
 }
 
 impl ResidentWeights {
-    fn add(&mut self, bytes: usize, stored: bool) {
+    fn add(&mut self, bytes: usize, stored: bool, on_host: bool) {
         self.tensors += 1;
         self.stored += usize::from(stored);
-        self.bytes += bytes as u64;
+        if on_host {
+            self.host_bytes += bytes as u64;
+        } else {
+            self.bytes += bytes as u64;
+        }
     }
+}
+
+/// The transformer's blocks: what `--offload blocks` keeps in host memory.
+fn is_block_weight(name: &str) -> bool {
+    name.starts_with("transformer_blocks.") || name.starts_with("single_transformer_blocks.")
 }
 
 /// VarBuilder backend that records every tensor asked for and every problem, and hands out a
@@ -315,6 +326,10 @@ struct TrackingBackend {
     /// Check names, shapes and dtypes only: every tensor is a placeholder, nothing is read.
     dry: bool,
     device: Device,
+    /// The run dtype (of host copies).
+    dtype: DType,
+    /// Keep the blocks' linear weights in host memory (`--offload blocks`).
+    host_blocks: bool,
 }
 
 impl StoredWeights for TrackingBackend {
@@ -330,11 +345,19 @@ impl StoredWeights for TrackingBackend {
         if self.dry || !fits {
             return Ok(None);
         }
-        let stored = self.store.stored(name, &self.device)?;
+        let on_host = self.host_blocks && is_block_weight(name);
+        let device = if on_host { &Device::Cpu } else { &self.device };
+        let stored = match self.store.stored(name, device)? {
+            None if on_host => Some(StoredWeight::Cast {
+                weight: self.store.load(name, device)?.to_dtype(self.dtype)?,
+                scale: None,
+            }),
+            stored => stored,
+        };
         if let Some(w) = &stored {
             let mut t = self.tracker.lock().expect("tracker lock poisoned");
             t.used.insert(name.to_string());
-            t.resident.add(w.size_in_bytes(), true);
+            t.resident.add(w.size_in_bytes(), true, on_host);
         }
         Ok(stored)
     }
@@ -396,7 +419,7 @@ impl SimpleBackend for TrackingBackend {
                 let t = self.store.load(name, dev)?.to_dtype(dtype)?;
                 let bytes = t.elem_count() * dtype.size_in_bytes();
                 let mut tracker = self.tracker.lock().expect("tracker lock poisoned");
-                tracker.resident.add(bytes, false);
+                tracker.resident.add(bytes, false, false);
                 Ok(t)
             }
             _ => self.placeholder(s, dtype, dev),
@@ -431,7 +454,16 @@ pub fn build_checked<M>(
     unused_ok: impl Fn(&str) -> bool,
     build: impl FnOnce(VarBuilder) -> candle_core::Result<M>,
 ) -> Result<M, LoadError> {
-    build_tracked(Arc::new(store), dtype, device, false, unused_ok, build).map(|(m, _)| m)
+    build_tracked(
+        Arc::new(store),
+        dtype,
+        device,
+        false,
+        false,
+        unused_ok,
+        build,
+    )
+    .map(|(m, _)| m)
 }
 
 /// [`build_checked`]'s checks without reading a weight (`build` gets placeholders), for models
@@ -441,19 +473,38 @@ fn check_tensors<M>(
     unused_ok: impl Fn(&str) -> bool,
     build: impl FnOnce(VarBuilder) -> candle_core::Result<M>,
 ) -> Result<(), LoadError> {
-    build_tracked(store, DType::F32, &Device::Cpu, true, unused_ok, build).map(drop)
+    build_tracked(
+        store,
+        DType::F32,
+        &Device::Cpu,
+        true,
+        false,
+        unused_ok,
+        build,
+    )
+    .map(drop)
 }
 
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn build_tracked<M>(
     store: Arc<dyn TensorSource>,
     dtype: DType,
     device: &Device,
     dry: bool,
+    host_blocks: bool,
     unused_ok: impl Fn(&str) -> bool,
     build: impl FnOnce(VarBuilder) -> candle_core::Result<M>,
 ) -> Result<(M, ResidentWeights), LoadError> {
     let tracker = Arc::new(Mutex::new(Tracker::default()));
-    let (vb, backend) = tracked_vb(store.clone(), tracker.clone(), dry, dtype, device);
+    let backend = TrackingBackend {
+        store: store.clone(),
+        tracker: tracker.clone(),
+        dry,
+        device: device.clone(),
+        dtype,
+        host_blocks,
+    };
+    let vb = backend.vb();
     let built = with_stored_weights(Arc::new(backend), || build(vb));
     let t = tracker.lock().expect("tracker lock poisoned");
     if !t.problems.is_empty() {
@@ -471,21 +522,10 @@ pub(crate) fn build_tracked<M>(
     Ok((model, t.resident))
 }
 
-fn tracked_vb(
-    store: Arc<dyn TensorSource>,
-    tracker: Arc<Mutex<Tracker>>,
-    dry: bool,
-    dtype: DType,
-    device: &Device,
-) -> (VarBuilder<'static>, TrackingBackend) {
-    let backend = TrackingBackend {
-        store,
-        tracker,
-        dry,
-        device: device.clone(),
-    };
-    let vb = VarBuilder::from_backend(Box::new(backend.clone()), dtype, device.clone());
-    (vb, backend)
+impl TrackingBackend {
+    fn vb(&self) -> VarBuilder<'static> {
+        VarBuilder::from_backend(Box::new(self.clone()), self.dtype, self.device.clone())
+    }
 }
 
 /// The folder holding a component: `dir` itself when it has `config.json` (a bare model repo such
@@ -567,15 +607,18 @@ pub fn load_transformer(
     dtype: DType,
     device: &Device,
 ) -> Result<HunyuanVideoTransformer3DModel, LoadError> {
-    load_transformer_resident(path, config, dtype, device).map(|(m, _)| m)
+    load_transformer_resident(path, config, dtype, device, false).map(|(m, _)| m)
 }
 
-/// [`load_transformer`], with what the model keeps resident.
+/// [`load_transformer`], with what the model keeps resident; `host_blocks` keeps the blocks'
+/// linear weights in host memory, each copied to `device` right before it is used
+/// (`--offload blocks`).
 pub fn load_transformer_resident(
     path: &Path,
     config: Option<&Path>,
     dtype: DType,
     device: &Device,
+    host_blocks: bool,
 ) -> Result<(HunyuanVideoTransformer3DModel, ResidentWeights), LoadError> {
     let (cfg, store): (TransformerConfig, Arc<dyn TensorSource>) = if is_single_file(path) {
         let file = SingleFile::open(path)?;
@@ -598,6 +641,7 @@ pub fn load_transformer_resident(
         dtype,
         device,
         false,
+        host_blocks,
         |_| false,
         |vb| HunyuanVideoTransformer3DModel::new(&cfg, vb),
     )
@@ -677,7 +721,15 @@ pub fn load_llama_encoder(
     let vb = |device: &Device| {
         let tracker = Arc::new(Mutex::new(Tracker::default()));
         root(
-            tracked_vb(store.clone(), tracker, false, dtype, device).0,
+            TrackingBackend {
+                store: store.clone(),
+                tracker,
+                dry: false,
+                device: device.clone(),
+                dtype,
+                host_blocks: false,
+            }
+            .vb(),
             prefix,
         )
     };

@@ -7,7 +7,7 @@
 
 use super::cpu_kernels::{linear_f32, linear_parts_f32};
 use super::gguf;
-use candle_core::quantized::QTensor;
+use candle_core::quantized::{QStorage, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use std::borrow::Cow;
@@ -43,24 +43,37 @@ impl StoredWeight {
         }
     }
 
-    /// The weight as a dense tensor in `dtype`.
-    pub fn materialize(&self, dtype: DType) -> Result<Tensor> {
+    /// The weight as a dense tensor in `dtype` on `device` (copied there first when it is kept
+    /// elsewhere, e.g. in host memory with `--offload blocks`).
+    pub fn materialize(&self, dtype: DType, device: &Device) -> Result<Tensor> {
         match self {
             Self::Cast {
                 weight,
                 scale: None,
-            } => weight.to_dtype(dtype),
+            } => weight.to_device(device)?.to_dtype(dtype),
             Self::Cast {
                 weight,
                 scale: Some(s),
-            } => (weight.to_dtype(DType::F32)? * f64::from(*s))?.to_dtype(dtype),
-            Self::Quantized(q) => {
+            } => (weight.to_device(device)?.to_dtype(DType::F32)? * f64::from(*s))?.to_dtype(dtype),
+            Self::Quantized(q) if device.is_cpu() => {
                 if q.device().is_cpu() && gguf::is_block_type(q.dtype()) {
                     let values = gguf::dequantize(q.dtype(), &q.data()?)?;
-                    Tensor::from_vec(values, q.shape(), &Device::Cpu)?.to_dtype(dtype)
+                    Tensor::from_vec(values, q.shape(), device)?.to_dtype(dtype)
                 } else {
-                    q.dequantize(&q.device())?.to_dtype(dtype)
+                    q.dequantize(device)?.to_dtype(dtype)
                 }
+            }
+            Self::Quantized(q) => {
+                // blocks are copied, not their expansion: dequantized on the GPU
+                let on_device;
+                let q = if q.device().same_device(device) {
+                    q.as_ref()
+                } else {
+                    let storage = QStorage::from_data(q.data()?, device, q.dtype())?;
+                    on_device = QTensor::new(storage, q.shape())?;
+                    &on_device
+                };
+                q.dequantize(device)?.to_dtype(dtype)
             }
         }
     }
@@ -136,11 +149,11 @@ pub fn linear_b(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Re
 }
 
 impl Linear {
-    /// The weight in `dtype`: borrowed when dense, materialized when stored.
-    fn weight(&self, dtype: DType) -> Result<Cow<'_, Tensor>> {
+    /// The weight in `x`'s dtype on `x`'s device: borrowed when dense, materialized when stored.
+    fn weight(&self, x: &Tensor) -> Result<Cow<'_, Tensor>> {
         match &self.weight {
             Weight::Dense(w) => Ok(Cow::Borrowed(w)),
-            Weight::Stored(s) => Ok(Cow::Owned(s.materialize(dtype)?)),
+            Weight::Stored(s) => Ok(Cow::Owned(s.materialize(x.dtype(), x.device())?)),
         }
     }
 
@@ -169,7 +182,7 @@ impl Linear {
                 (*p, o)
             })
             .collect();
-        let weight = self.weight(DType::F32)?;
+        let weight = self.weight(parts[0])?;
         linear_parts_f32(&with_offsets, &weight, self.bias.as_ref())
     }
 }
@@ -183,7 +196,7 @@ impl Module for Linear {
         let rows = x.elem_count() / in_dim.max(1);
         // (..., in) -> (rows, in)
         let x2 = x.reshape((rows, in_dim))?;
-        let weight = self.weight(x.dtype())?;
+        let weight = self.weight(x)?;
         let y = if x.device().is_cpu() && x.dtype() == DType::F32 {
             linear_f32(&x2, &weight, self.bias.as_ref())?
         } else {
@@ -298,7 +311,7 @@ mod tests {
             .to_dtype(DType::F32)
             .unwrap();
         let got = StoredWeight::Quantized(Arc::new(q))
-            .materialize(DType::F32)
+            .materialize(DType::F32, &dev)
             .unwrap();
         let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap();
         assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
