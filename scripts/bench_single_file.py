@@ -29,7 +29,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -70,17 +69,25 @@ print(json.dumps({"load": load, "forward": statistics.median(times[1:])}))
 '''
 
 
+# A lean parent (no torch) starts each measured process: a child forked from this script would
+# start with its ~1 GB resident, and ru_maxrss counts that.
+LEAN = (
+    "import os, subprocess, sys\n"
+    "p = subprocess.Popen(sys.argv[1:])\n"
+    "_, status, usage = os.wait4(p.pid, 0)\n"
+    "print('MAXRSS_KIB', usage.ru_maxrss)\n"
+    "sys.exit(os.waitstatus_to_exitcode(status))\n"
+)
+
+
 def run(cmd, env=None):
-    """Runs `cmd`; returns its stdout and its own peak RSS in MiB (wait4's rusage)."""
-    with tempfile.TemporaryFile("w+") as out:
-        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT, text=True)
-        _, status, usage = os.wait4(p.pid, 0)
-        p.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        text = out.read()
-    if p.returncode != 0:
-        sys.exit(f"{cmd[0]} failed:\n{text}")
-    return text, usage.ru_maxrss / 1024
+    """Runs `cmd`; returns its output and its own peak RSS in MiB (wait4's rusage)."""
+    res = subprocess.run([sys.executable, "-S", "-c", LEAN, *cmd], capture_output=True, text=True,
+                         env=env, cwd=ROOT)
+    if res.returncode != 0:
+        sys.exit(f"{cmd[0]} failed:\n{res.stdout}{res.stderr}")
+    rss = int(re.search(r"MAXRSS_KIB (\d+)", res.stdout).group(1))
+    return res.stdout, rss / 1024
 
 
 def main() -> None:
@@ -128,7 +135,7 @@ def main() -> None:
                  hidden=CONFIG["num_attention_heads"] * CONFIG["attention_head_dim"],
                  latent=LATENT, n_txt=N_TXT, n_valid=N_VALID)
         text, ref_rss = run([sys.executable, "-c", DIFFUSERS_RUN, json.dumps(a), str(ROOT / "scripts")], env)
-        ref = json.loads(text.strip().splitlines()[-1])
+        ref = json.loads(next(line for line in text.splitlines() if line.startswith("{")))
         rows.append((name, path.stat().st_size / 2**20, resident, 100 * resident * 2**20 / bf16_bytes,
                      ours_rss, built, forward, ref_rss, ref["load"], ref["forward"]))
         print(f"{name} done", flush=True)

@@ -561,12 +561,12 @@ fn gguf_blocks_dequantize_as_diffusers_does_bit_for_bit() {
             .unwrap()
             .to_vec1()
             .unwrap();
+        // f16 -> f32 is exact and one to one: equal f32 bits are equal f16 values
         let got = skyreels_models::layers::gguf::dequantize(dtype, &blocks).unwrap();
-        let bits = |v: &[half::f16]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        let mismatch = bits(&got)
+        let mismatch = got
             .iter()
-            .zip(bits(&want))
-            .position(|(a, b)| *a != b);
+            .zip(&want)
+            .position(|(a, b)| a.to_bits() != b.to_f32().to_bits());
         assert_eq!(
             mismatch, None,
             "{name}: first mismatch at element {mismatch:?}"

@@ -315,7 +315,7 @@ pub(crate) fn bench(args: BenchArgs) -> Result<()> {
             }
         };
         device.synchronize()?;
-        println!("transformer built in {:.1} s", t.elapsed().as_secs_f64());
+        println!("transformer built in {:.2} s", t.elapsed().as_secs_f64());
         let x = Tensor::randn(0f32, 1.0, (1, tcfg.in_channels, lt, lh, lw), &device)?
             .to_dtype(dtype)?;
         let timestep = Tensor::new(&[900f32], &device)?.to_dtype(dtype)?;

@@ -303,13 +303,15 @@ impl Gguf {
         let Some(t) = self.tensors.get(name) else {
             candle_core::bail!("{}: no tensor {name}", self.path.display())
         };
-        let mut raw = vec![0u8; t.bytes];
-        {
+        let read = |start: u64, len: usize| -> candle_core::Result<Vec<u8>> {
+            let mut buf = vec![0u8; len];
             let mut f = self.file.lock().expect("gguf file lock poisoned");
-            f.seek(SeekFrom::Start(t.start))?;
-            f.read_exact(&mut raw)?;
-        }
+            f.seek(SeekFrom::Start(t.start + start))?;
+            f.read_exact(&mut buf)?;
+            Ok(buf)
+        };
         if rows.is_empty() {
+            let raw = read(0, t.bytes)?;
             return QTensor::new(
                 QStorage::from_data(Cow::Owned(raw), device, t.dtype)?,
                 t.shape.clone(),
@@ -321,14 +323,15 @@ impl Gguf {
                 type_name(t.dtype)
             )
         }
+        // whole rows are whole blocks: each range is one contiguous read
         let per_row = t.bytes / t.shape[0].max(1);
         let mut picked = Vec::new();
         let mut n = 0;
         for r in rows {
-            if r.end > t.shape[0] {
+            if r.end > t.shape[0] || r.start > r.end {
                 candle_core::bail!("{name}: rows {r:?} of {}", t.shape[0])
             }
-            picked.extend_from_slice(&raw[r.start * per_row..r.end * per_row]);
+            picked.extend(read((r.start * per_row) as u64, r.len() * per_row)?);
             n += r.len();
         }
         let mut shape = t.shape.clone();

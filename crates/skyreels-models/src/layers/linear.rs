@@ -10,9 +10,10 @@ use super::gguf;
 use candle_core::quantized::{QStorage, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
+use float8::F8E4M3;
 use std::borrow::Cow;
 use std::cell::RefCell;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// A matmul weight as a checkpoint stores it.
 #[derive(Debug, Clone)]
@@ -47,14 +48,18 @@ impl StoredWeight {
     /// elsewhere, e.g. in host memory with `--offload blocks`).
     pub fn materialize(&self, dtype: DType, device: &Device) -> Result<Tensor> {
         match self {
-            Self::Cast {
-                weight,
-                scale: None,
-            } => weight.to_device(device)?.to_dtype(dtype),
-            Self::Cast {
-                weight,
-                scale: Some(s),
-            } => (weight.to_device(device)?.to_dtype(DType::F32)? * f64::from(*s))?.to_dtype(dtype),
+            Self::Cast { weight, scale } => {
+                let w = weight.to_device(device)?;
+                let w = if w.dtype() == DType::F8E4M3 && device.is_cpu() {
+                    fp8_to_f32(&w)?
+                } else {
+                    w
+                };
+                match scale {
+                    None => w.to_dtype(dtype),
+                    Some(s) => (w.to_dtype(DType::F32)? * f64::from(*s))?.to_dtype(dtype),
+                }
+            }
             Self::Quantized(q) if device.is_cpu() => {
                 if q.device().is_cpu() && gguf::is_block_type(q.dtype()) {
                     let values = gguf::dequantize(q.dtype(), &q.data()?)?;
@@ -77,6 +82,20 @@ impl StoredWeight {
             }
         }
     }
+}
+
+/// fp8 e4m3fn to f32 on the CPU through a 256-entry table, in parallel (exact, as any cast).
+fn fp8_to_f32(w: &Tensor) -> Result<Tensor> {
+    use rayon::prelude::*;
+    static TABLE: OnceLock<[f32; 256]> = OnceLock::new();
+    let table = TABLE.get_or_init(|| std::array::from_fn(|i| F8E4M3::from_bits(i as u8).to_f32()));
+    let bytes: Vec<F8E4M3> = w.flatten_all()?.to_vec1()?;
+    let values: Vec<f32> = bytes
+        .par_iter()
+        .with_min_len(1 << 16)
+        .map(|b| table[b.to_bits() as usize])
+        .collect();
+    Tensor::from_vec(values, w.shape(), w.device())
 }
 
 /// Where the layers being built find weights kept in their stored form.
