@@ -1,7 +1,8 @@
 # Sourced by the client tests (test_sdk.sh, test_playground.sh): a Python venv with the given
 # packages, and a live `skyreels serve` on the bundled tiny weights with an API key.
 #   python_venv DIR IMPORTS PACKAGE...   creates DIR unless `import IMPORTS` already works there
-#   start_tiny_server KEY                builds the binary, starts it on a free port; sets
+#   start_tiny_server KEY [ARGS...]      builds the binary, starts it on a free port (ARGS: more
+#                                        `serve` flags); sets
 #                                        $url, $pid, $tmp ($tmp/log is its log) and an EXIT trap
 #   stop_tiny_server                     SIGTERM, and fails unless it exits cleanly
 target="${CARGO_TARGET_DIR:-target}"
@@ -18,7 +19,9 @@ python_venv() {
 start_tiny_server() {
     cargo build -q --locked -p skyreels-cli --bin skyreels
     tmp=$(mktemp -d)
-    "$target/debug/skyreels" serve --port 0 --api-key "$1" --output-dir "$tmp/out" > "$tmp/log" 2>&1 &
+    local key=$1
+    shift
+    "$target/debug/skyreels" serve --port 0 --api-key "$key" --output-dir "$tmp/out" "$@" > "$tmp/log" 2>&1 &
     pid=$!
     trap 'kill "$pid" 2>/dev/null || true; rm -rf "$tmp"' EXIT
     url=""

@@ -3,7 +3,7 @@
 //! decode and text encoding, each with its effective TFLOP/s (transformer) and peak device
 //! memory. `--size tiny` runs the same code on small dimensions (a CPU smoke test).
 
-use crate::{resolve_device, vae_dtype, DeviceArg, DtypeArg, OffloadArg};
+use crate::{resolve_device, vae_dtype, DtypeArg, OffloadArg};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
@@ -72,9 +72,9 @@ pub(crate) struct BenchArgs {
     /// decode + text encoding, from the stages measured).
     #[arg(long, default_value_t = 30)]
     steps: usize,
-    /// Where to run.
-    #[arg(long, value_enum, default_value = "cuda")]
-    device: DeviceArg,
+    /// Where to run: cuda (GPU 0), cuda:N or cpu.
+    #[arg(long, default_value = "cuda")]
+    device: crate::Devices,
     /// Weights and activations dtype [default: f32 on cpu, bf16 on cuda].
     #[arg(long, value_enum)]
     dtype: Option<DtypeArg>,
@@ -252,7 +252,7 @@ pub(crate) fn bench(args: BenchArgs) -> Result<()> {
         )
     }
     let host_blocks = args.offload == OffloadArg::Blocks;
-    let (device, dtype) = resolve_device(args.device, args.dtype)?;
+    let (device, dtype) = resolve_device(&args.device, args.dtype)?;
     let tiny = args.size == Size::Tiny;
     let height = args.height.unwrap_or(if tiny { 64 } else { 544 });
     let width = args.width.unwrap_or(if tiny { 64 } else { 960 });

@@ -1,6 +1,7 @@
 //! `skyreels`: SkyReels V1 video generation.
 
 mod bench;
+mod devices;
 mod serve;
 mod tiny;
 
@@ -8,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use devices::Devices;
 use indicatif::{ProgressBar, ProgressStyle};
 use skyreels_params as params;
 use skyreels_pipeline::export::{write_output, OutputKind};
@@ -134,12 +136,6 @@ struct DownloadArgs {
     cache_dir: Option<PathBuf>,
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub(crate) enum DeviceArg {
-    Cpu,
-    Cuda,
-}
-
 #[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
 pub(crate) enum OffloadArg {
     None,
@@ -189,9 +185,11 @@ pub(crate) struct ModelArgs {
     /// Hugging Face cache folder [default: $HF_HOME/hub or ~/.cache/huggingface/hub].
     #[arg(long, env = "HF_HUB_CACHE")]
     cache_dir: Option<PathBuf>,
-    /// Where to run.
-    #[arg(long, value_enum, default_value = "cpu")]
-    device: DeviceArg,
+    /// Where to run: cpu, cuda (serve: one worker per visible GPU; generate: GPU 0), cuda:N, or
+    /// for serve a list such as cuda:0,cuda:1 (one worker per device, each with its own copy of
+    /// the model, on one queue; cpu:0,cpu:1 runs several CPU workers).
+    #[arg(long, default_value = "cpu", env = "SKYREELS_DEVICE")]
+    pub(crate) device: Devices,
     /// Weights and activations dtype [default: f32 on cpu, bf16 on cuda].
     #[arg(long, value_enum)]
     dtype: Option<DtypeArg>,
@@ -281,7 +279,7 @@ fn main() {
 
 /// The device, the model dtype and the VAE dtype `m` asks for (each with its default).
 pub(crate) fn device_and_dtype(m: &ModelArgs) -> Result<(Device, DType, DType)> {
-    let (device, dtype) = resolve_device(m.device, m.dtype)?;
+    let (device, dtype) = resolve_device(&m.device, m.dtype)?;
     let vae = vae_dtype(m.vae_dtype, &device);
     Ok((device, dtype, vae))
 }
@@ -301,24 +299,22 @@ impl DtypeArg {
     }
 }
 
-/// The device, and the dtype: as asked, else f32 on the CPU and bf16 on CUDA.
+/// The one device of `devices`, and the dtype: as asked, else f32 on the CPU and bf16 on CUDA.
 pub(crate) fn resolve_device(
-    device: DeviceArg,
+    devices: &Devices,
     dtype: Option<DtypeArg>,
 ) -> Result<(Device, DType)> {
-    let device_arg = device;
-    let device = match device_arg {
-        DeviceArg::Cpu => Device::Cpu,
-        DeviceArg::Cuda => Device::new_cuda(0).context(
-            "cannot use CUDA (this binary must be built with `--features cuda` and see a GPU)",
-        )?,
-    };
-    let dtype = match (dtype, device_arg) {
-        (Some(d), _) => d.dtype(),
-        (None, DeviceArg::Cpu) => DType::F32,
-        (None, DeviceArg::Cuda) => DType::BF16,
-    };
-    Ok((device, dtype))
+    let device = devices::open(devices.single()?)?;
+    Ok((device, run_dtype(devices, dtype)))
+}
+
+/// `--dtype` as asked, else f32 on the CPU and bf16 on CUDA.
+pub(crate) fn run_dtype(devices: &Devices, dtype: Option<DtypeArg>) -> DType {
+    match dtype {
+        Some(d) => d.dtype(),
+        None if devices.is_cuda() => DType::BF16,
+        None => DType::F32,
+    }
 }
 
 /// The folders `--model` / `--transformer` name (downloading hub files as needed), or the

@@ -1,15 +1,16 @@
 //! `skyreels serve`: the HTTP server backed by the real pipeline.
 
-use crate::{device_and_dtype, model_paths, ModelArgs};
+use crate::{devices, model_paths, run_dtype, vae_dtype, ModelArgs};
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use skyreels_pipeline::export::write_output;
-use skyreels_pipeline::generate::{GenerateError, GenerateParams, Pipeline};
+use skyreels_pipeline::generate::{GenerateError, GenerateParams, ModelPaths, Pipeline};
 use skyreels_server::generator::{
-    GenerateFailure, Generated, GenerationRequest, Generator, ModelInfo,
+    GenerateFailure, Generated, GenerationRequest, Generator, GeneratorLoader, ModelInfo,
 };
 use skyreels_server::{Server, ServerConfig};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The id image-to-video models are served under (WaveSpeed's).
@@ -256,16 +257,30 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     config.idle_timeout = Duration::from_secs(args.idle_timeout);
     config.max_connections = args.max_connections;
 
-    let (device, dtype, vae_dtype) = device_and_dtype(&args.model)?;
-    let model = args.model;
-    let loader = Box::new(move || -> Result<Box<dyn Generator>, String> {
-        let paths = model_paths(&model).map_err(|e| format!("{e:#}"))?;
-        tracing::info!(pipeline = %paths.pipeline.display(), transformer = %paths.transformer.display(), "loading the model");
-        let pipeline =
-            Pipeline::load_offloaded(paths, dtype, vae_dtype, &device, model.offload.into())
-                .map_err(|e| e.to_string())?;
-        Ok(Box::new(PipelineGenerator { pipeline }))
-    });
+    let model = Arc::new(args.model);
+    let dtype = run_dtype(&model.device, model.dtype);
+    // the model's files are resolved (downloaded) once, by the first worker to get there
+    let paths: Arc<Mutex<Option<ModelPaths>>> = Arc::default();
+    let mut loaders: Vec<GeneratorLoader> = Vec::new();
+    for spec in model.device.expand()? {
+        let device = devices::open(spec)?;
+        let vae_dtype = vae_dtype(model.vae_dtype, &device);
+        let (model, paths) = (model.clone(), paths.clone());
+        loaders.push(Box::new(move || -> Result<Box<dyn Generator>, String> {
+            let paths = {
+                let mut resolved = paths.lock().unwrap_or_else(|p| p.into_inner());
+                if resolved.is_none() {
+                    *resolved = Some(model_paths(&model).map_err(|e| format!("{e:#}"))?);
+                }
+                resolved.clone().expect("just resolved")
+            };
+            tracing::info!(device = %spec, pipeline = %paths.pipeline.display(), transformer = %paths.transformer.display(), "loading the model");
+            let pipeline =
+                Pipeline::load_offloaded(paths, dtype, vae_dtype, &device, model.offload.into())
+                    .map_err(|e| format!("{spec}: {e}"))?;
+            Ok(Box::new(PipelineGenerator { pipeline }))
+        }));
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -274,7 +289,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
             .await
             .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
-        let server = Server::start(config, loader)?;
+        let server = Server::start_workers(config, loaders)?;
         server
             .run(listener, skyreels_server::shutdown_signal())
             .await?;

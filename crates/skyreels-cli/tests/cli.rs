@@ -180,7 +180,7 @@ fn bad_input_gets_a_clear_message_and_a_failing_exit() {
         ),
         (
             vec!["--image", img, "--model", "/no/such/model"],
-            "no such folder",
+            "no such file or folder",
         ),
         (
             vec!["--image", img, "--model", dir.path().to_str().unwrap()],
@@ -504,4 +504,81 @@ fn bench_runs_every_stage_on_tiny_random_models() {
         assert!(!out.status.success());
         assert!(stderr(&out).contains("--features cuda"), "{}", stderr(&out));
     }
+}
+
+#[test]
+fn devices_quantize_and_single_files_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    // one device for generate; a bad list is refused by the parser with the rule
+    let out = skyreels(
+        dir.path(),
+        &["generate", "--prompt", "p", "--device", "cpu:0,cpu:1"],
+    );
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("lists 2 devices"), "{}", stderr(&out));
+    let out = skyreels(dir.path(), &["serve", "--device", "cpu,cuda:0"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("all cpu or all cuda"),
+        "{}",
+        stderr(&out)
+    );
+    // quantize writes a GGUF the loader keeps quantized, and says what it wrote
+    let gguf = dir.path().join("q8.gguf");
+    let input = fixture("single_file/orig_bf16.safetensors");
+    let out = skyreels(
+        dir.path(),
+        &[
+            "quantize",
+            input.to_str().unwrap(),
+            gguf.to_str().unwrap(),
+            "--type",
+            "q8_0",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    // 31 stored 2-D weights (the fused qkv and linear1 ones are single tensors in this layout)
+    assert!(said.contains("43 F32, 31 Q8_0 tensors"), "{said}");
+    let out = skyreels(
+        dir.path(),
+        &[
+            "bench",
+            "--size",
+            "tiny",
+            "--device",
+            "cpu",
+            "--runs",
+            "1",
+            "--parts",
+            "transformer",
+            "--transformer",
+            gguf.to_str().unwrap(),
+            "--offload",
+            "blocks",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        said.contains("40 matmul weights in their stored form"),
+        "{said}"
+    );
+    // --config belongs to a single-file transformer; an unknown ggml type is a parser error
+    let out = skyreels(
+        dir.path(),
+        &["generate", "--prompt", "p", "--config", "config.json"],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("single-file --transformer"),
+        "{}",
+        stderr(&out)
+    );
+    let out = skyreels(
+        dir.path(),
+        &["quantize", "a.safetensors", "b.gguf", "--type", "iq4_nl"],
+    );
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("Q4_K"), "{}", stderr(&out));
 }

@@ -1,7 +1,7 @@
 //! `skyreels-server`: a WaveSpeed `/api/v3` compatible HTTP server for video generation.
 //!
-//! Layers: [`generator::Generator`] (the model, behind a trait; no candle here) -> one worker
-//! thread that owns it -> [`store::Store`] (jobs, FIFO queue, uploads, records on disk) ->
+//! Layers: [`generator::Generator`] (the model, behind a trait; no candle here) -> worker
+//! threads, one per device, each owning its own generator -> [`store::Store`] (jobs, FIFO queue, uploads, records on disk) ->
 //! [`api::router`] (axum, its contract typed in [`contract`]) -> connections served with
 //! timeouts and a cap (`http`). Finished tasks flow to an async task that logs them and sends
 //! webhooks. The HTTP contract is `docs/API.md`.
@@ -145,8 +145,8 @@ pub const CONCURRENT_DECODES: usize = 2;
 /// A running server's parts, before it is bound to a socket (tests drive the router directly).
 pub struct Server {
     pub state: Arc<AppState>,
-    worker: std::thread::JoinHandle<()>,
-    loaded: tokio::sync::oneshot::Receiver<Result<(), String>>,
+    workers: Vec<std::thread::JoinHandle<()>>,
+    loaded: Vec<tokio::sync::oneshot::Receiver<Result<(), String>>>,
 }
 
 impl Server {
@@ -154,6 +154,18 @@ impl Server {
     /// loads the generator), the finished-task consumer (log, webhooks) and the retention
     /// sweeper. Call inside a tokio runtime.
     pub fn start(config: ServerConfig, loader: GeneratorLoader) -> Result<Self, ServerError> {
+        Self::start_workers(config, vec![loader])
+    }
+
+    /// [`Server::start`] with one worker thread per loader (one per device, each with its own
+    /// copy of the model), all taking tasks from the same FIFO queue.
+    pub fn start_workers(
+        config: ServerConfig,
+        loaders: Vec<GeneratorLoader>,
+    ) -> Result<Self, ServerError> {
+        if loaders.is_empty() {
+            return Err(ServerError::Load("no device to run a worker on".into()));
+        }
         let metrics = Arc::<Metrics>::default();
         let (store, finished) = Store::open(&config.output_dir, config.max_queue, metrics.clone())?;
         let store = Arc::new(store);
@@ -179,8 +191,13 @@ impl Server {
             decodes: tokio::sync::Semaphore::new(CONCURRENT_DECODES),
             webhooks: tokio::sync::Semaphore::new(webhook::CONCURRENT_DELIVERIES),
         });
-        let (loaded_tx, loaded) = tokio::sync::oneshot::channel();
-        let worker = worker::spawn(state.clone(), loader, loaded_tx)?;
+        let mut workers = Vec::with_capacity(loaders.len());
+        let mut loaded = Vec::with_capacity(loaders.len());
+        for (i, loader) in loaders.into_iter().enumerate() {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            workers.push(worker::spawn(state.clone(), loader, tx, i)?);
+            loaded.push(rx);
+        }
         tokio::spawn(worker::finished_tasks(state.clone(), finished));
         if let Some(retention) = state.config.retention {
             let st = state.clone();
@@ -200,7 +217,7 @@ impl Server {
         }
         Ok(Self {
             state,
-            worker,
+            workers,
             loaded,
         })
     }
@@ -211,22 +228,37 @@ impl Server {
         api::router(self.state.clone(), api::HostPolicy::new(&self.state, None))
     }
 
-    /// Waits until the generator is loaded (or failed to load).
+    /// Waits until every worker's generator is loaded (or one failed to load).
     pub async fn wait_loaded(&mut self) -> Result<(), ServerError> {
-        match (&mut self.loaded).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(ServerError::Load(e)),
-            Err(_) => Err(ServerError::Load("the worker thread stopped".into())),
+        let many = self.loaded.len() > 1;
+        for (i, rx) in self.loaded.iter_mut().enumerate() {
+            let worker = if many {
+                format!("worker {i}: ")
+            } else {
+                String::new()
+            };
+            match rx.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(ServerError::Load(format!("{worker}{e}"))),
+                Err(_) => {
+                    return Err(ServerError::Load(format!(
+                        "{worker}the worker thread stopped"
+                    )))
+                }
+            }
         }
+        Ok(())
     }
 
-    /// Stops admitting, fails unstarted tasks (5003), lets the running one finish within the
-    /// grace period and cancels it after that, then waits for the worker.
+    /// Stops admitting, fails unstarted tasks (5003), lets the running ones finish within the
+    /// grace period and cancels them after that, then waits for the workers.
     pub async fn drain(self) {
-        let Server { state, worker, .. } = self;
+        let Server { state, workers, .. } = self;
         state.store.drain();
         let handle = tokio::task::spawn_blocking(move || {
-            let _ = worker.join();
+            for w in workers {
+                let _ = w.join();
+            }
         });
         tokio::pin!(handle);
         if tokio::time::timeout(state.config.shutdown_grace, &mut handle)
@@ -234,7 +266,7 @@ impl Server {
             .is_err()
         {
             tracing::warn!(
-                "the running task did not finish within the grace period: cancelling it"
+                "the running tasks did not finish within the grace period: cancelling them"
             );
             state.store.cancel_running();
             // a step or the VAE decode can take a while; past a second grace period the process

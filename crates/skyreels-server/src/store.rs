@@ -115,7 +115,8 @@ struct Inner {
     jobs: HashMap<String, Job>,
     /// Unstarted jobs in arrival order (their inputs may still be being prepared).
     queue: VecDeque<String>,
-    running: Option<String>,
+    /// Started and not finished (one per worker).
+    running: HashSet<String>,
     /// Completed uploads, and open tickets (not complete).
     uploads: HashMap<String, Upload>,
     /// SHA-256 of an open ticket's PUT token -> upload id.
@@ -414,7 +415,7 @@ impl Store {
                     let _ = r.transition(Status::Processing);
                     r.total_steps = request.steps;
                 });
-                inner.running = Some(id.clone());
+                inner.running.insert(id.clone());
                 return Some(Work {
                     id,
                     request,
@@ -434,10 +435,10 @@ impl Store {
         }
     }
 
-    /// Records how the running task ended.
+    /// Records how a running task ended.
     pub fn finish(&self, id: &str, outcome: Outcome) {
         let mut inner = self.lock();
-        inner.running = None;
+        inner.running.remove(id);
         self.update(&mut inner, id, |r| match outcome {
             Outcome::Completed {
                 output,
@@ -540,10 +541,10 @@ impl Store {
         self.lock().draining
     }
 
-    /// Asks the running task (if any) to stop at its next step.
+    /// Asks the running tasks (if any) to stop at their next step.
     pub fn cancel_running(&self) {
         let inner = self.lock();
-        if let Some(job) = inner.running.as_ref().and_then(|id| inner.jobs.get(id)) {
+        for job in inner.running.iter().filter_map(|id| inner.jobs.get(id)) {
             job.cancel.store(true, Ordering::SeqCst);
         }
     }

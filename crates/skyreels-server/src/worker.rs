@@ -12,15 +12,16 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Starts the worker: it loads the generator, reports on `loaded`, then runs queued tasks one
-/// at a time until the store drains.
+/// Starts worker `index`: it loads its generator, reports on `loaded`, then runs queued tasks
+/// one at a time until the store drains (several workers share the queue).
 pub(crate) fn spawn(
     state: Arc<AppState>,
     loader: GeneratorLoader,
     loaded: tokio::sync::oneshot::Sender<Result<(), String>>,
+    index: usize,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
-        .name("skyreels-worker".into())
+        .name(format!("skyreels-worker-{index}"))
         .spawn(move || {
             let mut generator = match catch_unwind(AssertUnwindSafe(loader)) {
                 Ok(Ok(g)) => g,

@@ -142,15 +142,27 @@ async fn start_with(
     cfg: impl FnOnce(&mut ServerConfig),
     gate: Gate,
 ) -> Harness {
+    start_workers_with(dir, cfg, gate, 1).await
+}
+
+/// A server with `workers` fake generators (one per "device") sharing `gate` and `seen`.
+async fn start_workers_with(
+    dir: tempfile::TempDir,
+    cfg: impl FnOnce(&mut ServerConfig),
+    gate: Gate,
+    workers: usize,
+) -> Harness {
     let mut c = config(dir.path());
     cfg(&mut c);
     let seen = Arc::new(Mutex::new(vec![]));
-    let (g, s) = (gate.clone(), seen.clone());
-    let mut server = Server::start(
-        c,
-        Box::new(move || Ok(Box::new(Fake { gate: g, seen: s }) as Box<dyn Generator>)),
-    )
-    .unwrap();
+    let loaders = (0..workers)
+        .map(|_| {
+            let (g, s) = (gate.clone(), seen.clone());
+            Box::new(move || Ok(Box::new(Fake { gate: g, seen: s }) as Box<dyn Generator>))
+                as skyreels_server::generator::GeneratorLoader
+        })
+        .collect();
+    let mut server = Server::start_workers(c, loaders).unwrap();
     server.wait_loaded().await.unwrap();
     let router = server.router();
     Harness {
@@ -730,6 +742,60 @@ async fn queue_full_is_429_and_no_accepted_task_is_lost() {
     for id in &ids {
         h.wait(id, &["completed"]).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn workers_on_several_devices_share_one_queue() {
+    let gate = Gate::closed();
+    let h = start_workers_with(tempfile::tempdir().unwrap(), |_| {}, gate.clone(), 2).await;
+    let mut ids = vec![];
+    for _ in 0..3 {
+        let (s, v) = h.submit(body("p")).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        ids.push(v["data"]["id"].as_str().unwrap().to_string());
+    }
+    // two workers: the first two tasks run at once, the third waits at the head of the queue
+    h.wait(&ids[0], &["processing"]).await;
+    h.wait(&ids[1], &["processing"]).await;
+    let third = h.get(&ids[2]).await;
+    assert_eq!(
+        (third["status"].as_str(), third["queue_position"].as_u64()),
+        (Some("created"), Some(0)),
+        "{third}"
+    );
+    // a cancel reaches the task on whichever worker runs it
+    let (s, _) = h.delete(&ids[1]).await;
+    assert_eq!(s, StatusCode::OK);
+    let d = h.wait(&ids[1], &["cancelled", "completed"]).await;
+    assert_eq!(d["status"], "cancelled", "{d}");
+    // the freed worker takes the third task while the gate still holds the first
+    h.wait(&ids[2], &["processing"]).await;
+    gate.open();
+    for id in [&ids[0], &ids[2]] {
+        h.wait(id, &["completed"]).await;
+    }
+    assert_eq!(h.seen.lock().unwrap().len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_that_cannot_load_fails_the_start_and_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let ok: skyreels_server::generator::GeneratorLoader = Box::new(|| {
+        Ok(Box::new(Fake {
+            gate: Gate::default(),
+            seen: Arc::default(),
+        }) as Box<dyn Generator>)
+    });
+    let bad: skyreels_server::generator::GeneratorLoader =
+        Box::new(|| Err("cannot use CUDA device 1".into()));
+    let mut server = Server::start_workers(config(dir.path()), vec![ok, bad]).unwrap();
+    let e = server.wait_loaded().await.unwrap_err().to_string();
+    assert!(e.contains("worker 1: cannot use CUDA device 1"), "{e}");
+    server.drain().await;
+    let e = Server::start_workers(config(dir.path()), vec![])
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("no device"), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
