@@ -187,6 +187,44 @@ fn image_to_video_with_a_gguf_transformer_matches_diffusers() {
     check("i2v_cfg_q8_0", &pipe);
 }
 
+/// CFG-parallel (`--parallel cfg=2`, here two CPU "devices"): the unconditional branch runs on a
+/// second transformer copy on its own thread, with its own step cache; every number is the
+/// single-device one, step-cache decisions included (a first-block cache and a TeaCache case).
+#[test]
+fn cfg_parallel_changes_no_number() {
+    let single = pipeline(None);
+    let parallel = pipeline(None).with_cfg_parallel(&Device::Cpu).unwrap();
+    assert_eq!(parallel.devices().len(), 2);
+    for name in [
+        "i2v_cfg",
+        "cache_fbc_cfg_a",
+        "cache_tea_cfg_b",
+        "i2v_embedded",
+    ] {
+        let (io, req) = case(name);
+        let p = params(&io, &req);
+        let a = single.generate(&p, &mut |_, _| true).unwrap();
+        let b = parallel.generate(&p, &mut |_, _| true).unwrap();
+        assert_eq!(max_abs(&a.frames, &b.frames), 0.0, "{name}");
+        assert_eq!(
+            a.timings.forward_decisions, b.timings.forward_decisions,
+            "{name}"
+        );
+        assert!(max_abs(&b.frames, &io["frames"]) <= FRAME_TOL, "{name}");
+    }
+    // a second transformer per device cannot be reloaded per stage
+    let paths = ModelPaths::local(&tiny_weights(), None).unwrap();
+    let model =
+        Pipeline::load_offloaded(paths, DType::F32, DType::F32, &Device::Cpu, Offload::Model)
+            .unwrap();
+    let e = model
+        .with_cfg_parallel(&Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("--offload model"), "{e}");
+}
+
 /// `--offload model` (transformer and VAE loaded per stage) and `--offload blocks` (the blocks'
 /// linear weights in host memory, copied per use) compute exactly what the resident pipeline does,
 /// dense and GGUF.

@@ -170,10 +170,84 @@ mod tests {
             let e = bad.parse::<Devices>().unwrap_err();
             assert!(e.contains(why), "{bad}: {e}");
         }
+        let p: Parallel = "cfg=2".parse().unwrap();
+        let two: Devices = "cpu:0,cpu:1".parse().unwrap();
+        assert_eq!(p.group(&two).unwrap().len(), 2);
+        let one: Devices = "cpu".parse().unwrap();
+        let e = p.group(&one).unwrap_err().to_string();
+        assert!(e.contains("runs on 2 devices, --device lists 1"), "{e}");
+        let e = "cfg=2,ulysses=2".parse::<Parallel>().unwrap().group(&two);
+        assert!(e.unwrap_err().to_string().contains("not available yet"));
+        for (bad, why) in [
+            ("cfg=3", "two branches"),
+            ("tp=2", "cfg and ulysses"),
+            ("cfg", "expected"),
+            ("cfg=0", "positive"),
+        ] {
+            let e = bad.parse::<Parallel>().unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
         #[cfg(not(feature = "cuda"))]
         {
             let e = "cuda".parse::<Devices>().unwrap().expand().unwrap_err();
             assert!(e.to_string().contains("without `--features cuda`"), "{e}");
         }
+    }
+}
+
+/// `--parallel cfg=C,ulysses=U`: one clip on C·U devices. cfg=2 runs the two true-CFG branches
+/// of every step on two devices at once; Ulysses sequence parallelism is not available yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Parallel {
+    pub cfg: usize,
+    pub ulysses: usize,
+}
+
+impl FromStr for Parallel {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut p = Parallel { cfg: 1, ulysses: 1 };
+        for item in s.split(',').map(str::trim) {
+            let Some((key, value)) = item.split_once('=') else {
+                return Err(format!("{item:?}: expected cfg=2 or ulysses=N"));
+            };
+            let n: usize = value
+                .parse()
+                .ok()
+                .filter(|&n| n >= 1)
+                .ok_or_else(|| format!("{item:?}: the degree must be a positive number"))?;
+            match key {
+                "cfg" if n <= 2 => p.cfg = n,
+                "cfg" => return Err(format!("cfg={n}: true CFG has two branches (cfg=1 or 2)")),
+                "ulysses" => p.ulysses = n,
+                other => return Err(format!("{other:?}: the layouts are cfg and ulysses")),
+            }
+        }
+        Ok(p)
+    }
+}
+
+impl Parallel {
+    /// The devices of the group, checked against the layout.
+    pub(crate) fn group(&self, devices: &Devices) -> Result<Vec<DeviceSpec>> {
+        if self.ulysses > 1 {
+            bail!(
+                "--parallel ulysses={}: Ulysses sequence parallelism is not available yet; \
+                 --parallel cfg=2 splits the true-CFG branches over two devices",
+                self.ulysses
+            )
+        }
+        let group = devices.expand()?;
+        let want = self.cfg * self.ulysses;
+        if group.len() != want {
+            bail!(
+                "--parallel cfg={},ulysses={} runs on {want} devices, --device lists {}",
+                self.cfg,
+                self.ulysses,
+                group.len()
+            )
+        }
+        Ok(group)
     }
 }

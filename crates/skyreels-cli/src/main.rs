@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use devices::Devices;
+use devices::{Devices, Parallel};
 use indicatif::{ProgressBar, ProgressStyle};
 use skyreels_params as params;
 use skyreels_pipeline::export::{write_output, OutputKind};
@@ -190,6 +190,12 @@ pub(crate) struct ModelArgs {
     /// the model, on one queue; cpu:0,cpu:1 runs several CPU workers).
     #[arg(long, default_value = "cpu", env = "SKYREELS_DEVICE")]
     pub(crate) device: Devices,
+    /// One clip on several devices: cfg=2 runs the conditional and the unconditional true-CFG
+    /// branch of every step at once on the two devices of --device (e.g. --device cuda:0,cuda:1),
+    /// each with its own copy of the transformer; same numbers as one device. (ulysses=N,
+    /// sequence parallelism, is not available yet.)
+    #[arg(long, env = "SKYREELS_PARALLEL")]
+    pub(crate) parallel: Option<Parallel>,
     /// Weights and activations dtype [default: f32 on cpu, bf16 on cuda].
     #[arg(long, value_enum)]
     dtype: Option<DtypeArg>,
@@ -277,11 +283,37 @@ fn main() {
     }
 }
 
-/// The device, the model dtype and the VAE dtype `m` asks for (each with its default).
-pub(crate) fn device_and_dtype(m: &ModelArgs) -> Result<(Device, DType, DType)> {
-    let (device, dtype) = resolve_device(&m.device, m.dtype)?;
-    let vae = vae_dtype(m.vae_dtype, &device);
-    Ok((device, dtype, vae))
+/// The devices one pipeline of `m` runs on: its --parallel group, else its one device.
+fn device_group(m: &ModelArgs) -> Result<Vec<devices::DeviceSpec>> {
+    match &m.parallel {
+        Some(p) => p.group(&m.device),
+        None => Ok(vec![m.device.single()?]),
+    }
+}
+
+/// The device groups `skyreels serve` runs a worker on: each listed device (`cuda`: every GPU),
+/// or with --parallel the one group.
+pub(crate) fn worker_groups(m: &ModelArgs) -> Result<Vec<Vec<devices::DeviceSpec>>> {
+    match &m.parallel {
+        Some(p) => Ok(vec![p.group(&m.device)?]),
+        None => Ok(m.device.expand()?.into_iter().map(|d| vec![d]).collect()),
+    }
+}
+
+/// The pipeline `m` asks for (dtypes, offload) on `group`: the first device runs it, a second
+/// one the unconditional CFG branch (--parallel cfg=2).
+pub(crate) fn load_pipeline(
+    m: &ModelArgs,
+    paths: ModelPaths,
+    group: &[Device],
+) -> Result<Pipeline, skyreels_pipeline::generate::GenerateError> {
+    let dtype = run_dtype(&m.device, m.dtype);
+    let vae = vae_dtype(m.vae_dtype, &group[0]);
+    let pipeline = Pipeline::load_offloaded(paths, dtype, vae, &group[0], m.offload.into())?;
+    match group.get(1) {
+        Some(device) => pipeline.with_cfg_parallel(device),
+        None => Ok(pipeline),
+    }
 }
 
 /// `--vae-dtype` as asked, else the pipeline's default for the device (f16 on CUDA, f32 on CPU).
@@ -388,7 +420,10 @@ fn load_noise(path: &Path) -> Result<Tensor> {
 
 fn generate(args: GenerateArgs) -> Result<()> {
     let started = Instant::now();
-    let (device, dtype, vae_dtype) = device_and_dtype(&args.model)?;
+    let group = device_group(&args.model)?
+        .into_iter()
+        .map(devices::open)
+        .collect::<Result<Vec<_>>>()?;
     let paths = model_paths(&args.model)?;
     let image = args.image.as_deref().map(load_image).transpose()?;
     let noise = args.noise.as_deref().map(load_noise).transpose()?;
@@ -424,8 +459,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         paths.pipeline.display(),
         paths.transformer.display()
     );
-    let pipeline =
-        Pipeline::load_offloaded(paths, dtype, vae_dtype, &device, args.model.offload.into())?;
+    let pipeline = load_pipeline(&args.model, paths, &group)?;
     for (flag, v) in [("--height", p.height), ("--width", p.width)] {
         params::check_side(v, pipeline.size_multiple())
             .map_err(|rule| anyhow::anyhow!("{flag} {rule}"))?;

@@ -1,6 +1,6 @@
 //! `skyreels serve`: the HTTP server backed by the real pipeline.
 
-use crate::{devices, model_paths, run_dtype, vae_dtype, ModelArgs};
+use crate::{devices, load_pipeline, model_paths, worker_groups, ModelArgs};
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use skyreels_pipeline::export::write_output;
@@ -258,13 +258,19 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     config.max_connections = args.max_connections;
 
     let model = Arc::new(args.model);
-    let dtype = run_dtype(&model.device, model.dtype);
     // the model's files are resolved (downloaded) once, by the first worker to get there
     let paths: Arc<Mutex<Option<ModelPaths>>> = Arc::default();
     let mut loaders: Vec<GeneratorLoader> = Vec::new();
-    for spec in model.device.expand()? {
-        let device = devices::open(spec)?;
-        let vae_dtype = vae_dtype(model.vae_dtype, &device);
+    for group in worker_groups(&model)? {
+        let names = group
+            .iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        let devices = group
+            .into_iter()
+            .map(devices::open)
+            .collect::<Result<Vec<_>>>()?;
         let (model, paths) = (model.clone(), paths.clone());
         loaders.push(Box::new(move || -> Result<Box<dyn Generator>, String> {
             let paths = {
@@ -274,10 +280,9 @@ pub fn serve(args: ServeArgs) -> Result<()> {
                 }
                 resolved.clone().expect("just resolved")
             };
-            tracing::info!(device = %spec, pipeline = %paths.pipeline.display(), transformer = %paths.transformer.display(), "loading the model");
+            tracing::info!(device = %names, pipeline = %paths.pipeline.display(), transformer = %paths.transformer.display(), "loading the model");
             let pipeline =
-                Pipeline::load_offloaded(paths, dtype, vae_dtype, &device, model.offload.into())
-                    .map_err(|e| format!("{spec}: {e}"))?;
+                load_pipeline(&model, paths, &devices).map_err(|e| format!("{names}: {e}"))?;
             Ok(Box::new(PipelineGenerator { pipeline }))
         }));
     }

@@ -58,36 +58,50 @@ fn noise_file_path_matches_diffusers_frames() {
     let req: serde_json::Value =
         serde_json::from_str(&meta.metadata().as_ref().unwrap()["request"]).unwrap();
     let arg = |k: &str| req[k].to_string().trim_matches('"').to_string();
-    let o = skyreels(
-        dir.path(),
-        &[
+    let keys = [
+        "prompt",
+        "negative_prompt",
+        "height",
+        "width",
+        "num_frames",
+        "steps",
+        "guidance_scale",
+        "embedded_guidance_scale",
+    ];
+    let values: std::collections::HashMap<&str, String> =
+        keys.iter().map(|&k| (k, arg(k))).collect();
+    let run = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
             "generate",
             "--image",
             img.to_str().unwrap(),
             "--prompt",
-            &arg("prompt"),
+            &values["prompt"],
             "--negative-prompt",
-            &arg("negative_prompt"),
+            &values["negative_prompt"],
             "--height",
-            &arg("height"),
+            &values["height"],
             "--width",
-            &arg("width"),
+            &values["width"],
             "--num-frames",
-            &arg("num_frames"),
+            &values["num_frames"],
             "--steps",
-            &arg("steps"),
+            &values["steps"],
             "--guidance-scale",
-            &arg("guidance_scale"),
+            &values["guidance_scale"],
             "--embedded-guidance-scale",
-            &arg("embedded_guidance_scale"),
+            &values["embedded_guidance_scale"],
             "--noise",
             noise.to_str().unwrap(),
             "--output",
             out.to_str().unwrap(),
-        ],
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
-    let got = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
+        ];
+        args.extend(extra);
+        let o = skyreels(dir.path(), &args);
+        assert!(o.status.success(), "{extra:?}: {}", stderr(&o));
+        candle_core::safetensors::load(out, &Device::Cpu).unwrap()
+    };
+    let got = run(&out, &[]);
     let err: f32 = (&got["frames"] - &io["frames"])
         .unwrap()
         .abs()
@@ -100,6 +114,22 @@ fn noise_file_path_matches_diffusers_frames() {
         .unwrap();
     // the same bound and reasoning as the library parity test (tests/tests/pipeline.rs)
     assert!(err <= 5e-4, "max abs error {err:e}");
+    // the two true-CFG branches on two (CPU) devices at once: the same frames, bit for bit
+    let parallel = run(
+        &dir.path().join("parallel.safetensors"),
+        &["--device", "cpu:0,cpu:1", "--parallel", "cfg=2"],
+    );
+    let diff: f32 = (&parallel["frames"] - &got["frames"])
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert_eq!(diff, 0.0);
 }
 
 #[test]

@@ -208,6 +208,9 @@ pub struct Pipeline {
     transformer_config: TransformerConfig,
     vae_config: VaeConfig,
     offload: Offload,
+    /// `--parallel cfg=2`: a second transformer on another device runs the unconditional
+    /// branch of each true-CFG step while the first runs the conditional one.
+    cfg_parallel: Option<(Device, HunyuanVideoTransformer3DModel)>,
     scheduler: SchedulerConfig,
     device: Device,
     dtype: DType,
@@ -334,6 +337,7 @@ impl Pipeline {
             transformer_config,
             vae_config,
             offload,
+            cfg_parallel: None,
             scheduler,
             device: device.clone(),
             dtype,
@@ -348,6 +352,31 @@ impl Pipeline {
 
     pub fn offload(&self) -> Offload {
         self.offload
+    }
+
+    /// CFG-parallel: loads a second copy of the transformer on `device`, which runs the
+    /// unconditional branch of every true-CFG step at the same time as the conditional one on the
+    /// pipeline's device (each with its own step cache). The numbers are the single-device ones.
+    pub fn with_cfg_parallel(mut self, device: &Device) -> Result<Self, GenerateError> {
+        if self.offload == Offload::Model {
+            return invalid("CFG-parallel keeps a transformer on each device: it does not combine with --offload model");
+        }
+        let (model, _) = load_transformer_resident(
+            &self.paths.transformer,
+            self.paths.transformer_config.as_deref(),
+            self.dtype,
+            device,
+            self.offload == Offload::Blocks,
+        )?;
+        self.cfg_parallel = Some((device.clone(), model));
+        Ok(self)
+    }
+
+    /// The devices the transformer runs on: the pipeline's, then the CFG branch's.
+    pub fn devices(&self) -> Vec<Device> {
+        let mut v = vec![self.device.clone()];
+        v.extend(self.cfg_parallel.as_ref().map(|(d, _)| d.clone()));
+        v
     }
 
     /// The transformer for a stage (loaded for it with `Offload::Model`).
@@ -580,16 +609,28 @@ impl Pipeline {
             }
             // the timestep takes the latents' dtype (f32 at step 0, the model dtype after)
             let timestep = Tensor::new(&[t], &self.device)?.to_dtype(latents.dtype())?;
-            let v = guided_velocity(
-                &transformer,
-                &x,
-                &timestep,
-                &prompt.positive,
-                prompt.negative.as_ref(),
-                guidance.as_ref(),
-                p.guidance_scale,
-                caches,
-            )?;
+            let v = match (&self.cfg_parallel, prompt.negative.as_ref()) {
+                (Some((device, uncond)), Some(negative)) => cfg_parallel_velocity(
+                    [&transformer, uncond],
+                    device,
+                    &x,
+                    &timestep,
+                    [&prompt.positive, negative],
+                    guidance.as_ref(),
+                    p.guidance_scale,
+                    caches,
+                )?,
+                _ => guided_velocity(
+                    &transformer,
+                    &x,
+                    &timestep,
+                    &prompt.positive,
+                    prompt.negative.as_ref(),
+                    guidance.as_ref(),
+                    p.guidance_scale,
+                    caches,
+                )?,
+            };
             latents = schedule.step(i, &v, &latents)?;
             // GPU work is queued: wait for the step so progress reports finished steps
             self.device.synchronize()?;
@@ -666,26 +707,87 @@ pub fn guided_velocity(
     scale: f64,
     caches: &mut [StepCache; 2],
 ) -> candle_core::Result<Tensor> {
-    let run = |e: &PromptEmbeds, cache: &mut StepCache| {
-        transformer.forward_cached(
-            &TransformerInputs {
-                hidden_states: x,
-                timestep,
-                encoder_hidden_states: &e.embeds,
-                encoder_attention_mask: &e.mask,
-                pooled_projections: &e.pooled,
-                guidance,
-            },
-            Some(cache),
-        )
-    };
     let [cond, uncond] = caches;
-    let v = run(positive, cond)?;
+    let v = branch_velocity(transformer, x, timestep, positive, guidance, cond)?;
     match negative {
         Some(neg) => {
-            let v_neg = run(neg, uncond)?;
-            &v_neg + ((v - &v_neg)? * scale)?
+            let v_neg = branch_velocity(transformer, x, timestep, neg, guidance, uncond)?;
+            combine_cfg(&v, &v_neg, scale)
         }
         None => Ok(v),
     }
+}
+
+/// One branch of a step: the transformer on `e`'s text, through the branch's step cache.
+fn branch_velocity(
+    transformer: &HunyuanVideoTransformer3DModel,
+    x: &Tensor,
+    timestep: &Tensor,
+    e: &PromptEmbeds,
+    guidance: Option<&Tensor>,
+    cache: &mut StepCache,
+) -> candle_core::Result<Tensor> {
+    transformer.forward_cached(
+        &TransformerInputs {
+            hidden_states: x,
+            timestep,
+            encoder_hidden_states: &e.embeds,
+            encoder_attention_mask: &e.mask,
+            pooled_projections: &e.pooled,
+            guidance,
+        },
+        Some(cache),
+    )
+}
+
+/// True CFG: `v_neg + scale · (v − v_neg)`.
+fn combine_cfg(v: &Tensor, v_neg: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+    v_neg + ((v - v_neg)? * scale)?
+}
+
+/// [`guided_velocity`] with true CFG, its two branches at once: the conditional one on
+/// `transformers[0]` (on the inputs' device), the unconditional one on `transformers[1]` on
+/// `device` (inputs copied there, its velocity copied back), each on its own thread.
+#[allow(clippy::too_many_arguments)]
+fn cfg_parallel_velocity(
+    transformers: [&HunyuanVideoTransformer3DModel; 2],
+    device: &Device,
+    x: &Tensor,
+    timestep: &Tensor,
+    [positive, negative]: [&PromptEmbeds; 2],
+    guidance: Option<&Tensor>,
+    scale: f64,
+    caches: &mut [StepCache; 2],
+) -> candle_core::Result<Tensor> {
+    let [cond, uncond] = caches;
+    let (v, v_neg) = std::thread::scope(|s| {
+        let other = s.spawn(|| -> candle_core::Result<Tensor> {
+            let to = |t: &Tensor| t.to_device(device);
+            let e = PromptEmbeds {
+                embeds: to(&negative.embeds)?,
+                mask: to(&negative.mask)?,
+                pooled: to(&negative.pooled)?,
+                ..negative.clone()
+            };
+            let guidance = guidance.map(to).transpose()?;
+            let (x, timestep) = (to(x)?, to(timestep)?);
+            let v = branch_velocity(
+                transformers[1],
+                &x,
+                &timestep,
+                &e,
+                guidance.as_ref(),
+                uncond,
+            )?;
+            device.synchronize()?;
+            Ok(v)
+        });
+        let v = branch_velocity(transformers[0], x, timestep, positive, guidance, cond);
+        let v_neg = other
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        (v, v_neg)
+    });
+    let v = v?;
+    combine_cfg(&v, &v_neg?.to_device(v.device())?, scale)
 }
