@@ -187,14 +187,18 @@ fn image_to_video_with_a_gguf_transformer_matches_diffusers() {
     check("i2v_cfg_q8_0", &pipe);
 }
 
-/// CFG-parallel (`--parallel cfg=2`, here two CPU "devices"): the unconditional branch runs on a
-/// second transformer copy on its own thread, with its own step cache; every number is the
-/// single-device one, step-cache decisions included (a first-block cache and a TeaCache case).
+/// One clip on several (CPU) devices. CFG-parallel (`--parallel cfg=2`): the unconditional
+/// branch runs on a second transformer copy on its own thread, with its own step cache: every
+/// number is the single-device one, step-cache decisions included. Ulysses (`ulysses=2`, and
+/// `cfg=2,ulysses=2` on four ranks): the video tokens are split over the ranks; the same f32 math
+/// on slices, so the frames stay within the end-to-end bound of the single-device ones (and of
+/// diffusers'); step caching is refused with Ulysses.
 #[test]
-fn cfg_parallel_changes_no_number() {
+fn parallel_layouts_change_no_number() {
+    let cpu = |n: usize| vec![Device::Cpu; n];
     let single = pipeline(None);
-    let parallel = pipeline(None).with_cfg_parallel(&Device::Cpu).unwrap();
-    assert_eq!(parallel.devices().len(), 2);
+    let cfg2 = pipeline(None).with_parallel(&[cpu(1), cpu(1)]).unwrap();
+    assert_eq!(cfg2.devices().len(), 2);
     for name in [
         "i2v_cfg",
         "cache_fbc_cfg_a",
@@ -204,7 +208,7 @@ fn cfg_parallel_changes_no_number() {
         let (io, req) = case(name);
         let p = params(&io, &req);
         let a = single.generate(&p, &mut |_, _| true).unwrap();
-        let b = parallel.generate(&p, &mut |_, _| true).unwrap();
+        let b = cfg2.generate(&p, &mut |_, _| true).unwrap();
         assert_eq!(max_abs(&a.frames, &b.frames), 0.0, "{name}");
         assert_eq!(
             a.timings.forward_decisions, b.timings.forward_decisions,
@@ -212,13 +216,61 @@ fn cfg_parallel_changes_no_number() {
         );
         assert!(max_abs(&b.frames, &io["frames"]) <= FRAME_TOL, "{name}");
     }
-    // a second transformer per device cannot be reloaded per stage
+    let ulysses = pipeline(None).with_parallel(&[cpu(2)]).unwrap();
+    let both = pipeline(None).with_parallel(&[cpu(2), cpu(2)]).unwrap();
+    assert_eq!(both.devices().len(), 4);
+    for name in ["i2v_cfg", "i2v_embedded"] {
+        let (io, req) = case(name);
+        let p = params(&io, &req);
+        let a = single.generate(&p, &mut |_, _| true).unwrap();
+        for (layout, pipe) in [("ulysses=2", &ulysses), ("cfg=2,ulysses=2", &both)] {
+            let b = pipe.generate(&p, &mut |_, _| true).unwrap();
+            let err = max_abs(&a.frames, &b.frames);
+            assert!(err <= FRAME_TOL, "{name} {layout}: {err:e} from one device");
+            assert!(
+                max_abs(&b.frames, &io["frames"]) <= FRAME_TOL,
+                "{name} {layout}"
+            );
+        }
+    }
+    let (io, req) = case("cache_fbc_cfg_a");
+    let e = ulysses
+        .generate(&params(&io, &req), &mut |_, _| true)
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("does not combine with Ulysses"),
+        "{e}"
+    );
+    let (io, req) = case("i2v_embedded");
+    let odd = GenerateParams {
+        num_frames: 1, // 1 x 3 x 5 = 15 video tokens
+        noise: None,
+        ..params(&io, &req)
+    };
+    let e = ulysses.generate(&odd, &mut |_, _| true).unwrap_err();
+    assert!(e.to_string().contains("15 video tokens"), "{e}");
+    // layouts that cannot work are refused when the pipeline is built
+    let e = pipeline(None)
+        .with_parallel(&[cpu(3)])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("divide the transformer's 2 attention heads"),
+        "{e}"
+    );
+    let e = pipeline(None)
+        .with_parallel(&[cpu(2), cpu(1)])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("as many devices each"), "{e}");
     let paths = ModelPaths::local(&tiny_weights(), None).unwrap();
     let model =
         Pipeline::load_offloaded(paths, DType::F32, DType::F32, &Device::Cpu, Offload::Model)
             .unwrap();
     let e = model
-        .with_cfg_parallel(&Device::Cpu)
+        .with_parallel(&[cpu(1), cpu(1)])
         .err()
         .unwrap()
         .to_string();

@@ -727,3 +727,129 @@ fn offloaded_blocks_stay_in_host_memory() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Ulysses sequence parallelism on in-process CPU ranks
+
+/// Every rank of an in-process group runs `models[rank]` on the same inputs; each returns the
+/// whole prediction, and they must agree exactly (they gathered the same slices).
+fn ulysses_forward(
+    models: &[&HunyuanVideoTransformer3DModel],
+    inputs: &TransformerInputs,
+) -> Tensor {
+    use skyreels_models::parallel::in_process_group;
+    let group = in_process_group(models.len());
+    let outs: Vec<Tensor> = std::thread::scope(|s| {
+        let handles: Vec<_> = group
+            .into_iter()
+            .zip(models)
+            .map(|(rank, model)| {
+                s.spawn(move || model.forward_ulysses(inputs, None, std::sync::Arc::new(rank)))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap().unwrap())
+            .collect()
+    });
+    for o in &outs[1..] {
+        assert_eq!(rel_l2(o, &outs[0]), 0.0, "ranks disagree");
+    }
+    outs[0].clone()
+}
+
+/// Random weights for a transformer of any shape (seeded per tensor name).
+struct SeededWeights;
+
+impl candle_nn::var_builder::SimpleBackend for SeededWeights {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        use rand::{Rng, SeedableRng};
+        let seed = name
+            .bytes()
+            .fold(7u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let fan_in = s.dims().last().copied().unwrap_or(1).max(1) as f32;
+        let values: Vec<f32> = (0..s.elem_count())
+            .map(|_| (rng.random::<f32>() - 0.5) * 2.0 / fan_in.sqrt())
+            .collect();
+        Tensor::from_vec(values, s, dev)?.to_dtype(dtype)
+    }
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("{name} needs a shape")
+    }
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}
+
+#[test]
+fn ulysses_on_cpu_ranks_matches_one_device() {
+    // Each rank runs the same f32 math on its slice of the image tokens (linear layers on fewer
+    // rows, attention per head): only GEMM blocking can change a summation order, so the f32
+    // parity bound holds (F32_TOL); a wrong slice, head order or gather is an O(1) error.
+    let dev = Device::Cpu;
+    let io = load_tensors(&fixture("transformer/tiny_a/io.safetensors"));
+    // tiny_a (2 heads) on 2 ranks: a 2x8x8 latent (32 video tokens) and the fixture's padded text
+    let model = load_transformer(&fixture("transformer/tiny_a"), None, DType::F32, &dev).unwrap();
+    let x = Tensor::randn(0f32, 1., (2, 32, 2, 8, 8), &dev).unwrap();
+    let mut inputs = TransformerInputs::from_named(&io).unwrap();
+    inputs.hidden_states = &x;
+    let want = model.forward(&inputs).unwrap();
+    let err = rel_l2(&ulysses_forward(&[&model, &model], &inputs), &want);
+    assert!(err <= F32_TOL, "2 ranks: {err:e}");
+    // tiny_b (3 heads, no guidance embedder, one padded prompt) on 3 ranks with its own inputs
+    let io_b = load_tensors(&fixture("transformer/tiny_b/io.safetensors"));
+    let model_b =
+        load_transformer(&fixture("transformer/tiny_b/model"), None, DType::F32, &dev).unwrap();
+    let inputs_b = TransformerInputs::from_named(&io_b).unwrap();
+    let err = rel_l2(&ulysses_forward(&[&model_b; 3], &inputs_b), &io_b["output"]);
+    assert!(err <= F32_TOL, "3 ranks against diffusers: {err:e}");
+    // 4 heads of 8 on 4 ranks, each rank with its own copy of the weights
+    let cfg: skyreels_models::TransformerConfig = serde_json::from_value(serde_json::json!({
+        "in_channels": 32, "out_channels": 16, "num_attention_heads": 4, "attention_head_dim": 8,
+        "num_layers": 1, "num_single_layers": 2, "num_refiner_layers": 1,
+        "text_embed_dim": 24, "pooled_projection_dim": 12, "rope_axes_dim": [2, 2, 4]
+    }))
+    .unwrap();
+    let build = || {
+        let vb =
+            candle_nn::VarBuilder::from_backend(Box::new(SeededWeights), DType::F32, dev.clone());
+        HunyuanVideoTransformer3DModel::new(&cfg, vb).unwrap()
+    };
+    let copies: Vec<_> = (0..4).map(|_| build()).collect();
+    let inputs4 = TransformerInputs {
+        hidden_states: &x,
+        ..TransformerInputs::from_named(&io).unwrap()
+    };
+    let want = copies[0].forward(&inputs4).unwrap();
+    let err = rel_l2(
+        &ulysses_forward(&copies.iter().collect::<Vec<_>>(), &inputs4),
+        &want,
+    );
+    assert!(err <= F32_TOL, "4 ranks: {err:e}");
+    // layouts that do not fit are errors on every rank, not hangs
+    let odd = Tensor::randn(0f32, 1., (2, 32, 3, 6, 10), &dev).unwrap(); // 45 video tokens
+    let bad = TransformerInputs {
+        hidden_states: &odd,
+        ..TransformerInputs::from_named(&io).unwrap()
+    };
+    let group = skyreels_models::parallel::in_process_group(2);
+    for rank in group {
+        let e = model
+            .forward_ulysses(&bad, None, std::sync::Arc::new(rank))
+            .unwrap_err();
+        assert!(e.to_string().contains("video tokens (45)"), "{e}");
+    }
+    let group = skyreels_models::parallel::in_process_group(4);
+    let e = model
+        .forward_ulysses(&inputs, None, std::sync::Arc::new(group[0].clone()))
+        .unwrap_err();
+    assert!(e.to_string().contains("heads (2)"), "{e}");
+}

@@ -176,8 +176,10 @@ mod tests {
         let one: Devices = "cpu".parse().unwrap();
         let e = p.group(&one).unwrap_err().to_string();
         assert!(e.contains("runs on 2 devices, --device lists 1"), "{e}");
-        let e = "cfg=2,ulysses=2".parse::<Parallel>().unwrap().group(&two);
-        assert!(e.unwrap_err().to_string().contains("not available yet"));
+        let four: Devices = "cpu:0,cpu:1,cpu:2,cpu:3".parse().unwrap();
+        let p: Parallel = "cfg=2,ulysses=2".parse().unwrap();
+        assert_eq!(p.group(&four).unwrap().len(), 4);
+        assert!(p.group(&two).is_err());
         for (bad, why) in [
             ("cfg=3", "two branches"),
             ("tp=2", "cfg and ulysses"),
@@ -196,7 +198,8 @@ mod tests {
 }
 
 /// `--parallel cfg=C,ulysses=U`: one clip on C·U devices. cfg=2 runs the two true-CFG branches
-/// of every step on two devices at once; Ulysses sequence parallelism is not available yet.
+/// of every step on two device groups at once; ulysses=U splits each branch's video tokens over
+/// its U devices.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Parallel {
     pub cfg: usize,
@@ -231,13 +234,6 @@ impl FromStr for Parallel {
 impl Parallel {
     /// The devices of the group, checked against the layout.
     pub(crate) fn group(&self, devices: &Devices) -> Result<Vec<DeviceSpec>> {
-        if self.ulysses > 1 {
-            bail!(
-                "--parallel ulysses={}: Ulysses sequence parallelism is not available yet; \
-                 --parallel cfg=2 splits the true-CFG branches over two devices",
-                self.ulysses
-            )
-        }
         let group = devices.expand()?;
         let want = self.cfg * self.ulysses;
         if group.len() != want {

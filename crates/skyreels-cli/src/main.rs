@@ -190,10 +190,12 @@ pub(crate) struct ModelArgs {
     /// the model, on one queue; cpu:0,cpu:1 runs several CPU workers).
     #[arg(long, default_value = "cpu", env = "SKYREELS_DEVICE")]
     pub(crate) device: Devices,
-    /// One clip on several devices: cfg=2 runs the conditional and the unconditional true-CFG
-    /// branch of every step at once on the two devices of --device (e.g. --device cuda:0,cuda:1),
-    /// each with its own copy of the transformer; same numbers as one device. (ulysses=N,
-    /// sequence parallelism, is not available yet.)
+    /// One clip on several devices, each with its own copy of the transformer: cfg=2 runs the
+    /// conditional and the unconditional true-CFG branch of every step at once on two device
+    /// groups, ulysses=N splits the video tokens of each branch over N devices (Ulysses sequence
+    /// parallelism: N must divide the 24 heads). The product is the number of --device entries,
+    /// the conditional branch's first: --device cuda:0,cuda:1,cuda:2,cuda:3 --parallel
+    /// cfg=2,ulysses=2 (or cpu:0,cpu:1,... for in-process CPU ranks). Same numbers as one device.
     #[arg(long, env = "SKYREELS_PARALLEL")]
     pub(crate) parallel: Option<Parallel>,
     /// Weights and activations dtype [default: f32 on cpu, bf16 on cuda].
@@ -300,8 +302,9 @@ pub(crate) fn worker_groups(m: &ModelArgs) -> Result<Vec<Vec<devices::DeviceSpec
     }
 }
 
-/// The pipeline `m` asks for (dtypes, offload) on `group`: the first device runs it, a second
-/// one the unconditional CFG branch (--parallel cfg=2).
+/// The pipeline `m` asks for (dtypes, offload) on `group`: the first device runs it; with
+/// --parallel the group is the conditional branch's `ulysses` devices, then (cfg=2) the
+/// unconditional branch's.
 pub(crate) fn load_pipeline(
     m: &ModelArgs,
     paths: ModelPaths,
@@ -310,8 +313,13 @@ pub(crate) fn load_pipeline(
     let dtype = run_dtype(&m.device, m.dtype);
     let vae = vae_dtype(m.vae_dtype, &group[0]);
     let pipeline = Pipeline::load_offloaded(paths, dtype, vae, &group[0], m.offload.into())?;
-    match group.get(1) {
-        Some(device) => pipeline.with_cfg_parallel(device),
+    match m.parallel {
+        Some(p) => pipeline.with_parallel(
+            &group
+                .chunks(p.ulysses)
+                .map(<[_]>::to_vec)
+                .collect::<Vec<_>>(),
+        ),
         None => Ok(pipeline),
     }
 }

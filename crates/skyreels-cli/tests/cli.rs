@@ -130,6 +130,27 @@ fn noise_file_path_matches_diffusers_frames() {
         .to_scalar()
         .unwrap();
     assert_eq!(diff, 0.0);
+    // and over four: each branch's video tokens split over two ranks (the same bound)
+    let ulysses = run(
+        &dir.path().join("ulysses.safetensors"),
+        &[
+            "--device",
+            "cpu:0,cpu:1,cpu:2,cpu:3",
+            "--parallel",
+            "cfg=2,ulysses=2",
+        ],
+    );
+    let err: f32 = (&ulysses["frames"] - &io["frames"])
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(err <= 5e-4, "cfg=2,ulysses=2: max abs error {err:e}");
 }
 
 #[test]

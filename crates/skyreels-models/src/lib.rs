@@ -5,6 +5,7 @@
 //! checkpoint loads through `VarBuilder::pp` with no rename table.
 
 pub mod layers;
+pub mod parallel;
 pub mod text_encoders;
 pub mod transformer;
 pub mod vae;

@@ -5,6 +5,7 @@
 
 use crate::conditioning::{PromptEmbeds, TextEncoders, TextError};
 use crate::loading::{load_transformer, load_transformer_resident, load_vae, LoadError};
+use crate::parallel::{self, Ranks, Step};
 use crate::runtime::{gib, PeakMemory};
 use crate::scheduler::{FlowMatchEuler, SchedulerConfig};
 use candle_core::{DType, Device, Tensor};
@@ -208,9 +209,8 @@ pub struct Pipeline {
     transformer_config: TransformerConfig,
     vae_config: VaeConfig,
     offload: Offload,
-    /// `--parallel cfg=2`: a second transformer on another device runs the unconditional
-    /// branch of each true-CFG step while the first runs the conditional one.
-    cfg_parallel: Option<(Device, HunyuanVideoTransformer3DModel)>,
+    /// `--parallel`: the other ranks' transformers (see [`crate::parallel`]).
+    parallel: Option<Ranks>,
     scheduler: SchedulerConfig,
     device: Device,
     dtype: DType,
@@ -337,7 +337,7 @@ impl Pipeline {
             transformer_config,
             vae_config,
             offload,
-            cfg_parallel: None,
+            parallel: None,
             scheduler,
             device: device.clone(),
             dtype,
@@ -354,28 +354,53 @@ impl Pipeline {
         self.offload
     }
 
-    /// CFG-parallel: loads a second copy of the transformer on `device`, which runs the
-    /// unconditional branch of every true-CFG step at the same time as the conditional one on the
-    /// pipeline's device (each with its own step cache). The numbers are the single-device ones.
-    pub fn with_cfg_parallel(mut self, device: &Device) -> Result<Self, GenerateError> {
-        if self.offload == Offload::Model {
-            return invalid("CFG-parallel keeps a transformer on each device: it does not combine with --offload model");
+    /// One clip on several devices: `groups` are the device groups of the CFG branches (one, or
+    /// two with CFG-parallel: the unconditional branch of every true-CFG step runs on the second
+    /// group at the same time as the conditional one on the first), each of U devices that share
+    /// the video tokens with Ulysses sequence parallelism. The first group's first device is the
+    /// pipeline's own (its transformer is rank 0); a copy of the transformer is loaded on every
+    /// other device. The numbers are the single-device ones (f32: to rounding, see the tests).
+    pub fn with_parallel(mut self, groups: &[Vec<Device>]) -> Result<Self, GenerateError> {
+        let u = groups.first().map_or(0, Vec::len);
+        if !(1..=2).contains(&groups.len()) || u == 0 || groups.iter().any(|g| g.len() != u) {
+            return invalid(
+                "a parallel layout is one or two groups (CFG branches) of as many devices each",
+            );
         }
-        let (model, _) = load_transformer_resident(
-            &self.paths.transformer,
-            self.paths.transformer_config.as_deref(),
-            self.dtype,
-            device,
-            self.offload == Offload::Blocks,
-        )?;
-        self.cfg_parallel = Some((device.clone(), model));
+        if self.offload == Offload::Model {
+            return invalid("a parallel layout keeps a transformer on each device: it does not combine with --offload model");
+        }
+        let heads = self.transformer_config.num_attention_heads;
+        if !heads.is_multiple_of(u) {
+            return invalid(format!(
+                "ulysses={u}: the degree must divide the transformer's {heads} attention heads"
+            ));
+        }
+        let load = |device: &Device| -> Result<_, GenerateError> {
+            let (model, _) = load_transformer_resident(
+                &self.paths.transformer,
+                self.paths.transformer_config.as_deref(),
+                self.dtype,
+                device,
+                self.offload == Offload::Blocks,
+            )?;
+            Ok((device.clone(), model))
+        };
+        let cond = groups[0][1..].iter().map(load).collect::<Result<_, _>>()?;
+        let uncond = match groups.get(1) {
+            Some(g) => g.iter().map(load).collect::<Result<_, _>>()?,
+            None => vec![],
+        };
+        self.parallel = Some(Ranks::new(cond, uncond));
         Ok(self)
     }
 
-    /// The devices the transformer runs on: the pipeline's, then the CFG branch's.
+    /// Every device the transformer runs on, the pipeline's first.
     pub fn devices(&self) -> Vec<Device> {
         let mut v = vec![self.device.clone()];
-        v.extend(self.cfg_parallel.as_ref().map(|(d, _)| d.clone()));
+        if let Some(ranks) = &self.parallel {
+            v.extend(ranks.devices().cloned());
+        }
         v
     }
 
@@ -441,6 +466,31 @@ impl Pipeline {
             (true, None) => return invalid("this model is image-to-video: an image is required"),
             (false, Some(_)) => return invalid("this model is text-to-video: it takes no image"),
             _ => {}
+        }
+        if let Some(ranks) = self.parallel.as_ref().filter(|r| r.ulysses() > 1) {
+            if p.cache != CacheSpec::None {
+                return invalid(format!(
+                    "cache: step caching does not combine with Ulysses sequence parallelism \
+                     (ulysses={}) yet",
+                    ranks.ulysses()
+                ));
+            }
+            let v = &self.vae_config;
+            let (pt, ps) = (
+                self.transformer_config.patch_size_t,
+                self.transformer_config.patch_size,
+            );
+            let tokens = ((p.num_frames - 1) / v.temporal_compression_ratio + 1) / pt
+                * (p.height / v.spatial_compression_ratio / ps)
+                * (p.width / v.spatial_compression_ratio / ps);
+            if !tokens.is_multiple_of(ranks.ulysses()) {
+                return invalid(format!(
+                    "ulysses={}: this size and frame count make {tokens} video tokens, which do \
+                     not divide into {} equal slices",
+                    ranks.ulysses(),
+                    ranks.ulysses()
+                ));
+            }
         }
         if let Some(noise) = &p.noise {
             let want = self.latent_shape(p);
@@ -609,18 +659,21 @@ impl Pipeline {
             }
             // the timestep takes the latents' dtype (f32 at step 0, the model dtype after)
             let timestep = Tensor::new(&[t], &self.device)?.to_dtype(latents.dtype())?;
-            let v = match (&self.cfg_parallel, prompt.negative.as_ref()) {
-                (Some((device, uncond)), Some(negative)) => cfg_parallel_velocity(
-                    [&transformer, uncond],
-                    device,
-                    &x,
-                    &timestep,
-                    [&prompt.positive, negative],
-                    guidance.as_ref(),
+            let v = match &self.parallel {
+                Some(ranks) => parallel::velocity(
+                    (&self.device, &transformer),
+                    ranks,
+                    &Step {
+                        x: &x,
+                        timestep: &timestep,
+                        guidance: guidance.as_ref(),
+                    },
+                    &prompt.positive,
+                    prompt.negative.as_ref(),
                     p.guidance_scale,
                     caches,
                 )?,
-                _ => guided_velocity(
+                None => guided_velocity(
                     &transformer,
                     &x,
                     &timestep,
@@ -741,53 +794,6 @@ fn branch_velocity(
 }
 
 /// True CFG: `v_neg + scale · (v − v_neg)`.
-fn combine_cfg(v: &Tensor, v_neg: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+pub(crate) fn combine_cfg(v: &Tensor, v_neg: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
     v_neg + ((v - v_neg)? * scale)?
-}
-
-/// [`guided_velocity`] with true CFG, its two branches at once: the conditional one on
-/// `transformers[0]` (on the inputs' device), the unconditional one on `transformers[1]` on
-/// `device` (inputs copied there, its velocity copied back), each on its own thread.
-#[allow(clippy::too_many_arguments)]
-fn cfg_parallel_velocity(
-    transformers: [&HunyuanVideoTransformer3DModel; 2],
-    device: &Device,
-    x: &Tensor,
-    timestep: &Tensor,
-    [positive, negative]: [&PromptEmbeds; 2],
-    guidance: Option<&Tensor>,
-    scale: f64,
-    caches: &mut [StepCache; 2],
-) -> candle_core::Result<Tensor> {
-    let [cond, uncond] = caches;
-    let (v, v_neg) = std::thread::scope(|s| {
-        let other = s.spawn(|| -> candle_core::Result<Tensor> {
-            let to = |t: &Tensor| t.to_device(device);
-            let e = PromptEmbeds {
-                embeds: to(&negative.embeds)?,
-                mask: to(&negative.mask)?,
-                pooled: to(&negative.pooled)?,
-                ..negative.clone()
-            };
-            let guidance = guidance.map(to).transpose()?;
-            let (x, timestep) = (to(x)?, to(timestep)?);
-            let v = branch_velocity(
-                transformers[1],
-                &x,
-                &timestep,
-                &e,
-                guidance.as_ref(),
-                uncond,
-            )?;
-            device.synchronize()?;
-            Ok(v)
-        });
-        let v = branch_velocity(transformers[0], x, timestep, positive, guidance, cond);
-        let v_neg = other
-            .join()
-            .unwrap_or_else(|p| std::panic::resume_unwind(p));
-        (v, v_neg)
-    });
-    let v = v?;
-    combine_cfg(&v, &v_neg?.to_device(v.device())?, scale)
 }

@@ -245,7 +245,7 @@ impl Gguf {
         for (name, dtype, mut shape, offset) in table {
             let elems: usize = shape.iter().product();
             let cols = *shape.last().expect("at least one dimension");
-            if cols % dtype.block_size() != 0 {
+            if !cols.is_multiple_of(dtype.block_size()) {
                 return Err(format!(
                     "tensor {name}: rows of {cols} are not whole {} blocks of {}",
                     type_name(dtype),

@@ -7,6 +7,7 @@ pub mod generate;
 pub mod gguf;
 pub mod hub;
 pub mod loading;
+mod parallel;
 pub mod runtime;
 pub mod scheduler;
 pub mod single_file;

@@ -375,13 +375,13 @@ impl SingleFile {
             return Err(fail(format!("x_embedder.proj.weight has shape {embed:?}")));
         }
         let head_dim = shape("transformer_blocks.0.attn.norm_q.weight")?[0];
-        if head_dim == 0 || inner % head_dim != 0 {
+        if head_dim == 0 || !inner.is_multiple_of(head_dim) {
             return Err(fail(format!(
                 "head dim {head_dim} does not divide width {inner}"
             )));
         }
         let out = shape("proj_out.weight")?[0];
-        if out % (pt * p * p) != 0 {
+        if !out.is_multiple_of(pt * p * p) {
             return Err(fail(format!(
                 "proj_out.weight has {out} rows, not a multiple of {}",
                 pt * p * p
@@ -569,9 +569,9 @@ pub fn quantize_to_gguf(
         let cols = t.dims().last().copied().unwrap_or(1);
         let target = if t.rank() != 2 {
             GgmlDType::F32
-        } else if cols % dtype.block_size() == 0 {
+        } else if cols.is_multiple_of(dtype.block_size()) {
             dtype
-        } else if cols % fallback(dtype).block_size() == 0 {
+        } else if cols.is_multiple_of(fallback(dtype).block_size()) {
             fallback(dtype)
         } else {
             GgmlDType::F16

@@ -20,6 +20,7 @@ use crate::layers::{
     norm::{LayerNorm, RmsNorm},
     rope::rope_tables,
 };
+use crate::parallel::Collective;
 use candle_core::{bail, DType, Device, IndexOp, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use std::collections::HashMap;
@@ -103,13 +104,59 @@ impl TextMask {
 }
 
 /// What every attention call of one forward pass needs to know.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 struct AttnCtx {
-    /// Keys visible to each sample in the joint blocks (a prefix of [img; txt]).
+    /// Keys visible to each sample in the joint blocks (a prefix of [img; txt], with every image
+    /// token of the clip).
     key_counts: Vec<usize>,
     text_mask: TextMask,
     /// Score elements held at once (see [`attention`]).
     budget: usize,
+    /// Ulysses: this rank holds `n_local` consecutive image tokens of the clip.
+    shard: Option<SeqShard>,
+}
+
+#[derive(Clone)]
+struct SeqShard {
+    group: Arc<dyn Collective>,
+    n_local: usize,
+}
+
+/// Attention over the joint sequence [image tokens; text tokens] as (b, n, heads, d). With
+/// Ulysses each rank holds a slice of the image tokens (and every text token): an all-to-all
+/// trades the image slices for head slices, so that each rank attends over the whole sequence
+/// with `heads / ranks` heads (its slice of the replicated text heads appended), and a second
+/// one trades back; the text rows' head slices are gathered. The result is this rank's rows with
+/// every head, as without Ulysses.
+fn joint_attention(q: &Tensor, k: &Tensor, v: &Tensor, ctx: &AttnCtx) -> Result<Tensor> {
+    let Some(sp) = &ctx.shard else {
+        return attention(q, k, v, Some(&ctx.key_counts), ctx.budget);
+    };
+    let (u, r) = (sp.group.size(), sp.group.rank());
+    let (_, n, h, _) = q.dims4()?;
+    let (n_loc, hs) = (sp.n_local, h / u);
+    let n_txt = n - n_loc;
+    let seq_to_heads = |t: &Tensor| -> Result<Tensor> {
+        let img = t.narrow(1, 0, n_loc)?;
+        let parts = (0..u)
+            .map(|j| img.narrow(2, j * hs, hs)?.contiguous())
+            .collect::<Result<Vec<_>>>()?;
+        // from every rank: its image tokens, this rank's heads
+        let img = Tensor::cat(&sp.group.all_to_all(parts)?, 1)?;
+        let txt = t.narrow(1, n_loc, n_txt)?.narrow(2, r * hs, hs)?;
+        Tensor::cat(&[&img, &txt], 1)?.contiguous()
+    };
+    let (q, k, v) = (seq_to_heads(q)?, seq_to_heads(k)?, seq_to_heads(v)?);
+    let a = attention(&q, &k, &v, Some(&ctx.key_counts), ctx.budget)?;
+    let n_img = u * n_loc;
+    let parts = (0..u)
+        .map(|j| a.narrow(1, j * n_loc, n_loc)?.contiguous())
+        .collect::<Result<Vec<_>>>()?;
+    // from every rank: this rank's image tokens, its heads
+    let img = Tensor::cat(&sp.group.all_to_all(parts)?, 2)?;
+    let txt = a.narrow(1, n_img, n_txt)?.contiguous()?;
+    let txt = Tensor::cat(&sp.group.all_gather(&txt)?, 2)?;
+    Tensor::cat(&[&img, &txt], 1)
 }
 
 /// (b, n, heads·d) -> (b, n, heads, d)
@@ -479,7 +526,7 @@ impl TransformerBlock {
         let q = Tensor::cat(&[qi, qt], 1)?;
         let k = Tensor::cat(&[ki, kt], 1)?;
         let v = Tensor::cat(&[vi, vt], 1)?;
-        let a = from_heads(&attention(&q, &k, &v, Some(&ctx.key_counts), ctx.budget)?)?;
+        let a = from_heads(&joint_attention(&q, &k, &v, ctx)?)?;
         let n_txt = c.dim(1)?;
         let img_out = self.to_out.forward(&a.narrow(1, 0, n_img)?.contiguous()?)?;
         let txt_out = self
@@ -537,7 +584,7 @@ impl SingleTransformerBlock {
         let sn = layer_norm_modulate(s, &m[0], &m[1], NORM_EPS)?;
         let mlp = gelu_tanh(&self.proj_mlp.forward(&sn)?)?;
         let [q, k, v] = self.qkv.forward(&sn, self.heads, Some(rope))?;
-        let a = from_heads(&attention(&q, &k, &v, Some(&ctx.key_counts), ctx.budget)?)?;
+        let a = from_heads(&joint_attention(&q, &k, &v, ctx)?)?;
         // (b, n, dim) ++ (b, n, mlp) -> (b, n, dim + mlp)
         let (b, n, dim) = a.dims3()?;
         let mlp_dim = mlp.dim(2)?;
@@ -687,6 +734,29 @@ impl HunyuanVideoTransformer3DModel {
         inp: &TransformerInputs,
         cache: Option<&mut StepCache>,
     ) -> Result<Tensor> {
+        self.forward_sharded(inp, cache, None)
+    }
+
+    /// [`Self::forward_cached`] as one rank of a Ulysses sequence-parallel group: every rank
+    /// calls it with the same inputs and its own member of `group` (same order of calls), runs the
+    /// blocks on its slice of the image tokens, and returns the whole prediction. The head count
+    /// and the image token count must divide by the group size; step caches are not supported
+    /// (a cache with a spec other than `none` is an error).
+    pub fn forward_ulysses(
+        &self,
+        inp: &TransformerInputs,
+        cache: Option<&mut StepCache>,
+        group: Arc<dyn Collective>,
+    ) -> Result<Tensor> {
+        self.forward_sharded(inp, cache, Some(group))
+    }
+
+    fn forward_sharded(
+        &self,
+        inp: &TransformerInputs,
+        cache: Option<&mut StepCache>,
+        group: Option<Arc<dyn Collective>>,
+    ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let dt = self.dtype;
         let (b, c_in, t, h, w) = inp.hidden_states.dims5()?;
@@ -732,6 +802,32 @@ impl HunyuanVideoTransformer3DModel {
         let (gt, gh, gw) = (t / pt, h / p, w / p);
         let n_img = gt * gh * gw;
         let (cos, sin) = self.rope((gt, gh, gw))?;
+        let shard = match group {
+            None => None,
+            Some(group) => {
+                let u = group.size();
+                if !cfg.num_attention_heads.is_multiple_of(u) || !n_img.is_multiple_of(u) {
+                    bail!(
+                        "Ulysses over {u} ranks needs the heads ({}) and the video tokens ({n_img}) \
+                         to divide by {u}",
+                        cfg.num_attention_heads
+                    )
+                }
+                if cache.as_ref().is_some_and(|c| c.spec() != CacheSpec::None) {
+                    bail!("step caching does not combine with Ulysses sequence parallelism yet")
+                }
+                Some(SeqShard {
+                    n_local: n_img / u,
+                    group,
+                })
+            }
+        };
+        // this rank's image tokens: all of them, or its slice (with its RoPE rows)
+        let rows = |t: Tensor, dim: usize| match &shard {
+            None => Ok(t),
+            Some(sp) => t.narrow(dim, sp.group.rank() * sp.n_local, sp.n_local),
+        };
+        let (cos, sin) = (rows(cos, 0)?, rows(sin, 0)?);
 
         let temb = self.time_text_embed.forward(
             inp.timestep,
@@ -740,11 +836,12 @@ impl HunyuanVideoTransformer3DModel {
         )?;
         // (b, c, t, h, w) -> (b, dim, gt, gh, gw) -> (b, gt·gh·gw, dim)
         let x = self.x_embedder.forward(&inp.hidden_states.to_dtype(dt)?)?;
-        let x = x.flatten_from(2)?.transpose(1, 2)?.contiguous()?;
+        let x = rows(x.flatten_from(2)?.transpose(1, 2)?, 1)?.contiguous()?;
         let ctx = AttnCtx {
             key_counts: text_mask.joint_key_counts(n_img),
             text_mask,
             budget: self.attention_budget,
+            shard: shard.clone(),
         };
         let context = || {
             self.context_embedder.forward(
@@ -800,6 +897,10 @@ impl HunyuanVideoTransformer3DModel {
         let m = modulation(&self.norm_out, &temb, 2)?;
         let y = layer_norm_modulate(&x, &m[1], &m[0], NORM_EPS)?;
         let y = self.proj_out.forward(&y)?;
+        let y = match &shard {
+            None => y,
+            Some(sp) => Tensor::cat(&sp.group.all_gather(&y)?, 1)?,
+        };
         let oc = cfg.out_channels();
         // (b, gt·gh·gw, oc·pt·p·p) -> (b, gt, gh, gw, oc, pt, p, p)
         let y = y.reshape(vec![b, gt, gh, gw, oc, pt, p, p])?;

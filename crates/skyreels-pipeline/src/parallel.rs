@@ -1,0 +1,152 @@
+//! One clip on several devices (`--parallel cfg=C,ulysses=U`): the two true-CFG branches of a
+//! step on two device groups at once (cfg=2), and within a group Ulysses sequence parallelism
+//! over U ranks (each holds a slice of the video tokens; see
+//! [`HunyuanVideoTransformer3DModel::forward_ulysses`]). One OS thread per rank; each device has
+//! its own copy of the transformer; ranks exchange through in-process collectives.
+
+use crate::conditioning::PromptEmbeds;
+use candle_core::{Device, Result, Tensor};
+use skyreels_models::parallel::{in_process_group, InProcessRank};
+use skyreels_models::{HunyuanVideoTransformer3DModel, StepCache, TransformerInputs};
+use std::sync::Arc;
+
+/// The transformer copies and collectives of a parallel layout, beside the pipeline's own
+/// transformer (which is rank 0 of the conditional branch).
+pub(crate) struct Ranks {
+    /// Ulysses ranks 1.. of the conditional branch.
+    pub cond: Vec<(Device, HunyuanVideoTransformer3DModel)>,
+    /// The unconditional branch's ranks (cfg=2), rank 0 first; empty without CFG-parallel.
+    pub uncond: Vec<(Device, HunyuanVideoTransformer3DModel)>,
+    cond_group: Vec<InProcessRank>,
+    uncond_group: Vec<InProcessRank>,
+}
+
+impl Ranks {
+    pub fn new(
+        cond: Vec<(Device, HunyuanVideoTransformer3DModel)>,
+        uncond: Vec<(Device, HunyuanVideoTransformer3DModel)>,
+    ) -> Self {
+        let group = |n: usize| if n > 1 { in_process_group(n) } else { vec![] };
+        Self {
+            cond_group: group(cond.len() + 1),
+            uncond_group: group(uncond.len()),
+            cond,
+            uncond,
+        }
+    }
+
+    /// Ulysses ranks per branch.
+    pub fn ulysses(&self) -> usize {
+        self.cond.len() + 1
+    }
+
+    pub fn devices(&self) -> impl Iterator<Item = &Device> {
+        self.cond.iter().chain(&self.uncond).map(|(d, _)| d)
+    }
+}
+
+/// The inputs of one step, on the pipeline's device.
+pub(crate) struct Step<'a> {
+    pub x: &'a Tensor,
+    pub timestep: &'a Tensor,
+    pub guidance: Option<&'a Tensor>,
+}
+
+/// One branch's velocity on its ranks (`(device, transformer)`, rank 0 first): a plain cached
+/// forward on one rank, else every rank runs its Ulysses share on its own thread (inputs copied
+/// to its device) and rank 0's prediction is returned. A failing rank stops the others.
+fn branch(
+    ranks: &[(&Device, &HunyuanVideoTransformer3DModel)],
+    group: &[InProcessRank],
+    step: &Step,
+    e: &PromptEmbeds,
+    cache: &mut StepCache,
+) -> Result<Tensor> {
+    let run = |device: &Device,
+               model: &HunyuanVideoTransformer3DModel,
+               rank: Option<&InProcessRank>,
+               cache: Option<&mut StepCache>|
+     -> Result<Tensor> {
+        let out = (|| -> Result<Tensor> {
+            let to = |t: &Tensor| t.to_device(device);
+            let (x, timestep) = (to(step.x)?, to(step.timestep)?);
+            let (embeds, mask, pooled) = (to(&e.embeds)?, to(&e.mask)?, to(&e.pooled)?);
+            let guidance = step.guidance.map(to).transpose()?;
+            let inputs = TransformerInputs {
+                hidden_states: &x,
+                timestep: &timestep,
+                encoder_hidden_states: &embeds,
+                encoder_attention_mask: &mask,
+                pooled_projections: &pooled,
+                guidance: guidance.as_ref(),
+            };
+            let out = match rank {
+                None => model.forward_cached(&inputs, cache)?,
+                Some(rank) => model.forward_ulysses(&inputs, cache, Arc::new(rank.clone()))?,
+            };
+            device.synchronize()?;
+            Ok(out)
+        })();
+        if let (Err(e), Some(rank)) = (&out, rank) {
+            rank.abort(&e.to_string());
+        }
+        out
+    };
+    let [(device, model), rest @ ..] = ranks else {
+        candle_core::bail!("a branch without a device")
+    };
+    if rest.is_empty() {
+        return run(device, model, None, Some(cache));
+    }
+    std::thread::scope(|s| {
+        let others: Vec<_> = rest
+            .iter()
+            .zip(&group[1..])
+            .map(|((d, m), rank)| s.spawn(move || run(d, m, Some(rank), None)))
+            .collect();
+        let first = run(device, model, Some(&group[0]), Some(cache));
+        for h in others {
+            h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))?;
+        }
+        first
+    })
+}
+
+/// The guided velocity of one step on the layout: the conditional branch on `main` and
+/// `ranks.cond`, the unconditional one (true CFG, `negative`) at the same time on `ranks.uncond`
+/// when it has devices, else after it on the same ranks; combined on the pipeline's device.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn velocity(
+    main: (&Device, &HunyuanVideoTransformer3DModel),
+    ranks: &Ranks,
+    step: &Step,
+    positive: &PromptEmbeds,
+    negative: Option<&PromptEmbeds>,
+    scale: f64,
+    caches: &mut [StepCache; 2],
+) -> Result<Tensor> {
+    let cond: Vec<_> = std::iter::once(main)
+        .chain(ranks.cond.iter().map(|(d, m)| (d, m)))
+        .collect();
+    let uncond: Vec<_> = ranks.uncond.iter().map(|(d, m)| (d, m)).collect();
+    let [cache_cond, cache_uncond] = caches;
+    let Some(negative) = negative else {
+        return branch(&cond, &ranks.cond_group, step, positive, cache_cond);
+    };
+    let (v, v_neg) = if uncond.is_empty() {
+        let v = branch(&cond, &ranks.cond_group, step, positive, cache_cond)?;
+        let v_neg = branch(&cond, &ranks.cond_group, step, negative, cache_uncond)?;
+        (v, v_neg)
+    } else {
+        std::thread::scope(|s| -> Result<(Tensor, Tensor)> {
+            let other =
+                s.spawn(|| branch(&uncond, &ranks.uncond_group, step, negative, cache_uncond));
+            let v = branch(&cond, &ranks.cond_group, step, positive, cache_cond);
+            let v_neg = other
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p));
+            Ok((v?, v_neg?))
+        })?
+    };
+    crate::generate::combine_cfg(&v, &v_neg.to_device(v.device())?, scale)
+}
