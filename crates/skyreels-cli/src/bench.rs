@@ -3,7 +3,7 @@
 //! decode and text encoding, each with its effective TFLOP/s (transformer) and peak device
 //! memory. `--size tiny` runs the same code on small dimensions (a CPU smoke test).
 
-use crate::{resolve_device, vae_dtype, DtypeArg, OffloadArg};
+use crate::{run_dtype, vae_dtype, DtypeArg, OffloadArg};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
@@ -72,9 +72,14 @@ pub(crate) struct BenchArgs {
     /// decode + text encoding, from the stages measured).
     #[arg(long, default_value_t = 30)]
     steps: usize,
-    /// Where to run: cuda (GPU 0), cuda:N or cpu.
+    /// Where to run: cuda (GPU 0), cuda:N or cpu; with --parallel the list of its ranks.
     #[arg(long, default_value = "cuda")]
     device: crate::Devices,
+    /// ulysses=N: also time the forward as N Ulysses ranks (the devices of --device, e.g.
+    /// cpu:0,cpu:1 for in-process CPU ranks), and count the elements each rank sends per forward
+    /// against the analytical figure.
+    #[arg(long)]
+    parallel: Option<crate::Parallel>,
     /// Weights and activations dtype [default: f32 on cpu, bf16 on cuda].
     #[arg(long, value_enum)]
     dtype: Option<DtypeArg>,
@@ -235,6 +240,104 @@ fn breakdown(
     Ok(())
 }
 
+/// Times one forward as `u` Ulysses ranks (rank 0 `model` on `devices[0]`, `others` on the
+/// rest), each on its own thread with the inputs copied to its device, and prints the elements
+/// each rank sent per forward next to the analytical count: per attention layer, the all-to-alls
+/// of q, k, v and of the output (each `(u-1)/u` of the rank's `n_img/u × D` slice) and the
+/// gather of the text rows' head slices (`(u-1) × n_txt × D/u`); once per forward, the gather of
+/// the predicted patches (`(u-1) × n_img/u × out_channels·pt·p²`).
+fn ulysses_forward(
+    cfg: &TransformerConfig,
+    u: usize,
+    (model, others, devices): (
+        &HunyuanVideoTransformer3DModel,
+        &[HunyuanVideoTransformer3DModel],
+        &[Device],
+    ),
+    inputs: &TransformerInputs,
+    (n_img, n_txt): (usize, usize),
+    runs: usize,
+    flops: f64,
+) -> Result<()> {
+    use skyreels_models::parallel::in_process_group;
+    let ranks = in_process_group(u);
+    let models: Vec<&HunyuanVideoTransformer3DModel> =
+        std::iter::once(model).chain(others).collect();
+    let copy = |t: &Tensor, d: &Device| t.to_device(d);
+    let time = time_stage(
+        &format!("forward ulysses={u}"),
+        &devices[0],
+        runs,
+        Some(flops),
+        || {
+            let outs = std::thread::scope(|s| {
+                let handles: Vec<_> = ranks
+                    .iter()
+                    .zip(&models)
+                    .zip(devices)
+                    .map(|((rank, m), d)| {
+                        s.spawn(move || -> Result<Tensor> {
+                            let x = copy(inputs.hidden_states, d)?;
+                            let t = copy(inputs.timestep, d)?;
+                            let e = copy(inputs.encoder_hidden_states, d)?;
+                            let mask = copy(inputs.encoder_attention_mask, d)?;
+                            let pooled = copy(inputs.pooled_projections, d)?;
+                            let g = inputs.guidance.map(|g| copy(g, d)).transpose()?;
+                            let inp = TransformerInputs {
+                                hidden_states: &x,
+                                timestep: &t,
+                                encoder_hidden_states: &e,
+                                encoder_attention_mask: &mask,
+                                pooled_projections: &pooled,
+                                guidance: g.as_ref(),
+                            };
+                            let out =
+                                m.forward_ulysses(&inp, None, std::sync::Arc::new(rank.clone()));
+                            if let Err(e) = &out {
+                                rank.abort(&e.to_string());
+                            }
+                            d.synchronize()?;
+                            Ok(out?)
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                    .collect::<Result<Vec<_>>>()
+            })?;
+            Ok(outs.into_iter().next().expect("rank 0"))
+        },
+    )?;
+    let layers = (cfg.num_layers + cfg.num_single_layers) as f64;
+    let d = cfg.inner_dim() as f64;
+    let (uf, n_loc) = (u as f64, (n_img / u) as f64);
+    let per_layer = 4.0 * (uf - 1.0) / uf * n_loc * d + (uf - 1.0) * n_txt as f64 * d / uf;
+    let patch = (cfg.out_channels() * cfg.patch_size_t * cfg.patch_size * cfg.patch_size) as f64;
+    let analytic = layers * per_layer + (uf - 1.0) * n_loc * patch;
+    let forwards = (runs + 1) as f64;
+    for r in &ranks {
+        let sent = r.elements_sent() as f64 / forwards;
+        println!(
+            "rank {}: sent {:.3} M elements per forward ({:.1} MiB in {:?}), analytical {:.3} M \
+             ({:.1}% of its share)",
+            skyreels_models::parallel::Collective::rank(r),
+            sent / 1e6,
+            sent * model.dtype().size_in_bytes() as f64 / f64::from(1 << 20),
+            model.dtype(),
+            analytic / 1e6,
+            100.0 * sent / analytic
+        );
+    }
+    println!(
+        "all ranks: {:.3} M elements per forward; the two all-to-alls of a layer move L·D/u = \
+         {:.3} M elements per rank each over 4 tensors (q, k, v, out); {time:.3} s per forward",
+        ranks.iter().map(|r| r.elements_sent()).sum::<u64>() as f64 / forwards / 1e6,
+        n_img as f64 * d / uf / 1e6
+    );
+    Ok(())
+}
+
 /// FLOPs of one forward over `l` tokens, counting the blocks' matmuls (24·D² per token) and
 /// attention (4·L²·D), as `docs/GPU.md` does: 2.63 PFLOP at 544x960x97.
 fn forward_flops(cfg: &TransformerConfig, l: usize) -> f64 {
@@ -252,7 +355,18 @@ pub(crate) fn bench(args: BenchArgs) -> Result<()> {
         )
     }
     let host_blocks = args.offload == OffloadArg::Blocks;
-    let (device, dtype) = resolve_device(&args.device, args.dtype)?;
+    let group = match args.parallel {
+        Some(p) if p.cfg != 1 => bail!(
+            "bench --parallel times one branch's forward over Ulysses ranks: give ulysses=N only"
+        ),
+        Some(p) => p.group(&args.device)?,
+        None => vec![args.device.single()?],
+    };
+    let devices = group
+        .into_iter()
+        .map(crate::devices::open)
+        .collect::<Result<Vec<_>>>()?;
+    let (device, dtype) = (devices[0].clone(), run_dtype(&args.device, args.dtype));
     let tiny = args.size == Size::Tiny;
     let height = args.height.unwrap_or(if tiny { 64 } else { 544 });
     let width = args.width.unwrap_or(if tiny { 64 } else { 960 });
@@ -289,9 +403,24 @@ pub(crate) fn bench(args: BenchArgs) -> Result<()> {
     let (mut forward_s, mut cfg_step_s, mut vae_s, mut text_s) = (None, None, None, None);
     if wants(Part::Transformer) || wants(Part::Breakdown) || wants(Part::CfgStep) {
         let t = Instant::now();
+        let build =
+            |device: &Device, cfg: &TransformerConfig| -> Result<HunyuanVideoTransformer3DModel> {
+                Ok(match &args.transformer {
+                    None => HunyuanVideoTransformer3DModel::new(
+                        cfg,
+                        random_vb(dtype, device).pp("transformer"),
+                    )?,
+                    Some(path) => skyreels_pipeline::load_transformer(
+                        path,
+                        args.config.as_deref(),
+                        dtype,
+                        device,
+                    )?,
+                })
+            };
         let model = match &args.transformer {
             None if host_blocks => bail!("--offload blocks needs a --transformer checkpoint"),
-            None => HunyuanVideoTransformer3DModel::new(&tcfg, vb.pp("transformer"))?,
+            None => build(&device, &tcfg)?,
             Some(path) => {
                 let (model, resident) = skyreels_pipeline::load_transformer_resident(
                     path,
@@ -363,6 +492,29 @@ pub(crate) fn bench(args: BenchArgs) -> Result<()> {
                     })?)
                 },
             )?);
+        }
+        if let (Some(p), true) = (args.parallel, wants(Part::Transformer)) {
+            let others = devices[1..]
+                .iter()
+                .map(|d| build(d, &tcfg))
+                .collect::<Result<Vec<_>>>()?;
+            let inputs = TransformerInputs {
+                hidden_states: &x,
+                timestep: &timestep,
+                encoder_hidden_states: &pos.embeds,
+                encoder_attention_mask: &pos.mask,
+                pooled_projections: &pos.pooled,
+                guidance: Some(&guidance),
+            };
+            ulysses_forward(
+                &tcfg,
+                p.ulysses,
+                (&model, &others, &devices),
+                &inputs,
+                (tokens - txt, txt),
+                args.runs,
+                flops,
+            )?;
         }
         if wants(Part::Breakdown) {
             breakdown(

@@ -339,15 +339,6 @@ impl DtypeArg {
     }
 }
 
-/// The one device of `devices`, and the dtype: as asked, else f32 on the CPU and bf16 on CUDA.
-pub(crate) fn resolve_device(
-    devices: &Devices,
-    dtype: Option<DtypeArg>,
-) -> Result<(Device, DType)> {
-    let device = devices::open(devices.single()?)?;
-    Ok((device, run_dtype(devices, dtype)))
-}
-
 /// `--dtype` as asked, else f32 on the CPU and bf16 on CUDA.
 pub(crate) fn run_dtype(devices: &Devices, dtype: Option<DtypeArg>) -> DType {
     match dtype {

@@ -3,6 +3,7 @@
 //! slots (CPU ranks, and the tests of everything built on it).
 
 use candle_core::{bail, Result, Tensor};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -37,6 +38,8 @@ struct Group {
     size: usize,
     state: Mutex<Exchange>,
     cv: Condvar,
+    /// elements each rank has sent to the other ranks (communication volume)
+    sent: Vec<AtomicU64>,
 }
 
 /// One rank of an in-process group ([`in_process_group`]).
@@ -58,6 +61,7 @@ pub fn in_process_group(size: usize) -> Vec<InProcessRank> {
             aborted: None,
         }),
         cv: Condvar::new(),
+        sent: (0..size).map(|_| AtomicU64::new(0)).collect(),
     });
     (0..size)
         .map(|rank| InProcessRank {
@@ -102,12 +106,24 @@ impl InProcessRank {
         }
     }
 
+    /// Elements this rank has sent to the other ranks so far (what would cross a link).
+    pub fn elements_sent(&self) -> u64 {
+        self.group.sent[self.rank].load(Ordering::Relaxed)
+    }
+
     /// Posts `parts` (one per rank) and returns what every rank posted for this one.
     fn exchange(&self, parts: Vec<Tensor>) -> Result<Vec<Tensor>> {
         let n = self.group.size;
         if parts.len() != n {
             bail!("an exchange needs {n} parts, got {}", parts.len())
         }
+        let outgoing: usize = parts
+            .iter()
+            .enumerate()
+            .filter(|(dst, _)| *dst != self.rank)
+            .map(|(_, t)| t.elem_count())
+            .sum();
+        self.group.sent[self.rank].fetch_add(outgoing as u64, Ordering::Relaxed);
         let s = self.group.state.lock().unwrap_or_else(|p| p.into_inner());
         // the previous round must be fully taken before anyone posts again
         let mut s = self.wait(s, |s| s.posted < n)?;
@@ -179,6 +195,8 @@ mod tests {
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         });
+        // 5 rounds x 2 one-element parts to the other ranks
+        assert!(ranks.iter().all(|r| r.elements_sent() == 10));
         for (rank, seen) in results.iter().enumerate() {
             for (round, got) in seen.iter().enumerate() {
                 let want: Vec<f32> = (0..3)
