@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what `cargo build --release --features cuda` needs, on a machine with or without a GPU,
-# from PyPI only (NVIDIA's CUDA wheels: nvcc, headers, cudart, cuBLAS, cuRAND, NVRTC, and the
+# from PyPI only (NVIDIA's CUDA wheels: nvcc, headers, cudart, cuBLAS, cuRAND, NVRTC, NCCL for
+# `--features cuda,nccl`, and the
 # CUTLASS headers flash attention compiles against), and writes an environment file that points
 # candle's, cudarc's and skyreels-flash-attn's build scripts at it:
 #
@@ -37,16 +38,16 @@ case "$R" in
 13.*)
     packages=("nvidia-cuda-nvcc==$R.*" "nvidia-cuda-crt==$R.*" "nvidia-nvvm==$R.*"
         "nvidia-cuda-runtime==$R.*" "nvidia-cuda-nvrtc==$R.*" "nvidia-cuda-cccl==$R.*"
-        "nvidia-cublas==13.*" "nvidia-curand")
-    parts=("$SITE/nvidia/cu13")
+        "nvidia-cublas==13.*" "nvidia-curand" "nvidia-nccl-cu13")
+    parts=("$SITE/nvidia/cu13" "$SITE/nvidia/nccl")
     cudart=libcudart.so.13 cublas=libcublas.so.13
     ;;
 12.*)
     packages=("nvidia-cuda-nvcc-cu12==$R.*" "nvidia-cuda-runtime-cu12==$R.*"
         "nvidia-cuda-nvrtc-cu12==$R.*" "nvidia-cuda-cccl-cu12==$R.*" "nvidia-cublas-cu12==12.*"
-        "nvidia-curand-cu12")
+        "nvidia-curand-cu12" "nvidia-nccl-cu12")
     parts=()
-    for p in cuda_nvcc cuda_runtime cuda_nvrtc cuda_cccl cublas curand; do parts+=("$SITE/nvidia/$p"); done
+    for p in cuda_nvcc cuda_runtime cuda_nvrtc cuda_cccl cublas curand nccl; do parts+=("$SITE/nvidia/$p"); done
     cudart=libcudart.so.12 cublas=libcublas.so.12
     ;;
 *)

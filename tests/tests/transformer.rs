@@ -853,3 +853,51 @@ fn ulysses_on_cpu_ranks_matches_one_device() {
         .unwrap_err();
     assert!(e.to_string().contains("heads (2)"), "{e}");
 }
+
+/// Ulysses over NCCL between two GPUs (in f32, so the CPU bound holds): needs two GPUs.
+#[cfg(feature = "nccl")]
+#[test]
+fn nccl_ulysses_on_two_gpus_matches_one() {
+    use skyreels_models::parallel::nccl::nccl_group;
+    let devs: Vec<Device> = (0..2)
+        .map(|i| Device::new_cuda(i).expect("two CUDA GPUs for the nccl feature's tests"))
+        .collect();
+    let io = load_tensors(&fixture("transformer/tiny_a/io.safetensors"));
+    let models: Vec<_> = devs
+        .iter()
+        .map(|d| load_transformer(&fixture("transformer/tiny_a"), None, DType::F32, d).unwrap())
+        .collect();
+    let x = Tensor::randn(0f32, 1., (2, 32, 2, 8, 8), &Device::Cpu).unwrap();
+    let on = |d: &Device| -> HashMap<String, Tensor> {
+        let mut t: HashMap<String, Tensor> = io
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_device(d).unwrap()))
+            .collect();
+        t.insert("hidden_states".into(), x.to_device(d).unwrap());
+        t
+    };
+    let (io0, io1) = (on(&devs[0]), on(&devs[1]));
+    let want = forward(&models[0], &io0);
+    let group = nccl_group(&devs).unwrap();
+    let outs: Vec<Tensor> = std::thread::scope(|s| {
+        let handles: Vec<_> = group
+            .into_iter()
+            .zip(models.iter().zip([&io0, &io1]))
+            .map(|(rank, (m, io))| {
+                s.spawn(move || {
+                    let inputs = TransformerInputs::from_named(io).unwrap();
+                    m.forward_ulysses(&inputs, None, std::sync::Arc::new(rank))
+                        .unwrap()
+                        .to_device(&Device::Cpu)
+                        .unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let want = want.to_device(&Device::Cpu).unwrap();
+    for o in &outs {
+        let err = rel_l2(o, &want);
+        assert!(err <= F32_TOL, "NCCL Ulysses: {err:e}");
+    }
+}

@@ -259,7 +259,7 @@ fn ulysses_forward(
     runs: usize,
     flops: f64,
 ) -> Result<()> {
-    use skyreels_models::parallel::in_process_group;
+    use skyreels_models::parallel::{in_process_group, Collective};
     let ranks = in_process_group(u);
     let models: Vec<&HunyuanVideoTransformer3DModel> =
         std::iter::once(model).chain(others).collect();
@@ -321,7 +321,7 @@ fn ulysses_forward(
         println!(
             "rank {}: sent {:.3} M elements per forward ({:.1} MiB in {:?}), analytical {:.3} M \
              ({:.1}% of its share)",
-            skyreels_models::parallel::Collective::rank(r),
+            r.rank(),
             sent / 1e6,
             sent * model.dtype().size_in_bytes() as f64 / f64::from(1 << 20),
             model.dtype(),

@@ -16,6 +16,9 @@ pub trait Collective: Send + Sync {
     fn all_to_all(&self, parts: Vec<Tensor>) -> Result<Vec<Tensor>>;
     /// Every rank's `t`, in rank order.
     fn all_gather(&self, t: &Tensor) -> Result<Vec<Tensor>>;
+    /// Called by a rank that failed, so that the others stop waiting for it (where the
+    /// implementation can).
+    fn abort(&self, _why: &str) {}
 }
 
 /// How long a rank waits for the others at one exchange before it gives up (a rank that failed
@@ -72,14 +75,6 @@ pub fn in_process_group(size: usize) -> Vec<InProcessRank> {
 }
 
 impl InProcessRank {
-    /// Makes every rank's current and later exchanges fail with `why` (a rank that hit an error
-    /// calls this so that the others do not wait for it).
-    pub fn abort(&self, why: &str) {
-        let mut s = self.group.state.lock().unwrap_or_else(|p| p.into_inner());
-        s.aborted.get_or_insert_with(|| why.to_string());
-        self.group.cv.notify_all();
-    }
-
     fn wait<'a>(
         &self,
         mut s: std::sync::MutexGuard<'a, Exchange>,
@@ -162,6 +157,29 @@ impl Collective for InProcessRank {
     fn all_gather(&self, t: &Tensor) -> Result<Vec<Tensor>> {
         self.exchange(vec![t.clone(); self.group.size])
     }
+
+    /// Makes every rank's current and later exchanges fail with `why`.
+    fn abort(&self, why: &str) {
+        let mut s = self.group.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.aborted.get_or_insert_with(|| why.to_string());
+        self.group.cv.notify_all();
+    }
+}
+
+/// The collectives of ranks on `devices`: NCCL between GPUs when built with it, else in-process
+/// exchanges (tensors cross devices through [`Tensor::to_device`]).
+pub fn group_for(devices: &[candle_core::Device]) -> Result<Vec<Arc<dyn Collective>>> {
+    #[cfg(feature = "nccl")]
+    if devices.len() > 1 && devices.iter().all(|d| d.is_cuda()) {
+        return Ok(nccl::nccl_group(devices)?
+            .into_iter()
+            .map(|r| Arc::new(r) as Arc<dyn Collective>)
+            .collect());
+    }
+    Ok(in_process_group(devices.len())
+        .into_iter()
+        .map(|r| Arc::new(r) as Arc<dyn Collective>)
+        .collect())
 }
 
 #[cfg(test)]
@@ -213,5 +231,131 @@ mod tests {
             waiting.join().unwrap()
         });
         assert!(e.unwrap_err().to_string().contains("out of memory"));
+    }
+}
+
+/// NCCL ranks for GPUs of one process (one communicator per device, `ncclCommInitAll`), each
+/// used from its device's thread. The library is the one the `nvidia-nccl-cu13` wheel ships,
+/// found at run time like cuBLAS.
+#[cfg(feature = "nccl")]
+pub mod nccl {
+    use super::Collective;
+    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, ValidAsZeroBits};
+    use candle_core::cuda_backend::cudarc::nccl::{Comm, NcclType};
+    use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
+    use candle_core::{bail, op::BackpropOp, DType, Device, Result, Storage, Tensor};
+
+    pub struct NcclRank {
+        comm: Comm,
+        device: CudaDevice,
+    }
+
+    // SAFETY: a communicator is used by one thread at a time (its rank's), as NCCL requires.
+    unsafe impl Send for NcclRank {}
+    unsafe impl Sync for NcclRank {}
+
+    /// One rank per device, in order.
+    pub fn nccl_group(devices: &[Device]) -> Result<Vec<NcclRank>> {
+        let cuda: Vec<CudaDevice> = devices
+            .iter()
+            .map(|d| match d {
+                Device::Cuda(c) => Ok(c.clone()),
+                other => bail!("NCCL ranks are CUDA devices, not {:?}", other.location()),
+            })
+            .collect::<Result<_>>()?;
+        let comms = Comm::from_devices(cuda.iter().map(|d| d.cuda_stream()).collect())
+            .map_err(|e| candle_core::Error::Msg(format!("NCCL: {e:?}")))?;
+        Ok(comms
+            .into_iter()
+            .zip(cuda)
+            .map(|(comm, device)| NcclRank { comm, device })
+            .collect())
+    }
+
+    impl NcclRank {
+        /// Sends `parts[j]` to rank j and receives from each rank a tensor of the shape of the
+        /// part sent to it (the exchanges Ulysses makes are symmetric), in one NCCL group.
+        fn exchange<T>(&self, parts: &[Tensor]) -> Result<Vec<Tensor>>
+        where
+            T: CudaDType + NcclType + DeviceRepr + ValidAsZeroBits,
+        {
+            let me = self.comm.rank();
+            let parts: Vec<Tensor> = parts
+                .iter()
+                .map(|p| p.contiguous())
+                .collect::<Result<_>>()?;
+            let guards: Vec<_> = parts.iter().map(|p| p.storage_and_layout()).collect();
+            let mut recv = parts
+                .iter()
+                .map(|p| self.device.alloc_zeros::<T>(p.elem_count()))
+                .collect::<Result<Vec<_>>>()?;
+            {
+                let mut group = self.comm.group();
+                for (j, ((storage, layout), buf)) in guards.iter().zip(recv.iter_mut()).enumerate()
+                {
+                    if j == me {
+                        continue;
+                    }
+                    let Storage::Cuda(s) = &**storage else {
+                        bail!("an NCCL exchange needs CUDA tensors")
+                    };
+                    let start = layout.start_offset();
+                    let view = s.as_cuda_slice::<T>()?.slice(start..start + buf.len());
+                    let peer = j as i32;
+                    let nccl = |e| candle_core::Error::Msg(format!("NCCL: {e:?}"));
+                    group.send(view, peer).map_err(nccl)?;
+                    group.recv(buf.as_view_mut(), peer).map_err(nccl)?;
+                }
+            }
+            drop(guards);
+            Ok(recv
+                .into_iter()
+                .zip(&parts)
+                .enumerate()
+                .map(|(j, (buf, part))| {
+                    if j == me {
+                        part.clone()
+                    } else {
+                        let storage = CudaStorage::wrap_cuda_slice(buf, self.device.clone());
+                        Tensor::from_storage(
+                            Storage::Cuda(storage),
+                            part.shape().clone(),
+                            BackpropOp::none(),
+                            false,
+                        )
+                    }
+                })
+                .collect())
+        }
+    }
+
+    impl Collective for NcclRank {
+        fn rank(&self) -> usize {
+            self.comm.rank()
+        }
+
+        fn size(&self) -> usize {
+            self.comm.world_size()
+        }
+
+        fn all_to_all(&self, parts: Vec<Tensor>) -> Result<Vec<Tensor>> {
+            if parts.len() != self.size() {
+                bail!(
+                    "an exchange needs {} parts, got {}",
+                    self.size(),
+                    parts.len()
+                )
+            }
+            match parts[0].dtype() {
+                DType::BF16 => self.exchange::<half::bf16>(&parts),
+                DType::F16 => self.exchange::<half::f16>(&parts),
+                DType::F32 => self.exchange::<f32>(&parts),
+                other => bail!("NCCL exchange of {other:?} tensors"),
+            }
+        }
+
+        fn all_gather(&self, t: &Tensor) -> Result<Vec<Tensor>> {
+            self.all_to_all(vec![t.clone(); self.size()])
+        }
     }
 }

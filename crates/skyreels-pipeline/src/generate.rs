@@ -391,7 +391,7 @@ impl Pipeline {
             Some(g) => g.iter().map(load).collect::<Result<_, _>>()?,
             None => vec![],
         };
-        self.parallel = Some(Ranks::new(cond, uncond));
+        self.parallel = Some(Ranks::new(&self.device, cond, uncond)?);
         Ok(self)
     }
 

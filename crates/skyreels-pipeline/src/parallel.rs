@@ -6,7 +6,7 @@
 
 use crate::conditioning::PromptEmbeds;
 use candle_core::{Device, Result, Tensor};
-use skyreels_models::parallel::{in_process_group, InProcessRank};
+use skyreels_models::parallel::{group_for, Collective};
 use skyreels_models::{HunyuanVideoTransformer3DModel, StepCache, TransformerInputs};
 use std::sync::Arc;
 
@@ -17,22 +17,33 @@ pub(crate) struct Ranks {
     pub cond: Vec<(Device, HunyuanVideoTransformer3DModel)>,
     /// The unconditional branch's ranks (cfg=2), rank 0 first; empty without CFG-parallel.
     pub uncond: Vec<(Device, HunyuanVideoTransformer3DModel)>,
-    cond_group: Vec<InProcessRank>,
-    uncond_group: Vec<InProcessRank>,
+    cond_group: Vec<Arc<dyn Collective>>,
+    uncond_group: Vec<Arc<dyn Collective>>,
 }
 
 impl Ranks {
+    /// `main` is the pipeline's device (rank 0 of the conditional branch).
     pub fn new(
+        main: &Device,
         cond: Vec<(Device, HunyuanVideoTransformer3DModel)>,
         uncond: Vec<(Device, HunyuanVideoTransformer3DModel)>,
-    ) -> Self {
-        let group = |n: usize| if n > 1 { in_process_group(n) } else { vec![] };
-        Self {
-            cond_group: group(cond.len() + 1),
-            uncond_group: group(uncond.len()),
+    ) -> Result<Self> {
+        let group = |devices: Vec<Device>| {
+            if devices.len() > 1 {
+                group_for(&devices)
+            } else {
+                Ok(vec![])
+            }
+        };
+        let cond_devices = std::iter::once(main.clone())
+            .chain(cond.iter().map(|(d, _)| d.clone()))
+            .collect();
+        Ok(Self {
+            cond_group: group(cond_devices)?,
+            uncond_group: group(uncond.iter().map(|(d, _)| d.clone()).collect())?,
             cond,
             uncond,
-        }
+        })
     }
 
     /// Ulysses ranks per branch.
@@ -57,14 +68,14 @@ pub(crate) struct Step<'a> {
 /// to its device) and rank 0's prediction is returned. A failing rank stops the others.
 fn branch(
     ranks: &[(&Device, &HunyuanVideoTransformer3DModel)],
-    group: &[InProcessRank],
+    group: &[Arc<dyn Collective>],
     step: &Step,
     e: &PromptEmbeds,
     cache: &mut StepCache,
 ) -> Result<Tensor> {
     let run = |device: &Device,
                model: &HunyuanVideoTransformer3DModel,
-               rank: Option<&InProcessRank>,
+               rank: Option<&Arc<dyn Collective>>,
                cache: Option<&mut StepCache>|
      -> Result<Tensor> {
         let out = (|| -> Result<Tensor> {
@@ -82,7 +93,7 @@ fn branch(
             };
             let out = match rank {
                 None => model.forward_cached(&inputs, cache)?,
-                Some(rank) => model.forward_ulysses(&inputs, cache, Arc::new(rank.clone()))?,
+                Some(rank) => model.forward_ulysses(&inputs, cache, rank.clone())?,
             };
             device.synchronize()?;
             Ok(out)

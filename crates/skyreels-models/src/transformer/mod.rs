@@ -134,6 +134,10 @@ fn joint_attention(q: &Tensor, k: &Tensor, v: &Tensor, ctx: &AttnCtx) -> Result<
     };
     let (u, r) = (sp.group.size(), sp.group.rank());
     let (_, n, h, _) = q.dims4()?;
+    let here = q.device();
+    let local = |parts: Vec<Tensor>| -> Result<Vec<Tensor>> {
+        parts.into_iter().map(|t| t.to_device(here)).collect()
+    };
     let (n_loc, hs) = (sp.n_local, h / u);
     let n_txt = n - n_loc;
     let seq_to_heads = |t: &Tensor| -> Result<Tensor> {
@@ -142,7 +146,7 @@ fn joint_attention(q: &Tensor, k: &Tensor, v: &Tensor, ctx: &AttnCtx) -> Result<
             .map(|j| img.narrow(2, j * hs, hs)?.contiguous())
             .collect::<Result<Vec<_>>>()?;
         // from every rank: its image tokens, this rank's heads
-        let img = Tensor::cat(&sp.group.all_to_all(parts)?, 1)?;
+        let img = Tensor::cat(&local(sp.group.all_to_all(parts)?)?, 1)?;
         let txt = t.narrow(1, n_loc, n_txt)?.narrow(2, r * hs, hs)?;
         Tensor::cat(&[&img, &txt], 1)?.contiguous()
     };
@@ -153,9 +157,9 @@ fn joint_attention(q: &Tensor, k: &Tensor, v: &Tensor, ctx: &AttnCtx) -> Result<
         .map(|j| a.narrow(1, j * n_loc, n_loc)?.contiguous())
         .collect::<Result<Vec<_>>>()?;
     // from every rank: this rank's image tokens, its heads
-    let img = Tensor::cat(&sp.group.all_to_all(parts)?, 2)?;
+    let img = Tensor::cat(&local(sp.group.all_to_all(parts)?)?, 2)?;
     let txt = a.narrow(1, n_img, n_txt)?.contiguous()?;
-    let txt = Tensor::cat(&sp.group.all_gather(&txt)?, 2)?;
+    let txt = Tensor::cat(&local(sp.group.all_gather(&txt)?)?, 2)?;
     Tensor::cat(&[&img, &txt], 1)
 }
 
@@ -899,7 +903,14 @@ impl HunyuanVideoTransformer3DModel {
         let y = self.proj_out.forward(&y)?;
         let y = match &shard {
             None => y,
-            Some(sp) => Tensor::cat(&sp.group.all_gather(&y)?, 1)?,
+            Some(sp) => {
+                let parts: Vec<Tensor> = sp.group.all_gather(&y)?;
+                let parts = parts
+                    .into_iter()
+                    .map(|t| t.to_device(y.device()))
+                    .collect::<Result<Vec<_>>>()?;
+                Tensor::cat(&parts, 1)?
+            }
         };
         let oc = cfg.out_channels();
         // (b, gt·gh·gw, oc·pt·p·p) -> (b, gt, gh, gw, oc, pt, p, p)
