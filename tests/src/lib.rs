@@ -67,6 +67,21 @@ pub fn fixture_tiling(t: &Tensor) -> skyreels_models::Tiling {
     }
 }
 
+/// The largest absolute difference of two tensors of the same shape.
+pub fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shape mismatch");
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
 pub fn rel_l2(got: &Tensor, want: &Tensor) -> f64 {
     assert_eq!(got.dims(), want.dims(), "shape mismatch");
     let g = got.to_dtype(DType::F64).unwrap().flatten_all().unwrap();

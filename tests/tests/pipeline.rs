@@ -12,7 +12,9 @@ use skyreels_pipeline::generate::{
 };
 use skyreels_pipeline::load_vae;
 use skyreels_pipeline::scheduler::{FlowMatchEuler, SchedulerConfig};
-use skyreels_tests::{fixture, fixture_tiling, load_metadata, load_tensors, rel_l2, tiny_weights};
+use skyreels_tests::{
+    fixture, fixture_tiling, load_metadata, load_tensors, max_abs, rel_l2, tiny_weights,
+};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -57,20 +59,6 @@ fn params(io: &HashMap<String, Tensor>, req: &Value) -> GenerateParams {
 fn pipeline(transformer: Option<&Path>) -> Pipeline {
     let paths = ModelPaths::local(&tiny_weights(), transformer).unwrap();
     Pipeline::load(paths, DType::F32, DType::F32, &Device::Cpu).unwrap()
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
 }
 
 fn check(name: &str, pipe: &Pipeline) {

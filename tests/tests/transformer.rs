@@ -731,31 +731,19 @@ fn offloaded_blocks_stay_in_host_memory() {
 // ---------------------------------------------------------------------------------------------
 // Ulysses sequence parallelism on in-process CPU ranks
 
-/// Every rank of an in-process group runs `models[rank]` on the same inputs; each returns the
-/// whole prediction, and they must agree exactly (they gathered the same slices).
+/// An in-process group runs `models[rank]` on the same inputs (rank 0's prediction).
 fn ulysses_forward(
     models: &[&HunyuanVideoTransformer3DModel],
     inputs: &TransformerInputs,
 ) -> Tensor {
-    use skyreels_models::parallel::in_process_group;
-    let group = in_process_group(models.len());
-    let outs: Vec<Tensor> = std::thread::scope(|s| {
-        let handles: Vec<_> = group
-            .into_iter()
-            .zip(models)
-            .map(|(rank, model)| {
-                s.spawn(move || model.forward_ulysses(inputs, None, std::sync::Arc::new(rank)))
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap().unwrap())
-            .collect()
-    });
-    for o in &outs[1..] {
-        assert_eq!(rel_l2(o, &outs[0]), 0.0, "ranks disagree");
-    }
-    outs[0].clone()
+    use skyreels_models::parallel::{in_process_group, Collective};
+    let group: Vec<std::sync::Arc<dyn Collective>> = in_process_group(models.len())
+        .into_iter()
+        .map(|r| std::sync::Arc::new(r) as std::sync::Arc<dyn Collective>)
+        .collect();
+    let ranks: Vec<(&Device, &HunyuanVideoTransformer3DModel)> =
+        models.iter().map(|m| (&Device::Cpu, *m)).collect();
+    HunyuanVideoTransformer3DModel::ulysses_group_forward(&ranks, &group, inputs, None).unwrap()
 }
 
 /// Random weights for a transformer of any shape (seeded per tensor name).

@@ -261,52 +261,23 @@ fn ulysses_forward(
 ) -> Result<()> {
     use skyreels_models::parallel::{in_process_group, Collective};
     let ranks = in_process_group(u);
-    let models: Vec<&HunyuanVideoTransformer3DModel> =
-        std::iter::once(model).chain(others).collect();
-    let copy = |t: &Tensor, d: &Device| t.to_device(d);
+    let group: Vec<std::sync::Arc<dyn Collective>> = ranks
+        .iter()
+        .map(|r| std::sync::Arc::new(r.clone()) as std::sync::Arc<dyn Collective>)
+        .collect();
+    let models: Vec<(&Device, &HunyuanVideoTransformer3DModel)> = devices
+        .iter()
+        .zip(std::iter::once(model).chain(others))
+        .collect();
     let time = time_stage(
         &format!("forward ulysses={u}"),
         &devices[0],
         runs,
         Some(flops),
         || {
-            let outs = std::thread::scope(|s| {
-                let handles: Vec<_> = ranks
-                    .iter()
-                    .zip(&models)
-                    .zip(devices)
-                    .map(|((rank, m), d)| {
-                        s.spawn(move || -> Result<Tensor> {
-                            let x = copy(inputs.hidden_states, d)?;
-                            let t = copy(inputs.timestep, d)?;
-                            let e = copy(inputs.encoder_hidden_states, d)?;
-                            let mask = copy(inputs.encoder_attention_mask, d)?;
-                            let pooled = copy(inputs.pooled_projections, d)?;
-                            let g = inputs.guidance.map(|g| copy(g, d)).transpose()?;
-                            let inp = TransformerInputs {
-                                hidden_states: &x,
-                                timestep: &t,
-                                encoder_hidden_states: &e,
-                                encoder_attention_mask: &mask,
-                                pooled_projections: &pooled,
-                                guidance: g.as_ref(),
-                            };
-                            let out =
-                                m.forward_ulysses(&inp, None, std::sync::Arc::new(rank.clone()));
-                            if let Err(e) = &out {
-                                rank.abort(&e.to_string());
-                            }
-                            d.synchronize()?;
-                            Ok(out?)
-                        })
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-                    .collect::<Result<Vec<_>>>()
-            })?;
-            Ok(outs.into_iter().next().expect("rank 0"))
+            Ok(HunyuanVideoTransformer3DModel::ulysses_group_forward(
+                &models, &group, inputs, None,
+            )?)
         },
     )?;
     let layers = (cfg.num_layers + cfg.num_single_layers) as f64;
@@ -475,22 +446,21 @@ pub(crate) fn bench(args: BenchArgs) -> Result<()> {
             tokens - txt,
             flops / 1e15
         );
+        let inputs = TransformerInputs {
+            hidden_states: &x,
+            timestep: &timestep,
+            encoder_hidden_states: &pos.embeds,
+            encoder_attention_mask: &pos.mask,
+            pooled_projections: &pos.pooled,
+            guidance: Some(&guidance),
+        };
         if wants(Part::Transformer) {
             forward_s = Some(time_stage(
                 "forward",
                 &device,
                 args.runs,
                 Some(flops),
-                || {
-                    Ok(model.forward(&TransformerInputs {
-                        hidden_states: &x,
-                        timestep: &timestep,
-                        encoder_hidden_states: &pos.embeds,
-                        encoder_attention_mask: &pos.mask,
-                        pooled_projections: &pos.pooled,
-                        guidance: Some(&guidance),
-                    })?)
-                },
+                || Ok(model.forward(&inputs)?),
             )?);
         }
         if let (Some(p), true) = (args.parallel, wants(Part::Transformer)) {
@@ -498,14 +468,6 @@ pub(crate) fn bench(args: BenchArgs) -> Result<()> {
                 .iter()
                 .map(|d| build(d, &tcfg))
                 .collect::<Result<Vec<_>>>()?;
-            let inputs = TransformerInputs {
-                hidden_states: &x,
-                timestep: &timestep,
-                encoder_hidden_states: &pos.embeds,
-                encoder_attention_mask: &pos.mask,
-                pooled_projections: &pos.pooled,
-                guidance: Some(&guidance),
-            };
             ulysses_forward(
                 &tcfg,
                 p.ulysses,

@@ -1,6 +1,7 @@
 //! The `skyreels` binary end to end on the bundled tiny weights.
 
 use candle_core::Device;
+use skyreels_tests::max_abs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -102,16 +103,7 @@ fn noise_file_path_matches_diffusers_frames() {
         candle_core::safetensors::load(out, &Device::Cpu).unwrap()
     };
     let got = run(&out, &[]);
-    let err: f32 = (&got["frames"] - &io["frames"])
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap();
+    let err = max_abs(&got["frames"], &io["frames"]);
     // the same bound and reasoning as the library parity test (tests/tests/pipeline.rs)
     assert!(err <= 5e-4, "max abs error {err:e}");
     // the two true-CFG branches on two (CPU) devices at once: the same frames, bit for bit
@@ -119,17 +111,7 @@ fn noise_file_path_matches_diffusers_frames() {
         &dir.path().join("parallel.safetensors"),
         &["--device", "cpu:0,cpu:1", "--parallel", "cfg=2"],
     );
-    let diff: f32 = (&parallel["frames"] - &got["frames"])
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap();
-    assert_eq!(diff, 0.0);
+    assert_eq!(max_abs(&parallel["frames"], &got["frames"]), 0.0);
     // and over four: each branch's video tokens split over two ranks (the same bound)
     let ulysses = run(
         &dir.path().join("ulysses.safetensors"),
@@ -140,16 +122,7 @@ fn noise_file_path_matches_diffusers_frames() {
             "cfg=2,ulysses=2",
         ],
     );
-    let err: f32 = (&ulysses["frames"] - &io["frames"])
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap();
+    let err = max_abs(&ulysses["frames"], &io["frames"]);
     assert!(err <= 5e-4, "cfg=2,ulysses=2: max abs error {err:e}");
 }
 

@@ -11,6 +11,7 @@ pub mod transformer;
 pub mod vae;
 
 pub use transformer::{
-    CacheSpec, HunyuanVideoTransformer3DModel, StepCache, TransformerConfig, TransformerInputs,
+    CacheSpec, HunyuanVideoTransformer3DModel, InputsOn, StepCache, TransformerConfig,
+    TransformerInputs,
 };
 pub use vae::{AutoencoderKLHunyuanVideo, Tiling, VaeConfig};

@@ -225,6 +225,17 @@ fn cached(repo: &str, layout: Layout, opts: &HubOptions) -> Option<PathBuf> {
     file.ancestors().nth(depth).map(Path::to_path_buf)
 }
 
+/// A hub client on the cache (`HF_ENDPOINT` honoured).
+fn hub_client(opts: &HubOptions) -> Result<hf_hub::api::sync::Api, GenerateError> {
+    let mut builder = ApiBuilder::from_cache(opts.cache()).with_progress(opts.progress);
+    if let Ok(endpoint) = std::env::var("HF_ENDPOINT") {
+        builder = builder.with_endpoint(endpoint);
+    }
+    builder
+        .build()
+        .map_err(|e| GenerateError::Invalid(format!("hub client: {e}")))
+}
+
 /// Downloads (or finds in the cache) the files of `repo` a run needs; returns its snapshot folder.
 pub fn fetch(repo: &str, layout: Layout, opts: &HubOptions) -> Result<PathBuf, GenerateError> {
     let cache_path = opts.cache().path().clone();
@@ -238,13 +249,7 @@ pub fn fetch(repo: &str, layout: Layout, opts: &HubOptions) -> Result<PathBuf, G
     if opts.is_offline() {
         return cached(repo, layout, opts).ok_or_else(|| not_cached("downloads are off".into()));
     }
-    let mut builder = ApiBuilder::from_cache(opts.cache()).with_progress(opts.progress);
-    if let Ok(endpoint) = std::env::var("HF_ENDPOINT") {
-        builder = builder.with_endpoint(endpoint);
-    }
-    let api = builder
-        .build()
-        .map_err(|e| GenerateError::Invalid(format!("hub client: {e}")))?;
+    let api = hub_client(opts)?;
     let api_repo = api.model(repo.to_string());
     let info = match api_repo.info() {
         Ok(info) => info,
@@ -293,13 +298,7 @@ pub fn fetch_file(repo: &str, file: &str, opts: &HubOptions) -> Result<PathBuf, 
     if opts.is_offline() {
         return cached().ok_or_else(|| not_cached("downloads are off".into()));
     }
-    let mut builder = ApiBuilder::from_cache(opts.cache()).with_progress(opts.progress);
-    if let Ok(endpoint) = std::env::var("HF_ENDPOINT") {
-        builder = builder.with_endpoint(endpoint);
-    }
-    let api = builder
-        .build()
-        .map_err(|e| GenerateError::Invalid(format!("hub client: {e}")))?;
+    let api = hub_client(opts)?;
     match api.model(repo.to_string()).get(file) {
         Ok(path) => Ok(path),
         Err(e) => match cached() {

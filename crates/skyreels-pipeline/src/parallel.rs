@@ -64,8 +64,7 @@ pub(crate) struct Step<'a> {
 }
 
 /// One branch's velocity on its ranks (`(device, transformer)`, rank 0 first): a plain cached
-/// forward on one rank, else every rank runs its Ulysses share on its own thread (inputs copied
-/// to its device) and rank 0's prediction is returned. A failing rank stops the others.
+/// forward on one rank (inputs copied to its device), else a Ulysses group forward.
 fn branch(
     ranks: &[(&Device, &HunyuanVideoTransformer3DModel)],
     group: &[Arc<dyn Collective>],
@@ -73,54 +72,28 @@ fn branch(
     e: &PromptEmbeds,
     cache: &mut StepCache,
 ) -> Result<Tensor> {
-    let run = |device: &Device,
-               model: &HunyuanVideoTransformer3DModel,
-               rank: Option<&Arc<dyn Collective>>,
-               cache: Option<&mut StepCache>|
-     -> Result<Tensor> {
-        let out = (|| -> Result<Tensor> {
-            let to = |t: &Tensor| t.to_device(device);
-            let (x, timestep) = (to(step.x)?, to(step.timestep)?);
-            let (embeds, mask, pooled) = (to(&e.embeds)?, to(&e.mask)?, to(&e.pooled)?);
-            let guidance = step.guidance.map(to).transpose()?;
-            let inputs = TransformerInputs {
-                hidden_states: &x,
-                timestep: &timestep,
-                encoder_hidden_states: &embeds,
-                encoder_attention_mask: &mask,
-                pooled_projections: &pooled,
-                guidance: guidance.as_ref(),
-            };
-            let out = match rank {
-                None => model.forward_cached(&inputs, cache)?,
-                Some(rank) => model.forward_ulysses(&inputs, cache, rank.clone())?,
-            };
+    let inputs = TransformerInputs {
+        hidden_states: step.x,
+        timestep: step.timestep,
+        encoder_hidden_states: &e.embeds,
+        encoder_attention_mask: &e.mask,
+        pooled_projections: &e.pooled,
+        guidance: step.guidance,
+    };
+    match ranks {
+        [(device, model)] => {
+            let copy = inputs.to_device(device)?;
+            let out = model.forward_cached(&copy.inputs(), Some(cache))?;
             device.synchronize()?;
             Ok(out)
-        })();
-        if let (Err(e), Some(rank)) = (&out, rank) {
-            rank.abort(&e.to_string());
         }
-        out
-    };
-    let [(device, model), rest @ ..] = ranks else {
-        candle_core::bail!("a branch without a device")
-    };
-    if rest.is_empty() {
-        return run(device, model, None, Some(cache));
+        _ => HunyuanVideoTransformer3DModel::ulysses_group_forward(
+            ranks,
+            group,
+            &inputs,
+            Some(cache),
+        ),
     }
-    std::thread::scope(|s| {
-        let others: Vec<_> = rest
-            .iter()
-            .zip(&group[1..])
-            .map(|((d, m), rank)| s.spawn(move || run(d, m, Some(rank), None)))
-            .collect();
-        let first = run(device, model, Some(&group[0]), Some(cache));
-        for h in others {
-            h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))?;
-        }
-        first
-    })
 }
 
 /// The guided velocity of one step on the layout: the conditional branch on `main` and

@@ -50,7 +50,44 @@ pub struct TransformerInputs<'a> {
     pub guidance: Option<&'a Tensor>,
 }
 
+/// Owned copies of a forward's inputs on another device ([`TransformerInputs::to_device`]).
+#[derive(Debug, Clone)]
+pub struct InputsOn {
+    hidden_states: Tensor,
+    timestep: Tensor,
+    encoder_hidden_states: Tensor,
+    encoder_attention_mask: Tensor,
+    pooled_projections: Tensor,
+    guidance: Option<Tensor>,
+}
+
+impl InputsOn {
+    pub fn inputs(&self) -> TransformerInputs<'_> {
+        TransformerInputs {
+            hidden_states: &self.hidden_states,
+            timestep: &self.timestep,
+            encoder_hidden_states: &self.encoder_hidden_states,
+            encoder_attention_mask: &self.encoder_attention_mask,
+            pooled_projections: &self.pooled_projections,
+            guidance: self.guidance.as_ref(),
+        }
+    }
+}
+
 impl<'a> TransformerInputs<'a> {
+    /// Copies of every input on `device` (a no-op clone where they already are).
+    pub fn to_device(&self, device: &Device) -> Result<InputsOn> {
+        let to = |t: &Tensor| t.to_device(device);
+        Ok(InputsOn {
+            hidden_states: to(self.hidden_states)?,
+            timestep: to(self.timestep)?,
+            encoder_hidden_states: to(self.encoder_hidden_states)?,
+            encoder_attention_mask: to(self.encoder_attention_mask)?,
+            pooled_projections: to(self.pooled_projections)?,
+            guidance: self.guidance.map(to).transpose()?,
+        })
+    }
+
     /// The inputs from tensors named as the reference's arguments (`guidance` optional).
     pub fn from_named(t: &'a HashMap<String, Tensor>) -> Result<Self> {
         let get = |k: &str| match t.get(k) {
@@ -753,6 +790,48 @@ impl HunyuanVideoTransformer3DModel {
         group: Arc<dyn Collective>,
     ) -> Result<Tensor> {
         self.forward_sharded(inp, cache, Some(group))
+    }
+
+    /// One forward as the Ulysses ranks `ranks` (each rank's device and its copy of the
+    /// transformer, rank 0 first) with `group[r]`, every rank on its own thread (rank 0 on the
+    /// calling one) with the inputs copied to its device; returns rank 0's prediction. A rank that
+    /// fails aborts the group so that no other waits for it. `cache` goes to rank 0.
+    pub fn ulysses_group_forward(
+        ranks: &[(&Device, &Self)],
+        group: &[Arc<dyn Collective>],
+        inputs: &TransformerInputs,
+        cache: Option<&mut StepCache>,
+    ) -> Result<Tensor> {
+        if ranks.len() != group.len() || ranks.is_empty() {
+            bail!("{} ranks for a group of {}", ranks.len(), group.len())
+        }
+        let run = |(device, model): (&Device, &Self),
+                   rank: &Arc<dyn Collective>,
+                   cache: Option<&mut StepCache>|
+         -> Result<Tensor> {
+            let out = (|| -> Result<Tensor> {
+                let copy = inputs.to_device(device)?;
+                let out = model.forward_ulysses(&copy.inputs(), cache, rank.clone())?;
+                device.synchronize()?;
+                Ok(out)
+            })();
+            if let Err(e) = &out {
+                rank.abort(&e.to_string());
+            }
+            out
+        };
+        std::thread::scope(|s| {
+            let others: Vec<_> = ranks[1..]
+                .iter()
+                .zip(&group[1..])
+                .map(|(&r, rank)| s.spawn(move || run(r, rank, None)))
+                .collect();
+            let first = run(ranks[0], &group[0], cache);
+            for h in others {
+                h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))?;
+            }
+            first
+        })
     }
 
     fn forward_sharded(
