@@ -124,8 +124,10 @@ pub struct AppState {
     pub config: ServerConfig,
     pub store: Arc<Store>,
     pub metrics: Arc<Metrics>,
-    /// Set by the worker once the generator is loaded.
+    /// Set by the first worker whose generator is loaded.
     pub models: OnceLock<Vec<ModelInfo>>,
+    /// Workers whose generator is loaded.
+    pub workers_loaded: std::sync::atomic::AtomicUsize,
     pub webhook_secret: String,
     /// Blocking HTTP client for images and webhooks (address policy applied).
     pub agent: ureq::Agent,
@@ -186,6 +188,7 @@ impl Server {
             store: store.clone(),
             metrics,
             models: OnceLock::new(),
+            workers_loaded: Default::default(),
             webhook_secret: secret,
             fetches: tokio::sync::Semaphore::new(CONCURRENT_FETCHES),
             decodes: tokio::sync::Semaphore::new(CONCURRENT_DECODES),

@@ -41,6 +41,10 @@ impl Default for Metrics {
                 "1 when the model is loaded and the server admits tasks."
             );
             metrics::describe_gauge!("skyreels_queue_depth", "Tasks accepted and not started.");
+            metrics::describe_gauge!(
+                "skyreels_workers",
+                "Workers with a loaded model (one per device or --parallel group)."
+            );
             metrics::describe_gauge!("skyreels_jobs", "Tasks known to the server, by status.");
             metrics::describe_counter!(
                 "skyreels_jobs_submitted_total",
@@ -96,15 +100,17 @@ impl Metrics {
     }
 
     /// The exposition text; `jobs` are the current counts by status, `queue_depth` the tasks
-    /// waiting to start.
+    /// waiting to start, `workers` those with a loaded model.
     pub fn render(
         &self,
         jobs: &[(crate::job::Status, usize)],
         queue_depth: usize,
         ready: bool,
+        workers: usize,
     ) -> String {
         self.with(|| {
             gauge!("skyreels_ready").set(f64::from(u8::from(ready)));
+            gauge!("skyreels_workers").set(workers as f64);
             gauge!("skyreels_queue_depth").set(queue_depth as f64);
             for (status, n) in jobs {
                 gauge!("skyreels_jobs", "status" => status.as_str()).set(*n as f64);
@@ -126,7 +132,7 @@ mod tests {
         m.stage("denoising", 45.0);
         m.stage("denoising", 4000.0);
         m.http("GET", "/a\"b\\c\nd", 200, 0.002);
-        let text = m.render(&[(Status::Created, 2)], 2, true);
+        let text = m.render(&[(Status::Created, 2)], 2, true, 3);
         for want in [
             "skyreels_stage_duration_seconds_bucket{stage=\"denoising\",le=\"0.5\"} 1",
             "skyreels_stage_duration_seconds_bucket{stage=\"denoising\",le=\"60\"} 2",
@@ -136,6 +142,7 @@ mod tests {
             "skyreels_jobs{status=\"created\"} 2",
             "skyreels_queue_depth 2",
             "skyreels_ready 1",
+            "skyreels_workers 3",
             "skyreels_jobs_submitted_total 0",
             "route=\"/a\\\"b\\\\c\\nd\"",
         ] {

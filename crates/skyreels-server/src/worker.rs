@@ -35,6 +35,7 @@ pub(crate) fn spawn(
                 }
             };
             let _ = state.models.set(generator.models());
+            state.workers_loaded.fetch_add(1, Ordering::Relaxed);
             let _ = loaded.send(Ok(()));
             while let Some(work) = state.store.next_work() {
                 let outcome = run(&state, &mut *generator, &work);

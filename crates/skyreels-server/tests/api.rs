@@ -775,6 +775,13 @@ async fn workers_on_several_devices_share_one_queue() {
         h.wait(id, &["completed"]).await;
     }
     assert_eq!(h.seen.lock().unwrap().len(), 3);
+    let req = Request::get("/metrics")
+        .header(header::AUTHORIZATION, format!("Bearer {KEY}"))
+        .body(Body::empty())
+        .unwrap();
+    let (_, _, text) = h.call(req).await;
+    let text = String::from_utf8(text).unwrap();
+    assert!(text.contains("skyreels_workers 2"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

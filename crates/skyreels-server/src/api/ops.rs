@@ -52,7 +52,14 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.metrics.render(&counts, waiting, ready),
+        state.metrics.render(
+            &counts,
+            waiting,
+            ready,
+            state
+                .workers_loaded
+                .load(std::sync::atomic::Ordering::Relaxed),
+        ),
     )
         .into_response()
 }
