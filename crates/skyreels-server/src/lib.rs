@@ -15,8 +15,14 @@ pub mod media;
 pub mod metrics;
 pub mod openapi;
 pub mod store;
+mod view;
 pub mod webhook;
 mod worker;
+
+/// Compares two digests in constant time.
+pub(crate) fn ct_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
 
 use generator::{GeneratorLoader, ModelInfo};
 use metrics::Metrics;

@@ -5,7 +5,7 @@
 //! changed); the worker thread waits on a condition variable, HTTP handlers on per-job `watch`
 //! channels.
 
-use crate::api::middleware::ct_eq;
+use crate::ct_eq;
 use crate::generator::GenerationRequest;
 use crate::job::{new_id, now_ms, JobRecord, Status, TaskCode};
 use crate::metrics::Metrics;

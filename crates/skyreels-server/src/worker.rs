@@ -4,7 +4,7 @@ use crate::generator::{GenerateFailure, GeneratorLoader};
 use crate::job::{JobRecord, TaskCode};
 use crate::store::{Outcome, Work};
 use crate::webhook::Delivery;
-use crate::{api, webhook, AppState};
+use crate::{webhook, AppState};
 use base64::Engine;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
@@ -184,7 +184,8 @@ pub(crate) async fn finished_tasks(
         };
         let st = state.clone();
         tokio::spawn(async move {
-            let body = match serde_json::to_vec(&api::prediction(&st, &record, None).await) {
+            let body = match serde_json::to_vec(&crate::view::prediction(&st, &record, None).await)
+            {
                 Ok(b) => Arc::new(b),
                 Err(_) => return,
             };

@@ -162,11 +162,6 @@ pub async fn check_host(
     }
 }
 
-/// Compares two digests in constant time.
-pub fn ct_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 /// Whether the request carries one of the configured keys (`Authorization: Bearer KEY`, the
 /// scheme in any case); always true when no key is configured.
 pub fn authorized(state: &AppState, headers: &HeaderMap) -> bool {
@@ -184,7 +179,7 @@ pub fn authorized(state: &AppState, headers: &HeaderMap) -> bool {
         state
             .key_hashes
             .iter()
-            .fold(false, |found, k| found | ct_eq(k, &p))
+            .fold(false, |found, k| found | crate::ct_eq(k, &p))
     })
 }
 

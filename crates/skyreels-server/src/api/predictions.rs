@@ -1,61 +1,13 @@
 //! The prediction object, and the routes that read or end a task.
 
 use super::error::{success, ApiError, ApiResult};
-use crate::contract::{Deleted, Envelope, ErrorEnvelope, Prediction, PredictionUrls, Progress};
-use crate::job::{rfc3339_ms, JobRecord, Status};
+use crate::contract::{Deleted, Envelope, ErrorEnvelope, Prediction};
+use crate::job::Status;
 use crate::store::CancelResult;
+pub use crate::view::prediction;
 use crate::AppState;
 use axum::extract::{Path, State};
-use std::collections::BTreeMap;
 use std::sync::Arc;
-
-/// The prediction object of a record. With base64 output, the outputs are read from the
-/// encoded copies the worker wrote once when the task completed.
-pub async fn prediction(
-    state: &AppState,
-    r: &JobRecord,
-    queue_position: Option<usize>,
-) -> Prediction {
-    let mut outputs = Vec::new();
-    for f in &r.outputs {
-        if r.base64_output {
-            match tokio::fs::read_to_string(state.store.base64_path(f)).await {
-                Ok(text) => outputs.push(text),
-                Err(e) => tracing::error!(id = %r.id, "cannot read the base64 copy of {f}: {e}"),
-            }
-        } else {
-            outputs.push(format!("{}/outputs/{f}", r.base_url));
-        }
-    }
-    let mut timings: BTreeMap<String, u64> = r.timings.iter().cloned().collect();
-    timings.insert("inference".into(), r.timings.iter().map(|(_, ms)| ms).sum());
-    // counts, not milliseconds: outside the inference sum
-    timings.extend(r.counts.iter().cloned());
-    Prediction {
-        id: r.id.clone(),
-        model: r.model.clone(),
-        has_nsfw_contents: vec![false; r.outputs.len()],
-        outputs,
-        urls: PredictionUrls {
-            get: format!("{}/api/v3/predictions/{}/result", r.base_url, r.id),
-        },
-        status: r.status,
-        created_at: rfc3339_ms(r.created_at),
-        started_at: r.started_at.map(rfc3339_ms),
-        completed_at: r.completed_at.map(rfc3339_ms),
-        error: r.error.clone(),
-        code: u32::from(r.code),
-        execution_time: r.execution_ms(),
-        timings,
-        input: r.input.clone(),
-        progress: Progress {
-            step: r.step,
-            total: r.total_steps,
-        },
-        queue_position,
-        seed: r.seed,
-    }
-}
 
 fn unknown_task(id: &str) -> ApiError {
     ApiError::not_found(format!("prediction {id:?} not found"))
