@@ -13,8 +13,7 @@ use image::RgbImage;
 use rand::SeedableRng;
 use rand_distr::Distribution;
 use skyreels_models::{
-    AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel, TransformerConfig,
-    TransformerInputs, VaeConfig,
+    AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel, TransformerConfig, VaeConfig,
 };
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -209,8 +208,8 @@ pub struct Pipeline {
     transformer_config: TransformerConfig,
     vae_config: VaeConfig,
     offload: Offload,
-    /// `--parallel`: the other ranks' transformers (see [`crate::parallel`]).
-    parallel: Option<Ranks>,
+    /// `--parallel`: the other ranks' transformers (see [`crate::parallel`]); none by default.
+    parallel: Ranks,
     scheduler: SchedulerConfig,
     device: Device,
     dtype: DType,
@@ -337,7 +336,7 @@ impl Pipeline {
             transformer_config,
             vae_config,
             offload,
-            parallel: None,
+            parallel: Ranks::default(),
             scheduler,
             device: device.clone(),
             dtype,
@@ -391,16 +390,14 @@ impl Pipeline {
             Some(g) => g.iter().map(load).collect::<Result<_, _>>()?,
             None => vec![],
         };
-        self.parallel = Some(Ranks::new(&self.device, cond, uncond)?);
+        self.parallel = Ranks::new(&self.device, cond, uncond)?;
         Ok(self)
     }
 
     /// Every device the transformer runs on, the pipeline's first.
     pub fn devices(&self) -> Vec<Device> {
         let mut v = vec![self.device.clone()];
-        if let Some(ranks) = &self.parallel {
-            v.extend(ranks.devices().cloned());
-        }
+        v.extend(self.parallel.devices().cloned());
         v
     }
 
@@ -467,28 +464,24 @@ impl Pipeline {
             (false, Some(_)) => return invalid("this model is text-to-video: it takes no image"),
             _ => {}
         }
-        if let Some(ranks) = self.parallel.as_ref().filter(|r| r.ulysses() > 1) {
+        let u = self.parallel.ulysses();
+        if u > 1 {
             if p.cache != CacheSpec::None {
                 return invalid(format!(
                     "cache: step caching does not combine with Ulysses sequence parallelism \
-                     (ulysses={}) yet",
-                    ranks.ulysses()
+                     (ulysses={u}) yet"
                 ));
             }
-            let v = &self.vae_config;
+            let [_, _, lt, lh, lw] = self.latent_shape(p);
             let (pt, ps) = (
                 self.transformer_config.patch_size_t,
                 self.transformer_config.patch_size,
             );
-            let tokens = ((p.num_frames - 1) / v.temporal_compression_ratio + 1) / pt
-                * (p.height / v.spatial_compression_ratio / ps)
-                * (p.width / v.spatial_compression_ratio / ps);
-            if !tokens.is_multiple_of(ranks.ulysses()) {
+            let tokens = lt / pt * (lh / ps) * (lw / ps);
+            if !tokens.is_multiple_of(u) {
                 return invalid(format!(
-                    "ulysses={}: this size and frame count make {tokens} video tokens, which do \
-                     not divide into {} equal slices",
-                    ranks.ulysses(),
-                    ranks.ulysses()
+                    "ulysses={u}: this size and frame count make {tokens} video tokens, which do \
+                     not divide into {u} equal slices"
                 ));
             }
         }
@@ -659,31 +652,19 @@ impl Pipeline {
             }
             // the timestep takes the latents' dtype (f32 at step 0, the model dtype after)
             let timestep = Tensor::new(&[t], &self.device)?.to_dtype(latents.dtype())?;
-            let v = match &self.parallel {
-                Some(ranks) => parallel::velocity(
-                    (&self.device, &transformer),
-                    ranks,
-                    &Step {
-                        x: &x,
-                        timestep: &timestep,
-                        guidance: guidance.as_ref(),
-                    },
-                    &prompt.positive,
-                    prompt.negative.as_ref(),
-                    p.guidance_scale,
-                    caches,
-                )?,
-                None => guided_velocity(
-                    &transformer,
-                    &x,
-                    &timestep,
-                    &prompt.positive,
-                    prompt.negative.as_ref(),
-                    guidance.as_ref(),
-                    p.guidance_scale,
-                    caches,
-                )?,
-            };
+            let v = parallel::velocity(
+                (&self.device, &transformer),
+                &self.parallel,
+                &Step {
+                    x: &x,
+                    timestep: &timestep,
+                    guidance: guidance.as_ref(),
+                },
+                &prompt.positive,
+                prompt.negative.as_ref(),
+                p.guidance_scale,
+                caches,
+            )?;
             latents = schedule.step(i, &v, &latents)?;
             // GPU work is queued: wait for the step so progress reports finished steps
             self.device.synchronize()?;
@@ -760,40 +741,17 @@ pub fn guided_velocity(
     scale: f64,
     caches: &mut [StepCache; 2],
 ) -> candle_core::Result<Tensor> {
-    let [cond, uncond] = caches;
-    let v = branch_velocity(transformer, x, timestep, positive, guidance, cond)?;
-    match negative {
-        Some(neg) => {
-            let v_neg = branch_velocity(transformer, x, timestep, neg, guidance, uncond)?;
-            combine_cfg(&v, &v_neg, scale)
-        }
-        None => Ok(v),
-    }
-}
-
-/// One branch of a step: the transformer on `e`'s text, through the branch's step cache.
-fn branch_velocity(
-    transformer: &HunyuanVideoTransformer3DModel,
-    x: &Tensor,
-    timestep: &Tensor,
-    e: &PromptEmbeds,
-    guidance: Option<&Tensor>,
-    cache: &mut StepCache,
-) -> candle_core::Result<Tensor> {
-    transformer.forward_cached(
-        &TransformerInputs {
-            hidden_states: x,
+    parallel::velocity(
+        (transformer.device(), transformer),
+        &Ranks::default(),
+        &Step {
+            x,
             timestep,
-            encoder_hidden_states: &e.embeds,
-            encoder_attention_mask: &e.mask,
-            pooled_projections: &e.pooled,
             guidance,
         },
-        Some(cache),
+        positive,
+        negative,
+        scale,
+        caches,
     )
-}
-
-/// True CFG: `v_neg + scale · (v − v_neg)`.
-pub(crate) fn combine_cfg(v: &Tensor, v_neg: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
-    v_neg + ((v - v_neg)? * scale)?
 }

@@ -11,7 +11,8 @@ use skyreels_models::{HunyuanVideoTransformer3DModel, StepCache, TransformerInpu
 use std::sync::Arc;
 
 /// The transformer copies and collectives of a parallel layout, beside the pipeline's own
-/// transformer (which is rank 0 of the conditional branch).
+/// transformer (which is rank 0 of the conditional branch); empty (the default) without one.
+#[derive(Default)]
 pub(crate) struct Ranks {
     /// Ulysses ranks 1.. of the conditional branch.
     pub cond: Vec<(Device, HunyuanVideoTransformer3DModel)>,
@@ -81,12 +82,10 @@ fn branch(
         guidance: step.guidance,
     };
     match ranks {
-        [(device, model)] => {
-            let copy = inputs.to_device(device)?;
-            let out = model.forward_cached(&copy.inputs(), Some(cache))?;
-            device.synchronize()?;
-            Ok(out)
+        [(device, model)] if step.x.device().same_device(device) => {
+            model.forward_cached(&inputs, Some(cache))
         }
+        [(device, model)] => model.forward_cached(&inputs.to_device(device)?.inputs(), Some(cache)),
         _ => HunyuanVideoTransformer3DModel::ulysses_group_forward(
             ranks,
             group,
@@ -96,9 +95,11 @@ fn branch(
     }
 }
 
-/// The guided velocity of one step on the layout: the conditional branch on `main` and
-/// `ranks.cond`, the unconditional one (true CFG, `negative`) at the same time on `ranks.uncond`
-/// when it has devices, else after it on the same ranks; combined on the pipeline's device.
+/// The guided velocity of one step on the layout (every step of every pipeline comes here; with
+/// no layout, `ranks` is empty): the conditional branch on `main` and `ranks.cond`, the
+/// unconditional one (true CFG, `negative`) at the same time on `ranks.uncond` when it has
+/// devices, else after it on the same ranks; `v_neg + scale · (v − v_neg)` on the pipeline's
+/// device.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn velocity(
     main: (&Device, &HunyuanVideoTransformer3DModel),
@@ -132,5 +133,7 @@ pub(crate) fn velocity(
             Ok((v?, v_neg?))
         })?
     };
-    crate::generate::combine_cfg(&v, &v_neg.to_device(v.device())?, scale)
+    let v_neg = v_neg.to_device(v.device())?;
+    // true CFG: v_neg + scale · (v − v_neg)
+    &v_neg + ((v - &v_neg)? * scale)?
 }

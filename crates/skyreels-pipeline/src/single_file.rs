@@ -325,11 +325,15 @@ impl SingleFile {
         Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?[0])
     }
 
-    /// A source tensor on the CPU, in its stored dtype (GGUF: dequantized to f32).
+    /// A source tensor on the CPU, in its stored dtype (GGUF: dequantized to f32 as the linear
+    /// layers dequantize their weights, in diffusers' arithmetic).
     fn load_source(&self, source: &str) -> candle_core::Result<Tensor> {
         match &self.backing {
             Backing::Safetensors(st) => st.load(source, &Device::Cpu),
-            Backing::Gguf(g) => g.read(source, &[], &Device::Cpu)?.dequantize(&Device::Cpu),
+            Backing::Gguf(g) => {
+                StoredWeight::Quantized(Arc::new(g.read(source, &[], &Device::Cpu)?))
+                    .materialize(DType::F32, &Device::Cpu)
+            }
         }
     }
 
