@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one test command (README "Tests"): formatting, lints, then every test of the workspace.
 # Fixtures are committed (no torch); the client tests make their own Python venvs from PyPI and the
-# browser test installs Debian's chromium when it is missing.
+# browser test installs Debian's chromium (the cluster test Debian's redis-server) when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
@@ -13,3 +13,6 @@ cargo test --workspace --locked
 ./scripts/test_sdk.sh
 # the playground page in Debian's Chromium (installs chromium + chromium-driver when missing)
 ./scripts/test_playground.sh
+# scale-out over Redis: 2 API nodes + 2 workers, SIGKILL, cross-node cancel/upload, restarts
+# (installs Debian's redis-server when missing)
+./scripts/test_cluster.sh

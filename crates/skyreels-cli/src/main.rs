@@ -38,6 +38,9 @@ enum Command {
     Generate(Box<GenerateArgs>),
     /// Serve the WaveSpeed-compatible HTTP API (`/api/v3/wavespeed-ai/SkyReels-V1`).
     Serve(Box<serve::ServeArgs>),
+    /// Run workers of a Redis deployment (`serve --redis` nodes take the requests): one per
+    /// --device entry, each taking tasks from the shared queue; no HTTP but --metrics-port.
+    Worker(Box<serve::WorkerArgs>),
     /// Download a model's files into the Hugging Face cache (only what a run needs).
     Download(DownloadArgs),
     /// Time the stages on random weights at SkyReels' real size (GPU benchmark; no checkpoint).
@@ -275,6 +278,7 @@ fn main() {
     let result = match cli.command {
         Command::Generate(args) => generate(*args),
         Command::Serve(args) => serve::serve(*args),
+        Command::Worker(args) => serve::worker(*args),
         Command::Download(args) => download(args),
         Command::Bench(args) => bench::bench(*args),
         Command::Quantize(args) => quantize(args),

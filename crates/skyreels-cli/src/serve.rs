@@ -5,6 +5,7 @@ use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use skyreels_pipeline::export::write_output;
 use skyreels_pipeline::generate::{GenerateError, GenerateParams, ModelPaths, Pipeline};
+use skyreels_server::cluster::{ClusterConfig, OutputStore};
 use skyreels_server::generator::{
     GenerateFailure, Generated, GenerationRequest, Generator, GeneratorLoader, ModelInfo,
 };
@@ -24,10 +25,78 @@ enum LogFormat {
     Json,
 }
 
+/// What every node takes, whether it serves HTTP (`serve`) or only runs workers (`worker`).
+#[derive(Args)]
+pub struct NodeArgs {
+    /// Folder for videos, task records, uploads and the webhook secret (kept across restarts).
+    #[arg(long, env = "SKYREELS_OUTPUT_DIR", default_value = "skyreels-outputs")]
+    output_dir: PathBuf,
+    /// Let image URLs and webhooks reach loopback, private and link-local addresses (a
+    /// workstation on a private network; never on a public server).
+    #[arg(long, env = "SKYREELS_ALLOW_PRIVATE_IMAGE_URLS")]
+    allow_private_image_urls: bool,
+    /// Hours finished tasks, their videos and uploads are kept; 0 keeps them forever.
+    #[arg(
+        long,
+        env = "SKYREELS_RETENTION_HOURS",
+        default_value_t = 24.0,
+        allow_negative_numbers = true
+    )]
+    retention_hours: f64,
+    /// Webhook signing secret (whsec_...) [default: generated once, kept in the output folder].
+    #[arg(long, env = "SKYREELS_WEBHOOK_SECRET", hide_env_values = true)]
+    webhook_secret: Option<String>,
+    /// Seconds the running task may take to finish on SIGTERM before it is cancelled.
+    #[arg(long, env = "SKYREELS_SHUTDOWN_GRACE", default_value_t = 30)]
+    shutdown_grace: u64,
+    /// Seconds a task may run before it is stopped (status failed, code 5004); 0: no limit.
+    #[arg(long, env = "SKYREELS_MAX_TASK_SECONDS", default_value_t = 7200)]
+    max_task_seconds: u64,
+    /// Log lines as text or JSON (filter with RUST_LOG, default info).
+    #[arg(long, env = "SKYREELS_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// Redis mode: share task records, the queue, uploads, cancel requests, progress and
+    /// outputs with the other nodes through this Redis 7 (redis://HOST:PORT/DB); any node then
+    /// answers for any task. Without it, this process keeps its own queue.
+    #[arg(
+        long,
+        env = "SKYREELS_REDIS_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    redis: Option<String>,
+    /// Redis mode: where finished videos are kept: redis (the MP4 bytes, expiring with the
+    /// retention) or dir (files in --output-dir, which must then be a filesystem every node
+    /// shares).
+    #[arg(
+        long,
+        env = "SKYREELS_OUTPUT_STORE",
+        value_enum,
+        default_value = "redis"
+    )]
+    output_store: OutputStoreArg,
+    /// Redis mode: seconds without a heartbeat after which a running task's worker is taken
+    /// for dead and another worker starts the task again (after 3 attempts it fails, 5003).
+    #[arg(long, env = "SKYREELS_CLAIM_TIMEOUT", default_value_t = 30.0)]
+    claim_timeout: f64,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OutputStoreArg {
+    Redis,
+    Dir,
+}
+
 #[derive(Args)]
 pub struct ServeArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    node: NodeArgs,
+    /// Workers this node runs, one per --device entry (or --parallel group) from the first
+    /// [default: all of them]; 0 makes an API-only node of a Redis deployment.
+    #[arg(long, env = "SKYREELS_WORKERS")]
+    workers: Option<usize>,
     /// Address to listen on (0.0.0.0 for every interface).
     #[arg(long, env = "SKYREELS_HOST", default_value = "127.0.0.1")]
     host: String,
@@ -43,9 +112,6 @@ pub struct ServeArgs {
         hide_env_values = true
     )]
     api_keys: Vec<String>,
-    /// Folder for videos, task records, uploads and the webhook secret (kept across restarts).
-    #[arg(long, env = "SKYREELS_OUTPUT_DIR", default_value = "skyreels-outputs")]
-    output_dir: PathBuf,
     /// Tasks accepted and waiting at most; beyond it submits get 429 with Retry-After.
     #[arg(long, env = "SKYREELS_MAX_QUEUE", default_value_t = 16)]
     max_queue: usize,
@@ -53,30 +119,12 @@ pub struct ServeArgs {
     /// request's Host header].
     #[arg(long, env = "SKYREELS_PUBLIC_URL")]
     public_url: Option<String>,
-    /// Let image URLs and webhooks reach loopback, private and link-local addresses (a
-    /// workstation on a private network; never on a public server).
-    #[arg(long, env = "SKYREELS_ALLOW_PRIVATE_IMAGE_URLS")]
-    allow_private_image_urls: bool,
     /// Seconds a sync-mode submit waits before answering "still processing" (code 5004).
     #[arg(long, env = "SKYREELS_SYNC_TIMEOUT", default_value_t = 90)]
     sync_timeout: u64,
-    /// Hours finished tasks, their videos and uploads are kept; 0 keeps them forever.
-    #[arg(
-        long,
-        env = "SKYREELS_RETENTION_HOURS",
-        default_value_t = 24.0,
-        allow_negative_numbers = true
-    )]
-    retention_hours: f64,
     /// Largest request body in MiB (JSON with data: URI images, uploads).
     #[arg(long, env = "SKYREELS_MAX_BODY_MIB", default_value_t = 64)]
     max_body_mib: usize,
-    /// Webhook signing secret (whsec_...) [default: generated once, kept in the output folder].
-    #[arg(long, env = "SKYREELS_WEBHOOK_SECRET", hide_env_values = true)]
-    webhook_secret: Option<String>,
-    /// Seconds the running task may take to finish on SIGTERM before it is cancelled.
-    #[arg(long, env = "SKYREELS_SHUTDOWN_GRACE", default_value_t = 30)]
-    shutdown_grace: u64,
     /// A host name clients may use besides the bound address and localhost (repeat the flag, or
     /// comma-separate in the env var). Without --public-url, requests naming any other Host
     /// are refused (a web page cannot drive the API through DNS rebinding).
@@ -103,9 +151,6 @@ pub struct ServeArgs {
         default_value = "none"
     )]
     cache: skyreels_params::CacheSpec,
-    /// Seconds a task may run before it is stopped (status failed, code 5004); 0: no limit.
-    #[arg(long, env = "SKYREELS_MAX_TASK_SECONDS", default_value_t = 7200)]
-    max_task_seconds: u64,
     /// Seconds a client has to send a request's headers, from connecting or from the previous
     /// response (idle keep-alive connections close after it too).
     #[arg(long, env = "SKYREELS_HEADER_TIMEOUT", default_value_t = 10)]
@@ -119,9 +164,20 @@ pub struct ServeArgs {
     /// Connections served at once; more wait to be accepted.
     #[arg(long, env = "SKYREELS_MAX_CONNECTIONS", default_value_t = 1024)]
     max_connections: usize,
-    /// Log lines as text or JSON (filter with RUST_LOG, default info).
-    #[arg(long, env = "SKYREELS_LOG_FORMAT", value_enum, default_value = "text")]
-    log_format: LogFormat,
+}
+
+#[derive(Args)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    node: NodeArgs,
+    /// Serve /metrics (and /health) on this port; no other HTTP.
+    #[arg(long, env = "SKYREELS_METRICS_PORT")]
+    metrics_port: Option<u16>,
+    /// Address of the metrics port.
+    #[arg(long, env = "SKYREELS_METRICS_HOST", default_value = "127.0.0.1")]
+    metrics_host: String,
 }
 
 /// The pipeline behind the server's generator trait.
@@ -193,7 +249,9 @@ impl Generator for PipelineGenerator {
     }
 }
 
-pub fn serve(args: ServeArgs) -> Result<()> {
+/// Logging, and the configuration every node shares (the engine, retention, webhooks, task
+/// limits).
+fn node_config(node: NodeArgs) -> Result<ServerConfig> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // colours only for a terminal: a log file gets plain text
@@ -201,16 +259,43 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
-    match args.log_format {
+    match node.log_format {
         LogFormat::Text => fmt.init(),
         LogFormat::Json => fmt.json().init(),
     }
-    if !(args.retention_hours.is_finite() && args.retention_hours >= 0.0) {
+    if !(node.retention_hours.is_finite() && node.retention_hours >= 0.0) {
         anyhow::bail!(
             "--retention-hours must be >= 0, got {}",
-            args.retention_hours
+            node.retention_hours
         );
     }
+    if !(node.claim_timeout.is_finite() && node.claim_timeout > 0.0) {
+        anyhow::bail!(
+            "--claim-timeout must be a positive number of seconds, got {}",
+            node.claim_timeout
+        );
+    }
+    let mut config = ServerConfig::new(&node.output_dir);
+    config.allow_private_urls = node.allow_private_image_urls;
+    config.retention = (node.retention_hours > 0.0)
+        .then(|| Duration::from_secs_f64(node.retention_hours * 3600.0));
+    config.webhook_secret = node.webhook_secret;
+    config.shutdown_grace = Duration::from_secs(node.shutdown_grace);
+    config.max_task_time =
+        (node.max_task_seconds > 0).then(|| Duration::from_secs(node.max_task_seconds));
+    config.redis = node.redis.map(|url| ClusterConfig {
+        url,
+        claim_timeout: Duration::from_secs_f64(node.claim_timeout),
+        output_store: match node.output_store {
+            OutputStoreArg::Redis => OutputStore::Redis,
+            OutputStoreArg::Dir => OutputStore::Dir,
+        },
+    });
+    Ok(config)
+}
+
+pub fn serve(args: ServeArgs) -> Result<()> {
+    let mut config = node_config(args.node)?;
     if args.max_queue == 0 {
         anyhow::bail!("--max-queue must be at least 1");
     }
@@ -230,7 +315,6 @@ pub fn serve(args: ServeArgs) -> Result<()> {
             anyhow::bail!("{flag} must be at least 1");
         }
     }
-    let mut config = ServerConfig::new(&args.output_dir);
     config.api_keys = args
         .api_keys
         .into_iter()
@@ -239,29 +323,94 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         .collect();
     config.max_queue = args.max_queue;
     config.public_url = args.public_url;
-    config.allow_private_urls = args.allow_private_image_urls;
     config.sync_timeout = Duration::from_secs(args.sync_timeout);
-    config.retention = (args.retention_hours > 0.0)
-        .then(|| Duration::from_secs_f64(args.retention_hours * 3600.0));
     config.max_body_bytes = args.max_body_mib << 20;
-    config.webhook_secret = args.webhook_secret;
-    config.shutdown_grace = Duration::from_secs(args.shutdown_grace);
     config.allowed_hosts = args.allowed_hosts;
     config.protect_ops = args.protect_ops;
     config.max_work = args.max_work;
     config.cache = args.cache;
-    config.max_task_time =
-        (args.max_task_seconds > 0).then(|| Duration::from_secs(args.max_task_seconds));
     config.header_timeout = Duration::from_secs(args.header_timeout);
     config.body_timeout = Duration::from_secs(args.body_timeout);
     config.idle_timeout = Duration::from_secs(args.idle_timeout);
     config.max_connections = args.max_connections;
+    let groups = worker_groups(&args.model)?.len();
+    match args.workers {
+        Some(0) if config.redis.is_none() => anyhow::bail!(
+            "--workers 0 (an API-only node) needs --redis: without it nothing would run the tasks"
+        ),
+        Some(n) if n > groups => anyhow::bail!(
+            "--workers {n}: this node has {groups} device entries (--device) to run workers on"
+        ),
+        _ => {}
+    }
+    let loaders = loaders(args.model, args.workers.unwrap_or(groups))?;
+    run_node(config, loaders, (args.host, args.port))
+}
 
-    let model = Arc::new(args.model);
+/// `skyreels worker`: workers of a Redis deployment, no API (only /metrics with
+/// --metrics-port).
+pub fn worker(args: WorkerArgs) -> Result<()> {
+    let mut config = node_config(args.node)?;
+    if config.redis.is_none() {
+        anyhow::bail!(
+            "skyreels worker takes its tasks from Redis: pass --redis redis://HOST:PORT/DB (or \
+             set SKYREELS_REDIS_URL); `skyreels serve` runs API and workers in one process"
+        );
+    }
+    config.metrics_only = true;
+    let loaders = loaders(args.model, usize::MAX)?;
+    match args.metrics_port {
+        Some(port) => run_node(config, loaders, (args.metrics_host, port)),
+        None => {
+            let runtime = runtime()?;
+            runtime.block_on(async move {
+                let mut server = Server::start_node(config, loaders).await?;
+                tokio::select! {
+                    r = server.wait_loaded() => r?,
+                    () = skyreels_server::shutdown_signal() => {}
+                }
+                tracing::info!("workers running; stop with SIGTERM");
+                skyreels_server::shutdown_signal().await;
+                tracing::info!("shutting down: draining");
+                server.drain().await;
+                anyhow::Ok(())
+            })
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// Starts the node's engine and workers and serves HTTP on `host:port` until SIGTERM.
+fn run_node(
+    config: ServerConfig,
+    loaders: Vec<GeneratorLoader>,
+    (host, port): (String, u16),
+) -> Result<()> {
+    runtime()?.block_on(async move {
+        let listener = tokio::net::TcpListener::bind((host.as_str(), port))
+            .await
+            .with_context(|| format!("cannot listen on {host}:{port}"))?;
+        let server = Server::start_node(config, loaders).await?;
+        server
+            .run(listener, skyreels_server::shutdown_signal())
+            .await?;
+        anyhow::Ok(())
+    })
+}
+
+/// One generator loader per --device entry (or --parallel group), the first `count`.
+fn loaders(model: ModelArgs, count: usize) -> Result<Vec<GeneratorLoader>> {
+    let model = Arc::new(model);
     // the model's files are resolved (downloaded) once, by the first worker to get there
     let paths: Arc<Mutex<Option<ModelPaths>>> = Arc::default();
     let mut loaders: Vec<GeneratorLoader> = Vec::new();
-    for group in worker_groups(&model)? {
+    for group in worker_groups(&model)?.into_iter().take(count) {
         let names = group
             .iter()
             .map(|d| d.to_string())
@@ -286,18 +435,5 @@ pub fn serve(args: ServeArgs) -> Result<()> {
             Ok(Box::new(PipelineGenerator { pipeline }))
         }));
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
-            .await
-            .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
-        let server = Server::start_workers(config, loaders)?;
-        server
-            .run(listener, skyreels_server::shutdown_signal())
-            .await?;
-        anyhow::Ok(())
-    })
+    Ok(loaders)
 }

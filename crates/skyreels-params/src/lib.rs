@@ -5,7 +5,7 @@
 
 use image::imageops::FilterType;
 use image::RgbImage;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// SkyReels' default negative prompt (its README and `video_generate.py`).
 pub const DEFAULT_NEGATIVE_PROMPT: &str = "Aerial view, aerial view, overexposed, low quality, deformation, a poor composition, bad hands, bad teeth, bad eyes, bad limbs, distortion";
@@ -83,7 +83,7 @@ pub const FPS_RANGE: FloatRange = FloatRange {
 
 /// Size and step defaults of a model: SkyReels' own, or a model folder's `skyreels_defaults.json`
 /// (the tiny bundled weights use small ones).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GenerationDefaults {
     pub height: usize,

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 /// One model the server exposes at `/api/v3/{id}`.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ModelInfo {
     /// `owner/name`, e.g. `wavespeed-ai/SkyReels-V1`.
     pub id: String,

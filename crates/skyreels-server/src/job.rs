@@ -157,6 +157,9 @@ pub struct JobRecord {
     /// Named counts of the run (transformer forwards computed and cached).
     #[serde(default)]
     pub counts: Vec<(String, u64)>,
+    /// Times a worker started it (more than 1 after a worker died and another took it over).
+    #[serde(default)]
+    pub attempts: u32,
 }
 
 /// Records written by earlier versions kept the whole request: read what still parses under
@@ -238,6 +241,7 @@ mod tests {
             total_steps: 30,
             timings: vec![],
             counts: vec![],
+            attempts: 0,
         }
     }
 

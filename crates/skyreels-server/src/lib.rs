@@ -7,10 +7,12 @@
 //! webhooks. The HTTP contract is `docs/API.md`.
 
 pub mod api;
+pub mod cluster;
 pub mod contract;
 pub mod generator;
 mod http;
 pub mod job;
+pub mod jobs;
 pub mod media;
 pub mod metrics;
 pub mod openapi;
@@ -24,7 +26,9 @@ pub(crate) fn ct_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+use cluster::{Cluster, ClusterConfig};
 use generator::{GeneratorLoader, ModelInfo};
+use jobs::Jobs;
 use metrics::Metrics;
 use sha2::{Digest, Sha256};
 use std::path::PathBuf;
@@ -80,6 +84,11 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Step caching of tasks whose submit has no `cache`.
     pub cache: skyreels_params::CacheSpec,
+    /// Redis mode: tasks, queue, uploads and outputs shared with the other nodes; `None`: the
+    /// in-memory engine of one process.
+    pub redis: Option<ClusterConfig>,
+    /// Serve `/metrics` and `/health` only (`skyreels worker --metrics-port`).
+    pub metrics_only: bool,
 }
 
 impl ServerConfig {
@@ -106,6 +115,8 @@ impl ServerConfig {
             idle_timeout: Duration::from_secs(60),
             max_connections: 1024,
             cache: skyreels_params::CacheSpec::None,
+            redis: None,
+            metrics_only: false,
         }
     }
 }
@@ -121,6 +132,8 @@ pub enum ServerError {
     },
     #[error("loading the model failed: {0}")]
     Load(String),
+    #[error("{0}")]
+    Redis(String),
     #[error("server I/O: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -128,7 +141,8 @@ pub enum ServerError {
 /// Shared by all handlers.
 pub struct AppState {
     pub config: ServerConfig,
-    pub store: Arc<Store>,
+    /// Tasks, the queue, uploads and outputs.
+    pub jobs: Jobs,
     pub metrics: Arc<Metrics>,
     /// Set by the first worker whose generator is loaded.
     pub models: OnceLock<Vec<ModelInfo>>,
@@ -144,6 +158,38 @@ pub struct AppState {
     pub(crate) decodes: tokio::sync::Semaphore,
     /// Webhook attempts in flight at once.
     pub(crate) webhooks: tokio::sync::Semaphore,
+}
+
+impl AppState {
+    fn new(config: ServerConfig, jobs: Jobs, metrics: Arc<Metrics>, secret: String) -> Arc<Self> {
+        Arc::new(AppState {
+            key_hashes: config
+                .api_keys
+                .iter()
+                .map(|k| Sha256::digest(k.trim().as_bytes()).into())
+                .collect(),
+            agent: media::http_agent(config.allow_private_urls, config.fetch_timeout),
+            config,
+            jobs,
+            metrics,
+            models: OnceLock::new(),
+            workers_loaded: Default::default(),
+            webhook_secret: secret,
+            fetches: tokio::sync::Semaphore::new(CONCURRENT_FETCHES),
+            decodes: tokio::sync::Semaphore::new(CONCURRENT_DECODES),
+            webhooks: tokio::sync::Semaphore::new(webhook::CONCURRENT_DELIVERIES),
+        })
+    }
+}
+
+/// The configured webhook secret, else the one kept in the output folder (created once).
+fn local_secret(config: &ServerConfig) -> Result<String, ServerError> {
+    webhook::load_or_create_secret(config.webhook_secret.clone(), &config.output_dir).map_err(
+        |source| ServerError::Secret {
+            path: config.output_dir.clone(),
+            source,
+        },
+    )
 }
 
 /// Image downloads and decodes at once.
@@ -166,7 +212,8 @@ impl Server {
     }
 
     /// [`Server::start`] with one worker thread per loader (one per device, each with its own
-    /// copy of the model), all taking tasks from the same FIFO queue.
+    /// copy of the model), all taking tasks from the same FIFO queue. In-memory engine only
+    /// (see [`Server::start_node`]).
     pub fn start_workers(
         config: ServerConfig,
         loaders: Vec<GeneratorLoader>,
@@ -177,44 +224,22 @@ impl Server {
         let metrics = Arc::<Metrics>::default();
         let (store, finished) = Store::open(&config.output_dir, config.max_queue, metrics.clone())?;
         let store = Arc::new(store);
-        let secret =
-            webhook::load_or_create_secret(config.webhook_secret.clone(), &config.output_dir)
-                .map_err(|source| ServerError::Secret {
-                    path: config.output_dir.clone(),
-                    source,
-                })?;
-        let state = Arc::new(AppState {
-            key_hashes: config
-                .api_keys
-                .iter()
-                .map(|k| Sha256::digest(k.trim().as_bytes()).into())
-                .collect(),
-            agent: media::http_agent(config.allow_private_urls, config.fetch_timeout),
-            config,
-            store: store.clone(),
-            metrics,
-            models: OnceLock::new(),
-            workers_loaded: Default::default(),
-            webhook_secret: secret,
-            fetches: tokio::sync::Semaphore::new(CONCURRENT_FETCHES),
-            decodes: tokio::sync::Semaphore::new(CONCURRENT_DECODES),
-            webhooks: tokio::sync::Semaphore::new(webhook::CONCURRENT_DELIVERIES),
-        });
+        let secret = local_secret(&config)?;
+        let state = AppState::new(config, Jobs::Memory(store.clone()), metrics, secret);
         let mut workers = Vec::with_capacity(loaders.len());
         let mut loaded = Vec::with_capacity(loaders.len());
         for (i, loader) in loaders.into_iter().enumerate() {
             let (tx, rx) = tokio::sync::oneshot::channel();
-            workers.push(worker::spawn(state.clone(), loader, tx, i)?);
+            workers.push(worker::spawn(state.clone(), store.clone(), loader, tx, i)?);
             loaded.push(rx);
         }
         tokio::spawn(worker::finished_tasks(state.clone(), finished));
         if let Some(retention) = state.config.retention {
-            let st = state.clone();
             tokio::spawn(async move {
                 let every = (retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
                 loop {
                     tokio::time::sleep(every).await;
-                    let store = st.store.clone();
+                    let store = store.clone();
                     let ms = retention.as_millis() as u64;
                     if let Ok(n) = tokio::task::spawn_blocking(move || store.sweep(ms)).await {
                         if n > 0 {
@@ -224,6 +249,54 @@ impl Server {
                 }
             });
         }
+        Ok(Self {
+            state,
+            workers,
+            loaded,
+        })
+    }
+
+    /// A node of either engine: [`Server::start_workers`] without `config.redis`; with it, a
+    /// node of the Redis engine whose workers (one per loader; none for an API-only node) take
+    /// tasks from the shared queues. The webhook secret is the cluster's (kept in Redis).
+    pub async fn start_node(
+        config: ServerConfig,
+        loaders: Vec<GeneratorLoader>,
+    ) -> Result<Self, ServerError> {
+        let Some(redis) = config.redis.clone() else {
+            return Self::start_workers(config, loaders);
+        };
+        let metrics = Arc::<Metrics>::default();
+        let paths = store::Paths::create(&config.output_dir)?;
+        let (cluster, finished) = Cluster::open(
+            redis,
+            paths,
+            config.max_queue,
+            config.retention,
+            metrics.clone(),
+        )
+        .map_err(ServerError::Redis)?;
+        let cluster = Arc::new(cluster);
+        let mine = local_secret(&config)?;
+        let secret = cluster
+            .shared_secret(mine)
+            .await
+            .map_err(ServerError::Redis)?;
+        let state = AppState::new(config, Jobs::Redis(cluster.clone()), metrics, secret);
+        let mut workers = Vec::with_capacity(loaders.len());
+        let mut loaded = Vec::with_capacity(loaders.len());
+        for (i, loader) in loaders.into_iter().enumerate() {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            workers.push(cluster::worker::spawn(
+                state.clone(),
+                cluster.clone(),
+                loader,
+                tx,
+                i,
+            )?);
+            loaded.push(rx);
+        }
+        tokio::spawn(worker::finished_tasks(state.clone(), finished));
         Ok(Self {
             state,
             workers,
@@ -263,7 +336,7 @@ impl Server {
     /// grace period and cancels them after that, then waits for the workers.
     pub async fn drain(self) {
         let Server { state, workers, .. } = self;
-        state.store.drain();
+        state.jobs.drain();
         let handle = tokio::task::spawn_blocking(move || {
             for w in workers {
                 let _ = w.join();
@@ -277,7 +350,7 @@ impl Server {
             tracing::warn!(
                 "the running tasks did not finish within the grace period: cancelling them"
             );
-            state.store.cancel_running();
+            state.jobs.cancel_running();
             // a step or the VAE decode can take a while; past a second grace period the process
             // exits anyway and the record (still "processing") reads as failed after a restart
             if tokio::time::timeout(state.config.shutdown_grace, &mut handle)
@@ -287,7 +360,7 @@ impl Server {
                 tracing::error!("the running task did not stop; leaving it");
             }
         }
-        state.store.flushed().await;
+        state.jobs.flushed().await;
     }
 
     /// Serves on `listener` until `shutdown` resolves (or the model fails to load), then
@@ -298,31 +371,44 @@ impl Server {
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
         let addr = listener.local_addr()?;
-        let router = api::router(
-            self.state.clone(),
-            api::HostPolicy::new(&self.state, Some(addr.ip())),
-        );
+        let router = if self.state.config.metrics_only {
+            api::metrics_router(self.state.clone())
+        } else {
+            api::router(
+                self.state.clone(),
+                api::HostPolicy::new(&self.state, Some(addr.ip())),
+            )
+        };
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut stop_http = stop_rx.clone();
         let limits = http::Limits::of(&self.state.config);
         let http = tokio::spawn(http::serve(listener, router, limits, async move {
             let _ = stop_http.wait_for(|s| *s).await;
         }));
-        if self.state.key_hashes.is_empty() {
+        if self.state.key_hashes.is_empty() && !self.state.config.metrics_only {
             tracing::warn!("no API key configured: anyone who can reach this port can use the API");
         }
-        tracing::info!(
-            "listening on http://{addr} (API at /api/v3, playground at http://{addr}/playground)"
-        );
+        if self.state.config.metrics_only {
+            tracing::info!("listening on http://{addr} (metrics at /metrics)");
+        } else {
+            tracing::info!(
+                "listening on http://{addr} (API at /api/v3, playground at http://{addr}/playground)"
+            );
+        }
         tokio::pin!(shutdown);
         let load = tokio::select! {
-            r = self.wait_loaded() => r,
-            () = &mut shutdown => Ok(()),
+            r = self.wait_loaded() => Some(r),
+            () = &mut shutdown => None,
         };
-        match load {
+        let finished_loading = load.is_some();
+        match load.unwrap_or(Ok(())) {
             Ok(()) => {
-                if self.state.models.get().is_some() {
-                    tracing::info!("model loaded; ready");
+                if finished_loading {
+                    if self.loaded.is_empty() {
+                        tracing::info!("API node ready (no workers here)");
+                    } else {
+                        tracing::info!("model loaded; ready");
+                    }
                     shutdown.await;
                 }
                 tracing::info!("shutting down: draining");

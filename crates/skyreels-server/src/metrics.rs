@@ -4,6 +4,7 @@
 //! from a fixed set: methods are recorded as one of a few names, routes as the matched route
 //! pattern.
 
+use crate::jobs::Overview;
 use metrics::{counter, gauge, histogram, with_local_recorder};
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
@@ -46,6 +47,14 @@ impl Default for Metrics {
                 "Workers with a loaded model (one per device or --parallel group)."
             );
             metrics::describe_gauge!("skyreels_jobs", "Tasks known to the server, by status.");
+            metrics::describe_gauge!(
+                "skyreels_model_queue_depth",
+                "Tasks waiting to start per model (cluster-wide in Redis mode)."
+            );
+            metrics::describe_gauge!(
+                "skyreels_model_workers",
+                "Live workers per model (cluster-wide in Redis mode)."
+            );
             metrics::describe_counter!(
                 "skyreels_jobs_submitted_total",
                 "Tasks accepted since start."
@@ -99,21 +108,22 @@ impl Metrics {
         self.with(|| counter!("skyreels_jobs_rejected_queue_full_total").increment(1));
     }
 
-    /// The exposition text; `jobs` are the current counts by status, `queue_depth` the tasks
-    /// waiting to start, `workers` those with a loaded model.
-    pub fn render(
-        &self,
-        jobs: &[(crate::job::Status, usize)],
-        queue_depth: usize,
-        ready: bool,
-        workers: usize,
-    ) -> String {
+    /// The exposition text: the tasks (`overview`: by status, waiting and live workers per
+    /// model), readiness, and this process's workers with a loaded model.
+    pub fn render(&self, overview: &Overview, ready: bool, workers: usize) -> String {
         self.with(|| {
             gauge!("skyreels_ready").set(f64::from(u8::from(ready)));
             gauge!("skyreels_workers").set(workers as f64);
-            gauge!("skyreels_queue_depth").set(queue_depth as f64);
-            for (status, n) in jobs {
+            let depth: usize = overview.waiting.iter().map(|(_, n)| n).sum();
+            gauge!("skyreels_queue_depth").set(depth as f64);
+            for (status, n) in &overview.jobs {
                 gauge!("skyreels_jobs", "status" => status.as_str()).set(*n as f64);
+            }
+            for (model, n) in &overview.waiting {
+                gauge!("skyreels_model_queue_depth", "model" => model.clone()).set(*n as f64);
+            }
+            for (model, n) in &overview.workers {
+                gauge!("skyreels_model_workers", "model" => model.clone()).set(*n as f64);
             }
         });
         self.handle.render()
@@ -132,7 +142,12 @@ mod tests {
         m.stage("denoising", 45.0);
         m.stage("denoising", 4000.0);
         m.http("GET", "/a\"b\\c\nd", 200, 0.002);
-        let text = m.render(&[(Status::Created, 2)], 2, true, 3);
+        let overview = Overview {
+            jobs: vec![(Status::Created, 2)],
+            waiting: vec![("a/b".into(), 2)],
+            workers: vec![("a/b".into(), 3)],
+        };
+        let text = m.render(&overview, true, 3);
         for want in [
             "skyreels_stage_duration_seconds_bucket{stage=\"denoising\",le=\"0.5\"} 1",
             "skyreels_stage_duration_seconds_bucket{stage=\"denoising\",le=\"60\"} 2",
@@ -143,6 +158,8 @@ mod tests {
             "skyreels_queue_depth 2",
             "skyreels_ready 1",
             "skyreels_workers 3",
+            "skyreels_model_queue_depth{model=\"a/b\"} 2",
+            "skyreels_model_workers{model=\"a/b\"} 3",
             "skyreels_jobs_submitted_total 0",
             "route=\"/a\\\"b\\\\c\\nd\"",
         ] {

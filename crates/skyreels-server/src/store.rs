@@ -37,6 +37,8 @@ pub enum AdmitError {
     QueueFull,
     /// The server is shutting down.
     Draining,
+    /// The job store cannot be reached (Redis).
+    Unavailable(String),
 }
 
 /// A job the worker took: what to run and how to stop it.
@@ -49,6 +51,7 @@ pub struct Work {
 }
 
 /// How a job the worker ran ended.
+#[derive(Clone, Debug)]
 pub enum Outcome {
     Completed {
         output: String,
@@ -57,6 +60,31 @@ pub enum Outcome {
     },
     Cancelled,
     Failed(TaskCode, String),
+}
+
+impl Outcome {
+    /// The record's end: its outputs, timings and final status.
+    pub fn apply(self, r: &mut JobRecord) {
+        match self {
+            Outcome::Completed {
+                output,
+                timings,
+                counts,
+            } => {
+                r.outputs = vec![output];
+                r.timings = timings;
+                r.counts = counts;
+                r.step = r.total_steps;
+                let _ = r.transition(Status::Completed);
+            }
+            Outcome::Cancelled => {
+                let _ = r.transition(Status::Cancelled);
+            }
+            Outcome::Failed(code, error) => {
+                let _ = r.fail(code, error);
+            }
+        }
+    }
 }
 
 /// What `DELETE /predictions/{id}` did.
@@ -135,10 +163,54 @@ enum Disk {
     Flush(oneshot::Sender<()>),
 }
 
+/// The files of the output folder: finished videos (served at `/outputs`), their base64
+/// copies, upload bytes and their part files. (A scale-out node uses the same layout as its
+/// scratch space, or as the shared folder of `--output-store dir`.)
+#[derive(Clone, Debug)]
+pub struct Paths {
+    dir: PathBuf,
+}
+
+impl Paths {
+    /// The layout under `dir`, creating its folders.
+    pub fn create(dir: &Path) -> Result<Self, StoreError> {
+        for sub in ["jobs", "uploads", "videos", "base64"] {
+            let p = dir.join(sub);
+            std::fs::create_dir_all(&p).map_err(io_err(&p))?;
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn video_dir(&self) -> PathBuf {
+        self.dir.join("videos")
+    }
+
+    pub fn video_path(&self, file: &str) -> PathBuf {
+        self.video_dir().join(file)
+    }
+
+    /// The data: URI of a finished video, written once when it completed with base64 output.
+    pub fn base64_path(&self, file: &str) -> PathBuf {
+        self.dir.join("base64").join(format!("{file}.b64"))
+    }
+
+    pub fn upload_data_path(&self, id: &str) -> PathBuf {
+        self.dir.join("uploads").join(format!("{id}.bin"))
+    }
+
+    /// Where an upload's bytes stream to before they are checked.
+    pub fn upload_part_path(&self, id: &str) -> PathBuf {
+        self.dir.join("uploads").join(format!("{id}.part"))
+    }
+}
+
 pub struct Store {
     inner: Mutex<Inner>,
     work: Condvar,
     dir: PathBuf,
+    paths: Paths,
     max_queue: usize,
     /// Counts finished tasks as they finish (under the store lock, so a client that sees a
     /// finished status also sees it counted).
@@ -187,10 +259,7 @@ impl Store {
         max_queue: usize,
         metrics: Arc<Metrics>,
     ) -> Result<(Self, mpsc::UnboundedReceiver<JobRecord>), StoreError> {
-        for sub in ["jobs", "uploads", "videos", "base64"] {
-            let p = dir.join(sub);
-            std::fs::create_dir_all(&p).map_err(io_err(&p))?;
-        }
+        let paths = Paths::create(dir)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let (disk, disk_rx) = std::sync::mpsc::channel();
         std::thread::Builder::new()
@@ -201,6 +270,7 @@ impl Store {
             inner: Mutex::new(Inner::default()),
             work: Condvar::new(),
             dir: dir.to_path_buf(),
+            paths,
             max_queue,
             metrics,
             finished: tx,
@@ -277,27 +347,9 @@ impl Store {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The folder of finished videos (served at `/outputs`).
-    pub fn video_dir(&self) -> PathBuf {
-        self.dir.join("videos")
-    }
-
-    pub fn video_path(&self, file: &str) -> PathBuf {
-        self.video_dir().join(file)
-    }
-
-    /// The data: URI of a finished video, written once when it completed with base64 output.
-    pub fn base64_path(&self, file: &str) -> PathBuf {
-        self.dir.join("base64").join(format!("{file}.b64"))
-    }
-
-    pub fn upload_data_path(&self, id: &str) -> PathBuf {
-        self.dir.join("uploads").join(format!("{id}.bin"))
-    }
-
-    /// Where an upload's bytes stream to before they are checked.
-    pub fn upload_part_path(&self, id: &str) -> PathBuf {
-        self.dir.join("uploads").join(format!("{id}.part"))
+    /// Where this store's files live.
+    pub fn paths(&self) -> &Paths {
+        &self.paths
     }
 
     fn to_disk(&self, op: Disk) {
@@ -414,6 +466,7 @@ impl Store {
                 self.update(&mut inner, &id, |r| {
                     let _ = r.transition(Status::Processing);
                     r.total_steps = request.steps;
+                    r.attempts += 1;
                 });
                 inner.running.insert(id.clone());
                 return Some(Work {
@@ -439,25 +492,7 @@ impl Store {
     pub fn finish(&self, id: &str, outcome: Outcome) {
         let mut inner = self.lock();
         inner.running.remove(id);
-        self.update(&mut inner, id, |r| match outcome {
-            Outcome::Completed {
-                output,
-                timings,
-                counts,
-            } => {
-                r.outputs = vec![output];
-                r.timings = timings;
-                r.counts = counts;
-                r.step = r.total_steps;
-                let _ = r.transition(Status::Completed);
-            }
-            Outcome::Cancelled => {
-                let _ = r.transition(Status::Cancelled);
-            }
-            Outcome::Failed(code, error) => {
-                let _ = r.fail(code, error);
-            }
-        });
+        self.update(&mut inner, id, |r| outcome.apply(r));
         drop(inner);
         self.work.notify_all();
     }
@@ -493,6 +528,11 @@ impl Store {
         })
     }
 
+    /// A watcher of a task's status.
+    pub fn watch(&self, id: &str) -> Option<watch::Receiver<Status>> {
+        Some(self.lock().jobs.get(id)?.watch.subscribe())
+    }
+
     pub fn get(&self, id: &str) -> Option<(JobRecord, Option<usize>)> {
         let inner = self.lock();
         let job = inner.jobs.get(id)?;
@@ -501,8 +541,9 @@ impl Store {
         Some((job.record.clone(), position))
     }
 
-    /// Jobs per status and the number of tasks waiting to start.
-    pub fn counts(&self) -> (Vec<(Status, usize)>, usize) {
+    /// Jobs per status, and the tasks waiting to start per model (no workers: the store does
+    /// not know them).
+    pub fn counts(&self) -> crate::jobs::Overview {
         let inner = self.lock();
         let by = Status::ALL
             .iter()
@@ -517,7 +558,15 @@ impl Store {
                 )
             })
             .collect();
-        (by, inner.queue.len())
+        let mut waiting = std::collections::BTreeMap::<String, usize>::new();
+        for job in inner.queue.iter().filter_map(|id| inner.jobs.get(id)) {
+            *waiting.entry(job.record.model.clone()).or_default() += 1;
+        }
+        crate::jobs::Overview {
+            jobs: by,
+            waiting: waiting.into_iter().collect(),
+            workers: vec![],
+        }
     }
 
     /// Stops admitting and starting tasks; those not started fail with 5003.
@@ -604,27 +653,8 @@ impl Store {
     fn output_files(&self, outputs: &[String]) -> Vec<PathBuf> {
         outputs
             .iter()
-            .flat_map(|f| [self.video_path(f), self.base64_path(f)])
+            .flat_map(|f| [self.paths.video_path(f), self.paths.base64_path(f)])
             .collect()
-    }
-
-    /// A new upload (not stored until [`Store::complete_upload`]).
-    pub fn new_upload(
-        &self,
-        filename: &str,
-        content_type: &str,
-        size: u64,
-        base_url: &str,
-    ) -> Upload {
-        Upload {
-            id: new_id(),
-            filename: safe_filename(filename),
-            content_type: content_type.to_string(),
-            size,
-            created_at: now_ms(),
-            complete: false,
-            base_url: base_url.to_string(),
-        }
     }
 
     /// Opens a PUT ticket: the upload and the single-use secret of its URL; `None` when
@@ -636,8 +666,7 @@ impl Store {
         size: u64,
         base_url: &str,
     ) -> Option<(Upload, String)> {
-        let upload = self.new_upload(filename, content_type, size, base_url);
-        let token = format!("{}{}", new_id(), new_id());
+        let (upload, token) = new_ticket(filename, content_type, size, base_url);
         let mut inner = self.lock();
         if inner.tickets.len() >= MAX_OPEN_TICKETS {
             return None;
@@ -682,6 +711,30 @@ impl Store {
     pub fn upload(&self, id: &str) -> Option<Upload> {
         self.lock().uploads.get(id).filter(|u| u.complete).cloned()
     }
+}
+
+/// A new upload (not stored until it is complete).
+pub fn new_upload(filename: &str, content_type: &str, size: u64, base_url: &str) -> Upload {
+    Upload {
+        id: new_id(),
+        filename: safe_filename(filename),
+        content_type: content_type.to_string(),
+        size,
+        created_at: now_ms(),
+        complete: false,
+        base_url: base_url.to_string(),
+    }
+}
+
+/// A PUT ticket's upload and the single-use secret of its URL.
+pub fn new_ticket(
+    filename: &str,
+    content_type: &str,
+    size: u64,
+    base_url: &str,
+) -> (Upload, String) {
+    let upload = new_upload(filename, content_type, size, base_url);
+    (upload, format!("{}{}", new_id(), new_id()))
 }
 
 /// Adds a job record, returning a watcher of its status.

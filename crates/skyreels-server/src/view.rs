@@ -16,10 +16,7 @@ pub async fn prediction(
     let mut outputs = Vec::new();
     for f in &r.outputs {
         if r.base64_output {
-            match tokio::fs::read_to_string(state.store.base64_path(f)).await {
-                Ok(text) => outputs.push(text),
-                Err(e) => tracing::error!(id = %r.id, "cannot read the base64 copy of {f}: {e}"),
-            }
+            outputs.extend(state.jobs.output_base64(f).await);
         } else {
             outputs.push(format!("{}/outputs/{f}", r.base_url));
         }

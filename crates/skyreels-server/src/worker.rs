@@ -1,8 +1,8 @@
 //! The thread that owns the generator, and the consumer of finished tasks.
 
-use crate::generator::{GenerateFailure, GeneratorLoader};
+use crate::generator::{GenerateFailure, Generator, GeneratorLoader};
 use crate::job::{JobRecord, TaskCode};
-use crate::store::{Outcome, Work};
+use crate::store::{Outcome, Store, Work};
 use crate::webhook::Delivery;
 use crate::{webhook, AppState};
 use base64::Engine;
@@ -12,10 +12,34 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Starts worker `index`: it loads its generator, reports on `loaded`, then runs queued tasks
-/// one at a time until the store drains (several workers share the queue).
+/// Loads a worker's generator, reporting on `loaded`; `None` when it failed (reported).
+pub(crate) fn load(
+    state: &AppState,
+    loader: GeneratorLoader,
+    loaded: tokio::sync::oneshot::Sender<Result<(), String>>,
+) -> Option<Box<dyn Generator>> {
+    let generator = match catch_unwind(AssertUnwindSafe(loader)) {
+        Ok(Ok(g)) => g,
+        Ok(Err(e)) => {
+            let _ = loaded.send(Err(e));
+            return None;
+        }
+        Err(p) => {
+            let _ = loaded.send(Err(panic_message(&p)));
+            return None;
+        }
+    };
+    let _ = state.models.set(generator.models());
+    state.workers_loaded.fetch_add(1, Ordering::Relaxed);
+    let _ = loaded.send(Ok(()));
+    Some(generator)
+}
+
+/// Starts in-memory worker `index`: it loads its generator, reports on `loaded`, then runs
+/// queued tasks one at a time until the store drains (several workers share the queue).
 pub(crate) fn spawn(
     state: Arc<AppState>,
+    store: Arc<Store>,
     loader: GeneratorLoader,
     loaded: tokio::sync::oneshot::Sender<Result<(), String>>,
     index: usize,
@@ -23,40 +47,37 @@ pub(crate) fn spawn(
     std::thread::Builder::new()
         .name(format!("skyreels-worker-{index}"))
         .spawn(move || {
-            let mut generator = match catch_unwind(AssertUnwindSafe(loader)) {
-                Ok(Ok(g)) => g,
-                Ok(Err(e)) => {
-                    let _ = loaded.send(Err(e));
-                    return;
-                }
-                Err(p) => {
-                    let _ = loaded.send(Err(panic_message(&p)));
-                    return;
-                }
+            let Some(mut generator) = load(&state, loader, loaded) else {
+                return;
             };
-            let _ = state.models.set(generator.models());
-            state.workers_loaded.fetch_add(1, Ordering::Relaxed);
-            let _ = loaded.send(Ok(()));
-            while let Some(work) = state.store.next_work() {
-                let outcome = run(&state, &mut *generator, &work);
-                state.store.finish(&work.id, outcome);
+            while let Some(work) = store.next_work() {
+                tracing::info!(id = %work.id, "task started");
+                let outcome = run(&state, &mut *generator, &work, &mut |done, total| {
+                    store.progress(&work.id, done, total);
+                });
+                store.finish(&work.id, outcome);
             }
         })
 }
 
-/// Runs one task to its outcome. A cancel request (DELETE, shutdown) wins over whatever the
-/// generator returned; past `--max-task-seconds` the task stops at its next step and fails
-/// with 5004.
-fn run(state: &AppState, generator: &mut dyn crate::generator::Generator, work: &Work) -> Outcome {
-    let store = &state.store;
-    let file = format!("{}.mp4", work.id);
-    let path = store.video_path(&file);
-    tracing::info!(id = %work.id, "task started");
+/// Runs one task to its outcome, telling `progress` of each step. A cancel request (DELETE,
+/// shutdown: `work.cancel`) wins over whatever the generator returned; past
+/// `--max-task-seconds` the task stops at its next step and fails with 5004. With
+/// `work.base64` the data: URI is written once next to the video.
+pub(crate) fn run(
+    state: &AppState,
+    generator: &mut dyn Generator,
+    work: &Work,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Outcome {
+    let paths = state.jobs.paths();
+    let file = output_file(&work.id);
+    let path = paths.video_path(&file);
     let deadline = state.config.max_task_time.map(|d| Instant::now() + d);
     let mut timed_out = false;
     let result = catch_unwind(AssertUnwindSafe(|| {
         generator.generate(&work.request, &path, &mut |done, total| {
-            store.progress(&work.id, done, total);
+            progress(done, total);
             timed_out = deadline.is_some_and(|d| Instant::now() >= d);
             !timed_out && !work.cancel.load(Ordering::SeqCst)
         })
@@ -110,7 +131,7 @@ fn run(state: &AppState, generator: &mut dyn crate::generator::Generator, work: 
         );
     }
     if let (Outcome::Completed { .. }, true) = (&outcome, work.base64) {
-        if let Err(e) = write_base64(&path, &store.base64_path(&file)) {
+        if let Err(e) = write_base64(&path, &paths.base64_path(&file)) {
             tracing::error!(id = %work.id, "cannot encode the output as base64: {e}");
             outcome = Outcome::Failed(
                 TaskCode::Internal,
@@ -124,14 +145,23 @@ fn run(state: &AppState, generator: &mut dyn crate::generator::Generator, work: 
     outcome
 }
 
+/// The output file of a task.
+pub(crate) fn output_file(id: &str) -> String {
+    format!("{id}.mp4")
+}
+
 /// The data: URI of a video, encoded once (polls and webhooks read it back).
 fn write_base64(video: &Path, to: &Path) -> std::io::Result<()> {
     let bytes = std::fs::read(video)?;
-    let uri = format!(
+    crate::store::write_private(to, data_uri(&bytes).as_bytes())
+}
+
+/// `data:video/mp4;base64,...`
+pub(crate) fn data_uri(mp4: &[u8]) -> String {
+    format!(
         "data:video/mp4;base64,{}",
-        base64::engine::general_purpose::STANDARD.encode(bytes)
-    );
-    crate::store::write_private(to, uri.as_bytes())
+        base64::engine::general_purpose::STANDARD.encode(mp4)
+    )
 }
 
 /// A message with the server's absolute paths cut to their last component, so task errors
@@ -162,7 +192,7 @@ pub fn redact_paths(message: &str) -> String {
     out
 }
 
-fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
+pub(crate) fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
     p.downcast_ref::<&str>()
         .map(|s| s.to_string())
         .or_else(|| p.downcast_ref::<String>().cloned())
@@ -184,6 +214,9 @@ pub(crate) async fn finished_tasks(
         };
         let st = state.clone();
         tokio::spawn(async move {
+            if !st.jobs.claim_webhook(&record).await {
+                return;
+            }
             let body = match serde_json::to_vec(&crate::view::prediction(&st, &record, None).await)
             {
                 Ok(b) => Arc::new(b),

@@ -1140,8 +1140,8 @@ async fn restart_keeps_finished_tasks_and_fails_unfinished_ones() {
     let queued = v["data"]["id"].as_str().unwrap().to_string();
     first.wait(&queued, &["created"]).await;
     // copy the on-disk state as it is now (what a crash would leave), with the finished task
-    first.server.as_ref().unwrap().state.store.flushed().await;
-    h.server.as_ref().unwrap().state.store.flushed().await;
+    first.server.as_ref().unwrap().state.jobs.flushed().await;
+    h.server.as_ref().unwrap().state.jobs.flushed().await;
     let crash = tempfile::tempdir().unwrap();
     copy_dir(first.dir.path(), crash.path());
     copy_dir(h.dir.path(), crash.path());
@@ -1399,7 +1399,7 @@ async fn records_keep_only_the_known_fields_compactly() {
     keys.sort();
     assert_eq!(keys, ["image", "negative_prompt", "prompt", "seed"]);
     h.wait(&id, &["completed"]).await;
-    h.server.as_ref().unwrap().state.store.flushed().await;
+    h.server.as_ref().unwrap().state.jobs.flushed().await;
     let path = h.dir.path().join("jobs").join(format!("{id}.json"));
     let text = std::fs::read_to_string(&path).unwrap();
     assert!(text.len() < 12 << 10, "record of {} bytes", text.len());
@@ -1762,7 +1762,7 @@ async fn user_strings_cannot_forge_log_lines() {
         let (_, hd, _) = h.call(req).await;
         assert_eq!(hd["x-request-id"] == sent, kept, "{sent}");
     }
-    h.server.as_ref().unwrap().state.store.flushed().await;
+    h.server.as_ref().unwrap().state.jobs.flushed().await;
     let text = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
     assert!(text.contains("request"), "nothing captured");
     for line in text.lines() {

@@ -40,6 +40,16 @@ impl ApiError {
     }
 }
 
+impl From<crate::jobs::Unavailable> for ApiError {
+    /// 503 with Retry-After: the job store is unreachable for now.
+    fn from(e: crate::jobs::Unavailable) -> Self {
+        Self {
+            retry_after: Some(5),
+            ..Self::unavailable(e.0)
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut r = envelope(self.status, &self.message, ());

@@ -41,10 +41,13 @@ pub fn router(state: Arc<AppState>, hosts: HostPolicy) -> Router {
         .route("/api/v3/media/upload/binary", post(uploads::upload_binary))
         .route("/api/v3/media/uploads", post(uploads::upload_ticket))
         .route_layer(auth.clone());
-    let files = Router::new()
-        .route("/api/v3/media/files/{id}/{name}", get(uploads::upload_file))
-        .nest_service("/outputs", ServeDir::new(state.store.video_dir()))
-        .layer(from_fn(middleware::inert_files));
+    let files = Router::new().route("/api/v3/media/files/{id}/{name}", get(uploads::upload_file));
+    let files = if state.jobs.outputs_on_disk() {
+        files.nest_service("/outputs", ServeDir::new(state.jobs.paths().video_dir()))
+    } else {
+        files.route("/outputs/{file}", get(uploads::output_file))
+    };
+    let files = files.layer(from_fn(middleware::inert_files));
     let ops = Router::new()
         .route("/metrics", get(ops::metrics))
         .merge(openapi::swagger());
@@ -75,6 +78,15 @@ pub fn router(state: Arc<AppState>, hosts: HostPolicy) -> Router {
         .layer(from_fn_with_state(state.clone(), middleware::body_deadline))
         .layer(from_fn_with_state(Arc::new(hosts), middleware::check_host))
         .layer(from_fn_with_state(state.clone(), middleware::observe))
+        .with_state(state)
+}
+
+/// What a worker process serves on `--metrics-port`: `/metrics` and `/health`.
+pub fn metrics_router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/metrics", get(ops::metrics))
+        .route("/health", get(ops::health))
+        .fallback(not_found)
         .with_state(state)
 }
 

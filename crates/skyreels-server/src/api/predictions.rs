@@ -31,7 +31,11 @@ pub fn task_gone() -> ApiError {
     security(("bearer" = []))
 )]
 pub async fn result(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> ApiResult {
-    let (r, pos) = state.store.get(&id).ok_or_else(|| unknown_task(&id))?;
+    let (r, pos) = state
+        .jobs
+        .get(&id)
+        .await?
+        .ok_or_else(|| unknown_task(&id))?;
     Ok(success(prediction(&state, &r, pos).await))
 }
 
@@ -66,17 +70,17 @@ pub async fn result_alias(state: State<Arc<AppState>>, id: Path<String>) -> ApiR
 )]
 pub async fn cancel(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> ApiResult {
     match state
-        .store
+        .jobs
         .cancel_or_delete(&id)
+        .await?
         .ok_or_else(|| unknown_task(&id))?
     {
         CancelResult::Dequeued | CancelResult::Cancelling => {
-            let (r, pos) = state.store.get(&id).ok_or_else(task_gone)?;
+            let (r, pos) = state.jobs.get(&id).await?.ok_or_else(task_gone)?;
             Ok(success(prediction(&state, &r, pos).await))
         }
         CancelResult::Deleted | CancelResult::AlreadyDeleted => {
             // answered once its files are gone
-            state.store.flushed().await;
             Ok(success(Deleted {
                 id,
                 status: Status::Deleted,

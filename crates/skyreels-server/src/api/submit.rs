@@ -9,8 +9,9 @@ use crate::contract::{
 };
 use crate::generator::{GenerationRequest, ModelInfo};
 use crate::job::{new_id, now_ms, JobRecord, Status, TaskCode};
+use crate::jobs::Jobs;
 use crate::media::{self, ImageSource};
-use crate::store::{AdmitError, Store};
+use crate::store::AdmitError;
 use crate::{AppState, ServerConfig};
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
@@ -166,7 +167,7 @@ fn check_webhook(w: &str, field: &str, config: &ServerConfig) -> Result<String, 
 }
 
 /// Where the `image` string points (a data: URI is decoded off the async runtime).
-async fn image_source(store: &Store, image: String) -> Result<ImageSource, ApiError> {
+async fn image_source(jobs: &Jobs, image: String) -> Result<ImageSource, ApiError> {
     if image.starts_with("data:") {
         return tokio::task::spawn_blocking(move || media::parse_data_uri(&image))
             .await
@@ -193,7 +194,7 @@ async fn image_source(store: &Store, image: String) -> Result<ImageSource, ApiEr
     // an upload of ours is read from disk, whatever host name the client used to reach us
     let segments: Vec<&str> = url.path_segments().map(|s| s.collect()).unwrap_or_default();
     if let ["api", "v3", "media", "files", id, _] = segments.as_slice() {
-        if let Some(u) = store.upload(id) {
+        if let Some(u) = jobs.upload(id).await.map_err(ApiError::from)? {
             return Ok(ImageSource::Upload(u.id));
         }
     }
@@ -235,7 +236,7 @@ pub async fn submit(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult {
-    let models = super::ops::models_loaded(&state)?;
+    let models = super::ops::models_loaded(&state).await?;
     let id = format!("{owner}/{name}");
     let model = models
         .iter()
@@ -252,7 +253,7 @@ pub async fn submit(
     let input = request.echo();
     let mut c = check(request, query.webhook, &model, &state.config)?;
     let source = match c.image.take() {
-        Some(i) => Some(image_source(&state.store, i).await?),
+        Some(i) => Some(image_source(&state.jobs, i).await?),
         None => None,
     };
     let record = JobRecord {
@@ -274,9 +275,11 @@ pub async fn submit(
         total_steps: c.steps,
         timings: vec![],
         counts: vec![],
+        attempts: 0,
     };
     let task_id = record.id.clone();
-    let (mut watch, written) = state.store.admit(record).map_err(|e| match e {
+    // answered only once the record is stored: an accepted task survives a crash
+    state.jobs.admit(record).await.map_err(|e| match e {
         AdmitError::QueueFull => {
             state.metrics.queue_full();
             ApiError {
@@ -289,20 +292,16 @@ pub async fn submit(
             }
         }
         AdmitError::Draining => ApiError::unavailable("the server is shutting down"),
+        AdmitError::Unavailable(m) => ApiError::unavailable(m),
     })?;
-    // answer only once the record is on disk: an accepted task survives a crash
-    let _ = written.await;
     state.metrics.submitted();
     tracing::info!(id = %task_id, model = %model.id, "task accepted");
     let sync = c.sync;
     tokio::spawn(prepare(state.clone(), task_id.clone(), model, c, source));
     if sync {
         let limit = state.config.sync_timeout;
-        let timed_out = tokio::time::timeout(limit, watch.wait_for(|st| st.is_finished()))
-            .await
-            .is_err();
-        if timed_out {
-            let (r, pos) = state.store.get(&task_id).ok_or_else(task_gone)?;
+        if !state.jobs.wait_finished(&task_id, limit).await {
+            let (r, pos) = state.jobs.get(&task_id).await?.ok_or_else(task_gone)?;
             let mut p: Prediction = prediction(&state, &r, pos).await;
             p.code = u32::from(TaskCode::Timeout);
             p.status = Status::Processing;
@@ -313,7 +312,7 @@ pub async fn submit(
             return Ok(success(p));
         }
     }
-    let (r, pos) = state.store.get(&task_id).ok_or_else(task_gone)?;
+    let (r, pos) = state.jobs.get(&task_id).await?.ok_or_else(task_gone)?;
     Ok(success(prediction(&state, &r, pos).await))
 }
 
@@ -340,29 +339,32 @@ async fn prepare(
             Ok(fitted) => fitted,
             Err((code, e)) => {
                 tracing::warn!(%id, "image: {e}");
-                state.store.fail_unstarted(&id, code, e);
+                state.jobs.fail_unstarted(&id, code, e).await;
                 return;
             }
         },
     };
-    state.store.enqueue(
-        &id,
-        GenerationRequest {
-            model: model.id,
-            prompt: c.prompt,
-            negative_prompt: c.negative_prompt,
-            image,
-            height,
-            width,
-            num_frames: c.num_frames,
-            steps: c.steps,
-            guidance_scale: c.guidance_scale,
-            embedded_guidance_scale: c.embedded_guidance_scale,
-            seed: c.seed,
-            fps: c.fps,
-            cache: c.cache,
-        },
-    );
+    state
+        .jobs
+        .enqueue(
+            &id,
+            GenerationRequest {
+                model: model.id,
+                prompt: c.prompt,
+                negative_prompt: c.negative_prompt,
+                image,
+                height,
+                width,
+                num_frames: c.num_frames,
+                steps: c.steps,
+                guidance_scale: c.guidance_scale,
+                embedded_guidance_scale: c.embedded_guidance_scale,
+                seed: c.seed,
+                fps: c.fps,
+                cache: c.cache,
+            },
+        )
+        .await;
 }
 
 type Fitted = (Option<image::RgbImage>, usize, usize);
@@ -389,12 +391,12 @@ async fn load_image(
                 .map_err(media)?
         }
         ImageSource::Data(bytes) => bytes,
-        ImageSource::Upload(upload) => {
-            let path = state.store.upload_data_path(&upload);
-            tokio::fs::read(&path)
-                .await
-                .map_err(|_| media(media::MediaError::MissingUpload(upload)))?
-        }
+        ImageSource::Upload(upload) => state
+            .jobs
+            .upload_bytes(&upload)
+            .await
+            .map_err(|e| (TaskCode::MediaAccessFailed, e.0))?
+            .ok_or_else(|| media(media::MediaError::MissingUpload(upload)))?,
     };
     let _permit = state
         .decodes

@@ -7,8 +7,9 @@ use crate::contract::{
     Envelope, ErrorEnvelope, UploadData, UploadHeaders, UploadTarget, UploadTicketRequest,
     MAX_CONTENT_TYPE_BYTES, MAX_FILENAME_BYTES,
 };
+use crate::jobs::Jobs;
 use crate::media::{sniff_raster, RASTER_TYPES};
-use crate::store::{Store, Upload};
+use crate::store::{new_upload, Paths, Upload};
 use crate::AppState;
 use axum::body::Body;
 use axum::extract::{Multipart, Path, Request, State};
@@ -52,8 +53,8 @@ struct Sink {
 }
 
 impl Sink {
-    async fn create(store: &Store, id: &str, cap: u64) -> Result<Self, ApiError> {
-        let part = store.upload_part_path(id);
+    async fn create(paths: &Paths, id: &str, cap: u64) -> Result<Self, ApiError> {
+        let part = paths.upload_part_path(id);
         let mut o = tokio::fs::OpenOptions::new();
         o.write(true).create_new(true);
         #[cfg(unix)]
@@ -146,21 +147,21 @@ pub async fn upload_binary(
             continue;
         }
         let filename = field.file_name().unwrap_or("upload").to_string();
-        let upload = state
-            .store
-            .new_upload(&filename, "", 0, &super::base_url(&state, &headers));
-        let mut sink = Sink::create(&state.store, &upload.id, max as u64).await?;
+        let upload = new_upload(&filename, "", 0, &super::base_url(&state, &headers));
+        let paths = state.jobs.paths();
+        let mut sink = Sink::create(paths, &upload.id, max as u64).await?;
         while let Some(chunk) = field.chunk().await.map_err(field_error)? {
             sink.write(&chunk, || super::body::too_large(max)).await?;
         }
-        let (mime, size) = sink
-            .finish(state.store.upload_data_path(&upload.id))
+        let (mime, size) = sink.finish(paths.upload_data_path(&upload.id)).await?;
+        let upload = state
+            .jobs
+            .complete_upload(Upload {
+                content_type: mime.into(),
+                size,
+                ..upload
+            })
             .await?;
-        let upload = state.store.complete_upload(Upload {
-            content_type: mime.into(),
-            size,
-            ..upload
-        });
         return Ok(success(upload_data(&upload, None)));
     }
     Err(ApiError::bad("file", "multipart field `file` is required"))
@@ -221,8 +222,9 @@ pub async fn upload_ticket(
     };
     let base = super::base_url(&state, &headers);
     let (upload, token) = state
-        .store
+        .jobs
         .open_ticket(&filename, &ct, size, &base)
+        .await?
         .ok_or_else(|| ApiError {
             status: StatusCode::TOO_MANY_REQUESTS,
             message: "too many upload tickets are open; send or let some expire first".into(),
@@ -259,8 +261,9 @@ pub async fn upload_put(
 ) -> ApiResult {
     // the ticket (and its size) is checked before a byte of the body is read
     let ticket = state
-        .store
+        .jobs
         .take_ticket(&token)
+        .await?
         .ok_or_else(|| ApiError::not_found("unknown or already used upload URL"))?;
     let wrong_size = |got: String| {
         ApiError::bad(
@@ -275,7 +278,8 @@ pub async fn upload_put(
     if let Some(len) = declared.filter(|l| *l != ticket.size) {
         return Err(wrong_size(len.to_string()));
     }
-    let mut sink = Sink::create(&state.store, &ticket.id, ticket.size).await?;
+    let paths = state.jobs.paths();
+    let mut sink = Sink::create(paths, &ticket.id, ticket.size).await?;
     let mut body = body;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| body_error(&e, ticket.size as usize))?;
@@ -287,14 +291,15 @@ pub async fn upload_put(
     if sink.written != ticket.size {
         return Err(wrong_size(sink.written.to_string()));
     }
-    let (mime, size) = sink
-        .finish(state.store.upload_data_path(&ticket.id))
+    let (mime, size) = sink.finish(paths.upload_data_path(&ticket.id)).await?;
+    let upload = state
+        .jobs
+        .complete_upload(Upload {
+            content_type: mime.into(),
+            size,
+            ..ticket
+        })
         .await?;
-    let upload = state.store.complete_upload(Upload {
-        content_type: mime.into(),
-        size,
-        ..ticket
-    });
     Ok(success(upload_data(&upload, None)))
 }
 
@@ -315,14 +320,26 @@ pub async fn upload_file(
     req: Request,
 ) -> Result<Response, ApiError> {
     let upload = state
-        .store
+        .jobs
         .upload(&id)
+        .await?
         .ok_or_else(|| ApiError::not_found("file not found"))?;
-    let response =
-        tower::ServiceExt::oneshot(ServeFile::new(state.store.upload_data_path(&id)), req)
-            .await
-            .map_err(ApiError::internal)?;
-    let mut response = response.map(Body::new);
+    let mut response = match &state.jobs {
+        Jobs::Memory(s) => {
+            let file = ServeFile::new(s.paths().upload_data_path(&id));
+            tower::ServiceExt::oneshot(file, req)
+                .await
+                .map_err(ApiError::internal)?
+                .map(Body::new)
+        }
+        Jobs::Redis(c) => {
+            let bytes = c
+                .upload_bytes(&id)
+                .await?
+                .ok_or_else(|| ApiError::not_found("file not found"))?;
+            Response::new(Body::from(bytes))
+        }
+    };
     let h = response.headers_mut();
     match RASTER_TYPES.iter().find(|t| **t == upload.content_type) {
         Some(raster) => {
@@ -335,5 +352,22 @@ pub async fn upload_file(
             h.insert(header::CONTENT_DISPOSITION, download);
         }
     }
+    Ok(response)
+}
+
+/// A finished video kept in Redis (`--output-store redis`), by file name.
+pub async fn output_file(
+    State(state): State<Arc<AppState>>,
+    Path(file): Path<String>,
+) -> Result<Response, ApiError> {
+    let bytes = state
+        .jobs
+        .output_bytes(&file)
+        .await?
+        .ok_or_else(|| ApiError::not_found("file not found"))?;
+    let mut response = Response::new(Body::from(bytes));
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("video/mp4"));
     Ok(response)
 }

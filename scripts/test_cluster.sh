@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The Redis scale-out mode, live: Redis 7 (Debian's redis-server, installed when missing), two
+# API nodes and two `skyreels worker` processes on the bundled tiny weights, driven by the
+# official WaveSpeed Python SDK (tests/cluster/cluster_test.py: SIGKILL of a worker mid-task, a
+# cancel across nodes, uploads across nodes, an API node restart, a Redis restart with AOF).
+# Everything runs on loopback in a temporary folder and is stopped by PID.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/tiny_server.sh
+if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
+    echo "installing redis-server (Debian package)"
+    sudo_=""
+    [ "$(id -u)" = 0 ] || sudo_="sudo"
+    $sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server >/dev/null \
+        || { $sudo_ apt-get update -q >/dev/null && $sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server >/dev/null; }
+fi
+venv="$target/sdk-venv"
+python_venv "$venv" "wavespeed, av" "wavespeed==2.0.5" "av>=12"
+cargo build -q --locked -p skyreels-cli --bin skyreels
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+if ! "$venv/bin/python" tests/cluster/cluster_test.py "$target/debug/skyreels" "$(command -v redis-server)" weights/example.png "$work"; then
+    for f in "$work"/*.log; do echo "== $f"; tail -40 "$f"; done
+    exit 1
+fi

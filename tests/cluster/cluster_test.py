@@ -1,0 +1,350 @@
+"""A live Redis deployment on the tiny weights, driven by the official WaveSpeed Python SDK
+(run by scripts/test_cluster.sh).
+
+Usage: cluster_test.py SKYREELS_BIN REDIS_SERVER IMAGE WORKDIR
+
+Starts Redis (AOF on, fsync always) on a free loopback port, two API nodes (`serve --redis
+--workers 0`) and two worker processes (`skyreels worker`), then checks: an upload made on node
+A is used in a submit on node B; 12 tasks submitted alternately to A and B and polled on the
+other node all complete exactly once, while the worker running the long one is killed with
+SIGKILL (the task completes on the other worker, attempts = 2); a cancel sent to B stops a task
+submitted on A while it runs; sync mode; each webhook arrives once; restarting an API node loses
+nothing; stopping and restarting Redis loses no accepted task (submits meanwhile get 503 in the
+envelope); /metrics on every node and on the workers' metrics ports. Every process is started
+here and stopped by its PID.
+"""
+import base64
+import http.server
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+BIN, REDIS_SERVER, IMAGE, WORK = sys.argv[1:5]
+KEY = "cluster-test-key"
+os.environ["WAVESPEED_API_KEY"] = KEY  # read at import
+import wavespeed  # noqa: E402
+
+MODEL = "wavespeed-ai/SkyReels-V1"
+CLAIM = "3"
+PROCS = {}
+LONG = {"num_inference_steps": 100, "num_frames": 65}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(name, cmd):
+    log = open(os.path.join(WORK, f"{name}.log"), "ab")
+    PROCS[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    return PROCS[name]
+
+
+def log_of(name):
+    with open(os.path.join(WORK, f"{name}.log"), errors="replace") as f:
+        return f.read()
+
+
+def stop(name, sig=signal.SIGTERM, clean=True):
+    p = PROCS.pop(name)
+    p.send_signal(sig)
+    rc = p.wait(timeout=60)
+    if clean and rc != 0:
+        sys.exit(f"{name} exited with {rc} on {sig.name}:\n{log_of(name)[-3000:]}")
+
+
+REDIS_PORT = free_port()
+REDIS_URL = f"redis://127.0.0.1:{REDIS_PORT}/0"
+REDIS_DIR = os.path.join(WORK, "redis")
+
+
+def start_redis():
+    os.makedirs(REDIS_DIR, exist_ok=True)
+    start("redis", [REDIS_SERVER, "--port", str(REDIS_PORT), "--bind", "127.0.0.1",
+                    "--dir", REDIS_DIR, "--appendonly", "yes", "--appendfsync", "always",
+                    "--save", "", "--daemonize", "no"])
+    for _ in range(100):
+        if redis("PING") == "PONG":
+            return
+        time.sleep(0.1)
+    sys.exit("redis did not start")
+
+
+def redis(*args):
+    r = subprocess.run(["redis-cli", "-p", str(REDIS_PORT), *args], capture_output=True, text=True)
+    return r.stdout.strip()
+
+
+def task_field(task_id, field):
+    return redis("HGET", f"skyreels:task:{task_id}", field)
+
+
+APIS = {"a": free_port(), "b": free_port()}
+
+
+def start_api(name):
+    start(f"api-{name}", [BIN, "serve", "--port", str(APIS[name]), "--api-key", KEY,
+                          "--redis", REDIS_URL, "--workers", "0", "--claim-timeout", CLAIM,
+                          "--allow-private-image-urls", "--output-dir", os.path.join(WORK, f"api-{name}")])
+
+
+WORKER_METRICS = {}
+
+
+def start_worker(name):
+    WORKER_METRICS[name] = free_port()
+    start(name, [BIN, "worker", "--redis", REDIS_URL, "--claim-timeout", CLAIM,
+                 "--allow-private-image-urls", "--metrics-port", str(WORKER_METRICS[name]),
+                 "--output-dir", os.path.join(WORK, name)])
+
+
+def base(name):
+    return f"http://127.0.0.1:{APIS[name]}"
+
+
+def get(url, auth=True, method="GET"):
+    req = urllib.request.Request(url, method=method)
+    if auth:
+        req.add_header("Authorization", f"Bearer {KEY}")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def wait_ready(name):
+    for _ in range(600):
+        try:
+            if get(base(name) + "/ready", auth=False)[0] == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    sys.exit(f"api-{name} never became ready:\n{log_of('api-' + name)[-3000:]}")
+
+
+def result(node, task_id, unavailable_for=0.0):
+    """The prediction; a 503 (Redis unreachable) is retried for `unavailable_for` seconds."""
+    deadline = time.time() + unavailable_for
+    while True:
+        code, body = get(f"{base(node)}/api/v3/predictions/{task_id}/result")
+        if code != 503 or time.time() >= deadline:
+            break
+        time.sleep(0.1)
+    assert code == 200, (code, body)
+    return json.loads(body)["data"]
+
+
+def wait_done(node, ids, limit=240):
+    deadline = time.time() + limit
+    done = {}
+    while time.time() < deadline and len(done) < len(ids):
+        for i in ids:
+            if i not in done:
+                d = result(node, i)
+                if d["status"] in ("completed", "failed", "cancelled"):
+                    done[i] = d
+        time.sleep(0.2)
+    missing = [i for i in ids if i not in done]
+    assert not missing, f"not finished within {limit} s: {missing}"
+    return done
+
+
+def wait_running(task_id, limit=60):
+    deadline = time.time() + limit
+    while time.time() < deadline:
+        if task_field(task_id, "status") == "processing" and int(task_field(task_id, "step") or 0) >= 1:
+            return task_field(task_id, "worker")
+        time.sleep(0.02)
+    sys.exit(f"task {task_id} never ran")
+
+
+def finished_lines(task_id):
+    """How many times any worker stored an outcome for the task (the log line of the winner)."""
+    n = 0
+    for name in ("w1", "w2", "w3"):
+        path = os.path.join(WORK, f"{name}.log")
+        if os.path.exists(path):
+            n += len(re.findall(rf"task finished id={task_id} ", log_of(name)))
+    return n
+
+
+def check_once(done):
+    for i, d in done.items():
+        assert d["status"] == "completed", (i, d["status"], d["error"])
+        assert finished_lines(i) == 1, f"task {i} ended {finished_lines(i)} times"
+
+
+class Hooks(http.server.BaseHTTPRequestHandler):
+    seen = {}
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        Hooks.seen[body["id"]] = Hooks.seen.get(body["id"], 0) + 1
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *a):
+        pass
+
+
+def main():
+    os.makedirs(WORK, exist_ok=True)
+    with open(IMAGE, "rb") as f:
+        image = "data:image/png;base64," + base64.b64encode(f.read()).decode()
+    prompt = "FPS-24, a sunny meadow"
+    start_redis()
+    for n in ("a", "b"):
+        start_api(n)
+    for w in ("w1", "w2"):
+        start_worker(w)
+    wait_ready("a")
+    wait_ready("b")
+    ca = wavespeed.Client(api_key=KEY, base_url=base("a"))
+    cb = wavespeed.Client(api_key=KEY, base_url=base("b"))
+    clients = {"a": ca, "b": cb}
+
+    # an upload made on A, submitted on B, polled and downloaded on A
+    url = ca.upload(IMAGE)
+    assert url.startswith(base("a")), url
+    tid, _ = cb._submit(MODEL, {"prompt": prompt, "image": url, "num_frames": 5})
+    d = wait_done("a", [tid])[tid]
+    assert d["status"] == "completed", d
+    out = d["outputs"][0].replace(base("b"), base("a"))
+    code, mp4 = get(out, auth=False)
+    assert code == 200 and mp4[4:8] == b"ftyp", (code, mp4[:16])
+    print("upload on A, submit on B, output from A: ok")
+
+    # sync mode through a node that runs no worker
+    out = cb.run(MODEL, {"prompt": prompt, "image": image, "seed": 4}, enable_sync_mode=True, timeout=120)
+    assert out["outputs"], out
+    print("sync mode: ok")
+
+    # 12 tasks alternating nodes, each polled on the other; the worker of the long one dies
+    ids, node_of = [], {}
+    for k in range(12):
+        node = "ab"[k % 2]
+        extra = LONG if k == 2 else {}
+        i, _ = clients[node]._submit(MODEL, {"prompt": prompt, "image": image, "seed": k, **extra})
+        ids.append(i)
+        node_of[i] = node
+    long_id = ids[2]
+    victim = wait_running(long_id)
+    pid = int(victim.rsplit("-", 3)[1])
+    name = next(n for n, p in PROCS.items() if p.pid == pid)
+    assert name in ("w1", "w2"), (victim, name)
+    killed_at = time.time()
+    stop(name, signal.SIGKILL, clean=False)
+    print(f"killed {name} (pid {pid}) while it ran {long_id} at step {task_field(long_id, 'step')}")
+    # the task runs again elsewhere within the claim timeout (plus a poll)
+    while task_field(long_id, "attempts") != "2" or task_field(long_id, "worker") == victim:
+        assert time.time() - killed_at < 30, "the killed worker's task was not taken over"
+        time.sleep(0.05)
+    print(f"taken over after {time.time() - killed_at:.1f} s")
+    done = {}
+    for node in "ab":
+        other = "b" if node == "a" else "a"
+        done.update(wait_done(other, [i for i in ids if node_of[i] == node]))
+    check_once(done)
+    assert task_field(long_id, "attempts") == "2", task_field(long_id, "attempts")
+    assert all(task_field(i, "attempts") == "1" for i in ids if i != long_id)
+    print("12 tasks: each completed once; the killed worker's task on attempt 2")
+    start_worker("w3")
+
+    # a cancel on B stops a task submitted on A while it runs
+    cid, _ = ca._submit(MODEL, {"prompt": prompt, "image": image, **LONG})
+    wait_running(cid)
+    code, body = get(f"{base('b')}/api/v3/predictions/{cid}", method="DELETE")
+    assert code == 200, (code, body)
+    d = wait_done("a", [cid])[cid]
+    assert d["status"] == "cancelled" and d["progress"]["step"] < d["progress"]["total"], d
+    print(f"cancel on B stopped A's task at step {d['progress']['step']}")
+
+    # webhooks: each terminal state delivered once
+    hooks = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hooks)
+    threading.Thread(target=hooks.serve_forever, daemon=True).start()
+    hook = f"http://127.0.0.1:{hooks.server_address[1]}/hook"
+    hids = [clients["ab"[k]]._submit(MODEL, {"prompt": prompt, "image": image, "webhook_url": hook})[0]
+            for k in range(2)]
+    wait_done("a", hids)
+    deadline = time.time() + 30
+    while time.time() < deadline and sorted(Hooks.seen) != sorted(hids):
+        time.sleep(0.1)
+    time.sleep(1)
+    assert Hooks.seen == {h: 1 for h in hids}, Hooks.seen
+    hooks.shutdown()
+    print("webhooks: one delivery per task")
+
+    # restarting an API node loses nothing
+    stop("api-a")
+    more = [cb._submit(MODEL, {"prompt": prompt, "image": image, "seed": 50 + k})[0] for k in range(3)]
+    start_api("a")
+    wait_ready("a")
+    check_once(wait_done("a", ids + more))
+    print("API node restarted: every task still answered")
+
+    # Redis stopped and started again: no accepted task lost; submits meanwhile get 503
+    rid, _ = ca._submit(MODEL, {"prompt": prompt, "image": image, **LONG})
+    queued = [cb._submit(MODEL, {"prompt": prompt, "image": image, "seed": 70 + k})[0] for k in range(2)]
+    wait_running(rid)
+    stop("redis")
+    req = urllib.request.Request(f"{base('a')}/api/v3/{MODEL}", method="POST",
+                                 data=json.dumps({"prompt": prompt, "image": image}).encode(),
+                                 headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    t0 = time.time()
+    try:
+        urllib.request.urlopen(req, timeout=30)
+        sys.exit("a submit succeeded while Redis was down")
+    except urllib.error.HTTPError as e:
+        env = json.loads(e.read())
+        assert e.code == 503 and env["code"] == 503 and env["data"] is None, (e.code, env)
+    assert time.time() - t0 < 20, "the 503 took too long"
+    code, _ = get(f"{base('b')}/api/v3/predictions/{rid}/result")
+    assert code == 503, code
+    time.sleep(2)
+    start_redis()
+    back = time.time()
+    result("b", rid, unavailable_for=10)
+    print(f"node B answers {time.time() - back:.2f} s after Redis is back")
+    check_once(wait_done("b", [rid] + queued))
+    print(f"Redis restarted: the running task (attempts {task_field(rid, 'attempts')}) and the queued ones completed")
+
+    # metrics: the cluster view on every API node, the workers' own on their ports
+    # (the workers' heartbeats resume within a third of the claim timeout of Redis's return)
+    want = [f'skyreels_model_workers{{model="{MODEL}"}} 2', f'skyreels_model_queue_depth{{model="{MODEL}"}} 0']
+    for n in "ab":
+        deadline = time.time() + 10
+        while True:
+            text = get(base(n) + "/metrics", auth=False)[1].decode()
+            if all(w in text for w in want) or time.time() > deadline:
+                break
+            time.sleep(0.2)
+        assert all(w in text for w in want), text
+    for w in ("w2", "w3") if "w2" in PROCS else ("w1", "w3"):
+        code, text = get(f"http://127.0.0.1:{WORKER_METRICS[w]}/metrics", auth=False)
+        assert code == 200 and "skyreels_workers 1" in text.decode(), text
+    print("metrics: ok")
+
+    for name in list(PROCS):
+        if name != "redis":
+            stop(name)
+    stop("redis")
+    print("cluster test passed")
+
+
+try:
+    main()
+finally:
+    for p in PROCS.values():
+        p.kill()
