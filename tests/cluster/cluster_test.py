@@ -85,6 +85,16 @@ def redis(*args):
     return r.stdout.strip()
 
 
+def redis_hash(key):
+    """A hash of single-line values (compact JSON)."""
+    flat = redis("HGETALL", key).split("\n")
+    return dict(zip(flat[0::2], flat[1::2]))
+
+
+def clients_for(node):
+    return wavespeed.Client(api_key=KEY, base_url=base(node))
+
+
 def task_field(task_id, field):
     return redis("HGET", f"skyreels:task:{task_id}", field)
 
@@ -172,12 +182,23 @@ def wait_running(task_id, limit=60):
 
 def finished_lines(task_id):
     """How many times any worker stored an outcome for the task (the log line of the winner)."""
-    n = 0
-    for name in ("w1", "w2", "w3"):
-        path = os.path.join(WORK, f"{name}.log")
-        if os.path.exists(path):
-            n += len(re.findall(rf"task finished id={task_id} ", log_of(name)))
-    return n
+    return sum(len(re.findall(rf"task finished id={task_id} ", log_of(w))) for w in WORKER_METRICS)
+
+
+def new_worker():
+    name = f"w{len(WORKER_METRICS) + 1}"
+    start_worker(name)
+    return name
+
+
+def kill_runner(task_id):
+    """SIGKILLs the worker process running the task; its consumer name and the kill time."""
+    victim = wait_running(task_id)
+    pid = int(victim.rsplit("-", 3)[1])
+    name = next(n for n, p in PROCS.items() if p.pid == pid)
+    assert name in WORKER_METRICS, (victim, name)
+    stop(name, signal.SIGKILL, clean=False)
+    return victim, name, time.time()
 
 
 def check_once(done):
@@ -207,8 +228,8 @@ def main():
     start_redis()
     for n in ("a", "b"):
         start_api(n)
-    for w in ("w1", "w2"):
-        start_worker(w)
+    for _ in range(2):
+        new_worker()
     wait_ready("a")
     wait_ready("b")
     ca = wavespeed.Client(api_key=KEY, base_url=base("a"))
@@ -240,13 +261,8 @@ def main():
         ids.append(i)
         node_of[i] = node
     long_id = ids[2]
-    victim = wait_running(long_id)
-    pid = int(victim.rsplit("-", 3)[1])
-    name = next(n for n, p in PROCS.items() if p.pid == pid)
-    assert name in ("w1", "w2"), (victim, name)
-    killed_at = time.time()
-    stop(name, signal.SIGKILL, clean=False)
-    print(f"killed {name} (pid {pid}) while it ran {long_id} at step {task_field(long_id, 'step')}")
+    victim, name, killed_at = kill_runner(long_id)
+    print(f"killed {name} while it ran {long_id} at step {task_field(long_id, 'step')}")
     # the task runs again elsewhere within the claim timeout (plus a poll)
     while task_field(long_id, "attempts") != "2" or task_field(long_id, "worker") == victim:
         assert time.time() - killed_at < 30, "the killed worker's task was not taken over"
@@ -260,7 +276,7 @@ def main():
     assert task_field(long_id, "attempts") == "2", task_field(long_id, "attempts")
     assert all(task_field(i, "attempts") == "1" for i in ids if i != long_id)
     print("12 tasks: each completed once; the killed worker's task on attempt 2")
-    start_worker("w3")
+    new_worker()
 
     # a cancel on B stops a task submitted on A while it runs
     cid, _ = ca._submit(MODEL, {"prompt": prompt, "image": image, **LONG})
@@ -320,6 +336,17 @@ def main():
     check_once(wait_done("b", [rid] + queued))
     print(f"Redis restarted: the running task (attempts {task_field(rid, 'attempts')}) and the queued ones completed")
 
+    # a task whose worker dies 3 times fails with 5003
+    xid, _ = ca._submit(MODEL, {"prompt": prompt, "image": image, **LONG})
+    for attempt in (1, 2, 3):
+        while task_field(xid, "attempts") != str(attempt):
+            time.sleep(0.05)
+        kill_runner(xid)
+        new_worker()
+    d = wait_done("b", [xid])[xid]
+    assert d["status"] == "failed" and d["code"] == 5003 and "3 times" in d["error"], d
+    print(f"3 dead workers: failed with 5003 ({d['error']})")
+
     # metrics: the cluster view on every API node, the workers' own on their ports
     # (the workers' heartbeats resume within a third of the claim timeout of Redis's return)
     want = [f'skyreels_model_workers{{model="{MODEL}"}} 2', f'skyreels_model_queue_depth{{model="{MODEL}"}} 0']
@@ -331,10 +358,37 @@ def main():
                 break
             time.sleep(0.2)
         assert all(w in text for w in want), text
-    for w in ("w2", "w3") if "w2" in PROCS else ("w1", "w3"):
+    for w in [w for w in WORKER_METRICS if w in PROCS]:
         code, text = get(f"http://127.0.0.1:{WORKER_METRICS[w]}/metrics", auth=False)
         assert code == 200 and "skyreels_workers 1" in text.decode(), text
     print("metrics: ok")
+
+    # the queue bound holds cluster-wide; a model with no live worker still queues (database 1:
+    # the model announced, as by a worker that has not started yet, and no worker)
+    for k, v in redis_hash("skyreels:models").items():
+        redis("-n", "1", "HSET", "skyreels:models", k, v)
+    for n in ("c", "d"):
+        APIS[n] = free_port()
+        start(f"api-{n}", [BIN, "serve", "--port", str(APIS[n]), "--api-key", KEY, "--redis",
+                           f"redis://127.0.0.1:{REDIS_PORT}/1", "--workers", "0", "--max-queue", "3",
+                           "--output-dir", os.path.join(WORK, f"api-{n}")])
+    for n in ("c", "d"):
+        for _ in range(300):
+            try:
+                code, body = get(base(n) + "/ready", auth=False)
+                break
+            except OSError:
+                time.sleep(0.1)
+        assert code == 503 and b"no live worker for " + MODEL.encode() in body, (code, body)
+    taken = [clients_for(n)._submit(MODEL, {"prompt": prompt, "image": image})[0] for n in "cdc"]
+    try:
+        clients_for("d")._submit(MODEL, {"prompt": prompt, "image": image})
+        sys.exit("a 4th task was admitted past --max-queue 3")
+    except RuntimeError as e:
+        assert "HTTP 429" in str(e), e
+    positions = [result("d", t)["queue_position"] for t in taken]
+    assert positions == [0, 1, 2], positions
+    print("max-queue 3 across two nodes: the 4th submit got 429; positions", positions)
 
     for name in list(PROCS):
         if name != "redis":

@@ -297,6 +297,17 @@ impl Server {
             loaded.push(rx);
         }
         tokio::spawn(worker::finished_tasks(state.clone(), finished));
+        // a task whose input a dead API node was preparing would hold its queue slot forever
+        let stalled = (state.config.fetch_timeout * 4).max(Duration::from_secs(600));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                match cluster.fail_stalled(stalled).await {
+                    Ok(n) if n > 0 => tracing::warn!("failed {n} tasks never queued by their node"),
+                    _ => {}
+                }
+            }
+        });
         Ok(Self {
             state,
             workers,

@@ -8,7 +8,8 @@
 //! while it runs: status, step, total, attempts, worker, started_at), `input:{id}` (the
 //! prepared request and image), `queue:{model}` (stream), `waiting` (sorted set of the tasks
 //! not started, in admission order: the cluster-wide bound and queue positions), `seq`,
-//! `cancel:{id}`, `output:{file}`, `upload:{id}`, `ticket:{sha256}`, `hook:{id}:{status}`
+//! `cancel:{id}`, `output:{file}`, `upload:{id}`, `ticket:{sha256}` (and `tickets`, the open
+//! ones with their expiry: the cluster-wide bound), `hook:{id}:{status}`
 //! (the webhook once-guard), `models` (hash: model id -> model info), `workers` (sorted set:
 //! worker -> last heartbeat ms), `worker_models` (hash: worker -> its model ids), `secret`.
 
@@ -18,7 +19,7 @@ pub(crate) mod worker;
 use crate::generator::{GenerationRequest, ModelInfo};
 use crate::job::{now_ms, JobRecord, Status, TaskCode};
 use crate::jobs::{Overview, Unavailable};
-use crate::store::{new_ticket, AdmitError, CancelResult, Paths, Upload};
+use crate::store::{new_ticket, AdmitError, CancelResult, Paths, Upload, MAX_OPEN_TICKETS};
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
@@ -102,6 +103,9 @@ impl Keys {
     }
     pub fn worker_models(&self) -> String {
         format!("{}worker_models", self.prefix)
+    }
+    fn tickets(&self) -> String {
+        format!("{}tickets", self.prefix)
     }
     fn secret(&self) -> String {
         format!("{}secret", self.prefix)
@@ -260,11 +264,62 @@ pub(crate) fn down(e: redis::RedisError) -> Unavailable {
     Unavailable("the job store (Redis) is unreachable; retry shortly".into())
 }
 
+/// The node's connection: a connection manager whose command is sent once more, after a short
+/// pause, when the connection turned out to be broken (Redis restarted: the manager reconnects
+/// on that error, so the second try normally goes through instead of failing a client). Every
+/// script is safe to run twice (each checks the state it changes).
+#[derive(Clone)]
+struct Conn(ConnectionManager);
+
+impl Conn {
+    fn retry(e: &redis::RedisError) -> bool {
+        e.is_connection_dropped() || e.is_io_error()
+    }
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        Box::pin(async move {
+            match self.0.req_packed_command(cmd).await {
+                Err(e) if Self::retry(&e) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    self.0.req_packed_command(cmd).await
+                }
+                r => r,
+            }
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        Box::pin(async move {
+            match self.0.req_packed_commands(pipeline, offset, count).await {
+                Err(e) if Self::retry(&e) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    self.0.req_packed_commands(pipeline, offset, count).await
+                }
+                r => r,
+            }
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.0.get_db()
+    }
+}
+
 /// This node's view of the shared engine.
 pub struct Cluster {
     pub config: ClusterConfig,
     pub(crate) client: redis::Client,
-    conn: ConnectionManager,
+    conn: Conn,
     paths: Paths,
     max_queue: usize,
     retention_ms: u64,
@@ -300,7 +355,7 @@ impl Cluster {
             Self {
                 config,
                 client,
-                conn,
+                conn: Conn(conn),
                 paths,
                 max_queue,
                 retention_ms: retention.map_or(0, |r| r.as_millis() as u64),
@@ -313,7 +368,7 @@ impl Cluster {
         ))
     }
 
-    fn conn(&self) -> ConnectionManager {
+    fn conn(&self) -> Conn {
         self.conn.clone()
     }
 
@@ -555,6 +610,37 @@ impl Cluster {
         }
     }
 
+    /// Fails the waiting tasks that were never queued `limit` after their admission (the node
+    /// preparing their input stopped); forgets waiting entries whose record is gone. Returns
+    /// how many it failed.
+    pub async fn fail_stalled(&self, limit: Duration) -> Result<usize, Unavailable> {
+        let mut c = self.conn();
+        let ids: Vec<String> = c.zrange(KEYS.waiting(), 0, -1).await.map_err(down)?;
+        let mut failed = 0;
+        for id in ids {
+            let (enqueued, record): (Option<String>, Option<Vec<u8>>) = redis::cmd("HMGET")
+                .arg(KEYS.task(&id))
+                .arg("enqueued")
+                .arg("record")
+                .query_async(&mut c)
+                .await
+                .map_err(down)?;
+            let Some(record) = record else {
+                let _: () = c.zrem(KEYS.waiting(), &id).await.map_err(down)?;
+                continue;
+            };
+            let created = serde_json::from_slice::<JobRecord>(&record).map_or(0, |r| r.created_at);
+            if enqueued.is_none() && now_ms().saturating_sub(created) > limit.as_millis() as u64 {
+                let why =
+                    "the node preparing this task stopped before it was queued; submit it again";
+                self.fail_unstarted(&id, TaskCode::Unavailable, why.into())
+                    .await;
+                failed += 1;
+            }
+        }
+        Ok(failed)
+    }
+
     pub async fn get(&self, id: &str) -> Result<Option<(JobRecord, Option<usize>)>, Unavailable> {
         let (h, rank): (TaskHash, Option<usize>) = redis::pipe()
             .hgetall(KEYS.task(id))
@@ -714,18 +800,29 @@ impl Cluster {
         let (upload, token) = new_ticket(filename, content_type, size, base_url);
         let meta = serde_json::to_string(&upload).expect("uploads serialize");
         let ttl = self.ttl_or(TICKET_TTL).min(TICKET_TTL.as_millis() as u64);
-        let _: () = self
-            .conn()
-            .pset_ex(KEYS.ticket(&token_digest(&token)), meta, ttl)
+        let (digest, now) = (token_digest(&token), now_ms());
+        let opened: i64 = scripts::TICKET
+            .key(KEYS.tickets())
+            .key(KEYS.ticket(&digest))
+            .arg(now)
+            .arg(MAX_OPEN_TICKETS)
+            .arg(now + ttl)
+            .arg(&digest)
+            .arg(meta)
+            .arg(ttl)
+            .invoke_async(&mut self.conn())
             .await
             .map_err(down)?;
-        Ok(Some((upload, token)))
+        Ok((opened == 1).then_some((upload, token)))
     }
 
     pub async fn take_ticket(&self, token: &str) -> Result<Option<Upload>, Unavailable> {
-        let meta: Option<String> = redis::cmd("GETDEL")
-            .arg(KEYS.ticket(&token_digest(token)))
-            .query_async(&mut self.conn())
+        let digest = token_digest(token);
+        let meta: Option<String> = scripts::TAKE_TICKET
+            .key(KEYS.tickets())
+            .key(KEYS.ticket(&digest))
+            .arg(&digest)
+            .invoke_async(&mut self.conn())
             .await
             .map_err(down)?;
         Ok(meta

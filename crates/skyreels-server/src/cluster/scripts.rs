@@ -20,13 +20,14 @@ return 1
     )
 });
 
-/// Queues a created task's prepared input on its model's stream.
-/// KEYS: task, input, stream. ARGV: id, request JSON, image RGB bytes.
+/// Queues a created task's prepared input on its model's stream (once: a retried call finds it
+/// queued). KEYS: task, input, stream. ARGV: id, request JSON, image RGB bytes.
 /// Returns 1, or 0 when the task is no longer waiting (cancelled, failed, expired).
 pub static ENQUEUE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 if redis.call('HGET', KEYS[1], 'status') ~= 'created' then return 0 end
+if redis.call('HEXISTS', KEYS[1], 'enqueued') == 1 then return 1 end
 redis.call('HSET', KEYS[2], 'request', ARGV[2], 'image', ARGV[3])
 redis.call('XADD', KEYS[3], '*', 'id', ARGV[1])
 redis.call('HSET', KEYS[1], 'enqueued', 1)
@@ -36,20 +37,24 @@ return 1
 });
 
 /// A worker starts (or, after its last worker died, restarts) a task it read from the stream.
-/// KEYS: task, waiting. ARGV: id, worker, now ms, max attempts.
+/// KEYS: task, waiting. ARGV: id, worker, now ms, max attempts, stream entry.
 /// Returns {verdict, attempt}: `run` (this worker owns attempt N), `exhausted` (N attempts
-/// made: fail it), or the status that means there is nothing to do (`gone` when expired).
+/// made: fail it), or what means there is nothing to do: the status, `gone` when expired,
+/// `duplicate` for an entry that is not the one the task runs under.
 pub static START: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local s = redis.call('HGET', KEYS[1], 'status')
 if not s then return {'gone', 0} end
 if s ~= 'created' and s ~= 'processing' then return {s, 0} end
+if s == 'processing' and redis.call('HGET', KEYS[1], 'entry') ~= ARGV[5] then
+  return {'duplicate', 0}
+end
 local a = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
 if a >= tonumber(ARGV[4]) then return {'exhausted', a} end
 a = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('HSET', KEYS[1], 'status', 'processing', 'worker', ARGV[2], 'step', 0,
-  'started_at', ARGV[3])
+  'started_at', ARGV[3], 'entry', ARGV[5])
 redis.call('ZREM', KEYS[2], ARGV[1])
 return {'run', a}
 ",
@@ -113,6 +118,32 @@ if ARGV[8] ~= '' then
   redis.call('XDEL', KEYS[5], ARGV[8])
 end
 return 'ok'
+",
+    )
+});
+
+/// Opens a PUT ticket if fewer than `max` are open cluster-wide.
+/// KEYS: open tickets (sorted set: digest -> expiry ms), ticket. ARGV: now ms, max, expiry ms,
+/// digest, upload JSON, ttl ms. Returns 1, or 0 when too many are open.
+pub static TICKET: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, ARGV[1])
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[4])
+redis.call('SET', KEYS[2], ARGV[5], 'PX', ARGV[6])
+return 1
+",
+    )
+});
+
+/// Takes a ticket (single use). KEYS: open tickets, ticket. ARGV: digest.
+/// Returns the upload JSON, or nil.
+pub static TAKE_TICKET: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+redis.call('ZREM', KEYS[1], ARGV[1])
+return redis.call('GETDEL', KEYS[2])
 ",
     )
 });

@@ -286,6 +286,7 @@ impl Worker {
                 .arg(&name)
                 .arg(now_ms())
                 .arg(MAX_ATTEMPTS)
+                .arg(&t.entry)
                 .invoke(c)
         });
         let (verdict, attempt) = match started {
@@ -362,17 +363,24 @@ impl Worker {
         let (mut asked, mut lost) = (false, false);
         let name = self.name.clone();
         let mut conn = self.conn.take();
+        let mut reconnect_at = std::time::Instant::now();
+        let cluster = self.cluster.clone();
         let outcome = crate::worker::run(state, generator, &work, &mut |done, total| {
-            let said: redis::RedisResult<i64> = match conn.as_mut() {
-                Some(c) => scripts::PROGRESS
-                    .key(KEYS.task(&t.id))
-                    .key(KEYS.cancel(&t.id))
-                    .arg(&name)
-                    .arg(done)
-                    .arg(total)
-                    .invoke(c),
-                None => Ok(1),
+            // Redis away: keep working, try again every few seconds
+            if conn.is_none() && std::time::Instant::now() >= reconnect_at {
+                conn = connect(&cluster).ok();
+                reconnect_at = std::time::Instant::now() + Duration::from_secs(5);
+            }
+            let Some(c) = conn.as_mut() else {
+                return;
             };
+            let said: redis::RedisResult<i64> = scripts::PROGRESS
+                .key(KEYS.task(&t.id))
+                .key(KEYS.cancel(&t.id))
+                .arg(&name)
+                .arg(done)
+                .arg(total)
+                .invoke(c);
             match said {
                 Ok(0) => {
                     lost = true;
@@ -383,7 +391,6 @@ impl Worker {
                     cancel.store(true, Ordering::SeqCst);
                 }
                 Ok(_) => {}
-                // Redis away: keep working, report when it is back
                 Err(_) => conn = None,
             }
         });
