@@ -19,129 +19,42 @@ import json
 import os
 import re
 import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 
+from nodes import MODEL, Nodes
+
 BIN, REDIS_SERVER, IMAGE, WORK = sys.argv[1:5]
 KEY = "cluster-test-key"
 os.environ["WAVESPEED_API_KEY"] = KEY  # read at import
 import wavespeed  # noqa: E402
 
-MODEL = "wavespeed-ai/SkyReels-V1"
 CLAIM = "3"
-PROCS = {}
 LONG = {"num_inference_steps": 100, "num_frames": 65}
+N = Nodes(BIN, REDIS_SERVER, WORK, KEY)
+PROCS, APIS, WORKER_METRICS = N.procs, N.apis, N.worker_metrics
+REDIS_PORT = N.redis_port
+start, stop, log_of, get, base = N.start, N.stop, N.log_of, N.get, N.base
+start_redis, redis, redis_hash, task_field = N.start_redis, N.redis, N.redis_hash, N.task_field
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def start_api(name):
+    N.start_serve(name, "--redis", N.redis_url(), "--workers", "0", "--claim-timeout", CLAIM,
+                  "--allow-private-image-urls")
 
 
-def start(name, cmd):
-    log = open(os.path.join(WORK, f"{name}.log"), "ab")
-    PROCS[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    return PROCS[name]
-
-
-def log_of(name):
-    with open(os.path.join(WORK, f"{name}.log"), errors="replace") as f:
-        return f.read()
-
-
-def stop(name, sig=signal.SIGTERM, clean=True):
-    p = PROCS.pop(name)
-    p.send_signal(sig)
-    rc = p.wait(timeout=60)
-    if clean and rc != 0:
-        sys.exit(f"{name} exited with {rc} on {sig.name}:\n{log_of(name)[-3000:]}")
-
-
-REDIS_PORT = free_port()
-REDIS_URL = f"redis://127.0.0.1:{REDIS_PORT}/0"
-REDIS_DIR = os.path.join(WORK, "redis")
-
-
-def start_redis():
-    os.makedirs(REDIS_DIR, exist_ok=True)
-    start("redis", [REDIS_SERVER, "--port", str(REDIS_PORT), "--bind", "127.0.0.1",
-                    "--dir", REDIS_DIR, "--appendonly", "yes", "--appendfsync", "always",
-                    "--save", "", "--daemonize", "no"])
-    for _ in range(100):
-        if redis("PING") == "PONG":
-            return
-        time.sleep(0.1)
-    sys.exit("redis did not start")
-
-
-def redis(*args):
-    r = subprocess.run(["redis-cli", "-p", str(REDIS_PORT), *args], capture_output=True, text=True)
-    return r.stdout.strip()
-
-
-def redis_hash(key):
-    """A hash of single-line values (compact JSON)."""
-    flat = redis("HGETALL", key).split("\n")
-    return dict(zip(flat[0::2], flat[1::2]))
+def start_worker(name):
+    N.start_worker(name, "--claim-timeout", CLAIM, "--allow-private-image-urls")
 
 
 def clients_for(node):
     return wavespeed.Client(api_key=KEY, base_url=base(node))
 
 
-def task_field(task_id, field):
-    return redis("HGET", f"skyreels:task:{task_id}", field)
-
-
-APIS = {"a": free_port(), "b": free_port()}
-
-
-def start_api(name):
-    start(f"api-{name}", [BIN, "serve", "--port", str(APIS[name]), "--api-key", KEY,
-                          "--redis", REDIS_URL, "--workers", "0", "--claim-timeout", CLAIM,
-                          "--allow-private-image-urls", "--output-dir", os.path.join(WORK, f"api-{name}")])
-
-
-WORKER_METRICS = {}
-
-
-def start_worker(name):
-    WORKER_METRICS[name] = free_port()
-    start(name, [BIN, "worker", "--redis", REDIS_URL, "--claim-timeout", CLAIM,
-                 "--allow-private-image-urls", "--metrics-port", str(WORKER_METRICS[name]),
-                 "--output-dir", os.path.join(WORK, name)])
-
-
-def base(name):
-    return f"http://127.0.0.1:{APIS[name]}"
-
-
-def get(url, auth=True, method="GET"):
-    req = urllib.request.Request(url, method=method)
-    if auth:
-        req.add_header("Authorization", f"Bearer {KEY}")
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
-def wait_ready(name):
-    for _ in range(600):
-        try:
-            if get(base(name) + "/ready", auth=False)[0] == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    sys.exit(f"api-{name} never became ready:\n{log_of('api-' + name)[-3000:]}")
+wait_ready = N.wait_ready
 
 
 def result(node, task_id, unavailable_for=0.0):
@@ -368,10 +281,7 @@ def main():
     for k, v in redis_hash("skyreels:models").items():
         redis("-n", "1", "HSET", "skyreels:models", k, v)
     for n in ("c", "d"):
-        APIS[n] = free_port()
-        start(f"api-{n}", [BIN, "serve", "--port", str(APIS[n]), "--api-key", KEY, "--redis",
-                           f"redis://127.0.0.1:{REDIS_PORT}/1", "--workers", "0", "--max-queue", "3",
-                           "--output-dir", os.path.join(WORK, f"api-{n}")])
+        N.start_serve(n, "--redis", N.redis_url(1), "--workers", "0", "--max-queue", "3")
     for n in ("c", "d"):
         for _ in range(300):
             try:
@@ -390,15 +300,11 @@ def main():
     assert positions == [0, 1, 2], positions
     print("max-queue 3 across two nodes: the 4th submit got 429; positions", positions)
 
-    for name in list(PROCS):
-        if name != "redis":
-            stop(name)
-    stop("redis")
+    N.stop_all()
     print("cluster test passed")
 
 
 try:
     main()
 finally:
-    for p in PROCS.values():
-        p.kill()
+    N.kill_all()
