@@ -278,8 +278,27 @@ fn help_documents_the_flags() {
         "--body-timeout",
         "--idle-timeout",
         "--max-connections",
+        "--redis",
+        "SKYREELS_REDIS_URL",
+        "--workers",
+        "--output-store",
+        "--claim-timeout",
     ] {
         assert!(out.contains(flag), "{flag} missing from serve --help");
+    }
+    let o = skyreels(dir.path(), &["worker", "--help"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    for flag in [
+        "--redis",
+        "--model",
+        "--transformer",
+        "--device",
+        "--metrics-port",
+        "--claim-timeout",
+        "--output-store",
+        "--max-task-seconds",
+    ] {
+        assert!(out.contains(flag), "{flag} missing from worker --help");
     }
 }
 
@@ -305,6 +324,32 @@ fn serve_refuses_bad_settings() {
         (
             &["serve", "--header-timeout", "0"][..],
             "--header-timeout must be at least 1",
+        ),
+        (
+            &["serve", "--workers", "0"][..],
+            "--workers 0 (an API-only node) needs --redis",
+        ),
+        (
+            &["serve", "--workers", "3", "--device", "cpu:0,cpu:1"][..],
+            "--workers 3: this node has 2 device entries",
+        ),
+        (
+            &["serve", "--claim-timeout", "0"][..],
+            "--claim-timeout must be a positive number",
+        ),
+        (
+            &["worker"][..],
+            "skyreels worker takes its tasks from Redis",
+        ),
+        (
+            &[
+                "worker",
+                "--redis",
+                "http://:secret@host/0",
+                "--output-dir",
+                out,
+            ][..],
+            "--redis \"http://:***@host/0\"",
         ),
         (
             &[
