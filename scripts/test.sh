@@ -6,6 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# the Redis-mode server tests start their own redis-server (Debian's, installed when missing)
+./scripts/ensure_redis.sh
 cargo test --workspace --locked
 # gpu_check.sh run: finding the CUDA libraries of a GPU machine (no GPU needed)
 ./scripts/test_gpu_check.sh

@@ -7,13 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/tiny_server.sh
-if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
-    echo "installing redis-server (Debian package)"
-    sudo_=""
-    [ "$(id -u)" = 0 ] || sudo_="sudo"
-    $sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server >/dev/null \
-        || { $sudo_ apt-get update -q >/dev/null && $sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server >/dev/null; }
-fi
+./scripts/ensure_redis.sh
 venv="$target/sdk-venv"
 python_venv "$venv" "wavespeed, av" "wavespeed==2.0.5" "av>=12"
 cargo build -q --locked -p skyreels-cli --bin skyreels

@@ -9,6 +9,7 @@ use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use skyreels_params::CacheSpec;
+use skyreels_server::cluster::{ClusterConfig, OutputStore};
 use skyreels_server::generator::{
     GenerateFailure, Generated, GenerationRequest, Generator, ModelInfo,
 };
@@ -125,6 +126,73 @@ struct Harness {
     router: Router,
     seen: Arc<Mutex<Vec<GenerationRequest>>>,
     dir: tempfile::TempDir,
+    /// The Redis of a Redis-mode server (stopped with the harness).
+    redis: Option<RedisServer>,
+}
+
+/// A real `redis-server` (Debian's package; `scripts/test.sh` installs it) on a free loopback
+/// port in a temporary folder, stopped on drop.
+struct RedisServer {
+    child: std::process::Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server not found: install Debian's redis-server (scripts/test.sh does)");
+        // owned (and so stopped) from here on, whatever happens next
+        let server = Self {
+            child,
+            url: format!("redis://127.0.0.1:{port}/0"),
+            _dir: dir,
+        };
+        for _ in 0..200 {
+            if let Ok(mut c) = redis::Client::open(server.url.as_str())
+                .unwrap()
+                .get_connection()
+            {
+                if redis::cmd("PING").query::<String>(&mut c).is_ok() {
+                    return server;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("redis-server did not answer on port {port}");
+    }
+
+    fn conn(&self) -> redis::Connection {
+        redis::Client::open(self.url.as_str())
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 fn config(dir: &Path) -> ServerConfig {
@@ -162,7 +230,7 @@ async fn start_workers_with(
                 as skyreels_server::generator::GeneratorLoader
         })
         .collect();
-    let mut server = Server::start_workers(c, loaders).unwrap();
+    let mut server = Server::start_node(c, loaders).await.unwrap();
     server.wait_loaded().await.unwrap();
     let router = server.router();
     Harness {
@@ -170,7 +238,37 @@ async fn start_workers_with(
         router,
         seen,
         dir,
+        redis: None,
     }
+}
+
+/// A Redis-mode server (its own Redis) with one fake worker in the process.
+async fn start_redis_with(cfg: impl FnOnce(&mut ServerConfig), gate: Gate) -> Harness {
+    let redis = RedisServer::start();
+    let url = redis.url.clone();
+    let mut h = start_with(
+        tempfile::tempdir().unwrap(),
+        |c| {
+            c.redis = Some(ClusterConfig {
+                url,
+                claim_timeout: Duration::from_secs(30),
+                output_store: OutputStore::Redis,
+            });
+            cfg(c)
+        },
+        gate,
+    )
+    .await;
+    // the worker announces its model on its first connection
+    for _ in 0..200 {
+        let (s, _) = h.json("GET", "/ready", None, None).await;
+        if s == StatusCode::OK {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    h.redis = Some(redis);
+    h
 }
 
 async fn start(cfg: impl FnOnce(&mut ServerConfig)) -> Harness {
@@ -2154,4 +2252,243 @@ async fn the_playground_is_served_with_a_strict_csp() {
             }
         }
     }
+}
+
+/// The same routes with the Redis engine behind them (a real redis-server, one in-process fake
+/// worker): queue positions and the bound, cancels, outputs and base64 from Redis, deletes,
+/// sync mode, uploads, metrics, and 503 in the envelope once Redis is gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_engine_serves_the_routes_the_same_way() {
+    let gate = Gate::closed();
+    let mut h = start_redis_with(|_| {}, gate.clone()).await;
+    let (s, v) = h.json("GET", "/ready", None, None).await;
+    assert_eq!(
+        (s, v["data"]["status"].as_str()),
+        (StatusCode::OK, Some("ready"))
+    );
+    let (_, v) = h.json("GET", "/api/v3/models", None, Some(KEY)).await;
+    assert_eq!(v["data"][0]["model_id"], MODEL, "{v}");
+
+    // one running, three waiting (max_queue 3): the next is refused
+    let id = |v: &Value| v["data"]["id"].as_str().unwrap().to_string();
+    let (_, v) = h.submit(body("p")).await;
+    let running = id(&v);
+    h.wait(&running, &["processing"]).await;
+    let mut waiting = vec![];
+    for k in 0..3 {
+        let (s, v) = h.submit(body("p")).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        let d = h.wait(&id(&v), &["created"]).await;
+        assert_eq!(d["queue_position"], k, "{d}");
+        waiting.push(id(&v));
+    }
+    let (s, v) = h.submit(body("p")).await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{v}");
+    // cancel a waiting one and the running one (at its next step)
+    let (s, v) = h.delete(&waiting[0]).await;
+    assert_eq!(
+        (s, v["data"]["status"].as_str()),
+        (StatusCode::OK, Some("cancelled"))
+    );
+    assert_eq!(h.get(&waiting[1]).await["queue_position"], 0);
+    let (s, v) = h.delete(&running).await;
+    assert_eq!(
+        (s, v["data"]["status"].as_str()),
+        (StatusCode::OK, Some("processing"))
+    );
+    let d = h.wait(&running, &["cancelled", "completed"]).await;
+    assert_eq!(d["status"], "cancelled", "{d}");
+    gate.open();
+    let done = h.wait(&waiting[1], &["completed"]).await;
+    h.wait(&waiting[2], &["completed"]).await;
+    assert_eq!(done["progress"], json!({"step": 4, "total": 4}));
+
+    // the output is served from Redis, by file name; deleting the task deletes it
+    let url = done["outputs"][0].as_str().unwrap();
+    let path = url
+        .strip_prefix("http://gen.local:8000")
+        .unwrap()
+        .to_string();
+    let get = |p: &str| Request::get(p).body(Body::empty()).unwrap();
+    let (s, headers, bytes) = h.call(get(&path)).await;
+    assert_eq!(
+        (s, headers[header::CONTENT_TYPE].to_str().unwrap()),
+        (StatusCode::OK, "video/mp4")
+    );
+    assert_eq!(String::from_utf8_lossy(&bytes), "fake mp4 96x64 seed 7");
+    let (s, v) = h.delete(&waiting[1]).await;
+    assert_eq!(
+        (s, v["data"]["status"].as_str()),
+        (StatusCode::OK, Some("deleted"))
+    );
+    assert_eq!(h.call(get(&path)).await.0, StatusCode::NOT_FOUND);
+
+    // base64 output (encoded from the bytes in Redis) and sync mode
+    let mut b = body("p");
+    b["enable_base64_output"] = json!(true);
+    b["enable_sync_mode"] = json!(true);
+    let (s, v) = h.submit(b).await;
+    assert_eq!(
+        (s, v["data"]["status"].as_str()),
+        (StatusCode::OK, Some("completed")),
+        "{v}"
+    );
+    let uri = v["data"]["outputs"][0].as_str().unwrap();
+    let b64 = uri.strip_prefix("data:video/mp4;base64,").unwrap();
+    let mp4 = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&mp4), "fake mp4 96x64 seed 7");
+
+    // an upload (ticket + PUT) kept in Redis, served back and used by a submit
+    let png = png_bytes(40, 30);
+    let put_url = h
+        .ticket(json!({"filename": "cat.png", "size": png.len(), "content_type": "image/png"}))
+        .await;
+    let put = Request::put(&put_url)
+        .header(header::CONTENT_TYPE, "image/png")
+        .body(Body::from(png.clone()))
+        .unwrap();
+    let (s, _, b) = h.call(put).await;
+    assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+    let v: Value = serde_json::from_slice(&b).unwrap();
+    let file_url = v["data"]["download_url"].as_str().unwrap();
+    let file_path = file_url.strip_prefix("http://gen.local:8000").unwrap();
+    let (s, headers, bytes) = h.call(get(file_path)).await;
+    assert_eq!(
+        (s, headers[header::CONTENT_TYPE].to_str().unwrap(), bytes),
+        (StatusCode::OK, "image/png", png)
+    );
+    let (_, v) = h.submit(json!({"prompt": "p", "image": file_url})).await;
+    assert_eq!(
+        h.wait(&id(&v), &["completed", "failed"]).await["status"],
+        "completed"
+    );
+
+    let text = metrics_text(&h).await;
+    for want in [
+        format!("skyreels_model_workers{{model=\"{MODEL}\"}} 1"),
+        format!("skyreels_model_queue_depth{{model=\"{MODEL}\"}} 0"),
+        "skyreels_workers 1".into(),
+    ] {
+        assert!(text.contains(&want), "missing {want}:\n{text}");
+    }
+
+    // Redis gone: 503 in the envelope with Retry-After, no hang
+    drop(h.redis.take());
+    let (s, v) = h.submit(body("p")).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("Redis"), "{v}");
+    let (s, _) = h.result(&running).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    let (s, _) = h.json("GET", "/ready", None, None).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+}
+
+/// The Redis engine's own guards, on the store directly: the cluster-wide queue bound, tasks
+/// whose node died before queueing them, the webhook once-guard, the bound on open upload
+/// tickets, and a retried enqueue that queues once.
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_engine_guards() {
+    use skyreels_server::job::{new_id, now_ms, JobRecord, Status, TaskCode};
+    use skyreels_server::jobs::Jobs;
+    use skyreels_server::store::{AdmitError, MAX_OPEN_TICKETS};
+    let h = start_redis_with(|c| c.max_queue = 2, Gate::closed()).await;
+    let Jobs::Redis(c) = &h.server.as_ref().unwrap().state.jobs else {
+        panic!("not a Redis engine");
+    };
+    let record = |model: &str, age_ms: u64| JobRecord {
+        id: new_id(),
+        model: model.into(),
+        status: Status::Created,
+        input: Default::default(),
+        base_url: "http://gen.local:8000".into(),
+        created_at: now_ms() - age_ms,
+        started_at: None,
+        completed_at: None,
+        error: String::new(),
+        code: TaskCode::Ok,
+        seed: 1,
+        outputs: vec![],
+        base64_output: false,
+        webhook: None,
+        step: 0,
+        total_steps: 4,
+        timings: vec![],
+        counts: vec![],
+        attempts: 0,
+    };
+    // "other/model" has no worker: what is queued for it stays queued
+    let (old, fresh) = (record("other/model", 20 * 60_000), record("other/model", 0));
+    c.admit(old.clone()).await.unwrap();
+    c.admit(fresh.clone()).await.unwrap();
+    assert_eq!(
+        c.admit(record("other/model", 0)).await,
+        Err(AdmitError::QueueFull)
+    );
+    // the old one was never queued: failed 5003; the fresh one keeps waiting
+    let ten_minutes = Duration::from_secs(600);
+    assert_eq!(c.fail_stalled(ten_minutes).await.unwrap(), 1);
+    let (r, _) = c.get(&old.id).await.unwrap().unwrap();
+    assert_eq!((r.status, r.code), (Status::Failed, TaskCode::Unavailable));
+    let (r, pos) = c.get(&fresh.id).await.unwrap().unwrap();
+    assert_eq!((r.status, pos), (Status::Created, Some(0)));
+    // a retried enqueue queues once
+    let request = GenerationRequest {
+        model: "other/model".into(),
+        prompt: "p".into(),
+        negative_prompt: None,
+        image: None,
+        height: 64,
+        width: 96,
+        num_frames: 9,
+        steps: 4,
+        guidance_scale: 6.0,
+        embedded_guidance_scale: 1.0,
+        seed: 1,
+        fps: 24.0,
+        cache: CacheSpec::None,
+    };
+    c.enqueue(&fresh.id, request.clone()).await;
+    c.enqueue(&fresh.id, request.clone()).await;
+    let mut conn = h.redis.as_ref().unwrap().conn();
+    let len: usize = redis::cmd("XLEN")
+        .arg("skyreels:queue:other/model")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(len, 1);
+    // an old task that was queued is not failed as stalled
+    let queued_old = record("other/model", 20 * 60_000);
+    c.admit(queued_old.clone()).await.unwrap();
+    c.enqueue(&queued_old.id, request).await;
+    assert_eq!(c.fail_stalled(ten_minutes).await.unwrap(), 0);
+    assert_eq!(
+        c.get(&queued_old.id).await.unwrap().unwrap().0.status,
+        Status::Created
+    );
+    // each terminal state's webhook is claimed once
+    let (r, _) = c.get(&old.id).await.unwrap().unwrap();
+    assert!(c.claim_webhook(&r).await);
+    assert!(!c.claim_webhook(&r).await);
+    // open tickets are bounded cluster-wide; a taken ticket frees its place and is single use
+    let mut tokens = vec![];
+    for _ in 0..MAX_OPEN_TICKETS {
+        let t = c
+            .open_ticket("a.png", "image/png", 10, "http://x")
+            .await
+            .unwrap();
+        tokens.push(t.expect("below the bound").1);
+    }
+    assert!(c
+        .open_ticket("a.png", "image/png", 10, "http://x")
+        .await
+        .unwrap()
+        .is_none());
+    assert!(c.take_ticket(&tokens[0]).await.unwrap().is_some());
+    assert!(c.take_ticket(&tokens[0]).await.unwrap().is_none());
+    assert!(c
+        .open_ticket("a.png", "image/png", 10, "http://x")
+        .await
+        .unwrap()
+        .is_some());
 }
