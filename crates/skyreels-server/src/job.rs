@@ -178,6 +178,37 @@ pub struct InvalidTransition {
 }
 
 impl JobRecord {
+    /// A new task (status created, a fresh id, admitted now) of `total_steps` steps.
+    pub fn created(
+        model: &str,
+        input: SubmitRequest,
+        base_url: String,
+        seed: u64,
+        total_steps: usize,
+    ) -> Self {
+        JobRecord {
+            id: new_id(),
+            model: model.into(),
+            status: Status::Created,
+            input,
+            base_url,
+            created_at: now_ms(),
+            started_at: None,
+            completed_at: None,
+            error: String::new(),
+            code: TaskCode::Ok,
+            seed,
+            outputs: vec![],
+            base64_output: false,
+            webhook: None,
+            step: 0,
+            total_steps,
+            timings: vec![],
+            counts: vec![],
+            attempts: 0,
+        }
+    }
+
     /// Moves to `to`, stamping times; failures carry their code and message.
     pub fn transition(&mut self, to: Status) -> Result<(), InvalidTransition> {
         if !self.status.can_become(to) {
@@ -222,27 +253,14 @@ mod tests {
     use super::*;
 
     pub(crate) fn record() -> JobRecord {
-        JobRecord {
-            id: new_id(),
-            model: "wavespeed-ai/SkyReels-V1".into(),
-            status: Status::Created,
-            input: SubmitRequest::default(),
-            base_url: "http://localhost".into(),
-            created_at: now_ms(),
-            started_at: None,
-            completed_at: None,
-            error: String::new(),
-            code: TaskCode::Ok,
-            seed: 1,
-            outputs: vec![],
-            base64_output: false,
-            webhook: None,
-            step: 0,
-            total_steps: 30,
-            timings: vec![],
-            counts: vec![],
-            attempts: 0,
-        }
+        let input = SubmitRequest::default();
+        JobRecord::created(
+            "wavespeed-ai/SkyReels-V1",
+            input,
+            "http://localhost".into(),
+            1,
+            30,
+        )
     }
 
     #[test]

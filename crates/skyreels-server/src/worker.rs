@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 /// Loads a worker's generator, reporting on `loaded`; `None` when it failed (reported).
-pub(crate) fn load(
+fn load(
     state: &AppState,
     loader: GeneratorLoader,
     loaded: tokio::sync::oneshot::Sender<Result<(), String>>,
@@ -35,8 +35,26 @@ pub(crate) fn load(
     Some(generator)
 }
 
-/// Starts in-memory worker `index`: it loads its generator, reports on `loaded`, then runs
-/// queued tasks one at a time until the store drains (several workers share the queue).
+/// Starts worker thread `index`: it loads its generator, reports on `loaded`, then hands the
+/// generator to `run` (the engine's task loop).
+pub(crate) fn spawn_thread(
+    state: Arc<AppState>,
+    loader: GeneratorLoader,
+    loaded: tokio::sync::oneshot::Sender<Result<(), String>>,
+    index: usize,
+    run: impl FnOnce(Box<dyn Generator>) + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(format!("skyreels-worker-{index}"))
+        .spawn(move || {
+            if let Some(generator) = load(&state, loader, loaded) {
+                run(generator);
+            }
+        })
+}
+
+/// Starts in-memory worker `index`: it runs queued tasks one at a time until the store drains
+/// (several workers share the queue).
 pub(crate) fn spawn(
     state: Arc<AppState>,
     store: Arc<Store>,
@@ -44,20 +62,16 @@ pub(crate) fn spawn(
     loaded: tokio::sync::oneshot::Sender<Result<(), String>>,
     index: usize,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name(format!("skyreels-worker-{index}"))
-        .spawn(move || {
-            let Some(mut generator) = load(&state, loader, loaded) else {
-                return;
-            };
-            while let Some(work) = store.next_work() {
-                tracing::info!(id = %work.id, "task started");
-                let outcome = run(&state, &mut *generator, &work, &mut |done, total| {
-                    store.progress(&work.id, done, total);
-                });
-                store.finish(&work.id, outcome);
-            }
-        })
+    let st = state.clone();
+    spawn_thread(state, loader, loaded, index, move |mut generator| {
+        while let Some(work) = store.next_work() {
+            tracing::info!(id = %work.id, "task started");
+            let outcome = run(&st, &mut *generator, &work, &mut |done, total| {
+                store.progress(&work.id, done, total);
+            });
+            store.finish(&work.id, outcome);
+        }
+    })
 }
 
 /// Runs one task to its outcome, telling `progress` of each step. A cancel request (DELETE,

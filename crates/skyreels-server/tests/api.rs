@@ -2390,7 +2390,7 @@ async fn redis_engine_serves_the_routes_the_same_way() {
 /// tickets, and a retried enqueue that queues once.
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_engine_guards() {
-    use skyreels_server::job::{new_id, now_ms, JobRecord, Status, TaskCode};
+    use skyreels_server::job::{now_ms, JobRecord, Status, TaskCode};
     use skyreels_server::jobs::Jobs;
     use skyreels_server::store::{AdmitError, MAX_OPEN_TICKETS};
     let h = start_redis_with(|c| c.max_queue = 2, Gate::closed()).await;
@@ -2398,25 +2398,14 @@ async fn redis_engine_guards() {
         panic!("not a Redis engine");
     };
     let record = |model: &str, age_ms: u64| JobRecord {
-        id: new_id(),
-        model: model.into(),
-        status: Status::Created,
-        input: Default::default(),
-        base_url: "http://gen.local:8000".into(),
         created_at: now_ms() - age_ms,
-        started_at: None,
-        completed_at: None,
-        error: String::new(),
-        code: TaskCode::Ok,
-        seed: 1,
-        outputs: vec![],
-        base64_output: false,
-        webhook: None,
-        step: 0,
-        total_steps: 4,
-        timings: vec![],
-        counts: vec![],
-        attempts: 0,
+        ..JobRecord::created(
+            model,
+            Default::default(),
+            "http://gen.local:8000".into(),
+            1,
+            4,
+        )
     };
     // "other/model" has no worker: what is queued for it stays queued
     let (old, fresh) = (record("other/model", 20 * 60_000), record("other/model", 0));

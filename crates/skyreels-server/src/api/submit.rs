@@ -8,7 +8,7 @@ use crate::contract::{
     AspectRatio, Envelope, ErrorEnvelope, Prediction, SubmitRequest, MAX_URL_BYTES,
 };
 use crate::generator::{GenerationRequest, ModelInfo};
-use crate::job::{new_id, now_ms, JobRecord, Status, TaskCode};
+use crate::job::{JobRecord, Status, TaskCode};
 use crate::jobs::Jobs;
 use crate::media::{self, ImageSource};
 use crate::store::AdmitError;
@@ -257,25 +257,15 @@ pub async fn submit(
         None => None,
     };
     let record = JobRecord {
-        id: new_id(),
-        model: model.id.clone(),
-        status: Status::Created,
-        input,
-        base_url: super::base_url(&state, &headers),
-        created_at: now_ms(),
-        started_at: None,
-        completed_at: None,
-        error: String::new(),
-        code: TaskCode::Ok,
-        seed: c.seed,
-        outputs: vec![],
         base64_output: c.base64,
         webhook: c.webhook.clone(),
-        step: 0,
-        total_steps: c.steps,
-        timings: vec![],
-        counts: vec![],
-        attempts: 0,
+        ..JobRecord::created(
+            &model.id,
+            input,
+            super::base_url(&state, &headers),
+            c.seed,
+            c.steps,
+        )
     };
     let task_id = record.id.clone();
     // answered only once the record is stored: an accepted task survives a crash

@@ -42,48 +42,44 @@ pub(crate) fn spawn(
     loaded: tokio::sync::oneshot::Sender<Result<(), String>>,
     index: usize,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name(format!("skyreels-worker-{index}"))
-        .spawn(move || {
-            let Some(mut generator) = crate::worker::load(&state, loader, loaded) else {
-                return;
-            };
-            let name = format!(
-                "{}-{}-{index}-{}",
-                hostname(),
-                std::process::id(),
-                &new_id()[..6]
-            );
-            let mut w = Worker {
-                cluster: cluster.clone(),
-                models: generator.models(),
-                name,
-                conn: None,
-                current: Arc::default(),
-            };
-            tracing::info!(worker = %w.name, "worker ready (redis)");
-            let stop = Arc::new(AtomicBool::new(false));
-            let beat = heartbeat(&w, stop.clone());
-            let mut backoff = Backoff::default();
-            while !cluster.is_draining() {
-                match w.next() {
-                    Ok(Some(t)) => {
-                        backoff.reset();
-                        w.handle(&state, &mut *generator, t);
-                    }
-                    Ok(None) => backoff.reset(),
-                    Err(e) => {
-                        tracing::warn!(worker = %w.name, "redis: {e}; reconnecting");
-                        w.conn = None;
-                        backoff.sleep();
-                    }
+    let st = state.clone();
+    crate::worker::spawn_thread(state, loader, loaded, index, move |mut generator| {
+        let name = format!(
+            "{}-{}-{index}-{}",
+            hostname(),
+            std::process::id(),
+            &new_id()[..6]
+        );
+        let mut w = Worker {
+            cluster: cluster.clone(),
+            models: generator.models(),
+            name,
+            conn: None,
+            current: Arc::default(),
+        };
+        tracing::info!(worker = %w.name, "worker ready (redis)");
+        let stop = Arc::new(AtomicBool::new(false));
+        let beat = heartbeat(&w, stop.clone());
+        let mut backoff = Backoff::default();
+        while !cluster.is_draining() {
+            match w.next() {
+                Ok(Some(t)) => {
+                    backoff.reset();
+                    w.handle(&st, &mut *generator, t);
+                }
+                Ok(None) => backoff.reset(),
+                Err(e) => {
+                    tracing::warn!(worker = %w.name, "redis: {e}; reconnecting");
+                    w.conn = None;
+                    backoff.sleep();
                 }
             }
-            stop.store(true, Ordering::SeqCst);
-            if let Some(b) = beat {
-                let _ = b.join();
-            }
-        })
+        }
+        stop.store(true, Ordering::SeqCst);
+        if let Some(b) = beat {
+            let _ = b.join();
+        }
+    })
 }
 
 /// Exponential backoff from 100 ms to 5 s.
