@@ -1,10 +1,12 @@
 //! `skyreels-server`: a WaveSpeed `/api/v3` compatible HTTP server for video generation.
 //!
 //! Layers: [`generator::Generator`] (the model, behind a trait; no candle here) -> worker
-//! threads, one per device, each owning its own generator -> [`store::Store`] (jobs, FIFO queue, uploads, records on disk) ->
-//! [`api::router`] (axum, its contract typed in [`contract`]) -> connections served with
-//! timeouts and a cap (`http`). Finished tasks flow to an async task that logs them and sends
-//! webhooks. The HTTP contract is `docs/API.md`.
+//! threads, one per device, each owning its own generator -> [`jobs::Jobs`], the job store seam:
+//! [`store::Store`] (one process: jobs, FIFO queue, uploads, records on disk) or
+//! [`cluster::Cluster`] (Redis, shared by many API nodes and workers) -> [`api::router`] (axum,
+//! its contract typed in [`contract`]) -> connections served with timeouts and a cap (`http`).
+//! Finished tasks flow to an async task that logs them and sends webhooks. The HTTP contract is
+//! `docs/API.md`.
 
 pub mod api;
 pub mod cluster;

@@ -243,7 +243,11 @@ async fn start_workers_with(
 }
 
 /// A Redis-mode server (its own Redis) with one fake worker in the process.
-async fn start_redis_with(cfg: impl FnOnce(&mut ServerConfig), gate: Gate) -> Harness {
+async fn start_redis_with(
+    cfg: impl FnOnce(&mut ServerConfig),
+    gate: Gate,
+    output_store: OutputStore,
+) -> Harness {
     let redis = RedisServer::start();
     let url = redis.url.clone();
     let mut h = start_with(
@@ -252,7 +256,7 @@ async fn start_redis_with(cfg: impl FnOnce(&mut ServerConfig), gate: Gate) -> Ha
             c.redis = Some(ClusterConfig {
                 url,
                 claim_timeout: Duration::from_secs(30),
-                output_store: OutputStore::Redis,
+                output_store,
             });
             cfg(c)
         },
@@ -2260,7 +2264,7 @@ async fn the_playground_is_served_with_a_strict_csp() {
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_engine_serves_the_routes_the_same_way() {
     let gate = Gate::closed();
-    let mut h = start_redis_with(|_| {}, gate.clone()).await;
+    let mut h = start_redis_with(|_| {}, gate.clone(), OutputStore::Redis).await;
     let (s, v) = h.json("GET", "/ready", None, None).await;
     assert_eq!(
         (s, v["data"]["status"].as_str()),
@@ -2393,7 +2397,7 @@ async fn redis_engine_guards() {
     use skyreels_server::job::{now_ms, JobRecord, Status, TaskCode};
     use skyreels_server::jobs::Jobs;
     use skyreels_server::store::{AdmitError, MAX_OPEN_TICKETS};
-    let h = start_redis_with(|c| c.max_queue = 2, Gate::closed()).await;
+    let h = start_redis_with(|c| c.max_queue = 2, Gate::closed(), OutputStore::Redis).await;
     let Jobs::Redis(c) = &h.server.as_ref().unwrap().state.jobs else {
         panic!("not a Redis engine");
     };
@@ -2480,4 +2484,40 @@ async fn redis_engine_guards() {
         .await
         .unwrap()
         .is_some());
+}
+
+/// `--output-store dir`: the videos (and base64 copies) are files in the shared output folder,
+/// served from there by any node, and deleted with their task.
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_engine_with_outputs_on_a_shared_folder() {
+    let gate = Gate::closed();
+    gate.open();
+    let h = start_redis_with(|_| {}, gate, OutputStore::Dir).await;
+    let mut b = body("p");
+    b["enable_base64_output"] = json!(true);
+    let (_, v) = h.submit(b).await;
+    let id = v["data"]["id"].as_str().unwrap().to_string();
+    let d = h.wait(&id, &["completed"]).await;
+    let uri = d["outputs"][0].as_str().unwrap();
+    let mp4 = base64::engine::general_purpose::STANDARD
+        .decode(uri.strip_prefix("data:video/mp4;base64,").unwrap())
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&mp4), "fake mp4 96x64 seed 7");
+    let video = h.dir.path().join("videos").join(format!("{id}.mp4"));
+    let copy = h.dir.path().join("base64").join(format!("{id}.mp4.b64"));
+    assert!(video.exists() && copy.exists());
+    let (s, _, bytes) = h
+        .call(
+            Request::get(format!("/outputs/{id}.mp4"))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!((s, bytes), (StatusCode::OK, mp4));
+    let (s, v) = h.delete(&id).await;
+    assert_eq!(
+        (s, v["data"]["status"].as_str()),
+        (StatusCode::OK, Some("deleted"))
+    );
+    assert!(!video.exists() && !copy.exists());
 }

@@ -282,7 +282,7 @@ pub async fn submit(
             }
         }
         AdmitError::Draining => ApiError::unavailable("the server is shutting down"),
-        AdmitError::Unavailable(m) => ApiError::unavailable(m),
+        AdmitError::Unavailable(m) => ApiError::from(crate::jobs::Unavailable(m)),
     })?;
     state.metrics.submitted();
     tracing::info!(id = %task_id, model = %model.id, "task accepted");
