@@ -48,7 +48,7 @@ pub enum OutputStore {
 /// How a node reaches the shared engine.
 #[derive(Clone, Debug)]
 pub struct ClusterConfig {
-    /// `redis://HOST:PORT/DB` (or `rediss://`, `redis+unix://`).
+    /// `redis://[:PASSWORD@]HOST:PORT/DB` (no TLS: keep Redis on a private network).
     pub url: String,
     /// A running task whose worker sent no heartbeat for this long is taken over.
     pub claim_timeout: Duration,
