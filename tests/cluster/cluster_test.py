@@ -252,7 +252,9 @@ def main():
     # a task whose worker dies 3 times fails with 5003
     xid, _ = ca._submit(MODEL, {"prompt": prompt, "image": image, **LONG})
     for attempt in (1, 2, 3):
+        deadline = time.time() + 60
         while task_field(xid, "attempts") != str(attempt):
+            assert time.time() < deadline, f"attempt {attempt} never started"
             time.sleep(0.05)
         kill_runner(xid)
         new_worker()
