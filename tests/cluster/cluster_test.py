@@ -70,12 +70,14 @@ def result(node, task_id, unavailable_for=0.0):
 
 
 def wait_done(node, ids, limit=240):
+    """Polls the tasks on `node` with the SDK's get_result until each has ended."""
     deadline = time.time() + limit
     done = {}
+    client = clients_for(node)
     while time.time() < deadline and len(done) < len(ids):
         for i in ids:
             if i not in done:
-                d = result(node, i)
+                d = client.get_result(i)["data"]
                 if d["status"] in ("completed", "failed", "cancelled"):
                     done[i] = d
         time.sleep(0.2)
@@ -187,6 +189,11 @@ def main():
         done.update(wait_done(other, [i for i in ids if node_of[i] == node]))
     check_once(done)
     assert task_field(long_id, "attempts") == "2", task_field(long_id, "attempts")
+    # the second attempt's own file (the killed worker's could never overwrite it), from node A
+    out = done[long_id]["outputs"][0]
+    assert out.endswith(f"/outputs/{long_id}-2.mp4"), out
+    code, mp4 = get(out.replace(base(node_of[long_id]), base("a")), auth=False)
+    assert code == 200 and mp4[4:8] == b"ftyp", (code, mp4[:16])
     assert all(task_field(i, "attempts") == "1" for i in ids if i != long_id)
     print("12 tasks: each completed once; the killed worker's task on attempt 2")
     new_worker()

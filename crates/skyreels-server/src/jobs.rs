@@ -238,14 +238,6 @@ impl Jobs {
         }
     }
 
-    /// A finished video's bytes (Redis output store).
-    pub async fn output_bytes(&self, file: &str) -> Result<Option<Vec<u8>>, Unavailable> {
-        match self {
-            Jobs::Memory(s) => Ok(tokio::fs::read(s.paths().video_path(file)).await.ok()),
-            Jobs::Redis(c) => c.output_bytes(file).await,
-        }
-    }
-
     /// Whether this node delivers the webhook of this terminal state (the Redis-side guard
     /// makes it once per task and state across the cluster).
     pub async fn claim_webhook(&self, record: &JobRecord) -> bool {

@@ -44,6 +44,8 @@ pub enum AdmitError {
 /// A job the worker took: what to run and how to stop it.
 pub struct Work {
     pub id: String,
+    /// The video's file name in the videos folder.
+    pub file: String,
     pub request: GenerationRequest,
     pub cancel: Arc<AtomicBool>,
     /// Outputs are answered as data: URIs: encode them once, when done.
@@ -470,6 +472,7 @@ impl Store {
                 });
                 inner.running.insert(id.clone());
                 return Some(Work {
+                    file: format!("{id}.mp4"),
                     id,
                     request,
                     cancel,

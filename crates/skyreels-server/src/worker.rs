@@ -85,7 +85,7 @@ pub(crate) fn run(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Outcome {
     let paths = state.jobs.paths();
-    let file = output_file(&work.id);
+    let file = work.file.clone();
     let path = paths.video_path(&file);
     let deadline = state.config.max_task_time.map(|d| Instant::now() + d);
     let mut timed_out = false;
@@ -157,11 +157,6 @@ pub(crate) fn run(
         let _ = std::fs::remove_file(&path);
     }
     outcome
-}
-
-/// The output file of a task.
-pub(crate) fn output_file(id: &str) -> String {
-    format!("{id}.mp4")
 }
 
 /// The data: URI of a video, encoded once (polls and webhooks read it back).

@@ -2320,6 +2320,39 @@ async fn redis_engine_serves_the_routes_the_same_way() {
         (StatusCode::OK, "video/mp4")
     );
     assert_eq!(String::from_utf8_lossy(&bytes), "fake mp4 96x64 seed 7");
+    // ranges, as a <video> element seeks
+    let ranged = |r: &str| {
+        Request::get(&path)
+            .header(header::RANGE, r)
+            .body(Body::empty())
+            .unwrap()
+    };
+    let part = |(s, headers, bytes): (StatusCode, axum::http::HeaderMap, Vec<u8>)| {
+        let range = headers[header::CONTENT_RANGE].to_str().unwrap().to_string();
+        (s, range, String::from_utf8(bytes).unwrap())
+    };
+    assert_eq!(
+        part(h.call(ranged("bytes=0-3")).await),
+        (
+            StatusCode::PARTIAL_CONTENT,
+            "bytes 0-3/21".into(),
+            "fake".into()
+        )
+    );
+    assert_eq!(
+        part(h.call(ranged("bytes=-6")).await),
+        (
+            StatusCode::PARTIAL_CONTENT,
+            "bytes 15-20/21".into(),
+            "seed 7".into()
+        )
+    );
+    let (s, range, text) = part(h.call(ranged("bytes=99-")).await);
+    assert_eq!(
+        (s, range.as_str()),
+        (StatusCode::RANGE_NOT_SATISFIABLE, "bytes */21")
+    );
+    assert!(text.contains("outside the file (21 bytes)"), "{text}");
     let (s, v) = h.delete(&waiting[1]).await;
     assert_eq!(
         (s, v["data"]["status"].as_str()),

@@ -14,7 +14,7 @@ use crate::AppState;
 use axum::body::Body;
 use axum::extract::{Multipart, Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -355,19 +355,111 @@ pub async fn upload_file(
     Ok(response)
 }
 
-/// A finished video kept in Redis (`--output-store redis`), by file name.
+/// A finished video kept in Redis (`--output-store redis`), by file name, whole or one
+/// `Range: bytes=...` of it (what a `<video>` element asks for to seek).
 pub async fn output_file(
     State(state): State<Arc<AppState>>,
     Path(file): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let bytes = state
-        .jobs
-        .output_bytes(&file)
-        .await?
-        .ok_or_else(|| ApiError::not_found("file not found"))?;
-    let mut response = Response::new(Body::from(bytes));
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("video/mp4"));
+    let gone = || ApiError::not_found("file not found");
+    let Jobs::Redis(c) = &state.jobs else {
+        return Err(gone());
+    };
+    let len = c.output_len(&file).await?.ok_or_else(gone)?;
+    let range = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .map_or(ByteRange::Whole, |r| byte_range(r, len));
+    let (first, last) = match range {
+        ByteRange::Whole => (0, len - 1),
+        ByteRange::Part(a, b) => (a, b),
+        ByteRange::Unsatisfiable => {
+            let outside = format!("the range is outside the file ({len} bytes)");
+            let mut r = ApiError::new(StatusCode::RANGE_NOT_SATISFIABLE, outside).into_response();
+            r.headers_mut().insert(
+                header::CONTENT_RANGE,
+                HeaderValue::from_str(&format!("bytes */{len}")).expect("ascii"),
+            );
+            return Ok(r);
+        }
+    };
+    let mut response = Response::new(Body::from(c.output_range(&file, first, last).await?));
+    let h = response.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("video/mp4"));
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    if let ByteRange::Part(..) = range {
+        *response.status_mut() = StatusCode::PARTIAL_CONTENT;
+        response.headers_mut().insert(
+            header::CONTENT_RANGE,
+            HeaderValue::from_str(&format!("bytes {first}-{last}/{len}")).expect("ascii"),
+        );
+    }
     Ok(response)
+}
+
+/// What a `Range` header asks of a body.
+#[derive(Debug, PartialEq)]
+enum ByteRange {
+    /// No usable range (absent, malformed or several ranges: RFC 9110 lets a server send the
+    /// whole body then).
+    Whole,
+    /// Bytes `first..=last`.
+    Part(u64, u64),
+    /// A well-formed range outside the body (416).
+    Unsatisfiable,
+}
+
+/// One `bytes=` range of a `len`-byte body: `A-B`, `A-` or `-N` (the last N bytes).
+fn byte_range(spec: &str, len: u64) -> ByteRange {
+    let Some((a, b)) = spec
+        .trim()
+        .strip_prefix("bytes=")
+        .filter(|r| !r.contains(','))
+        .and_then(|r| r.split_once('-'))
+    else {
+        return ByteRange::Whole;
+    };
+    let num = |s: &str| s.trim().parse::<u64>().ok();
+    let part = match (a.trim(), b.trim()) {
+        ("", n) => match num(n) {
+            Some(n) => (n > 0).then(|| (len.saturating_sub(n), len - 1)),
+            None => return ByteRange::Whole,
+        },
+        (a, "") => match num(a) {
+            Some(a) => (a < len).then_some((a, len - 1)),
+            None => return ByteRange::Whole,
+        },
+        (a, b) => match (num(a), num(b)) {
+            (Some(a), Some(b)) if a <= b => (a < len).then(|| (a, b.min(len - 1))),
+            _ => return ByteRange::Whole,
+        },
+    };
+    part.map_or(ByteRange::Unsatisfiable, |(a, b)| ByteRange::Part(a, b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{byte_range, ByteRange::*};
+
+    #[test]
+    fn byte_ranges_follow_rfc_9110() {
+        assert_eq!(byte_range("bytes=0-3", 21), Part(0, 3));
+        assert_eq!(byte_range("bytes=17-", 21), Part(17, 20));
+        assert_eq!(byte_range("bytes=-4", 21), Part(17, 20));
+        assert_eq!(byte_range("bytes=-100", 21), Part(0, 20));
+        assert_eq!(byte_range("bytes=5-1000", 21), Part(5, 20));
+        assert_eq!(byte_range("bytes=21-", 21), Unsatisfiable);
+        assert_eq!(byte_range("bytes=-0", 21), Unsatisfiable);
+        for ignored in [
+            "",
+            "bytes=",
+            "bytes=a-b",
+            "bytes=0-1,4-5",
+            "bytes=5-1",
+            "items=0-1",
+        ] {
+            assert_eq!(byte_range(ignored, 21), Whole, "{ignored:?}");
+        }
+    }
 }

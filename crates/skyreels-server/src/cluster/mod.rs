@@ -830,18 +830,33 @@ impl Cluster {
             .filter(|u| !u.complete))
     }
 
-    pub async fn output_bytes(&self, file: &str) -> Result<Option<Vec<u8>>, Unavailable> {
-        if self.outputs_on_disk() {
-            return Ok(tokio::fs::read(self.paths.video_path(file)).await.ok());
-        }
-        self.conn().get(KEYS.output(file)).await.map_err(down)
+    /// The length of a video kept in Redis; `None` when there is none.
+    pub async fn output_len(&self, file: &str) -> Result<Option<u64>, Unavailable> {
+        let n: u64 = self.conn().strlen(KEYS.output(file)).await.map_err(down)?;
+        Ok((n > 0).then_some(n))
+    }
+
+    /// Bytes `first..=last` of a video kept in Redis.
+    pub async fn output_range(
+        &self,
+        file: &str,
+        first: u64,
+        last: u64,
+    ) -> Result<Vec<u8>, Unavailable> {
+        self.conn()
+            .getrange(KEYS.output(file), first as isize, last as isize)
+            .await
+            .map_err(down)
     }
 
     pub async fn output_base64(&self, file: &str) -> Option<String> {
         if self.outputs_on_disk() {
             return crate::jobs::read_base64(&self.paths, file).await;
         }
-        let bytes = self.output_bytes(file).await.ok().flatten()?;
+        let bytes: Vec<u8> = self.conn().get(KEYS.output(file)).await.ok()?;
+        if bytes.is_empty() {
+            return None;
+        }
         tokio::task::spawn_blocking(move || crate::worker::data_uri(&bytes))
             .await
             .ok()

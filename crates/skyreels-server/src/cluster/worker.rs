@@ -332,7 +332,8 @@ impl Worker {
             Err(e) => {
                 tracing::error!(id = %t.id, "{e}");
                 let outcome = Outcome::Failed(TaskCode::Internal, format!("internal error: {e}"));
-                return self.end(t, outcome, None);
+                self.end(t, outcome, None);
+                return;
             }
         };
         let base64 = self
@@ -350,8 +351,14 @@ impl Worker {
             entry: t.entry.clone(),
         });
         tracing::info!(id = %t.id, attempt, worker = %self.name, "task started");
+        // each attempt its own file: a worker that lost the task never touches the winner's
+        let file = match attempt {
+            1 => format!("{}.mp4", t.id),
+            n => format!("{}-{n}.mp4", t.id),
+        };
         let work = Work {
             id: t.id.clone(),
+            file: file.clone(),
             request,
             cancel: cancel.clone(),
             base64,
@@ -396,14 +403,18 @@ impl Worker {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&t.id);
-        let file = crate::worker::output_file(&t.id);
-        let path = self.cluster.paths().video_path(&file);
+        let paths = self.cluster.paths().clone();
+        let path = paths.video_path(&file);
+        let drop_files = || {
+            let _ = std::fs::remove_file(paths.video_path(&file));
+            let _ = std::fs::remove_file(paths.base64_path(&file));
+        };
         let stopped_here = cancel.load(Ordering::SeqCst) && !asked;
         if lost || stopped_here {
             // another worker owns the task now, or this node shuts down: no outcome from here
             tracing::warn!(id = %t.id, "task left to another worker");
             *self.current.lock().unwrap_or_else(|p| p.into_inner()) = None;
-            let _ = std::fs::remove_file(&path);
+            drop_files();
             return;
         }
         let bytes = match (&outcome, self.cluster.outputs_on_disk()) {
@@ -411,19 +422,21 @@ impl Worker {
                 Ok(b) => Some(b),
                 Err(e) => {
                     tracing::error!(id = %t.id, "cannot read the output back: {e}");
-                    let _ = std::fs::remove_file(&path);
+                    drop_files();
                     let outcome = Outcome::Failed(
                         TaskCode::Internal,
                         "internal error: the output could not be stored".into(),
                     );
-                    return self.end(t, outcome, None);
+                    self.end(t, outcome, None);
+                    return;
                 }
             },
             _ => None,
         };
-        self.end(t, outcome, bytes.as_deref().map(|b| (file.as_str(), b)));
-        if bytes.is_some() {
-            let _ = std::fs::remove_file(&path);
+        let won = self.end(t, outcome, bytes.as_deref().map(|b| (file.as_str(), b)));
+        // the bytes are in Redis now, or another attempt's files are the task's
+        if bytes.is_some() || !won {
+            drop_files();
         }
     }
 
@@ -433,11 +446,11 @@ impl Worker {
     }
 
     /// Writes the outcome of a started task, retrying while Redis is away (the result is kept
-    /// meanwhile); nothing is written if the task ended otherwise first.
-    fn end(&mut self, t: &Taken, outcome: Outcome, output: Option<(&str, &[u8])>) {
+    /// meanwhile); nothing is written if the task ended otherwise first. Whether it was written.
+    fn end(&mut self, t: &Taken, outcome: Outcome, output: Option<(&str, &[u8])>) -> bool {
         let mut backoff = Backoff::default();
         let ttl_ms = self.cluster.retention_ms();
-        loop {
+        let won = loop {
             let tried = (|| -> redis::RedisResult<Option<JobRecord>> {
                 let h: TaskHash = self.conn()?.hgetall(KEYS.task(&t.id))?;
                 let Some(mut r) = record_of(&h) else {
@@ -462,7 +475,7 @@ impl Worker {
                 Ok(Some(r)) => {
                     self.cluster.metrics.finished(r.status.as_str());
                     let _ = self.cluster.finished.send(r);
-                    break;
+                    break true;
                 }
                 Ok(None) => {
                     tracing::info!(id = %t.id, "the task had already ended; this result is dropped");
@@ -472,7 +485,7 @@ impl Worker {
                             .xdel(KEYS.queue(&t.model), &[&t.entry])
                             .query(c)
                     });
-                    break;
+                    break false;
                 }
                 Err(e) => {
                     tracing::warn!(id = %t.id, "cannot store the outcome yet ({e}); keeping it and retrying");
@@ -480,7 +493,8 @@ impl Worker {
                     backoff.sleep();
                 }
             }
-        }
+        };
         *self.current.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        won
     }
 }
