@@ -188,9 +188,9 @@ pub(crate) struct ModelArgs {
     /// Hugging Face cache folder [default: $HF_HOME/hub or ~/.cache/huggingface/hub].
     #[arg(long, env = "HF_HUB_CACHE")]
     cache_dir: Option<PathBuf>,
-    /// Where to run: cpu, cuda (serve: one worker per visible GPU; generate: GPU 0), cuda:N, or
-    /// for serve a list such as cuda:0,cuda:1 (one worker per device, each with its own copy of
-    /// the model, on one queue; cpu:0,cpu:1 runs several CPU workers).
+    /// Where to run: cpu, cuda (serve and worker: one worker per visible GPU; generate: GPU 0),
+    /// cuda:N, or for serve and worker a list such as cuda:0,cuda:1 (one worker per device, each
+    /// with its own copy of the model, on one queue; cpu:0,cpu:1 runs several CPU workers).
     #[arg(long, default_value = "cpu", env = "SKYREELS_DEVICE")]
     pub(crate) device: Devices,
     /// One clip on several devices, each with its own copy of the transformer: cfg=2 runs the

@@ -28,7 +28,8 @@ enum LogFormat {
 /// What every node takes, whether it serves HTTP (`serve`) or only runs workers (`worker`).
 #[derive(Args)]
 pub struct NodeArgs {
-    /// Folder for videos, task records, uploads and the webhook secret (kept across restarts).
+    /// Folder for videos, task records, uploads and the webhook secret (kept across restarts);
+    /// in Redis mode only scratch space, or the shared folder of --output-store dir.
     #[arg(long, env = "SKYREELS_OUTPUT_DIR", default_value = "skyreels-outputs")]
     output_dir: PathBuf,
     /// Let image URLs and webhooks reach loopback, private and link-local addresses (a
@@ -46,7 +47,8 @@ pub struct NodeArgs {
     /// Webhook signing secret (whsec_...) [default: generated once, kept in the output folder].
     #[arg(long, env = "SKYREELS_WEBHOOK_SECRET", hide_env_values = true)]
     webhook_secret: Option<String>,
-    /// Seconds the running task may take to finish on SIGTERM before it is cancelled.
+    /// Seconds the running task may take to finish on SIGTERM before it is cancelled (in Redis
+    /// mode: left for another worker to run again).
     #[arg(long, env = "SKYREELS_SHUTDOWN_GRACE", default_value_t = 30)]
     shutdown_grace: u64,
     /// Seconds a task may run before it is stopped (status failed, code 5004); 0: no limit.
