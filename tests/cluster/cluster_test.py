@@ -57,16 +57,7 @@ def clients_for(node):
 wait_ready = N.wait_ready
 
 
-def result(node, task_id, unavailable_for=0.0):
-    """The prediction; a 503 (Redis unreachable) is retried for `unavailable_for` seconds."""
-    deadline = time.time() + unavailable_for
-    while True:
-        code, body = get(f"{base(node)}/api/v3/predictions/{task_id}/result")
-        if code != 503 or time.time() >= deadline:
-            break
-        time.sleep(0.1)
-    assert code == 200, (code, body)
-    return json.loads(body)["data"]
+result = N.result
 
 
 def wait_done(node, ids, limit=240):

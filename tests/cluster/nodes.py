@@ -113,8 +113,14 @@ class Nodes:
         assert code == 200, (code, body)
         return json.loads(body)["data"]["id"]
 
-    def result(self, name, task_id):
-        code, body = self.get(f"{self.base(name)}/api/v3/predictions/{task_id}/result")
+    def result(self, name, task_id, unavailable_for=0.0):
+        """The prediction; a 503 (Redis unreachable) is retried for `unavailable_for` seconds."""
+        deadline = time.time() + unavailable_for
+        while True:
+            code, body = self.get(f"{self.base(name)}/api/v3/predictions/{task_id}/result")
+            if code != 503 or time.time() >= deadline:
+                break
+            time.sleep(0.1)
         assert code == 200, (code, body)
         return json.loads(body)["data"]
 
