@@ -10,10 +10,13 @@ other node all complete exactly once, while the worker running the long one is k
 SIGKILL (the task completes on the other worker, attempts = 2); a cancel sent to B stops a task
 submitted on A while it runs; sync mode; each webhook arrives once; restarting an API node loses
 nothing; stopping and restarting Redis loses no accepted task (submits meanwhile get 503 in the
-envelope); /metrics on every node and on the workers' metrics ports. Every process is started
-here and stopped by its PID.
+envelope); /metrics on every node and on the workers' metrics ports; 48 parallel keyless GETs of
+a 12 MiB upload keep Redis' memory within a bound while a keyed poll on that node still answers;
+a hung Redis (SIGSTOP) gets 503 within the command timeout; a forged queue entry is refused by
+the worker; a full Redis gets its own 503. Every process is started here and stopped by its PID.
 """
 import base64
+import concurrent.futures
 import http.server
 import json
 import os
@@ -24,6 +27,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import zlib
 
 from nodes import MODEL, Nodes
 
@@ -111,6 +115,112 @@ def check_once(done):
     for i, d in done.items():
         assert d["status"] == "completed", (i, d["status"], d["error"])
         assert finished_lines(i) == 1, f"task {i} ended {finished_lines(i)} times"
+
+
+def noise_png(path, side):
+    """An incompressible grey PNG of side x side pixels (stored, not deflated)."""
+    import struct
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    raw = b"".join(b"\0" + os.urandom(side) for _ in range(side))
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+    png += chunk(b"IDAT", zlib.compress(raw, 0)) + chunk(b"IEND", b"")
+    with open(path, "wb") as f:
+        f.write(png)
+
+
+def used_memory():
+    info = redis("INFO", "memory")
+    return int(re.search(r"used_memory:(\d+)", info).group(1))
+
+
+def upload_flood(ca):
+    """48 parallel keyless GETs of a 12 MiB upload on node A: Redis' memory stays within 64 MiB
+    of where it was (each node reads at most 4 windows of 1 MiB at once; before, every GET made
+    Redis build the whole value as a reply), and a keyed poll on A meanwhile still answers."""
+    path = os.path.join(WORK, "noise.png")
+    noise_png(path, 3500)
+    url = ca.upload(path)
+    size = os.path.getsize(path)
+    base_mem, peak, stop_sampling = used_memory(), [0], threading.Event()
+
+    def sample():
+        while not stop_sampling.is_set():
+            peak[0] = max(peak[0], used_memory())
+            time.sleep(0.02)
+
+    def fetch(_):
+        code, body = get(url, auth=False)
+        return code, len(body)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    t0 = time.time()
+    with concurrent.futures.ThreadPoolExecutor(48) as pool:
+        gets = pool.map(fetch, range(48))
+        time.sleep(0.5)
+        poll_start = time.time()
+        code, _ = get(f"{base('a')}/api/v3/predictions/{'0' * 32}/result")
+        poll = time.time() - poll_start
+        got = list(gets)
+    stop_sampling.set()
+    sampler.join()
+    assert all(g == (200, size) for g in got), set(got)
+    assert code == 404, f"a keyed poll during the flood got {code}"
+    grew = (peak[0] - base_mem) / 2**20
+    assert grew < 64, f"Redis grew by {grew:.0f} MiB serving 48 GETs of a {size >> 20} MiB upload"
+    print(f"upload flood: 48 GETs of {size / 2**20:.1f} MiB in {time.time() - t0:.1f} s; Redis grew "
+          f"{grew:.1f} MiB (bound 64); a keyed poll answered in {poll:.2f} s")
+
+
+def hung_redis():
+    """SIGSTOP: Redis keeps its sockets and answers nothing; a poll gets 503 within the
+    command timeout (2.5 s; checked against 8 s), not after 20-40 s."""
+    PROCS["redis"].send_signal(signal.SIGSTOP)
+    try:
+        t0 = time.time()
+        code, body = get(f"{base('a')}/api/v3/predictions/{'0' * 32}/result")
+        took = time.time() - t0
+    finally:
+        PROCS["redis"].send_signal(signal.SIGCONT)
+    assert code == 503 and json.loads(body)["code"] == 503, (code, body)
+    assert took < 8, f"a hung Redis held the poll {took:.1f} s"
+    print(f"hung Redis: 503 after {took:.2f} s")
+
+
+def forged_entry(client):
+    """A task written straight into Redis, as anyone who can reach it could: the worker checks
+    it against the API's rules and fails it (1401) instead of running it."""
+    tid = "f" * 32
+    record = {"id": tid, "model": MODEL, "status": "created", "input": {}, "base_url": base("a"),
+              "created_at": int(time.time() * 1000), "started_at": None, "completed_at": None,
+              "error": "", "code": 0, "seed": 1, "outputs": [], "base64_output": False,
+              "webhook": None, "step": 0, "total_steps": 4, "timings": []}
+    request = {"model": MODEL, "prompt": "forged", "negative_prompt": None, "image": False,
+               "height": 8192, "width": 8192, "num_frames": 9, "steps": 4, "guidance_scale": 6.0,
+               "embedded_guidance_scale": 1.0, "seed": 1, "fps": 24.0, "cache": "none"}
+    redis("HSET", f"skyreels:task:{tid}", "record", json.dumps(record), "status", "created", "step", "0",
+          "total", "4", "attempts", "0", "model", MODEL, "enqueued", "1")
+    redis("HSET", f"skyreels:input:{tid}", "request", json.dumps(request), "image", "")
+    redis("ZADD", "skyreels:waiting", "999999", tid)
+    redis("XADD", f"skyreels:queue:{MODEL}", "*", "id", tid)
+    d = wait_done("b", [tid])[tid]
+    assert d["status"] == "failed" and d["code"] == 1401 and "height" in d["error"], d
+    print(f"forged queue entry: refused by the worker ({d['error'][:70]}...)")
+
+
+def full_redis():
+    """Redis at maxmemory (noeviction refuses writes): a submit gets 503 saying Redis is full."""
+    redis("CONFIG", "SET", "maxmemory", "1")
+    try:
+        code, body = get(f"{base('a')}/api/v3/{MODEL}", method="POST",
+                         body=json.dumps({"prompt": "p", "image": "data:image/png;base64,AA=="}).encode())
+    finally:
+        redis("CONFIG", "SET", "maxmemory", "0")
+    env = json.loads(body)
+    assert code == 503 and "is full" in env["message"], (code, env)
+    print(f"full Redis: 503 ({env['message'][:60]}...)")
 
 
 class Hooks(http.server.BaseHTTPRequestHandler):
@@ -275,6 +385,11 @@ def main():
         code, text = get(f"http://127.0.0.1:{WORKER_METRICS[w]}/metrics", auth=False)
         assert code == 200 and "skyreels_workers 1" in text.decode(), text
     print("metrics: ok")
+
+    upload_flood(ca)
+    hung_redis()
+    forged_entry(ca)
+    full_redis()
 
     # the queue bound holds cluster-wide; a model with no live worker still queues (database 1:
     # the model announced, as by a worker that has not started yet, and no worker)

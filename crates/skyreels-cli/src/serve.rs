@@ -81,6 +81,31 @@ pub struct NodeArgs {
     /// for dead and another worker starts the task again (after 3 attempts it fails, 5003).
     #[arg(long, env = "SKYREELS_CLAIM_TIMEOUT", default_value_t = 30.0)]
     claim_timeout: f64,
+    /// Redis mode: hours a task may wait to start; past it the task fails (5003) instead of
+    /// holding its queue place and its input in Redis.
+    #[arg(long, env = "SKYREELS_QUEUE_TTL_HOURS", default_value_t = 6.0)]
+    queue_ttl_hours: f64,
+    /// Redis mode: minutes after the last live worker of a model left before the model is
+    /// forgotten (its submits get 404 and its waiting tasks fail with 5003).
+    #[arg(
+        long,
+        env = "SKYREELS_FORGET_MODELS_AFTER_MINUTES",
+        default_value_t = 60.0
+    )]
+    forget_models_after_minutes: f64,
+    /// Redis mode: PEM file of the certificate authority that signed a rediss:// server's
+    /// certificate [default: the system's trusted authorities].
+    #[arg(long, env = "SKYREELS_REDIS_CA", value_name = "FILE")]
+    redis_ca: Option<PathBuf>,
+    /// Redis mode: accept a --redis URL without a password on an address other than
+    /// loopback (anyone who reaches that Redis can read every input and queue any task).
+    #[arg(long, env = "SKYREELS_ALLOW_REDIS_WITHOUT_PASSWORD")]
+    allow_redis_without_password: bool,
+    /// Largest task accepted, as width x height x frames x steps in millions (SkyReels'
+    /// default 960x544, 97 frames, 30 steps is 1,520); larger submits get a 400 that says so,
+    /// and a worker refuses a queued task above its own limit.
+    #[arg(long, env = "SKYREELS_MAX_WORK", default_value_t = 3000.0)]
+    max_work: f64,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -127,6 +152,16 @@ pub struct ServeArgs {
     /// Largest request body in MiB (JSON with data: URI images, uploads).
     #[arg(long, env = "SKYREELS_MAX_BODY_MIB", default_value_t = 64)]
     max_body_mib: usize,
+    /// Largest image in MiB, however it arrives (an upload, a URL, a data: URI).
+    #[arg(long, env = "SKYREELS_MAX_UPLOAD_MB", default_value_t = 16)]
+    max_upload_mb: usize,
+    /// Redis mode: MiB of uploads one API key may keep (they live in Redis' memory until the
+    /// retention ends).
+    #[arg(long, env = "SKYREELS_UPLOAD_QUOTA_MB", default_value_t = 256)]
+    upload_quota_mb: u64,
+    /// Redis mode: MiB of uploads kept over all keys.
+    #[arg(long, env = "SKYREELS_UPLOAD_TOTAL_MB", default_value_t = 2048)]
+    upload_total_mb: u64,
     /// A host name clients may use besides the bound address and localhost (repeat the flag, or
     /// comma-separate in the env var). Without --public-url, requests naming any other Host
     /// are refused (a web page cannot drive the API through DNS rebinding).
@@ -140,10 +175,6 @@ pub struct ServeArgs {
     /// for scrapers).
     #[arg(long, env = "SKYREELS_PROTECT_OPS")]
     protect_ops: bool,
-    /// Largest task accepted, as width x height x frames x steps in millions (SkyReels'
-    /// default 960x544, 97 frames, 30 steps is 1,520); larger submits get a 400 that says so.
-    #[arg(long, env = "SKYREELS_MAX_WORK", default_value_t = 3000.0)]
-    max_work: f64,
     /// Step caching of tasks whose submit has no `cache` field: `none`, `first-block:T` or
     /// `teacache:T` (see `skyreels generate --help`).
     #[arg(
@@ -271,11 +302,18 @@ fn node_config(node: NodeArgs) -> Result<ServerConfig> {
             node.retention_hours
         );
     }
-    if !(node.claim_timeout.is_finite() && node.claim_timeout > 0.0) {
-        anyhow::bail!(
-            "--claim-timeout must be a positive number of seconds, got {}",
-            node.claim_timeout
-        );
+    for (flag, v) in [
+        ("--claim-timeout", node.claim_timeout),
+        ("--queue-ttl-hours", node.queue_ttl_hours),
+        (
+            "--forget-models-after-minutes",
+            node.forget_models_after_minutes,
+        ),
+        ("--max-work", node.max_work),
+    ] {
+        if !(v.is_finite() && v > 0.0 && v < 1e9) {
+            anyhow::bail!("{flag} must be a positive number, got {v}");
+        }
     }
     let mut config = ServerConfig::new(&node.output_dir);
     config.allow_private_urls = node.allow_private_image_urls;
@@ -285,13 +323,18 @@ fn node_config(node: NodeArgs) -> Result<ServerConfig> {
     config.shutdown_grace = Duration::from_secs(node.shutdown_grace);
     config.max_task_time =
         (node.max_task_seconds > 0).then(|| Duration::from_secs(node.max_task_seconds));
+    config.max_work = node.max_work;
     config.redis = node.redis.map(|url| ClusterConfig {
-        url,
         claim_timeout: Duration::from_secs_f64(node.claim_timeout),
         output_store: match node.output_store {
             OutputStoreArg::Redis => OutputStore::Redis,
             OutputStoreArg::Dir => OutputStore::Dir,
         },
+        queue_ttl: Duration::from_secs_f64(node.queue_ttl_hours * 3600.0),
+        forget_models_after: Duration::from_secs_f64(node.forget_models_after_minutes * 60.0),
+        ca_cert: node.redis_ca,
+        allow_no_password: node.allow_redis_without_password,
+        ..ClusterConfig::new(url)
     });
     Ok(config)
 }
@@ -301,13 +344,10 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     if args.max_queue == 0 {
         anyhow::bail!("--max-queue must be at least 1");
     }
-    if !(args.max_work.is_finite() && args.max_work > 0.0) {
-        anyhow::bail!(
-            "--max-work must be a positive number, got {}",
-            args.max_work
-        );
-    }
     for (flag, v) in [
+        ("--max-upload-mb", args.max_upload_mb as u64),
+        ("--upload-quota-mb", args.upload_quota_mb),
+        ("--upload-total-mb", args.upload_total_mb),
         ("--header-timeout", args.header_timeout),
         ("--body-timeout", args.body_timeout),
         ("--idle-timeout", args.idle_timeout),
@@ -327,9 +367,13 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     config.public_url = args.public_url;
     config.sync_timeout = Duration::from_secs(args.sync_timeout);
     config.max_body_bytes = args.max_body_mib << 20;
+    config.max_upload_bytes = args.max_upload_mb.min(4096) << 20;
+    if let Some(r) = config.redis.as_mut() {
+        r.quotas.uploads_per_key = args.upload_quota_mb.min(1 << 30) << 20;
+        r.quotas.uploads_total = args.upload_total_mb.min(1 << 30) << 20;
+    }
     config.allowed_hosts = args.allowed_hosts;
     config.protect_ops = args.protect_ops;
-    config.max_work = args.max_work;
     config.cache = args.cache;
     config.header_timeout = Duration::from_secs(args.header_timeout);
     config.body_timeout = Duration::from_secs(args.body_timeout);

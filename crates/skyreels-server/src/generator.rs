@@ -38,6 +38,71 @@ pub struct GenerationRequest {
     pub cache: skyreels_params::CacheSpec,
 }
 
+impl GenerationRequest {
+    /// The rules a submit is checked against, again, on the request as a worker reads it from
+    /// the queue (Redis mode: whoever can write to Redis can queue a task, so a worker trusts
+    /// nothing it did not check itself). `max_work` is the worker's own `--max-work`.
+    pub fn check(&self, model: &ModelInfo, max_work: f64) -> Result<(), String> {
+        use skyreels_params as p;
+        let field = |name: &str, rule: String| format!("{name}: {rule}");
+        if self.model != model.id {
+            return Err(format!("model: {} is not served here", self.model));
+        }
+        if self.prompt.trim().is_empty() {
+            return Err("prompt: is required".into());
+        }
+        for (name, text) in [
+            ("prompt", Some(&self.prompt)),
+            ("negative_prompt", self.negative_prompt.as_ref()),
+        ] {
+            if text.is_some_and(|t| t.len() > p::MAX_PROMPT_BYTES) {
+                return Err(field(
+                    name,
+                    format!("is longer than {} bytes", p::MAX_PROMPT_BYTES),
+                ));
+            }
+        }
+        p::check_side(self.height, model.size_multiple).map_err(|r| field("height", r))?;
+        p::check_side(self.width, model.size_multiple).map_err(|r| field("width", r))?;
+        p::check_frames(self.num_frames).map_err(|r| field("num_frames", r))?;
+        match (&self.image, model.image_to_video) {
+            (None, true) => return Err("image: is required".into()),
+            (Some(_), false) => return Err("image: a text-to-video model takes none".into()),
+            (Some(i), true) if i.dimensions() != (self.width as u32, self.height as u32) => {
+                return Err("image: not fitted to the task's size".into())
+            }
+            _ => {}
+        }
+        if !p::STEPS.contains(self.steps as i64) {
+            return Err(field("num_inference_steps", p::STEPS.rule()));
+        }
+        for (name, v, range) in [
+            ("guidance_scale", self.guidance_scale, p::GUIDANCE),
+            (
+                "embedded_guidance_scale",
+                self.embedded_guidance_scale,
+                p::EMBEDDED_GUIDANCE,
+            ),
+            ("fps", self.fps, p::FPS_RANGE),
+        ] {
+            if !range.contains(v) {
+                return Err(field(name, range.rule()));
+            }
+        }
+        if self.seed > p::SEED.max as u64 {
+            return Err(field("seed", p::SEED.rule()));
+        }
+        let work = p::work_millions(self.height, self.width, self.num_frames, self.steps);
+        if work > max_work {
+            return Err(format!(
+                "the task is too large: {work:.0} million (width x height x frames x steps); \
+                 this worker's limit (--max-work) is {max_work:.0} million"
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Why a generation did not produce a video.
 #[derive(Debug, thiserror::Error)]
 pub enum GenerateFailure {

@@ -15,6 +15,28 @@ use std::time::Duration;
 #[error("{0}")]
 pub struct Unavailable(pub String);
 
+/// Why an upload (or an upload ticket) was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum UploadRefused {
+    #[error(transparent)]
+    Unavailable(#[from] Unavailable),
+    #[error("too many upload tickets are open; send or let some expire first")]
+    Tickets,
+    #[error(
+        "this API key has {} upload tickets open; send them or let them expire (after {} minutes)",
+        crate::store::MAX_OPEN_TICKETS_PER_KEY,
+        crate::store::TICKET_TTL.as_secs() / 60
+    )]
+    KeyTickets,
+    #[error(
+        "this API key's uploads take {} MiB, its quota; they are deleted when the retention ends",
+        .0 >> 20
+    )]
+    KeyQuota(u64),
+    #[error("the server keeps {} MiB of uploads, its limit; retry later", .0 >> 20)]
+    ClusterQuota(u64),
+}
+
 /// What `/metrics` reports of the tasks.
 #[derive(Debug, Default)]
 pub struct Overview {
@@ -121,11 +143,18 @@ impl Jobs {
         }
     }
 
-    /// Its input is ready: a worker may take it.
-    pub async fn enqueue(&self, id: &str, request: GenerationRequest) {
+    /// Whether queued tasks keep their image as it came (compressed; fitted by the worker)
+    /// rather than fitted pixels: Redis, where queued inputs take shared memory.
+    pub fn queues_source_images(&self) -> bool {
+        matches!(self, Jobs::Redis(_))
+    }
+
+    /// Its input is ready: a worker may take it. `source`: the image's bytes as they came
+    /// (with [`Jobs::queues_source_images`]; else the request holds the fitted image).
+    pub async fn enqueue(&self, id: &str, request: GenerationRequest, source: Option<Vec<u8>>) {
         match self {
             Jobs::Memory(s) => s.enqueue(id, request),
-            Jobs::Redis(c) => c.enqueue(id, request).await,
+            Jobs::Redis(c) => c.enqueue(id, request, source).await,
         }
     }
 
@@ -200,25 +229,30 @@ impl Jobs {
         }
     }
 
-    /// Stores an upload whose checked bytes are at [`Paths::upload_data_path`], complete.
-    pub async fn complete_upload(&self, upload: Upload) -> Result<Upload, Unavailable> {
+    /// Stores an upload whose checked bytes are at [`Paths::upload_data_path`], complete (in
+    /// Redis, within its owner's and the cluster's quotas).
+    pub async fn complete_upload(&self, upload: Upload) -> Result<Upload, UploadRefused> {
         match self {
             Jobs::Memory(s) => Ok(s.complete_upload(upload)),
             Jobs::Redis(c) => c.complete_upload(upload).await,
         }
     }
 
-    /// Opens a PUT ticket; `None` when too many are open.
+    /// Opens a PUT ticket for `owner` (refused when too many are open, in all or the owner's).
     pub async fn open_ticket(
         &self,
         filename: &str,
         content_type: &str,
         size: u64,
         base_url: &str,
-    ) -> Result<Option<(Upload, String)>, Unavailable> {
+        owner: &str,
+    ) -> Result<(Upload, String), UploadRefused> {
         match self {
-            Jobs::Memory(s) => Ok(s.open_ticket(filename, content_type, size, base_url)),
-            Jobs::Redis(c) => c.open_ticket(filename, content_type, size, base_url).await,
+            Jobs::Memory(s) => s.open_ticket(filename, content_type, size, base_url, owner),
+            Jobs::Redis(c) => {
+                c.open_ticket(filename, content_type, size, base_url, owner)
+                    .await
+            }
         }
     }
 

@@ -58,6 +58,9 @@ pub struct ServerConfig {
     pub retention: Option<Duration>,
     /// Largest request body (JSON with data: URIs, uploads).
     pub max_body_bytes: usize,
+    /// Largest image, however it arrives (an upload, a URL, a data: URI): what a task keeps of
+    /// it (in Redis mode the queued input) is at most this.
+    pub max_upload_bytes: usize,
     /// `whsec_...`; `None`: generated once and kept in the output folder.
     pub webhook_secret: Option<String>,
     /// First webhook retry delay (doubles per retry).
@@ -104,6 +107,7 @@ impl ServerConfig {
             sync_timeout: Duration::from_secs(90),
             retention: Some(Duration::from_secs(24 * 3600)),
             max_body_bytes: 64 << 20,
+            max_upload_bytes: 16 << 20,
             webhook_secret: None,
             webhook_backoff: Duration::from_secs(2),
             fetch_timeout: Duration::from_secs(30),
@@ -150,7 +154,8 @@ pub struct AppState {
     pub models: OnceLock<Vec<ModelInfo>>,
     /// Workers whose generator is loaded.
     pub workers_loaded: std::sync::atomic::AtomicUsize,
-    pub webhook_secret: String,
+    /// The signing secret (in Redis mode the cluster's, re-read while the node runs).
+    webhook_secret: std::sync::RwLock<String>,
     /// Blocking HTTP client for images and webhooks (address policy applied).
     pub agent: ureq::Agent,
     pub(crate) key_hashes: Vec<[u8; 32]>,
@@ -176,11 +181,21 @@ impl AppState {
             metrics,
             models: OnceLock::new(),
             workers_loaded: Default::default(),
-            webhook_secret: secret,
+            webhook_secret: std::sync::RwLock::new(secret),
             fetches: tokio::sync::Semaphore::new(CONCURRENT_FETCHES),
             decodes: tokio::sync::Semaphore::new(CONCURRENT_DECODES),
             webhooks: tokio::sync::Semaphore::new(webhook::CONCURRENT_DELIVERIES),
         })
+    }
+}
+
+impl AppState {
+    /// The webhook signing secret in use.
+    pub fn webhook_secret(&self) -> String {
+        self.webhook_secret
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
@@ -280,10 +295,14 @@ impl Server {
         .map_err(ServerError::Redis)?;
         let cluster = Arc::new(cluster);
         let mine = local_secret(&config)?;
+        let configured = config.webhook_secret.is_some();
         let secret = cluster
-            .shared_secret(mine)
+            .shared_secret(mine, configured)
             .await
             .map_err(ServerError::Redis)?;
+        if let Some(problem) = cluster.memory_policy_problem().await {
+            tracing::warn!("{problem}");
+        }
         let state = AppState::new(config, Jobs::Redis(cluster.clone()), metrics, secret);
         let mut workers = Vec::with_capacity(loaders.len());
         let mut loaded = Vec::with_capacity(loaders.len());
@@ -299,17 +318,7 @@ impl Server {
             loaded.push(rx);
         }
         tokio::spawn(worker::finished_tasks(state.clone(), finished));
-        // a task whose input a dead API node was preparing would hold its queue slot forever
-        let stalled = (state.config.fetch_timeout * 4).max(Duration::from_secs(600));
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_secs(60)).await;
-                match cluster.fail_stalled(stalled).await {
-                    Ok(n) if n > 0 => tracing::warn!("failed {n} tasks never queued by their node"),
-                    _ => {}
-                }
-            }
-        });
+        tokio::spawn(housekeeping(state.clone(), cluster, configured));
         Ok(Self {
             state,
             workers,
@@ -434,6 +443,38 @@ impl Server {
                 let _ = stop_tx.send(true);
                 let _ = http.await;
                 Err(e)
+            }
+        }
+    }
+}
+
+/// What every node of a Redis deployment does in the background: once a minute, the sweep of
+/// the shared bookkeeping ([`Cluster::sweep`]); every 30 seconds, the webhook secret put back
+/// into a Redis that lost its data (or taken from it when another node's is there).
+async fn housekeeping(state: Arc<AppState>, cluster: Arc<Cluster>, configured: bool) {
+    // a task whose input a dead API node was preparing would hold its queue slot forever
+    let stalled = (state.config.fetch_timeout * 4).max(Duration::from_secs(600));
+    let mut tick = tokio::time::interval(Duration::from_secs(30));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    for round in 0u64.. {
+        tick.tick().await;
+        let current = state.webhook_secret();
+        match cluster.sync_secret(&current, configured).await {
+            Ok(s) if s != current => {
+                tracing::warn!("the cluster's webhook secret is another node's: using it");
+                *state
+                    .webhook_secret
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner()) = s;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("webhook secret: redis: {e}"),
+        }
+        if round % 2 == 1 {
+            match cluster.sweep(stalled).await {
+                Ok(n) if n > 0 => tracing::warn!("failed {n} tasks that could not start"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!("sweep: {e}"),
             }
         }
     }

@@ -8,6 +8,7 @@
 use crate::ct_eq;
 use crate::generator::GenerationRequest;
 use crate::job::{new_id, now_ms, JobRecord, Status, TaskCode};
+use crate::jobs::UploadRefused;
 use crate::metrics::Metrics;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -20,6 +21,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 /// PUT tickets open at once, at most (each is a little memory until it expires).
 pub const MAX_OPEN_TICKETS: usize = 1024;
+/// PUT tickets one API key may hold open at once (one key cannot lock the others out).
+pub const MAX_OPEN_TICKETS_PER_KEY: usize = 64;
+/// A PUT ticket not used within this long expires.
+pub const TICKET_TTL: std::time::Duration = std::time::Duration::from_secs(600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -120,6 +125,10 @@ pub struct Upload {
     /// `false` while a PUT ticket is open.
     pub complete: bool,
     pub base_url: String,
+    /// Who uploaded it ([`crate::api::middleware::Owner`]): the quotas and ticket bounds are
+    /// per owner.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub owner: String,
 }
 
 impl Upload {
@@ -140,6 +149,13 @@ impl Upload {
     }
 }
 
+/// An open PUT ticket of the memory engine.
+struct Ticket {
+    upload: String,
+    owner: String,
+    expires_at: u64,
+}
+
 #[derive(Default)]
 struct Inner {
     jobs: HashMap<String, Job>,
@@ -149,8 +165,8 @@ struct Inner {
     running: HashSet<String>,
     /// Completed uploads, and open tickets (not complete).
     uploads: HashMap<String, Upload>,
-    /// SHA-256 of an open ticket's PUT token -> upload id.
-    tickets: HashMap<[u8; 32], String>,
+    /// SHA-256 of an open ticket's PUT token -> the ticket.
+    tickets: HashMap<[u8; 32], Ticket>,
     draining: bool,
 }
 
@@ -633,12 +649,13 @@ impl Store {
         let tickets: Vec<[u8; 32]> = inner
             .tickets
             .iter()
-            .filter(|(_, id)| !inner.uploads.contains_key(*id))
+            .filter(|(_, t)| !inner.uploads.contains_key(&t.upload))
             .map(|(t, _)| *t)
             .collect();
         for t in &tickets {
             inner.tickets.remove(t);
         }
+        expire_tickets(&mut inner, now);
         drop(inner);
         let mut files = vec![];
         for r in &old {
@@ -660,25 +677,37 @@ impl Store {
             .collect()
     }
 
-    /// Opens a PUT ticket: the upload and the single-use secret of its URL; `None` when
-    /// [`MAX_OPEN_TICKETS`] are open.
+    /// Opens a PUT ticket for `owner`: the upload and the single-use secret of its URL;
+    /// refused when [`MAX_OPEN_TICKETS`] are open, or [`MAX_OPEN_TICKETS_PER_KEY`] of the
+    /// owner's. Unused tickets expire after [`TICKET_TTL`].
     pub fn open_ticket(
         &self,
         filename: &str,
         content_type: &str,
         size: u64,
         base_url: &str,
-    ) -> Option<(Upload, String)> {
-        let (upload, token) = new_ticket(filename, content_type, size, base_url);
+        owner: &str,
+    ) -> Result<(Upload, String), UploadRefused> {
+        let (upload, token) = new_ticket(filename, content_type, size, base_url, owner);
+        let now = now_ms();
         let mut inner = self.lock();
-        if inner.tickets.len() >= MAX_OPEN_TICKETS {
-            return None;
+        expire_tickets(&mut inner, now);
+        if inner.tickets.values().filter(|t| t.owner == owner).count() >= MAX_OPEN_TICKETS_PER_KEY {
+            return Err(UploadRefused::KeyTickets);
         }
+        if inner.tickets.len() >= MAX_OPEN_TICKETS {
+            return Err(UploadRefused::Tickets);
+        }
+        let ticket = Ticket {
+            upload: upload.id.clone(),
+            owner: owner.to_string(),
+            expires_at: now + TICKET_TTL.as_millis() as u64,
+        };
         inner
             .tickets
-            .insert(Sha256::digest(token.as_bytes()).into(), upload.id.clone());
+            .insert(Sha256::digest(token.as_bytes()).into(), ticket);
         inner.uploads.insert(upload.id.clone(), upload.clone());
-        Some((upload, token))
+        Ok((upload, token))
     }
 
     /// Takes the open ticket of a PUT token (single use): found by the token's digest, and the
@@ -686,11 +715,12 @@ impl Store {
     pub fn take_ticket(&self, token: &str) -> Option<Upload> {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let mut inner = self.lock();
-        let (key, id) = inner.tickets.remove_entry(&digest)?;
+        expire_tickets(&mut inner, now_ms());
+        let (key, t) = inner.tickets.remove_entry(&digest)?;
         if !ct_eq(&key, &digest) {
             return None;
         }
-        inner.uploads.remove(&id).filter(|u| !u.complete)
+        inner.uploads.remove(&t.upload).filter(|u| !u.complete)
     }
 
     /// Stores the record of an upload whose bytes are in place, and marks it complete.
@@ -726,6 +756,7 @@ pub fn new_upload(filename: &str, content_type: &str, size: u64, base_url: &str)
         created_at: now_ms(),
         complete: false,
         base_url: base_url.to_string(),
+        owner: String::new(),
     }
 }
 
@@ -735,9 +766,30 @@ pub fn new_ticket(
     content_type: &str,
     size: u64,
     base_url: &str,
+    owner: &str,
 ) -> (Upload, String) {
-    let upload = new_upload(filename, content_type, size, base_url);
+    let upload = Upload {
+        owner: owner.to_string(),
+        ..new_upload(filename, content_type, size, base_url)
+    };
     (upload, format!("{}{}", new_id(), new_id()))
+}
+
+/// Drops the tickets (and their unfinished uploads) past their expiry.
+fn expire_tickets(inner: &mut Inner, now: u64) {
+    let expired: Vec<[u8; 32]> = inner
+        .tickets
+        .iter()
+        .filter(|(_, t)| t.expires_at <= now)
+        .map(|(d, _)| *d)
+        .collect();
+    for d in expired {
+        if let Some(t) = inner.tickets.remove(&d) {
+            if inner.uploads.get(&t.upload).is_some_and(|u| !u.complete) {
+                inner.uploads.remove(&t.upload);
+            }
+        }
+    }
 }
 
 /// Adds a job record, returning a watcher of its status.
@@ -843,4 +895,35 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tickets_are_bounded_per_owner_and_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _finished) = Store::open(dir.path(), 4, Arc::default()).unwrap();
+        let open = |owner: &str| store.open_ticket("a.png", "image/png", 10, "http://x", owner);
+        let mut tokens = vec![];
+        for _ in 0..MAX_OPEN_TICKETS_PER_KEY {
+            tokens.push(open("a").expect("below the bound").1);
+        }
+        assert!(matches!(open("a"), Err(UploadRefused::KeyTickets)));
+        // one key does not lock the others out
+        let (_, other) = open("b").expect("another key");
+        // a used ticket frees its place
+        assert!(store.take_ticket(&tokens[0]).is_some());
+        assert!(open("a").is_ok());
+        // unused ones expire after TICKET_TTL
+        let later = now_ms() + TICKET_TTL.as_millis() as u64 + 1;
+        expire_tickets(&mut store.lock(), later);
+        assert!(store.lock().tickets.is_empty());
+        assert!(
+            store.lock().uploads.is_empty(),
+            "their unfinished uploads go too"
+        );
+        assert!(store.take_ticket(&other).is_none());
+    }
 }

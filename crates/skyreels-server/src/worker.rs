@@ -236,7 +236,7 @@ pub(crate) async fn finished_tasks(
             match webhook::deliver(
                 &st.agent,
                 &url,
-                &st.webhook_secret,
+                &st.webhook_secret(),
                 body,
                 c.webhook_backoff,
                 &st.webhooks,

@@ -140,37 +140,49 @@ struct RedisServer {
 
 impl RedisServer {
     fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// `tls`: only a TLS port, with a certificate for 127.0.0.1 signed by a test authority
+    /// (`ca.crt` in its folder), made with the openssl command line.
+    fn start_with(tls: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        let child = std::process::Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-            ])
+        let mut cmd = std::process::Command::new("redis-server");
+        cmd.args(["--bind", "127.0.0.1", "--save", ""])
             .arg("--dir")
             .arg(dir.path())
-            .stdout(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null());
+        if tls {
+            make_test_certificates(dir.path());
+            let f = |name: &str| dir.path().join(name);
+            cmd.args(["--port", "0", "--tls-port", &port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(f("server.crt"))
+                .arg("--tls-key-file")
+                .arg(f("server.key"))
+                .arg("--tls-ca-cert-file")
+                .arg(f("ca.crt"))
+                .args(["--tls-auth-clients", "no"]);
+        } else {
+            cmd.args(["--port", &port.to_string()]);
+        }
+        let child = cmd
             .spawn()
             .expect("redis-server not found: install Debian's redis-server (scripts/test.sh does)");
         // owned (and so stopped) from here on, whatever happens next
+        let scheme = if tls { "rediss" } else { "redis" };
         let server = Self {
             child,
-            url: format!("redis://127.0.0.1:{port}/0"),
+            url: format!("{scheme}://127.0.0.1:{port}/0"),
             _dir: dir,
         };
         for _ in 0..200 {
-            if let Ok(mut c) = redis::Client::open(server.url.as_str())
-                .unwrap()
-                .get_connection()
-            {
+            if let Ok(mut c) = server.client().get_connection() {
                 if redis::cmd("PING").query::<String>(&mut c).is_ok() {
                     return server;
                 }
@@ -180,12 +192,96 @@ impl RedisServer {
         panic!("redis-server did not answer on port {port}");
     }
 
-    fn conn(&self) -> redis::Connection {
-        redis::Client::open(self.url.as_str())
-            .unwrap()
-            .get_connection()
-            .unwrap()
+    fn ca(&self) -> std::path::PathBuf {
+        self._dir.path().join("ca.crt")
     }
+
+    fn client(&self) -> redis::Client {
+        if self.url.starts_with("rediss:") {
+            let certs = redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(std::fs::read(self.ca()).unwrap()),
+            };
+            redis::Client::build_with_tls(self.url.as_str(), certs).unwrap()
+        } else {
+            redis::Client::open(self.url.as_str()).unwrap()
+        }
+    }
+
+    fn conn(&self) -> redis::Connection {
+        self.client().get_connection().unwrap()
+    }
+
+    /// Sends a signal to the server process (STOP: it hangs with its sockets open).
+    fn signal(&self, sig: &str) {
+        let ok = std::process::Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig}");
+    }
+}
+
+/// A test certificate authority and a certificate for 127.0.0.1 signed by it, in `dir`.
+fn make_test_certificates(dir: &Path) {
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("the openssl command line");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=skyreels test CA",
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+    ]);
 }
 
 impl Drop for RedisServer {
@@ -248,15 +344,25 @@ async fn start_redis_with(
     gate: Gate,
     output_store: OutputStore,
 ) -> Harness {
-    let redis = RedisServer::start();
+    start_on_redis(RedisServer::start(), cfg, gate, output_store).await
+}
+
+/// [`start_redis_with`] on the given Redis.
+async fn start_on_redis(
+    redis: RedisServer,
+    cfg: impl FnOnce(&mut ServerConfig),
+    gate: Gate,
+    output_store: OutputStore,
+) -> Harness {
     let url = redis.url.clone();
+    let ca = url.starts_with("rediss:").then(|| redis.ca());
     let mut h = start_with(
         tempfile::tempdir().unwrap(),
         |c| {
             c.redis = Some(ClusterConfig {
-                url,
-                claim_timeout: Duration::from_secs(30),
                 output_store,
+                ca_cert: ca,
+                ..ClusterConfig::new(url)
             });
             cfg(c)
         },
@@ -2428,12 +2534,19 @@ async fn redis_engine_serves_the_routes_the_same_way() {
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_engine_guards() {
     use skyreels_server::job::{now_ms, JobRecord, Status, TaskCode};
-    use skyreels_server::jobs::Jobs;
-    use skyreels_server::store::{AdmitError, MAX_OPEN_TICKETS};
+    use skyreels_server::jobs::{Jobs, UploadRefused};
+    use skyreels_server::store::{AdmitError, MAX_OPEN_TICKETS, MAX_OPEN_TICKETS_PER_KEY};
     let h = start_redis_with(|c| c.max_queue = 2, Gate::closed(), OutputStore::Redis).await;
     let Jobs::Redis(c) = &h.server.as_ref().unwrap().state.jobs else {
         panic!("not a Redis engine");
     };
+    // "other/model" was announced by a worker that is gone (not yet for long)
+    let mut conn = h.redis.as_ref().unwrap().conn();
+    let _: () = redis::pipe()
+        .hset("skyreels:models", "other/model", "{}")
+        .hset("skyreels:models_seen", "other/model", now_ms())
+        .query(&mut conn)
+        .unwrap();
     let record = |model: &str, age_ms: u64| JobRecord {
         created_at: now_ms() - age_ms,
         ..JobRecord::created(
@@ -2454,7 +2567,7 @@ async fn redis_engine_guards() {
     );
     // the old one was never queued: failed 5003; the fresh one keeps waiting
     let ten_minutes = Duration::from_secs(600);
-    assert_eq!(c.fail_stalled(ten_minutes).await.unwrap(), 1);
+    assert_eq!(c.sweep(ten_minutes).await.unwrap(), 1);
     let (r, _) = c.get(&old.id).await.unwrap().unwrap();
     assert_eq!((r.status, r.code), (Status::Failed, TaskCode::Unavailable));
     let (r, pos) = c.get(&fresh.id).await.unwrap().unwrap();
@@ -2475,9 +2588,8 @@ async fn redis_engine_guards() {
         fps: 24.0,
         cache: CacheSpec::None,
     };
-    c.enqueue(&fresh.id, request.clone()).await;
-    c.enqueue(&fresh.id, request.clone()).await;
-    let mut conn = h.redis.as_ref().unwrap().conn();
+    c.enqueue(&fresh.id, request.clone(), None).await;
+    c.enqueue(&fresh.id, request.clone(), None).await;
     let len: usize = redis::cmd("XLEN")
         .arg("skyreels:queue:other/model")
         .query(&mut conn)
@@ -2486,8 +2598,8 @@ async fn redis_engine_guards() {
     // an old task that was queued is not failed as stalled
     let queued_old = record("other/model", 20 * 60_000);
     c.admit(queued_old.clone()).await.unwrap();
-    c.enqueue(&queued_old.id, request).await;
-    assert_eq!(c.fail_stalled(ten_minutes).await.unwrap(), 0);
+    c.enqueue(&queued_old.id, request, None).await;
+    assert_eq!(c.sweep(ten_minutes).await.unwrap(), 0);
     assert_eq!(
         c.get(&queued_old.id).await.unwrap().unwrap().0.status,
         Status::Created
@@ -2496,27 +2608,78 @@ async fn redis_engine_guards() {
     let (r, _) = c.get(&old.id).await.unwrap().unwrap();
     assert!(c.claim_webhook(&r).await);
     assert!(!c.claim_webhook(&r).await);
-    // open tickets are bounded cluster-wide; a taken ticket frees its place and is single use
-    let mut tokens = vec![];
-    for _ in 0..MAX_OPEN_TICKETS {
-        let t = c
-            .open_ticket("a.png", "image/png", 10, "http://x")
+    // open tickets are bounded per key and cluster-wide; a taken ticket frees its places and
+    // is single use; an unused one expires in minutes
+    let open = |owner: String| async move {
+        c.open_ticket("a.png", "image/png", 10, "http://x", &owner)
             .await
-            .unwrap();
-        tokens.push(t.expect("below the bound").1);
+            .map(|(_, token)| token)
+    };
+    let mut tokens = vec![];
+    for k in 0..MAX_OPEN_TICKETS / MAX_OPEN_TICKETS_PER_KEY {
+        for _ in 0..MAX_OPEN_TICKETS_PER_KEY {
+            tokens.push(open(format!("k{k}")).await.expect("below the bounds"));
+        }
     }
-    assert!(c
-        .open_ticket("a.png", "image/png", 10, "http://x")
-        .await
-        .unwrap()
-        .is_none());
+    assert!(matches!(
+        open("k0".into()).await,
+        Err(UploadRefused::KeyTickets)
+    ));
+    assert!(matches!(
+        open("another".into()).await,
+        Err(UploadRefused::Tickets)
+    ));
     assert!(c.take_ticket(&tokens[0]).await.unwrap().is_some());
     assert!(c.take_ticket(&tokens[0]).await.unwrap().is_none());
-    assert!(c
-        .open_ticket("a.png", "image/png", 10, "http://x")
+    assert!(open("k0".into()).await.is_ok());
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg("skyreels:tickets:k1")
+        .query(&mut conn)
+        .unwrap();
+    assert!(ttl > 0 && ttl <= 600_000, "{ttl}");
+
+    // a model no worker served for longer than forget_models_after is forgotten, and what
+    // waits for it fails
+    let _: () = redis::cmd("HSET")
+        .arg("skyreels:models_seen")
+        .arg("other/model")
+        .arg(now_ms() - 2 * 3600 * 1000)
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(c.sweep(ten_minutes).await.unwrap(), 2);
+    let (r, _) = c.get(&fresh.id).await.unwrap().unwrap();
+    assert_eq!((r.status, r.code), (Status::Failed, TaskCode::Unavailable));
+    assert!(
+        r.error.contains("no worker has served other/model"),
+        "{}",
+        r.error
+    );
+    let known: Vec<String> = c
+        .known_models()
         .await
         .unwrap()
-        .is_some());
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(known, [MODEL]);
+
+    // the webhook secret is put back into a Redis that lost it, and a node adopts the one
+    // another node stored
+    let _: () = redis::cmd("FLUSHALL").query(&mut conn).unwrap();
+    assert_eq!(c.sync_secret("whsec_a", false).await.unwrap(), "whsec_a");
+    let _: () = redis::cmd("SET")
+        .arg("skyreels:secret")
+        .arg("whsec_b")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(c.sync_secret("whsec_a", false).await.unwrap(), "whsec_b");
+    // a configured secret (--webhook-secret) is the cluster's
+    assert_eq!(c.sync_secret("whsec_c", true).await.unwrap(), "whsec_c");
+    let stored: String = redis::cmd("GET")
+        .arg("skyreels:secret")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(stored, "whsec_c");
 }
 
 /// `--output-store dir`: the videos (and base64 copies) are files in the shared output folder,
@@ -2553,4 +2716,297 @@ async fn redis_engine_with_outputs_on_a_shared_folder() {
         (StatusCode::OK, Some("deleted"))
     );
     assert!(!video.exists() && !copy.exists());
+}
+
+/// A PNG of noise (incompressible): `w * h * 3` bytes and a little more.
+fn noise_png(w: u32, h: u32) -> Vec<u8> {
+    let mut x = 0x9E37_79B9u32;
+    let img = image::RgbImage::from_fn(w, h, |_, _| {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        image::Rgb([x as u8, (x >> 8) as u8, (x >> 16) as u8])
+    });
+    let mut out = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+        .unwrap();
+    out
+}
+
+/// Redis mode: uploads and videos are served in windows with Range (as the memory engine
+/// serves its files), uploads are capped by --max-upload-mb and by per-key and cluster quotas.
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_uploads_are_ranged_capped_and_within_quotas() {
+    use skyreels_server::cluster::WINDOW;
+    let gate = Gate::closed();
+    gate.open();
+    let h = start_redis_with(
+        |c| {
+            c.api_keys = vec![KEY.into(), "second-key".into()];
+            c.max_upload_bytes = 3 << 20;
+            let q = &mut c.redis.as_mut().unwrap().quotas;
+            (q.uploads_per_key, q.uploads_total) = (6 << 20, 8 << 20);
+        },
+        gate,
+        OutputStore::Redis,
+    )
+    .await;
+    // more than two windows
+    let png = noise_png(1000, 850);
+    assert!(png.len() as u64 > 2 * WINDOW && png.len() < 3 << 20);
+    let upload = |key: &'static str, bytes: Vec<u8>| {
+        let boundary = "XyZ";
+        let mut body = format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n\
+             Content-Type: image/png\r\n\r\n"
+        )
+        .into_bytes();
+        body.extend_from_slice(&bytes);
+        body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+        Request::post("/api/v3/media/upload/binary")
+            .header(header::HOST, "gen.local:8000")
+            .header(header::AUTHORIZATION, format!("Bearer {key}"))
+            .header(
+                header::CONTENT_TYPE,
+                format!("multipart/form-data; boundary={boundary}"),
+            )
+            .body(Body::from(body))
+            .unwrap()
+    };
+    let (s, _, b) = h.call(upload(KEY, png.clone())).await;
+    assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+    let v: Value = serde_json::from_slice(&b).unwrap();
+    let url = v["data"]["download_url"].as_str().unwrap();
+    let path = url
+        .strip_prefix("http://gen.local:8000")
+        .unwrap()
+        .to_string();
+    let get = |range: Option<&str>| {
+        let mut r = Request::get(&path);
+        if let Some(range) = range {
+            r = r.header(header::RANGE, range);
+        }
+        r.body(Body::empty()).unwrap()
+    };
+    let (s, hd, bytes) = h.call(get(None)).await;
+    assert_eq!(
+        (s, hd[header::CONTENT_TYPE].to_str().unwrap()),
+        (StatusCode::OK, "image/png")
+    );
+    assert_eq!(
+        hd[header::CONTENT_LENGTH].to_str().unwrap(),
+        png.len().to_string()
+    );
+    assert!(bytes == png, "the whole upload, window after window");
+    let across = format!("bytes={}-{}", WINDOW - 5, WINDOW + 4);
+    let (s, hd, bytes) = h.call(get(Some(&across))).await;
+    assert_eq!(s, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(
+        hd[header::CONTENT_RANGE].to_str().unwrap(),
+        format!("bytes {}-{}/{}", WINDOW - 5, WINDOW + 4, png.len())
+    );
+    assert_eq!(bytes, &png[WINDOW as usize - 5..WINDOW as usize + 5]);
+    let (s, hd, _) = h.call(get(Some(&format!("bytes={}-", png.len())))).await;
+    assert_eq!(s, StatusCode::RANGE_NOT_SATISFIABLE);
+    assert_eq!(
+        hd[header::CONTENT_RANGE].to_str().unwrap(),
+        format!("bytes */{}", png.len())
+    );
+    // --max-upload-mb: multipart and tickets
+    let (s, _, b) = h.call(upload(KEY, noise_png(1200, 1000))).await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(String::from_utf8_lossy(&b).contains("--max-upload-mb"));
+    let (s, v) = h
+        .open_ticket(json!({"filename": "a.png", "size": (3 << 20) + 1}))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    // per-key quota (6 MiB): the third upload of ~2.5 MiB is refused; the cluster's (8 MiB)
+    // then refuses the second key's second one
+    let (s, _, _) = h.call(upload(KEY, png.clone())).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, hd, b) = h.call(upload(KEY, png.clone())).await;
+    assert_eq!(
+        s,
+        StatusCode::TOO_MANY_REQUESTS,
+        "{}",
+        String::from_utf8_lossy(&b)
+    );
+    assert!(String::from_utf8_lossy(&b).contains("quota"));
+    assert!(hd.contains_key(header::RETRY_AFTER));
+    let (s, _, _) = h.call(upload("second-key", png.clone())).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _, b) = h.call(upload("second-key", png.clone())).await;
+    assert_eq!(
+        s,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        String::from_utf8_lossy(&b)
+    );
+    // the refused uploads left nothing in Redis
+    let mut conn = h.redis.as_ref().unwrap().conn();
+    let kept: Vec<String> = redis::cmd("KEYS")
+        .arg("skyreels:upload_data:*")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(kept.len(), 3);
+}
+
+/// Redis mode: a queued task holds its image as it came (compressed), not pixels at the
+/// requested size; the worker fits it as the API node would, and re-checks every queued
+/// request against its own limits (a forged entry is refused, not run).
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_queues_compressed_images_and_workers_recheck_them() {
+    use skyreels_server::jobs::Jobs;
+    let gate = Gate::closed();
+    let h = start_redis_with(|c| c.max_work = 10_000.0, gate.clone(), OutputStore::Redis).await;
+    let id = |v: &Value| v["data"]["id"].as_str().unwrap().to_string();
+    // the first task holds the worker at the gate; the second waits in the queue
+    let (_, v) = h.submit(body("p")).await;
+    h.wait(&id(&v), &["processing"]).await;
+    let png = png_data_uri(30, 20);
+    let (s, v) = h
+        .submit(json!({"prompt": "big", "image": png, "width": 2048, "height": 1024, "num_frames": 1, "num_inference_steps": 1}))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let waiting = id(&v);
+    let mut conn = h.redis.as_ref().unwrap().conn();
+    let mut stored = 0usize;
+    for _ in 0..500 {
+        stored = redis::cmd("HSTRLEN")
+            .arg(format!("skyreels:input:{waiting}"))
+            .arg("image")
+            .query(&mut conn)
+            .unwrap();
+        if stored > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // the PNG's own bytes (~100), not 2048 x 1024 x 3 = 6 MiB of pixels
+    assert!(stored > 0 && stored < 1000, "{stored} bytes queued");
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(format!("skyreels:input:{waiting}"))
+        .query(&mut conn)
+        .unwrap();
+    assert!(ttl > 0, "a waiting input expires ({ttl})");
+
+    // a forged queue entry: an 8192-wide task the API would have refused
+    let Jobs::Redis(c) = &h.server.as_ref().unwrap().state.jobs else {
+        panic!("not a Redis engine");
+    };
+    let forged = skyreels_server::job::JobRecord::created(
+        MODEL,
+        Default::default(),
+        "http://gen.local:8000".into(),
+        1,
+        4,
+    );
+    c.admit(forged.clone()).await.unwrap();
+    let request = json!({
+        "model": MODEL, "prompt": "forged", "negative_prompt": null, "image": false,
+        "height": 8192, "width": 8192, "num_frames": 9, "steps": 4, "guidance_scale": 6.0,
+        "embedded_guidance_scale": 1.0, "seed": 1, "fps": 24.0, "cache": "none"
+    });
+    let _: () = redis::pipe()
+        .hset(
+            format!("skyreels:input:{}", forged.id),
+            "request",
+            request.to_string(),
+        )
+        .hset(format!("skyreels:task:{}", forged.id), "enqueued", 1)
+        .cmd("XADD")
+        .arg(format!("skyreels:queue:{MODEL}"))
+        .arg("*")
+        .arg("id")
+        .arg(&forged.id)
+        .query(&mut conn)
+        .unwrap();
+    gate.open();
+    let d = h.wait(&waiting, &["completed", "failed"]).await;
+    assert_eq!(d["status"], "completed", "{d}");
+    let d = h.wait(&forged.id, &["completed", "failed"]).await;
+    assert_eq!(
+        (d["status"].as_str(), d["code"].as_u64()),
+        (Some("failed"), Some(1401)),
+        "{d}"
+    );
+    assert!(d["error"].as_str().unwrap().contains("height"), "{d}");
+    let seen = h.seen.lock().unwrap();
+    assert!(
+        seen.iter().all(|r| r.prompt != "forged"),
+        "the forged task ran"
+    );
+    let big = seen.iter().find(|r| r.prompt == "big").unwrap();
+    let fitted = skyreels_params::fit_image(&image::RgbImage::new(30, 20), 2048, 1024);
+    assert_eq!(
+        big.image.as_ref(),
+        Some(&fitted),
+        "fitted by the worker as on arrival"
+    );
+}
+
+/// Redis mode faults: a full Redis (maxmemory, noeviction) gets its own 503; a policy that
+/// evicts is reported; a hung Redis (SIGSTOP) gets 503 within the command timeout, not after
+/// a TCP timeout, and /metrics still answers; TLS (rediss://) with an authority of our own.
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_full_hung_and_over_tls() {
+    use skyreels_server::jobs::Jobs;
+    let gate = Gate::closed();
+    gate.open();
+    let h = start_redis_with(|_| {}, gate.clone(), OutputStore::Redis).await;
+    let Jobs::Redis(c) = &h.server.as_ref().unwrap().state.jobs else {
+        panic!("not a Redis engine");
+    };
+    let mut conn = h.redis.as_ref().unwrap().conn();
+    assert_eq!(c.memory_policy_problem().await, None);
+    let set = |conn: &mut redis::Connection, k: &str, v: &str| {
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(k)
+            .arg(v)
+            .query(conn)
+            .unwrap();
+    };
+    set(&mut conn, "maxmemory-policy", "allkeys-lru");
+    let problem = c.memory_policy_problem().await.unwrap();
+    assert!(
+        problem.contains("allkeys-lru") && problem.contains("noeviction"),
+        "{problem}"
+    );
+    set(&mut conn, "maxmemory-policy", "noeviction");
+    set(&mut conn, "maxmemory", "1");
+    let (s, v) = h.submit(body("p")).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("is full"), "{v}");
+    set(&mut conn, "maxmemory", "0");
+    let (_, v) = h.submit(body("p")).await;
+    let id = v["data"]["id"].as_str().unwrap().to_string();
+    h.wait(&id, &["completed"]).await;
+
+    // hung: the answer comes within the command timeout (2.5 s); the bound checked here is a
+    // generous 8 s, far below the 20-40 s a hung Redis used to cost (a hang check, not a
+    // speed check)
+    h.redis.as_ref().unwrap().signal("STOP");
+    let start = std::time::Instant::now();
+    let (s, v) = h.result(&id).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    let text = metrics_text(&h).await;
+    assert!(text.contains("skyreels_ready 0"), "{text}");
+    let took = start.elapsed();
+    h.redis.as_ref().unwrap().signal("CONT");
+    assert!(
+        took < Duration::from_secs(8),
+        "a hung Redis stalled requests {took:?}"
+    );
+    assert_eq!(h.result(&id).await.0, StatusCode::OK);
+
+    // TLS with our own authority: the same routes
+    let tls = RedisServer::start_with(true);
+    let h = start_on_redis(tls, |_| {}, gate, OutputStore::Redis).await;
+    let (_, v) = h.submit(body("p")).await;
+    let id = v["data"]["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        h.wait(&id, &["completed", "failed"]).await["status"],
+        "completed"
+    );
 }

@@ -50,6 +50,25 @@ impl From<crate::jobs::Unavailable> for ApiError {
     }
 }
 
+impl From<crate::jobs::UploadRefused> for ApiError {
+    /// 429 for what the client holds too much of, 503 for the server's own limits.
+    fn from(e: crate::jobs::UploadRefused) -> Self {
+        use crate::jobs::UploadRefused as R;
+        match e {
+            R::Unavailable(u) => u.into(),
+            R::ClusterQuota(_) => Self {
+                retry_after: Some(60),
+                ..Self::unavailable(e.to_string())
+            },
+            R::Tickets | R::KeyTickets | R::KeyQuota(_) => Self {
+                status: StatusCode::TOO_MANY_REQUESTS,
+                message: e.to_string(),
+                retry_after: Some(30),
+            },
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut r = envelope(self.status, &self.message, ());

@@ -162,32 +162,47 @@ pub async fn check_host(
     }
 }
 
-/// Whether the request carries one of the configured keys (`Authorization: Bearer KEY`, the
-/// scheme in any case); always true when no key is configured.
-pub fn authorized(state: &AppState, headers: &HeaderMap) -> bool {
+/// Who a request comes from, for the bounds kept per API key (upload tickets and quotas):
+/// the first 16 hex digits of its key's SHA-256, or `anonymous` when no key is configured.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Owner(pub String);
+
+impl Owner {
+    /// The owner [`auth`] found, `anonymous` where no key was asked for.
+    pub fn of(ext: Option<axum::Extension<Owner>>) -> String {
+        ext.map_or_else(|| "anonymous".to_string(), |e| e.0 .0)
+    }
+}
+
+/// The owner of the configured key the request carries (`Authorization: Bearer KEY`, the
+/// scheme in any case); `anonymous` when no key is configured; `None` without a valid key.
+pub fn caller(state: &AppState, headers: &HeaderMap) -> Option<Owner> {
     if state.key_hashes.is_empty() {
-        return true;
+        return Some(Owner("anonymous".into()));
     }
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim_start().split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, k)| <[u8; 32]>::from(Sha256::digest(k.trim().as_bytes())));
+        .map(|(_, k)| <[u8; 32]>::from(Sha256::digest(k.trim().as_bytes())))?;
     // against every key, without stopping at a match
-    presented.is_some_and(|p| {
-        state
-            .key_hashes
-            .iter()
-            .fold(false, |found, k| found | crate::ct_eq(k, &p))
-    })
+    let known = state
+        .key_hashes
+        .iter()
+        .fold(false, |found, k| found | crate::ct_eq(k, &presented));
+    known.then(|| Owner(crate::job::hex(&presented[..8])))
 }
 
-pub async fn auth(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    if authorized(&state, req.headers()) {
-        next.run(req).await
-    } else {
-        ApiError::new(StatusCode::UNAUTHORIZED, "Unauthorized: invalid API key").into_response()
+pub async fn auth(State(state): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
+    match caller(&state, req.headers()) {
+        Some(owner) => {
+            req.extensions_mut().insert(owner);
+            next.run(req).await
+        }
+        None => {
+            ApiError::new(StatusCode::UNAUTHORIZED, "Unauthorized: invalid API key").into_response()
+        }
     }
 }
 

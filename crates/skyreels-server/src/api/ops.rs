@@ -64,15 +64,23 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> ApiResult {
     Ok(success(StatusText { status }))
 }
 
-/// Prometheus metrics (text exposition format).
+/// Prometheus metrics (text exposition format). Answered within one Redis command timeout
+/// even when Redis hangs (the cluster-wide figures are then left out and `ready` is 0).
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "Metrics", content_type = "text/plain")))]
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let loaded = state
         .workers_loaded
         .load(std::sync::atomic::Ordering::Relaxed);
-    let overview = state.jobs.overview(state.models.get(), loaded).await;
-    let ready = models_loaded(&state).await.is_ok();
+    let both = async {
+        tokio::join!(
+            state.jobs.overview(state.models.get(), loaded),
+            models_loaded(&state)
+        )
+    };
+    let (overview, ready) = tokio::time::timeout(crate::cluster::COMMAND_TIMEOUT, both)
+        .await
+        .map_or((Default::default(), false), |(o, r)| (o, r.is_ok()));
     (
         [(
             header::CONTENT_TYPE,
@@ -107,6 +115,6 @@ pub async fn models(State(state): State<Arc<AppState>>) -> ApiResult {
     security(("bearer" = [])))]
 pub async fn webhook_secret(State(state): State<Arc<AppState>>) -> Response {
     success(WebhookSecret {
-        secret: state.webhook_secret.clone(),
+        secret: state.webhook_secret(),
     })
 }

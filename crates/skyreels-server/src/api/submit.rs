@@ -307,8 +307,10 @@ pub async fn submit(
 }
 
 /// Fetches (bounded fetches at a time) and decodes (bounded decodes at a time) the image off
-/// the runtime, settles the size, fits the image to it right away (so a queued task holds only
-/// what the model reads), and queues the task; a media failure fails it with 1402.
+/// the runtime, settles the size and queues the task; a media failure fails it with 1402. The
+/// memory engine's queue holds the image fitted to the task's size (only what the model reads);
+/// the Redis engine's holds the image as it came (compressed; at most `--max-upload-mb`),
+/// which the worker fits again.
 async fn prepare(
     state: Arc<AppState>,
     id: String,
@@ -317,16 +319,19 @@ async fn prepare(
     source: Option<ImageSource>,
 ) {
     let (size, portrait, d) = (c.size, c.portrait, model.defaults.clone());
+    let keep_source = state.jobs.queues_source_images();
     let fit = move |image: Option<image::RgbImage>| {
         let portrait = portrait.unwrap_or_else(|| image.as_ref().is_some_and(params::is_portrait));
         let (height, width) = size.unwrap_or_else(|| d.size(portrait));
-        let image = image.map(|i| params::fit_image(&i, width, height));
+        let image = image
+            .filter(|_| !keep_source)
+            .map(|i| params::fit_image(&i, width, height));
         (image, height, width)
     };
-    let (image, height, width) = match source {
-        None => fit(None),
+    let ((image, height, width), bytes) = match source {
+        None => (fit(None), None),
         Some(source) => match load_image(&state, &id, source, fit).await {
-            Ok(fitted) => fitted,
+            Ok((fitted, bytes)) => (fitted, keep_source.then_some(bytes)),
             Err((code, e)) => {
                 tracing::warn!(%id, "image: {e}");
                 state.jobs.fail_unstarted(&id, code, e).await;
@@ -334,37 +339,33 @@ async fn prepare(
             }
         },
     };
-    state
-        .jobs
-        .enqueue(
-            &id,
-            GenerationRequest {
-                model: model.id,
-                prompt: c.prompt,
-                negative_prompt: c.negative_prompt,
-                image,
-                height,
-                width,
-                num_frames: c.num_frames,
-                steps: c.steps,
-                guidance_scale: c.guidance_scale,
-                embedded_guidance_scale: c.embedded_guidance_scale,
-                seed: c.seed,
-                fps: c.fps,
-                cache: c.cache,
-            },
-        )
-        .await;
+    let request = GenerationRequest {
+        model: model.id,
+        prompt: c.prompt,
+        negative_prompt: c.negative_prompt,
+        image,
+        height,
+        width,
+        num_frames: c.num_frames,
+        steps: c.steps,
+        guidance_scale: c.guidance_scale,
+        embedded_guidance_scale: c.embedded_guidance_scale,
+        seed: c.seed,
+        fps: c.fps,
+        cache: c.cache,
+    };
+    state.jobs.enqueue(&id, request, bytes).await;
 }
 
 type Fitted = (Option<image::RgbImage>, usize, usize);
 
+/// The image's bytes (at most `--max-upload-mb`), decoded and handed to `fit`; the bytes too.
 async fn load_image(
     state: &Arc<AppState>,
     id: &str,
     source: ImageSource,
     fit: impl FnOnce(Option<image::RgbImage>) -> Fitted + Send + 'static,
-) -> Result<Fitted, (TaskCode, String)> {
+) -> Result<(Fitted, Vec<u8>), (TaskCode, String)> {
     let join = |e: tokio::task::JoinError| (TaskCode::Internal, format!("internal error: {e}"));
     let media = |e: media::MediaError| (TaskCode::MediaAccessFailed, e.to_string());
     let bytes = match source {
@@ -388,15 +389,28 @@ async fn load_image(
             .map_err(|e| (TaskCode::MediaAccessFailed, e.0))?
             .ok_or_else(|| media(media::MediaError::MissingUpload(upload)))?,
     };
+    let cap = state.config.max_upload_bytes;
+    if bytes.len() > cap {
+        return Err((
+            TaskCode::MediaAccessFailed,
+            format!(
+                "image is larger than {} MiB, this server's limit (--max-upload-mb)",
+                cap >> 20
+            ),
+        ));
+    }
     let _permit = state
         .decodes
         .acquire()
         .await
         .map_err(|e| join_closed(e, id))?;
-    tokio::task::spawn_blocking(move || media::decode(&bytes).map(|img| fit(Some(img))))
-        .await
-        .map_err(join)?
-        .map_err(media)
+    tokio::task::spawn_blocking(move || {
+        let fitted = media::decode(&bytes).map(|img| fit(Some(img)))?;
+        Ok((fitted, bytes))
+    })
+    .await
+    .map_err(join)?
+    .map_err(media)
 }
 
 fn join_closed(e: tokio::sync::AcquireError, id: &str) -> (TaskCode, String) {

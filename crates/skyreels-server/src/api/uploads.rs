@@ -3,6 +3,7 @@
 
 use super::body::{body_error, read_json};
 use super::error::{success, ApiError, ApiResult};
+use super::middleware::Owner;
 use crate::contract::{
     Envelope, ErrorEnvelope, UploadData, UploadHeaders, UploadTarget, UploadTicketRequest,
     MAX_CONTENT_TYPE_BYTES, MAX_FILENAME_BYTES,
@@ -15,6 +16,7 @@ use axum::body::Body;
 use axum::extract::{Multipart, Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use http_body_util::BodyExt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -131,10 +133,12 @@ impl Drop for Sink {
 )]
 pub async fn upload_binary(
     State(state): State<Arc<AppState>>,
+    owner: Option<Extension<Owner>>,
     headers: HeaderMap,
     mut form: Multipart,
 ) -> ApiResult {
     let max = state.config.max_body_bytes;
+    let cap = state.config.max_upload_bytes;
     let field_error = |e: axum::extract::multipart::MultipartError| {
         use std::error::Error;
         match e.source() {
@@ -147,11 +151,14 @@ pub async fn upload_binary(
             continue;
         }
         let filename = field.file_name().unwrap_or("upload").to_string();
-        let upload = new_upload(&filename, "", 0, &super::base_url(&state, &headers));
+        let upload = Upload {
+            owner: Owner::of(owner),
+            ..new_upload(&filename, "", 0, &super::base_url(&state, &headers))
+        };
         let paths = state.jobs.paths();
-        let mut sink = Sink::create(paths, &upload.id, max as u64).await?;
+        let mut sink = Sink::create(paths, &upload.id, cap as u64).await?;
         while let Some(chunk) = field.chunk().await.map_err(field_error)? {
-            sink.write(&chunk, || super::body::too_large(max)).await?;
+            sink.write(&chunk, || upload_too_large(cap)).await?;
         }
         let (mime, size) = sink.finish(paths.upload_data_path(&upload.id)).await?;
         let upload = state
@@ -182,6 +189,7 @@ pub async fn upload_binary(
 )]
 pub async fn upload_ticket(
     State(state): State<Arc<AppState>>,
+    owner: Option<Extension<Owner>>,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult {
@@ -196,7 +204,7 @@ pub async fn upload_ticket(
             format!("must be at most {MAX_FILENAME_BYTES} bytes"),
         ));
     }
-    let max = state.config.max_body_bytes as u64;
+    let max = state.config.max_upload_bytes as u64;
     let size = r
         .size
         .filter(|s| (1..=max).contains(s))
@@ -223,13 +231,8 @@ pub async fn upload_ticket(
     let base = super::base_url(&state, &headers);
     let (upload, token) = state
         .jobs
-        .open_ticket(&filename, &ct, size, &base)
-        .await?
-        .ok_or_else(|| ApiError {
-            status: StatusCode::TOO_MANY_REQUESTS,
-            message: "too many upload tickets are open; send or let some expire first".into(),
-            retry_after: Some(30),
-        })?;
+        .open_ticket(&filename, &ct, size, &base, &Owner::of(owner))
+        .await?;
     let target = UploadTarget {
         method: "PUT".into(),
         url: format!("{base}/api/v3/media/uploads/{token}"),
@@ -319,11 +322,8 @@ pub async fn upload_file(
     Path((id, _name)): Path<(String, String)>,
     req: Request,
 ) -> Result<Response, ApiError> {
-    let upload = state
-        .jobs
-        .upload(&id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("file not found"))?;
+    let gone = || ApiError::not_found("file not found");
+    let upload = state.jobs.upload(&id).await?.ok_or_else(gone)?;
     let mut response = match &state.jobs {
         Jobs::Memory(s) => {
             let file = ServeFile::new(s.paths().upload_data_path(&id));
@@ -333,13 +333,15 @@ pub async fn upload_file(
                 .map(Body::new)
         }
         Jobs::Redis(c) => {
-            let bytes = c
-                .upload_bytes(&id)
-                .await?
-                .ok_or_else(|| ApiError::not_found("file not found"))?;
-            Response::new(Body::from(bytes))
+            let len = c.upload_len(&id).await?.ok_or_else(gone)?;
+            ranged(req.headers(), len, |a, b| {
+                Body::from_stream(c.upload_stream(&id, a, b))
+            })
         }
     };
+    if !response.status().is_success() {
+        return Ok(response);
+    }
     let h = response.headers_mut();
     match RASTER_TYPES.iter().find(|t| **t == upload.content_type) {
         Some(raster) => {
@@ -356,7 +358,7 @@ pub async fn upload_file(
 }
 
 /// A finished video kept in Redis (`--output-store redis`), by file name, whole or one
-/// `Range: bytes=...` of it (what a `<video>` element asks for to seek).
+/// `Range: bytes=...` of it (what a `<video>` element asks for to seek), streamed in windows.
 pub async fn output_file(
     State(state): State<Arc<AppState>>,
     Path(file): Path<String>,
@@ -367,6 +369,19 @@ pub async fn output_file(
         return Err(gone());
     };
     let len = c.output_len(&file).await?.ok_or_else(gone)?;
+    let mut response = ranged(&headers, len, |a, b| {
+        Body::from_stream(c.output_stream(&file, a, b))
+    });
+    if response.status() != StatusCode::RANGE_NOT_SATISFIABLE {
+        let mp4 = HeaderValue::from_static("video/mp4");
+        response.headers_mut().insert(header::CONTENT_TYPE, mp4);
+    }
+    Ok(response)
+}
+
+/// The response to a GET of a `len`-byte value with these headers: 200 with the whole body,
+/// 206 with one `Range`, or 416 for a range outside it; `body(first, last)` streams the bytes.
+fn ranged(headers: &HeaderMap, len: u64, body: impl FnOnce(u64, u64) -> Body) -> Response {
     let range = headers
         .get(header::RANGE)
         .and_then(|v| v.to_str().ok())
@@ -381,21 +396,34 @@ pub async fn output_file(
                 header::CONTENT_RANGE,
                 HeaderValue::from_str(&format!("bytes */{len}")).expect("ascii"),
             );
-            return Ok(r);
+            return r;
         }
     };
-    let mut response = Response::new(Body::from(c.output_range(&file, first, last).await?));
-    let h = response.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("video/mp4"));
-    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    let mut response = Response::new(body(first, last));
     if let ByteRange::Part(..) = range {
         *response.status_mut() = StatusCode::PARTIAL_CONTENT;
-        response.headers_mut().insert(
+    }
+    let h = response.headers_mut();
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(last - first + 1));
+    if let ByteRange::Part(..) = range {
+        h.insert(
             header::CONTENT_RANGE,
             HeaderValue::from_str(&format!("bytes {first}-{last}/{len}")).expect("ascii"),
         );
     }
-    Ok(response)
+    response
+}
+
+/// 413 for an upload over `--max-upload-mb`.
+fn upload_too_large(cap: usize) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!(
+            "file: uploads are at most {} MiB on this server (--max-upload-mb)",
+            cap >> 20
+        ),
+    )
 }
 
 /// What a `Range` header asks of a body.

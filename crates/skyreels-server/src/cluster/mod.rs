@@ -13,13 +13,21 @@
 //! (the webhook once-guard), `models` (hash: model id -> model info), `workers` (sorted set:
 //! worker -> last heartbeat ms), `worker_models` (hash: worker -> its model ids), `secret`.
 
+mod blobs;
 mod scripts;
+mod sweep;
 pub(crate) mod worker;
+
+pub use blobs::{CONCURRENT_WINDOWS, WINDOW};
 
 use crate::generator::{GenerationRequest, ModelInfo};
 use crate::job::{now_ms, JobRecord, Status, TaskCode};
+use crate::jobs::UploadRefused;
 use crate::jobs::{Overview, Unavailable};
-use crate::store::{new_ticket, AdmitError, CancelResult, Paths, Upload, MAX_OPEN_TICKETS};
+use crate::store::{
+    new_ticket, AdmitError, CancelResult, Paths, Upload, MAX_OPEN_TICKETS,
+    MAX_OPEN_TICKETS_PER_KEY, TICKET_TTL,
+};
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
@@ -29,12 +37,19 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// The owner an upload's quota and tickets count against (`anonymous` without keys).
+fn owner_of(u: &Upload) -> &str {
+    if u.owner.is_empty() {
+        "anonymous"
+    } else {
+        &u.owner
+    }
+}
+
 /// The consumer group every worker reads the queues through.
 pub const GROUP: &str = "workers";
 /// A task whose worker stopped this many times fails with 5003.
 pub const MAX_ATTEMPTS: u32 = 3;
-/// Open PUT tickets expire after this long.
-const TICKET_TTL: Duration = Duration::from_secs(3600);
 
 /// Where finished videos live in Redis mode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,11 +63,58 @@ pub enum OutputStore {
 /// How a node reaches the shared engine.
 #[derive(Clone, Debug)]
 pub struct ClusterConfig {
-    /// `redis://[:PASSWORD@]HOST:PORT/DB` (no TLS: keep Redis on a private network).
+    /// `redis://[USER:PASSWORD@]HOST:PORT/DB`, or `rediss://` for TLS.
     pub url: String,
     /// A running task whose worker sent no heartbeat for this long is taken over.
     pub claim_timeout: Duration,
     pub output_store: OutputStore,
+    /// Bytes of uploads Redis keeps, per API key and in all.
+    pub quotas: Quotas,
+    /// A task not started this long after it was accepted fails (5003).
+    pub queue_ttl: Duration,
+    /// A model no live worker has served for this long is forgotten: submits naming it are
+    /// refused (404) instead of waiting for a worker that will not come.
+    pub forget_models_after: Duration,
+    /// PEM of the authority that signed a `rediss://` server's certificate (else the system's).
+    pub ca_cert: Option<std::path::PathBuf>,
+    /// Accept a URL without a password on an address other than loopback.
+    pub allow_no_password: bool,
+}
+
+impl ClusterConfig {
+    /// The defaults: 30 s claim timeout, videos in Redis, [`Quotas::default`], tasks waiting
+    /// at most 6 hours, models forgotten an hour after their last worker.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            claim_timeout: Duration::from_secs(30),
+            output_store: OutputStore::Redis,
+            quotas: Quotas::default(),
+            queue_ttl: Duration::from_secs(6 * 3600),
+            forget_models_after: Duration::from_secs(3600),
+            ca_cert: None,
+            allow_no_password: false,
+        }
+    }
+}
+
+/// Upload bytes kept in Redis (where they live in RAM until the retention ends).
+#[derive(Clone, Copy, Debug)]
+pub struct Quotas {
+    /// Per API key (all clients together when no key is configured).
+    pub uploads_per_key: u64,
+    /// Over every key.
+    pub uploads_total: u64,
+}
+
+impl Default for Quotas {
+    /// 256 MiB per key, 2 GiB in all.
+    fn default() -> Self {
+        Self {
+            uploads_per_key: 256 << 20,
+            uploads_total: 2 << 30,
+        }
+    }
 }
 
 /// The key names.
@@ -83,6 +145,10 @@ impl Keys {
     fn upload(&self, id: &str) -> String {
         self.key("upload", id)
     }
+    /// An upload's bytes (a string, so they can be read in windows).
+    fn upload_data(&self, id: &str) -> String {
+        self.key("upload_data", id)
+    }
     fn ticket(&self, digest: &str) -> String {
         self.key("ticket", digest)
     }
@@ -107,6 +173,22 @@ impl Keys {
     fn tickets(&self) -> String {
         format!("{}tickets", self.prefix)
     }
+    /// Open tickets of one API key (sorted set: digest -> expiry ms).
+    fn key_tickets(&self, owner: &str) -> String {
+        self.key("tickets", owner)
+    }
+    /// Upload bytes kept per API key (hash: key -> bytes; `*`: all keys).
+    fn upload_usage(&self) -> String {
+        format!("{}upload_usage", self.prefix)
+    }
+    /// When kept uploads expire (sorted set: `key|id|bytes` -> expiry ms).
+    fn upload_expiry(&self) -> String {
+        format!("{}upload_expiry", self.prefix)
+    }
+    /// When each model last had a live worker (hash: model id -> ms).
+    pub fn models_seen(&self) -> String {
+        format!("{}models_seen", self.prefix)
+    }
     fn secret(&self) -> String {
         format!("{}secret", self.prefix)
     }
@@ -116,14 +198,14 @@ pub(crate) const KEYS: Keys = Keys {
     prefix: "skyreels:",
 };
 
-/// A task's prepared request as it waits in Redis (the image as raw RGB next to it).
+/// A task's request as it waits in Redis (its image, as it came, beside it).
 #[derive(Serialize, Deserialize)]
 struct QueuedRequest {
     model: String,
     prompt: String,
     negative_prompt: Option<String>,
-    /// (width, height) of the RGB bytes.
-    image: Option<(u32, u32)>,
+    /// Whether the task has an image (its encoded bytes are the input's `image` field).
+    image: bool,
     height: usize,
     width: usize,
     num_frames: usize,
@@ -135,13 +217,13 @@ struct QueuedRequest {
     cache: String,
 }
 
-/// The request as JSON and the image's RGB bytes.
-pub(crate) fn encode_request(r: &GenerationRequest) -> (Vec<u8>, Vec<u8>) {
+/// The request as JSON (its image, if any, travels as the source bytes beside it).
+pub(crate) fn encode_request(r: &GenerationRequest, has_image: bool) -> Vec<u8> {
     let q = QueuedRequest {
         model: r.model.clone(),
         prompt: r.prompt.clone(),
         negative_prompt: r.negative_prompt.clone(),
-        image: r.image.as_ref().map(|i| i.dimensions()),
+        image: has_image,
         height: r.height,
         width: r.width,
         num_frames: r.num_frames,
@@ -152,24 +234,29 @@ pub(crate) fn encode_request(r: &GenerationRequest) -> (Vec<u8>, Vec<u8>) {
         fps: r.fps,
         cache: r.cache.to_string(),
     };
-    let json = serde_json::to_vec(&q).expect("plain fields serialize");
-    let rgb = r
-        .image
-        .as_ref()
-        .map(|i| i.as_raw().clone())
-        .unwrap_or_default();
-    (json, rgb)
+    serde_json::to_vec(&q).expect("plain fields serialize")
 }
 
-pub(crate) fn decode_request(json: &[u8], rgb: Vec<u8>) -> Result<GenerationRequest, String> {
-    let q: QueuedRequest =
-        serde_json::from_slice(json).map_err(|e| format!("the queued request: {e}"))?;
+/// Why a queued request cannot run.
+#[derive(Debug, PartialEq)]
+pub(crate) enum BadInput {
+    /// The stored input is not one this server wrote (5000).
+    Corrupt(String),
+    /// Its image does not decode (1402).
+    Image(String),
+}
+
+/// The request from its JSON and its image's bytes, the image decoded (with the API's limits)
+/// and fitted to the task's size as the API node would have.
+pub(crate) fn decode_request(json: &[u8], source: &[u8]) -> Result<GenerationRequest, BadInput> {
+    let q: QueuedRequest = serde_json::from_slice(json)
+        .map_err(|e| BadInput::Corrupt(format!("the queued request: {e}")))?;
     let image = match q.image {
-        Some((w, h)) => Some(
-            image::RgbImage::from_raw(w, h, rgb)
-                .ok_or("the queued image does not match its size")?,
-        ),
-        None => None,
+        true => {
+            let img = crate::media::decode(source).map_err(|e| BadInput::Image(e.to_string()))?;
+            Some(skyreels_params::fit_image(&img, q.width, q.height))
+        }
+        false => None,
     };
     Ok(GenerationRequest {
         model: q.model,
@@ -184,7 +271,7 @@ pub(crate) fn decode_request(json: &[u8], rgb: Vec<u8>) -> Result<GenerationRequ
         embedded_guidance_scale: q.embedded_guidance_scale,
         seed: q.seed,
         fps: q.fps,
-        cache: q.cache.parse()?,
+        cache: q.cache.parse().map_err(BadInput::Corrupt)?,
     })
 }
 
@@ -260,20 +347,52 @@ impl End<'_> {
 
 /// Messages of Redis failures for clients (no address, no credentials).
 pub(crate) fn down(e: redis::RedisError) -> Unavailable {
+    if is_oom(&e) {
+        tracing::error!("redis is full (maxmemory reached): {e}");
+        return Unavailable(
+            "the job store (Redis) is full: it reached its memory limit; retry later (operators: \
+             see docs/scale-out.md, sizing Redis)"
+                .into(),
+        );
+    }
     tracing::warn!("redis: {e}");
     Unavailable("the job store (Redis) is unreachable; retry shortly".into())
 }
 
+/// Redis refused a write because it reached `maxmemory` (`OOM command not allowed ...`).
+pub(crate) fn is_oom(e: &redis::RedisError) -> bool {
+    e.code() == Some("OOM") || e.to_string().contains("OOM command not allowed")
+}
+
+/// The longest a node waits for one Redis command (a hung Redis answers nothing: the client
+/// gets its 503 after this, not after a TCP timeout).
+pub const COMMAND_TIMEOUT: Duration = Duration::from_millis(2500);
+
 /// The node's connection: a connection manager whose command is sent once more, after a short
 /// pause, when the connection turned out to be broken (Redis restarted: the manager reconnects
 /// on that error, so the second try normally goes through instead of failing a client). Every
-/// script is safe to run twice (each checks the state it changes).
+/// script is safe to run twice (each checks the state it changes). A command that got no
+/// answer within [`COMMAND_TIMEOUT`] is not sent again (Redis hangs: the client hears so
+/// at once).
 #[derive(Clone)]
-struct Conn(ConnectionManager);
+pub(crate) struct Conn(ConnectionManager);
 
 impl Conn {
     fn retry(e: &redis::RedisError) -> bool {
-        e.is_connection_dropped() || e.is_io_error()
+        (e.is_connection_dropped() || e.is_io_error()) && !e.is_timeout()
+    }
+
+    async fn timed<T>(
+        f: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> redis::RedisResult<T> {
+        match tokio::time::timeout(COMMAND_TIMEOUT, f).await {
+            Ok(r) => r,
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "redis did not answer in time",
+            )
+            .into()),
+        }
     }
 }
 
@@ -283,10 +402,10 @@ impl redis::aio::ConnectionLike for Conn {
         cmd: &'a redis::Cmd,
     ) -> redis::RedisFuture<'a, redis::Value> {
         Box::pin(async move {
-            match self.0.req_packed_command(cmd).await {
+            match Self::timed(self.0.req_packed_command(cmd)).await {
                 Err(e) if Self::retry(&e) => {
                     tokio::time::sleep(Duration::from_millis(100)).await;
-                    self.0.req_packed_command(cmd).await
+                    Self::timed(self.0.req_packed_command(cmd)).await
                 }
                 r => r,
             }
@@ -300,10 +419,10 @@ impl redis::aio::ConnectionLike for Conn {
         count: usize,
     ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
         Box::pin(async move {
-            match self.0.req_packed_commands(pipeline, offset, count).await {
+            match Self::timed(self.0.req_packed_commands(pipeline, offset, count)).await {
                 Err(e) if Self::retry(&e) => {
                     tokio::time::sleep(Duration::from_millis(100)).await;
-                    self.0.req_packed_commands(pipeline, offset, count).await
+                    Self::timed(self.0.req_packed_commands(pipeline, offset, count)).await
                 }
                 r => r,
             }
@@ -320,6 +439,8 @@ pub struct Cluster {
     pub config: ClusterConfig,
     pub(crate) client: redis::Client,
     conn: Conn,
+    /// Uploads and videos are read on their own connection, in bounded windows.
+    blobs: blobs::Blobs,
     paths: Paths,
     max_queue: usize,
     retention_ms: u64,
@@ -341,21 +462,25 @@ impl Cluster {
         retention: Option<Duration>,
         metrics: Arc<crate::metrics::Metrics>,
     ) -> Result<(Self, tokio::sync::mpsc::UnboundedReceiver<JobRecord>), String> {
-        let client = redis::Client::open(config.url.as_str())
-            .map_err(|e| format!("--redis {:?}: {e}", redacted(&config.url)))?;
-        let manager = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(10)))
-            .set_number_of_retries(3)
-            .set_max_delay(Duration::from_secs(2));
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager)
-            .map_err(|e| format!("redis: {e}"))?;
+        let client = client(&config)?;
+        let manager = || {
+            let config = redis::aio::ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(Duration::from_secs(2)))
+                .set_response_timeout(Some(COMMAND_TIMEOUT))
+                .set_number_of_retries(1)
+                .set_max_delay(Duration::from_millis(500));
+            ConnectionManager::new_lazy_with_config(client.clone(), config)
+                .map(Conn)
+                .map_err(|e| format!("redis: {e}"))
+        };
+        let (conn, blobs) = (manager()?, blobs::Blobs::new(manager()?));
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         Ok((
             Self {
                 config,
                 client,
-                conn: Conn(conn),
+                conn,
+                blobs,
                 paths,
                 max_queue,
                 retention_ms: retention.map_or(0, |r| r.as_millis() as u64),
@@ -384,25 +509,14 @@ impl Cluster {
         self.retention_ms
     }
 
-    /// The cluster's webhook secret: the first node's (configured or generated) is kept in
-    /// Redis and used by every node. Retries with backoff for up to a minute while Redis is
-    /// unreachable.
-    pub async fn shared_secret(&self, mine: String) -> Result<String, String> {
+    /// The cluster's webhook secret: a configured one (`--webhook-secret`, `configured`) is
+    /// stored as the cluster's; otherwise the first node's generated one is kept in Redis and
+    /// used by every node. Retries with backoff for up to a minute while Redis is unreachable.
+    pub async fn shared_secret(&self, mine: String, configured: bool) -> Result<String, String> {
         let mut wait = Duration::from_millis(200);
         let start = std::time::Instant::now();
         loop {
-            let mut c = self.conn();
-            let got: redis::RedisResult<String> = async {
-                let _: () = redis::cmd("SET")
-                    .arg(KEYS.secret())
-                    .arg(&mine)
-                    .arg("NX")
-                    .query_async(&mut c)
-                    .await?;
-                c.get(KEYS.secret()).await
-            }
-            .await;
-            match got {
+            match self.sync_secret(&mine, configured).await {
                 Ok(s) => return Ok(s),
                 Err(e) if start.elapsed() < Duration::from_secs(60) => {
                     tracing::warn!("redis is not reachable yet ({e}); retrying");
@@ -412,6 +526,64 @@ impl Cluster {
                 Err(e) => return Err(format!("redis is not reachable: {e}")),
             }
         }
+    }
+
+    /// One round of [`Cluster::shared_secret`]: `mine` is stored where Redis has no secret
+    /// (it lost its data) or, `force`, always; the cluster's secret is returned.
+    pub async fn sync_secret(&self, mine: &str, force: bool) -> redis::RedisResult<String> {
+        let mut c = self.conn();
+        if force {
+            let before: Option<String> = redis::cmd("SET")
+                .arg(KEYS.secret())
+                .arg(mine)
+                .arg("GET")
+                .query_async(&mut c)
+                .await?;
+            if before.is_some_and(|b| b != mine) {
+                tracing::warn!(
+                    "another node stored a different webhook secret: give every node the same \
+                     --webhook-secret"
+                );
+            }
+            return Ok(mine.to_string());
+        }
+        let _: () = redis::cmd("SET")
+            .arg(KEYS.secret())
+            .arg(mine)
+            .arg("NX")
+            .query_async(&mut c)
+            .await?;
+        c.get(KEYS.secret()).await
+    }
+
+    /// What is wrong with Redis' memory policy, if anything: any policy but `noeviction` lets
+    /// a full Redis silently drop task records, queue entries, uploads and outputs (with
+    /// `noeviction` it refuses writes instead, which clients see as a 503 saying Redis is full).
+    pub async fn memory_policy_problem(&self) -> Option<String> {
+        let got: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("maxmemory-policy")
+            .query_async(&mut self.conn())
+            .await;
+        match got.as_deref() {
+            Ok([_, policy]) if policy == "noeviction" => None,
+            Ok([_, policy]) => Some(format!(
+                "redis' maxmemory-policy is {policy}: when it fills up it evicts keys, and tasks, \
+                 queue entries or outputs vanish; set maxmemory-policy noeviction (docs/scale-out.md)"
+            )),
+            Ok(_) | Err(_) => Some(
+                "cannot read redis' maxmemory-policy (CONFIG GET refused?): make sure it is \
+                 noeviction (docs/scale-out.md)"
+                    .into(),
+            ),
+        }
+    }
+
+    /// How long an unstarted task's record and input are kept at most: the queue TTL plus
+    /// the sweep's slack (the sweep fails it at the queue TTL; this is for a cluster where no
+    /// API node runs to sweep).
+    fn queue_backstop_ms(&self) -> u64 {
+        (self.config.queue_ttl + Duration::from_secs(600)).as_millis() as u64
     }
 
     pub fn is_draining(&self) -> bool {
@@ -486,6 +658,7 @@ impl Cluster {
             .arg(json)
             .arg(record.total_steps)
             .arg(&record.model)
+            .arg(self.queue_backstop_ms())
             .invoke_async(&mut self.conn())
             .await
             .map_err(|e| AdmitError::Unavailable(down(e).0))?;
@@ -518,8 +691,9 @@ impl Cluster {
 
     /// Queues the prepared input, retried for a few minutes while Redis is away (the task stays
     /// created, and its client's polls get 503 meanwhile).
-    pub async fn enqueue(&self, id: &str, request: GenerationRequest) {
-        let (json, rgb) = encode_request(&request);
+    pub async fn enqueue(&self, id: &str, request: GenerationRequest, source: Option<Vec<u8>>) {
+        let json = encode_request(&request, source.is_some());
+        let image = source.unwrap_or_default();
         let mut wait = Duration::from_millis(100);
         for _ in 0..40 {
             let r: redis::RedisResult<i64> = scripts::ENQUEUE
@@ -528,7 +702,8 @@ impl Cluster {
                 .key(KEYS.queue(&request.model))
                 .arg(id)
                 .arg(&json)
-                .arg(&rgb)
+                .arg(&image)
+                .arg(self.queue_backstop_ms())
                 .invoke_async(&mut self.conn())
                 .await;
             match r {
@@ -608,37 +783,6 @@ impl Cluster {
         if let Err(e) = r {
             tracing::error!(%id, "cannot fail the task: {e}");
         }
-    }
-
-    /// Fails the waiting tasks that were never queued `limit` after their admission (the node
-    /// preparing their input stopped); forgets waiting entries whose record is gone. Returns
-    /// how many it failed.
-    pub async fn fail_stalled(&self, limit: Duration) -> Result<usize, Unavailable> {
-        let mut c = self.conn();
-        let ids: Vec<String> = c.zrange(KEYS.waiting(), 0, -1).await.map_err(down)?;
-        let mut failed = 0;
-        for id in ids {
-            let (enqueued, record): (Option<String>, Option<Vec<u8>>) = redis::cmd("HMGET")
-                .arg(KEYS.task(&id))
-                .arg("enqueued")
-                .arg("record")
-                .query_async(&mut c)
-                .await
-                .map_err(down)?;
-            let Some(record) = record else {
-                let _: () = c.zrem(KEYS.waiting(), &id).await.map_err(down)?;
-                continue;
-            };
-            let created = serde_json::from_slice::<JobRecord>(&record).map_or(0, |r| r.created_at);
-            if enqueued.is_none() && now_ms().saturating_sub(created) > limit.as_millis() as u64 {
-                let why =
-                    "the node preparing this task stopped before it was queued; submit it again";
-                self.fail_unstarted(&id, TaskCode::Unavailable, why.into())
-                    .await;
-                failed += 1;
-            }
-        }
-        Ok(failed)
     }
 
     pub async fn get(&self, id: &str) -> Result<Option<(JobRecord, Option<usize>)>, Unavailable> {
@@ -761,15 +905,29 @@ impl Cluster {
             .filter(|u| u.complete))
     }
 
+    /// A completed upload's bytes (read in windows).
     pub async fn upload_bytes(&self, id: &str) -> Result<Option<Vec<u8>>, Unavailable> {
-        self.conn()
-            .hget(KEYS.upload(id), "data")
-            .await
-            .map_err(down)
+        self.blobs.read(&KEYS.upload_data(id)).await
     }
 
-    /// Moves the checked bytes from the scratch file into Redis, with the record.
-    pub async fn complete_upload(&self, mut upload: Upload) -> Result<Upload, Unavailable> {
+    /// The length of a completed upload's bytes; `None` when they are gone.
+    pub async fn upload_len(&self, id: &str) -> Result<Option<u64>, Unavailable> {
+        self.blobs.len(&KEYS.upload_data(id)).await
+    }
+
+    /// Bytes `first..=last` of an upload, streamed in windows.
+    pub fn upload_stream(
+        &self,
+        id: &str,
+        first: u64,
+        last: u64,
+    ) -> impl futures_util::Stream<Item = Result<bytes::Bytes, Unavailable>> + Send + 'static {
+        self.blobs.stream(KEYS.upload_data(id), first, last)
+    }
+
+    /// Moves the checked bytes from the scratch file into Redis, with the record, if the
+    /// uploader's and the cluster's upload quotas leave room for them.
+    pub async fn complete_upload(&self, mut upload: Upload) -> Result<Upload, UploadRefused> {
         upload.complete = true;
         let path = self.paths.upload_data_path(&upload.id);
         let bytes = tokio::fs::read(&path)
@@ -777,14 +935,44 @@ impl Cluster {
             .map_err(|e| Unavailable(format!("cannot read the upload back: {e}")));
         let _ = tokio::fs::remove_file(&path).await;
         let bytes = bytes?;
+        let now = now_ms();
+        let expiry = if self.retention_ms > 0 {
+            now + self.retention_ms
+        } else {
+            u64::MAX >> 11
+        };
+        let q = &self.config.quotas;
+        let verdict: i64 = scripts::UPLOAD_QUOTA
+            .key(KEYS.upload_usage())
+            .key(KEYS.upload_expiry())
+            .arg(now)
+            .arg(owner_of(&upload))
+            .arg(&upload.id)
+            .arg(bytes.len())
+            .arg(expiry)
+            .arg(q.uploads_per_key)
+            .arg(q.uploads_total)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(down)?;
+        match verdict {
+            1 => return Err(UploadRefused::KeyQuota(q.uploads_per_key)),
+            2 => return Err(UploadRefused::ClusterQuota(q.uploads_total)),
+            _ => {}
+        }
         let meta = serde_json::to_string(&upload).expect("uploads serialize");
-        let key = KEYS.upload(&upload.id);
+        let (key, data) = (KEYS.upload(&upload.id), KEYS.upload_data(&upload.id));
         let mut pipe = redis::pipe();
         pipe.atomic()
-            .hset_multiple(&key, &[("meta", meta.into_bytes()), ("data", bytes)])
+            .hset(&key, "meta", meta)
+            .ignore()
+            .set(&data, bytes)
             .ignore();
         if self.retention_ms > 0 {
-            pipe.pexpire(&key, self.retention_ms as i64).ignore();
+            pipe.pexpire(&key, self.retention_ms as i64)
+                .ignore()
+                .pexpire(&data, self.retention_ms as i64)
+                .ignore();
         }
         let _: () = pipe.query_async(&mut self.conn()).await.map_err(down)?;
         Ok(upload)
@@ -796,13 +984,15 @@ impl Cluster {
         content_type: &str,
         size: u64,
         base_url: &str,
-    ) -> Result<Option<(Upload, String)>, Unavailable> {
-        let (upload, token) = new_ticket(filename, content_type, size, base_url);
+        owner: &str,
+    ) -> Result<(Upload, String), UploadRefused> {
+        let (upload, token) = new_ticket(filename, content_type, size, base_url, owner);
         let meta = serde_json::to_string(&upload).expect("uploads serialize");
-        let ttl = self.ttl_or(TICKET_TTL).min(TICKET_TTL.as_millis() as u64);
+        let ttl = TICKET_TTL.as_millis() as u64;
         let (digest, now) = (token_digest(&token), now_ms());
         let opened: i64 = scripts::TICKET
             .key(KEYS.tickets())
+            .key(KEYS.key_tickets(owner_of(&upload)))
             .key(KEYS.ticket(&digest))
             .arg(now)
             .arg(MAX_OPEN_TICKETS)
@@ -810,10 +1000,15 @@ impl Cluster {
             .arg(&digest)
             .arg(meta)
             .arg(ttl)
+            .arg(MAX_OPEN_TICKETS_PER_KEY)
             .invoke_async(&mut self.conn())
             .await
             .map_err(down)?;
-        Ok((opened == 1).then_some((upload, token)))
+        match opened {
+            1 => Ok((upload, token)),
+            2 => Err(UploadRefused::KeyTickets),
+            _ => Err(UploadRefused::Tickets),
+        }
     }
 
     pub async fn take_ticket(&self, token: &str) -> Result<Option<Upload>, Unavailable> {
@@ -822,6 +1017,7 @@ impl Cluster {
             .key(KEYS.tickets())
             .key(KEYS.ticket(&digest))
             .arg(&digest)
+            .arg(KEYS.key_tickets(""))
             .invoke_async(&mut self.conn())
             .await
             .map_err(down)?;
@@ -832,31 +1028,24 @@ impl Cluster {
 
     /// The length of a video kept in Redis; `None` when there is none.
     pub async fn output_len(&self, file: &str) -> Result<Option<u64>, Unavailable> {
-        let n: u64 = self.conn().strlen(KEYS.output(file)).await.map_err(down)?;
-        Ok((n > 0).then_some(n))
+        self.blobs.len(&KEYS.output(file)).await
     }
 
-    /// Bytes `first..=last` of a video kept in Redis.
-    pub async fn output_range(
+    /// Bytes `first..=last` of a video kept in Redis, streamed in windows.
+    pub fn output_stream(
         &self,
         file: &str,
         first: u64,
         last: u64,
-    ) -> Result<Vec<u8>, Unavailable> {
-        self.conn()
-            .getrange(KEYS.output(file), first as isize, last as isize)
-            .await
-            .map_err(down)
+    ) -> impl futures_util::Stream<Item = Result<bytes::Bytes, Unavailable>> + Send + 'static {
+        self.blobs.stream(KEYS.output(file), first, last)
     }
 
     pub async fn output_base64(&self, file: &str) -> Option<String> {
         if self.outputs_on_disk() {
             return crate::jobs::read_base64(&self.paths, file).await;
         }
-        let bytes: Vec<u8> = self.conn().get(KEYS.output(file)).await.ok()?;
-        if bytes.is_empty() {
-            return None;
-        }
+        let bytes = self.blobs.read(&KEYS.output(file)).await.ok()??;
         tokio::task::spawn_blocking(move || crate::worker::data_uri(&bytes))
             .await
             .ok()
@@ -882,17 +1071,53 @@ impl Cluster {
             }
         }
     }
-
-    /// Whether Redis answers.
-    pub async fn ping(&self) -> bool {
-        let r: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut self.conn()).await;
-        r.is_ok()
-    }
 }
 
 /// The key of a PUT token: its SHA-256 (the token itself is never stored).
 fn token_digest(token: &str) -> String {
     crate::job::hex(&Sha256::digest(token.as_bytes()))
+}
+
+/// The client of `--redis`: refused without a password on a non-loopback address (unless
+/// allowed), with the `--redis-ca` authority for `rediss://`.
+fn client(config: &ClusterConfig) -> Result<redis::Client, String> {
+    let shown = redacted(&config.url);
+    let bad = |e: &dyn std::fmt::Display| format!("--redis {shown:?}: {e}");
+    let url = url::Url::parse(&config.url).map_err(|e| bad(&e))?;
+    let local = match url.host() {
+        // redis: is not a special scheme to the URL parser: addresses come as names
+        Some(url::Host::Domain(d)) => {
+            d.eq_ignore_ascii_case("localhost")
+                || d.parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => true,
+    };
+    if !local && url.password().is_none() && !config.allow_no_password {
+        return Err(format!(
+            "--redis {shown:?} has no password and is not on this machine: anyone who reaches that \
+             Redis could read every input and queue any task. Give it a password \
+             (redis://:PASSWORD@HOST:PORT/DB, or an ACL user: docs/scale-out.md), or pass \
+             --allow-redis-without-password on a network only these nodes reach"
+        ));
+    }
+    match (&config.ca_cert, url.scheme()) {
+        (Some(ca), "rediss") => {
+            let root =
+                std::fs::read(ca).map_err(|e| format!("--redis-ca {}: {e}", ca.display()))?;
+            let certs = redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(root),
+            };
+            redis::Client::build_with_tls(config.url.as_str(), certs).map_err(|e| bad(&e))
+        }
+        (Some(_), _) => Err(format!(
+            "--redis-ca is for TLS: the URL must start with rediss://, got {shown:?}"
+        )),
+        (None, _) => redis::Client::open(config.url.as_str()).map_err(|e| bad(&e)),
+    }
 }
 
 /// A Redis URL without its password, for messages.
@@ -911,14 +1136,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn queued_requests_round_trip_with_their_image() {
-        let mut img = image::RgbImage::new(3, 2);
-        img.put_pixel(2, 1, image::Rgb([1, 2, 3]));
+    fn queued_requests_carry_the_source_image_and_fit_it_again() {
+        let img =
+            image::RgbImage::from_fn(30, 20, |x, y| image::Rgb([x as u8 * 8, y as u8 * 12, 3]));
+        let mut png = vec![];
+        img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
         let r = GenerationRequest {
             model: "wavespeed-ai/SkyReels-V1".into(),
             prompt: "a cat".into(),
             negative_prompt: Some("blur".into()),
-            image: Some(img.clone()),
+            image: None,
             height: 32,
             width: 48,
             num_frames: 5,
@@ -929,9 +1157,13 @@ mod tests {
             fps: 24.0,
             cache: skyreels_params::CacheSpec::TeaCache(0.1),
         };
-        let (json, rgb) = encode_request(&r);
-        let back = decode_request(&json, rgb.clone()).unwrap();
-        assert_eq!(back.image.as_ref().unwrap(), &img);
+        let json = encode_request(&r, true);
+        let back = decode_request(&json, &png).unwrap();
+        // the worker's fit is the API node's: the same pixels as fitting on arrival
+        assert_eq!(
+            back.image.as_ref().unwrap(),
+            &skyreels_params::fit_image(&img, 48, 32)
+        );
         assert_eq!(
             (
                 back.prompt.as_str(),
@@ -941,7 +1173,16 @@ mod tests {
             ),
             ("a cat", r.seed, r.cache, 6.5)
         );
-        assert!(decode_request(&json, rgb[1..].to_vec()).is_err());
+        assert!(matches!(
+            decode_request(&json, &png[..png.len() / 2]),
+            Err(BadInput::Image(_))
+        ));
+        assert!(matches!(
+            decode_request(b"{", &png),
+            Err(BadInput::Corrupt(_))
+        ));
+        let text = encode_request(&r, false);
+        assert!(decode_request(&text, &[]).unwrap().image.is_none());
     }
 
     #[test]
@@ -982,6 +1223,43 @@ mod tests {
         let got = record_of(&hash(&r, &done)).unwrap();
         assert_eq!((got.step, got.started_at, got.attempts), (30, Some(100), 2));
         assert!(record_of(&TaskHash::new()).is_none());
+    }
+
+    #[test]
+    fn a_redis_elsewhere_needs_a_password() {
+        // Client::open connects to nothing: these only parse
+        let cfg = ClusterConfig::new;
+        let err = client(&cfg("redis://redis.internal:6379/0")).err().unwrap();
+        assert!(err.contains("no password") && err.contains("--allow-redis-without-password"));
+        for ok in [
+            "redis://:pw@redis.internal:6379/0",
+            "redis://skyreels:pw@redis.internal/0",
+            "rediss://:pw@redis.internal/0",
+            "redis://127.0.0.1:6379/0",
+            "redis://localhost/0",
+            "redis://[::1]:6379/0",
+            "redis+unix:///run/redis.sock",
+        ] {
+            assert!(client(&cfg(ok)).is_ok(), "{ok}");
+        }
+        let allowed = ClusterConfig {
+            allow_no_password: true,
+            ..cfg("redis://redis.internal/0")
+        };
+        assert!(client(&allowed).is_ok());
+        let ca_without_tls = ClusterConfig {
+            ca_cert: Some("/nonexistent.pem".into()),
+            ..cfg("redis://127.0.0.1/0")
+        };
+        assert!(client(&ca_without_tls).err().unwrap().contains("rediss://"));
+        let missing_ca = ClusterConfig {
+            ca_cert: Some("/nonexistent.pem".into()),
+            ..cfg("rediss://127.0.0.1/0")
+        };
+        assert!(client(&missing_ca)
+            .err()
+            .unwrap()
+            .contains("/nonexistent.pem"));
     }
 
     #[test]

@@ -4,8 +4,9 @@
 use redis::Script;
 use std::sync::LazyLock;
 
-/// Admits a task if fewer than `max` wait cluster-wide.
-/// KEYS: waiting, task, seq. ARGV: max, id, record JSON, total steps, model.
+/// Admits a task if fewer than `max` wait cluster-wide; the record expires after `ttl` unless
+/// a worker starts it first (a backstop: the sweep fails tasks waiting past the queue TTL).
+/// KEYS: waiting, task, seq. ARGV: max, id, record JSON, total steps, model, ttl ms.
 /// Returns 1 (admitted) or 0 (queue full).
 pub static ADMIT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
@@ -14,6 +15,7 @@ if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
 local seq = redis.call('INCR', KEYS[3])
 redis.call('HSET', KEYS[2], 'record', ARGV[3], 'status', 'created', 'step', 0,
   'total', ARGV[4], 'attempts', 0, 'model', ARGV[5])
+redis.call('PEXPIRE', KEYS[2], ARGV[6])
 redis.call('ZADD', KEYS[1], seq, ARGV[2])
 return 1
 ",
@@ -21,7 +23,8 @@ return 1
 });
 
 /// Queues a created task's prepared input on its model's stream (once: a retried call finds it
-/// queued). KEYS: task, input, stream. ARGV: id, request JSON, image RGB bytes.
+/// queued). KEYS: task, input, stream. ARGV: id, request JSON, image bytes (as they came),
+/// ttl ms of the input (as the record's).
 /// Returns 1, or 0 when the task is no longer waiting (cancelled, failed, expired).
 pub static ENQUEUE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
@@ -29,6 +32,7 @@ pub static ENQUEUE: LazyLock<Script> = LazyLock::new(|| {
 if redis.call('HGET', KEYS[1], 'status') ~= 'created' then return 0 end
 if redis.call('HEXISTS', KEYS[1], 'enqueued') == 1 then return 1 end
 redis.call('HSET', KEYS[2], 'request', ARGV[2], 'image', ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
 redis.call('XADD', KEYS[3], '*', 'id', ARGV[1])
 redis.call('HSET', KEYS[1], 'enqueued', 1)
 return 1
@@ -37,7 +41,8 @@ return 1
 });
 
 /// A worker starts (or, after its last worker died, restarts) a task it read from the stream.
-/// KEYS: task, waiting. ARGV: id, worker, now ms, max attempts, stream entry.
+/// The record and the input no longer expire (a started task ends with its retention).
+/// KEYS: task, waiting, input. ARGV: id, worker, now ms, max attempts, stream entry.
 /// Returns {verdict, attempt}: `run` (this worker owns attempt N), `exhausted` (N attempts
 /// made: fail it), or what means there is nothing to do: the status, `gone` when expired,
 /// `duplicate` for an entry that is not the one the task runs under.
@@ -56,6 +61,8 @@ a = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('HSET', KEYS[1], 'status', 'processing', 'worker', ARGV[2], 'step', 0,
   'started_at', ARGV[3], 'entry', ARGV[5])
 redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('PERSIST', KEYS[1])
+redis.call('PERSIST', KEYS[3])
 return {'run', a}
 ",
     )
@@ -95,7 +102,8 @@ return 0
 /// the whole record. Terminal states drop the input, leave the waiting set, store the output
 /// and start the retention clock; `deleted` drops the output.
 /// KEYS: task, waiting, input, output, stream.
-/// ARGV: expected, status, record JSON, id, ttl ms (0: keep), output bytes ('' none), group,
+/// ARGV: expected, status, record JSON, id, ttl ms (0: no expiry; `deleted` keeps the one it
+/// has), output bytes ('' none), group,
 /// stream entry ('' none), 1 to delete the output.
 /// Returns 'ok', or the status found instead ('missing' when expired).
 pub static END: LazyLock<Script> = LazyLock::new(|| {
@@ -112,7 +120,8 @@ if ARGV[6] ~= '' then
   else redis.call('SET', KEYS[4], ARGV[6]) end
 end
 if ARGV[9] == '1' then redis.call('DEL', KEYS[4]) end
-if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
+if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl)
+elseif ARGV[2] ~= 'deleted' then redis.call('PERSIST', KEYS[1]) end
 if ARGV[8] ~= '' then
   redis.call('XACK', KEYS[5], ARGV[7], ARGV[8])
   redis.call('XDEL', KEYS[5], ARGV[8])
@@ -122,28 +131,68 @@ return 'ok'
     )
 });
 
-/// Opens a PUT ticket if fewer than `max` are open cluster-wide.
-/// KEYS: open tickets (sorted set: digest -> expiry ms), ticket. ARGV: now ms, max, expiry ms,
-/// digest, upload JSON, ttl ms. Returns 1, or 0 when too many are open.
+/// Opens a PUT ticket if fewer than `max` are open cluster-wide and fewer than `max per key`
+/// of its API key's.
+/// KEYS: open tickets (sorted set: digest -> expiry ms), the key's open tickets (the same),
+/// ticket. ARGV: now ms, max, expiry ms, digest, upload JSON, ttl ms, max per key.
+/// Returns 1, 0 when too many are open, 2 when too many of the key's are.
 pub static TICKET: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], 0, ARGV[1])
+if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[7]) then return 2 end
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
 redis.call('ZADD', KEYS[1], ARGV[3], ARGV[4])
-redis.call('SET', KEYS[2], ARGV[5], 'PX', ARGV[6])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[6])
+redis.call('SET', KEYS[3], ARGV[5], 'PX', ARGV[6])
 return 1
 ",
     )
 });
 
-/// Takes a ticket (single use). KEYS: open tickets, ticket. ARGV: digest.
+/// Takes a ticket (single use), freeing its places. KEYS: open tickets, ticket.
+/// ARGV: digest, the prefix of the per-key sets (`...tickets:`; the owner is in the upload).
 /// Returns the upload JSON, or nil.
 pub static TAKE_TICKET: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 redis.call('ZREM', KEYS[1], ARGV[1])
-return redis.call('GETDEL', KEYS[2])
+local meta = redis.call('GETDEL', KEYS[2])
+if meta then
+  local owner = cjson.decode(meta)['owner'] or 'anonymous'
+  redis.call('ZREM', ARGV[2] .. owner, ARGV[1])
+end
+return meta
+",
+    )
+});
+
+/// Accounts for an upload's bytes if its API key's and the cluster's quotas leave room; the
+/// bytes of uploads whose retention ended are given back first.
+/// KEYS: usage (hash: key -> bytes, `*` -> all), expiry (sorted set: `key|id|bytes` -> expiry ms).
+/// ARGV: now ms, key, upload id, bytes, expiry ms, per-key quota, cluster quota.
+/// Returns 0 (accounted), 1 (over the key's quota) or 2 (over the cluster's).
+pub static UPLOAD_QUOTA: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local gone = redis.call('ZRANGEBYSCORE', KEYS[2], 0, ARGV[1], 'LIMIT', 0, 1000)
+for _, m in ipairs(gone) do
+  local k, n = string.match(m, '^([^|]*)|[^|]*|(%d+)$')
+  if k then
+    redis.call('HINCRBY', KEYS[1], k, -tonumber(n))
+    redis.call('HINCRBY', KEYS[1], '*', -tonumber(n))
+  end
+  redis.call('ZREM', KEYS[2], m)
+end
+local n = tonumber(ARGV[4])
+if tonumber(redis.call('HGET', KEYS[1], ARGV[2]) or '0') + n > tonumber(ARGV[6]) then return 1 end
+if tonumber(redis.call('HGET', KEYS[1], '*') or '0') + n > tonumber(ARGV[7]) then return 2 end
+redis.call('HINCRBY', KEYS[1], ARGV[2], n)
+redis.call('HINCRBY', KEYS[1], '*', n)
+redis.call('ZADD', KEYS[2], ARGV[5], ARGV[2] .. '|' .. ARGV[3] .. '|' .. ARGV[4])
+return 0
 ",
     )
 });

@@ -7,9 +7,9 @@
 //! back; the first attempt to finish wins, a later one finds the task ended and drops its own.
 
 use super::{
-    decode_request, record_of, scripts, Cluster, End, TaskHash, GROUP, KEYS, MAX_ATTEMPTS,
+    decode_request, record_of, scripts, BadInput, Cluster, End, TaskHash, GROUP, KEYS, MAX_ATTEMPTS,
 };
-use crate::generator::{Generator, GeneratorLoader, ModelInfo};
+use crate::generator::{GenerationRequest, Generator, GeneratorLoader, ModelInfo};
 use crate::job::{new_id, now_ms, JobRecord, Status, TaskCode};
 use crate::store::{Outcome, Work};
 use crate::AppState;
@@ -109,8 +109,9 @@ fn connect(cluster: &Cluster) -> redis::RedisResult<redis::Connection> {
     let c = cluster
         .client
         .get_connection_with_timeout(Duration::from_secs(2))?;
-    c.set_read_timeout(Some(Duration::from_secs(10)))?;
-    c.set_write_timeout(Some(Duration::from_secs(10)))?;
+    // XREADGROUP blocks for a second; anything else answers at once or Redis is stuck
+    c.set_read_timeout(Some(Duration::from_secs(4)))?;
+    c.set_write_timeout(Some(Duration::from_secs(4)))?;
     Ok(c)
 }
 
@@ -125,6 +126,7 @@ fn model_ids(models: &[ModelInfo]) -> String {
 fn heartbeat(w: &Worker, stop: Arc<AtomicBool>) -> Option<std::thread::JoinHandle<()>> {
     let (cluster, name, current) = (w.cluster.clone(), w.name.clone(), w.current.clone());
     let ids = model_ids(&w.models);
+    let models: Vec<String> = w.models.iter().map(|m| m.id.clone()).collect();
     let every = (cluster.config.claim_timeout / 3)
         .clamp(Duration::from_millis(200), Duration::from_secs(10));
     let claim_ms = cluster.config.claim_timeout.as_millis() as u64;
@@ -139,9 +141,11 @@ fn heartbeat(w: &Worker, stop: Arc<AtomicBool>) -> Option<std::thread::JoinHandl
                     }
                     let c = conn.as_mut().expect("just connected");
                     let now = now_ms();
+                    let seen: Vec<(&str, u64)> = models.iter().map(|m| (m.as_str(), now)).collect();
                     let _: () = redis::pipe()
                         .zadd(KEYS.workers(), &name, now)
                         .hset(KEYS.worker_models(), &name, &ids)
+                        .hset_multiple(KEYS.models_seen(), &seen)
                         // workers gone for long are forgotten
                         .zrembyscore(KEYS.workers(), 0, now.saturating_sub(10 * claim_ms))
                         .query(c)?;
@@ -278,6 +282,7 @@ impl Worker {
             scripts::START
                 .key(KEYS.task(&t.id))
                 .key(KEYS.waiting())
+                .key(KEYS.input(&t.id))
                 .arg(&t.id)
                 .arg(&name)
                 .arg(now_ms())
@@ -317,21 +322,49 @@ impl Worker {
         }
     }
 
-    fn input(&mut self, id: &str) -> Result<crate::generator::GenerationRequest, String> {
+    /// The task's request as queued, decoded and checked again against this worker's model
+    /// and limits (whoever can write to Redis can queue anything).
+    fn input(&mut self, id: &str, max_work: f64) -> Result<GenerationRequest, Outcome> {
+        let internal = |e: String| {
+            tracing::error!(%id, "{e}");
+            Outcome::Failed(TaskCode::Internal, format!("internal error: {e}"))
+        };
         let h: TaskHash = self
             .conn()
             .and_then(|c| c.hgetall(KEYS.input(id)))
-            .map_err(|e| format!("redis: {e}"))?;
-        let json = h.get("request").ok_or("the task's input is gone")?;
-        decode_request(json, h.get("image").cloned().unwrap_or_default())
+            .map_err(|e| internal(format!("redis: {e}")))?;
+        let json = h
+            .get("request")
+            .ok_or_else(|| internal("the task's input is gone".into()))?;
+        let image = h.get("image").map_or(&[][..], Vec::as_slice);
+        let request = decode_request(json, image).map_err(|e| match e {
+            BadInput::Corrupt(e) => internal(e),
+            BadInput::Image(e) => Outcome::Failed(TaskCode::MediaAccessFailed, e),
+        })?;
+        let model = self
+            .models
+            .iter()
+            .find(|m| m.id == request.model)
+            .ok_or_else(|| {
+                internal(format!(
+                    "a task for {} on a worker of another model",
+                    request.model
+                ))
+            })?;
+        request.check(model, max_work).map_err(|e| {
+            tracing::warn!(%id, "refused a queued task that breaks the API's rules: {e}");
+            Outcome::Failed(
+                TaskCode::InvalidParameter,
+                format!("the queued task breaks this server's rules ({e}); it was not run"),
+            )
+        })?;
+        Ok(request)
     }
 
     fn run(&mut self, state: &AppState, generator: &mut dyn Generator, t: &Taken, attempt: u32) {
-        let request = match self.input(&t.id) {
+        let request = match self.input(&t.id, state.config.max_work) {
             Ok(r) => r,
-            Err(e) => {
-                tracing::error!(id = %t.id, "{e}");
-                let outcome = Outcome::Failed(TaskCode::Internal, format!("internal error: {e}"));
+            Err(outcome) => {
                 self.end(t, outcome, None);
                 return;
             }
