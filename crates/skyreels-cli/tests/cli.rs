@@ -283,6 +283,13 @@ fn help_documents_the_flags() {
         "--workers",
         "--output-store",
         "--claim-timeout",
+        "--max-upload-mb",
+        "--upload-quota-mb",
+        "--upload-total-mb",
+        "--queue-ttl-hours",
+        "--forget-models-after-minutes",
+        "--redis-ca",
+        "--allow-redis-without-password",
     ] {
         assert!(out.contains(flag), "{flag} missing from serve --help");
     }
@@ -297,6 +304,10 @@ fn help_documents_the_flags() {
         "--claim-timeout",
         "--output-store",
         "--max-task-seconds",
+        "--max-work",
+        "--queue-ttl-hours",
+        "--redis-ca",
+        "--allow-redis-without-password",
     ] {
         assert!(out.contains(flag), "{flag} missing from worker --help");
     }
@@ -340,6 +351,25 @@ fn serve_refuses_bad_settings() {
         (
             &["worker"][..],
             "skyreels worker takes its tasks from Redis",
+        ),
+        (
+            &["serve", "--max-upload-mb", "0"][..],
+            "--max-upload-mb must be at least 1",
+        ),
+        (
+            &["worker", "--queue-ttl-hours", "0"][..],
+            "--queue-ttl-hours must be a positive number",
+        ),
+        (
+            // refused before any connection is made
+            &[
+                "worker",
+                "--redis",
+                "redis://redis.internal:6379/0",
+                "--output-dir",
+                out,
+            ][..],
+            "has no password and is not on this machine",
         ),
         (
             &[
