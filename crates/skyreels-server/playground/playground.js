@@ -99,13 +99,28 @@ async function useFile(file) {
   }
 }
 
+// The page's policy shows images from this origin and data: URLs only (img-src), so a URL
+// elsewhere is not previewed.
+function previewable(url) {
+  try {
+    const u = new URL(url, location.href);
+    return u.origin === location.origin || u.protocol === "data:";
+  } catch (_) {
+    return false;
+  }
+}
+
 function useUrl() {
   const url = $("image-url").value.trim();
   image = url || null;
+  const shown = !!url && previewable(url);
   const preview = $("image-preview");
-  preview.hidden = !url;
-  if (url) preview.src = url;
-  $("image-status").textContent = url ? "the server fetches this URL when the task runs" : "";
+  preview.hidden = !shown;
+  if (shown) preview.src = url;
+  $("image-status").textContent = !url
+    ? ""
+    : "the server fetches this URL when the task runs" +
+      (shown ? "" : " (no preview: this page shows images from this server only)");
 }
 
 // ---- submitting and following a task ----
