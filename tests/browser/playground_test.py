@@ -4,8 +4,10 @@ Usage: playground_test.py BASE_URL API_KEY IMAGE OUT_DIR
 Debian's Chromium, driven by Selenium through Debian's chromedriver (no browser download), against a
 live `skyreels serve` on the tiny weights with an API key: enter the key, upload an image file, submit,
 see the progress bar move, see the <video> load a playable clip (duration and videoWidth read through
-JavaScript), cancel a second long task, reload and find both in the history. Writes a screenshot of the
-finished state to OUT_DIR/playground.png.
+JavaScript), cancel a second long task, reload and find both in the history; the key is kept for the tab
+(sessionStorage) unless "remember" is ticked (then localStorage, and a new tab finds it). The Swagger UI at
+/docs renders the API under its policy. Neither page logs a Content-Security-Policy violation. Writes a
+screenshot of the finished state to OUT_DIR/playground.png.
 """
 import sys
 import tempfile
@@ -29,6 +31,7 @@ def browser():
                  "--disable-dev-shm-usage", "--window-size=1280,1000",
                  f"--user-data-dir={tempfile.mkdtemp()}"]:
         o.add_argument(flag)
+    o.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     return webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=o)
 
 
@@ -40,6 +43,17 @@ def until(what, check, limit=120):
             return got
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def no_csp_violations(d, page):
+    """Fails on any policy violation in the console log since the last call (reading drains it)."""
+    log = d.get_log("browser")
+    refused = [e["message"] for e in log if "Content Security Policy" in e["message"]]
+    assert not refused, f"{page}: {refused}"
+
+
+def stored_key(d):
+    return d.execute_script("return [sessionStorage.getItem('skyreels.apiKey'), localStorage.getItem('skyreels.apiKey')]")
 
 
 def main():
@@ -56,6 +70,9 @@ def main():
         key.send_keys(KEY)
         js("arguments[0].dispatchEvent(new Event('change'))", key)
         until("the model", lambda: d.find_element(By.ID, "model-id").text == "wavespeed-ai/SkyReels-V1")
+        # by default the key is kept for this tab only, not on the device
+        assert not d.find_element(By.ID, "remember-key").is_selected()
+        assert stored_key(d) == [KEY, None], stored_key(d)
         # the model's defaults are shown
         for field, default in [("num_inference_steps", "4"), ("num_frames", "9"), ("guidance_scale", "6"),
                                ("embedded_guidance_scale", "1"), ("fps", "24"), ("width", "96"),
@@ -125,8 +142,38 @@ def main():
         js("document.getElementById('image-url').value = ''; document.getElementById('image-url').dispatchEvent(new Event('change'))")
         d.find_element(By.ID, "run").click()
         until("the error", lambda: "image" in d.find_element(By.ID, "task-error").text, limit=30)
+        # an image URL elsewhere is not previewed (the page loads images from this origin only)
+        js("document.getElementById('image-url').value = 'https://example.com/x.png'; document.getElementById('image-url').dispatchEvent(new Event('change'))")
+        assert d.find_element(By.ID, "image-preview").get_attribute("hidden") is not None
+        assert "no preview" in d.find_element(By.ID, "image-status").text
+        no_csp_violations(d, "/playground")
+
+        # "remember": the key goes to localStorage, a new tab finds it; unticked, it is gone from there
+        d.find_element(By.ID, "remember-key").click()
+        assert stored_key(d) == [KEY, KEY], stored_key(d)
+        playground = d.current_window_handle
+        d.switch_to.new_window("tab")
+        d.get(BASE + "/playground")
+        until("the remembered key", lambda: d.find_element(By.ID, "model-id").text == "wavespeed-ai/SkyReels-V1")
+        assert d.find_element(By.ID, "api-key").get_attribute("value") == KEY
+        assert d.find_element(By.ID, "remember-key").is_selected()
+        d.close()
+        d.switch_to.window(playground)
+        d.find_element(By.ID, "remember-key").click()
+        assert stored_key(d) == [KEY, None], stored_key(d)
+        no_csp_violations(d, "/playground")
+
+        # the Swagger UI renders the API (its title and operations) under its policy
+        d.get(BASE + "/docs/")
+        until("the API title", lambda: "skyreels-server" in js(
+            "const t = document.querySelector('.info .title'); return t ? t.textContent : ''"), limit=30)
+        paths = until("the operations", lambda: js(
+            "return [...document.querySelectorAll('.opblock-summary-path')].map(e => e.dataset.path)"), limit=30)
+        assert "/api/v3/{owner}/{model}" in paths, paths
+        no_csp_violations(d, "/docs/")
         print(f"playground OK: tasks {first} (completed, {duration:.2f} s, {width}x{height}) and {second} "
-              f"(cancelled); history {states}; screenshot {OUT / 'playground.png'}")
+              f"(cancelled); history {states}; /docs with {len(paths)} operations; "
+              f"screenshot {OUT / 'playground.png'}")
     finally:
         d.quit()
 

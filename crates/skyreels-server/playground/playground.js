@@ -17,6 +17,22 @@ function apiKey() {
   return $("api-key").value.trim();
 }
 
+// The key is kept for this tab (sessionStorage); "remember" keeps it on this device as well
+// (localStorage), and unticking it forgets it there.
+function loadKey() {
+  const remembered = localStorage.getItem(KEY_STORE);
+  $("api-key").value = sessionStorage.getItem(KEY_STORE) || remembered || "";
+  $("remember-key").checked = remembered !== null;
+}
+
+function storeKey() {
+  const key = apiKey();
+  if (key) sessionStorage.setItem(KEY_STORE, key);
+  else sessionStorage.removeItem(KEY_STORE);
+  if (key && $("remember-key").checked) localStorage.setItem(KEY_STORE, key);
+  else localStorage.removeItem(KEY_STORE);
+}
+
 function headers(json) {
   const h = {};
   if (apiKey()) h["Authorization"] = "Bearer " + apiKey();
@@ -99,13 +115,28 @@ async function useFile(file) {
   }
 }
 
+// The page's policy shows images from this origin and data: URLs only (img-src), so a URL
+// elsewhere is not previewed.
+function previewable(url) {
+  try {
+    const u = new URL(url, location.href);
+    return u.origin === location.origin || u.protocol === "data:";
+  } catch (_) {
+    return false;
+  }
+}
+
 function useUrl() {
   const url = $("image-url").value.trim();
   image = url || null;
+  const shown = !!url && previewable(url);
   const preview = $("image-preview");
-  preview.hidden = !url;
-  if (url) preview.src = url;
-  $("image-status").textContent = url ? "the server fetches this URL when the task runs" : "";
+  preview.hidden = !shown;
+  if (shown) preview.src = url;
+  $("image-status").textContent = !url
+    ? ""
+    : "the server fetches this URL when the task runs" +
+      (shown ? "" : " (no preview: this page shows images from this server only)");
 }
 
 // ---- submitting and following a task ----
@@ -280,11 +311,12 @@ function markCurrent() {
 // ---- wiring ----
 
 function init() {
-  $("api-key").value = localStorage.getItem(KEY_STORE) || "";
+  loadKey();
   $("api-key").addEventListener("change", () => {
-    localStorage.setItem(KEY_STORE, apiKey());
+    storeKey();
     loadModel().then(renderHistory);
   });
+  $("remember-key").addEventListener("change", storeKey);
   $("image-file").addEventListener("change", (e) => useFile(e.target.files[0]));
   $("image-url").addEventListener("change", useUrl);
   const zone = $("drop-zone");

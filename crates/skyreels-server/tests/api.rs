@@ -1787,6 +1787,7 @@ async fn uploads_accept_only_raster_images_and_are_served_inert() {
     assert_eq!(hd[header::CONTENT_TYPE], "image/png");
     assert_eq!(hd[header::X_CONTENT_TYPE_OPTIONS], "nosniff");
     assert_eq!(hd[header::CONTENT_SECURITY_POLICY], "sandbox");
+    assert_eq!(hd[header::X_FRAME_OPTIONS], "DENY");
     // outputs too
     let (_, v) = h.submit(body("p")).await;
     let id = v["data"]["id"].as_str().unwrap().to_string();
@@ -1800,6 +1801,7 @@ async fn uploads_accept_only_raster_images_and_are_served_inert() {
         .await;
     assert_eq!(hd[header::X_CONTENT_TYPE_OPTIONS], "nosniff");
     assert_eq!(hd[header::CONTENT_SECURITY_POLICY], "sandbox");
+    assert_eq!(hd[header::X_FRAME_OPTIONS], "DENY");
     // an upload stored by an earlier version with a declared HTML type is served as a download
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("uploads")).unwrap();
@@ -2348,6 +2350,11 @@ async fn the_playground_is_served_with_a_strict_csp() {
                 !csp.contains("unsafe-inline") && !csp.contains("unsafe-eval"),
                 "{csp}"
             );
+            // images from this origin and the page's own data: and blob: URLs only
+            assert!(
+                csp.contains("img-src 'self' data: blob:;") && !csp.contains("http"),
+                "{csp}"
+            );
             assert!(!body.is_empty());
             if ct == "text/html" {
                 let html = String::from_utf8(body).unwrap();
@@ -2362,6 +2369,151 @@ async fn the_playground_is_served_with_a_strict_csp() {
             }
         }
     }
+}
+
+/// Issue 26 item 10: the Swagger UI had no policy at all. It is served under a strict one: its
+/// index loads every script from a file (the initializer too), so no inline script needs
+/// allowing; its one inline style (the logo's `<style>`) is allowed by its hash only.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_docs_are_served_with_a_strict_csp() {
+    const LOGO_STYLE: &str =
+        ".logo_small_svg__cls-2{fill:#fff}.logo_small_svg__cls-3{fill:#85ea2d}";
+    let h = start(|_| {}).await;
+    for path in [
+        "/docs/",
+        "/docs/swagger-initializer.js",
+        "/docs/swagger-ui-bundle.js",
+        "/docs/swagger-ui-standalone-preset.js",
+        "/docs/swagger-ui.css",
+        "/docs/index.css",
+    ] {
+        let (s, hd, body) = h
+            .call(Request::get(path).body(Body::empty()).unwrap())
+            .await;
+        assert_eq!(s, StatusCode::OK, "{path}");
+        assert!(!body.is_empty(), "{path}");
+        let csp = hd
+            .get(header::CONTENT_SECURITY_POLICY)
+            .unwrap_or_else(|| panic!("{path}: no Content-Security-Policy"))
+            .to_str()
+            .unwrap();
+        for want in [
+            "default-src 'none';",
+            "script-src 'self';",
+            "connect-src 'self';",
+            "img-src 'self' data: blob:;",
+            "frame-ancestors 'none'",
+        ] {
+            assert!(csp.contains(want), "{path}: {want} not in {csp}");
+        }
+        assert!(!csp.contains("unsafe-"), "{path}: {csp}");
+        let styles = csp
+            .split(';')
+            .find_map(|d| d.trim().strip_prefix("style-src "))
+            .unwrap_or_else(|| panic!("{path}: no style-src in {csp}"));
+        let logo = base64::engine::general_purpose::STANDARD.encode(Sha256::digest(LOGO_STYLE));
+        assert_eq!(styles, format!("'self' 'sha256-{logo}'"), "{path}");
+        assert_eq!(hd[header::X_CONTENT_TYPE_OPTIONS], "nosniff", "{path}");
+        let text = String::from_utf8_lossy(&body);
+        if path == "/docs/" {
+            // what the policy relies on: no inline script or style in the index
+            assert_eq!(
+                text.matches("<script").count(),
+                text.matches("<script src=").count(),
+                "{text}"
+            );
+            assert!(
+                !text.contains("<style") && !text.contains(" style="),
+                "{text}"
+            );
+        }
+        if path.ends_with("standalone-preset.js") {
+            // the hashed style is the vendored UI's own
+            assert!(text.contains(&format!("\"{LOGO_STYLE}\"")), "{path}");
+        }
+    }
+}
+
+/// Issue 26 item 10: no response may be framed by another site (clickjacking) or sniffed into
+/// another type: `X-Frame-Options: DENY` and `nosniff` on every response, errors included, and
+/// a policy with `frame-ancestors 'none'` on every response but served files (whose `sandbox`
+/// policy and `X-Frame-Options` are checked with the uploads).
+#[tokio::test(flavor = "multi_thread")]
+async fn no_response_can_be_framed_or_sniffed() {
+    let h = start(|_| {}).await;
+    for (path, host, key, status) in [
+        ("/api/v3/models", "gen.local", true, StatusCode::OK),
+        (
+            "/api/v3/models",
+            "gen.local",
+            false,
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            "/api/v3/models",
+            "evil.example",
+            true,
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "/api/v3/predictions/x/result",
+            "gen.local",
+            true,
+            StatusCode::NOT_FOUND,
+        ),
+        ("/nowhere", "gen.local", false, StatusCode::NOT_FOUND),
+        ("/health", "gen.local", false, StatusCode::OK),
+        ("/metrics", "gen.local", false, StatusCode::OK),
+        ("/openapi.json", "gen.local", false, StatusCode::OK),
+        ("/docs", "gen.local", false, StatusCode::SEE_OTHER),
+        ("/docs/", "gen.local", false, StatusCode::OK),
+        ("/", "gen.local", false, StatusCode::OK),
+        ("/playground.js", "gen.local", false, StatusCode::OK),
+    ] {
+        let mut req = Request::get(path).header(header::HOST, host);
+        if key {
+            req = req.header(header::AUTHORIZATION, format!("Bearer {KEY}"));
+        }
+        let (s, hd, _) = h.call(req.body(Body::empty()).unwrap()).await;
+        assert_eq!(s, status, "{path} for {host}");
+        assert_eq!(
+            hd.get(header::X_FRAME_OPTIONS).map(|v| v.as_bytes()),
+            Some(&b"DENY"[..]),
+            "{path} for {host}"
+        );
+        assert_eq!(
+            hd.get(header::X_CONTENT_TYPE_OPTIONS).map(|v| v.as_bytes()),
+            Some(&b"nosniff"[..]),
+            "{path} for {host}"
+        );
+        let csp = hd
+            .get(header::CONTENT_SECURITY_POLICY)
+            .map(|v| v.to_str().unwrap())
+            .unwrap_or_default();
+        assert!(
+            csp.contains("frame-ancestors 'none'"),
+            "{path} for {host}: {csp:?}"
+        );
+    }
+    // and a worker's metrics port
+    let state = h.server.as_ref().unwrap().state.clone();
+    let r = skyreels_server::api::metrics_router(state)
+        .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(
+        r.headers()
+            .get(header::X_FRAME_OPTIONS)
+            .map(|v| v.as_bytes()),
+        Some(&b"DENY"[..])
+    );
+    assert_eq!(
+        r.headers()
+            .get(header::X_CONTENT_TYPE_OPTIONS)
+            .map(|v| v.as_bytes()),
+        Some(&b"nosniff"[..])
+    );
 }
 
 /// The same routes with the Redis engine behind them (a real redis-server, one in-process fake

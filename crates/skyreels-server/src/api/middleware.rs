@@ -1,5 +1,6 @@
 //! What runs around every handler: request ids, logs and metrics; the Host check; keys; the
-//! body deadline; JSON envelopes for every error; headers that keep served files inert.
+//! body deadline; JSON envelopes for every error; the security headers (no sniffing, no
+//! framing, the pages' policy, inert served files).
 
 use super::body::DeadlineBody;
 use super::error::ApiError;
@@ -14,6 +15,7 @@ use std::collections::HashSet;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
+use tower_http::set_header::SetResponseHeaderLayer;
 
 /// The metrics label of a method: the standard ones, else "other" (hyper accepts any token as
 /// a method; recording it as received would let clients grow the label set without bound).
@@ -216,18 +218,61 @@ pub async fn body_deadline(
     next.run(req.map(|b| DeadlineBody::wrap(b, timeout))).await
 }
 
+/// The policy of our pages and their assets, given `style-src` sources beyond `'self'`: scripts,
+/// styles and requests from this origin only (no inline script, no eval); images from this
+/// origin and the page's own `data:` and `blob:` URLs; media from this origin or blobs; no
+/// forms, no `<base>`, no framing.
+macro_rules! page_csp {
+    ($styles:literal) => {
+        concat!(
+            "default-src 'none'; script-src 'self'; style-src 'self'",
+            $styles,
+            "; connect-src 'self'; img-src 'self' data: blob:; media-src 'self' blob:; \
+             base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+        )
+    };
+}
+
+/// The playground's policy: no inline style either.
+pub const PLAYGROUND_CSP: &str = page_csp!("");
+
+/// The Swagger UI's policy (`/docs`, the swagger-ui 5.17.14 vendored by `utoipa-swagger-ui`): its
+/// index loads every script from a file (its configuration is `swagger-initializer.js`), so no
+/// script needs allowing; its one inline style, the `<style>` of the top bar's logo
+/// (`.logo_small_svg__cls-2{fill:#fff}.logo_small_svg__cls-3{fill:#85ea2d}`), is allowed by its hash.
+pub const DOCS_CSP: &str = page_csp!(" 'sha256-RL3ie0nH+Lzz2YNqQN83mnU0J1ot4QL7b99vMdIX99w='");
+
+/// Serves a page and its assets under `policy`.
+pub fn page_policy(policy: &'static str) -> SetResponseHeaderLayer<HeaderValue> {
+    SetResponseHeaderLayer::overriding(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(policy),
+    )
+}
+
 /// Served files (outputs, uploads) are never interpreted by a browser as a page of ours.
 pub async fn inert_files(req: Request, next: Next) -> Response {
+    let mut r = next.run(req).await;
+    r.headers_mut().insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("sandbox"),
+    );
+    r
+}
+
+/// Every response, errors included: never sniffed into another type, never framed by another
+/// site (`X-Frame-Options` for browsers without CSP's `frame-ancestors`, and a `frame-ancestors
+/// 'none'` policy on every response without a policy of its own).
+pub async fn security_headers(req: Request, next: Next) -> Response {
     let mut r = next.run(req).await;
     let h = r.headers_mut();
     h.insert(
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
-    h.insert(
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static("sandbox"),
-    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.entry(header::CONTENT_SECURITY_POLICY)
+        .or_insert(HeaderValue::from_static("frame-ancestors 'none'"));
     r
 }
 

@@ -48,9 +48,15 @@ pub fn router(state: Arc<AppState>, hosts: HostPolicy) -> Router {
         files.route("/outputs/{file}", get(uploads::output_file))
     };
     let files = files.layer(from_fn(middleware::inert_files));
+    let pages = Router::new()
+        .route("/", get(playground::page))
+        .route("/playground", get(playground::page))
+        .route("/playground.js", get(playground::script))
+        .route("/playground.css", get(playground::style))
+        .layer(middleware::page_policy(middleware::PLAYGROUND_CSP));
     let ops = Router::new()
         .route("/metrics", get(ops::metrics))
-        .merge(openapi::swagger());
+        .merge(openapi::swagger().layer(middleware::page_policy(middleware::DOCS_CSP)));
     let ops = if state.config.protect_ops {
         ops.route_layer(auth)
     } else {
@@ -61,11 +67,8 @@ pub fn router(state: Arc<AppState>, hosts: HostPolicy) -> Router {
         .merge(protected)
         .merge(files)
         .merge(ops)
+        .merge(pages)
         .route("/api/v3/media/uploads/{token}", put(uploads::upload_put))
-        .route("/", get(playground::page))
-        .route("/playground", get(playground::page))
-        .route("/playground.js", get(playground::script))
-        .route("/playground.css", get(playground::style))
         .route("/health", get(ops::health))
         .route("/ready", get(ops::ready))
         .fallback(not_found)
@@ -78,6 +81,7 @@ pub fn router(state: Arc<AppState>, hosts: HostPolicy) -> Router {
         .layer(from_fn_with_state(state.clone(), middleware::body_deadline))
         .layer(from_fn_with_state(Arc::new(hosts), middleware::check_host))
         .layer(from_fn_with_state(state.clone(), middleware::observe))
+        .layer(from_fn(middleware::security_headers))
         .with_state(state)
 }
 
@@ -87,6 +91,7 @@ pub fn metrics_router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(ops::metrics))
         .route("/health", get(ops::health))
         .fallback(not_found)
+        .layer(from_fn(middleware::security_headers))
         .with_state(state)
 }
 
