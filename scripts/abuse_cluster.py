@@ -92,14 +92,21 @@ def main():
         rows.append(("48 parallel keyless GETs of a 12 MiB upload",
                      f"Redis +{(peak[0] - before) / 2**20:.1f} MiB, GETs {sorted(codes)}, a keyed poll {code} in {poll * 1000:.0f} ms"))
 
-        # 2. a tiny submit asking for 4096x4096
+        # 2. a tiny submit asking for 4096x4096, queued while no worker runs (then cancelled)
+        n.stop("w1")
         one = base64.b64encode(png(os.path.join(work, "one.png"), 1)).decode()
-        n.submit("a", {"prompt": "p", "image": f"data:image/png;base64,{one}", "width": 4096, "height": 4096,
-                       "num_frames": 1, "num_inference_steps": 1, "seed": 1})
-        time.sleep(1)
-        sizes = [int(n.redis("MEMORY", "USAGE", k) or 0) for k in n.redis("KEYS", "skyreels:input:*").split()]
-        rows.append(("a 1x1 PNG submitted at 4096x4096 (its queued input)",
-                     f"{max(sizes, default=0)} bytes in Redis" if sizes else "already started (input dropped)"))
+        big = n.submit("a", {"prompt": "p", "image": f"data:image/png;base64,{one}", "width": 4096,
+                             "height": 4096, "num_frames": 1, "num_inference_steps": 1, "seed": 1})
+        size = 0
+        for _ in range(100):
+            size = int(n.redis("MEMORY", "USAGE", f"skyreels:input:{big}") or 0)
+            if size:
+                break
+            time.sleep(0.05)
+        n.get(f"{base}/api/v3/predictions/{big}", method="DELETE")
+        rows.append(("a 1x1 PNG submitted at 4096x4096 (its queued input)", f"{size} bytes in Redis"))
+        n.start_worker("w2")
+        n.wait_ready("a")
 
         # 3. tickets: one key opens 1,025; can another key still open one?
         refused = None
@@ -116,7 +123,7 @@ def main():
             other = r.status
         ttl = n.redis("PTTL", f"skyreels:tickets:{n.redis('--scan', '--pattern', 'skyreels:tickets:*').split()[0].split(':')[-1]}")
         rows.append(("1,025 upload tickets opened with one key",
-                     f"refused from ticket {refused[0] + 1} ({refused[1]}) on; another key: {other}; unused ones expire in {int(ttl) // 60000} min"
+                     f"refused from ticket {refused[0] + 1} ({refused[1]}) on; another key: {other}; unused ones expire within {-(-int(ttl) // 60000)} min"
                      if refused else "all opened"))
 
         # 4. a hung Redis
