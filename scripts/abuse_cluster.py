@@ -20,28 +20,15 @@ import json
 import os
 import re
 import signal
-import struct
 import sys
 import tempfile
 import threading
 import time
-import zlib
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "cluster"))
-from nodes import MODEL, Nodes  # noqa: E402
+from nodes import MODEL, Nodes, noise_png  # noqa: E402
 
 KEY, OTHER = "abuse-key", "abuse-other-key"
-
-
-def png(path, side, gray=True):
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    raw = b"".join(b"\0" + os.urandom(side) for _ in range(side))
-    out = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
-    out += chunk(b"IDAT", zlib.compress(raw, 0)) + chunk(b"IEND", b"")
-    with open(path, "wb") as f:
-        f.write(out)
-    return out
 
 
 def main():
@@ -63,7 +50,7 @@ def main():
 
         # 1. upload GET flood
         path = os.path.join(work, "noise.png")
-        data = png(path, 3500)
+        data = noise_png(path, 3500)
         boundary = "b0undary"
         body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"n.png\"\r\n"
                 f"Content-Type: image/png\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
@@ -94,7 +81,7 @@ def main():
 
         # 2. a tiny submit asking for 4096x4096, queued while no worker runs (then cancelled)
         n.stop("w1")
-        one = base64.b64encode(png(os.path.join(work, "one.png"), 1)).decode()
+        one = base64.b64encode(noise_png(os.path.join(work, "one.png"), 1)).decode()
         big = n.submit("a", {"prompt": "p", "image": f"data:image/png;base64,{one}", "width": 4096,
                              "height": 4096, "num_frames": 1, "num_inference_steps": 1, "seed": 1})
         size = 0
@@ -137,17 +124,7 @@ def main():
 
         # 5. a forged 8192x8192 queue entry
         tid = "e" * 32
-        record = {"id": tid, "model": MODEL, "status": "created", "input": {}, "base_url": base,
-                  "created_at": int(time.time() * 1000), "started_at": None, "completed_at": None, "error": "",
-                  "code": 0, "seed": 1, "outputs": [], "base64_output": False, "webhook": None, "step": 0,
-                  "total_steps": 4, "timings": []}
-        request = {"model": MODEL, "prompt": "forged", "negative_prompt": None, "image": False, "height": 8192,
-                   "width": 8192, "num_frames": 9, "steps": 4, "guidance_scale": 6.0,
-                   "embedded_guidance_scale": 1.0, "seed": 1, "fps": 24.0, "cache": "none"}
-        n.redis("HSET", f"skyreels:task:{tid}", "record", json.dumps(record), "status", "created", "step", "0",
-                "total", "4", "attempts", "0", "model", MODEL, "enqueued", "1")
-        n.redis("HSET", f"skyreels:input:{tid}", "request", json.dumps(request), "image", "")
-        n.redis("XADD", f"skyreels:queue:{MODEL}", "*", "id", tid)
+        n.forge_task(tid, base)
         d = n.result("a", tid)
         for _ in range(600):
             d = n.result("a", tid, unavailable_for=5)

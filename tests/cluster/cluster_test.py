@@ -27,9 +27,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
-import zlib
 
-from nodes import MODEL, Nodes
+from nodes import MODEL, Nodes, noise_png
 
 BIN, REDIS_SERVER, IMAGE, WORK = sys.argv[1:5]
 KEY = "cluster-test-key"
@@ -117,19 +116,6 @@ def check_once(done):
         assert finished_lines(i) == 1, f"task {i} ended {finished_lines(i)} times"
 
 
-def noise_png(path, side):
-    """An incompressible grey PNG of side x side pixels (stored, not deflated)."""
-    import struct
-
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    raw = b"".join(b"\0" + os.urandom(side) for _ in range(side))
-    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
-    png += chunk(b"IDAT", zlib.compress(raw, 0)) + chunk(b"IEND", b"")
-    with open(path, "wb") as f:
-        f.write(png)
-
-
 def used_memory():
     info = redis("INFO", "memory")
     return int(re.search(r"used_memory:(\d+)", info).group(1))
@@ -193,18 +179,7 @@ def forged_entry(client):
     """A task written straight into Redis, as anyone who can reach it could: the worker checks
     it against the API's rules and fails it (1401) instead of running it."""
     tid = "f" * 32
-    record = {"id": tid, "model": MODEL, "status": "created", "input": {}, "base_url": base("a"),
-              "created_at": int(time.time() * 1000), "started_at": None, "completed_at": None,
-              "error": "", "code": 0, "seed": 1, "outputs": [], "base64_output": False,
-              "webhook": None, "step": 0, "total_steps": 4, "timings": []}
-    request = {"model": MODEL, "prompt": "forged", "negative_prompt": None, "image": False,
-               "height": 8192, "width": 8192, "num_frames": 9, "steps": 4, "guidance_scale": 6.0,
-               "embedded_guidance_scale": 1.0, "seed": 1, "fps": 24.0, "cache": "none"}
-    redis("HSET", f"skyreels:task:{tid}", "record", json.dumps(record), "status", "created", "step", "0",
-          "total", "4", "attempts", "0", "model", MODEL, "enqueued", "1")
-    redis("HSET", f"skyreels:input:{tid}", "request", json.dumps(request), "image", "")
-    redis("ZADD", "skyreels:waiting", "999999", tid)
-    redis("XADD", f"skyreels:queue:{MODEL}", "*", "id", tid)
+    N.forge_task(tid, base("a"))
     d = wait_done("b", [tid])[tid]
     assert d["status"] == "failed" and d["code"] == 1401 and "height" in d["error"], d
     print(f"forged queue entry: refused by the worker ({d['error'][:70]}...)")

@@ -4,13 +4,27 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+import zlib
 
 MODEL = "wavespeed-ai/SkyReels-V1"
+
+
+def noise_png(path, side):
+    """Writes an incompressible grey PNG of side x side pixels (stored, not deflated); its bytes."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    raw = b"".join(b"\0" + os.urandom(side) for _ in range(side))
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+    png += chunk(b"IDAT", zlib.compress(raw, 0)) + chunk(b"IEND", b"")
+    with open(path, "wb") as f:
+        f.write(png)
+    return png
 
 
 def free_port():
@@ -123,6 +137,22 @@ class Nodes:
             time.sleep(0.1)
         assert code == 200, (code, body)
         return json.loads(body)["data"]
+
+    def forge_task(self, task_id, base_url):
+        """Writes a task straight into Redis and its queue, as anyone who can reach Redis could:
+        an 8192x8192 text request the API would refuse."""
+        record = {"id": task_id, "model": MODEL, "status": "created", "input": {}, "base_url": base_url,
+                  "created_at": int(time.time() * 1000), "started_at": None, "completed_at": None,
+                  "error": "", "code": 0, "seed": 1, "outputs": [], "base64_output": False,
+                  "webhook": None, "step": 0, "total_steps": 4, "timings": []}
+        request = {"model": MODEL, "prompt": "forged", "negative_prompt": None, "image": False,
+                   "height": 8192, "width": 8192, "num_frames": 9, "steps": 4, "guidance_scale": 6.0,
+                   "embedded_guidance_scale": 1.0, "seed": 1, "fps": 24.0, "cache": "none"}
+        self.redis("HSET", f"skyreels:task:{task_id}", "record", json.dumps(record), "status", "created",
+                   "step", "0", "total", "4", "attempts", "0", "model", MODEL, "enqueued", "1")
+        self.redis("HSET", f"skyreels:input:{task_id}", "request", json.dumps(request), "image", "")
+        self.redis("ZADD", "skyreels:waiting", "999999", task_id)
+        self.redis("XADD", f"skyreels:queue:{MODEL}", "*", "id", task_id)
 
     def wait_ready(self, name, log=None):
         for _ in range(600):
