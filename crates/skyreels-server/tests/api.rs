@@ -1729,21 +1729,7 @@ async fn webhooks_run_under_a_concurrency_bound_and_the_body_field_works() {
 #[tokio::test(flavor = "multi_thread")]
 async fn uploads_accept_only_raster_images_and_are_served_inert() {
     let h = start(|_| {}).await;
-    let multipart = |name: &str, ct: &str, bytes: &[u8]| {
-        let boundary = "XyZ";
-        let mut form = format!("--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\nContent-Type: {ct}\r\n\r\n").into_bytes();
-        form.extend_from_slice(bytes);
-        form.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
-        Request::post("/api/v3/media/upload/binary")
-            .header(header::HOST, "gen.local:8000")
-            .header(header::AUTHORIZATION, format!("Bearer {KEY}"))
-            .header(
-                header::CONTENT_TYPE,
-                format!("multipart/form-data; boundary={boundary}"),
-            )
-            .body(Body::from(form))
-            .unwrap()
-    };
+    let multipart = |name: &str, ct: &str, bytes: &[u8]| multipart_upload(KEY, name, ct, bytes);
     let html = b"<html><script>alert(document.cookie)</script></html>";
     let svg = b"<svg xmlns=\"http://www.w3.org/2000/svg\" onload=\"alert(1)\"/>";
     for (name, ct, bytes) in [
@@ -2870,6 +2856,27 @@ async fn redis_engine_with_outputs_on_a_shared_folder() {
     assert!(!video.exists() && !copy.exists());
 }
 
+/// A multipart upload of one file (field `file`) with `key`.
+fn multipart_upload(key: &str, name: &str, content_type: &str, bytes: &[u8]) -> Request<Body> {
+    let boundary = "XyZ";
+    let mut form = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n\
+         Content-Type: {content_type}\r\n\r\n"
+    )
+    .into_bytes();
+    form.extend_from_slice(bytes);
+    form.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    Request::post("/api/v3/media/upload/binary")
+        .header(header::HOST, "gen.local:8000")
+        .header(header::AUTHORIZATION, format!("Bearer {key}"))
+        .header(
+            header::CONTENT_TYPE,
+            format!("multipart/form-data; boundary={boundary}"),
+        )
+        .body(Body::from(form))
+        .unwrap()
+}
+
 /// A PNG of noise (incompressible): `w * h * 3` bytes and a little more.
 fn noise_png(w: u32, h: u32) -> Vec<u8> {
     let mut x = 0x9E37_79B9u32;
@@ -2906,25 +2913,7 @@ async fn redis_uploads_are_ranged_capped_and_within_quotas() {
     // more than two windows
     let png = noise_png(1000, 850);
     assert!(png.len() as u64 > 2 * WINDOW && png.len() < 3 << 20);
-    let upload = |key: &'static str, bytes: Vec<u8>| {
-        let boundary = "XyZ";
-        let mut body = format!(
-            "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n\
-             Content-Type: image/png\r\n\r\n"
-        )
-        .into_bytes();
-        body.extend_from_slice(&bytes);
-        body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
-        Request::post("/api/v3/media/upload/binary")
-            .header(header::HOST, "gen.local:8000")
-            .header(header::AUTHORIZATION, format!("Bearer {key}"))
-            .header(
-                header::CONTENT_TYPE,
-                format!("multipart/form-data; boundary={boundary}"),
-            )
-            .body(Body::from(body))
-            .unwrap()
-    };
+    let upload = |key: &str, bytes: Vec<u8>| multipart_upload(key, "a.png", "image/png", &bytes);
     let (s, _, b) = h.call(upload(KEY, png.clone())).await;
     assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
     let v: Value = serde_json::from_slice(&b).unwrap();

@@ -4,6 +4,7 @@
 use super::body::{body_error, read_json};
 use super::error::{success, ApiError, ApiResult};
 use super::middleware::Owner;
+use crate::cluster::Blob;
 use crate::contract::{
     Envelope, ErrorEnvelope, UploadData, UploadHeaders, UploadTarget, UploadTicketRequest,
     MAX_CONTENT_TYPE_BYTES, MAX_FILENAME_BYTES,
@@ -333,9 +334,10 @@ pub async fn upload_file(
                 .map(Body::new)
         }
         Jobs::Redis(c) => {
-            let len = c.upload_len(&id).await?.ok_or_else(gone)?;
+            let blob = Blob::Upload(&id);
+            let len = c.blob_len(blob).await?.ok_or_else(gone)?;
             ranged(req.headers(), len, |a, b| {
-                Body::from_stream(c.upload_stream(&id, a, b))
+                Body::from_stream(c.blob_stream(blob, a, b))
             })
         }
     };
@@ -368,9 +370,10 @@ pub async fn output_file(
     let Jobs::Redis(c) = &state.jobs else {
         return Err(gone());
     };
-    let len = c.output_len(&file).await?.ok_or_else(gone)?;
+    let blob = Blob::Output(&file);
+    let len = c.blob_len(blob).await?.ok_or_else(gone)?;
     let mut response = ranged(&headers, len, |a, b| {
-        Body::from_stream(c.output_stream(&file, a, b))
+        Body::from_stream(c.blob_stream(blob, a, b))
     });
     if response.status() != StatusCode::RANGE_NOT_SATISFIABLE {
         let mp4 = HeaderValue::from_static("video/mp4");

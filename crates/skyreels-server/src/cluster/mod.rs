@@ -275,6 +275,24 @@ pub(crate) fn decode_request(json: &[u8], source: &[u8]) -> Result<GenerationReq
     })
 }
 
+/// A large value a node serves from Redis.
+#[derive(Clone, Copy, Debug)]
+pub enum Blob<'a> {
+    /// A completed upload's bytes, by upload id.
+    Upload(&'a str),
+    /// A finished video, by file name.
+    Output(&'a str),
+}
+
+impl Blob<'_> {
+    fn key(self) -> String {
+        match self {
+            Blob::Upload(id) => KEYS.upload_data(id),
+            Blob::Output(file) => KEYS.output(file),
+        }
+    }
+}
+
 /// A task's hash as stored.
 pub(crate) type TaskHash = HashMap<String, Vec<u8>>;
 
@@ -910,19 +928,19 @@ impl Cluster {
         self.blobs.read(&KEYS.upload_data(id)).await
     }
 
-    /// The length of a completed upload's bytes; `None` when they are gone.
-    pub async fn upload_len(&self, id: &str) -> Result<Option<u64>, Unavailable> {
-        self.blobs.len(&KEYS.upload_data(id)).await
+    /// The length of a large value; `None` when there is none.
+    pub async fn blob_len(&self, blob: Blob<'_>) -> Result<Option<u64>, Unavailable> {
+        self.blobs.len(&blob.key()).await
     }
 
-    /// Bytes `first..=last` of an upload, streamed in windows.
-    pub fn upload_stream(
+    /// Bytes `first..=last` of a large value, streamed in windows.
+    pub fn blob_stream(
         &self,
-        id: &str,
+        blob: Blob<'_>,
         first: u64,
         last: u64,
     ) -> impl futures_util::Stream<Item = Result<bytes::Bytes, Unavailable>> + Send + 'static {
-        self.blobs.stream(KEYS.upload_data(id), first, last)
+        self.blobs.stream(blob.key(), first, last)
     }
 
     /// Moves the checked bytes from the scratch file into Redis, with the record, if the
@@ -1024,21 +1042,6 @@ impl Cluster {
         Ok(meta
             .and_then(|m| serde_json::from_str::<Upload>(&m).ok())
             .filter(|u| !u.complete))
-    }
-
-    /// The length of a video kept in Redis; `None` when there is none.
-    pub async fn output_len(&self, file: &str) -> Result<Option<u64>, Unavailable> {
-        self.blobs.len(&KEYS.output(file)).await
-    }
-
-    /// Bytes `first..=last` of a video kept in Redis, streamed in windows.
-    pub fn output_stream(
-        &self,
-        file: &str,
-        first: u64,
-        last: u64,
-    ) -> impl futures_util::Stream<Item = Result<bytes::Bytes, Unavailable>> + Send + 'static {
-        self.blobs.stream(KEYS.output(file), first, last)
     }
 
     pub async fn output_base64(&self, file: &str) -> Option<String> {
