@@ -3151,3 +3151,58 @@ async fn redis_full_hung_and_over_tls() {
         "completed"
     );
 }
+
+/// Redis bookkeeping of crashed workers does not grow: a worker without a heartbeat for ten
+/// claim timeouts loses its model list and, with nothing pending, its consumer in the group;
+/// the live worker keeps both.
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_forgets_dead_workers() {
+    use skyreels_server::jobs::Jobs;
+    let gate = Gate::closed();
+    gate.open();
+    let h = start_redis_with(
+        |c| c.redis.as_mut().unwrap().claim_timeout = Duration::from_millis(100),
+        gate,
+        OutputStore::Redis,
+    )
+    .await;
+    let Jobs::Redis(c) = &h.server.as_ref().unwrap().state.jobs else {
+        panic!("not a Redis engine");
+    };
+    // the live worker's consumer exists once it has read an entry
+    let (_, v) = h.submit(body("p")).await;
+    h.wait(v["data"]["id"].as_str().unwrap(), &["completed"])
+        .await;
+    let mut conn = h.redis.as_ref().unwrap().conn();
+    let queue = format!("skyreels:queue:{MODEL}");
+    let _: () = redis::pipe()
+        .hset("skyreels:worker_models", "ghost", format!("[\"{MODEL}\"]"))
+        .cmd("XGROUP")
+        .arg("CREATECONSUMER")
+        .arg(&queue)
+        .arg("workers")
+        .arg("ghost")
+        .query(&mut conn)
+        .unwrap();
+    // idle past ten claim timeouts (1 s)
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    c.sweep(Duration::from_secs(600)).await.unwrap();
+    let listed: Vec<String> = redis::cmd("HKEYS")
+        .arg("skyreels:worker_models")
+        .query(&mut conn)
+        .unwrap();
+    assert!(!listed.contains(&"ghost".to_string()), "{listed:?}");
+    assert_eq!(listed.len(), 1, "the live worker stays listed: {listed:?}");
+    let consumers: Vec<redis::Value> = redis::cmd("XINFO")
+        .arg("CONSUMERS")
+        .arg(&queue)
+        .arg("workers")
+        .query(&mut conn)
+        .unwrap();
+    let text = format!("{consumers:?}");
+    assert!(!text.contains("ghost"), "{text}");
+    assert!(
+        text.contains(&listed[0]),
+        "the live worker's consumer stays: {text}"
+    );
+}
