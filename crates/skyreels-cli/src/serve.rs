@@ -218,6 +218,7 @@ impl Generator for PipelineGenerator {
             seed: req.seed,
             noise: None,
             cache: req.cache,
+            flow_shift: None,
         };
         let video = self
             .pipeline
