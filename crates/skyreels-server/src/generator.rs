@@ -36,6 +36,8 @@ pub struct GenerationRequest {
     pub seed: u64,
     pub fps: f64,
     pub cache: skyreels_params::CacheSpec,
+    /// The flow-matching shift; None: the model's scheduler config.
+    pub flow_shift: Option<f64>,
 }
 
 /// Why a generation did not produce a video.

@@ -133,6 +133,8 @@ struct QueuedRequest {
     seed: u64,
     fps: f64,
     cache: String,
+    #[serde(default)]
+    flow_shift: Option<f64>,
 }
 
 /// The request as JSON and the image's RGB bytes.
@@ -151,6 +153,7 @@ pub(crate) fn encode_request(r: &GenerationRequest) -> (Vec<u8>, Vec<u8>) {
         seed: r.seed,
         fps: r.fps,
         cache: r.cache.to_string(),
+        flow_shift: r.flow_shift,
     };
     let json = serde_json::to_vec(&q).expect("plain fields serialize");
     let rgb = r
@@ -185,6 +188,7 @@ pub(crate) fn decode_request(json: &[u8], rgb: Vec<u8>) -> Result<GenerationRequ
         seed: q.seed,
         fps: q.fps,
         cache: q.cache.parse()?,
+        flow_shift: q.flow_shift,
     })
 }
 
@@ -928,6 +932,7 @@ mod tests {
             seed: 2_147_483_647,
             fps: 24.0,
             cache: skyreels_params::CacheSpec::TeaCache(0.1),
+            flow_shift: Some(3.5),
         };
         let (json, rgb) = encode_request(&r);
         let back = decode_request(&json, rgb.clone()).unwrap();
@@ -937,9 +942,10 @@ mod tests {
                 back.prompt.as_str(),
                 back.seed,
                 back.cache,
-                back.guidance_scale
+                back.guidance_scale,
+                back.flow_shift
             ),
-            ("a cat", r.seed, r.cache, 6.5)
+            ("a cat", r.seed, r.cache, 6.5, Some(3.5))
         );
         assert!(decode_request(&json, rgb[1..].to_vec()).is_err());
     }
