@@ -13,6 +13,8 @@ cargo test --workspace --locked
 ./scripts/test_gpu_check.sh
 # the official WaveSpeed Python SDK against a live `skyreels serve` (creates its own venv)
 ./scripts/test_sdk.sh
+# WaveSpeed's MCP server (wavespeed-mcp) asking for size, duration and flow_shift (its own venv)
+./scripts/test_mcp.sh
 # the playground page in Debian's Chromium (installs chromium + chromium-driver when missing)
 ./scripts/test_playground.sh
 # scale-out over Redis: 2 API nodes + 2 workers, SIGKILL, cross-node cancel/upload, restarts

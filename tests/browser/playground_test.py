@@ -4,14 +4,16 @@ Usage: playground_test.py BASE_URL API_KEY IMAGE OUT_DIR
 Debian's Chromium, driven by Selenium through Debian's chromedriver (no browser download), against a
 live `skyreels serve` on the tiny weights with an API key: enter the key, upload an image file, submit,
 see the progress bar move, see the <video> load a playable clip (duration and videoWidth read through
-JavaScript), cancel a second long task, reload and find both in the history; the key is kept for the tab
-(sessionStorage) unless "remember" is ticked (then localStorage, and a new tab finds it). The Swagger UI at
-/docs renders the API under its policy. Neither page logs a Content-Security-Policy violation. Writes a
-screenshot of the finished state to OUT_DIR/playground.png.
+JavaScript) with the Advanced section's flow shift in the task's input, cancel a second long task, reload and
+find both in the history; the key is kept for the tab (sessionStorage) unless "remember" is ticked (then
+localStorage, and a new tab finds it). The Swagger UI at /docs renders the API under its policy. Neither page
+logs a Content-Security-Policy violation. Writes a screenshot of the finished state to OUT_DIR/playground.png.
 """
+import json
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 from selenium import webdriver
@@ -76,7 +78,7 @@ def main():
         # the model's defaults are shown
         for field, default in [("num_inference_steps", "4"), ("num_frames", "9"), ("guidance_scale", "6"),
                                ("embedded_guidance_scale", "1"), ("fps", "24"), ("width", "96"),
-                               ("cache", "none")]:
+                               ("cache", "none"), ("flow_shift", "the model's")]:
             shown = d.find_element(By.ID, field).get_attribute("placeholder")
             assert shown == default, f"{field}: {shown!r}, want {default}"
         d.find_element(By.ID, "image-file").send_keys(str(Path(IMAGE).resolve()))
@@ -87,7 +89,7 @@ def main():
         prompt.send_keys("FPS-24, a sunny meadow")
         d.find_element(By.ID, "advanced").click()
         # long enough for several polls: 97 frames, 100 steps of the tiny model
-        for field, value in [("num_frames", "97"), ("num_inference_steps", "100")]:
+        for field, value in [("num_frames", "97"), ("num_inference_steps", "100"), ("flow_shift", "5")]:
             d.find_element(By.ID, field).send_keys(value)
         d.find_element(By.ID, "run").click()
         first = until("the task id", lambda: d.find_element(By.ID, "task-id").text)
@@ -110,6 +112,10 @@ def main():
         until("playback", lambda: js("return document.getElementById('video').currentTime") > 0, limit=30)
         assert d.find_element(By.ID, "download").get_attribute("href").endswith(f"/outputs/{first}.mp4")
         assert d.find_element(By.ID, "seed-used").text.isdigit()
+        # the Advanced section's flow shift reached the task
+        task = json.load(urllib.request.urlopen(urllib.request.Request(
+            f"{BASE}/api/v3/predictions/{first}/result", headers={"Authorization": f"Bearer {KEY}"})))
+        assert task["data"]["input"]["flow_shift"] == 5, task["data"]["input"]
         timings = d.find_element(By.ID, "timings").text
         assert "denoising" in timings, timings
         # the forward counts are shown as counts (100 steps with true CFG, no cache)

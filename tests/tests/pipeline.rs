@@ -53,6 +53,8 @@ fn params(io: &HashMap<String, Tensor>, req: &Value) -> GenerateParams {
         cache: req["cache"]
             .as_str()
             .map_or(CacheSpec::None, |c| c.parse().unwrap()),
+        // the flow-shift fixture names its scheduler's shift
+        flow_shift: req["flow_shift"].as_f64(),
     }
 }
 
@@ -65,7 +67,9 @@ fn check(name: &str, pipe: &Pipeline) {
     let (io, req) = case(name);
     let p = params(&io, &req);
     // the schedule diffusers ran, bit for bit
-    let cfg = SchedulerConfig::from_dir(&tiny_weights()).unwrap();
+    let cfg = SchedulerConfig::from_dir(&tiny_weights())
+        .unwrap()
+        .with_shift(p.flow_shift);
     let want: Vec<f32> = io["timesteps"].to_vec1().unwrap();
     assert_eq!(
         FlowMatchEuler::new(&cfg, p.steps).timesteps(),
@@ -300,6 +304,32 @@ fn image_to_video_with_embedded_guidance_only_matches_diffusers() {
     check("i2v_embedded", &pipeline(None));
 }
 
+/// `flow_shift` / `--flow-shift 3` on weights whose scheduler config says 7: diffusers with
+/// `FlowMatchEulerDiscreteScheduler(shift=3)`, the same bound.
+#[test]
+fn a_request_flow_shift_matches_diffusers_with_that_shift() {
+    let (io, req) = case("i2v_flow_shift");
+    let p = params(&io, &req);
+    assert_eq!(p.flow_shift, Some(3.0));
+    let file = SchedulerConfig::from_dir(&tiny_weights()).unwrap();
+    assert_eq!(file.shift, 7.0);
+    let pipe = pipeline(None);
+    check("i2v_flow_shift", &pipe);
+    // the config's shift would have run another schedule and made other frames
+    let want: Vec<f32> = io["timesteps"].to_vec1().unwrap();
+    assert_ne!(FlowMatchEuler::new(&file, p.steps).timesteps(), want);
+    let unshifted = GenerateParams {
+        flow_shift: None,
+        ..p.clone()
+    };
+    let video = pipe.generate(&unshifted, &mut |_, _| true).unwrap();
+    let err = max_abs(&video.frames, &io["frames"]);
+    assert!(
+        err > 100.0 * FRAME_TOL,
+        "unshifted frames off by only {err:e}"
+    );
+}
+
 #[test]
 fn text_to_video_with_true_cfg_matches_diffusers() {
     check("t2v", &pipeline(Some(&fixture("pipeline/t2v_transformer"))));
@@ -336,6 +366,11 @@ fn bad_requests_are_refused_with_the_setting_named() {
         (Box::new(|p| p.width = 0), "width"),
         (Box::new(|p| p.num_frames = 6), "num_frames must be 4k+1"),
         (Box::new(|p| p.steps = 0), "steps"),
+        (
+            Box::new(|p| p.flow_shift = Some(0.0)),
+            "flow_shift must be a finite number > 0, got 0",
+        ),
+        (Box::new(|p| p.flow_shift = Some(f64::NAN)), "flow_shift"),
         (Box::new(|p| p.guidance_scale = f64::NAN), "guidance_scale"),
         (Box::new(|p| p.image = None), "an image is required"),
         (Box::new(|p| p.num_frames = 9), "noise has shape"),

@@ -261,6 +261,10 @@ struct GenerateArgs {
     /// accumulated, rescaled input change; e.g. teacache:0.1). Faster, at some quality cost.
     #[arg(long, value_name = "SPEC", default_value = "none")]
     cache: params::CacheSpec,
+    /// Flow-matching shift of the sigma schedule, above 0 and at most 20 (higher spends more
+    /// steps at high noise) [default: the model's scheduler_config.json; SkyReels: 7].
+    #[arg(long, value_name = "S")]
+    flow_shift: Option<f64>,
     /// A safetensors file whose tensor `latents` [1, C, T, H/8, W/8] (f32) replaces the seeded
     /// initial noise.
     #[arg(long)]
@@ -455,6 +459,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         seed,
         noise,
         cache: args.cache,
+        flow_shift: args.flow_shift,
     };
     check_limits(&p, args.fps, &args.output)?;
     eprintln!(
@@ -522,6 +527,12 @@ fn check_limits(p: &GenerateParams, fps: f64, output: &Path) -> Result<()> {
         if !range.contains(v) {
             return Err(rule(flag, format!("{}, got {v}", range.rule())));
         }
+    }
+    if let Some(s) = p.flow_shift.filter(|s| !params::FLOW_SHIFT.contains(*s)) {
+        return Err(rule(
+            "--flow-shift",
+            format!("{}, got {s}", params::FLOW_SHIFT.rule()),
+        ));
     }
     if OutputKind::of(output) == OutputKind::Mp4 && !params::FPS_RANGE.contains(fps) {
         return Err(rule(

@@ -249,6 +249,7 @@ impl Generator for PipelineGenerator {
             seed: req.seed,
             noise: None,
             cache: req.cache,
+            flow_shift: req.flow_shift,
         };
         let video = self
             .pipeline

@@ -1,7 +1,8 @@
 //! The `skyreels` binary end to end on the bundled tiny weights.
 
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use skyreels_tests::max_abs;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -34,32 +35,41 @@ fn image_file(dir: &Path, name: &str, w: u32, h: u32) -> PathBuf {
     path
 }
 
-#[test]
-fn noise_file_path_matches_diffusers_frames() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = fixture("pipeline/i2v_cfg.safetensors");
+/// `skyreels generate` writing frames to a .safetensors file with more flags; the frames read back.
+type Run = dyn Fn(&Path, &[&str]) -> HashMap<String, Tensor>;
+
+/// A pipeline fixture (`tests/fixtures/pipeline/NAME.safetensors`) as a `skyreels generate` run:
+/// its image as a PNG, its noise as a `--noise` file and its request as flags. Returns the
+/// fixture's tensors and the run.
+fn fixture_run(dir: &Path, name: &str) -> (HashMap<String, Tensor>, Box<Run>) {
+    let path = fixture(&format!("pipeline/{name}.safetensors"));
     let io = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
     // the fixture's input image (uint8 [h, w, 3]) as a PNG, its noise as a --noise file
     let (h, w, _) = io["image"].dims3().unwrap();
     let raw = io["image"].flatten_all().unwrap().to_vec1::<u8>().unwrap();
-    let img = dir.path().join("in.png");
+    let img = dir.join(format!("{name}.png"));
     image::RgbImage::from_raw(w as u32, h as u32, raw)
         .unwrap()
         .save(&img)
         .unwrap();
-    let noise = dir.path().join("noise.safetensors");
+    let noise = dir.join(format!("{name}_noise.safetensors"));
     candle_core::safetensors::save(
         &[("latents", io["latents"].clone())].into_iter().collect(),
         &noise,
     )
     .unwrap();
-    let out = dir.path().join("frames.safetensors");
     let bytes = std::fs::read(&path).unwrap();
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     let req: serde_json::Value =
         serde_json::from_str(&meta.metadata().as_ref().unwrap()["request"]).unwrap();
-    let arg = |k: &str| req[k].to_string().trim_matches('"').to_string();
-    let keys = [
+    let mut flags = vec![
+        "generate".to_string(),
+        "--image".into(),
+        img.to_str().unwrap().into(),
+        "--noise".into(),
+        noise.to_str().unwrap().into(),
+    ];
+    for key in [
         "prompt",
         "negative_prompt",
         "height",
@@ -68,41 +78,30 @@ fn noise_file_path_matches_diffusers_frames() {
         "steps",
         "guidance_scale",
         "embedded_guidance_scale",
-    ];
-    let values: std::collections::HashMap<&str, String> =
-        keys.iter().map(|&k| (k, arg(k))).collect();
-    let run = |out: &Path, extra: &[&str]| {
-        let mut args = vec![
-            "generate",
-            "--image",
-            img.to_str().unwrap(),
-            "--prompt",
-            &values["prompt"],
-            "--negative-prompt",
-            &values["negative_prompt"],
-            "--height",
-            &values["height"],
-            "--width",
-            &values["width"],
-            "--num-frames",
-            &values["num_frames"],
-            "--steps",
-            &values["steps"],
-            "--guidance-scale",
-            &values["guidance_scale"],
-            "--embedded-guidance-scale",
-            &values["embedded_guidance_scale"],
-            "--noise",
-            noise.to_str().unwrap(),
-            "--output",
-            out.to_str().unwrap(),
-        ];
+    ] {
+        // a null negative prompt (no true CFG) is no flag
+        if !req[key].is_null() {
+            flags.push(format!("--{}", key.replace('_', "-")));
+            flags.push(req[key].to_string().trim_matches('"').to_string());
+        }
+    }
+    let home = dir.to_path_buf();
+    let run = move |out: &Path, extra: &[&str]| {
+        let mut args: Vec<&str> = flags.iter().map(String::as_str).collect();
+        args.extend(["--output", out.to_str().unwrap()]);
         args.extend(extra);
-        let o = skyreels(dir.path(), &args);
+        let o = skyreels(&home, &args);
         assert!(o.status.success(), "{extra:?}: {}", stderr(&o));
         candle_core::safetensors::load(out, &Device::Cpu).unwrap()
     };
-    let got = run(&out, &[]);
+    (io, Box::new(run))
+}
+
+#[test]
+fn noise_file_path_matches_diffusers_frames() {
+    let dir = tempfile::tempdir().unwrap();
+    let (io, run) = fixture_run(dir.path(), "i2v_cfg");
+    let got = run(&dir.path().join("frames.safetensors"), &[]);
     let err = max_abs(&got["frames"], &io["frames"]);
     // the same bound and reasoning as the library parity test (tests/tests/pipeline.rs)
     assert!(err <= 5e-4, "max abs error {err:e}");
@@ -124,6 +123,20 @@ fn noise_file_path_matches_diffusers_frames() {
     );
     let err = max_abs(&ulysses["frames"], &io["frames"]);
     assert!(err <= 5e-4, "cfg=2,ulysses=2: max abs error {err:e}");
+}
+
+/// `--flow-shift 3` on the tiny weights (whose scheduler config says 7) against diffusers with
+/// `FlowMatchEulerDiscreteScheduler(shift=3)` (scripts/gen_pipeline_fixtures.py), the same bound.
+#[test]
+fn flow_shift_flag_matches_diffusers_with_that_shift() {
+    let dir = tempfile::tempdir().unwrap();
+    let (io, run) = fixture_run(dir.path(), "i2v_flow_shift");
+    let got = run(
+        &dir.path().join("frames.safetensors"),
+        &["--flow-shift", "3"],
+    );
+    let err = max_abs(&got["frames"], &io["frames"]);
+    assert!(err <= 5e-4, "max abs error {err:e}");
 }
 
 #[test]
@@ -216,6 +229,14 @@ fn bad_input_gets_a_clear_message_and_a_failing_exit() {
         ),
         (vec!["--prompt", "x"], "an image is required"),
         (vec!["--image", img, "--seed", "-5"], "--seed"),
+        (
+            vec!["--image", img, "--flow-shift", "0"],
+            "--flow-shift must be a number above 0 and at most 20, got 0",
+        ),
+        (
+            vec!["--image", img, "--flow-shift", "25"],
+            "--flow-shift must be a number above 0 and at most 20, got 25",
+        ),
     ];
     for (extra, want) in cases {
         let out = dir.path().join("o.mp4");
@@ -249,6 +270,7 @@ fn help_documents_the_flags() {
         "--embedded-guidance-scale",
         "--noise",
         "--fps",
+        "--flow-shift",
         "--output",
         "--device",
         "--dtype",

@@ -40,21 +40,53 @@ impl IntRange {
     }
 }
 
-/// An inclusive range of finite numbers and the message that states it.
+/// A range of finite numbers, `max` included, `min` included unless `min_exclusive`, and the
+/// message that states it.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct FloatRange {
     pub min: f64,
     pub max: f64,
+    pub min_exclusive: bool,
 }
 
 impl FloatRange {
-    pub fn contains(&self, v: f64) -> bool {
-        v.is_finite() && (self.min..=self.max).contains(&v)
+    /// `min..=max`.
+    pub const fn inclusive(min: f64, max: f64) -> Self {
+        Self {
+            min,
+            max,
+            min_exclusive: false,
+        }
     }
 
-    /// "must be a number from MIN to MAX"
+    /// Above `min`, at most `max`.
+    pub const fn above(min: f64, max: f64) -> Self {
+        Self {
+            min,
+            max,
+            min_exclusive: true,
+        }
+    }
+
+    pub fn contains(&self, v: f64) -> bool {
+        let above_min = if self.min_exclusive {
+            v > self.min
+        } else {
+            v >= self.min
+        };
+        v.is_finite() && above_min && v <= self.max
+    }
+
+    /// "must be a number from MIN to MAX" (or "above MIN and at most MAX")
     pub fn rule(&self) -> String {
-        format!("must be a number from {} to {}", self.min, self.max)
+        if self.min_exclusive {
+            format!(
+                "must be a number above {} and at most {}",
+                self.min, self.max
+            )
+        } else {
+            format!("must be a number from {} to {}", self.min, self.max)
+        }
     }
 }
 
@@ -68,18 +100,16 @@ pub const STEPS: IntRange = IntRange { min: 1, max: 100 };
 pub const FRAMES: IntRange = IntRange { min: 1, max: 257 };
 /// Frame height and width in pixels (also multiples of the model's size multiple).
 pub const SIDE: IntRange = IntRange { min: 16, max: 4096 };
-pub const GUIDANCE: FloatRange = FloatRange {
-    min: 0.0,
-    max: 30.0,
-};
-pub const EMBEDDED_GUIDANCE: FloatRange = FloatRange {
-    min: 0.0,
-    max: 30.0,
-};
-pub const FPS_RANGE: FloatRange = FloatRange {
-    min: 1.0,
-    max: 120.0,
-};
+pub const GUIDANCE: FloatRange = FloatRange::inclusive(0.0, 30.0);
+pub const EMBEDDED_GUIDANCE: FloatRange = FloatRange::inclusive(0.0, 30.0);
+pub const FPS_RANGE: FloatRange = FloatRange::inclusive(1.0, 120.0);
+/// The flow-matching shift of one request (`flow_shift`, `--flow-shift`; without one, the
+/// model's `scheduler_config.json`): sigma' = shift·sigma / (1 + (shift − 1)·sigma).
+pub const FLOW_SHIFT: FloatRange = FloatRange::above(0.0, 20.0);
+/// A video's length in seconds (WaveSpeed's `duration`), turned into frames by
+/// [`frames_for_duration`]; no frame rate (at least 1) fits more than [`FRAMES`]`.max` frames
+/// into a longer one.
+pub const DURATION: FloatRange = FloatRange::above(0.0, FRAMES.max as f64);
 
 /// Size and step defaults of a model: SkyReels' own, or a model folder's `skyreels_defaults.json`
 /// (the tiny bundled weights use small ones).
@@ -143,6 +173,15 @@ pub fn check_frames(n: usize) -> Result<(), String> {
     Ok(())
 }
 
+/// The frame count of a video `seconds` long at `fps`: the 4k+1 nearest to seconds × fps, a tie
+/// going to the larger (5 s at 24 fps: 121). The caller checks it against [`FRAMES`].
+pub fn frames_for_duration(seconds: f64, fps: f64) -> usize {
+    let k = ((seconds * fps - 1.0) / FRAME_STEP as f64 + 0.5)
+        .floor()
+        .max(0.0);
+    FRAME_STEP * k as usize + 1
+}
+
 /// Checks a frame side: within [`SIDE`] and a multiple of `multiple`.
 pub fn check_side(v: usize, multiple: usize) -> Result<(), String> {
     if !SIDE.contains(v as i64) {
@@ -195,10 +234,7 @@ pub enum CacheSpec {
 }
 
 /// The thresholds a cache spec accepts.
-pub const CACHE_THRESHOLD: FloatRange = FloatRange {
-    min: 0.0,
-    max: 10.0,
-};
+pub const CACHE_THRESHOLD: FloatRange = FloatRange::above(0.0, 10.0);
 
 /// The accepted forms, for messages.
 pub const CACHE_FORMS: &str =
@@ -215,7 +251,7 @@ impl std::str::FromStr for CacheSpec {
         }
         let (kind, t) = s.split_once(':').ok_or_else(bad)?;
         let t: f64 = t.parse().map_err(|_| bad())?;
-        if !CACHE_THRESHOLD.contains(t) || t <= 0.0 {
+        if !CACHE_THRESHOLD.contains(t) {
             return Err(bad());
         }
         match kind {
@@ -286,6 +322,32 @@ mod tests {
         assert!(check_side(4112, 16).unwrap_err().contains("16 to 4096"));
         assert!(!GUIDANCE.contains(f64::NAN) && GUIDANCE.contains(30.0));
         assert!(SEED.contains(-1) && !SEED.contains(2_147_483_648));
+        assert!(!FLOW_SHIFT.contains(0.0) && FLOW_SHIFT.contains(1e-3));
+        assert!(FLOW_SHIFT.contains(20.0) && !FLOW_SHIFT.contains(20.5));
+        assert!(!FLOW_SHIFT.contains(f64::INFINITY) && !FLOW_SHIFT.contains(-1.0));
+        assert_eq!(FLOW_SHIFT.rule(), "must be a number above 0 and at most 20");
+    }
+
+    #[test]
+    fn durations_become_the_nearest_4k_plus_1_frames() {
+        for (seconds, fps, frames) in [
+            (5.0, 24.0, 121),   // 120 -> 121
+            (10.0, 24.0, 241),  // 240 -> 241
+            (0.3, 24.0, 9),     // 7.2 -> 9
+            (5.125, 24.0, 125), // 123, halfway between 121 and 125: upward
+            (0.125, 24.0, 5),   // 3, halfway between 1 and 5: upward
+            (0.1, 24.0, 1),     // 2.4 -> 1
+            (0.01, 1.0, 1),     // below one frame: the first frame
+            (4.0, 30.0, 121),   // 120 -> 121
+            (2.0, 12.5, 25),    // 25
+            (257.0, 1.0, 257),
+        ] {
+            assert_eq!(
+                frames_for_duration(seconds, fps),
+                frames,
+                "{seconds} s at {fps} fps"
+            );
+        }
     }
 
     #[test]

@@ -116,6 +116,8 @@ pub struct GenerateParams {
     pub noise: Option<Tensor>,
     /// Step caching across the denoising steps (off: [`CacheSpec::None`]).
     pub cache: CacheSpec,
+    /// The flow-matching shift of the sigma schedule; None: the model's `scheduler_config.json`.
+    pub flow_shift: Option<f64>,
 }
 
 /// Time spent per stage, and on CUDA the peak device memory of each.
@@ -451,6 +453,9 @@ impl Pipeline {
         if p.steps == 0 {
             return invalid("steps must be at least 1");
         }
+        if let Some(s) = p.flow_shift.filter(|s| !(s.is_finite() && *s > 0.0)) {
+            return invalid(format!("flow_shift must be a finite number > 0, got {s}"));
+        }
         for (name, v) in [
             ("guidance_scale", p.guidance_scale),
             ("embedded_guidance_scale", p.embedded_guidance_scale),
@@ -636,7 +641,7 @@ impl Pipeline {
         caches: &mut [StepCache; 2],
         on_step: &mut dyn FnMut(usize, usize) -> bool,
     ) -> Result<Tensor, GenerateError> {
-        let schedule = FlowMatchEuler::new(&self.scheduler, p.steps);
+        let schedule = FlowMatchEuler::new(&self.scheduler.with_shift(p.flow_shift), p.steps);
         let transformer = self.transformer()?;
         let guidance = self.transformer_config.guidance_embeds.then(|| {
             // [g] in the transformer dtype, then × 1000 (also in that dtype)

@@ -1,6 +1,7 @@
 //! diffusers' `FlowMatchEulerDiscreteScheduler` as the HunyuanVideo pipelines drive it
 //! (docs/MODEL.md section 4.1): explicit sigmas `linspace(1, 0, N + 1)[:-1]`, the static shift of
-//! `scheduler_config.json`, timesteps = sigma × num_train_timesteps, and the Euler step.
+//! `scheduler_config.json` (or a request's `flow_shift`), timesteps = sigma × num_train_timesteps,
+//! and the Euler step.
 
 use crate::loading::LoadError;
 use candle_core::{DType, Result, Tensor};
@@ -67,6 +68,15 @@ impl SchedulerConfig {
         cfg.validate()
             .map_err(|message| LoadError::Config { path, message })?;
         Ok(cfg)
+    }
+
+    /// The config a request runs with: its `flow_shift` in place of the file's `shift`, if it
+    /// gives one (diffusers' `FlowMatchEulerDiscreteScheduler.from_config(config, shift=S)`).
+    pub fn with_shift(&self, shift: Option<f64>) -> Self {
+        Self {
+            shift: shift.unwrap_or(self.shift),
+            ..self.clone()
+        }
     }
 
     /// Refuses options the HunyuanVideo pipelines cannot run with (dynamic shifting needs a `mu`
@@ -168,6 +178,18 @@ mod tests {
         }
         assert_eq!(s.sigmas().len(), 31);
         assert_eq!(*s.sigmas().last().unwrap(), 0.0);
+    }
+
+    #[test]
+    fn a_request_shift_replaces_the_configs() {
+        let cfg: SchedulerConfig = serde_json::from_str(r#"{"shift": 7.0}"#).unwrap();
+        assert_eq!(cfg.with_shift(None).shift, 7.0);
+        let shifted = cfg.with_shift(Some(3.0));
+        assert_eq!(shifted.shift, 3.0);
+        assert_eq!(shifted.num_train_timesteps, 1000);
+        // shift·s / (1 + (shift − 1)·s) at s = 0.5: 3/4 with shift 3, 7/8 with 7
+        let half = |c: &SchedulerConfig| FlowMatchEuler::new(c, 2).sigmas()[1];
+        assert_eq!((half(&shifted), half(&cfg)), (0.75, 0.875));
     }
 
     #[test]

@@ -7,7 +7,7 @@ const KEY_STORE = "skyreels.apiKey";
 const HISTORY_STORE = "skyreels.history";
 const HISTORY_MAX = 24;
 const POLL_MS = 500;
-const FIELDS = ["num_inference_steps", "guidance_scale", "embedded_guidance_scale", "num_frames", "fps", "width", "height"];
+const FIELDS = ["num_inference_steps", "guidance_scale", "embedded_guidance_scale", "num_frames", "fps", "width", "height", "flow_shift"];
 
 let model = null; // {model_id, type, api_schema}
 let image = null; // the `image` string to submit: an upload's download_url or a URL
@@ -81,7 +81,8 @@ async function loadModel() {
     for (const f of FIELDS) {
       const d = props[f] && props[f].default;
       const input = $(f);
-      input.placeholder = d === undefined || d === null ? "" : String(d);
+      // a field without a fixed default (flow_shift) takes the model's own
+      input.placeholder = d === undefined || d === null ? "the model's" : String(d);
     }
     $("image-section").hidden = model.type !== "image-to-video";
     showPageError(null);

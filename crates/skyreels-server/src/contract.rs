@@ -5,6 +5,7 @@
 
 use crate::job::Status;
 use serde::de::{self, Deserializer, Visitor};
+use serde::ser::SerializeSeq;
 use serde::{Deserialize, Serialize};
 use skyreels_params::{self as params, FloatRange, IntRange};
 use std::collections::BTreeMap;
@@ -62,7 +63,8 @@ impl Visitor<'_> for FloatVisitor {
     type Value = f64;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        write!(f, "a number from {} to {}", self.0.min, self.0.max)
+        // "must be a number ..." -> "a number ..."
+        f.write_str(self.0.rule().trim_start_matches("must be "))
     }
 
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<f64, E> {
@@ -141,7 +143,8 @@ macro_rules! int_field {
     };
 }
 
-/// A number field, as [`int_field`].
+/// A number field, as [`int_field`]; `$default` is an `Option<f64>` (None: the default is the
+/// model's, not a constant).
 macro_rules! float_field {
     ($(#[$m:meta])* $name:ident = $range:expr, $default:expr, $desc:expr) => {
         $(#[$m])*
@@ -158,14 +161,17 @@ macro_rules! float_field {
         impl PartialSchema for $name {
             fn schema() -> RefOr<Schema> {
                 let r: FloatRange = $range;
-                describe(
-                    ObjectBuilder::new()
-                        .schema_type(Type::Number)
-                        .minimum(Some(r.min))
-                        .maximum(Some(r.max))
-                        .default(Some($default.into())),
-                    $desc,
-                )
+                let default: Option<f64> = $default;
+                let b = ObjectBuilder::new()
+                    .schema_type(Type::Number)
+                    .maximum(Some(r.max))
+                    .default(default.map(Into::into));
+                let b = if r.min_exclusive {
+                    b.exclusive_minimum(Some(r.min))
+                } else {
+                    b.minimum(Some(r.min))
+                };
+                describe(b, $desc)
             }
         }
 
@@ -235,20 +241,36 @@ int_field!(
 float_field!(
     /// True CFG scale.
     GuidanceScale = params::GUIDANCE,
-    params::GUIDANCE_SCALE,
+    Some(params::GUIDANCE_SCALE),
     "True classifier-free guidance; values > 1 also run the negative prompt."
 );
 float_field!(
     /// The transformer's guidance embedding.
     EmbeddedGuidanceScale = params::EMBEDDED_GUIDANCE,
-    params::EMBEDDED_GUIDANCE_SCALE,
+    Some(params::EMBEDDED_GUIDANCE_SCALE),
     "The value fed to the transformer's guidance embedder."
 );
 float_field!(
     /// MP4 frame rate.
     Fps = params::FPS_RANGE,
-    params::FPS,
+    Some(params::FPS),
     "Frames per second of the MP4."
+);
+float_field!(
+    /// WaveSpeed's video length in seconds.
+    Duration = params::DURATION,
+    None,
+    "Seconds of video (WaveSpeed's video models): num_frames becomes the 4k+1 nearest to \
+     duration x fps, a tie going up (5 s at 24 fps: 121 frames), within the num_frames limit. \
+     Given with a num_frames that differs, a 400 naming both."
+);
+float_field!(
+    /// The flow-matching shift of the sampler.
+    FlowShift = params::FLOW_SHIFT,
+    None,
+    "The flow-matching scheduler's shift for this task: sigma' = shift*sigma / (1 + (shift - 1)*sigma), \
+     diffusers' FlowMatchEulerDiscreteScheduler(shift=...). Default: the model's scheduler config \
+     (SkyReels: 7)."
 );
 
 /// `true` or `false` (a string such as "yes" is refused with that rule).
@@ -282,6 +304,145 @@ impl PartialSchema for Flag {
 }
 
 impl ToSchema for Flag {}
+
+/// WaveSpeed's `size`: `"WIDTH*HEIGHT"` (also `"WIDTHxHEIGHT"`), kept as written for the echo.
+/// Its sides follow the rules of `width` and `height`, checked at submit with the model's
+/// size multiple.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Size {
+    pub width: usize,
+    pub height: usize,
+    text: String,
+}
+
+impl Size {
+    /// The value as the request wrote it.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+}
+
+/// The longest `size` text accepted (and quoted back in its 400).
+const MAX_SIZE_BYTES: usize = 32;
+
+impl std::str::FromStr for Size {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let side = |v: &str| {
+            v.bytes()
+                .all(|b| b.is_ascii_digit())
+                .then(|| v.parse::<usize>().ok())
+                .flatten()
+        };
+        let parsed = s
+            .split_once(['*', 'x'])
+            .and_then(|(w, h)| Some((side(w)?, side(h)?)));
+        match parsed {
+            Some((width, height)) if s.len() <= MAX_SIZE_BYTES => Ok(Size {
+                width,
+                height,
+                text: s.to_string(),
+            }),
+            _ if s.len() <= MAX_SIZE_BYTES => Err(format!(
+                "must be \"WIDTH*HEIGHT\" in pixels (e.g. \"832*480\"), got {s:?}"
+            )),
+            _ => Err(format!(
+                "must be \"WIDTH*HEIGHT\" in pixels (e.g. \"832*480\"), at most \
+                 {MAX_SIZE_BYTES} bytes"
+            )),
+        }
+    }
+}
+
+impl Serialize for Size {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.text)
+    }
+}
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct SizeVisitor;
+        impl Visitor<'_> for SizeVisitor {
+            type Value = Size;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string \"WIDTH*HEIGHT\" (e.g. \"832*480\")")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Size, E> {
+                v.parse().map_err(E::custom)
+            }
+        }
+        d.deserialize_str(SizeVisitor)
+    }
+}
+
+impl PartialSchema for Size {
+    fn schema() -> RefOr<Schema> {
+        describe(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some(r"^[0-9]+[*x][0-9]+$"))
+                .max_length(Some(MAX_SIZE_BYTES))
+                .examples(["832*480", "960*544"]),
+            "WaveSpeed's frame size, \"WIDTH*HEIGHT\" in pixels (\"WIDTHxHEIGHT\" too): the rules \
+             of width and height (multiples of 16 up to 4096). Given with a width or height that \
+             differs, a 400 naming both.",
+        )
+    }
+}
+
+impl ToSchema for Size {}
+
+/// WaveSpeed's `loras` (`[{"path", "scale"}]`): only the empty list (no LoRA) is accepted for
+/// now; any LoRA is refused, never ignored.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct NoLoras;
+
+impl Serialize for NoLoras {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_seq(Some(0))?.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for NoLoras {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = NoLoras;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a list (empty: LoRAs are not supported yet)")
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<NoLoras, A::Error> {
+                match seq.next_element::<de::IgnoredAny>()? {
+                    None => Ok(NoLoras),
+                    Some(_) => Err(de::Error::custom(
+                        "LoRAs are not supported yet: send an empty list or leave loras out",
+                    )),
+                }
+            }
+        }
+        d.deserialize_seq(V)
+    }
+}
+
+impl PartialSchema for NoLoras {
+    fn schema() -> RefOr<Schema> {
+        let lora = ObjectBuilder::new()
+            .property("path", ObjectBuilder::new().schema_type(Type::String))
+            .property("scale", ObjectBuilder::new().schema_type(Type::Number));
+        utoipa::openapi::schema::ArrayBuilder::new()
+            .items(lora)
+            .max_items(Some(0))
+            .description(Some(
+                "WaveSpeed's LoRA list, [{\"path\", \"scale\"}]. Only [] (no LoRA) is accepted: \
+                 LoRAs are not supported yet, and a non-empty list is a 400 (never ignored).",
+            ))
+            .into()
+    }
+}
+
+impl ToSchema for NoLoras {}
 
 /// Step caching for one task (our extension): `none`, `first-block:T` or `teacache:T`.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -339,7 +500,11 @@ pub enum AspectRatio {
     Portrait,
 }
 
-/// The body of `POST /api/v3/{owner}/{model}`; unknown fields are ignored and never stored.
+/// The body of `POST /api/v3/{owner}/{model}`; unknown fields are ignored and never stored. The
+/// fields of WaveSpeed's other video models (wan-2.1, hunyuan-video; the MCP server's
+/// generate_video) are accepted with their meaning: size, duration, flow_shift, seed,
+/// negative_prompt, guidance_scale, num_inference_steps, loras as [] and enable_safety_checker;
+/// refused with a 400: a non-empty loras (LoRAs are not supported yet).
 // Every field is optional at the parsing level (a missing Option is None), so that a missing
 // required one (`prompt`, `image` for image-to-video) gets the same kind of message as a bad one.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -369,6 +534,9 @@ pub struct SubmitRequest {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(inline)]
     pub num_frames: Option<NumFrames>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(inline)]
+    pub duration: Option<Duration>,
     /// "16:9" (960x544) or "9:16" (544x960). Default: the image's orientation.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub aspect_ratio: Option<AspectRatio>,
@@ -378,6 +546,9 @@ pub struct SubmitRequest {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(inline)]
     pub height: Option<Side>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(inline)]
+    pub size: Option<Size>,
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(inline)]
     pub fps: Option<Fps>,
@@ -395,6 +566,17 @@ pub struct SubmitRequest {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(inline)]
     pub cache: Option<Cache>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(inline)]
+    pub flow_shift: Option<FlowShift>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(inline)]
+    pub loras: Option<NoLoras>,
+    /// Accepted as WaveSpeed clients send it (true or false); no safety checker runs yet
+    /// (has_nsfw_contents is always false).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(inline)]
+    pub enable_safety_checker: Option<Flag>,
 }
 
 impl SubmitRequest {
@@ -472,6 +654,9 @@ pub struct Prediction {
     pub timings: BTreeMap<String, u64>,
     /// The request's known fields as received (a long data: URI shortened).
     pub input: SubmitRequest,
+    /// Frames of the video: `num_frames`, or what `duration` x `fps` made (null for tasks
+    /// recorded by older versions).
+    pub num_frames: Option<usize>,
     pub progress: Progress,
     /// Tasks ahead of this one while it waits; null otherwise.
     pub queue_position: Option<usize>,
@@ -632,6 +817,55 @@ mod tests {
     }
 
     #[test]
+    fn wavespeed_video_fields_parse_and_echo_as_written() {
+        let body = json!({"size": "832*480", "duration": 5, "flow_shift": 3, "loras": [],
+            "enable_safety_checker": true});
+        let r = parse(body).unwrap();
+        let size = r.size.as_ref().unwrap();
+        assert_eq!((size.width, size.height), (832, 480));
+        assert_eq!(r.duration, Some(Duration(5.0)));
+        assert_eq!(r.flow_shift, Some(FlowShift(3.0)));
+        assert_eq!(r.loras, Some(NoLoras));
+        assert_eq!(r.enable_safety_checker, Some(Flag(true)));
+        assert_eq!(
+            serde_json::to_value(r.echo()).unwrap(),
+            json!({"size": "832*480", "duration": 5.0, "flow_shift": 3.0, "loras": [],
+                "enable_safety_checker": true})
+        );
+        let x = parse(json!({"size": "960x544"})).unwrap();
+        assert_eq!(
+            x.size.as_ref().map(|s| (s.width, s.height)),
+            Some((960, 544))
+        );
+        assert_eq!(serde_json::to_value(x.echo()).unwrap()["size"], "960x544");
+        for (body, want) in [
+            (
+                json!({"size": "832 * 480"}),
+                "size: must be \"WIDTH*HEIGHT\" in pixels (e.g. \"832*480\"), got \"832 * 480\"",
+            ),
+            (
+                json!({"size": format!("{}96*64", "0".repeat(40))}),
+                "size: must be \"WIDTH*HEIGHT\" in pixels (e.g. \"832*480\"), at most 32 bytes",
+            ),
+            (
+                json!({"duration": 1e6}),
+                "duration: must be a number above 0 and at most 257, got 1000000",
+            ),
+            (
+                json!({"loras": [[]]}),
+                "loras: LoRAs are not supported yet: send an empty list or leave loras out",
+            ),
+        ] {
+            assert_eq!(parse(body.clone()).unwrap_err(), want, "{body}");
+        }
+        // any positive shift is within the rule
+        assert_eq!(
+            parse(json!({"flow_shift": 1e-9})).unwrap().flow_shift,
+            Some(FlowShift(1e-9))
+        );
+    }
+
+    #[test]
     fn the_schema_states_the_limits() {
         let s = serde_json::to_value(SubmitRequest::schema()).unwrap();
         let text = s.to_string();
@@ -641,6 +875,16 @@ mod tests {
             "\"maxLength\":8192",
             "\"maximum\":2147483647",
             "16:9",
+            // WaveSpeed's video fields, with their rules
+            "\"size\"",
+            "832*480",
+            "\"duration\"",
+            "\"flow_shift\"",
+            "\"exclusiveMinimum\":0",
+            "\"maximum\":20",
+            "\"loras\"",
+            "\"maxItems\":0",
+            "\"enable_safety_checker\"",
         ] {
             assert!(text.contains(want), "{want} missing in {text}");
         }

@@ -36,6 +36,8 @@ pub struct GenerationRequest {
     pub seed: u64,
     pub fps: f64,
     pub cache: skyreels_params::CacheSpec,
+    /// The flow-matching shift; None: the model's scheduler config.
+    pub flow_shift: Option<f64>,
 }
 
 impl GenerationRequest {
@@ -88,6 +90,9 @@ impl GenerationRequest {
             if !range.contains(v) {
                 return Err(field(name, range.rule()));
             }
+        }
+        if self.flow_shift.is_some_and(|s| !p::FLOW_SHIFT.contains(s)) {
+            return Err(field("flow_shift", p::FLOW_SHIFT.rule()));
         }
         if self.seed > p::SEED.max as u64 {
             return Err(field("seed", p::SEED.rule()));

@@ -149,6 +149,10 @@ pub struct JobRecord {
     pub outputs: Vec<String>,
     pub base64_output: bool,
     pub webhook: Option<String>,
+    /// Frames of the video (`num_frames`, or what `duration` made); None in records of older
+    /// versions.
+    #[serde(default)]
+    pub num_frames: Option<usize>,
     /// Denoising steps done, of `total`.
     pub step: usize,
     pub total_steps: usize,
@@ -201,6 +205,7 @@ impl JobRecord {
             outputs: vec![],
             base64_output: false,
             webhook: None,
+            num_frames: None,
             step: 0,
             total_steps,
             timings: vec![],

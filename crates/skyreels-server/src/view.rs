@@ -42,6 +42,7 @@ pub async fn prediction(
         execution_time: r.execution_ms(),
         timings,
         input: r.input.clone(),
+        num_frames: r.num_frames,
         progress: Progress {
             step: r.step,
             total: r.total_steps,

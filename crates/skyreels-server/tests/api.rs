@@ -665,6 +665,212 @@ async fn sizes_seeds_and_options_reach_the_generator() {
     assert_eq!((seen[2].width, seen[2].height), (32, 48));
 }
 
+/// What WaveSpeed's video clients send (the MCP server's generate_video: size, duration,
+/// flow_shift, loras [], enable_safety_checker) is honoured: the generator gets the size, the
+/// 4k+1 frames nearest to duration x fps and the shift; the prediction echoes the request and
+/// shows the frames used.
+#[tokio::test(flavor = "multi_thread")]
+async fn wavespeed_video_fields_map_onto_the_task() {
+    let h = start(|_| {}).await;
+    let img = png_data_uri(40, 30);
+    let mcp = json!({"prompt": "FPS-24, a cat", "image": img, "negative_prompt": "", "loras": [],
+        "size": "64*48", "num_inference_steps": 2, "duration": 5, "guidance_scale": 5, "flow_shift": 3,
+        "seed": -1, "enable_safety_checker": true});
+    let (s, v) = h.submit(mcp).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let d = h
+        .wait(v["data"]["id"].as_str().unwrap(), &["completed"])
+        .await;
+    let input = &d["input"];
+    assert_eq!(
+        (
+            &input["size"],
+            &input["loras"],
+            &input["enable_safety_checker"]
+        ),
+        (&json!("64*48"), &json!([]), &json!(true)),
+        "{d}"
+    );
+    assert_eq!(
+        (input["duration"].as_f64(), input["flow_shift"].as_f64()),
+        (Some(5.0), Some(3.0)),
+        "{d}"
+    );
+    // what was asked is echoed; the frames used are the record's
+    assert!(input.get("num_frames").is_none(), "{d}");
+    assert_eq!(d["num_frames"], 121, "{d}");
+    let cases = [
+        // (body fields, (width, height, frames, flow_shift))
+        (json!({"size": "32x16"}), (32, 16, 9, None)),
+        (
+            json!({"size": "32*48", "width": 32, "height": 48}),
+            (32, 48, 9, None),
+        ),
+        (json!({"size": "32*48", "height": 48}), (32, 48, 9, None)),
+        (json!({"duration": 0.3}), (96, 64, 9, None)), // 7.2 -> 9
+        (json!({"duration": 0.3, "fps": 12}), (96, 64, 5, None)), // 3.6 -> 5
+        (json!({"duration": 5.125}), (96, 64, 125, None)), // 123: the tie goes up
+        (json!({"duration": 0.125}), (96, 64, 5, None)), // 3: the tie goes up
+        (json!({"duration": 0.01}), (96, 64, 1, None)), // 0.24 -> the first frame
+        (
+            json!({"duration": 10, "num_frames": 241}),
+            (96, 64, 241, None),
+        ),
+        (json!({"flow_shift": 20}), (96, 64, 9, Some(20.0))),
+        (json!({"flow_shift": 0.5}), (96, 64, 9, Some(0.5))),
+        (
+            json!({"loras": [], "enable_safety_checker": false}),
+            (96, 64, 9, None),
+        ),
+    ];
+    for (i, (fields, want)) in cases.iter().enumerate() {
+        let mut b = body("p");
+        b.as_object_mut()
+            .unwrap()
+            .extend(fields.as_object().unwrap().clone());
+        let (s, v) = h.submit(b).await;
+        assert_eq!(s, StatusCode::OK, "{fields}: {v}");
+        let d = h
+            .wait(v["data"]["id"].as_str().unwrap(), &["completed"])
+            .await;
+        let r = h.seen.lock().unwrap()[i + 1].clone();
+        assert_eq!(
+            (r.width, r.height, r.num_frames, r.flow_shift),
+            *want,
+            "{fields}"
+        );
+        assert_eq!(d["num_frames"], want.2, "{fields}: {d}");
+    }
+    let first = h.seen.lock().unwrap()[0].clone();
+    assert_eq!(
+        (first.width, first.height, first.num_frames, first.steps),
+        (64, 48, 121, 2)
+    );
+    assert_eq!((first.flow_shift, first.guidance_scale), (Some(3.0), 5.0));
+    assert_eq!(first.image.as_ref().unwrap().dimensions(), (64, 48));
+}
+
+/// Each rule of the WaveSpeed fields, with the whole message: a field's own rule, and a
+/// conflict names both fields.
+#[tokio::test(flavor = "multi_thread")]
+async fn wavespeed_video_fields_are_checked() {
+    let h = start(|c| c.max_work = 1.0).await;
+    let cases = [
+        (
+            json!({"size": "100*64"}),
+            "size: the width must be a multiple of 16, got 100",
+        ),
+        (
+            json!({"size": "96*8"}),
+            "size: the height must be an integer from 16 to 4096",
+        ),
+        (
+            json!({"size": "4112*64"}),
+            "size: the width must be an integer from 16 to 4096",
+        ),
+        (
+            json!({"size": "96-64"}),
+            "size: must be \"WIDTH*HEIGHT\" in pixels (e.g. \"832*480\"), got \"96-64\"",
+        ),
+        (
+            json!({"size": "96*"}),
+            "size: must be \"WIDTH*HEIGHT\" in pixels (e.g. \"832*480\"), got \"96*\"",
+        ),
+        (
+            json!({"size": "+96*64"}),
+            "size: must be \"WIDTH*HEIGHT\" in pixels (e.g. \"832*480\"), got \"+96*64\"",
+        ),
+        (
+            json!({"size": "99999999999999999999999*64"}),
+            "size: must be \"WIDTH*HEIGHT\" in pixels (e.g. \"832*480\"), got \"99999999999999999999999*64\"",
+        ),
+        (
+            json!({"size": 96}),
+            "size: invalid type: integer `96`, expected a string \"WIDTH*HEIGHT\" (e.g. \"832*480\")",
+        ),
+        (
+            json!({"size": "96*64", "width": 128, "height": 64}),
+            "size: \"96*64\" has width 96, but width is 128: give size or width and height, or the same values",
+        ),
+        (
+            json!({"size": "96*64", "height": 48}),
+            "size: \"96*64\" has height 64, but height is 48: give size or width and height, or the same values",
+        ),
+        (
+            json!({"duration": 0}),
+            "duration: must be a number above 0 and at most 257, got 0",
+        ),
+        (
+            json!({"duration": -5}),
+            "duration: must be a number above 0 and at most 257, got -5",
+        ),
+        (
+            json!({"duration": 300}),
+            "duration: must be a number above 0 and at most 257, got 300",
+        ),
+        (
+            json!({"duration": "5"}),
+            "duration: invalid type: string \"5\", expected a number above 0 and at most 257",
+        ),
+        (
+            json!({"duration": 20}),
+            "duration: 20 s at 24 fps is 481 frames; frames must be an integer from 1 to 257",
+        ),
+        (
+            json!({"duration": 5, "fps": 60}),
+            "duration: 5 s at 60 fps is 301 frames; frames must be an integer from 1 to 257",
+        ),
+        (
+            json!({"duration": 5, "num_frames": 97}),
+            "duration: 5 s at 24 fps is 121 frames, but num_frames is 97: give duration or num_frames, or agreeing values",
+        ),
+        (
+            json!({"flow_shift": 0}),
+            "flow_shift: must be a number above 0 and at most 20, got 0",
+        ),
+        (
+            json!({"flow_shift": 20.5}),
+            "flow_shift: must be a number above 0 and at most 20, got 20.5",
+        ),
+        (
+            json!({"flow_shift": -3}),
+            "flow_shift: must be a number above 0 and at most 20, got -3",
+        ),
+        (
+            json!({"flow_shift": "3"}),
+            "flow_shift: invalid type: string \"3\", expected a number above 0 and at most 20",
+        ),
+        (
+            json!({"loras": [{"path": "Remade-AI/Deflate", "scale": 1.0}]}),
+            "loras: LoRAs are not supported yet: send an empty list or leave loras out",
+        ),
+        (
+            json!({"loras": "Remade-AI/Deflate"}),
+            "loras: invalid type: string \"Remade-AI/Deflate\", expected a list (empty: LoRAs are not supported yet)",
+        ),
+        (
+            json!({"enable_safety_checker": "true"}),
+            "enable_safety_checker: invalid type: string \"true\", expected true or false",
+        ),
+        // the cost limit counts the frames duration makes (96 x 64 x 121 x 4 = 3.0 million)
+        (
+            json!({"size": "96*64", "duration": 5}),
+            "num_inference_steps: the task is too large: 96x64 pixels x 121 frames x 4 steps is 3 million; this server's limit (--max-work) is 1 million",
+        ),
+    ];
+    for (fields, want) in cases {
+        let mut b = body("p");
+        b.as_object_mut()
+            .unwrap()
+            .extend(fields.as_object().unwrap().clone());
+        let (s, v) = h.submit(b).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{fields}: {v}");
+        assert_eq!(v["message"], want, "{fields}");
+        assert!(v["data"].is_null());
+    }
+    assert!(h.seen.lock().unwrap().is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn validation_names_the_field() {
     let h = start(|_| {}).await;
@@ -2725,6 +2931,7 @@ async fn redis_engine_guards() {
         seed: 1,
         fps: 24.0,
         cache: CacheSpec::None,
+        flow_shift: None,
     };
     c.enqueue(&fresh.id, request.clone(), None).await;
     c.enqueue(&fresh.id, request.clone(), None).await;

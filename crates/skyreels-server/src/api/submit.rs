@@ -5,7 +5,8 @@ use super::body::read_json;
 use super::error::{success, ApiError, ApiResult};
 use super::predictions::{prediction, task_gone};
 use crate::contract::{
-    AspectRatio, Envelope, ErrorEnvelope, Prediction, SubmitRequest, MAX_URL_BYTES,
+    AspectRatio, Duration, Envelope, ErrorEnvelope, NumFrames, Prediction, Side, Size,
+    SubmitRequest, MAX_URL_BYTES,
 };
 use crate::generator::{GenerationRequest, ModelInfo};
 use crate::job::{JobRecord, Status, TaskCode};
@@ -40,10 +41,13 @@ struct Checked {
     portrait: Option<bool>,
     webhook: Option<String>,
     cache: params::CacheSpec,
+    /// None: the model's scheduler config.
+    flow_shift: Option<f64>,
 }
 
 /// The rules no single field carries: required fields, the model's mode and size multiple,
-/// 4k+1 frames, sizes given together, the cost limit.
+/// 4k+1 frames, sizes given together, `size` and `duration` against the fields they stand for,
+/// the cost limit.
 fn check(
     r: SubmitRequest,
     query_webhook: Option<String>,
@@ -77,24 +81,9 @@ fn check(
         }
         _ => {}
     }
-    let m = model.size_multiple;
-    for (name, v) in [("height", r.height), ("width", r.width)] {
-        if let Some(v) = v {
-            params::check_side(v.0, m).map_err(|rule| ApiError::bad(name, rule))?;
-        }
-    }
-    let size = match (r.height, r.width) {
-        (Some(h), Some(w)) => Some((h.0, w.0)),
-        (None, None) => None,
-        (h, _) => {
-            return Err(ApiError::bad(
-                if h.is_none() { "height" } else { "width" },
-                "give width and height together",
-            ))
-        }
-    };
-    let num_frames = r.num_frames.map_or(model.defaults.num_frames, |n| n.0);
-    params::check_frames(num_frames).map_err(|rule| ApiError::bad("num_frames", rule))?;
+    let size = requested_size(r.size.as_ref(), r.height, r.width, model.size_multiple)?;
+    let fps = r.fps.map_or(params::FPS, |f| f.0);
+    let num_frames = requested_frames(r.duration, r.num_frames, fps, model.defaults.num_frames)?;
     let steps = r
         .num_inference_steps
         .map_or(model.defaults.num_inference_steps, |s| s.0);
@@ -134,12 +123,83 @@ fn check(
             .embedded_guidance_scale
             .map_or(params::EMBEDDED_GUIDANCE_SCALE, |g| g.0),
         num_frames,
-        fps: r.fps.map_or(params::FPS, |f| f.0),
+        fps,
         size,
         portrait: r.aspect_ratio.map(|a| a == AspectRatio::Portrait),
         webhook,
         cache: r.cache.map_or(config.cache, |c| c.0),
+        flow_shift: r.flow_shift.map(|f| f.0),
     })
+}
+
+/// (height, width) when the request fixes it: `width` and `height` together, or `size` (the same
+/// rules; with a `width` or `height` that differs, a 400 naming both).
+fn requested_size(
+    size: Option<&Size>,
+    height: Option<Side>,
+    width: Option<Side>,
+    multiple: usize,
+) -> Result<Option<(usize, usize)>, ApiError> {
+    for (name, v) in [("height", height), ("width", width)] {
+        if let Some(v) = v {
+            params::check_side(v.0, multiple).map_err(|rule| ApiError::bad(name, rule))?;
+        }
+    }
+    match (size, height, width) {
+        (Some(s), height, width) => {
+            for (name, v, given) in [("width", s.width, width), ("height", s.height, height)] {
+                params::check_side(v, multiple)
+                    .map_err(|rule| ApiError::bad("size", format!("the {name} {rule}")))?;
+                if let Some(g) = given.filter(|g| g.0 != v) {
+                    return Err(ApiError::bad(
+                        "size",
+                        format!(
+                            "{:?} has {name} {v}, but {name} is {}: give size or width and \
+                             height, or the same values",
+                            s.as_str(),
+                            g.0
+                        ),
+                    ));
+                }
+            }
+            Ok(Some((s.height, s.width)))
+        }
+        (None, Some(h), Some(w)) => Ok(Some((h.0, w.0))),
+        (None, None, None) => Ok(None),
+        (None, h, _) => Err(ApiError::bad(
+            if h.is_none() { "height" } else { "width" },
+            "give width and height together",
+        )),
+    }
+}
+
+/// The frame count: `num_frames`, or the 4k+1 nearest to `duration` x `fps` (with a
+/// `num_frames` that differs, a 400 naming both), or the model's default.
+fn requested_frames(
+    duration: Option<Duration>,
+    num_frames: Option<NumFrames>,
+    fps: f64,
+    default: usize,
+) -> Result<usize, ApiError> {
+    let Some(d) = duration else {
+        let n = num_frames.map_or(default, |n| n.0);
+        params::check_frames(n).map_err(|rule| ApiError::bad("num_frames", rule))?;
+        return Ok(n);
+    };
+    let frames = params::frames_for_duration(d.0, fps);
+    let made = format!("{} s at {fps} fps is {frames} frames", d.0);
+    params::check_frames(frames)
+        .map_err(|rule| ApiError::bad("duration", format!("{made}; frames {rule}")))?;
+    match num_frames {
+        Some(n) if n.0 != frames => Err(ApiError::bad(
+            "duration",
+            format!(
+                "{made}, but num_frames is {}: give duration or num_frames, or agreeing values",
+                n.0
+            ),
+        )),
+        _ => Ok(frames),
+    }
 }
 
 /// An http(s) URL of at most [`MAX_URL_BYTES`]; a literal internal address is refused here
@@ -259,6 +319,7 @@ pub async fn submit(
     let record = JobRecord {
         base64_output: c.base64,
         webhook: c.webhook.clone(),
+        num_frames: Some(c.num_frames),
         ..JobRecord::created(
             &model.id,
             input,
@@ -353,6 +414,7 @@ async fn prepare(
         seed: c.seed,
         fps: c.fps,
         cache: c.cache,
+        flow_shift: c.flow_shift,
     };
     state.jobs.enqueue(&id, request, bytes).await;
 }

@@ -215,6 +215,8 @@ struct QueuedRequest {
     seed: u64,
     fps: f64,
     cache: String,
+    #[serde(default)]
+    flow_shift: Option<f64>,
 }
 
 /// The request as JSON (its image, if any, travels as the source bytes beside it).
@@ -233,6 +235,7 @@ pub(crate) fn encode_request(r: &GenerationRequest, has_image: bool) -> Vec<u8> 
         seed: r.seed,
         fps: r.fps,
         cache: r.cache.to_string(),
+        flow_shift: r.flow_shift,
     };
     serde_json::to_vec(&q).expect("plain fields serialize")
 }
@@ -272,6 +275,7 @@ pub(crate) fn decode_request(json: &[u8], source: &[u8]) -> Result<GenerationReq
         seed: q.seed,
         fps: q.fps,
         cache: q.cache.parse().map_err(BadInput::Corrupt)?,
+        flow_shift: q.flow_shift,
     })
 }
 
@@ -1159,6 +1163,7 @@ mod tests {
             seed: 2_147_483_647,
             fps: 24.0,
             cache: skyreels_params::CacheSpec::TeaCache(0.1),
+            flow_shift: Some(3.5),
         };
         let json = encode_request(&r, true);
         let back = decode_request(&json, &png).unwrap();
@@ -1172,9 +1177,10 @@ mod tests {
                 back.prompt.as_str(),
                 back.seed,
                 back.cache,
-                back.guidance_scale
+                back.guidance_scale,
+                back.flow_shift
             ),
-            ("a cat", r.seed, r.cache, 6.5)
+            ("a cat", r.seed, r.cache, 6.5, Some(3.5))
         );
         assert!(matches!(
             decode_request(&json, &png[..png.len() / 2]),
