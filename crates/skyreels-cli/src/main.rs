@@ -229,12 +229,12 @@ struct GenerateArgs {
     /// What to avoid (used with true CFG) [default: SkyReels' negative prompt].
     #[arg(long)]
     negative_prompt: Option<String>,
-    /// Frame height in pixels, a multiple of 16 up to 4096 [default: 544, or 960 for a
-    /// portrait image].
+    /// Frame height in pixels, a multiple of 16 up to 4096 (an MP4 at most 2160, or 3840 for a
+    /// portrait clip: the H.264 encoder's limit) [default: 544, or 960 for a portrait image].
     #[arg(long)]
     height: Option<usize>,
-    /// Frame width in pixels, a multiple of 16 up to 4096 [default: 960, or 544 for a portrait
-    /// image].
+    /// Frame width in pixels, a multiple of 16 up to 4096 (an MP4 at most 3840, or 2160 for a
+    /// portrait clip: the H.264 encoder's limit) [default: 960, or 544 for a portrait image].
     #[arg(long)]
     width: Option<usize>,
     /// Number of frames, 4k+1 up to 257 [default: 97].
@@ -523,11 +523,15 @@ fn check_limits(p: &GenerateParams, fps: f64, output: &Path) -> Result<()> {
             return Err(rule(flag, format!("{}, got {v}", range.rule())));
         }
     }
-    if OutputKind::of(output) == OutputKind::Mp4 && !params::FPS_RANGE.contains(fps) {
-        return Err(rule(
-            "--fps",
-            format!("{}, got {fps}", params::FPS_RANGE.rule()),
-        ));
+    if OutputKind::of(output) == OutputKind::Mp4 {
+        if !params::FPS_RANGE.contains(fps) {
+            return Err(rule(
+                "--fps",
+                format!("{}, got {fps}", params::FPS_RANGE.rule()),
+            ));
+        }
+        params::check_encodable(p.height, p.width)
+            .map_err(|(side, r)| rule(&format!("--{side}"), r))?;
     }
     Ok(())
 }
