@@ -467,6 +467,10 @@ fn generate(args: GenerateArgs) -> Result<()> {
         params::check_side(v, pipeline.size_multiple())
             .map_err(|rule| anyhow::anyhow!("{flag} {rule}"))?;
     }
+    if OutputKind::of(&args.output) == OutputKind::Mp4 {
+        params::check_encodable(p.height, p.width)
+            .map_err(|(side, rule)| anyhow::anyhow!("--{side} {rule}"))?;
+    }
     pipeline.validate(&p)?;
     eprintln!(
         "generating {} frames of {}x{} in {} steps",
@@ -523,15 +527,11 @@ fn check_limits(p: &GenerateParams, fps: f64, output: &Path) -> Result<()> {
             return Err(rule(flag, format!("{}, got {v}", range.rule())));
         }
     }
-    if OutputKind::of(output) == OutputKind::Mp4 {
-        if !params::FPS_RANGE.contains(fps) {
-            return Err(rule(
-                "--fps",
-                format!("{}, got {fps}", params::FPS_RANGE.rule()),
-            ));
-        }
-        params::check_encodable(p.height, p.width)
-            .map_err(|(side, r)| rule(&format!("--{side}"), r))?;
+    if OutputKind::of(output) == OutputKind::Mp4 && !params::FPS_RANGE.contains(fps) {
+        return Err(rule(
+            "--fps",
+            format!("{}, got {fps}", params::FPS_RANGE.rule()),
+        ));
     }
     Ok(())
 }
