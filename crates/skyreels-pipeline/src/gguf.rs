@@ -363,9 +363,12 @@ impl Gguf {
 pub(crate) mod tests {
     use super::*;
 
-    /// A GGUF v3 file (architecture "hyvid") of F32 tensors: (name, shape outermost first,
-    /// bytes of data to reserve), each at the next 32-byte aligned offset.
-    pub(crate) fn gguf_bytes(tensors: &[(&str, &[u64], usize)]) -> Vec<u8> {
+    /// A tensor of a test table: name, shape outermost first, bytes of data to reserve.
+    pub(crate) type Entry<'a> = (&'a str, &'a [u64], usize);
+
+    /// A GGUF v3 file (architecture "hyvid") of F32 tensors, each at the next 32-byte aligned
+    /// offset.
+    pub(crate) fn gguf_bytes(tensors: &[Entry]) -> Vec<u8> {
         fn string(b: &mut Vec<u8>, s: &str) {
             b.extend((s.len() as u64).to_le_bytes());
             b.extend(s.as_bytes());
@@ -393,7 +396,7 @@ pub(crate) mod tests {
         b
     }
 
-    fn open(tensors: &[(&str, &[u64], usize)]) -> Result<Gguf, String> {
+    fn open(tensors: &[Entry]) -> Result<Gguf, String> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.gguf");
         std::fs::write(&path, gguf_bytes(tensors)).unwrap();
@@ -410,7 +413,7 @@ pub(crate) mod tests {
 
     #[test]
     fn hostile_tables_are_errors_not_panics() {
-        let cases: [(&[(&str, &[u64], usize)], &str); 5] = [
+        let cases: [(&[Entry], &str); 5] = [
             (
                 &[("a", &[4], 16), ("a", &[4], 16)],
                 "tensor a appears twice",
