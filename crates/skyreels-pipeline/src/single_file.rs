@@ -234,16 +234,6 @@ impl SingleFile {
             layout: KeyLayout::Diffusers,
         };
         let keys = file.source_keys();
-        // no HunyuanVideo tensor is empty, and an empty one trips the quantizers
-        if let Some(k) = keys
-            .iter()
-            .find(|k| file.source_shape(k).is_some_and(|s| s.contains(&0)))
-        {
-            return Err(corrupt(format!(
-                "tensor {k} has no elements ({:?})",
-                file.source_shape(k).unwrap_or_default()
-            )));
-        }
         let strip = !keys.is_empty() && keys.iter().all(|k| k.starts_with(COMFY_PREFIX));
         let model_key = |k: &str| -> String {
             if strip {
@@ -254,6 +244,19 @@ impl SingleFile {
         };
         let names: HashMap<String, String> =
             keys.iter().map(|k| (model_key(k), k.clone())).collect();
+        // no HunyuanVideo tensor is empty (only ComfyUI's `scaled_fp8` marker), and an empty
+        // one trips the quantizers
+        if let Some(k) = names
+            .iter()
+            .filter(|(key, _)| !is_scale_key(key))
+            .map(|(_, source)| source)
+            .find(|k| file.source_shape(k).is_some_and(|s| s.contains(&0)))
+        {
+            return Err(corrupt(format!(
+                "tensor {k} has no elements ({:?})",
+                file.source_shape(k).unwrap_or_default()
+            )));
+        }
         file.layout = if names.contains_key("img_in.proj.weight") {
             KeyLayout::Original
         } else if names.contains_key("x_embedder.proj.weight") {
