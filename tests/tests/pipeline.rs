@@ -5,7 +5,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
-use skyreels_pipeline::export::{write_output, Frames8};
+use skyreels_pipeline::export::{frame_rgb8, write_output};
 use skyreels_pipeline::generate::{
     CacheSpec, GenerateError, GenerateParams, ModelPaths, Offload, Pipeline,
     DEFAULT_NEGATIVE_PROMPT,
@@ -351,6 +351,85 @@ fn same_seed_same_frames_other_seed_other_frames() {
     assert!(max_abs(&a, &c) > 1e-3);
 }
 
+/// Issue 26, item 11: past the denoising, a cancel is asked for before every VAE tile and once
+/// the frames are decoded (the export comes next), and lands at the first no; the steps are
+/// reported as before.
+#[test]
+fn cancels_land_between_vae_tiles_and_before_the_export() {
+    let pipe = pipeline(None);
+    let (io, req) = case("i2v_embedded");
+    // 17 frames: two temporal VAE tiles
+    let p = GenerateParams {
+        num_frames: 17,
+        steps: 1,
+        noise: None,
+        ..params(&io, &req)
+    };
+    let mut steps = Vec::new();
+    let mut asked = 0;
+    pipe.generate_with(
+        &p,
+        &mut |done, total| {
+            steps.push((done, total));
+            true
+        },
+        &mut || {
+            asked += 1;
+            true
+        },
+    )
+    .unwrap();
+    assert_eq!(steps, vec![(1, 1)]);
+    // two tiles and the end of the decode
+    assert_eq!(asked, 3);
+    for stop_at in 1..=asked {
+        let mut n = 0;
+        let e = pipe
+            .generate_with(&p, &mut |_, _| true, &mut || {
+                n += 1;
+                n < stop_at
+            })
+            .unwrap_err();
+        assert!(matches!(e, GenerateError::Cancelled), "{e}");
+        assert_eq!(n, stop_at);
+    }
+}
+
+/// Issue 26, item 3: a pipeline with a pixel-frame limit refuses a larger clip before running it
+/// (the worker's re-check; the server refuses it at submit); the estimate behind the default
+/// limit grows with the clip and fits what it allows.
+#[test]
+fn clips_beyond_the_pixel_frame_limit_are_refused_before_they_run() {
+    let mut pipe = pipeline(None);
+    let (io, req) = case("i2v_embedded");
+    let p = GenerateParams {
+        steps: 1,
+        noise: None,
+        ..params(&io, &req)
+    };
+    let n = (p.height * p.width * p.num_frames) as u64;
+    pipe.set_max_pixel_frames(Some(n - 1));
+    let mut ran = false;
+    let e = pipe
+        .generate(&p, &mut |_, _| {
+            ran = true;
+            true
+        })
+        .unwrap_err();
+    assert!(!ran);
+    assert!(matches!(e, GenerateError::Invalid(_)), "{e}");
+    assert!(e.to_string().contains("(--max-pixel-frames) is"), "{e}");
+    pipe.set_max_pixel_frames(Some(n));
+    pipe.generate(&p, &mut |_, _| true).unwrap();
+    let small = pipe.estimate_clip_bytes(64, 96, 9);
+    assert!(pipe.estimate_clip_bytes(512, 512, 65) > small);
+    let free = 8 * small;
+    let fits = pipe.pixel_frames_fitting(free);
+    assert!(fits > 0);
+    assert!(pipe.estimate_clip_bytes(1, 1, fits as usize) <= free / 4 * 3);
+    assert_eq!(pipe.pixel_frames_fitting(0), 0);
+}
+
 type Edit = dyn Fn(&mut GenerateParams);
 
 #[test]
@@ -481,11 +560,10 @@ fn mp4_decodes_back_to_the_frames() {
     assert_eq!((w, h), (96, 64));
     assert!((fps - 24.0).abs() < 1e-6, "fps {fps}");
     assert_eq!(decoded.len(), 17);
-    let src = Frames8::from_tensor(&frames).unwrap();
     for (i, rgb) in decoded.iter().enumerate() {
         let mean_err = rgb
             .iter()
-            .zip(src.frame(i))
+            .zip(&frame_rgb8(&frames, i).unwrap())
             .map(|(a, b)| (*a as f64 - *b as f64).abs())
             .sum::<f64>()
             / rgb.len() as f64;
@@ -503,10 +581,7 @@ fn png_and_safetensors_outputs() {
     let png = image::open(dir.path().join("pngs/frame_00002.png"))
         .unwrap()
         .to_rgb8();
-    assert_eq!(
-        png.as_raw(),
-        Frames8::from_tensor(&frames).unwrap().frame(2)
-    );
+    assert_eq!(png.as_raw(), &frame_rgb8(&frames, 2).unwrap());
     let st = dir.path().join("f.safetensors");
     write_output(&st, &frames, 24.0, None).unwrap();
     assert_eq!(max_abs(&load_tensors(&st)["frames"], &frames), 0.0);

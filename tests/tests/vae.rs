@@ -5,7 +5,7 @@
 use candle_core::{DType, Device, Tensor};
 use skyreels_models::{AutoencoderKLHunyuanVideo, Tiling};
 use skyreels_pipeline::load_vae;
-use skyreels_tests::{fixture, fixture_tiling, load_tensors, rel_l2};
+use skyreels_tests::{fixture, fixture_tiling, load_tensors, max_abs, rel_l2};
 use std::collections::HashMap;
 
 /// Relative L2 bound for f32 parity. Same math as the reference; only the rounding differs
@@ -93,4 +93,38 @@ fn bad_sizes_are_clear_errors() {
         ..Tiling::default()
     };
     assert!(vae.set_tiling(bad).is_err());
+}
+
+/// A cancel lands within a tile: `decode_until` asks before every tile (temporal windows of
+/// spatial tiles here), decodes what `decode` does while the answer is yes, and stops at the
+/// first no without decoding another tile.
+#[test]
+fn decode_asks_before_every_tile_and_stops_at_a_no() {
+    let mut c = case("tiny_a");
+    c.tiling("dec_ts");
+    let z = c.data["dec_ts.input"].clone();
+    let want = c.vae.decode(&z).unwrap();
+    let mut asked = 0;
+    let got = c
+        .vae
+        .decode_until(&z, &mut || {
+            asked += 1;
+            true
+        })
+        .unwrap()
+        .unwrap();
+    assert_eq!(max_abs(&got, &want), 0.0);
+    assert!(asked > 2, "asked {asked} times");
+    for stop_at in [1, 2, asked] {
+        let mut n = 0;
+        let stopped = c
+            .vae
+            .decode_until(&z, &mut || {
+                n += 1;
+                n < stop_at
+            })
+            .unwrap();
+        assert!(stopped.is_none(), "stop at {stop_at}");
+        assert_eq!(n, stop_at);
+    }
 }

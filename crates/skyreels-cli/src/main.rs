@@ -229,12 +229,12 @@ struct GenerateArgs {
     /// What to avoid (used with true CFG) [default: SkyReels' negative prompt].
     #[arg(long)]
     negative_prompt: Option<String>,
-    /// Frame height in pixels, a multiple of 16 up to 4096 [default: 544, or 960 for a
-    /// portrait image].
+    /// Frame height in pixels, a multiple of 16 up to 4096 (an MP4 at most 2160, or 3840 for a
+    /// portrait clip: the H.264 encoder's limit) [default: 544, or 960 for a portrait image].
     #[arg(long)]
     height: Option<usize>,
-    /// Frame width in pixels, a multiple of 16 up to 4096 [default: 960, or 544 for a portrait
-    /// image].
+    /// Frame width in pixels, a multiple of 16 up to 4096 (an MP4 at most 3840, or 2160 for a
+    /// portrait clip: the H.264 encoder's limit) [default: 960, or 544 for a portrait image].
     #[arg(long)]
     width: Option<usize>,
     /// Number of frames, 4k+1 up to 257 [default: 97].
@@ -471,6 +471,10 @@ fn generate(args: GenerateArgs) -> Result<()> {
     for (flag, v) in [("--height", p.height), ("--width", p.width)] {
         params::check_side(v, pipeline.size_multiple())
             .map_err(|rule| anyhow::anyhow!("{flag} {rule}"))?;
+    }
+    if OutputKind::of(&args.output) == OutputKind::Mp4 {
+        params::check_encodable(p.height, p.width)
+            .map_err(|(side, rule)| anyhow::anyhow!("--{side} {rule}"))?;
     }
     pipeline.validate(&p)?;
     eprintln!(

@@ -1,10 +1,12 @@
 //! `skyreels serve`: the HTTP server backed by the real pipeline.
 
-use crate::{devices, load_pipeline, model_paths, worker_groups, ModelArgs};
+use crate::devices::{self, DeviceSpec};
+use crate::{load_pipeline, model_paths, worker_groups, ModelArgs};
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use skyreels_pipeline::export::write_output;
 use skyreels_pipeline::generate::{GenerateError, GenerateParams, ModelPaths, Pipeline};
+use skyreels_pipeline::runtime::{free_memory, gib};
 use skyreels_server::cluster::{ClusterConfig, OutputStore};
 use skyreels_server::generator::{
     GenerateFailure, Generated, GenerationRequest, Generator, GeneratorLoader, ModelInfo,
@@ -106,6 +108,15 @@ pub struct NodeArgs {
     /// and a worker refuses a queued task above its own limit.
     #[arg(long, env = "SKYREELS_MAX_WORK", default_value_t = 3000.0)]
     max_work: f64,
+    /// Largest clip a worker takes, as width x height x frames (pixel-frames: the memory a task
+    /// needs follows it, whatever its steps); larger submits get a 400 that says so, and a
+    /// worker fails a larger task (1401) instead of running out of memory. [default: sized to
+    /// each worker's device once the model is loaded: the clip whose estimated activations
+    /// fit in 3/4 of the memory then free (GPU memory on CUDA; on the CPU the host's available
+    /// memory, within the cgroup and `ulimit -v` limits, shared by the CPU workers); where that
+    /// is unknown, 50,657,280 = 960x544x97, SkyReels' default clip]
+    #[arg(long, env = "SKYREELS_MAX_PIXEL_FRAMES", value_name = "N")]
+    max_pixel_frames: Option<u64>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -213,7 +224,7 @@ pub struct WorkerArgs {
     metrics_host: String,
 }
 
-/// The pipeline behind the server's generator trait.
+/// The pipeline behind the server's generator trait (its `--max-pixel-frames` set).
 struct PipelineGenerator {
     pipeline: Pipeline,
 }
@@ -227,6 +238,11 @@ impl Generator for PipelineGenerator {
             image_to_video: i2v,
             defaults: d.clone(),
             size_multiple: self.pipeline.size_multiple(),
+            max_pixel_frames: self
+                .pipeline
+                .max_pixel_frames()
+                .unwrap_or(skyreels_params::FALLBACK_MAX_PIXEL_FRAMES),
+            ulysses: self.pipeline.ulysses(),
         }]
     }
 
@@ -251,9 +267,16 @@ impl Generator for PipelineGenerator {
             cache: req.cache,
             flow_shift: req.flow_shift,
         };
+        // asked again (with the last step's numbers) between VAE tiles and before the export
+        let progress = std::cell::RefCell::new(progress);
+        let steps = req.steps;
         let video = self
             .pipeline
-            .generate(&params, progress)
+            .generate_with(
+                &params,
+                &mut |done, total| (progress.borrow_mut())(done, total),
+                &mut || (progress.borrow_mut())(steps, steps),
+            )
             .map_err(|e| match e {
                 GenerateError::Cancelled => GenerateFailure::Cancelled,
                 GenerateError::Invalid(m) => GenerateFailure::InvalidInput(m),
@@ -341,6 +364,7 @@ fn node_config(node: NodeArgs) -> Result<ServerConfig> {
 }
 
 pub fn serve(args: ServeArgs) -> Result<()> {
+    let max_pixel_frames = args.node.max_pixel_frames;
     let mut config = node_config(args.node)?;
     if args.max_queue == 0 {
         anyhow::bail!("--max-queue must be at least 1");
@@ -390,13 +414,14 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         ),
         _ => {}
     }
-    let loaders = loaders(args.model, args.workers.unwrap_or(groups))?;
+    let loaders = loaders(args.model, args.workers.unwrap_or(groups), max_pixel_frames)?;
     run_node(config, loaders, (args.host, args.port))
 }
 
 /// `skyreels worker`: workers of a Redis deployment, no API (only /metrics with
 /// --metrics-port).
 pub fn worker(args: WorkerArgs) -> Result<()> {
+    let max_pixel_frames = args.node.max_pixel_frames;
     let mut config = node_config(args.node)?;
     if config.redis.is_none() {
         anyhow::bail!(
@@ -405,7 +430,7 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
         );
     }
     config.metrics_only = true;
-    let loaders = loaders(args.model, usize::MAX)?;
+    let loaders = loaders(args.model, usize::MAX, max_pixel_frames)?;
     match args.metrics_port {
         Some(port) => run_node(config, loaders, (args.metrics_host, port)),
         None => {
@@ -451,13 +476,27 @@ fn run_node(
     })
 }
 
-/// One generator loader per --device entry (or --parallel group), the first `count`.
-fn loaders(model: ModelArgs, count: usize) -> Result<Vec<GeneratorLoader>> {
+/// One generator loader per --device entry (or --parallel group), the first `count`, each
+/// refusing clips beyond `max_pixel_frames` (default: sized to its device, see
+/// [`pixel_frame_limit`]).
+fn loaders(
+    model: ModelArgs,
+    count: usize,
+    max_pixel_frames: Option<u64>,
+) -> Result<Vec<GeneratorLoader>> {
+    if max_pixel_frames == Some(0) {
+        anyhow::bail!("--max-pixel-frames must be at least 1");
+    }
     let model = Arc::new(model);
     // the model's files are resolved (downloaded) once, by the first worker to get there
     let paths: Arc<Mutex<Option<ModelPaths>>> = Arc::default();
     let mut loaders: Vec<GeneratorLoader> = Vec::new();
-    for group in worker_groups(&model)?.into_iter().take(count) {
+    let groups: Vec<_> = worker_groups(&model)?.into_iter().take(count).collect();
+    // the CPU workers share the host's memory
+    let is_cpu = |g: &[DeviceSpec]| matches!(g.first(), Some(DeviceSpec::Cpu(_)));
+    let cpu_workers = groups.iter().filter(|g| is_cpu(g)).count().max(1);
+    for group in groups {
+        let sharing = if is_cpu(&group) { cpu_workers } else { 1 };
         let names = group
             .iter()
             .map(|d| d.to_string())
@@ -477,10 +516,28 @@ fn loaders(model: ModelArgs, count: usize) -> Result<Vec<GeneratorLoader>> {
                 resolved.clone().expect("just resolved")
             };
             tracing::info!(device = %names, pipeline = %paths.pipeline.display(), transformer = %paths.transformer.display(), "loading the model");
-            let pipeline =
+            let mut pipeline =
                 load_pipeline(&model, paths, &devices).map_err(|e| format!("{names}: {e}"))?;
+            let limit = max_pixel_frames.unwrap_or_else(|| pixel_frame_limit(&pipeline, sharing));
+            pipeline.set_max_pixel_frames(Some(limit));
+            let d = &pipeline.paths().defaults;
+            tracing::info!(
+                device = %names,
+                max_pixel_frames = limit,
+                default_clip_gib = gib(pipeline.estimate_clip_bytes(d.height, d.width, d.num_frames)),
+                "largest clip taken (--max-pixel-frames)"
+            );
             Ok(Box::new(PipelineGenerator { pipeline }))
         }));
     }
     Ok(loaders)
+}
+
+/// The default `--max-pixel-frames` of a loaded pipeline: the clip that fits its device's free
+/// memory (shared by `sharing` workers), else [`skyreels_params::FALLBACK_MAX_PIXEL_FRAMES`].
+fn pixel_frame_limit(pipeline: &Pipeline, sharing: usize) -> u64 {
+    match free_memory(&pipeline.devices()[0]) {
+        Some(free) => pipeline.pixel_frames_fitting(free / sharing as u64).max(1),
+        None => skyreels_params::FALLBACK_MAX_PIXEL_FRAMES,
+    }
 }

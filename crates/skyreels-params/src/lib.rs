@@ -199,6 +199,129 @@ pub fn work_millions(height: usize, width: usize, num_frames: usize, steps: usiz
     (height as f64 * width as f64 * num_frames as f64 * steps as f64) / 1e6
 }
 
+/// The largest frame the MP4's H.264 encoder takes, longer side by shorter side: OpenH264 (the
+/// `openh264` crate 0.9.9) refuses frames beyond 3840x2160 landscape or 2160x3840 portrait
+/// (`Encoder::reinit`; OpenH264's own limit is level 5.2, 36,864 macroblocks a frame). A task
+/// larger than this would compute for minutes and then fail to write its video.
+pub const ENCODER_MAX_SIDES: (usize, usize) = (3840, 2160);
+
+/// Checks that the H.264 encoder takes frames of `height × width` (see [`ENCODER_MAX_SIDES`]);
+/// the error names the field to change ("width" or "height") and the rule.
+pub fn check_encodable(height: usize, width: usize) -> Result<(), (&'static str, String)> {
+    let (long, short) = ENCODER_MAX_SIDES;
+    let landscape = width >= height;
+    let (l, s) = if landscape {
+        (width, height)
+    } else {
+        (height, width)
+    };
+    if l <= long && s <= short {
+        return Ok(());
+    }
+    // the side to change: the longer one when it is over, else the shorter one
+    let field = if landscape == (l > long) {
+        "width"
+    } else {
+        "height"
+    };
+    Err((
+        field,
+        format!(
+            "the H.264 encoder takes frames of at most {long}x{short} (or {short}x{long} \
+             portrait); {width}x{height} cannot be written"
+        ),
+    ))
+}
+
+/// Pixel-frames of a clip: width × height × frames. The memory a task needs grows with it (the
+/// transformer's tokens, the decoded frames), whatever its step count.
+pub fn pixel_frames(height: usize, width: usize, num_frames: usize) -> u64 {
+    height as u64 * width as u64 * num_frames as u64
+}
+
+/// The limit on pixel-frames when a device's memory is unknown: SkyReels' default clip, 960x544
+/// and 97 frames.
+pub const FALLBACK_MAX_PIXEL_FRAMES: u64 = 960 * 544 * 97;
+
+/// Checks a clip against a `--max-pixel-frames` limit; the message states both numbers.
+pub fn check_pixel_frames(
+    height: usize,
+    width: usize,
+    num_frames: usize,
+    limit: u64,
+) -> Result<(), String> {
+    let n = pixel_frames(height, width, num_frames);
+    if n <= limit {
+        return Ok(());
+    }
+    Err(format!(
+        "the clip is too large for this worker's memory: {width}x{height} pixels x {num_frames} \
+         frames is {n} pixel-frames; the limit (--max-pixel-frames) is {limit}"
+    ))
+}
+
+/// How a model cuts a clip into transformer tokens: the VAE's compression (pixels per latent
+/// cell, frames per latent frame after the first) and the transformer's patch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenLayout {
+    pub spatial_compression: usize,
+    pub temporal_compression: usize,
+    pub patch_size: usize,
+    pub patch_size_t: usize,
+}
+
+impl TokenLayout {
+    /// The video tokens of a clip (its sizes multiples of the model's size multiple, its frame
+    /// count a valid one).
+    pub fn tokens(&self, height: usize, width: usize, num_frames: usize) -> usize {
+        let latent_frames = num_frames.saturating_sub(1) / self.temporal_compression.max(1) + 1;
+        let side = |v: usize| v / (self.spatial_compression * self.patch_size).max(1);
+        latent_frames / self.patch_size_t.max(1) * side(height) * side(width)
+    }
+}
+
+/// Ulysses sequence parallelism (`--parallel ulysses=N`, N > 1): the video tokens of each
+/// transformer pass split into `degree` equal slices, one per device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ulysses {
+    pub degree: usize,
+    pub layout: TokenLayout,
+}
+
+impl Ulysses {
+    /// Whether the layout can run a request; the error names the field to change. Checked at
+    /// submit (so the task is refused with a 400) and again by the pipeline before it runs.
+    pub fn check(
+        &self,
+        height: usize,
+        width: usize,
+        num_frames: usize,
+        cache: CacheSpec,
+    ) -> Result<(), (&'static str, String)> {
+        let u = self.degree;
+        if cache != CacheSpec::None {
+            return Err((
+                "cache",
+                format!(
+                    "step caching does not combine with Ulysses sequence parallelism \
+                     (ulysses={u}) yet"
+                ),
+            ));
+        }
+        let tokens = self.layout.tokens(height, width, num_frames);
+        if !tokens.is_multiple_of(u) {
+            return Err((
+                "num_frames",
+                format!(
+                    "ulysses={u}: this size and frame count make {tokens} video tokens, which do \
+                     not divide into {u} equal slices"
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The image center-cropped to the aspect ratio of `width × height`, then resized with Lanczos
 /// (SkyReels' `resizecrop`); an image already at that size is used untouched, so fitting twice
 /// is the same as fitting once.
@@ -348,6 +471,71 @@ mod tests {
                 "{seconds} s at {fps} fps"
             );
         }
+    }
+
+    #[test]
+    fn encoder_limits_follow_openh264() {
+        for (h, w) in [
+            (2160, 3840),
+            (3840, 2160),
+            (544, 960),
+            (16, 3840),
+            (2160, 2160),
+        ] {
+            assert_eq!(check_encodable(h, w), Ok(()), "{w}x{h}");
+        }
+        for (h, w, field) in [
+            (64, 4096, "width"),
+            (4096, 64, "height"),
+            (2176, 3840, "height"),
+            (3840, 2176, "width"),
+            (2176, 2176, "height"),
+            (4096, 4096, "width"),
+        ] {
+            let (f, msg) = check_encodable(h, w).unwrap_err();
+            assert_eq!(f, field, "{w}x{h}");
+            assert!(
+                msg.contains("3840x2160") && msg.contains(&format!("{w}x{h}")),
+                "{msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn pixel_frames_and_their_limit() {
+        assert_eq!(pixel_frames(544, 960, 97), FALLBACK_MAX_PIXEL_FRAMES);
+        assert_eq!(
+            check_pixel_frames(544, 960, 97, FALLBACK_MAX_PIXEL_FRAMES),
+            Ok(())
+        );
+        let e = check_pixel_frames(512, 512, 65, 1_000_000).unwrap_err();
+        assert!(
+            e.contains("17039360 pixel-frames") && e.contains("--max-pixel-frames) is 1000000"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn ulysses_layouts_are_checked() {
+        let u = Ulysses {
+            degree: 2,
+            layout: TokenLayout {
+                spatial_compression: 8,
+                temporal_compression: 4,
+                patch_size: 2,
+                patch_size_t: 1,
+            },
+        };
+        // 960x544, 97 frames: 25 x 34 x 60 tokens
+        assert_eq!(u.layout.tokens(544, 960, 97), 25 * 34 * 60);
+        assert_eq!(u.check(544, 960, 97, CacheSpec::None), Ok(()));
+        // 48x80, 1 frame: 1 x 3 x 5 = 15 tokens
+        let (field, e) = u.check(48, 80, 1, CacheSpec::None).unwrap_err();
+        assert_eq!(field, "num_frames");
+        assert!(e.contains("15 video tokens"), "{e}");
+        let (field, e) = u.check(544, 960, 97, CacheSpec::TeaCache(0.1)).unwrap_err();
+        assert_eq!(field, "cache");
+        assert!(e.contains("ulysses=2"), "{e}");
     }
 
     #[test]

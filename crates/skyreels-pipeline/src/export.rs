@@ -34,49 +34,36 @@ fn write_err(path: &Path) -> impl Fn(String) -> ExportError + '_ {
     }
 }
 
-/// Frames (f, h, w, 3) in [0, 1] as 8-bit RGB, `round(x · 255)` (diffusers' `numpy_to_pil`).
-pub struct Frames8 {
-    pub data: Vec<u8>,
-    pub count: usize,
-    pub height: usize,
-    pub width: usize,
+/// The (count, height, width) of frames (f, h, w, 3) with at least one frame.
+fn frame_dims(frames: &Tensor) -> Result<(usize, usize, usize), ExportError> {
+    let (count, height, width, c) = frames.dims4()?;
+    if c != 3 || count == 0 {
+        return Err(ExportError::Frames(format!(
+            "expected (frames, h, w, 3) with at least one frame, got {:?}",
+            frames.dims()
+        )));
+    }
+    Ok((count, height, width))
 }
 
-impl Frames8 {
-    pub fn from_tensor(frames: &Tensor) -> Result<Self, ExportError> {
-        let (count, height, width, c) = frames.dims4()?;
-        if c != 3 || count == 0 {
-            return Err(ExportError::Frames(format!(
-                "expected (frames, h, w, 3) with at least one frame, got {:?}",
-                frames.dims()
-            )));
-        }
-        let data = frames
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?
-            .into_iter()
-            .map(|v| (v.clamp(0.0, 1.0) * 255.0).round() as u8)
-            .collect();
-        Ok(Self {
-            data,
-            count,
-            height,
-            width,
-        })
-    }
-
-    pub fn frame(&self, i: usize) -> &[u8] {
-        let n = self.height * self.width * 3;
-        &self.data[i * n..(i + 1) * n]
-    }
+/// Frame `i` of frames (f, h, w, 3) in [0, 1] as 8-bit RGB, `round(x · 255)` (diffusers'
+/// `numpy_to_pil`). The writers convert one frame at a time, so a clip is never held twice.
+pub fn frame_rgb8(frames: &Tensor, i: usize) -> Result<Vec<u8>, ExportError> {
+    Ok(frames
+        .get(i)?
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .into_iter()
+        .map(|v| (v.clamp(0.0, 1.0) * 255.0).round() as u8)
+        .collect())
 }
 
-/// Encodes frames as an H.264 MP4 with the index at the front (fast start). `bitrate` in bit/s;
-/// None means [`DEFAULT_BITS_PER_PIXEL`].
+/// Encodes frames (f, h, w, 3) in [0, 1] as an H.264 MP4 with the index at the front (fast
+/// start). `bitrate` in bit/s; None means [`DEFAULT_BITS_PER_PIXEL`].
 pub fn write_mp4(
     path: &Path,
-    frames: &Frames8,
+    frames: &Tensor,
     fps: f64,
     bitrate: Option<u32>,
 ) -> Result<(), ExportError> {
@@ -85,12 +72,13 @@ pub fn write_mp4(
             "fps must be positive, got {fps}"
         )));
     }
-    let (w, h) = (frames.width, frames.height);
+    let (count, h, w) = frame_dims(frames)?;
     if !(w.is_multiple_of(2) && h.is_multiple_of(2)) {
         return Err(ExportError::Frames(format!(
             "H.264 (4:2:0) needs even sizes, got {w}x{h}"
         )));
     }
+    skyreels_params::check_encodable(h, w).map_err(|(_, rule)| ExportError::Frames(rule))?;
     let bps = bitrate.unwrap_or_else(|| {
         (DEFAULT_BITS_PER_PIXEL * (w * h) as f64 * fps).min(u32::MAX as f64) as u32
     });
@@ -110,8 +98,8 @@ pub fn write_mp4(
         .build()
         .map_err(|e| write_err(path)(e.to_string()))?;
     let mut yuv = YUVBuffer::new(w, h);
-    for i in 0..frames.count {
-        yuv.read_rgb8(RgbSliceU8::new(frames.frame(i), (w, h)));
+    for i in 0..count {
+        yuv.read_rgb8(RgbSliceU8::new(&frame_rgb8(frames, i)?, (w, h)));
         // the first frame initializes the encoder, which prints its parameter checks to the
         // process's stderr: catch them instead of letting them reach the terminal raw
         let mut encode = || {
@@ -211,16 +199,18 @@ fn quiet_stderr<T>(f: impl FnOnce() -> T) -> (T, Vec<u8>) {
     }
 }
 
-/// Writes `frame_00000.png`, ... into `dir` (created if needed).
-pub fn write_png_dir(dir: &Path, frames: &Frames8) -> Result<(), ExportError> {
+/// Writes frames (f, h, w, 3) in [0, 1] as `frame_00000.png`, ... into `dir` (created if
+/// needed).
+pub fn write_png_dir(dir: &Path, frames: &Tensor) -> Result<(), ExportError> {
+    let (count, h, w) = frame_dims(frames)?;
     std::fs::create_dir_all(dir).map_err(|e| write_err(dir)(e.to_string()))?;
-    for i in 0..frames.count {
+    for i in 0..count {
         let path = dir.join(format!("frame_{i:05}.png"));
         image::save_buffer(
             &path,
-            frames.frame(i),
-            frames.width as u32,
-            frames.height as u32,
+            &frame_rgb8(frames, i)?,
+            w as u32,
+            h as u32,
             image::ExtendedColorType::Rgb8,
         )
         .map_err(|e| write_err(&path)(e.to_string()))?;
@@ -265,8 +255,8 @@ pub fn write_output(
     bitrate: Option<u32>,
 ) -> Result<(), ExportError> {
     match OutputKind::of(path) {
-        OutputKind::Mp4 => write_mp4(path, &Frames8::from_tensor(frames)?, fps, bitrate),
+        OutputKind::Mp4 => write_mp4(path, frames, fps, bitrate),
         OutputKind::Safetensors => write_safetensors(path, frames),
-        OutputKind::PngDir => write_png_dir(path, &Frames8::from_tensor(frames)?),
+        OutputKind::PngDir => write_png_dir(path, frames),
     }
 }

@@ -12,9 +12,11 @@ use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 use rand::SeedableRng;
 use rand_distr::Distribution;
+use skyreels_models::layers::default_score_budget;
 use skyreels_models::{
-    AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel, TransformerConfig, VaeConfig,
+    AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel, Tiling, TransformerConfig, VaeConfig,
 };
+use skyreels_params::{check_pixel_frames, TokenLayout, Ulysses};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -212,6 +214,8 @@ pub struct Pipeline {
     offload: Offload,
     /// `--parallel`: the other ranks' transformers (see [`crate::parallel`]); none by default.
     parallel: Ranks,
+    /// Largest clip accepted, in pixel-frames (`--max-pixel-frames`); `None`: no limit.
+    max_pixel_frames: Option<u64>,
     scheduler: SchedulerConfig,
     device: Device,
     dtype: DType,
@@ -339,6 +343,7 @@ impl Pipeline {
             vae_config,
             offload,
             parallel: Ranks::default(),
+            max_pixel_frames: None,
             scheduler,
             device: device.clone(),
             dtype,
@@ -431,6 +436,76 @@ impl Pipeline {
         self.vae_config.spatial_compression_ratio * self.transformer_config.patch_size
     }
 
+    /// How this model cuts a clip into video tokens.
+    pub fn token_layout(&self) -> TokenLayout {
+        TokenLayout {
+            spatial_compression: self.vae_config.spatial_compression_ratio,
+            temporal_compression: self.vae_config.temporal_compression_ratio,
+            patch_size: self.transformer_config.patch_size,
+            patch_size_t: self.transformer_config.patch_size_t,
+        }
+    }
+
+    /// The Ulysses layout a request must fit (`--parallel ulysses=N`, N > 1), if any.
+    pub fn ulysses(&self) -> Option<Ulysses> {
+        let degree = self.parallel.ulysses();
+        (degree > 1).then(|| Ulysses {
+            degree,
+            layout: self.token_layout(),
+        })
+    }
+
+    /// Refuses clips of more than `limit` pixel-frames (width x height x frames) before they
+    /// run; `None`: no limit.
+    pub fn set_max_pixel_frames(&mut self, limit: Option<u64>) {
+        self.max_pixel_frames = limit;
+    }
+
+    pub fn max_pixel_frames(&self) -> Option<u64> {
+        self.max_pixel_frames
+    }
+
+    /// Estimated device bytes a clip needs beyond the resident weights, per pixel-frame: a
+    /// transformer block's live activations per video token (the residual streams, q, k, v,
+    /// the attention output and the MLP's hidden layer, in the run dtype) spread over the
+    /// pixel-frames of a token, plus the decoded clip (the VAE's output tiles, their blend and
+    /// the merged clip in the VAE dtype, then the f32 frames).
+    fn bytes_per_pixel_frame(&self) -> f64 {
+        let (t, v) = (&self.transformer_config, &self.vae_config);
+        let width = t.num_attention_heads * t.attention_head_dim;
+        let per_token = ((6 * width + 2 * t.mlp_dim()) * self.dtype.size_in_bytes()) as f64;
+        let side = v.spatial_compression_ratio * t.patch_size;
+        let pixels_per_token = (side * side * v.temporal_compression_ratio * t.patch_size_t) as f64;
+        let decoded = v.out_channels * (3 * self.vae_dtype.size_in_bytes() + 4);
+        per_token / pixels_per_token + decoded as f64
+    }
+
+    /// Estimated device bytes any clip needs beyond the resident weights: one VAE tile through
+    /// the decoder's full-resolution layers (a few activations of its widest channel count)
+    /// and the attention's score budget.
+    fn fixed_bytes(&self) -> u64 {
+        let tl = Tiling::default();
+        let tile = tl.tile_sample_min_height
+            * tl.tile_sample_min_width
+            * (tl.tile_sample_min_num_frames + 1);
+        let channels = self.vae_config.block_out_channels.iter().max().copied();
+        let vae = 4 * tile * channels.unwrap_or(0) * self.vae_dtype.size_in_bytes();
+        (vae + 4 * default_score_budget(&self.device)) as u64
+    }
+
+    /// Estimated peak device bytes of a clip beyond the resident weights.
+    pub fn estimate_clip_bytes(&self, height: usize, width: usize, num_frames: usize) -> u64 {
+        let n = skyreels_params::pixel_frames(height, width, num_frames) as f64;
+        self.fixed_bytes() + (n * self.bytes_per_pixel_frame()) as u64
+    }
+
+    /// The largest clip, in pixel-frames, whose estimated peak ([`Self::estimate_clip_bytes`])
+    /// fits in three quarters of `free` bytes (the rest left for what the estimate misses).
+    pub fn pixel_frames_fitting(&self, free: u64) -> u64 {
+        let budget = (free / 4 * 3).saturating_sub(self.fixed_bytes());
+        (budget as f64 / self.bytes_per_pixel_frame()) as u64
+    }
+
     /// Checks a request's sizes and mode; the messages name the offending setting.
     pub fn validate(&self, p: &GenerateParams) -> Result<(), GenerateError> {
         let m = self.size_multiple();
@@ -469,26 +544,12 @@ impl Pipeline {
             (false, Some(_)) => return invalid("this model is text-to-video: it takes no image"),
             _ => {}
         }
-        let u = self.parallel.ulysses();
-        if u > 1 {
-            if p.cache != CacheSpec::None {
-                return invalid(format!(
-                    "cache: step caching does not combine with Ulysses sequence parallelism \
-                     (ulysses={u}) yet"
-                ));
-            }
-            let [_, _, lt, lh, lw] = self.latent_shape(p);
-            let (pt, ps) = (
-                self.transformer_config.patch_size_t,
-                self.transformer_config.patch_size,
-            );
-            let tokens = lt / pt * (lh / ps) * (lw / ps);
-            if !tokens.is_multiple_of(u) {
-                return invalid(format!(
-                    "ulysses={u}: this size and frame count make {tokens} video tokens, which do \
-                     not divide into {u} equal slices"
-                ));
-            }
+        if let Some(u) = self.ulysses() {
+            u.check(p.height, p.width, p.num_frames, p.cache)
+                .or_else(|(field, rule)| invalid(format!("{field}: {rule}")))?;
+        }
+        if let Some(limit) = self.max_pixel_frames {
+            check_pixel_frames(p.height, p.width, p.num_frames, limit).or_else(invalid)?;
         }
         if let Some(noise) = &p.noise {
             let want = self.latent_shape(p);
@@ -533,6 +594,17 @@ impl Pipeline {
         p: &GenerateParams,
         on_step: &mut dyn FnMut(usize, usize) -> bool,
     ) -> Result<Video, GenerateError> {
+        self.generate_with(p, on_step, &mut || true)
+    }
+
+    /// [`Self::generate`], also asking `go_on()` after the denoising, before each VAE tile and
+    /// once the frames are decoded: false cancels, so a cancel lands within a tile.
+    pub fn generate_with(
+        &self,
+        p: &GenerateParams,
+        on_step: &mut dyn FnMut(usize, usize) -> bool,
+        go_on: &mut dyn FnMut() -> bool,
+    ) -> Result<Video, GenerateError> {
         self.validate(p)?;
         let mut timings = StageTimings {
             load: self.load_time,
@@ -570,7 +642,10 @@ impl Pipeline {
         timings.forward_decisions = StepCache::interleaved(&caches);
 
         let start = Instant::now();
-        let frames = self.decode_latents(&latents)?;
+        let frames = self.decode_latents(&latents, go_on)?;
+        if !go_on() {
+            return Err(GenerateError::Cancelled);
+        }
         let (elapsed, peak_decode) = self.stage_end(start, &memory)?;
         timings.decoding = elapsed;
         timings.peak_memory = (|| {
@@ -681,20 +756,35 @@ impl Pipeline {
     }
 
     /// diffusers' `decode_latents` (+ the video processor's postprocess): latents / scaling
-    /// factor through the VAE, `(x·0.5 + 0.5).clamp(0, 1)`, as (frames, h, w, 3) f32 on the CPU.
-    fn decode_latents(&self, latents: &Tensor) -> Result<Tensor, GenerateError> {
+    /// factor through the VAE (asking `go_on` before each tile), `(x·0.5 + 0.5).clamp(0, 1)`, as
+    /// (frames, h, w, 3) f32 on the CPU. The postprocess runs a few frames at a time, so the
+    /// decoded clip is held once in the VAE dtype and once as f32 frames, not once per op.
+    fn decode_latents(
+        &self,
+        latents: &Tensor,
+        go_on: &mut dyn FnMut() -> bool,
+    ) -> Result<Tensor, GenerateError> {
         let z = (latents.to_dtype(self.vae_dtype)? / self.vae_config.scaling_factor)?;
-        let video = self.vae()?.decode(&z)?;
-        // (x·0.5 + 0.5).clamp(0, 1) in the VAE dtype, then f32
-        let video = video
-            .affine(0.5, 0.5)?
-            .clamp(0f32, 1f32)?
-            .to_dtype(DType::F32)?;
-        Ok(video
-            .squeeze(0)?
-            .permute((1, 2, 3, 0))?
-            .contiguous()?
-            .to_device(&Device::Cpu)?)
+        let video = self
+            .vae()?
+            .decode_until(&z, go_on)?
+            .ok_or(GenerateError::Cancelled)?
+            .squeeze(0)?;
+        let (c, frames, h, w) = video.dims4()?;
+        let mut out: Vec<f32> = Vec::with_capacity(video.elem_count());
+        for f in (0..frames).step_by(POSTPROCESS_FRAMES) {
+            // (x·0.5 + 0.5).clamp(0, 1) in the VAE dtype, then f32; (c, f, h, w) -> (f, h, w, c)
+            let chunk = video
+                .narrow(1, f, POSTPROCESS_FRAMES.min(frames - f))?
+                .affine(0.5, 0.5)?
+                .clamp(0f32, 1f32)?
+                .to_dtype(DType::F32)?
+                .permute((1, 2, 3, 0))?
+                .flatten_all()?;
+            out.extend(chunk.to_vec1::<f32>()?);
+        }
+        drop(video);
+        Ok(Tensor::from_vec(out, (frames, h, w, c), &Device::Cpu)?)
     }
 
     /// The I2V conditioning latents (the SkyReels pipeline's image branch of `prepare_latents`):
@@ -721,6 +811,9 @@ impl Pipeline {
         Ok(Tensor::cat(&[&first, &rest], 2)?.to_dtype(self.dtype)?)
     }
 }
+
+/// Frames postprocessed at a time after the VAE decode.
+const POSTPROCESS_FRAMES: usize = 8;
 
 /// Standard normal f32 noise of `shape` from `seed` (ChaCha8 on the CPU, then moved): the same
 /// seed gives the same noise on every device.

@@ -217,7 +217,10 @@ impl Gguf {
                 return Err(format!("tensor {name} has {n_dims} dimensions"));
             }
             let mut shape = (0..n_dims)
-                .map(|_| h.u64().map(|d| d as usize))
+                .map(|_| {
+                    let d = h.u64()?;
+                    usize::try_from(d).map_err(|_| format!("tensor {name} is too large"))
+                })
                 .collect::<Result<Vec<_>, _>>()?;
             shape.reverse();
             let id = h.u32()?;
@@ -243,7 +246,17 @@ impl Gguf {
         };
         let mut tensors = HashMap::with_capacity(table.len());
         for (name, dtype, mut shape, offset) in table {
-            let elems: usize = shape.iter().product();
+            if tensors.contains_key(&name) {
+                return Err(format!("tensor {name} appears twice in the table"));
+            }
+            let too_large = || format!("tensor {name} is too large ({shape:?})");
+            let elems = shape
+                .iter()
+                .try_fold(1usize, |n, &d| n.checked_mul(d))
+                .ok_or_else(too_large)?;
+            if elems == 0 {
+                return Err(format!("tensor {name} has no elements ({shape:?})"));
+            }
             let cols = *shape.last().expect("at least one dimension");
             if !cols.is_multiple_of(dtype.block_size()) {
                 return Err(format!(
@@ -252,7 +265,9 @@ impl Gguf {
                     dtype.block_size()
                 ));
             }
-            let bytes = elems / dtype.block_size() * dtype.type_size();
+            let bytes = (elems / dtype.block_size())
+                .checked_mul(dtype.type_size())
+                .ok_or_else(too_large)?;
             let start = data_start.saturating_add(offset);
             if start.saturating_add(bytes as u64) > len {
                 return Err(format!(
@@ -263,7 +278,8 @@ impl Gguf {
             // ComfyUI-GGUF stores some tensors flattened and records their shape
             if let Some(Value::Ints(orig)) = meta.get(&format!("comfy.gguf.orig_shape.{name}")) {
                 let orig: Vec<usize> = orig.iter().map(|&d| d.max(0) as usize).collect();
-                if orig.iter().product::<usize>() != elems || orig.last() != Some(&cols) {
+                let orig_elems = orig.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+                if orig_elems != Some(elems) || orig.last() != Some(&cols) {
                     return Err(format!(
                         "tensor {name}: orig_shape {orig:?} does not fit its {shape:?}"
                     ));
@@ -340,5 +356,78 @@ impl Gguf {
             QStorage::from_data(Cow::Owned(picked), device, t.dtype)?,
             shape,
         )
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A tensor of a test table: name, shape outermost first, bytes of data to reserve.
+    pub(crate) type Entry<'a> = (&'a str, &'a [u64], usize);
+
+    /// A GGUF v3 file (architecture "hyvid") of F32 tensors, each at the next 32-byte aligned
+    /// offset.
+    pub(crate) fn gguf_bytes(tensors: &[Entry]) -> Vec<u8> {
+        fn string(b: &mut Vec<u8>, s: &str) {
+            b.extend((s.len() as u64).to_le_bytes());
+            b.extend(s.as_bytes());
+        }
+        let mut b = Vec::new();
+        b.extend(MAGIC.to_le_bytes());
+        b.extend(3u32.to_le_bytes());
+        b.extend((tensors.len() as u64).to_le_bytes());
+        b.extend(1u64.to_le_bytes());
+        string(&mut b, "general.architecture");
+        b.extend(8u32.to_le_bytes());
+        string(&mut b, "hyvid");
+        let mut offset = 0u64;
+        for (name, shape, bytes) in tensors {
+            string(&mut b, name);
+            b.extend((shape.len() as u32).to_le_bytes());
+            for d in shape.iter().rev() {
+                b.extend(d.to_le_bytes());
+            }
+            b.extend(0u32.to_le_bytes()); // F32
+            b.extend(offset.to_le_bytes());
+            offset += (*bytes as u64).div_ceil(DEFAULT_ALIGNMENT) * DEFAULT_ALIGNMENT;
+        }
+        b.resize(b.len().div_ceil(32) * 32 + offset as usize, 0);
+        b
+    }
+
+    fn open(tensors: &[Entry]) -> Result<Gguf, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.gguf");
+        std::fs::write(&path, gguf_bytes(tensors)).unwrap();
+        Gguf::open(&path)
+    }
+
+    #[test]
+    fn a_well_formed_table_opens() {
+        let g = open(&[("a", &[2, 4], 32), ("b", &[3], 12)]).unwrap();
+        assert_eq!(g.tensors["a"].shape, vec![2, 4]);
+        assert_eq!(g.tensors["b"].shape, vec![3]);
+        assert_eq!(g.architecture.as_deref(), Some("hyvid"));
+    }
+
+    #[test]
+    fn hostile_tables_are_errors_not_panics() {
+        let cases: [(&[Entry], &str); 5] = [
+            (
+                &[("a", &[4], 16), ("a", &[4], 16)],
+                "tensor a appears twice",
+            ),
+            (&[("a", &[0, 4], 0)], "tensor a has no elements"),
+            (&[("a", &[4, 0], 0)], "tensor a has no elements"),
+            // the element count overflows
+            (&[("a", &[1 << 40, 1 << 40], 0)], "tensor a is too large"),
+            // the byte count overflows
+            (&[("a", &[1 << 62], 0)], "tensor a is too large"),
+        ];
+        for (table, want) in cases {
+            let e = open(table).err().unwrap_or_default();
+            assert!(e.contains(want), "{table:?}: {e}");
+        }
     }
 }

@@ -9,6 +9,7 @@ pub mod hub;
 pub mod loading;
 mod parallel;
 pub mod runtime;
+pub mod safetensors_file;
 pub mod scheduler;
 pub mod single_file;
 pub mod tokenize;

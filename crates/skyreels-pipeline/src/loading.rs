@@ -6,8 +6,8 @@
 //! tensor, wrong shape and unused tensor is reported by name. Stored f32/f16/bf16 convert to the
 //! run dtype.
 
+use crate::safetensors_file::SafetensorsFile;
 use crate::single_file::{is_single_file, read_transformer_config, SingleFile};
-use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
@@ -46,8 +46,13 @@ pub enum LoadError {
     Index { path: PathBuf, message: String },
     #[error("shard {shard} listed in {index} is missing")]
     MissingShard { shard: PathBuf, index: PathBuf },
-    #[error("{path}: not a readable safetensors file: {message}")]
-    CorruptFile { path: PathBuf, message: String },
+    #[error("{path}: not a readable {format} file: {message}")]
+    CorruptFile {
+        path: PathBuf,
+        /// "safetensors" or "GGUF"
+        format: &'static str,
+        message: String,
+    },
     #[error("tensor {name} is stored in both {first} and {second}")]
     DuplicateTensor {
         name: String,
@@ -106,9 +111,10 @@ fn describe_problems(problems: &[TensorProblem]) -> String {
     items.join("; ")
 }
 
-/// All tensors of a checkpoint (one file or a sharded set), memory-mapped.
+/// All tensors of a checkpoint (one file or a sharded set), read tensor by tensor (see
+/// [`SafetensorsFile`]).
 pub struct WeightStore {
-    files: Vec<(PathBuf, MmapedSafetensors)>,
+    files: Vec<(PathBuf, SafetensorsFile)>,
     /// tensor name -> index in `files`
     names: HashMap<String, usize>,
 }
@@ -182,16 +188,14 @@ impl WeightStore {
         let mut files = Vec::with_capacity(paths.len());
         let mut names: HashMap<String, usize> = HashMap::new();
         for (i, path) in paths.into_iter().enumerate() {
-            // SAFETY: the file is mapped read-only; like every mmap-based loader we rely on it not
-            // being truncated while the model is loading.
-            let st =
-                unsafe { MmapedSafetensors::new(&path) }.map_err(|e| LoadError::CorruptFile {
-                    path: path.clone(),
-                    message: e.to_string(),
-                })?;
-            for (name, _) in st.tensors() {
+            let st = SafetensorsFile::open(&path).map_err(|message| LoadError::CorruptFile {
+                path: path.clone(),
+                format: "safetensors",
+                message,
+            })?;
+            for name in st.names() {
                 if let Some(&j) = names.get(&name) {
-                    let first: &(PathBuf, MmapedSafetensors) = &files[j];
+                    let first: &(PathBuf, SafetensorsFile) = &files[j];
                     return Err(LoadError::DuplicateTensor {
                         name,
                         first: first.0.clone(),
@@ -231,13 +235,13 @@ impl TensorSource for WeightStore {
     fn lookup(&self, name: &str) -> Option<Found<'_>> {
         let &i = self.names.get(name)?;
         let (path, st) = &self.files[i];
-        let view = st.get(name).ok()?;
-        let dtype = match view.dtype() {
+        let info = st.info(name)?;
+        let dtype = match info.dtype {
             safetensors::Dtype::F32 | safetensors::Dtype::F16 | safetensors::Dtype::BF16 => Ok(()),
             other => Err(format!("{other:?}")),
         };
         Some(Found {
-            shape: view.shape().to_vec(),
+            shape: info.shape.clone(),
             file: path.as_path(),
             dtype,
         })

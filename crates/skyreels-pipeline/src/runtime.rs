@@ -19,6 +19,73 @@ pub fn tune_allocator() {
     }
 }
 
+/// Bytes of memory a new task could use on `device` now, where it can be told: on a CUDA device
+/// the driver's free memory; on the CPU (Linux) the host's available memory (`MemAvailable`),
+/// lowered to what is left under this process's cgroup memory limit and its address-space limit
+/// (`ulimit -v`) when they are set. `None` elsewhere.
+pub fn free_memory(device: &candle_core::Device) -> Option<u64> {
+    match device {
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(dev) => dev
+            .cuda_stream()
+            .context()
+            .mem_get_info()
+            .ok()
+            .map(|(free, _)| free as u64),
+        candle_core::Device::Cpu => host_free_memory(),
+        _ => None,
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn host_free_memory() -> Option<u64> {
+    let read = |path: &str| std::fs::read_to_string(path).ok();
+    // "Name:   123 kB" lines
+    let field = |text: &str, name: &str| -> Option<u64> {
+        let line = text.lines().find(|l| l.starts_with(name))?;
+        let kb: u64 = line[name.len()..].split_whitespace().next()?.parse().ok()?;
+        kb.checked_mul(1024)
+    };
+    let mut free = field(&read("/proc/meminfo")?, "MemAvailable:")?;
+    // cgroup v2: memory.max ("max" when unlimited) minus memory.current
+    if let (Some(max), Some(current)) = (
+        read("/sys/fs/cgroup/memory.max"),
+        read("/sys/fs/cgroup/memory.current"),
+    ) {
+        if let (Ok(max), Ok(current)) = (max.trim().parse::<u64>(), current.trim().parse::<u64>()) {
+            free = free.min(max.saturating_sub(current));
+        }
+    }
+    if let (Some(limit), Some(status)) = (address_space_limit(), read("/proc/self/status")) {
+        if let Some(used) = field(&status, "VmSize:") {
+            free = free.min(limit.saturating_sub(used));
+        }
+    }
+    Some(free)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn host_free_memory() -> Option<u64> {
+    None
+}
+
+/// The process's address-space limit (`RLIMIT_AS`) in bytes, when one is set.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn address_space_limit() -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit struct, which `limit` is.
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut limit) } == 0;
+    (ok && limit.rlim_cur != libc::RLIM_INFINITY).then_some(limit.rlim_cur)
+}
+
+#[cfg(all(target_os = "linux", not(target_env = "gnu")))]
+fn address_space_limit() -> Option<u64> {
+    None
+}
+
 /// Bytes as GiB, for reports.
 pub fn gib(bytes: u64) -> f64 {
     bytes as f64 / (1u64 << 30) as f64

@@ -12,8 +12,8 @@
 
 use crate::gguf::Gguf;
 use crate::loading::{read_config_file, Found, LoadError, TensorSource};
+use crate::safetensors_file::SafetensorsFile;
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
-use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use skyreels_models::layers::linear::StoredWeight;
 use skyreels_models::TransformerConfig;
@@ -181,7 +181,7 @@ pub enum KeyLayout {
 }
 
 enum Backing {
-    Safetensors(MmapedSafetensors),
+    Safetensors(SafetensorsFile),
     Gguf(Gguf),
 }
 
@@ -207,13 +207,14 @@ const COMFY_PREFIX: &str = "model.diffusion_model.";
 
 impl SingleFile {
     pub fn open(path: &Path) -> Result<Self, LoadError> {
-        let corrupt = |message: String| LoadError::CorruptFile {
-            path: path.to_path_buf(),
-            message,
-        };
         let is_gguf = path
             .extension()
             .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+        let corrupt = |message: String| LoadError::CorruptFile {
+            path: path.to_path_buf(),
+            format: if is_gguf { "GGUF" } else { "safetensors" },
+            message,
+        };
         let backing = if is_gguf {
             let g = Gguf::open(path).map_err(corrupt)?;
             if let Some(arch) = g.architecture.as_deref().filter(|a| *a != "hyvid") {
@@ -223,11 +224,7 @@ impl SingleFile {
             }
             Backing::Gguf(g)
         } else {
-            // SAFETY: mapped read-only; like every mmap-based loader we rely on the file not
-            // being truncated while the model loads.
-            Backing::Safetensors(
-                unsafe { MmapedSafetensors::new(path) }.map_err(|e| corrupt(e.to_string()))?,
-            )
+            Backing::Safetensors(SafetensorsFile::open(path).map_err(corrupt)?)
         };
         let mut file = Self {
             path: path.to_path_buf(),
@@ -247,6 +244,19 @@ impl SingleFile {
         };
         let names: HashMap<String, String> =
             keys.iter().map(|k| (model_key(k), k.clone())).collect();
+        // no HunyuanVideo tensor is empty (only ComfyUI's `scaled_fp8` marker), and an empty
+        // one trips the quantizers
+        if let Some(k) = names
+            .iter()
+            .filter(|(key, _)| !is_scale_key(key))
+            .map(|(_, source)| source)
+            .find(|k| file.source_shape(k).is_some_and(|s| s.contains(&0)))
+        {
+            return Err(corrupt(format!(
+                "tensor {k} has no elements ({:?})",
+                file.source_shape(k).unwrap_or_default()
+            )));
+        }
         file.layout = if names.contains_key("img_in.proj.weight") {
             KeyLayout::Original
         } else if names.contains_key("x_embedder.proj.weight") {
@@ -298,14 +308,14 @@ impl SingleFile {
 
     fn source_keys(&self) -> Vec<String> {
         match &self.backing {
-            Backing::Safetensors(st) => st.tensors().into_iter().map(|(k, _)| k).collect(),
+            Backing::Safetensors(st) => st.names(),
             Backing::Gguf(g) => g.tensors.keys().cloned().collect(),
         }
     }
 
     fn source_shape(&self, source: &str) -> Option<Vec<usize>> {
         match &self.backing {
-            Backing::Safetensors(st) => st.get(source).ok().map(|v| v.shape().to_vec()),
+            Backing::Safetensors(st) => st.info(source).map(|i| i.shape.clone()),
             Backing::Gguf(g) => g.tensors.get(source).map(|t| t.shape.clone()),
         }
     }
@@ -375,7 +385,7 @@ impl SingleFile {
                 "x_embedder.proj.weight has shape {embed:?}, not 5-D"
             )));
         };
-        if p != p2 || inner == 0 {
+        if p != p2 || [inner, in_channels, pt, p].contains(&0) {
             return Err(fail(format!("x_embedder.proj.weight has shape {embed:?}")));
         }
         let head_dim = shape("transformer_blocks.0.attn.norm_q.weight")?[0];
@@ -455,7 +465,7 @@ impl TensorSource for SingleFile {
         }
         let dtype = match &self.backing {
             Backing::Gguf(_) => Ok(()),
-            Backing::Safetensors(st) => match st.get(&e.source).ok()?.dtype() {
+            Backing::Safetensors(st) => match st.info(&e.source)?.dtype {
                 safetensors::Dtype::F32
                 | safetensors::Dtype::F16
                 | safetensors::Dtype::BF16
@@ -487,9 +497,7 @@ impl TensorSource for SingleFile {
                 g.read(&e.source, &e.rows, device)?,
             )))),
             Backing::Safetensors(st) => {
-                if st.get(&e.source).map_err(candle_core::Error::wrap)?.dtype()
-                    != safetensors::Dtype::F8_E4M3
-                {
+                if st.info(&e.source).map(|i| i.dtype) != Some(safetensors::Dtype::F8_E4M3) {
                     return Ok(None);
                 }
                 let weight = Self::pick_rows(st.load(&e.source, &Device::Cpu)?, &e.rows)?;
@@ -602,4 +610,123 @@ pub fn quantize_to_gguf(
         bytes_in: size(input),
         bytes_out: size(output),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gguf::tests::gguf_bytes;
+    use crate::loading::WeightStore;
+
+    /// A safetensors file of f32 zeros of these shapes.
+    fn zeros_file(path: &Path, shapes: &[(&str, &[usize])]) {
+        let tensors: HashMap<String, Tensor> = shapes
+            .iter()
+            .map(|(name, shape)| {
+                let t = Tensor::zeros(shape.to_vec(), DType::F32, &Device::Cpu).unwrap();
+                (name.to_string(), t)
+            })
+            .collect();
+        candle_core::safetensors::save(&tensors, path).unwrap();
+    }
+
+    #[test]
+    fn a_zero_patch_dimension_is_an_error_not_a_division_by_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.safetensors");
+        zeros_file(
+            &path,
+            &[
+                ("x_embedder.proj.weight", &[128, 4, 0, 2, 2]),
+                ("transformer_blocks.0.attn.norm_q.weight", &[128]),
+                ("transformer_blocks.0.ff.net.0.proj.weight", &[512, 128]),
+                ("proj_out.weight", &[0, 128]),
+            ],
+        );
+        let e = SingleFile::open(&path)
+            .and_then(|f| f.infer_config())
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("has no elements"), "{e}");
+    }
+
+    #[test]
+    fn gguf_errors_name_the_gguf_format() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.gguf");
+        let mut bytes = gguf_bytes(&[("x_embedder.proj.weight", &[4], 16)]);
+        bytes.truncate(20);
+        std::fs::write(&path, bytes).unwrap();
+        let e = SingleFile::open(&path).err().unwrap().to_string();
+        assert!(e.contains("not a readable GGUF file"), "{e}");
+        let path = dir.path().join("t.safetensors");
+        std::fs::write(&path, b"not safetensors").unwrap();
+        let e = SingleFile::open(&path).err().unwrap().to_string();
+        assert!(e.contains("not a readable safetensors file"), "{e}");
+    }
+
+    #[test]
+    fn quantize_refuses_zero_size_tensors() {
+        let dir = tempfile::tempdir().unwrap();
+        let gguf = dir.path().join("t.gguf");
+        let embed: &[u64] = &[128, 4, 1, 2, 2];
+        std::fs::write(
+            &gguf,
+            gguf_bytes(&[
+                ("x_embedder.proj.weight", embed, 8192),
+                ("proj_out.weight", &[0, 8], 0),
+            ]),
+        )
+        .unwrap();
+        let st = dir.path().join("t.safetensors");
+        zeros_file(
+            &st,
+            &[
+                ("x_embedder.proj.weight", &[128, 4, 1, 2, 2]),
+                ("proj_out.weight", &[0, 8]),
+            ],
+        );
+        for input in [gguf, st] {
+            let out = dir.path().join("out.gguf");
+            let e = quantize_to_gguf(&input, &out, GgmlDType::Q8_0)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(
+                e.contains("proj_out.weight has no elements"),
+                "{input:?}: {e}"
+            );
+        }
+    }
+
+    /// A file truncated while it is open is an error when a tensor is read (a memory map would
+    /// end the process with SIGBUS).
+    #[test]
+    fn a_file_truncated_after_opening_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.safetensors");
+        zeros_file(
+            &path,
+            &[
+                ("x_embedder.proj.weight", &[128, 4, 1, 2, 2]),
+                ("big", &[1024, 1024]),
+            ],
+        );
+        let single = SingleFile::open(&path).unwrap();
+        let store = WeightStore::from_files(vec![path.clone()]).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(64)
+            .unwrap();
+        for name in ["x_embedder.proj.weight", "big"] {
+            assert!(
+                TensorSource::load(&single, name, &Device::Cpu).is_err(),
+                "{name}"
+            );
+            assert!(store.load(name, &Device::Cpu).is_err(), "{name}");
+        }
+    }
 }

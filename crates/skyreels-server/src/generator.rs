@@ -17,6 +17,18 @@ pub struct ModelInfo {
     pub defaults: skyreels_params::GenerationDefaults,
     /// Height and width must be multiples of this.
     pub size_multiple: usize,
+    /// Largest clip the worker's memory takes, in pixel-frames (width x height x frames; its
+    /// `--max-pixel-frames`); larger submits get a 400 that names it.
+    #[serde(default = "fallback_max_pixel_frames")]
+    pub max_pixel_frames: u64,
+    /// The worker's Ulysses layout (`--parallel ulysses=N`), whose token split a request must
+    /// fit; `None`: one device per branch.
+    #[serde(default)]
+    pub ulysses: Option<skyreels_params::Ulysses>,
+}
+
+fn fallback_max_pixel_frames() -> u64 {
+    skyreels_params::FALLBACK_MAX_PIXEL_FRAMES
 }
 
 /// A validated job, ready for the device.
@@ -104,6 +116,14 @@ impl GenerationRequest {
                  this worker's limit (--max-work) is {max_work:.0} million"
             ));
         }
+        let (h, w) = (self.height, self.width);
+        p::check_encodable(h, w).map_err(|(name, rule)| field(name, rule))?;
+        p::check_pixel_frames(h, w, self.num_frames, model.max_pixel_frames)
+            .map_err(|r| field("num_frames", r))?;
+        if let Some(u) = &model.ulysses {
+            u.check(h, w, self.num_frames, self.cache)
+                .map_err(|(name, rule)| field(name, rule))?;
+        }
         Ok(())
     }
 }
@@ -140,7 +160,8 @@ pub trait Generator: Send {
     fn models(&self) -> Vec<ModelInfo>;
 
     /// Generates `req` into an MP4 at `output`. `progress(done, total)` is called after each
-    /// denoising step; returning `false` cancels.
+    /// denoising step, and again with the last step's numbers between the later stages (VAE
+    /// tiles, before the export) to ask whether to go on; returning `false` cancels.
     fn generate(
         &mut self,
         req: &GenerationRequest,

@@ -8,7 +8,7 @@ use base64::Engine;
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use skyreels_params::CacheSpec;
+use skyreels_params::{CacheSpec, TokenLayout, Ulysses};
 use skyreels_server::cluster::{ClusterConfig, OutputStore};
 use skyreels_server::generator::{
     GenerateFailure, Generated, GenerationRequest, Generator, ModelInfo,
@@ -52,6 +52,8 @@ impl Gate {
 struct Fake {
     gate: Gate,
     seen: Arc<Mutex<Vec<GenerationRequest>>>,
+    /// The Ulysses layout the fake's model reports (`--parallel ulysses=N`).
+    ulysses: Option<Ulysses>,
 }
 
 impl Generator for Fake {
@@ -67,6 +69,9 @@ impl Generator for Fake {
                 negative_prompt: None,
             },
             size_multiple: 16,
+            // SkyReels' default clip, 960x544x97
+            max_pixel_frames: 50_657_280,
+            ulysses: self.ulysses,
         }]
     }
 
@@ -322,8 +327,13 @@ async fn start_workers_with(
     let loaders = (0..workers)
         .map(|_| {
             let (g, s) = (gate.clone(), seen.clone());
-            Box::new(move || Ok(Box::new(Fake { gate: g, seen: s }) as Box<dyn Generator>))
-                as skyreels_server::generator::GeneratorLoader
+            Box::new(move || {
+                Ok(Box::new(Fake {
+                    gate: g,
+                    seen: s,
+                    ulysses: None,
+                }) as Box<dyn Generator>)
+            }) as skyreels_server::generator::GeneratorLoader
         })
         .collect();
     let mut server = Server::start_node(c, loaders).await.unwrap();
@@ -1205,6 +1215,7 @@ async fn a_worker_that_cannot_load_fails_the_start_and_is_named() {
         Ok(Box::new(Fake {
             gate: Gate::default(),
             seen: Arc::default(),
+            ulysses: None,
         }) as Box<dyn Generator>)
     });
     let bad: skyreels_server::generator::GeneratorLoader =
@@ -2064,6 +2075,120 @@ async fn decode_bombs_fail_fast_and_images_are_fitted_on_arrival() {
     );
 }
 
+/// Issue 26, item 3: sizes the H.264 encoder cannot write (OpenH264: at most 3840x2160, or
+/// 2160x3840 portrait) are refused at submit, not after the compute.
+#[tokio::test(flavor = "multi_thread")]
+async fn sizes_the_encoder_cannot_write_are_refused() {
+    let h = start(|_| {}).await;
+    let img = png_data_uri(8, 8);
+    for (w, hh, field) in [
+        (4096, 64, "width:"),
+        (64, 4096, "height:"),
+        (2176, 2176, "height:"),
+    ] {
+        let b = json!({"prompt": "p", "image": img, "width": w, "height": hh, "num_frames": 1, "num_inference_steps": 1});
+        let (s, v) = h.submit(b).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{w}x{hh}: {v}");
+        let m = v["message"].as_str().unwrap();
+        assert!(
+            m.contains(field) && m.contains("3840x2160"),
+            "{w}x{hh}: {m}"
+        );
+    }
+    assert!(h.seen.lock().unwrap().is_empty());
+    for (w, hh) in [(3840, 2160), (2160, 3840)] {
+        let b = json!({"prompt": "p", "image": img, "width": w, "height": hh, "num_frames": 1, "num_inference_steps": 1});
+        let (s, v) = h.submit(b).await;
+        assert_eq!(s, StatusCode::OK, "{w}x{hh}: {v}");
+    }
+}
+
+/// Issue 26, item 3: memory follows pixel-frames, not work: a one-step clip far below
+/// --max-work is refused when its width x height x frames exceeds the worker's limit.
+#[tokio::test(flavor = "multi_thread")]
+async fn clips_beyond_the_worker_memory_are_refused() {
+    let h = start(|_| {}).await;
+    let img = png_data_uri(8, 8);
+    // 1024x1024x65 at one step: 68 million of --max-work, 68,157,440 pixel-frames
+    let big = json!({"prompt": "p", "image": img, "width": 1024, "height": 1024, "num_frames": 65, "num_inference_steps": 1});
+    let (s, v) = h.submit(big).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    let m = v["message"].as_str().unwrap();
+    assert!(
+        m.contains("num_frames:")
+            && m.contains("68157440 pixel-frames")
+            && m.contains("--max-pixel-frames) is 50657280"),
+        "{m}"
+    );
+    assert!(h.seen.lock().unwrap().is_empty());
+    // the limit itself is fine
+    let ok = json!({"prompt": "p", "image": img, "width": 960, "height": 544, "num_frames": 97, "num_inference_steps": 1});
+    let (s, v) = h.submit(ok).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+}
+
+/// Issue 26, item 11: a model served with `--parallel ulysses=2` refuses at submit what the
+/// layout cannot run (the pipeline's own check), instead of failing it later with 1401.
+#[tokio::test(flavor = "multi_thread")]
+async fn parallel_layouts_a_request_cannot_run_are_refused() {
+    let gate = Gate::closed();
+    gate.open();
+    let seen = Arc::new(Mutex::new(vec![]));
+    let (g, sn) = (gate.clone(), seen.clone());
+    let loader: skyreels_server::generator::GeneratorLoader = Box::new(move || {
+        Ok(Box::new(Fake {
+            gate: g,
+            seen: sn,
+            ulysses: Some(Ulysses {
+                degree: 2,
+                layout: TokenLayout {
+                    spatial_compression: 8,
+                    temporal_compression: 4,
+                    patch_size: 2,
+                    patch_size_t: 1,
+                },
+            }),
+        }) as Box<dyn Generator>)
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start_node(config(dir.path()), vec![loader])
+        .await
+        .unwrap();
+    server.wait_loaded().await.unwrap();
+    let h = Harness {
+        router: server.router(),
+        server: Some(server),
+        seen,
+        dir,
+        redis: None,
+    };
+    let img = png_data_uri(8, 8);
+    for (b, want) in [
+        // 1 x 3 x 5 = 15 video tokens
+        (
+            json!({"prompt": "p", "image": img, "width": 80, "height": 48, "num_frames": 1}),
+            "num_frames: ulysses=2: this size and frame count make 15 video tokens",
+        ),
+        (
+            json!({"prompt": "p", "image": img, "cache": "teacache:0.1"}),
+            "cache: step caching does not combine with Ulysses",
+        ),
+    ] {
+        let (s, v) = h.submit(b.clone()).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{b}: {v}");
+        let m = v["message"].as_str().unwrap();
+        assert!(m.contains(want), "{b}: {m}");
+    }
+    // the defaults (96x64, 9 frames: 3 x 4 x 6 tokens) split evenly
+    let (s, v) = h.submit(body("p")).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let d = h
+        .wait(v["data"]["id"].as_str().unwrap(), &["completed"])
+        .await;
+    assert_eq!(d["status"], "completed");
+    assert_eq!(h.seen.lock().unwrap().len(), 1);
+}
+
 /// Finding 7: no cost limit and no task timeout.
 #[tokio::test(flavor = "multi_thread")]
 async fn oversized_tasks_are_refused_and_long_ones_stopped() {
@@ -2355,7 +2480,13 @@ async fn live(cfg: impl FnOnce(&mut ServerConfig)) -> Live {
     let seen = Arc::new(Mutex::new(vec![]));
     let server = Server::start(
         c,
-        Box::new(move || Ok(Box::new(Fake { gate, seen }) as Box<dyn Generator>)),
+        Box::new(move || {
+            Ok(Box::new(Fake {
+                gate,
+                seen,
+                ulysses: None,
+            }) as Box<dyn Generator>)
+        }),
     )
     .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

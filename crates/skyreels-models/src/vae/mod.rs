@@ -574,22 +574,22 @@ fn tile_grid(
     x: &Tensor,
     min: (usize, usize),
     stride: (usize, usize),
-    run: impl Fn(&Tensor) -> Result<Tensor>,
+    mut run: impl FnMut(&Tensor) -> Result<Tensor>,
 ) -> Result<Vec<Vec<Tensor>>> {
     let (_, _, _, h, w) = x.dims5()?;
-    (0..h)
-        .step_by(stride.0)
-        .map(|i| {
-            (0..w)
-                .step_by(stride.1)
-                .map(|j| {
-                    run(&x
-                        .narrow(3, i, min.0.min(h - i))?
-                        .narrow(4, j, min.1.min(w - j))?)
-                })
-                .collect()
-        })
-        .collect()
+    let mut rows = Vec::new();
+    for i in (0..h).step_by(stride.0) {
+        let mut row = Vec::new();
+        for j in (0..w).step_by(stride.1) {
+            row.push(run(&x.narrow(3, i, min.0.min(h - i))?.narrow(
+                4,
+                j,
+                min.1.min(w - j),
+            )?)?);
+        }
+        rows.push(row);
+    }
+    Ok(rows)
 }
 
 /// `run` on windows of `window` entries of x every `stride` along dim 2; every window but the
@@ -599,7 +599,7 @@ fn temporal_windows(
     x: &Tensor,
     window: usize,
     stride: usize,
-    run: impl Fn(&Tensor) -> Result<Tensor>,
+    mut run: impl FnMut(&Tensor) -> Result<Tensor>,
 ) -> Result<Vec<Tensor>> {
     let f = x.dim(2)?;
     let mut tiles = Vec::new();
@@ -750,6 +750,33 @@ impl AutoencoderKLHunyuanVideo {
     /// Decodes latents (b, latent, k+1, h, w) (already divided by the scaling factor) to video
     /// (b, out, 4k+1, 8h, 8w), roughly in [-1, 1].
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
+        self.decode_checked(z, &mut || Ok(()))
+    }
+
+    /// [`Self::decode`], asking `go_on()` before each tile (and before an untiled decode);
+    /// `None` as soon as it answers false, so a cancel lands within one tile.
+    pub fn decode_until(
+        &self,
+        z: &Tensor,
+        go_on: &mut dyn FnMut() -> bool,
+    ) -> Result<Option<Tensor>> {
+        let mut stopped = false;
+        let decoded = self.decode_checked(z, &mut || {
+            if go_on() {
+                Ok(())
+            } else {
+                stopped = true;
+                bail!("vae decode: stopped")
+            }
+        });
+        if stopped {
+            return Ok(None);
+        }
+        decoded.map(Some)
+    }
+
+    /// The decode, calling `check` before each tile; its error ends the decode.
+    fn decode_checked(&self, z: &Tensor, check: &mut dyn FnMut() -> Result<()>) -> Result<Tensor> {
         let (_, c, _, _, _) = z.dims5()?;
         if c != self.cfg.latent_channels {
             bail!(
@@ -761,22 +788,23 @@ impl AutoencoderKLHunyuanVideo {
         let t = self.cfg.temporal_compression_ratio;
         let tl = &self.tiling;
         if tl.framewise && z.dim(2)? > tl.tile_sample_min_num_frames / t {
-            return self.temporal_tiled_decode(z);
+            return self.temporal_tiled_decode(z, check);
         }
-        self.decode_clip(z)
+        self.decode_clip(z, check)
     }
 
     /// `decoder(post_quant_conv(z))`, spatially tiled when a frame exceeds a tile.
-    fn decode_clip(&self, z: &Tensor) -> Result<Tensor> {
+    fn decode_clip(&self, z: &Tensor, check: &mut dyn FnMut() -> Result<()>) -> Result<Tensor> {
         let (_, _, _, h, w) = z.dims5()?;
         if self.spatially_tiled(h, w, self.cfg.spatial_compression_ratio) {
-            self.tiled_decode(z)
+            self.tiled_decode(z, check)
         } else {
+            check()?;
             self.decoder.forward(&self.post_quant_conv.forward(z)?)
         }
     }
 
-    fn tiled_decode(&self, z: &Tensor) -> Result<Tensor> {
+    fn tiled_decode(&self, z: &Tensor, check: &mut dyn FnMut() -> Result<()>) -> Result<Tensor> {
         let (_, _, _, h, w) = z.dims5()?;
         let s = self.cfg.spatial_compression_ratio;
         let tl = &self.tiling;
@@ -786,6 +814,7 @@ impl AutoencoderKLHunyuanVideo {
             tl.tile_sample_stride_width / s,
         );
         let rows = tile_grid(z, min, stride, |tile| {
+            check()?;
             self.decoder.forward(&self.post_quant_conv.forward(tile)?)
         })?;
         let blend = (
@@ -798,7 +827,11 @@ impl AutoencoderKLHunyuanVideo {
             .narrow(4, 0, w * s)
     }
 
-    fn temporal_tiled_decode(&self, z: &Tensor) -> Result<Tensor> {
+    fn temporal_tiled_decode(
+        &self,
+        z: &Tensor,
+        check: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<Tensor> {
         let t = self.cfg.temporal_compression_ratio;
         let tl = &self.tiling;
         let frames = (z.dim(2)? - 1) * t + 1;
@@ -806,7 +839,7 @@ impl AutoencoderKLHunyuanVideo {
             z,
             tl.tile_sample_min_num_frames / t + 1,
             tl.tile_sample_stride_num_frames / t,
-            |tile| self.decode_clip(tile),
+            |tile| self.decode_clip(tile, &mut *check),
         )?;
         let blend = tl.tile_sample_min_num_frames - tl.tile_sample_stride_num_frames;
         let stride = tl.tile_sample_stride_num_frames;

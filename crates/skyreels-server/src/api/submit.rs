@@ -47,7 +47,8 @@ struct Checked {
 
 /// The rules no single field carries: required fields, the model's mode and size multiple,
 /// 4k+1 frames, sizes given together, `size` and `duration` against the fields they stand for,
-/// the cost limit.
+/// the cost limit, the worker's memory (pixel-frames) and parallel layout, the H.264 encoder's
+/// frame size.
 fn check(
     r: SubmitRequest,
     query_webhook: Option<String>,
@@ -100,6 +101,15 @@ fn check(
             ),
         ));
     }
+    // (these too read both orientations alike)
+    params::check_encodable(h, w).map_err(|(field, rule)| ApiError::bad(field, rule))?;
+    params::check_pixel_frames(h, w, num_frames, model.max_pixel_frames)
+        .map_err(|rule| ApiError::bad("num_frames", rule))?;
+    let cache = r.cache.map_or(config.cache, |c| c.0);
+    if let Some(u) = &model.ulysses {
+        u.check(h, w, num_frames, cache)
+            .map_err(|(field, rule)| ApiError::bad(field, rule))?;
+    }
     let webhook = match query_webhook.filter(|w| !w.is_empty()) {
         Some(w) => Some(check_webhook(&w, "webhook", config)?),
         None => match r.webhook_url.filter(|w| !w.is_empty()) {
@@ -127,7 +137,7 @@ fn check(
         size,
         portrait: r.aspect_ratio.map(|a| a == AspectRatio::Portrait),
         webhook,
-        cache: r.cache.map_or(config.cache, |c| c.0),
+        cache,
         flow_shift: r.flow_shift.map(|f| f.0),
     })
 }
