@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs Debian's redis-server (redis-server + redis-cli) when missing: the Redis-mode tests
-# (crates/skyreels-server/tests/api.rs, scripts/test_cluster.sh) start their own instances.
+# (crates/skyreels-server/tests/api/redis.rs, scripts/test_cluster.sh) start their own instances.
 set -euo pipefail
 if command -v redis-server >/dev/null && command -v redis-cli >/dev/null; then
     exit 0

@@ -1,0 +1,117 @@
+//! The fake generator every server in these tests runs, and the [`Gate`] that holds its steps.
+
+use super::MODEL;
+use skyreels_params::{CacheSpec, Ulysses};
+use skyreels_server::generator::{
+    GenerateFailure, Generated, GenerationRequest, Generator, ModelInfo,
+};
+use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+/// Blocks generation steps while closed.
+#[derive(Clone, Default)]
+pub(crate) struct Gate(Arc<(Mutex<bool>, Condvar)>);
+
+impl Gate {
+    pub(crate) fn closed() -> Self {
+        Self::default()
+    }
+    pub(crate) fn open(&self) {
+        *self.0 .0.lock().unwrap() = true;
+        self.0 .1.notify_all();
+    }
+    /// Whether the gate is open, after waiting up to 20 ms for it.
+    fn wait_a_little(&self) -> bool {
+        let open = self.0 .0.lock().unwrap();
+        if *open {
+            return true;
+        }
+        *self
+            .0
+             .1
+            .wait_timeout(open, Duration::from_millis(20))
+            .unwrap()
+            .0
+    }
+}
+
+/// The fake generator: records each request in `seen`, holds every step at `gate`, and writes a
+/// small text file as the video. A prompt containing "fail" fails, "panic" panics, and
+/// "stubborn" ignores cancels.
+pub(crate) struct Fake {
+    pub(crate) gate: Gate,
+    pub(crate) seen: Arc<Mutex<Vec<GenerationRequest>>>,
+    /// The Ulysses layout the fake's model reports (`--parallel ulysses=N`).
+    pub(crate) ulysses: Option<Ulysses>,
+}
+
+impl Generator for Fake {
+    fn models(&self) -> Vec<ModelInfo> {
+        vec![ModelInfo {
+            id: MODEL.into(),
+            image_to_video: true,
+            defaults: skyreels_params::GenerationDefaults {
+                height: 64,
+                width: 96,
+                num_frames: 9,
+                num_inference_steps: 4,
+                negative_prompt: None,
+            },
+            size_multiple: 16,
+            // SkyReels' default clip, 960x544x97
+            max_pixel_frames: 50_657_280,
+            ulysses: self.ulysses,
+        }]
+    }
+
+    fn generate(
+        &mut self,
+        req: &GenerationRequest,
+        output: &Path,
+        progress: &mut dyn FnMut(usize, usize) -> bool,
+    ) -> Result<Generated, GenerateFailure> {
+        self.seen.lock().unwrap().push(req.clone());
+        if req.prompt.contains("panic") {
+            panic!("fake generator exploded");
+        }
+        if req.prompt.contains("fail") {
+            return Err(GenerateFailure::Failed("fake failure".into()));
+        }
+        // "stubborn": a generator that never looks at the cancel answer (a last step, a decode)
+        let obeys = !req.prompt.contains("stubborn");
+        for step in 1..=req.steps {
+            // while held at the gate, keep polling for cancellation as a real step loop would
+            while !self.gate.wait_a_little() {
+                if !progress(step - 1, req.steps) && obeys {
+                    return Err(GenerateFailure::Cancelled);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(2));
+            if !progress(step, req.steps) && obeys {
+                return Err(GenerateFailure::Cancelled);
+            }
+        }
+        std::fs::write(
+            output,
+            format!("fake mp4 {}x{} seed {}", req.width, req.height, req.seed),
+        )
+        .unwrap();
+        // as a cache would: with one, the first step computes and the others come from it
+        let cached = if req.cache == CacheSpec::None {
+            0
+        } else {
+            req.steps as u64 - 1
+        };
+        Ok(Generated {
+            stages: vec![
+                ("denoising", Duration::from_millis(40)),
+                ("decoding", Duration::from_millis(2)),
+            ],
+            counts: vec![
+                ("forwards_computed", req.steps as u64 - cached),
+                ("forwards_cached", cached),
+            ],
+        })
+    }
+}

@@ -1,0 +1,27 @@
+//! Router tests with a fake generator: every route, status code and validation rule, auth,
+//! the queue, cancellation, sync mode, webhooks, uploads and restart recovery. One test binary
+//! (`cargo test -p skyreels-server --test api`), one module per feature:
+//!
+//! - `common`: the harness (fake generator, [`common::Gate`], servers in memory or on Redis,
+//!   request helpers, bodies and images);
+//! - `submit`: validation, the WaveSpeed fields, sizes and options, images, the task limits;
+//! - `predictions`: the prediction shape, polling, sync mode, base64, the queue, cancels, failures;
+//! - `uploads`, `webhooks`;
+//! - `security`: auth, hosts, abuse limits, timeouts, log injection, framing and sniffing headers;
+//! - `ops`: health, readiness, metrics, OpenAPI, docs and playground;
+//! - `records`: restart recovery, retention, record contents, corrupt records;
+//! - `workers`: several workers, load failures, draining;
+//! - `redis`: every test on the Redis engine.
+//!
+//! Tests whose doc starts with "Finding N" reproduce one finding of the server review (issue 14).
+
+mod common;
+mod ops;
+mod predictions;
+mod records;
+mod redis;
+mod security;
+mod submit;
+mod uploads;
+mod webhooks;
+mod workers;
