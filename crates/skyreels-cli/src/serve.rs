@@ -7,9 +7,9 @@ use clap::{Args, ValueEnum};
 use skyreels_pipeline::export::write_output;
 use skyreels_pipeline::generate::{GenerateError, GenerateParams, ModelPaths, Pipeline};
 use skyreels_pipeline::runtime::{free_memory, gib};
-use skyreels_server::cluster::{ClusterConfig, OutputStore};
+use skyreels_server::backend::redis::{ClusterConfig, OutputStore};
 use skyreels_server::generator::{
-    GenerateFailure, Generated, GenerationRequest, Generator, GeneratorLoader, ModelInfo,
+    GenerateFailure, Generated, Generator, GeneratorLoader, Input, ModelInfo,
 };
 use skyreels_server::{Server, ServerConfig};
 use std::path::{Path, PathBuf};
@@ -248,14 +248,15 @@ impl Generator for PipelineGenerator {
 
     fn generate(
         &mut self,
-        req: &GenerationRequest,
+        input: &Input,
         output: &Path,
         progress: &mut dyn FnMut(usize, usize) -> bool,
     ) -> Result<Generated, GenerateFailure> {
+        let req = &input.params;
         let params = GenerateParams {
             prompt: req.prompt.clone(),
             negative_prompt: req.negative_prompt.clone(),
-            image: req.image.clone(),
+            image: input.image.clone(),
             height: req.height,
             width: req.width,
             num_frames: req.num_frames,

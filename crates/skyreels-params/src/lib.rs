@@ -7,6 +7,9 @@ use image::imageops::FilterType;
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
+mod request;
+pub use request::{GenerationParams, Limits, Refusal};
+
 /// SkyReels' default negative prompt (its README and `video_generate.py`).
 pub const DEFAULT_NEGATIVE_PROMPT: &str = "Aerial view, aerial view, overexposed, low quality, deformation, a poor composition, bad hands, bad teeth, bad eyes, bad limbs, distortion";
 

@@ -3,7 +3,7 @@
 //! object, the envelope and the other response bodies. Defaults and limits come from
 //! `skyreels-params`, which `skyreels generate` uses too.
 
-use crate::job::Status;
+use crate::engine::task::Status;
 use serde::de::{self, Deserializer, Visitor};
 use serde::ser::SerializeSeq;
 use serde::{Deserialize, Serialize};

@@ -31,101 +31,25 @@ fn fallback_max_pixel_frames() -> u64 {
     skyreels_params::FALLBACK_MAX_PIXEL_FRAMES
 }
 
-/// A validated job, ready for the device.
-#[derive(Clone, Debug)]
-pub struct GenerationRequest {
-    pub model: String,
-    pub prompt: String,
-    /// `None`: the model's default negative prompt.
-    pub negative_prompt: Option<String>,
-    pub image: Option<RgbImage>,
-    pub height: usize,
-    pub width: usize,
-    pub num_frames: usize,
-    pub steps: usize,
-    pub guidance_scale: f64,
-    pub embedded_guidance_scale: f64,
-    pub seed: u64,
-    pub fps: f64,
-    pub cache: skyreels_params::CacheSpec,
-    /// The flow-matching shift; None: the model's scheduler config.
-    pub flow_shift: Option<f64>,
+impl ModelInfo {
+    /// The limits a request for this model must fit on a worker whose `--max-work` is
+    /// `max_work`.
+    pub fn limits(&self, max_work: f64) -> skyreels_params::Limits {
+        skyreels_params::Limits {
+            size_multiple: self.size_multiple,
+            max_pixel_frames: self.max_pixel_frames,
+            ulysses: self.ulysses,
+            max_work,
+        }
+    }
 }
 
-impl GenerationRequest {
-    /// The rules a submit is checked against, again, on the request as a worker reads it from
-    /// the queue (Redis mode: whoever can write to Redis can queue a task, so a worker trusts
-    /// nothing it did not check itself). `max_work` is the worker's own `--max-work`.
-    pub fn check(&self, model: &ModelInfo, max_work: f64) -> Result<(), String> {
-        use skyreels_params as p;
-        let field = |name: &str, rule: String| format!("{name}: {rule}");
-        if self.model != model.id {
-            return Err(format!("model: {} is not served here", self.model));
-        }
-        if self.prompt.trim().is_empty() {
-            return Err("prompt: is required".into());
-        }
-        for (name, text) in [
-            ("prompt", Some(&self.prompt)),
-            ("negative_prompt", self.negative_prompt.as_ref()),
-        ] {
-            if text.is_some_and(|t| t.len() > p::MAX_PROMPT_BYTES) {
-                return Err(field(
-                    name,
-                    format!("is longer than {} bytes", p::MAX_PROMPT_BYTES),
-                ));
-            }
-        }
-        p::check_side(self.height, model.size_multiple).map_err(|r| field("height", r))?;
-        p::check_side(self.width, model.size_multiple).map_err(|r| field("width", r))?;
-        p::check_frames(self.num_frames).map_err(|r| field("num_frames", r))?;
-        match (&self.image, model.image_to_video) {
-            (None, true) => return Err("image: is required".into()),
-            (Some(_), false) => return Err("image: a text-to-video model takes none".into()),
-            (Some(i), true) if i.dimensions() != (self.width as u32, self.height as u32) => {
-                return Err("image: not fitted to the task's size".into())
-            }
-            _ => {}
-        }
-        if !p::STEPS.contains(self.steps as i64) {
-            return Err(field("num_inference_steps", p::STEPS.rule()));
-        }
-        for (name, v, range) in [
-            ("guidance_scale", self.guidance_scale, p::GUIDANCE),
-            (
-                "embedded_guidance_scale",
-                self.embedded_guidance_scale,
-                p::EMBEDDED_GUIDANCE,
-            ),
-            ("fps", self.fps, p::FPS_RANGE),
-        ] {
-            if !range.contains(v) {
-                return Err(field(name, range.rule()));
-            }
-        }
-        if self.flow_shift.is_some_and(|s| !p::FLOW_SHIFT.contains(s)) {
-            return Err(field("flow_shift", p::FLOW_SHIFT.rule()));
-        }
-        if self.seed > p::SEED.max as u64 {
-            return Err(field("seed", p::SEED.rule()));
-        }
-        let work = p::work_millions(self.height, self.width, self.num_frames, self.steps);
-        if work > max_work {
-            return Err(format!(
-                "the task is too large: {work:.0} million (width x height x frames x steps); \
-                 this worker's limit (--max-work) is {max_work:.0} million"
-            ));
-        }
-        let (h, w) = (self.height, self.width);
-        p::check_encodable(h, w).map_err(|(name, rule)| field(name, rule))?;
-        p::check_pixel_frames(h, w, self.num_frames, model.max_pixel_frames)
-            .map_err(|r| field("num_frames", r))?;
-        if let Some(u) = &model.ulysses {
-            u.check(h, w, self.num_frames, self.cache)
-                .map_err(|(name, rule)| field(name, rule))?;
-        }
-        Ok(())
-    }
+/// A validated task, ready for the device: its parameters and, for image-to-video, the image
+/// fitted to its size.
+#[derive(Clone, Debug)]
+pub struct Input {
+    pub params: skyreels_params::GenerationParams,
+    pub image: Option<RgbImage>,
 }
 
 /// Why a generation did not produce a video.
@@ -142,13 +66,11 @@ pub enum GenerateFailure {
     Failed(String),
 }
 
-/// Named stage durations of one generation (text encoding, denoising, decoding, export...).
-pub type StageTimings = Vec<(&'static str, Duration)>;
-
 /// What a finished generation reports besides its video.
 #[derive(Debug, Clone, Default)]
 pub struct Generated {
-    pub stages: StageTimings,
+    /// Named stage durations (text encoding, denoising, decoding, export...).
+    pub stages: Vec<(&'static str, Duration)>,
     /// Named counts, shown next to the stage times in the prediction's `timings`
     /// (`forwards_computed`, `forwards_cached`).
     pub counts: Vec<(&'static str, u64)>,
@@ -159,12 +81,12 @@ pub trait Generator: Send {
     /// The models served; asked once after loading.
     fn models(&self) -> Vec<ModelInfo>;
 
-    /// Generates `req` into an MP4 at `output`. `progress(done, total)` is called after each
+    /// Generates `input` into an MP4 at `output`. `progress(done, total)` is called after each
     /// denoising step, and again with the last step's numbers between the later stages (VAE
     /// tiles, before the export) to ask whether to go on; returning `false` cancels.
     fn generate(
         &mut self,
-        req: &GenerationRequest,
+        input: &Input,
         output: &Path,
         progress: &mut dyn FnMut(usize, usize) -> bool,
     ) -> Result<Generated, GenerateFailure>;

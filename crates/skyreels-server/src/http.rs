@@ -4,7 +4,7 @@
 //! nothing moves while no handler runs, a cap on connections served at once, and a graceful
 //! stop with hyper-util. (The body deadline is a middleware: `api::middleware::body_deadline`.)
 
-use crate::ServerConfig;
+use crate::config::ServerConfig;
 use axum::body::Body;
 use axum::Router;
 use hyper::body::Incoming;

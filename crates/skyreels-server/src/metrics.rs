@@ -4,7 +4,6 @@
 //! from a fixed set: methods are recorded as one of a few names, routes as the matched route
 //! pattern.
 
-use crate::jobs::Overview;
 use metrics::{counter, gauge, histogram, with_local_recorder};
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
@@ -21,6 +20,18 @@ pub const HTTP_BUCKETS: [f64; 12] = [
 
 const STAGE: &str = "skyreels_stage_duration_seconds";
 const HTTP: &str = "skyreels_http_request_duration_seconds";
+
+/// What `/metrics` reports of the tasks.
+#[derive(Debug, Default)]
+pub struct Overview {
+    /// Tasks by status name (where the job store keeps count; Redis keeps no cluster-wide
+    /// count).
+    pub jobs: Vec<(&'static str, usize)>,
+    /// Tasks waiting to start, per model (every known model, 0 when none waits).
+    pub waiting: Vec<(String, usize)>,
+    /// Live workers per model.
+    pub workers: Vec<(String, usize)>,
+}
 
 pub struct Metrics {
     recorder: PrometheusRecorder,
@@ -82,8 +93,8 @@ impl Metrics {
         with_local_recorder(&self.recorder, f)
     }
 
-    /// One HTTP request: `method` from [`crate::api::middleware::method_label`], `route` the
-    /// matched route pattern (or "unmatched").
+    /// One HTTP request: `method` one of a few names (the HTTP layer's `method_label`),
+    /// `route` the matched route pattern (or "unmatched").
     pub fn http(&self, method: &'static str, route: &str, status: u16, seconds: f64) {
         let (route, status) = (route.to_string(), status.to_string());
         self.with(|| {
@@ -117,7 +128,7 @@ impl Metrics {
             let depth: usize = overview.waiting.iter().map(|(_, n)| n).sum();
             gauge!("skyreels_queue_depth").set(depth as f64);
             for (status, n) in &overview.jobs {
-                gauge!("skyreels_jobs", "status" => status.as_str()).set(*n as f64);
+                gauge!("skyreels_jobs", "status" => *status).set(*n as f64);
             }
             for (model, n) in &overview.waiting {
                 gauge!("skyreels_model_queue_depth", "model" => model.clone()).set(*n as f64);
@@ -133,7 +144,6 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::job::Status;
 
     #[test]
     fn histogram_buckets_are_cumulative_and_labels_escaped() {
@@ -143,7 +153,7 @@ mod tests {
         m.stage("denoising", 4000.0);
         m.http("GET", "/a\"b\\c\nd", 200, 0.002);
         let overview = Overview {
-            jobs: vec![(Status::Created, 2)],
+            jobs: vec![("created", 2)],
             waiting: vec![("a/b".into(), 2)],
             workers: vec![("a/b".into(), 3)],
         };

@@ -3,15 +3,12 @@
 //! of `/api/v3/models`.
 
 use crate::api::{ops, playground, predictions, submit, uploads};
-use crate::contract::{ModelEntry, SubmitRequest};
-use crate::generator::ModelInfo;
-use serde_json::{json, Value};
 use utoipa::openapi::path::{
     HttpMethod, OperationBuilder, ParameterBuilder, ParameterIn, PathItem,
 };
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, ResponseBuilder};
-use utoipa::{Modify, OpenApi, PartialSchema};
+use utoipa::{Modify, OpenApi};
 use utoipa_swagger_ui::SwaggerUi;
 
 #[derive(OpenApi)]
@@ -79,58 +76,6 @@ pub fn document() -> utoipa::openapi::OpenApi {
 }
 
 /// JSON schema of a submit body for this model: the contract's schema with the model's
-/// defaults and required fields.
-pub fn input_schema(m: &ModelInfo) -> Value {
-    let mut s = serde_json::to_value(SubmitRequest::schema()).unwrap_or_default();
-    let mut required = vec!["prompt"];
-    if m.image_to_video {
-        required.push("image");
-    }
-    s["required"] = json!(required);
-    for (field, default) in [
-        ("num_inference_steps", json!(m.defaults.num_inference_steps)),
-        ("num_frames", json!(m.defaults.num_frames)),
-        ("width", json!(m.defaults.width)),
-        ("height", json!(m.defaults.height)),
-        ("guidance_scale", json!(skyreels_params::GUIDANCE_SCALE)),
-        (
-            "embedded_guidance_scale",
-            json!(skyreels_params::EMBEDDED_GUIDANCE_SCALE),
-        ),
-        ("fps", json!(skyreels_params::FPS)),
-        ("seed", json!(-1)),
-    ] {
-        if let Some(p) = s["properties"].get_mut(field) {
-            p["default"] = default;
-        }
-    }
-    if let Some(p) = s["properties"].get_mut("width") {
-        p["multipleOf"] = json!(m.size_multiple);
-    }
-    if let Some(p) = s["properties"].get_mut("height") {
-        p["multipleOf"] = json!(m.size_multiple);
-    }
-    s
-}
-
-/// One entry of `GET /api/v3/models`.
-pub fn model_entry(m: &ModelInfo) -> ModelEntry {
-    ModelEntry {
-        model_id: m.id.clone(),
-        name: m.id.clone(),
-        kind: if m.image_to_video {
-            "image-to-video"
-        } else {
-            "text-to-video"
-        }
-        .into(),
-        description: "SkyReels V1 (HunyuanVideo) served by skyreels-server. No NSFW classifier runs: has_nsfw_contents is always false.".into(),
-        api_schema: crate::contract::ApiSchema {
-            input: input_schema(m),
-        },
-    }
-}
-
 /// Swagger UI at `/docs`, the document at `/openapi.json`.
 pub fn swagger<S: Clone + Send + Sync + 'static>() -> axum::Router<S> {
     SwaggerUi::new("/docs")

@@ -2,7 +2,7 @@
 //! asynchronously with retries: a bounded number of attempts run at a time, waits between
 //! attempts are timers (no thread sleeps), and an address the guard refused is not retried.
 
-use crate::job::{hex, new_id};
+use crate::engine::task::{hex, new_id};
 use crate::media;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -44,7 +44,7 @@ pub fn load_or_create_secret(configured: Option<String>, dir: &Path) -> std::io:
         }
     }
     let secret = format!("whsec_{}{}", new_id(), new_id());
-    crate::store::write_private(&path, secret.as_bytes())?;
+    crate::engine::files::write_private(&path, secret.as_bytes())?;
     Ok(secret)
 }
 

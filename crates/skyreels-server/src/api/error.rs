@@ -1,6 +1,7 @@
 //! Errors answered before a task exists, and the envelope every JSON answer wears.
 
 use crate::contract::Envelope;
+use crate::engine::EngineError;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
@@ -40,20 +41,22 @@ impl ApiError {
     }
 }
 
-impl From<crate::jobs::Unavailable> for ApiError {
-    /// 503 with Retry-After: the job store is unreachable for now.
-    fn from(e: crate::jobs::Unavailable) -> Self {
+impl From<EngineError> for ApiError {
+    /// The engine cannot answer now (its store unreachable or full, the server stopping): 503
+    /// with Retry-After, the cause logged (the client's message leaves it out).
+    fn from(e: EngineError) -> Self {
+        e.log();
         Self {
             retry_after: Some(5),
-            ..Self::unavailable(e.0)
+            ..Self::unavailable(e.to_string())
         }
     }
 }
 
-impl From<crate::jobs::UploadRefused> for ApiError {
+impl From<crate::engine::UploadRefused> for ApiError {
     /// 429 for what the client holds too much of, 503 for the server's own limits.
-    fn from(e: crate::jobs::UploadRefused) -> Self {
-        use crate::jobs::UploadRefused as R;
+    fn from(e: crate::engine::UploadRefused) -> Self {
+        use crate::engine::UploadRefused as R;
         match e {
             R::Unavailable(u) => u.into(),
             R::ClusterQuota(_) => Self {

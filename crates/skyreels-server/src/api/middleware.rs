@@ -4,8 +4,8 @@
 
 use super::body::DeadlineBody;
 use super::error::ApiError;
-use crate::job::new_id;
-use crate::AppState;
+use crate::engine::task::new_id;
+use crate::state::AppState;
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
@@ -172,7 +172,7 @@ pub struct Owner(pub String);
 impl Owner {
     /// The owner [`auth`] found, `anonymous` where no key was asked for.
     pub fn of(ext: Option<axum::Extension<Owner>>) -> String {
-        ext.map_or_else(|| "anonymous".to_string(), |e| e.0 .0)
+        ext.map_or_else(|| crate::engine::ANONYMOUS.to_string(), |e| e.0 .0)
     }
 }
 
@@ -180,7 +180,7 @@ impl Owner {
 /// scheme in any case); `anonymous` when no key is configured; `None` without a valid key.
 pub fn caller(state: &AppState, headers: &HeaderMap) -> Option<Owner> {
     if state.key_hashes.is_empty() {
-        return Some(Owner("anonymous".into()));
+        return Some(Owner(crate::engine::ANONYMOUS.into()));
     }
     let presented = headers
         .get(header::AUTHORIZATION)
@@ -192,8 +192,8 @@ pub fn caller(state: &AppState, headers: &HeaderMap) -> Option<Owner> {
     let known = state
         .key_hashes
         .iter()
-        .fold(false, |found, k| found | crate::ct_eq(k, &presented));
-    known.then(|| Owner(crate::job::hex(&presented[..8])))
+        .fold(false, |found, k| found | ct_eq(k, &presented));
+    known.then(|| Owner(crate::engine::task::hex(&presented[..8])))
 }
 
 pub async fn auth(State(state): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
@@ -306,6 +306,11 @@ pub async fn envelope_errors(
     ApiError::new(status, message).into_response()
 }
 
+/// Compares two digests in constant time.
+fn ct_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -313,9 +318,9 @@ mod tests {
     #[tokio::test]
     async fn host_policy_follows_the_bound_address() {
         let dir = tempfile::tempdir().unwrap();
-        let mut c = crate::ServerConfig::new(dir.path());
+        let mut c = crate::config::ServerConfig::new(dir.path());
         c.allowed_hosts = vec!["Video.Example.COM.".into()];
-        let server = crate::Server::start(c, Box::new(|| Err("no model".into()))).unwrap();
+        let server = crate::server::Server::start(c, Box::new(|| Err("no model".into()))).unwrap();
         let state = &server.state;
         let specific = HostPolicy::new(state, Some("10.1.2.3".parse().unwrap()));
         assert!(specific.allows("10.1.2.3:8000") && specific.allows("localhost"));

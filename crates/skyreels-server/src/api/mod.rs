@@ -15,7 +15,8 @@ pub use error::{envelope, success, ApiError, ApiResult};
 pub use middleware::HostPolicy;
 pub use predictions::prediction;
 
-use crate::{openapi, AppState};
+use crate::openapi;
+use crate::state::AppState;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{header, HeaderMap, Method, Uri};
 use axum::middleware::{from_fn, from_fn_with_state};

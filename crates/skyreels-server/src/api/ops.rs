@@ -1,14 +1,17 @@
 //! Operations routes: liveness, readiness, metrics, the served models, the webhook secret.
 
 use super::error::{success, ApiError, ApiResult};
+use crate::contract::SubmitRequest;
 use crate::contract::{Envelope, ErrorEnvelope, ModelEntry, StatusText, WebhookSecret};
-use crate::generator::ModelInfo;
-use crate::jobs::Jobs;
-use crate::{openapi, AppState};
+use crate::engine::ModelInfo;
+use crate::state::AppState;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
+use serde_json::{json, Value};
+use std::collections::HashMap;
 use std::sync::Arc;
+use utoipa::PartialSchema;
 
 /// The models a submit may name, or 503 while loading, shutting down or without Redis.
 pub async fn models_loaded(state: &AppState) -> Result<Vec<ModelInfo>, ApiError> {
@@ -39,29 +42,33 @@ pub async fn health() -> Response {
     ))]
 pub async fn ready(State(state): State<Arc<AppState>>) -> ApiResult {
     let models = models_loaded(&state).await?;
-    let status = match &state.jobs {
-        Jobs::Memory(_) => "ready".to_string(),
-        Jobs::Redis(c) => {
-            let live = c.live_workers().await?;
-            let none: Vec<&str> = models
-                .iter()
-                .filter(|m| live.get(&m.id).is_none_or(|n| *n == 0))
-                .map(|m| m.id.as_str())
-                .collect();
-            if none.len() == models.len() {
-                return Err(ApiError::unavailable(format!(
-                    "no live worker for {}; tasks are queued until one starts",
-                    none.join(", ")
-                )));
-            }
-            if none.is_empty() {
-                "ready".to_string()
-            } else {
-                format!("ready; no live worker for {}", none.join(", "))
-            }
-        }
+    let live = live_workers(&state).await?;
+    let none: Vec<&str> = models
+        .iter()
+        .filter(|m| live.get(&m.id).is_none_or(|n| *n == 0))
+        .map(|m| m.id.as_str())
+        .collect();
+    if none.len() == models.len() {
+        return Err(ApiError::unavailable(format!(
+            "no live worker for {}; tasks are queued until one starts",
+            none.join(", ")
+        )));
+    }
+    let status = if none.is_empty() {
+        "ready".to_string()
+    } else {
+        format!("ready; no live worker for {}", none.join(", "))
     };
     Ok(success(StatusText { status }))
+}
+
+/// Live workers per model (this process's loaded ones, or the cluster's).
+async fn live_workers(state: &AppState) -> Result<HashMap<String, usize>, ApiError> {
+    let loaded = state
+        .workers_loaded
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let live = state.jobs.live_workers(state.models.get(), loaded).await?;
+    Ok(live.into_iter().collect())
 }
 
 /// Prometheus metrics (text exposition format). Answered within one Redis command timeout
@@ -78,7 +85,7 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             models_loaded(&state)
         )
     };
-    let (overview, ready) = tokio::time::timeout(crate::cluster::COMMAND_TIMEOUT, both)
+    let (overview, ready) = tokio::time::timeout(crate::engine::COMMAND_TIMEOUT, both)
         .await
         .map_or((Default::default(), false), |(o, r)| (o, r.is_ok()));
     (
@@ -100,13 +107,9 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     security(("bearer" = [])))]
 pub async fn models(State(state): State<Arc<AppState>>) -> ApiResult {
     let mut models = models_loaded(&state).await?;
-    if let Jobs::Redis(c) = &state.jobs {
-        let live = c.live_workers().await?;
-        models.retain(|m| live.get(&m.id).is_some_and(|n| *n > 0));
-    }
-    Ok(success(
-        models.iter().map(openapi::model_entry).collect::<Vec<_>>(),
-    ))
+    let live = live_workers(&state).await?;
+    models.retain(|m| live.get(&m.id).is_some_and(|n| *n > 0));
+    Ok(success(models.iter().map(model_entry).collect::<Vec<_>>()))
 }
 
 /// The webhook signing secret.
@@ -117,4 +120,56 @@ pub async fn webhook_secret(State(state): State<Arc<AppState>>) -> Response {
     success(WebhookSecret {
         secret: state.webhook_secret(),
     })
+}
+
+/// defaults and required fields.
+fn input_schema(m: &ModelInfo) -> Value {
+    let mut s = serde_json::to_value(SubmitRequest::schema()).unwrap_or_default();
+    let mut required = vec!["prompt"];
+    if m.image_to_video {
+        required.push("image");
+    }
+    s["required"] = json!(required);
+    for (field, default) in [
+        ("num_inference_steps", json!(m.defaults.num_inference_steps)),
+        ("num_frames", json!(m.defaults.num_frames)),
+        ("width", json!(m.defaults.width)),
+        ("height", json!(m.defaults.height)),
+        ("guidance_scale", json!(skyreels_params::GUIDANCE_SCALE)),
+        (
+            "embedded_guidance_scale",
+            json!(skyreels_params::EMBEDDED_GUIDANCE_SCALE),
+        ),
+        ("fps", json!(skyreels_params::FPS)),
+        ("seed", json!(-1)),
+    ] {
+        if let Some(p) = s["properties"].get_mut(field) {
+            p["default"] = default;
+        }
+    }
+    if let Some(p) = s["properties"].get_mut("width") {
+        p["multipleOf"] = json!(m.size_multiple);
+    }
+    if let Some(p) = s["properties"].get_mut("height") {
+        p["multipleOf"] = json!(m.size_multiple);
+    }
+    s
+}
+
+/// One entry of `GET /api/v3/models`.
+fn model_entry(m: &ModelInfo) -> ModelEntry {
+    ModelEntry {
+        model_id: m.id.clone(),
+        name: m.id.clone(),
+        kind: if m.image_to_video {
+            "image-to-video"
+        } else {
+            "text-to-video"
+        }
+        .into(),
+        description: "SkyReels V1 (HunyuanVideo) served by skyreels-server. No NSFW classifier runs: has_nsfw_contents is always false.".into(),
+        api_schema: crate::contract::ApiSchema {
+            input: input_schema(m),
+        },
+    }
 }

@@ -2,10 +2,10 @@
 
 use super::error::{success, ApiError, ApiResult};
 use crate::contract::{Deleted, Envelope, ErrorEnvelope, Prediction};
-use crate::job::Status;
-use crate::store::CancelResult;
+use crate::engine::task::Status;
+use crate::engine::CancelResult;
+use crate::state::AppState;
 pub use crate::view::prediction;
-use crate::AppState;
 use axum::extract::{Path, State};
 use std::sync::Arc;
 

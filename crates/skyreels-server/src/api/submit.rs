@@ -4,16 +4,15 @@
 use super::body::read_json;
 use super::error::{success, ApiError, ApiResult};
 use super::predictions::{prediction, task_gone};
+use crate::config::ServerConfig;
 use crate::contract::{
     AspectRatio, Duration, Envelope, ErrorEnvelope, NumFrames, Prediction, Side, Size,
     SubmitRequest, MAX_URL_BYTES,
 };
-use crate::generator::{GenerationRequest, ModelInfo};
-use crate::job::{JobRecord, Status, TaskCode};
-use crate::jobs::Jobs;
+use crate::engine::task::{JobRecord, Status, TaskCode};
+use crate::engine::{AdmitError, Engine, ModelInfo, Queued, QueuedImage};
 use crate::media::{self, ImageSource};
-use crate::store::AdmitError;
-use crate::{AppState, ServerConfig};
+use crate::state::AppState;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -21,28 +20,20 @@ use serde::Deserialize;
 use skyreels_params as params;
 use std::sync::Arc;
 
-/// A submit, checked: the values the task runs with (the image still as given).
+/// A submit, checked: the parameters the task runs with (the image still as given; the size,
+/// unless the request fixed it, the model's default for the image's orientation, settled once
+/// the image is read).
 #[derive(Debug)]
 struct Checked {
-    prompt: String,
-    negative_prompt: Option<String>,
+    params: params::GenerationParams,
     image: Option<String>,
-    seed: u64,
     sync: bool,
     base64: bool,
-    steps: usize,
-    guidance_scale: f64,
-    embedded_guidance_scale: f64,
-    num_frames: usize,
-    fps: f64,
-    /// (height, width) when the request fixes it.
-    size: Option<(usize, usize)>,
+    /// The request fixes the size.
+    size_fixed: bool,
     /// Portrait from aspect_ratio "9:16"; `None`: follow the image.
     portrait: Option<bool>,
     webhook: Option<String>,
-    cache: params::CacheSpec,
-    /// None: the model's scheduler config.
-    flow_shift: Option<f64>,
 }
 
 /// The rules no single field carries: required fields, the model's mode and size multiple,
@@ -88,28 +79,30 @@ fn check(
     let steps = r
         .num_inference_steps
         .map_or(model.defaults.num_inference_steps, |s| s.0);
-    // the product is the same in either orientation, so the image need not be known yet
-    let (h, w) = size.unwrap_or_else(|| model.defaults.size(false));
-    let work = params::work_millions(h, w, num_frames, steps);
-    if work > config.max_work {
-        return Err(ApiError::bad(
-            "num_inference_steps",
-            format!(
-                "the task is too large: {w}x{h} pixels x {num_frames} frames x {steps} steps is \
-                 {work:.0} million; this server's limit (--max-work) is {:.0} million",
-                config.max_work
-            ),
-        ));
-    }
-    // (these too read both orientations alike)
-    params::check_encodable(h, w).map_err(|(field, rule)| ApiError::bad(field, rule))?;
-    params::check_pixel_frames(h, w, num_frames, model.max_pixel_frames)
-        .map_err(|rule| ApiError::bad("num_frames", rule))?;
-    let cache = r.cache.map_or(config.cache, |c| c.0);
-    if let Some(u) = &model.ulysses {
-        u.check(h, w, num_frames, cache)
-            .map_err(|(field, rule)| ApiError::bad(field, rule))?;
-    }
+    // the limits read both orientations alike, so the image need not be known yet
+    let (height, width) = size.unwrap_or_else(|| model.defaults.size(false));
+    let params = params::GenerationParams {
+        prompt,
+        negative_prompt: r.negative_prompt.map(|n| n.0),
+        height,
+        width,
+        num_frames,
+        steps,
+        guidance_scale: r.guidance_scale.map_or(params::GUIDANCE_SCALE, |g| g.0),
+        embedded_guidance_scale: r
+            .embedded_guidance_scale
+            .map_or(params::EMBEDDED_GUIDANCE_SCALE, |g| g.0),
+        seed: r.seed.map(|s| s.0).filter(|s| *s >= 0).map_or_else(
+            || rand::random_range(0..=params::SEED.max as u64),
+            |s| s as u64,
+        ),
+        fps,
+        cache: r.cache.map_or(config.cache, |c| c.0),
+        flow_shift: r.flow_shift.map(|f| f.0),
+    };
+    params
+        .check(&model.limits(config.max_work))
+        .map_err(|e| ApiError::bad(e.field, e.rule))?;
     let webhook = match query_webhook.filter(|w| !w.is_empty()) {
         Some(w) => Some(check_webhook(&w, "webhook", config)?),
         None => match r.webhook_url.filter(|w| !w.is_empty()) {
@@ -118,27 +111,13 @@ fn check(
         },
     };
     Ok(Checked {
-        prompt,
-        negative_prompt: r.negative_prompt.map(|n| n.0),
+        params,
         image,
-        seed: r.seed.map(|s| s.0).filter(|s| *s >= 0).map_or_else(
-            || rand::random_range(0..=params::SEED.max as u64),
-            |s| s as u64,
-        ),
         sync: r.enable_sync_mode.is_some_and(|f| f.0),
         base64: r.enable_base64_output.is_some_and(|f| f.0),
-        steps,
-        guidance_scale: r.guidance_scale.map_or(params::GUIDANCE_SCALE, |g| g.0),
-        embedded_guidance_scale: r
-            .embedded_guidance_scale
-            .map_or(params::EMBEDDED_GUIDANCE_SCALE, |g| g.0),
-        num_frames,
-        fps,
-        size,
+        size_fixed: size.is_some(),
         portrait: r.aspect_ratio.map(|a| a == AspectRatio::Portrait),
         webhook,
-        cache,
-        flow_shift: r.flow_shift.map(|f| f.0),
     })
 }
 
@@ -237,7 +216,7 @@ fn check_webhook(w: &str, field: &str, config: &ServerConfig) -> Result<String, 
 }
 
 /// Where the `image` string points (a data: URI is decoded off the async runtime).
-async fn image_source(jobs: &Jobs, image: String) -> Result<ImageSource, ApiError> {
+async fn image_source(jobs: &Engine, image: String) -> Result<ImageSource, ApiError> {
     if image.starts_with("data:") {
         return tokio::task::spawn_blocking(move || media::parse_data_uri(&image))
             .await
@@ -329,13 +308,13 @@ pub async fn submit(
     let record = JobRecord {
         base64_output: c.base64,
         webhook: c.webhook.clone(),
-        num_frames: Some(c.num_frames),
+        num_frames: Some(c.params.num_frames),
         ..JobRecord::created(
             &model.id,
-            input,
+            serde_json::to_value(input).map_err(ApiError::internal)?,
             super::base_url(&state, &headers),
-            c.seed,
-            c.steps,
+            c.params.seed,
+            c.params.steps,
         )
     };
     let task_id = record.id.clone();
@@ -353,7 +332,7 @@ pub async fn submit(
             }
         }
         AdmitError::Draining => ApiError::unavailable("the server is shutting down"),
-        AdmitError::Unavailable(m) => ApiError::from(crate::jobs::Unavailable(m)),
+        AdmitError::Unavailable(e) => ApiError::from(e),
     })?;
     state.metrics.submitted();
     tracing::info!(id = %task_id, model = %model.id, "task accepted");
@@ -389,17 +368,22 @@ async fn prepare(
     c: Checked,
     source: Option<ImageSource>,
 ) {
-    let (size, portrait, d) = (c.size, c.portrait, model.defaults.clone());
+    let (fixed, portrait, d) = (c.size_fixed, c.portrait, model.defaults.clone());
+    let (height, width) = (c.params.height, c.params.width);
     let keep_source = state.jobs.queues_source_images();
     let fit = move |image: Option<image::RgbImage>| {
         let portrait = portrait.unwrap_or_else(|| image.as_ref().is_some_and(params::is_portrait));
-        let (height, width) = size.unwrap_or_else(|| d.size(portrait));
+        let (height, width) = if fixed {
+            (height, width)
+        } else {
+            d.size(portrait)
+        };
         let image = image
             .filter(|_| !keep_source)
             .map(|i| params::fit_image(&i, width, height));
         (image, height, width)
     };
-    let ((image, height, width), bytes) = match source {
+    let ((fitted, height, width), bytes) = match source {
         None => (fit(None), None),
         Some(source) => match load_image(&state, &id, source, fit).await {
             Ok((fitted, bytes)) => (fitted, keep_source.then_some(bytes)),
@@ -410,23 +394,20 @@ async fn prepare(
             }
         },
     };
-    let request = GenerationRequest {
-        model: model.id,
-        prompt: c.prompt,
-        negative_prompt: c.negative_prompt,
-        image,
+    let image = match (fitted, bytes) {
+        (Some(i), _) => Some(QueuedImage::Fitted(i)),
+        (None, Some(b)) => Some(QueuedImage::Encoded(b)),
+        (None, None) => None,
+    };
+    let params = params::GenerationParams {
         height,
         width,
-        num_frames: c.num_frames,
-        steps: c.steps,
-        guidance_scale: c.guidance_scale,
-        embedded_guidance_scale: c.embedded_guidance_scale,
-        seed: c.seed,
-        fps: c.fps,
-        cache: c.cache,
-        flow_shift: c.flow_shift,
+        ..c.params
     };
-    state.jobs.enqueue(&id, request, bytes).await;
+    state
+        .jobs
+        .enqueue(&id, &model.id, Queued { params, image })
+        .await;
 }
 
 type Fitted = (Option<image::RgbImage>, usize, usize);
@@ -458,7 +439,7 @@ async fn load_image(
             .jobs
             .upload_bytes(&upload)
             .await
-            .map_err(|e| (TaskCode::MediaAccessFailed, e.0))?
+            .map_err(|e| (TaskCode::MediaAccessFailed, e.to_string()))?
             .ok_or_else(|| media(media::MediaError::MissingUpload(upload)))?,
     };
     let cap = state.config.max_upload_bytes;

@@ -4,15 +4,13 @@
 use super::body::{body_error, read_json};
 use super::error::{success, ApiError, ApiResult};
 use super::middleware::Owner;
-use crate::cluster::Blob;
 use crate::contract::{
     Envelope, ErrorEnvelope, UploadData, UploadHeaders, UploadTarget, UploadTicketRequest,
     MAX_CONTENT_TYPE_BYTES, MAX_FILENAME_BYTES,
 };
-use crate::jobs::Jobs;
+use crate::engine::{Blob, Content, Paths, Upload};
 use crate::media::{sniff_raster, RASTER_TYPES};
-use crate::store::{new_upload, Paths, Upload};
-use crate::AppState;
+use crate::state::AppState;
 use axum::body::Body;
 use axum::extract::{Multipart, Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -154,7 +152,7 @@ pub async fn upload_binary(
         let filename = field.file_name().unwrap_or("upload").to_string();
         let upload = Upload {
             owner: Owner::of(owner),
-            ..new_upload(&filename, "", 0, &super::base_url(&state, &headers))
+            ..Upload::new(&filename, "", 0, &super::base_url(&state, &headers))
         };
         let paths = state.jobs.paths();
         let mut sink = Sink::create(paths, &upload.id, cap as u64).await?;
@@ -325,22 +323,8 @@ pub async fn upload_file(
 ) -> Result<Response, ApiError> {
     let gone = || ApiError::not_found("file not found");
     let upload = state.jobs.upload(&id).await?.ok_or_else(gone)?;
-    let mut response = match &state.jobs {
-        Jobs::Memory(s) => {
-            let file = ServeFile::new(s.paths().upload_data_path(&id));
-            tower::ServiceExt::oneshot(file, req)
-                .await
-                .map_err(ApiError::internal)?
-                .map(Body::new)
-        }
-        Jobs::Redis(c) => {
-            let blob = Blob::Upload(&id);
-            let len = c.blob_len(blob).await?.ok_or_else(gone)?;
-            ranged(req.headers(), len, |a, b| {
-                Body::from_stream(c.blob_stream(blob, a, b))
-            })
-        }
-    };
+    let content = state.jobs.content(Blob::Upload(&id)).await?;
+    let mut response = serve(content.ok_or_else(gone)?, req).await?;
     if !response.status().is_success() {
         return Ok(response);
     }
@@ -364,22 +348,30 @@ pub async fn upload_file(
 pub async fn output_file(
     State(state): State<Arc<AppState>>,
     Path(file): Path<String>,
-    headers: HeaderMap,
+    req: Request,
 ) -> Result<Response, ApiError> {
     let gone = || ApiError::not_found("file not found");
-    let Jobs::Redis(c) = &state.jobs else {
-        return Err(gone());
-    };
-    let blob = Blob::Output(&file);
-    let len = c.blob_len(blob).await?.ok_or_else(gone)?;
-    let mut response = ranged(&headers, len, |a, b| {
-        Body::from_stream(c.blob_stream(blob, a, b))
-    });
+    let content = state.jobs.content(Blob::Output(&file)).await?;
+    let mut response = serve(content.ok_or_else(gone)?, req).await?;
     if response.status() != StatusCode::RANGE_NOT_SATISFIABLE {
         let mp4 = HeaderValue::from_static("video/mp4");
         response.headers_mut().insert(header::CONTENT_TYPE, mp4);
     }
     Ok(response)
+}
+
+/// The response to a GET of stored content: a file served as files are (Range, conditional
+/// requests), a stream in windows with [`ranged`].
+async fn serve(content: Content, req: Request) -> Result<Response, ApiError> {
+    match content {
+        Content::File(path) => Ok(tower::ServiceExt::oneshot(ServeFile::new(path), req)
+            .await
+            .map_err(ApiError::internal)?
+            .map(Body::new)),
+        Content::Stream { len, read } => Ok(ranged(req.headers(), len, |a, b| {
+            Body::from_stream(read(a, b))
+        })),
+    }
 }
 
 /// The response to a GET of a `len`-byte value with these headers: 200 with the whole body,

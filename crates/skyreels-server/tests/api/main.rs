@@ -11,11 +11,13 @@
 //! - `ops`: health, readiness, metrics, OpenAPI, docs and playground;
 //! - `records`: restart recovery, retention, record contents, corrupt records;
 //! - `workers`: several workers, load failures, draining;
-//! - `redis`: every test on the Redis engine.
+//! - `engine`: the engine's conformance suite, run against both backends;
+//! - `redis`: the HTTP routes and the cluster guards on the Redis engine.
 //!
 //! Tests whose doc starts with "Finding N" reproduce one finding of the server review (issue 14).
 
 mod common;
+mod engine;
 mod ops;
 mod predictions;
 mod records;

@@ -10,8 +10,8 @@ use axum::http::{header, Request, StatusCode};
 use base64::Engine;
 use serde_json::{json, Value};
 use skyreels_params::CacheSpec;
-use skyreels_server::cluster::OutputStore;
-use skyreels_server::generator::GenerationRequest;
+use skyreels_server::backend::redis::OutputStore;
+use skyreels_server::engine::Queued;
 use std::time::Duration;
 
 /// The same routes with the Redis engine behind them (a real redis-server, one in-process fake
@@ -183,13 +183,12 @@ async fn redis_engine_serves_the_routes_the_same_way() {
 /// tickets, and a retried enqueue that queues once.
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_engine_guards() {
-    use skyreels_server::job::{now_ms, JobRecord, Status, TaskCode};
-    use skyreels_server::jobs::{Jobs, UploadRefused};
-    use skyreels_server::store::{AdmitError, MAX_OPEN_TICKETS, MAX_OPEN_TICKETS_PER_KEY};
-    let h = start_redis_with(|c| c.max_queue = 2, Gate::closed(), OutputStore::Redis).await;
-    let Jobs::Redis(c) = &h.server.as_ref().unwrap().state.jobs else {
-        panic!("not a Redis engine");
+    use skyreels_server::engine::task::{now_ms, JobRecord, Status, TaskCode};
+    use skyreels_server::engine::{
+        AdmitError, UploadRefused, MAX_OPEN_TICKETS, MAX_OPEN_TICKETS_PER_KEY,
     };
+    let h = start_redis_with(|c| c.max_queue = 2, Gate::closed(), OutputStore::Redis).await;
+    let c = &h.server.as_ref().unwrap().state.jobs;
     // "other/model" was announced by a worker that is gone (not yet for long)
     let mut conn = h.redis.as_ref().unwrap().conn();
     let _: () = redis::pipe()
@@ -211,10 +210,10 @@ async fn redis_engine_guards() {
     let (old, fresh) = (record("other/model", 20 * 60_000), record("other/model", 0));
     c.admit(old.clone()).await.unwrap();
     c.admit(fresh.clone()).await.unwrap();
-    assert_eq!(
+    assert!(matches!(
         c.admit(record("other/model", 0)).await,
         Err(AdmitError::QueueFull)
-    );
+    ));
     // the old one was never queued: failed 5003; the fresh one keeps waiting
     let ten_minutes = Duration::from_secs(600);
     assert_eq!(c.sweep(ten_minutes).await.unwrap(), 1);
@@ -223,24 +222,25 @@ async fn redis_engine_guards() {
     let (r, pos) = c.get(&fresh.id).await.unwrap().unwrap();
     assert_eq!((r.status, pos), (Status::Created, Some(0)));
     // a retried enqueue queues once
-    let request = GenerationRequest {
-        model: "other/model".into(),
-        prompt: "p".into(),
-        negative_prompt: None,
+    let request = Queued {
+        params: skyreels_params::GenerationParams {
+            prompt: "p".into(),
+            negative_prompt: None,
+            height: 64,
+            width: 96,
+            num_frames: 9,
+            steps: 4,
+            guidance_scale: 6.0,
+            embedded_guidance_scale: 1.0,
+            seed: 1,
+            fps: 24.0,
+            cache: CacheSpec::None,
+            flow_shift: None,
+        },
         image: None,
-        height: 64,
-        width: 96,
-        num_frames: 9,
-        steps: 4,
-        guidance_scale: 6.0,
-        embedded_guidance_scale: 1.0,
-        seed: 1,
-        fps: 24.0,
-        cache: CacheSpec::None,
-        flow_shift: None,
     };
-    c.enqueue(&fresh.id, request.clone(), None).await;
-    c.enqueue(&fresh.id, request.clone(), None).await;
+    c.enqueue(&fresh.id, "other/model", request.clone()).await;
+    c.enqueue(&fresh.id, "other/model", request.clone()).await;
     let len: usize = redis::cmd("XLEN")
         .arg("skyreels:queue:other/model")
         .query(&mut conn)
@@ -249,7 +249,7 @@ async fn redis_engine_guards() {
     // an old task that was queued is not failed as stalled
     let queued_old = record("other/model", 20 * 60_000);
     c.admit(queued_old.clone()).await.unwrap();
-    c.enqueue(&queued_old.id, request, None).await;
+    c.enqueue(&queued_old.id, "other/model", request).await;
     assert_eq!(c.sweep(ten_minutes).await.unwrap(), 0);
     assert_eq!(
         c.get(&queued_old.id).await.unwrap().unwrap().0.status,
@@ -306,10 +306,11 @@ async fn redis_engine_guards() {
         r.error
     );
     let known: Vec<String> = c
-        .known_models()
+        .models(None)
         .await
         .unwrap()
         .into_iter()
+        .flatten()
         .map(|m| m.id)
         .collect();
     assert_eq!(known, [MODEL]);
@@ -388,7 +389,7 @@ fn noise_png(w: u32, h: u32) -> Vec<u8> {
 /// serves its files), uploads are capped by --max-upload-mb and by per-key and cluster quotas.
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_uploads_are_ranged_capped_and_within_quotas() {
-    use skyreels_server::cluster::WINDOW;
+    use skyreels_server::backend::redis::WINDOW;
     let gate = Gate::closed();
     gate.open();
     let h = start_redis_with(
@@ -489,7 +490,6 @@ async fn redis_uploads_are_ranged_capped_and_within_quotas() {
 /// request against its own limits (a forged entry is refused, not run).
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_queues_compressed_images_and_workers_recheck_them() {
-    use skyreels_server::jobs::Jobs;
     let gate = Gate::closed();
     let h = start_redis_with(|c| c.max_work = 10_000.0, gate.clone(), OutputStore::Redis).await;
     let id = |v: &Value| v["data"]["id"].as_str().unwrap().to_string();
@@ -524,10 +524,8 @@ async fn redis_queues_compressed_images_and_workers_recheck_them() {
     assert!(ttl > 0, "a waiting input expires ({ttl})");
 
     // a forged queue entry: an 8192-wide task the API would have refused
-    let Jobs::Redis(c) = &h.server.as_ref().unwrap().state.jobs else {
-        panic!("not a Redis engine");
-    };
-    let forged = skyreels_server::job::JobRecord::created(
+    let c = &h.server.as_ref().unwrap().state.jobs;
+    let forged = skyreels_server::engine::task::JobRecord::created(
         MODEL,
         Default::default(),
         "http://gen.local:8000".into(),
@@ -583,15 +581,12 @@ async fn redis_queues_compressed_images_and_workers_recheck_them() {
 /// a TCP timeout, and /metrics still answers; TLS (rediss://) with an authority of our own.
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_full_hung_and_over_tls() {
-    use skyreels_server::jobs::Jobs;
     let gate = Gate::closed();
     gate.open();
     let h = start_redis_with(|_| {}, gate.clone(), OutputStore::Redis).await;
-    let Jobs::Redis(c) = &h.server.as_ref().unwrap().state.jobs else {
-        panic!("not a Redis engine");
-    };
+    let c = &h.server.as_ref().unwrap().state.jobs;
     let mut conn = h.redis.as_ref().unwrap().conn();
-    assert_eq!(c.memory_policy_problem().await, None);
+    assert_eq!(c.setup_problem().await, None);
     let set = |conn: &mut redis::Connection, k: &str, v: &str| {
         let _: () = redis::cmd("CONFIG")
             .arg("SET")
@@ -601,7 +596,7 @@ async fn redis_full_hung_and_over_tls() {
             .unwrap();
     };
     set(&mut conn, "maxmemory-policy", "allkeys-lru");
-    let problem = c.memory_policy_problem().await.unwrap();
+    let problem = c.setup_problem().await.unwrap();
     assert!(
         problem.contains("allkeys-lru") && problem.contains("noeviction"),
         "{problem}"
@@ -649,7 +644,6 @@ async fn redis_full_hung_and_over_tls() {
 /// the live worker keeps both.
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_forgets_dead_workers() {
-    use skyreels_server::jobs::Jobs;
     let gate = Gate::closed();
     gate.open();
     let h = start_redis_with(
@@ -658,9 +652,7 @@ async fn redis_forgets_dead_workers() {
         OutputStore::Redis,
     )
     .await;
-    let Jobs::Redis(c) = &h.server.as_ref().unwrap().state.jobs else {
-        panic!("not a Redis engine");
-    };
+    let c = &h.server.as_ref().unwrap().state.jobs;
     // the live worker's consumer exists once it has read an entry
     let (_, v) = h.submit(body("p")).await;
     h.wait(v["data"]["id"].as_str().unwrap(), &["completed"])

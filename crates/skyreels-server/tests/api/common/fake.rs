@@ -2,9 +2,7 @@
 
 use super::MODEL;
 use skyreels_params::{CacheSpec, Ulysses};
-use skyreels_server::generator::{
-    GenerateFailure, Generated, GenerationRequest, Generator, ModelInfo,
-};
+use skyreels_server::generator::{GenerateFailure, Generated, Generator, Input, ModelInfo};
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -41,7 +39,7 @@ impl Gate {
 /// "stubborn" ignores cancels.
 pub(crate) struct Fake {
     pub(crate) gate: Gate,
-    pub(crate) seen: Arc<Mutex<Vec<GenerationRequest>>>,
+    pub(crate) seen: Arc<Mutex<Vec<Seen>>>,
     /// The Ulysses layout the fake's model reports (`--parallel ulysses=N`).
     pub(crate) ulysses: Option<Ulysses>,
 }
@@ -67,11 +65,15 @@ impl Generator for Fake {
 
     fn generate(
         &mut self,
-        req: &GenerationRequest,
+        input: &Input,
         output: &Path,
         progress: &mut dyn FnMut(usize, usize) -> bool,
     ) -> Result<Generated, GenerateFailure> {
-        self.seen.lock().unwrap().push(req.clone());
+        let req = &input.params;
+        self.seen.lock().unwrap().push(Seen {
+            params: req.clone(),
+            image: input.image.clone(),
+        });
         if req.prompt.contains("panic") {
             panic!("fake generator exploded");
         }
@@ -113,5 +115,20 @@ impl Generator for Fake {
                 ("forwards_cached", cached),
             ],
         })
+    }
+}
+
+/// What the fake generator was given: the parameters (read through, as `seen.width`) and the
+/// image.
+#[derive(Clone, Debug)]
+pub(crate) struct Seen {
+    pub(crate) params: skyreels_params::GenerationParams,
+    pub(crate) image: Option<image::RgbImage>,
+}
+
+impl std::ops::Deref for Seen {
+    type Target = skyreels_params::GenerationParams;
+    fn deref(&self) -> &Self::Target {
+        &self.params
     }
 }

@@ -13,7 +13,7 @@ use axum::Router;
 use base64::Engine;
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
-use skyreels_server::generator::{GenerationRequest, Generator};
+use skyreels_server::generator::Generator;
 use skyreels_server::{Server, ServerConfig};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -28,7 +28,7 @@ pub(crate) const KEY: &str = "test-key-123";
 pub(crate) struct Harness {
     pub(crate) server: Option<Server>,
     pub(crate) router: Router,
-    pub(crate) seen: Arc<Mutex<Vec<GenerationRequest>>>,
+    pub(crate) seen: Arc<Mutex<Vec<fake::Seen>>>,
     pub(crate) dir: tempfile::TempDir,
     /// The Redis of a Redis-mode server (stopped with the harness).
     pub(crate) redis: Option<RedisServer>,

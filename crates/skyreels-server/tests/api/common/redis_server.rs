@@ -2,7 +2,7 @@
 
 use super::{start_with, Gate, Harness};
 use axum::http::StatusCode;
-use skyreels_server::cluster::{ClusterConfig, OutputStore};
+use skyreels_server::backend::redis::{ClusterConfig, OutputStore};
 use skyreels_server::ServerConfig;
 use std::path::Path;
 use std::time::Duration;
@@ -16,7 +16,7 @@ pub(crate) struct RedisServer {
 }
 
 impl RedisServer {
-    fn start() -> Self {
+    pub(crate) fn start() -> Self {
         Self::start_with(false)
     }
 
@@ -83,6 +83,10 @@ impl RedisServer {
         } else {
             redis::Client::open(self.url.as_str()).unwrap()
         }
+    }
+
+    pub(crate) fn url(&self) -> &str {
+        &self.url
     }
 
     pub(crate) fn conn(&self) -> redis::Connection {

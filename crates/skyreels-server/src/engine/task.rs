@@ -1,7 +1,7 @@
-//! A prediction's record and its state machine.
+//! A task's record and its state machine: the statuses and their legal transitions, the task
+//! codes, and how a run's outcome ends a record.
 
-use crate::contract::SubmitRequest;
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Serialize};
 
 /// Task status, as WaveSpeed spells it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
@@ -43,6 +43,12 @@ impl Status {
         !matches!(self, Status::Created | Status::Processing)
     }
 
+    /// Completed, failed or cancelled: how a task ended (what metrics count and webhooks
+    /// tell); unlike [`Status::is_finished`], not `deleted`.
+    pub fn is_outcome(self) -> bool {
+        matches!(self, Status::Completed | Status::Failed | Status::Cancelled)
+    }
+
     /// The transitions a task may take.
     pub fn can_become(self, to: Status) -> bool {
         use Status::*;
@@ -52,6 +58,16 @@ impl Status {
                 | (Processing, Completed | Failed | Cancelled)
                 | (Completed | Failed | Cancelled, Deleted)
         )
+    }
+}
+
+impl std::str::FromStr for Status {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Status::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| format!("unknown status {s:?}"))
     }
 }
 
@@ -134,9 +150,10 @@ pub struct JobRecord {
     pub id: String,
     pub model: String,
     pub status: Status,
-    /// The request's known fields (a long data: URI image shortened).
-    #[serde(deserialize_with = "input_or_empty")]
-    pub input: SubmitRequest,
+    /// The request as the client sent it (its known fields, a long data: URI shortened), kept
+    /// to be echoed; the engine does not read it.
+    #[serde(default)]
+    pub input: serde_json::Value,
     /// Absolute base URL of the server at submit time (for the `urls.get` and output links).
     pub base_url: String,
     pub created_at: u64,
@@ -166,11 +183,17 @@ pub struct JobRecord {
     pub attempts: u32,
 }
 
-/// Records written by earlier versions kept the whole request: read what still parses under
-/// today's rules, and an empty input otherwise (the rest of the record is still good).
-fn input_or_empty<'de, D: Deserializer<'de>>(d: D) -> Result<SubmitRequest, D::Error> {
-    let v = serde_json::Value::deserialize(d)?;
-    Ok(SubmitRequest::deserialize(v).unwrap_or_default())
+/// How a task a worker ran ended.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    Completed {
+        /// The video's file name.
+        output: String,
+        timings: Vec<(String, u64)>,
+        counts: Vec<(String, u64)>,
+    },
+    Cancelled,
+    Failed(TaskCode, String),
 }
 
 /// A transition the state machine does not allow.
@@ -185,7 +208,7 @@ impl JobRecord {
     /// A new task (status created, a fresh id, admitted now) of `total_steps` steps.
     pub fn created(
         model: &str,
-        input: SubmitRequest,
+        input: serde_json::Value,
         base_url: String,
         seed: u64,
         total_steps: usize,
@@ -244,6 +267,29 @@ impl JobRecord {
         Ok(())
     }
 
+    /// Ends a started task with `outcome`: its outputs, timings and final status.
+    pub fn end(&mut self, outcome: Outcome) {
+        match outcome {
+            Outcome::Completed {
+                output,
+                timings,
+                counts,
+            } => {
+                self.outputs = vec![output];
+                self.timings = timings;
+                self.counts = counts;
+                self.step = self.total_steps;
+                let _ = self.transition(Status::Completed);
+            }
+            Outcome::Cancelled => {
+                let _ = self.transition(Status::Cancelled);
+            }
+            Outcome::Failed(code, error) => {
+                let _ = self.fail(code, error);
+            }
+        }
+    }
+
     /// Milliseconds between start and end of the work (0 until finished).
     pub fn execution_ms(&self) -> u64 {
         match (self.started_at, self.completed_at) {
@@ -258,10 +304,9 @@ mod tests {
     use super::*;
 
     pub(crate) fn record() -> JobRecord {
-        let input = SubmitRequest::default();
         JobRecord::created(
             "wavespeed-ai/SkyReels-V1",
-            input,
+            serde_json::Value::Null,
             "http://localhost".into(),
             1,
             30,

@@ -4,20 +4,23 @@
 //! lists and their consumers in the group; a model no live worker announced for
 //! `forget_models_after` is forgotten (submits naming it get 404 instead of waiting forever).
 
-use super::{down, Cluster, GROUP, KEYS};
-use crate::job::{now_ms, JobRecord, TaskCode};
-use crate::jobs::Unavailable;
+use super::{Cluster, GROUP, KEYS};
+use crate::engine::task::{now_ms, JobRecord};
+use crate::engine::EngineError;
 use redis::streams::StreamInfoConsumersReply;
 use redis::AsyncCommands;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 impl Cluster {
-    /// Fails the waiting tasks that cannot start (never queued `stalled` after their
+    /// Finds the waiting tasks that cannot start (never queued `stalled` after their
     /// admission: the node preparing their input stopped; waiting past the queue TTL; for a
     /// forgotten model), forgets waiting entries whose record is gone, dead workers and
-    /// retired models. Returns how many tasks it failed.
-    pub async fn sweep(&self, stalled: Duration) -> Result<usize, Unavailable> {
+    /// retired models. Returns the tasks to fail (5003) with the reason.
+    pub(super) async fn sweep(
+        &self,
+        stalled: Duration,
+    ) -> Result<Vec<(String, String)>, EngineError> {
         self.forget_dead_workers().await?;
         let models = self.forget_retired_models().await?;
         self.fail_unstartable(stalled, &models).await
@@ -27,11 +30,11 @@ impl Cluster {
         &self,
         stalled: Duration,
         models: &HashSet<String>,
-    ) -> Result<usize, Unavailable> {
+    ) -> Result<Vec<(String, String)>, EngineError> {
         let mut c = self.conn();
-        let ids: Vec<String> = c.zrange(KEYS.waiting(), 0, -1).await.map_err(down)?;
+        let ids: Vec<String> = c.zrange(KEYS.waiting(), 0, -1).await?;
         if ids.is_empty() {
-            return Ok(0);
+            return Ok(vec![]);
         }
         let mut pipe = redis::pipe();
         for id in &ids {
@@ -40,13 +43,12 @@ impl Cluster {
                 .arg("enqueued")
                 .arg("record");
         }
-        let found: Vec<(Option<String>, Option<Vec<u8>>)> =
-            pipe.query_async(&mut c).await.map_err(down)?;
+        let found: Vec<(Option<String>, Option<Vec<u8>>)> = pipe.query_async(&mut c).await?;
         let (now, ttl) = (now_ms(), self.config.queue_ttl);
-        let mut failed = 0;
+        let mut unstartable = vec![];
         for (id, (enqueued, record)) in ids.iter().zip(found) {
             let Some(r) = record.and_then(|r| serde_json::from_slice::<JobRecord>(&r).ok()) else {
-                let _: () = c.zrem(KEYS.waiting(), id).await.map_err(down)?;
+                let _: () = c.zrem(KEYS.waiting(), id).await?;
                 continue;
             };
             let age = Duration::from_millis(now.saturating_sub(r.created_at));
@@ -67,29 +69,25 @@ impl Cluster {
             } else {
                 continue;
             };
-            self.fail_unstarted(id, TaskCode::Unavailable, why).await;
-            failed += 1;
+            unstartable.push((id.clone(), why));
         }
-        Ok(failed)
+        Ok(unstartable)
     }
 
     /// Workers without a heartbeat for ten claim timeouts: off the live list, their model
     /// lists dropped, their idle consumers (nothing pending) deleted from each queue's group.
-    async fn forget_dead_workers(&self) -> Result<(), Unavailable> {
+    async fn forget_dead_workers(&self) -> Result<(), EngineError> {
         let mut c = self.conn();
         let gone_ms = 10 * self.config.claim_timeout.as_millis() as u64;
         let cutoff = now_ms().saturating_sub(gone_ms);
-        let _: () = c
-            .zrembyscore(KEYS.workers(), 0, cutoff)
-            .await
-            .map_err(down)?;
-        let live: HashSet<String> = c.zrange(KEYS.workers(), 0, -1).await.map_err(down)?;
-        let listed: Vec<String> = c.hkeys(KEYS.worker_models()).await.map_err(down)?;
+        let _: () = c.zrembyscore(KEYS.workers(), 0, cutoff).await?;
+        let live: HashSet<String> = c.zrange(KEYS.workers(), 0, -1).await?;
+        let listed: Vec<String> = c.hkeys(KEYS.worker_models()).await?;
         let dead: Vec<&String> = listed.iter().filter(|w| !live.contains(*w)).collect();
         if !dead.is_empty() {
-            let _: () = c.hdel(KEYS.worker_models(), &dead).await.map_err(down)?;
+            let _: () = c.hdel(KEYS.worker_models(), &dead).await?;
         }
-        let models: Vec<String> = c.hkeys(KEYS.models()).await.map_err(down)?;
+        let models: Vec<String> = c.hkeys(KEYS.models()).await?;
         for m in models {
             let queue = KEYS.queue(&m);
             let info: redis::RedisResult<StreamInfoConsumersReply> =
@@ -105,8 +103,7 @@ impl Cluster {
                         .arg(GROUP)
                         .arg(&consumer.name)
                         .query_async(&mut c)
-                        .await
-                        .map_err(down)?;
+                        .await?;
                 }
             }
         }
@@ -115,10 +112,10 @@ impl Cluster {
 
     /// Forgets the models no live worker announced for `forget_models_after`; the ids of the
     /// models still offered.
-    async fn forget_retired_models(&self) -> Result<HashSet<String>, Unavailable> {
+    async fn forget_retired_models(&self) -> Result<HashSet<String>, EngineError> {
         let mut c = self.conn();
-        let models: Vec<String> = c.hkeys(KEYS.models()).await.map_err(down)?;
-        let seen: HashMap<String, u64> = c.hgetall(KEYS.models_seen()).await.map_err(down)?;
+        let models: Vec<String> = c.hkeys(KEYS.models()).await?;
+        let seen: HashMap<String, u64> = c.hgetall(KEYS.models_seen()).await?;
         let now = now_ms();
         let limit = self.config.forget_models_after.as_millis() as u64;
         let mut offered = HashSet::new();
@@ -130,15 +127,14 @@ impl Cluster {
                         .hdel(KEYS.models(), &m)
                         .hdel(KEYS.models_seen(), &m)
                         .query_async(&mut c)
-                        .await
-                        .map_err(down)?;
+                        .await?;
                 }
                 Some(_) => {
                     offered.insert(m);
                 }
                 None => {
                     // announced before this bookkeeping existed: its clock starts now
-                    let _: () = c.hset(KEYS.models_seen(), &m, now).await.map_err(down)?;
+                    let _: () = c.hset(KEYS.models_seen(), &m, now).await?;
                     offered.insert(m);
                 }
             }

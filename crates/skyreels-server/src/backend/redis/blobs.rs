@@ -8,8 +8,8 @@
 //! `WINDOW * CONCURRENT_WINDOWS` bytes of blob replies in flight, and a slow client holds no
 //! permit while it reads what it was sent.
 
-use super::{down, Conn};
-use crate::jobs::Unavailable;
+use super::Conn;
+use crate::engine::EngineError;
 use bytes::Bytes;
 use redis::AsyncCommands;
 use std::sync::Arc;
@@ -36,29 +36,26 @@ impl Blobs {
     }
 
     /// The length of a value; `None` when there is none.
-    pub async fn len(&self, key: &str) -> Result<Option<u64>, Unavailable> {
-        let n: u64 = self.conn.clone().strlen(key).await.map_err(down)?;
+    pub async fn len(&self, key: &str) -> Result<Option<u64>, EngineError> {
+        let n: u64 = self.conn.clone().strlen(key).await?;
         Ok((n > 0).then_some(n))
     }
 
     /// Bytes `first..=last` of a value, one window (`last - first < WINDOW`).
-    async fn window(&self, key: &str, first: u64, last: u64) -> Result<Bytes, Unavailable> {
+    async fn window(&self, key: &str, first: u64, last: u64) -> Result<Bytes, EngineError> {
         let _permit = self
             .permits
             .acquire()
             .await
-            .map_err(|_| Unavailable("shutting down".into()))?;
+            .map_err(|_| EngineError::Closed)?;
         let got: Vec<u8> = self
             .conn
             .clone()
             .getrange(key, first as isize, last as isize)
-            .await
-            .map_err(down)?;
+            .await?;
         if got.len() as u64 != last - first + 1 {
             // expired or deleted while it was being read
-            return Err(Unavailable(
-                "the file was removed while it was being read".into(),
-            ));
+            return Err(EngineError::Vanished);
         }
         Ok(Bytes::from(got))
     }
@@ -70,7 +67,7 @@ impl Blobs {
         key: String,
         first: u64,
         last: u64,
-    ) -> impl futures_util::Stream<Item = Result<Bytes, Unavailable>> + Send + 'static {
+    ) -> impl futures_util::Stream<Item = Result<Bytes, EngineError>> + Send + 'static {
         let me = self.clone();
         futures_util::stream::try_unfold(first, move |at| {
             let (me, key) = (me.clone(), key.clone());
@@ -83,20 +80,5 @@ impl Blobs {
                 Ok(Some((bytes, end + 1)))
             }
         })
-    }
-
-    /// A whole value, read window by window; `None` when there is none.
-    pub async fn read(&self, key: &str) -> Result<Option<Vec<u8>>, Unavailable> {
-        let Some(len) = self.len(key).await? else {
-            return Ok(None);
-        };
-        let mut out = Vec::with_capacity(len as usize);
-        let mut at = 0;
-        while at < len {
-            let end = (len - 1).min(at + WINDOW - 1);
-            out.extend_from_slice(&self.window(key, at, end).await?);
-            at = end + 1;
-        }
-        Ok(Some(out))
     }
 }

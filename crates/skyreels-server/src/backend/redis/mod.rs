@@ -1,0 +1,976 @@
+//! The Redis backend of a scale-out deployment: API nodes and GPU workers on many machines
+//! share task records, the queue, uploads, cancel requests, progress and outputs through one
+//! Redis 7. No cluster protocol of ours: a stream per model consumed by one consumer group is
+//! the queue (`XREADGROUP`, and `XAUTOCLAIM` for the tasks of workers that died), each state
+//! change is a Lua script (compare and set on the status; `scripts/*.lua`), retention is key
+//! TTLs.
+//!
+//! Keys (prefix `skyreels:`): `task:{id}` (hash: the record JSON and the fields that change
+//! while it runs: status, step, total, attempts, worker, started_at), `input:{id}` (the
+//! generation parameters and the image as it came), `queue:{model}` (stream), `waiting` (sorted
+//! set of the tasks not started, in admission order: the cluster-wide bound and queue
+//! positions), `seq`, `cancel:{id}`, `output:{file}`, `upload:{id}` and `upload_data:{id}`,
+//! `ticket:{sha256}` (and `tickets`, the open ones with their expiry: the cluster-wide bound;
+//! `tickets:{owner}` per API key), `upload_usage` and `upload_expiry` (the quotas),
+//! `hook:{id}:{status}` (the webhook once-guard), `models` (hash: model id -> model info),
+//! `models_seen`, `workers` (sorted set: worker -> last heartbeat ms), `worker_models` (hash:
+//! worker -> its model ids), `secret`.
+
+mod blobs;
+mod consumer;
+mod scripts;
+mod sweep;
+
+pub use blobs::{CONCURRENT_WINDOWS, WINDOW};
+
+use crate::engine::files::Paths;
+use crate::engine::task::{now_ms, JobRecord, Status};
+use crate::engine::{
+    Backend, Blob, Consumer, Content, EngineError, Hook, ModelInfo, Overview, Queued, Upload,
+    UploadRefused, COMMAND_TIMEOUT, MAX_OPEN_TICKETS, MAX_OPEN_TICKETS_PER_KEY, TICKET_TTL,
+};
+use redis::aio::ConnectionManager;
+use redis::AsyncCommands;
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The consumer group every worker reads the queues through.
+pub const GROUP: &str = "workers";
+/// A task whose worker stopped this many times fails with 5003.
+pub const MAX_ATTEMPTS: u32 = 3;
+
+/// Where finished videos live in Redis mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutputStore {
+    /// MP4 bytes in Redis (with the retention as their TTL).
+    Redis,
+    /// Files under `--output-dir`, a filesystem every node shares.
+    Dir,
+}
+
+/// How a node reaches the shared engine.
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    /// `redis://[USER:PASSWORD@]HOST:PORT/DB`, or `rediss://` for TLS.
+    pub url: String,
+    /// A running task whose worker sent no heartbeat for this long is taken over.
+    pub claim_timeout: Duration,
+    pub output_store: OutputStore,
+    /// Bytes of uploads Redis keeps, per API key and in all.
+    pub quotas: Quotas,
+    /// A task not started this long after it was accepted fails (5003).
+    pub queue_ttl: Duration,
+    /// A model no live worker has served for this long is forgotten: submits naming it are
+    /// refused (404) instead of waiting for a worker that will not come.
+    pub forget_models_after: Duration,
+    /// PEM of the authority that signed a `rediss://` server's certificate (else the system's).
+    pub ca_cert: Option<std::path::PathBuf>,
+    /// Accept a URL without a password on an address other than loopback.
+    pub allow_no_password: bool,
+}
+
+impl ClusterConfig {
+    /// The defaults: 30 s claim timeout, videos in Redis, [`Quotas::default`], tasks waiting
+    /// at most 6 hours, models forgotten an hour after their last worker.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            claim_timeout: Duration::from_secs(30),
+            output_store: OutputStore::Redis,
+            quotas: Quotas::default(),
+            queue_ttl: Duration::from_secs(6 * 3600),
+            forget_models_after: Duration::from_secs(3600),
+            ca_cert: None,
+            allow_no_password: false,
+        }
+    }
+}
+
+/// Upload bytes kept in Redis (where they live in RAM until the retention ends).
+#[derive(Clone, Copy, Debug)]
+pub struct Quotas {
+    /// Per API key (all clients together when no key is configured).
+    pub uploads_per_key: u64,
+    /// Over every key.
+    pub uploads_total: u64,
+}
+
+impl Default for Quotas {
+    /// 256 MiB per key, 2 GiB in all.
+    fn default() -> Self {
+        Self {
+            uploads_per_key: 256 << 20,
+            uploads_total: 2 << 30,
+        }
+    }
+}
+
+/// Why `--redis` (and its TLS authority) cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--redis {0:?}: {1}")]
+    Url(String, String),
+    #[error(
+        "--redis {0:?} has no password and is not on this machine: anyone who reaches that \
+         Redis could read every input and queue any task. Give it a password \
+         (redis://:PASSWORD@HOST:PORT/DB, or an ACL user: docs/scale-out.md), or pass \
+         --allow-redis-without-password on a network only these nodes reach"
+    )]
+    NoPassword(String),
+    #[error("--redis-ca {}: {source}", path.display())]
+    Ca {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("--redis-ca is for TLS: the URL must start with rediss://, got {0:?}")]
+    CaWithoutTls(String),
+}
+
+/// The key names.
+#[derive(Clone, Debug)]
+pub(crate) struct Keys {
+    prefix: &'static str,
+}
+
+impl Keys {
+    fn key(&self, kind: &str, id: &str) -> String {
+        format!("{}{kind}:{id}", self.prefix)
+    }
+    pub fn task(&self, id: &str) -> String {
+        self.key("task", id)
+    }
+    pub fn input(&self, id: &str) -> String {
+        self.key("input", id)
+    }
+    pub fn cancel(&self, id: &str) -> String {
+        self.key("cancel", id)
+    }
+    pub fn output(&self, file: &str) -> String {
+        self.key("output", file)
+    }
+    pub fn queue(&self, model: &str) -> String {
+        self.key("queue", model)
+    }
+    fn upload(&self, id: &str) -> String {
+        self.key("upload", id)
+    }
+    /// An upload's bytes (a string, so they can be read in windows).
+    fn upload_data(&self, id: &str) -> String {
+        self.key("upload_data", id)
+    }
+    fn ticket(&self, digest: &str) -> String {
+        self.key("ticket", digest)
+    }
+    fn hook(&self, id: &str, status: Status) -> String {
+        self.key("hook", &format!("{id}:{}", status.as_str()))
+    }
+    pub fn waiting(&self) -> String {
+        format!("{}waiting", self.prefix)
+    }
+    fn seq(&self) -> String {
+        format!("{}seq", self.prefix)
+    }
+    pub fn models(&self) -> String {
+        format!("{}models", self.prefix)
+    }
+    pub fn workers(&self) -> String {
+        format!("{}workers", self.prefix)
+    }
+    pub fn worker_models(&self) -> String {
+        format!("{}worker_models", self.prefix)
+    }
+    fn tickets(&self) -> String {
+        format!("{}tickets", self.prefix)
+    }
+    /// Open tickets of one API key (sorted set: digest -> expiry ms).
+    fn key_tickets(&self, owner: &str) -> String {
+        self.key("tickets", owner)
+    }
+    /// Upload bytes kept per API key (hash: key -> bytes; `*`: all keys).
+    fn upload_usage(&self) -> String {
+        format!("{}upload_usage", self.prefix)
+    }
+    /// When kept uploads expire (sorted set: `key|id|bytes` -> expiry ms).
+    fn upload_expiry(&self) -> String {
+        format!("{}upload_expiry", self.prefix)
+    }
+    /// When each model last had a live worker (hash: model id -> ms).
+    pub fn models_seen(&self) -> String {
+        format!("{}models_seen", self.prefix)
+    }
+    fn secret(&self) -> String {
+        format!("{}secret", self.prefix)
+    }
+}
+
+pub(crate) const KEYS: Keys = Keys {
+    prefix: "skyreels:",
+};
+
+impl Keys {
+    /// The key of a large value.
+    fn blob(&self, blob: Blob<'_>) -> String {
+        match blob {
+            Blob::Upload(id) => self.upload_data(id),
+            Blob::Output(file) => self.output(file),
+        }
+    }
+}
+
+/// A task's hash as stored.
+pub(crate) type TaskHash = HashMap<String, Vec<u8>>;
+
+/// The record of a task's hash: the stored record with the fields that change while it runs.
+pub(crate) fn record_of(h: &TaskHash) -> Option<JobRecord> {
+    let mut r: JobRecord = serde_json::from_slice(h.get("record")?).ok()?;
+    let text = |k: &str| h.get(k).and_then(|v| std::str::from_utf8(v).ok());
+    let num = |k: &str| text(k).and_then(|v| v.parse::<u64>().ok());
+    if let Some(s) = text("status").and_then(|s| s.parse().ok()) {
+        r.status = s;
+    }
+    if let Some(a) = num("attempts") {
+        r.attempts = a as u32;
+    }
+    // a finished task's stored record holds its final values
+    if !r.status.is_finished() {
+        r.step = num("step").unwrap_or_default() as usize;
+        r.total_steps = num("total").map_or(r.total_steps, |t| t as usize);
+        r.started_at = num("started_at").or(r.started_at);
+    }
+    Some(r)
+}
+
+/// One invocation of [`scripts::END`]: the change of a task from `expected` to `record`'s
+/// status.
+pub(crate) struct End<'a> {
+    pub expected: Status,
+    pub record: &'a JobRecord,
+    /// Retention as a TTL (terminal states; 0 keeps it).
+    pub ttl_ms: u64,
+    /// The output file the change stores (with its bytes) or deletes.
+    pub output: Option<(&'a str, &'a [u8])>,
+    /// The stream entry to acknowledge and delete.
+    pub entry: Option<&'a str>,
+    pub delete_outputs: bool,
+}
+
+impl End<'_> {
+    pub fn invocation(&self) -> redis::ScriptInvocation<'static> {
+        let r = self.record;
+        let json = serde_json::to_vec(r).expect("records serialize");
+        let out_key = KEYS.output(self.output.map_or("", |o| o.0));
+        let bytes = if self.delete_outputs {
+            &[][..]
+        } else {
+            self.output.map_or(&[][..], |o| o.1)
+        };
+        let mut inv = scripts::END.prepare_invoke();
+        inv.key(KEYS.task(&r.id))
+            .key(KEYS.waiting())
+            .key(KEYS.input(&r.id))
+            .key(out_key)
+            .key(KEYS.queue(&r.model))
+            .arg(self.expected.as_str())
+            .arg(r.status.as_str())
+            .arg(json)
+            .arg(&r.id)
+            .arg(self.ttl_ms)
+            .arg(bytes)
+            .arg(GROUP)
+            .arg(self.entry.unwrap_or(""))
+            .arg(if self.delete_outputs { "1" } else { "0" });
+        inv
+    }
+}
+
+/// The node's connection: a connection manager whose command is sent once more, after a short
+/// pause, when the connection turned out to be broken (Redis restarted: the manager reconnects
+/// on that error, so the second try normally goes through instead of failing a client). Every
+/// script is safe to run twice (each checks the state it changes). A command that got no
+/// answer within [`COMMAND_TIMEOUT`] is not sent again (Redis hangs: the client hears so
+/// at once).
+#[derive(Clone)]
+pub(crate) struct Conn(ConnectionManager);
+
+impl Conn {
+    fn retry(e: &redis::RedisError) -> bool {
+        (e.is_connection_dropped() || e.is_io_error()) && !e.is_timeout()
+    }
+
+    async fn timed<T>(
+        f: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> redis::RedisResult<T> {
+        match tokio::time::timeout(COMMAND_TIMEOUT, f).await {
+            Ok(r) => r,
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "redis did not answer in time",
+            )
+            .into()),
+        }
+    }
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        Box::pin(async move {
+            match Self::timed(self.0.req_packed_command(cmd)).await {
+                Err(e) if Self::retry(&e) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    Self::timed(self.0.req_packed_command(cmd)).await
+                }
+                r => r,
+            }
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        Box::pin(async move {
+            match Self::timed(self.0.req_packed_commands(pipeline, offset, count)).await {
+                Err(e) if Self::retry(&e) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    Self::timed(self.0.req_packed_commands(pipeline, offset, count)).await
+                }
+                r => r,
+            }
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.0.get_db()
+    }
+}
+
+/// This node's view of the shared engine.
+pub struct Cluster {
+    pub config: ClusterConfig,
+    client: redis::Client,
+    conn: Conn,
+    /// Uploads and videos are read on their own connection, in bounded windows.
+    blobs: blobs::Blobs,
+    paths: Paths,
+    retention_ms: u64,
+    hook: Arc<Hook>,
+}
+
+/// The Redis backend (see the module doc).
+#[derive(Clone)]
+pub struct Redis(Arc<Cluster>);
+
+impl Redis {
+    /// Opens a connection manager (lazy: it connects on first use and reconnects with backoff)
+    /// over the local scratch folders.
+    pub fn open(
+        config: ClusterConfig,
+        paths: Paths,
+        retention: Option<Duration>,
+        hook: Arc<Hook>,
+    ) -> Result<Self, ConfigError> {
+        let client = client(&config)?;
+        let shown = redacted(&config.url);
+        let manager = || {
+            let settings = redis::aio::ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(Duration::from_secs(2)))
+                .set_response_timeout(Some(COMMAND_TIMEOUT))
+                .set_number_of_retries(1)
+                .set_max_delay(Duration::from_millis(500));
+            ConnectionManager::new_lazy_with_config(client.clone(), settings)
+                .map(Conn)
+                .map_err(|e| ConfigError::Url(shown.clone(), e.to_string()))
+        };
+        let (conn, blobs) = (manager()?, blobs::Blobs::new(manager()?));
+        Ok(Redis(Arc::new(Cluster {
+            config,
+            client,
+            conn,
+            blobs,
+            paths,
+            retention_ms: retention.map_or(0, |r| r.as_millis() as u64),
+            hook,
+        })))
+    }
+}
+
+impl Cluster {
+    fn conn(&self) -> Conn {
+        self.conn.clone()
+    }
+
+    fn outputs_on_disk(&self) -> bool {
+        self.config.output_store == OutputStore::Dir
+    }
+
+    fn ttl_or(&self, default: Duration) -> u64 {
+        if self.retention_ms > 0 {
+            self.retention_ms
+        } else {
+            default.as_millis() as u64
+        }
+    }
+
+    /// How long an unstarted task's record and input are kept at most: the queue TTL plus
+    /// the sweep's slack (the sweep fails it at the queue TTL; this is for a cluster where no
+    /// API node runs to sweep).
+    fn queue_backstop_ms(&self) -> u64 {
+        (self.config.queue_ttl + Duration::from_secs(600)).as_millis() as u64
+    }
+
+    /// `mine` is stored where Redis has no secret (it lost its data) or, `force`, always; the
+    /// cluster's secret is returned.
+    async fn sync_secret(&self, mine: &str, force: bool) -> redis::RedisResult<String> {
+        let mut c = self.conn();
+        if force {
+            let before: Option<String> = redis::cmd("SET")
+                .arg(KEYS.secret())
+                .arg(mine)
+                .arg("GET")
+                .query_async(&mut c)
+                .await?;
+            if before.is_some_and(|b| b != mine) {
+                tracing::warn!(
+                    "another node stored a different webhook secret: give every node the same \
+                     --webhook-secret"
+                );
+            }
+            return Ok(mine.to_string());
+        }
+        let _: () = redis::cmd("SET")
+            .arg(KEYS.secret())
+            .arg(mine)
+            .arg("NX")
+            .query_async(&mut c)
+            .await?;
+        c.get(KEYS.secret()).await
+    }
+
+    /// What is wrong with Redis' memory policy, if anything: any policy but `noeviction` lets
+    /// a full Redis silently drop task records, queue entries, uploads and outputs (with
+    /// `noeviction` it refuses writes instead, which clients see as a 503 saying Redis is full).
+    pub async fn memory_policy_problem(&self) -> Option<String> {
+        let got: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("maxmemory-policy")
+            .query_async(&mut self.conn())
+            .await;
+        match got.as_deref() {
+            Ok([_, policy]) if policy == "noeviction" => None,
+            Ok([_, policy]) => Some(format!(
+                "redis' maxmemory-policy is {policy}: when it fills up it evicts keys, and tasks, \
+                 queue entries or outputs vanish; set maxmemory-policy noeviction (docs/scale-out.md)"
+            )),
+            Ok(_) | Err(_) => Some(
+                "cannot read redis' maxmemory-policy (CONFIG GET refused?): make sure it is \
+                 noeviction (docs/scale-out.md)"
+                    .into(),
+            ),
+        }
+    }
+
+    /// Every model a worker ever announced.
+    async fn known_models(&self) -> Result<Vec<ModelInfo>, EngineError> {
+        let all: HashMap<String, String> = self.conn().hgetall(KEYS.models()).await?;
+        let mut models: Vec<ModelInfo> = all
+            .values()
+            .filter_map(|j| serde_json::from_str(j).ok())
+            .collect();
+        models.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(models)
+    }
+
+    /// Live workers per model (a heartbeat within the claim timeout).
+    async fn live_workers(&self) -> Result<HashMap<String, usize>, EngineError> {
+        let mut c = self.conn();
+        let since = now_ms().saturating_sub(self.config.claim_timeout.as_millis() as u64);
+        let names: Vec<String> = c.zrangebyscore(KEYS.workers(), since, "+inf").await?;
+        let mut per = HashMap::new();
+        if names.is_empty() {
+            return Ok(per);
+        }
+        let lists: Vec<Option<String>> = redis::cmd("HMGET")
+            .arg(KEYS.worker_models())
+            .arg(&names)
+            .query_async(&mut c)
+            .await?;
+        for list in lists.into_iter().flatten() {
+            for m in serde_json::from_str::<Vec<String>>(&list).unwrap_or_default() {
+                *per.entry(m).or_default() += 1;
+            }
+        }
+        Ok(per)
+    }
+
+    /// Writes a compare-and-set change with [`scripts::END`]; whether it won (told to the
+    /// hook when it did).
+    async fn end(&self, end: End<'_>) -> Result<bool, EngineError> {
+        let got: String = end.invocation().invoke_async(&mut self.conn()).await?;
+        let won = got == "ok";
+        if won {
+            self.hook.committed(end.record);
+        }
+        Ok(won)
+    }
+}
+
+#[async_trait::async_trait]
+impl Backend for Redis {
+    fn shared(&self) -> bool {
+        true
+    }
+
+    fn outputs_on_disk(&self) -> bool {
+        self.0.outputs_on_disk()
+    }
+
+    fn paths(&self) -> &Paths {
+        &self.0.paths
+    }
+
+    async fn models(&self) -> Result<Option<Vec<ModelInfo>>, EngineError> {
+        Ok(Some(self.0.known_models().await?))
+    }
+
+    async fn live_workers(&self) -> Result<Option<Vec<(String, usize)>>, EngineError> {
+        Ok(Some(self.0.live_workers().await?.into_iter().collect()))
+    }
+
+    async fn admit(&self, record: &JobRecord, max_queue: usize) -> Result<bool, EngineError> {
+        let json = serde_json::to_vec(record).expect("records serialize");
+        let admitted: i64 = scripts::ADMIT
+            .key(KEYS.waiting())
+            .key(KEYS.task(&record.id))
+            .key(KEYS.seq())
+            .arg(max_queue)
+            .arg(&record.id)
+            .arg(json)
+            .arg(record.total_steps)
+            .arg(&record.model)
+            .arg(self.0.queue_backstop_ms())
+            .invoke_async(&mut self.0.conn())
+            .await?;
+        Ok(admitted == 1)
+    }
+
+    async fn enqueue(&self, id: &str, model: &str, input: Queued) -> Result<(), EngineError> {
+        let json = serde_json::to_vec(&input.params).expect("parameters serialize");
+        let _: i64 = scripts::ENQUEUE
+            .key(KEYS.task(id))
+            .key(KEYS.input(id))
+            .key(KEYS.queue(model))
+            .arg(id)
+            .arg(&json)
+            .arg(input.image_bytes())
+            .arg(self.0.queue_backstop_ms())
+            .invoke_async(&mut self.0.conn())
+            .await?;
+        Ok(())
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<(JobRecord, Option<usize>)>, EngineError> {
+        let (h, rank): (TaskHash, Option<usize>) = redis::pipe()
+            .hgetall(KEYS.task(id))
+            .zrank(KEYS.waiting(), id)
+            .query_async(&mut self.0.conn())
+            .await?;
+        Ok(record_of(&h).map(|r| {
+            let position = (r.status == Status::Created).then(|| rank.unwrap_or_default());
+            (r, position)
+        }))
+    }
+
+    async fn replace(&self, from: &JobRecord, to: &JobRecord) -> Result<bool, EngineError> {
+        let deleting = to.status == Status::Deleted;
+        let end = End {
+            expected: from.status,
+            record: to,
+            // a deleted task keeps the expiry it has
+            ttl_ms: if deleting { 0 } else { self.0.retention_ms },
+            output: from
+                .outputs
+                .first()
+                .filter(|_| deleting)
+                .map(|f| (f.as_str(), &[][..])),
+            entry: None,
+            delete_outputs: deleting,
+        };
+        self.0.end(end).await
+    }
+
+    async fn request_cancel(&self, id: &str) -> Result<(), EngineError> {
+        let ttl = self.0.retention_ms.max(24 * 3600 * 1000);
+        let _: () = self.0.conn().pset_ex(KEYS.cancel(id), 1, ttl).await?;
+        Ok(())
+    }
+
+    async fn wait_finished(&self, id: &str, limit: Duration) -> Result<bool, EngineError> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let status: Option<String> = self.0.conn().hget(KEYS.task(id), "status").await?;
+            match status.map(|s| s.parse::<Status>()) {
+                None => return Ok(true),
+                Some(Ok(s)) if s.is_finished() => return Ok(true),
+                _ => {}
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(false);
+            }
+            tokio::time::sleep_until(
+                deadline.min(tokio::time::Instant::now() + Duration::from_millis(100)),
+            )
+            .await;
+        }
+    }
+
+    async fn overview(&self) -> Result<Overview, EngineError> {
+        let mut c = self.0.conn();
+        let ids: Vec<String> = c.zrange(KEYS.waiting(), 0, -1).await?;
+        let mut pipe = redis::pipe();
+        for id in &ids {
+            pipe.hget(KEYS.task(id), "model");
+        }
+        let models: Vec<Option<String>> = if ids.is_empty() {
+            vec![]
+        } else {
+            pipe.query_async(&mut c).await?
+        };
+        let mut waiting = std::collections::BTreeMap::<String, usize>::new();
+        for m in models.into_iter().flatten() {
+            *waiting.entry(m).or_default() += 1;
+        }
+        Ok(Overview {
+            jobs: vec![],
+            waiting: waiting.into_iter().collect(),
+            workers: vec![],
+        })
+    }
+
+    /// Moves the checked bytes from the scratch file into Redis, with the record, if the
+    /// uploader's and the cluster's upload quotas leave room for them.
+    async fn store_upload(&self, upload: &Upload, path: &Path) -> Result<(), UploadRefused> {
+        let c = &self.0;
+        let bytes = tokio::fs::read(path).await.map_err(EngineError::from);
+        let _ = tokio::fs::remove_file(path).await;
+        let bytes = bytes?;
+        let now = now_ms();
+        let expiry = if c.retention_ms > 0 {
+            now + c.retention_ms
+        } else {
+            u64::MAX >> 11
+        };
+        let q = &c.config.quotas;
+        let verdict: i64 = scripts::UPLOAD_QUOTA
+            .key(KEYS.upload_usage())
+            .key(KEYS.upload_expiry())
+            .arg(now)
+            .arg(upload.owner())
+            .arg(&upload.id)
+            .arg(bytes.len())
+            .arg(expiry)
+            .arg(q.uploads_per_key)
+            .arg(q.uploads_total)
+            .invoke_async(&mut c.conn())
+            .await
+            .map_err(EngineError::from)?;
+        match verdict {
+            1 => return Err(UploadRefused::KeyQuota(q.uploads_per_key)),
+            2 => return Err(UploadRefused::ClusterQuota(q.uploads_total)),
+            _ => {}
+        }
+        let meta = serde_json::to_string(upload).expect("uploads serialize");
+        let (key, data) = (KEYS.upload(&upload.id), KEYS.upload_data(&upload.id));
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .hset(&key, "meta", meta)
+            .ignore()
+            .set(&data, bytes)
+            .ignore();
+        if c.retention_ms > 0 {
+            pipe.pexpire(&key, c.retention_ms as i64)
+                .ignore()
+                .pexpire(&data, c.retention_ms as i64)
+                .ignore();
+        }
+        let _: () = pipe
+            .query_async(&mut c.conn())
+            .await
+            .map_err(EngineError::from)?;
+        Ok(())
+    }
+
+    async fn upload(&self, id: &str) -> Result<Option<Upload>, EngineError> {
+        let meta: Option<String> = self.0.conn().hget(KEYS.upload(id), "meta").await?;
+        Ok(meta.and_then(|m| serde_json::from_str::<Upload>(&m).ok()))
+    }
+
+    async fn open_ticket(&self, upload: &Upload, digest: &str) -> Result<(), UploadRefused> {
+        let meta = serde_json::to_string(upload).expect("uploads serialize");
+        let ttl = TICKET_TTL.as_millis() as u64;
+        let now = now_ms();
+        let opened: i64 = scripts::TICKET
+            .key(KEYS.tickets())
+            .key(KEYS.key_tickets(upload.owner()))
+            .key(KEYS.ticket(digest))
+            .arg(now)
+            .arg(MAX_OPEN_TICKETS)
+            .arg(now + ttl)
+            .arg(digest)
+            .arg(meta)
+            .arg(ttl)
+            .arg(MAX_OPEN_TICKETS_PER_KEY)
+            .invoke_async(&mut self.0.conn())
+            .await
+            .map_err(EngineError::from)?;
+        match opened {
+            1 => Ok(()),
+            2 => Err(UploadRefused::KeyTickets),
+            _ => Err(UploadRefused::Tickets),
+        }
+    }
+
+    async fn take_ticket(&self, digest: &str) -> Result<Option<Upload>, EngineError> {
+        let meta: Option<String> = scripts::TAKE_TICKET
+            .key(KEYS.tickets())
+            .key(KEYS.ticket(digest))
+            .arg(digest)
+            .arg(KEYS.key_tickets(""))
+            .invoke_async(&mut self.0.conn())
+            .await?;
+        Ok(meta.and_then(|m| serde_json::from_str::<Upload>(&m).ok()))
+    }
+
+    async fn content(&self, blob: Blob<'_>) -> Result<Option<Content>, EngineError> {
+        if let (Blob::Output(file), true) = (blob, self.0.outputs_on_disk()) {
+            let path = self.0.paths.video_path(file);
+            return Ok(path.is_file().then_some(Content::File(path)));
+        }
+        let key = KEYS.blob(blob);
+        let Some(len) = self.0.blobs.len(&key).await? else {
+            return Ok(None);
+        };
+        let blobs = self.0.blobs.clone();
+        Ok(Some(Content::Stream {
+            len,
+            read: Box::new(move |first, last| Box::pin(blobs.stream(key.clone(), first, last))),
+        }))
+    }
+
+    /// `SET NX` on the task's webhook key for this state: only the first node to ask delivers.
+    async fn claim_webhook(&self, record: &JobRecord) -> bool {
+        let ttl = self.0.ttl_or(Duration::from_secs(7 * 24 * 3600));
+        let got: redis::RedisResult<Option<String>> = redis::cmd("SET")
+            .arg(KEYS.hook(&record.id, record.status))
+            .arg(1)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl)
+            .query_async(&mut self.0.conn())
+            .await;
+        match got {
+            Ok(v) => v.is_some(),
+            Err(e) => {
+                // at most once: a guard that cannot be set is not delivered blind
+                tracing::error!(id = %record.id, "webhook not sent: redis: {e}");
+                false
+            }
+        }
+    }
+
+    fn close(&self) -> Vec<String> {
+        // the queue is shared: what waits stays queued for the other workers
+        vec![]
+    }
+
+    async fn flushed(&self) {}
+
+    async fn sweep(&self, stalled: Duration) -> Result<Vec<(String, String)>, EngineError> {
+        self.0.sweep(stalled).await
+    }
+
+    async fn sync_secret(&self, mine: &str, force: bool) -> Result<String, EngineError> {
+        Ok(self.0.sync_secret(mine, force).await?)
+    }
+
+    async fn setup_problem(&self) -> Option<String> {
+        let got: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("maxmemory-policy")
+            .query_async(&mut self.0.conn())
+            .await;
+        match got.as_deref() {
+            Ok([_, policy]) if policy == "noeviction" => None,
+            Ok([_, policy]) => Some(format!(
+                "redis' maxmemory-policy is {policy}: when it fills up it evicts keys, and tasks, \
+                 queue entries or outputs vanish; set maxmemory-policy noeviction (docs/scale-out.md)"
+            )),
+            Ok(_) | Err(_) => Some(
+                "cannot read redis' maxmemory-policy (CONFIG GET refused?): make sure it is \
+                 noeviction (docs/scale-out.md)"
+                    .into(),
+            ),
+        }
+    }
+
+    fn consumer(&self, models: &[ModelInfo], index: usize) -> Box<dyn Consumer> {
+        Box::new(consumer::RedisConsumer::new(
+            self.0.clone(),
+            models.to_vec(),
+            index,
+        ))
+    }
+}
+
+/// The client of `--redis`: refused without a password on a non-loopback address (unless
+/// allowed), with the `--redis-ca` authority for `rediss://`.
+fn client(config: &ClusterConfig) -> Result<redis::Client, ConfigError> {
+    let shown = redacted(&config.url);
+    let bad = |e: &dyn std::fmt::Display| ConfigError::Url(shown.clone(), e.to_string());
+    let url = url::Url::parse(&config.url).map_err(|e| bad(&e))?;
+    let local = match url.host() {
+        // redis: is not a special scheme to the URL parser: addresses come as names
+        Some(url::Host::Domain(d)) => {
+            d.eq_ignore_ascii_case("localhost")
+                || d.parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => true,
+    };
+    if !local && url.password().is_none() && !config.allow_no_password {
+        return Err(ConfigError::NoPassword(shown));
+    }
+    match (&config.ca_cert, url.scheme()) {
+        (Some(ca), "rediss") => {
+            let root = std::fs::read(ca).map_err(|source| ConfigError::Ca {
+                path: ca.clone(),
+                source,
+            })?;
+            let certs = redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(root),
+            };
+            redis::Client::build_with_tls(config.url.as_str(), certs).map_err(|e| bad(&e))
+        }
+        (Some(_), _) => Err(ConfigError::CaWithoutTls(shown)),
+        (None, _) => redis::Client::open(config.url.as_str()).map_err(|e| bad(&e)),
+    }
+}
+
+/// A Redis URL without its password, for messages.
+pub fn redacted(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_merge_the_running_fields_until_finished() {
+        let mut r: JobRecord = serde_json::from_value(serde_json::json!({
+            "id": "abc", "model": "m", "status": "created", "input": {}, "base_url": "http://x",
+            "created_at": 1, "started_at": null, "completed_at": null, "error": "", "code": 0,
+            "seed": 1, "outputs": [], "base64_output": false, "webhook": null, "step": 0,
+            "total_steps": 30, "timings": []
+        }))
+        .unwrap();
+        let hash = |r: &JobRecord, fields: &[(&str, &str)]| -> TaskHash {
+            let mut h: TaskHash = fields
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+                .collect();
+            h.insert("record".into(), serde_json::to_vec(r).unwrap());
+            h
+        };
+        let running = [
+            ("status", "processing"),
+            ("step", "7"),
+            ("total", "30"),
+            ("attempts", "2"),
+            ("started_at", "99"),
+        ];
+        let got = record_of(&hash(&r, &running)).unwrap();
+        assert_eq!(
+            (got.status, got.step, got.attempts, got.started_at),
+            (Status::Processing, 7, 2, Some(99))
+        );
+        // the final record wins over the last progress written
+        r.status = Status::Completed;
+        r.step = 30;
+        r.started_at = Some(100);
+        let mut done = running;
+        done[0] = ("status", "completed");
+        let got = record_of(&hash(&r, &done)).unwrap();
+        assert_eq!((got.step, got.started_at, got.attempts), (30, Some(100), 2));
+        assert!(record_of(&TaskHash::new()).is_none());
+    }
+
+    #[test]
+    fn a_redis_elsewhere_needs_a_password() {
+        // Client::open connects to nothing: these only parse
+        let cfg = ClusterConfig::new;
+        let err = client(&cfg("redis://redis.internal:6379/0"))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("no password") && err.contains("--allow-redis-without-password"));
+        for ok in [
+            "redis://:pw@redis.internal:6379/0",
+            "redis://skyreels:pw@redis.internal/0",
+            "rediss://:pw@redis.internal/0",
+            "redis://127.0.0.1:6379/0",
+            "redis://localhost/0",
+            "redis://[::1]:6379/0",
+            "redis+unix:///run/redis.sock",
+        ] {
+            assert!(client(&cfg(ok)).is_ok(), "{ok}");
+        }
+        let allowed = ClusterConfig {
+            allow_no_password: true,
+            ..cfg("redis://redis.internal/0")
+        };
+        assert!(client(&allowed).is_ok());
+        let ca_without_tls = ClusterConfig {
+            ca_cert: Some("/nonexistent.pem".into()),
+            ..cfg("redis://127.0.0.1/0")
+        };
+        assert!(client(&ca_without_tls)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("rediss://"));
+        let missing_ca = ClusterConfig {
+            ca_cert: Some("/nonexistent.pem".into()),
+            ..cfg("rediss://127.0.0.1/0")
+        };
+        assert!(client(&missing_ca)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("/nonexistent.pem"));
+    }
+
+    #[test]
+    fn passwords_stay_out_of_messages() {
+        assert_eq!(
+            redacted("redis://:hunter2@10.0.0.5:6379/0"),
+            "redis://:***@10.0.0.5:6379/0"
+        );
+        assert_eq!(redacted("redis://127.0.0.1/"), "redis://127.0.0.1/");
+    }
+}
