@@ -1,7 +1,8 @@
 //! Generation parameters in one place, shared by `skyreels generate` and `skyreels serve` so the
 //! two cannot disagree: SkyReels' defaults, the limits every request is checked against, the
 //! portrait swap of the default size, the cost measure behind `--max-work`, and the image fit
-//! (center crop + Lanczos) the pipeline applies to the first frame. No candle here.
+//! (center crop + Lanczos) the pipeline applies to the first frame, and one request's parameters
+//! ([`GenerationParams`]) with the rules its final values are checked against. No candle here.
 
 use image::imageops::FilterType;
 use image::RgbImage;
