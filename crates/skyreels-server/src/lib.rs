@@ -17,7 +17,6 @@ pub mod generator;
 mod http;
 pub mod media;
 pub mod metrics;
-pub mod openapi;
 mod server;
 mod state;
 mod view;

@@ -5,6 +5,7 @@
 pub mod body;
 pub mod error;
 pub mod middleware;
+pub mod openapi;
 pub mod ops;
 pub mod playground;
 pub mod predictions;
@@ -15,7 +16,6 @@ pub use error::{envelope, success, ApiError, ApiResult};
 pub use middleware::HostPolicy;
 pub use predictions::prediction;
 
-use crate::openapi;
 use crate::state::AppState;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{header, HeaderMap, Method, Uri};

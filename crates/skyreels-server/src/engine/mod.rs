@@ -5,7 +5,7 @@
 //! queue bound and draining, uploads and their PUT tickets, output files, and what a worker
 //! does with a task it took ([`worker`]). A backend only stores, compares and sets, queues and
 //! leases: the in-memory one of a single process, or the Redis one a scale-out deployment
-//! shares (`crate::backend`). The HTTP layer talks to [`Engine`] and never to a backend.
+//! shares (the backends, `backend/`). The HTTP layer talks to [`Engine`] and never to a backend.
 
 pub mod backend;
 pub mod files;

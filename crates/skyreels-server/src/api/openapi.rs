@@ -1,8 +1,7 @@
 //! The OpenAPI document (`/openapi.json`), derived from the handlers' `#[utoipa::path]` and the
-//! contract types; the Swagger UI (`/docs`, assets vendored in the binary); the model entries
-//! of `/api/v3/models`.
+//! contract types; the Swagger UI (`/docs`, assets vendored in the binary).
 
-use crate::api::{ops, playground, predictions, submit, uploads};
+use super::{ops, playground, predictions, submit, uploads};
 use utoipa::openapi::path::{
     HttpMethod, OperationBuilder, ParameterBuilder, ParameterIn, PathItem,
 };
