@@ -751,3 +751,100 @@ impl Drop for RunningGuard<'_> {
         self.engine.running_flags().remove(&self.id);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params() -> skyreels_params::GenerationParams {
+        skyreels_params::GenerationParams {
+            prompt: "p".into(),
+            negative_prompt: None,
+            height: 32,
+            width: 48,
+            num_frames: 5,
+            steps: 3,
+            guidance_scale: 6.0,
+            embedded_guidance_scale: 1.0,
+            seed: 1,
+            fps: 24.0,
+            cache: skyreels_params::CacheSpec::None,
+            flow_shift: None,
+        }
+    }
+
+    #[test]
+    fn a_queued_image_is_fitted_as_on_arrival_or_fails_the_task() {
+        let img =
+            image::RgbImage::from_fn(30, 20, |x, y| image::Rgb([x as u8 * 8, y as u8 * 12, 3]));
+        let mut png = vec![];
+        img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
+        let fitted = skyreels_params::fit_image(&img, 48, 32);
+        let encoded = Queued {
+            params: params(),
+            image: Some(QueuedImage::Encoded(png.clone())),
+        };
+        assert_eq!(encoded.clone().into_input().unwrap().image.unwrap(), fitted);
+        // fitted pixels kept as a PNG decode to the same pixels
+        let kept = Queued {
+            params: params(),
+            image: Some(QueuedImage::Fitted(fitted.clone())),
+        };
+        let again = Queued {
+            params: params(),
+            image: Some(QueuedImage::Encoded(kept.image_bytes())),
+        };
+        assert_eq!(again.into_input().unwrap().image.unwrap(), fitted);
+        assert_eq!(encoded.image_bytes(), png);
+        let broken = Queued {
+            params: params(),
+            image: Some(QueuedImage::Encoded(png[..png.len() / 2].to_vec())),
+        };
+        match broken.into_input() {
+            Err(Outcome::Failed(TaskCode::MediaAccessFailed, _)) => {}
+            other => panic!("{other:?}"),
+        }
+        let text = Queued {
+            params: params(),
+            image: None,
+        };
+        assert!(text.image_bytes().is_empty());
+        assert!(text.into_input().unwrap().image.is_none());
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_five_seconds() {
+        let mut b = Backoff::default();
+        let waits: Vec<u64> = (0..9).map(|_| b.next_delay().as_millis() as u64).collect();
+        assert_eq!(waits, [100, 200, 400, 800, 1600, 3200, 5000, 5000, 5000]);
+        b.reset();
+        assert_eq!(b.next_delay(), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn uploads_belong_to_their_owner_and_tickets_are_kept_by_digest() {
+        let mut u = Upload::new("x/../a b.png", "image/png", 1, "http://h");
+        assert_eq!(u.owner(), ANONYMOUS);
+        u.owner = "k".into();
+        assert_eq!(
+            (u.owner(), u.kind(), u.filename.as_str()),
+            ("k", "image", "a_b.png")
+        );
+        assert_eq!(
+            u.download_url(),
+            format!("http://h/api/v3/media/files/{}/a_b.png", u.id)
+        );
+        // SHA-256 of "abc"
+        assert_eq!(
+            ticket_digest("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn each_attempt_writes_its_own_file() {
+        assert_eq!(worker::output_file("t", 1), "t.mp4");
+        assert_eq!(worker::output_file("t", 2), "t-2.mp4");
+    }
+}

@@ -357,6 +357,51 @@ mod tests {
     }
 
     #[test]
+    fn statuses_parse_and_outcomes_are_the_three_ends() {
+        for s in Status::ALL {
+            assert_eq!(s.as_str().parse::<Status>(), Ok(s));
+            assert_eq!(
+                s.is_outcome(),
+                matches!(s, Status::Completed | Status::Failed | Status::Cancelled)
+            );
+            assert!(!s.is_outcome() || s.is_finished());
+        }
+        assert!("Completed".parse::<Status>().is_err());
+    }
+
+    #[test]
+    fn an_outcome_ends_a_running_record() {
+        let mut r = record();
+        r.transition(Status::Processing).unwrap();
+        r.step = 3;
+        let done = Outcome::Completed {
+            output: "a.mp4".into(),
+            timings: vec![("denoising".into(), 7)],
+            counts: vec![("forwards_cached".into(), 2)],
+        };
+        r.end(done);
+        assert_eq!(
+            (r.status, r.step, r.outputs.as_slice()),
+            (Status::Completed, 30, &["a.mp4".to_string()][..])
+        );
+        assert_eq!(r.timings, [("denoising".to_string(), 7)]);
+        // an outcome does not apply twice: the record stays completed
+        r.end(Outcome::Failed(TaskCode::Internal, "late".into()));
+        assert_eq!((r.status, r.code), (Status::Completed, TaskCode::Ok));
+        let mut r = record();
+        r.transition(Status::Processing).unwrap();
+        r.end(Outcome::Failed(TaskCode::Timeout, "slow".into()));
+        assert_eq!(
+            (r.status, r.code, r.error.as_str()),
+            (Status::Failed, TaskCode::Timeout, "slow")
+        );
+        let mut r = record();
+        r.transition(Status::Processing).unwrap();
+        r.end(Outcome::Cancelled);
+        assert_eq!(r.status, Status::Cancelled);
+    }
+
+    #[test]
     fn ids_times_and_codes() {
         let id = new_id();
         assert_eq!(id.len(), 32);
