@@ -8,290 +8,32 @@
 //! shares (the backends, `backend/`). The HTTP layer talks to [`Engine`] and never to a backend.
 
 pub mod backend;
+mod errors;
 pub mod files;
+mod input;
 pub mod task;
+mod uploads;
 pub mod worker;
 
 pub use crate::generator::{Input, ModelInfo};
 pub use crate::metrics::Overview;
 pub use backend::{Backend, Consumer, Lease, Verdict};
+pub use errors::{is_full, AdmitError, CancelResult, EngineError, UploadRefused};
 pub use files::{FolderError, Paths};
+pub use input::{Blob, Content, Queued, QueuedImage, ReadRange};
+pub use uploads::{
+    ticket_digest, Upload, ANONYMOUS, MAX_OPEN_TICKETS, MAX_OPEN_TICKETS_PER_KEY, TICKET_TTL,
+};
 
-use bytes::Bytes;
-use futures_util::stream::BoxStream;
-use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use task::{new_id, now_ms, JobRecord, Outcome, Status, TaskCode};
+use task::{new_id, JobRecord, Status, TaskCode};
 
-/// PUT tickets open at once, at most (each is a little memory until it expires).
-pub const MAX_OPEN_TICKETS: usize = 1024;
-/// PUT tickets one API key may hold open at once (one key cannot lock the others out).
-pub const MAX_OPEN_TICKETS_PER_KEY: usize = 64;
-/// A PUT ticket not used within this long expires.
-pub const TICKET_TTL: Duration = Duration::from_secs(600);
 /// The longest a node waits for one command of a shared store (a hung Redis answers nothing:
 /// the client gets its 503 after this, not after a TCP timeout).
 pub const COMMAND_TIMEOUT: Duration = Duration::from_millis(2500);
-/// The owner of uploads made without an API key (no keys configured).
-pub const ANONYMOUS: &str = "anonymous";
-
-/// Why the engine cannot answer now.
-#[derive(Debug, thiserror::Error)]
-pub enum EngineError {
-    /// The shared store (Redis) failed or is unreachable.
-    #[error("{}", store_message(.0))]
-    Store(#[from] redis::RedisError),
-    /// Another node kept changing the task during a compare and set.
-    #[error("the task keeps changing; retry")]
-    Contended,
-    /// A stored value vanished while it was being read (expired or deleted).
-    #[error("the file was removed while it was being read")]
-    Vanished,
-    /// A local file could not be read or written.
-    #[error("the server's storage failed: {0}")]
-    Io(#[from] std::io::Error),
-    /// The process is stopping.
-    #[error("the server is shutting down")]
-    Closed,
-}
-
-/// What a client is told of a store failure (no address, no credentials).
-fn store_message(e: &redis::RedisError) -> &'static str {
-    if is_full(e) {
-        "the job store (Redis) is full: it reached its memory limit; retry later (operators: \
-         see docs/scale-out.md, sizing Redis)"
-    } else {
-        "the job store (Redis) is unreachable; retry shortly"
-    }
-}
-
-/// Redis refused a write because it reached `maxmemory` (`OOM command not allowed ...`).
-pub fn is_full(e: &redis::RedisError) -> bool {
-    e.code() == Some("OOM") || e.to_string().contains("OOM command not allowed")
-}
-
-impl EngineError {
-    /// Logs the failure with its cause (the client's message leaves it out).
-    pub fn log(&self) {
-        match self {
-            EngineError::Store(e) if is_full(e) => {
-                tracing::error!("redis is full (maxmemory reached): {e}")
-            }
-            EngineError::Store(e) => tracing::warn!("redis: {e}"),
-            EngineError::Io(e) => tracing::error!("storage: {e}"),
-            EngineError::Contended | EngineError::Vanished | EngineError::Closed => {}
-        }
-    }
-}
-
-/// Why a submit was not admitted.
-#[derive(Debug, thiserror::Error)]
-pub enum AdmitError {
-    /// The queue holds `max_queue` unstarted tasks.
-    #[error("the queue is full")]
-    QueueFull,
-    /// The server is shutting down.
-    #[error("the server is shutting down")]
-    Draining,
-    #[error(transparent)]
-    Unavailable(#[from] EngineError),
-}
-
-/// Why an upload (or an upload ticket) was not taken.
-#[derive(Debug, thiserror::Error)]
-pub enum UploadRefused {
-    #[error(transparent)]
-    Unavailable(#[from] EngineError),
-    #[error("too many upload tickets are open; send or let some expire first")]
-    Tickets,
-    #[error(
-        "this API key has {MAX_OPEN_TICKETS_PER_KEY} upload tickets open; send them or let them \
-         expire (after {} minutes)",
-        TICKET_TTL.as_secs() / 60
-    )]
-    KeyTickets,
-    #[error(
-        "this API key's uploads take {} MiB, its quota; they are deleted when the retention ends",
-        .0 >> 20
-    )]
-    KeyQuota(u64),
-    #[error("the server keeps {} MiB of uploads, its limit; retry later", .0 >> 20)]
-    ClusterQuota(u64),
-}
-
-/// What `DELETE /predictions/{id}` did.
-#[derive(Debug, PartialEq)]
-pub enum CancelResult {
-    /// Taken off the queue: now cancelled.
-    Dequeued,
-    /// Running: it stops at the next denoising step.
-    Cancelling,
-    /// Finished: its files are gone, the record says deleted.
-    Deleted,
-    /// Deleted before.
-    AlreadyDeleted,
-}
-
-/// A file received through one of the upload flows.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-pub struct Upload {
-    pub id: String,
-    pub filename: String,
-    pub content_type: String,
-    pub size: u64,
-    pub created_at: u64,
-    /// `false` while a PUT ticket is open.
-    pub complete: bool,
-    pub base_url: String,
-    /// Who uploaded it (an API key's digest prefix): the quotas and ticket bounds are per
-    /// owner. Empty: [`ANONYMOUS`].
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub owner: String,
-}
-
-impl Upload {
-    /// A new upload (not stored until it is complete).
-    pub fn new(filename: &str, content_type: &str, size: u64, base_url: &str) -> Self {
-        Upload {
-            id: new_id(),
-            filename: files::safe_filename(filename),
-            content_type: content_type.to_string(),
-            size,
-            created_at: now_ms(),
-            complete: false,
-            base_url: base_url.to_string(),
-            owner: String::new(),
-        }
-    }
-
-    /// The owner its quota and tickets count against.
-    pub fn owner(&self) -> &str {
-        if self.owner.is_empty() {
-            ANONYMOUS
-        } else {
-            &self.owner
-        }
-    }
-
-    pub fn kind(&self) -> &'static str {
-        match self.content_type.split('/').next() {
-            Some("image") => "image",
-            Some("video") => "video",
-            Some("audio") => "audio",
-            _ => "file",
-        }
-    }
-
-    pub fn download_url(&self) -> String {
-        format!(
-            "{}/api/v3/media/files/{}/{}",
-            self.base_url, self.id, self.filename
-        )
-    }
-}
-
-/// The key a PUT token is kept under: its SHA-256 in hex (the token itself is never stored).
-pub fn ticket_digest(token: &str) -> String {
-    task::hex(&Sha256::digest(token.as_bytes()))
-}
-
-/// A large stored value.
-#[derive(Clone, Copy, Debug)]
-pub enum Blob<'a> {
-    /// A completed upload's bytes, by upload id.
-    Upload(&'a str),
-    /// A finished video, by file name.
-    Output(&'a str),
-}
-
-/// Reads bytes `first..=last` of a stored value as a stream.
-pub type ReadRange =
-    Box<dyn Fn(u64, u64) -> BoxStream<'static, Result<Bytes, EngineError>> + Send + Sync>;
-
-/// Where a stored value's bytes are.
-pub enum Content {
-    /// A file on this machine.
-    File(PathBuf),
-    /// `len` bytes, read in bounded windows.
-    Stream { len: u64, read: ReadRange },
-}
-
-impl Content {
-    /// The whole value.
-    pub async fn read_all(self) -> Result<Vec<u8>, EngineError> {
-        use futures_util::TryStreamExt;
-        match self {
-            Content::File(p) => Ok(tokio::fs::read(p).await?),
-            Content::Stream { len, read } => {
-                let mut out = Vec::with_capacity(len as usize);
-                if len > 0 {
-                    let mut s = read(0, len - 1);
-                    while let Some(chunk) = s.try_next().await? {
-                        out.extend_from_slice(&chunk);
-                    }
-                }
-                Ok(out)
-            }
-        }
-    }
-}
-
-/// A task's input as it waits in the queue.
-#[derive(Clone, Debug)]
-pub struct Queued {
-    pub params: skyreels_params::GenerationParams,
-    pub image: Option<QueuedImage>,
-}
-
-/// A queued task's image.
-#[derive(Clone, Debug)]
-pub enum QueuedImage {
-    /// Already fitted to the task's size (only what the model reads).
-    Fitted(image::RgbImage),
-    /// As it came (compressed): what a shared queue keeps, fitted by the worker.
-    Encoded(Vec<u8>),
-}
-
-impl Queued {
-    /// The input a worker runs: the image decoded (with the API's limits) and fitted to the
-    /// task's size, as the API node would have; an image that does not decode fails the task
-    /// with 1402.
-    pub fn into_input(self) -> Result<Input, Outcome> {
-        let (width, height) = (self.params.width, self.params.height);
-        let image = match self.image {
-            None => None,
-            Some(QueuedImage::Fitted(i)) => Some(i),
-            Some(QueuedImage::Encoded(bytes)) => {
-                let img = crate::media::decode(&bytes)
-                    .map_err(|e| Outcome::Failed(TaskCode::MediaAccessFailed, e.to_string()))?;
-                Some(skyreels_params::fit_image(&img, width, height))
-            }
-        };
-        Ok(Input {
-            params: self.params,
-            image,
-        })
-    }
-
-    /// The image as bytes to keep: the encoded ones, or fitted pixels as a PNG.
-    pub fn image_bytes(&self) -> Vec<u8> {
-        match &self.image {
-            None => vec![],
-            Some(QueuedImage::Encoded(b)) => b.clone(),
-            Some(QueuedImage::Fitted(i)) => {
-                let mut png = vec![];
-                i.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-                    .expect("an RGB image encodes as PNG in memory");
-                png
-            }
-        }
-    }
-}
-
 /// What happens when a task reaches an outcome (completed, failed, cancelled): it is counted
 /// and told to the finished channel (logs, webhooks). Backends call it when they commit such
 /// a change (the memory backend under its lock, so a client that sees the status also sees
@@ -754,6 +496,7 @@ impl Drop for RunningGuard<'_> {
 
 #[cfg(test)]
 mod tests {
+    use super::task::Outcome;
     use super::*;
 
     fn params() -> skyreels_params::GenerationParams {
