@@ -614,10 +614,12 @@ impl Backend for Redis {
     async fn wait_finished(&self, id: &str, limit: Duration) -> Result<bool, EngineError> {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
-            let status: Option<String> = self.0.conn().hget(KEYS.task(id), "status").await?;
-            match status.map(|s| s.parse::<Status>()) {
-                None => return Ok(true),
-                Some(Ok(s)) if s.is_finished() => return Ok(true),
+            // a failed read is not an answer: asked again until the limit
+            let status: redis::RedisResult<Option<String>> =
+                self.0.conn().hget(KEYS.task(id), "status").await;
+            match status.map(|s| s.map(|s| s.parse::<Status>())) {
+                Ok(None) => return Ok(true),
+                Ok(Some(Ok(s))) if s.is_finished() => return Ok(true),
                 _ => {}
             }
             if tokio::time::Instant::now() >= deadline {
