@@ -1,11 +1,15 @@
 //! Generation parameters in one place, shared by `skyreels generate` and `skyreels serve` so the
 //! two cannot disagree: SkyReels' defaults, the limits every request is checked against, the
 //! portrait swap of the default size, the cost measure behind `--max-work`, and the image fit
-//! (center crop + Lanczos) the pipeline applies to the first frame. No candle here.
+//! (center crop + Lanczos) the pipeline applies to the first frame, and one request's parameters
+//! ([`GenerationParams`]) with the rules its final values are checked against. No candle here.
 
 use image::imageops::FilterType;
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
+
+mod request;
+pub use request::{GenerationParams, Limits, Refusal};
 
 /// SkyReels' default negative prompt (its README and `video_generate.py`).
 pub const DEFAULT_NEGATIVE_PROMPT: &str = "Aerial view, aerial view, overexposed, low quality, deformation, a poor composition, bad hands, bad teeth, bad eyes, bad limbs, distortion";
