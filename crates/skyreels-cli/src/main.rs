@@ -14,7 +14,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use skyreels_params as params;
 use skyreels_pipeline::export::{write_output, OutputKind};
 use skyreels_pipeline::generate::{
-    default_vae_dtype, GenerateParams, ModelPaths, Offload, Pipeline, StageTimings,
+    default_vae_dtype, GenerationParams, ModelPaths, Offload, Pipeline, StageTimings,
 };
 use skyreels_pipeline::hub::{HubOptions, ModelSpec, Source};
 use skyreels_server::media;
@@ -446,10 +446,9 @@ fn generate(args: GenerateArgs) -> Result<()> {
         s if params::SEED.contains(s) => s as u64,
         s => bail!("--seed {}, got {s}", params::SEED.rule()),
     };
-    let p = GenerateParams {
+    let p = GenerationParams {
         prompt: args.prompt,
         negative_prompt: args.negative_prompt,
-        image,
         height: args.height.unwrap_or(dh),
         width: args.width.unwrap_or(dw),
         num_frames: args.num_frames.unwrap_or(d.num_frames),
@@ -457,11 +456,11 @@ fn generate(args: GenerateArgs) -> Result<()> {
         guidance_scale: args.guidance_scale,
         embedded_guidance_scale: args.embedded_guidance_scale,
         seed,
-        noise,
+        fps: args.fps,
         cache: args.cache,
         flow_shift: args.flow_shift,
     };
-    check_limits(&p, args.fps, &args.output)?;
+    check_limits(&p, &args.output)?;
     eprintln!(
         "loading {} (transformer {})",
         paths.pipeline.display(),
@@ -476,7 +475,8 @@ fn generate(args: GenerateArgs) -> Result<()> {
         params::check_encodable(p.height, p.width)
             .map_err(|(side, rule)| anyhow::anyhow!("--{side} {rule}"))?;
     }
-    pipeline.validate(&p)?;
+    let (image, noise) = (image.as_ref(), noise.as_ref());
+    pipeline.validate(&p, image, noise)?;
     eprintln!(
         "generating {} frames of {}x{} in {} steps",
         p.num_frames, p.width, p.height, p.steps
@@ -487,7 +487,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         )
         .expect("valid template"),
     );
-    let video = pipeline.generate(&p, &mut |done, _| {
+    let video = pipeline.generate(&p, image, noise, &mut |done, _| {
         bar.set_position(done as u64);
         true
     })?;
@@ -504,14 +504,14 @@ fn generate(args: GenerateArgs) -> Result<()> {
     }
     let start = Instant::now();
     let bitrate = args.bitrate_kbps.map(|k| k.saturating_mul(1000));
-    write_output(&args.output, &video.frames, args.fps, bitrate)?;
+    write_output(&args.output, &video.frames, p.fps, bitrate)?;
     print_timings(&video.timings, start.elapsed(), started.elapsed());
     eprintln!("wrote {}", args.output.display());
     Ok(())
 }
 
 /// The limits the server applies too (`skyreels-params`), named by their flags.
-fn check_limits(p: &GenerateParams, fps: f64, output: &Path) -> Result<()> {
+fn check_limits(p: &GenerationParams, output: &Path) -> Result<()> {
     let rule = |flag: &str, rule: String| anyhow::anyhow!("{flag} {rule}");
     if !params::STEPS.contains(p.steps as i64) {
         return Err(rule(
@@ -538,10 +538,10 @@ fn check_limits(p: &GenerateParams, fps: f64, output: &Path) -> Result<()> {
             format!("{}, got {s}", params::FLOW_SHIFT.rule()),
         ));
     }
-    if OutputKind::of(output) == OutputKind::Mp4 && !params::FPS_RANGE.contains(fps) {
+    if OutputKind::of(output) == OutputKind::Mp4 && !params::FPS_RANGE.contains(p.fps) {
         return Err(rule(
             "--fps",
-            format!("{}, got {fps}", params::FPS_RANGE.rule()),
+            format!("{}, got {}", params::FPS_RANGE.rule(), p.fps),
         ));
     }
     Ok(())

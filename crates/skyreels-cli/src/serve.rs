@@ -5,7 +5,7 @@ use crate::{load_pipeline, model_paths, worker_groups, ModelArgs};
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use skyreels_pipeline::export::write_output;
-use skyreels_pipeline::generate::{GenerateError, GenerateParams, ModelPaths, Pipeline};
+use skyreels_pipeline::generate::{GenerateError, GenerationParams, ModelPaths, Pipeline};
 use skyreels_pipeline::runtime::{free_memory, gib};
 use skyreels_server::cluster::{ClusterConfig, OutputStore};
 use skyreels_server::generator::{
@@ -252,10 +252,9 @@ impl Generator for PipelineGenerator {
         output: &Path,
         progress: &mut dyn FnMut(usize, usize) -> bool,
     ) -> Result<Generated, GenerateFailure> {
-        let params = GenerateParams {
+        let params = GenerationParams {
             prompt: req.prompt.clone(),
             negative_prompt: req.negative_prompt.clone(),
-            image: req.image.clone(),
             height: req.height,
             width: req.width,
             num_frames: req.num_frames,
@@ -263,7 +262,7 @@ impl Generator for PipelineGenerator {
             guidance_scale: req.guidance_scale,
             embedded_guidance_scale: req.embedded_guidance_scale,
             seed: req.seed,
-            noise: None,
+            fps: req.fps,
             cache: req.cache,
             flow_shift: req.flow_shift,
         };
@@ -274,6 +273,8 @@ impl Generator for PipelineGenerator {
             .pipeline
             .generate_with(
                 &params,
+                req.image.as_ref(),
+                None,
                 &mut |done, total| (progress.borrow_mut())(done, total),
                 &mut || (progress.borrow_mut())(steps, steps),
             )
