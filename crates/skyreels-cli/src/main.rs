@@ -548,18 +548,15 @@ fn check_limits(p: &GenerationParams, output: &Path) -> Result<()> {
 }
 
 fn print_timings(t: &StageTimings, export: std::time::Duration, total: std::time::Duration) {
-    let s = |d: std::time::Duration| d.as_secs_f64();
+    let stages = [("load", t.load)]
+        .into_iter()
+        .chain(t.stages())
+        .chain([("export", export), ("total", total)])
+        .map(|(name, d)| format!("{} {:.2}s", name.replace('_', " "), d.as_secs_f64()))
+        .collect::<Vec<_>>()
+        .join(", ");
     eprintln!(
-        "timings: load {:.2}s, text encoding {:.2}s, image encoding {:.2}s, denoising {:.2}s, \
-         VAE decoding {:.2}s, export {:.2}s, total {:.2}s; transformer forwards: {} computed, \
-         {} from the cache",
-        s(t.load),
-        s(t.text_encoding),
-        s(t.image_encoding),
-        s(t.denoising),
-        s(t.decoding),
-        s(export),
-        s(total),
+        "timings: {stages}; transformer forwards: {} computed, {} from the cache",
         t.forwards_computed(),
         t.forwards_cached()
     );

@@ -291,14 +291,10 @@ impl Generator for PipelineGenerator {
         if let Some(peaks) = &t.peak_memory {
             tracing::info!(%peaks, "peak device memory per stage");
         }
+        let mut stages = t.stages();
+        stages.push(("export", start.elapsed()));
         Ok(Generated {
-            stages: vec![
-                ("text_encoding", t.text_encoding),
-                ("image_encoding", t.image_encoding),
-                ("denoising", t.denoising),
-                ("decoding", t.decoding),
-                ("export", start.elapsed()),
-            ],
+            stages,
             counts: vec![
                 ("forwards_computed", t.forwards_computed() as u64),
                 ("forwards_cached", t.forwards_cached() as u64),

@@ -124,6 +124,16 @@ impl StageTimings {
     pub fn forwards_cached(&self) -> usize {
         self.forward_decisions.len() - self.forwards_computed()
     }
+
+    /// The generation stages by the server's names, in order (the load is not one of them).
+    pub fn stages(&self) -> Vec<(&'static str, Duration)> {
+        vec![
+            ("text_encoding", self.text_encoding),
+            ("image_encoding", self.image_encoding),
+            ("denoising", self.denoising),
+            ("decoding", self.decoding),
+        ]
+    }
 }
 
 /// Peak device memory in bytes during each generation stage.
