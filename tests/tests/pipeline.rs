@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 use skyreels_pipeline::export::{frame_rgb8, write_output};
 use skyreels_pipeline::generate::{
-    CacheSpec, GenerateError, GenerateParams, ModelPaths, Offload, Pipeline,
+    CacheSpec, GenerateError, GenerationParams, ModelPaths, Offload, Pipeline, Video,
     DEFAULT_NEGATIVE_PROMPT,
 };
 use skyreels_pipeline::load_vae;
@@ -30,17 +30,46 @@ fn case(name: &str) -> (HashMap<String, Tensor>, Value) {
     (load_tensors(&path), serde_json::from_str(&req).unwrap())
 }
 
-fn params(io: &HashMap<String, Tensor>, req: &Value) -> GenerateParams {
+/// A fixture's request: its parameters, and the image and noise that go beside them.
+#[derive(Clone)]
+struct Request {
+    p: GenerationParams,
+    image: Option<image::RgbImage>,
+    noise: Option<Tensor>,
+}
+
+impl Request {
+    fn generate(
+        &self,
+        pipe: &Pipeline,
+        on_step: &mut dyn FnMut(usize, usize) -> bool,
+    ) -> Result<Video, GenerateError> {
+        pipe.generate(&self.p, self.image.as_ref(), self.noise.as_ref(), on_step)
+    }
+
+    /// Runs to the end.
+    fn run(&self, pipe: &Pipeline) -> Video {
+        self.generate(pipe, &mut |_, _| true).unwrap()
+    }
+
+    /// The same request with other parameters.
+    fn with(&self, edit: impl FnOnce(&mut GenerationParams)) -> Self {
+        let mut r = self.clone();
+        edit(&mut r.p);
+        r
+    }
+}
+
+fn params(io: &HashMap<String, Tensor>, req: &Value) -> Request {
     let image = io.get("image").map(|t| {
         let (h, w, _) = t.dims3().unwrap();
         let raw = t.flatten_all().unwrap().to_vec1::<u8>().unwrap();
         image::RgbImage::from_raw(w as u32, h as u32, raw).unwrap()
     });
     let num = |k: &str| req[k].as_f64().unwrap();
-    GenerateParams {
+    let p = GenerationParams {
         prompt: req["prompt"].as_str().unwrap().into(),
         negative_prompt: req["negative_prompt"].as_str().map(str::to_string),
-        image,
         height: num("height") as usize,
         width: num("width") as usize,
         num_frames: num("num_frames") as usize,
@@ -48,13 +77,19 @@ fn params(io: &HashMap<String, Tensor>, req: &Value) -> GenerateParams {
         guidance_scale: num("guidance_scale"),
         embedded_guidance_scale: num("embedded_guidance_scale"),
         seed: 0,
-        noise: Some(io["latents"].clone()),
+        // the export's (the pipeline does not read it)
+        fps: 24.0,
         // the step-cache fixtures name theirs ("first-block:T", "teacache:T")
         cache: req["cache"]
             .as_str()
             .map_or(CacheSpec::None, |c| c.parse().unwrap()),
         // the flow-shift fixture names its scheduler's shift
         flow_shift: req["flow_shift"].as_f64(),
+    };
+    Request {
+        p,
+        image,
+        noise: Some(io["latents"].clone()),
     }
 }
 
@@ -65,7 +100,8 @@ fn pipeline(transformer: Option<&Path>) -> Pipeline {
 
 fn check(name: &str, pipe: &Pipeline) {
     let (io, req) = case(name);
-    let p = params(&io, &req);
+    let r = params(&io, &req);
+    let p = &r.p;
     // the schedule diffusers ran, bit for bit
     let cfg = SchedulerConfig::from_dir(&tiny_weights())
         .unwrap()
@@ -77,8 +113,8 @@ fn check(name: &str, pipe: &Pipeline) {
         "{name}"
     );
     let mut steps = Vec::new();
-    let video = pipe
-        .generate(&p, &mut |done, total| {
+    let video = r
+        .generate(pipe, &mut |done, total| {
             steps.push((done, total));
             true
         })
@@ -120,8 +156,8 @@ fn step_caches_match_their_references() {
                     want.contains(&true) && want.contains(&false),
                     "{name}: {want:?}"
                 );
-                let p = params(&io, &req);
-                let video = pipe.generate(&p, &mut |_, _| true).unwrap();
+                let r = params(&io, &req);
+                let video = r.run(&pipe);
                 let t = &video.timings;
                 assert_eq!(t.forward_decisions, want, "{name}");
                 let computed = want.iter().filter(|&&c| c).count();
@@ -133,13 +169,12 @@ fn step_caches_match_their_references() {
                 let err = max_abs(&video.frames, &io["frames"]);
                 assert!(err <= FRAME_TOL, "{name}: max abs error {err:e}");
                 for f in [0.99, 1.01] {
-                    let cache = match p.cache {
+                    let cache = match r.p.cache {
                         CacheSpec::FirstBlock(t) => CacheSpec::FirstBlock(t * f),
                         CacheSpec::TeaCache(t) => CacheSpec::TeaCache(t * f),
                         CacheSpec::None => unreachable!("{name} names a cache"),
                     };
-                    let q = GenerateParams { cache, ..p.clone() };
-                    let v = pipe.generate(&q, &mut |_, _| true).unwrap();
+                    let v = r.with(|p| p.cache = cache).run(&pipe);
                     assert_eq!(v.timings.forward_decisions, want, "{name} at {cache}");
                 }
             }
@@ -198,9 +233,8 @@ fn parallel_layouts_change_no_number() {
         "i2v_embedded",
     ] {
         let (io, req) = case(name);
-        let p = params(&io, &req);
-        let a = single.generate(&p, &mut |_, _| true).unwrap();
-        let b = cfg2.generate(&p, &mut |_, _| true).unwrap();
+        let r = params(&io, &req);
+        let (a, b) = (r.run(&single), r.run(&cfg2));
         assert_eq!(max_abs(&a.frames, &b.frames), 0.0, "{name}");
         assert_eq!(
             a.timings.forward_decisions, b.timings.forward_decisions,
@@ -213,10 +247,10 @@ fn parallel_layouts_change_no_number() {
     assert_eq!(both.devices().len(), 4);
     for name in ["i2v_cfg", "i2v_embedded"] {
         let (io, req) = case(name);
-        let p = params(&io, &req);
-        let a = single.generate(&p, &mut |_, _| true).unwrap();
+        let r = params(&io, &req);
+        let a = r.run(&single);
         for (layout, pipe) in [("ulysses=2", &ulysses), ("cfg=2,ulysses=2", &both)] {
-            let b = pipe.generate(&p, &mut |_, _| true).unwrap();
+            let b = r.run(pipe);
             let err = max_abs(&a.frames, &b.frames);
             assert!(err <= FRAME_TOL, "{name} {layout}: {err:e} from one device");
             assert!(
@@ -226,20 +260,19 @@ fn parallel_layouts_change_no_number() {
         }
     }
     let (io, req) = case("cache_fbc_cfg_a");
-    let e = ulysses
-        .generate(&params(&io, &req), &mut |_, _| true)
+    let e = params(&io, &req)
+        .generate(&ulysses, &mut |_, _| true)
         .unwrap_err();
     assert!(
         e.to_string().contains("does not combine with Ulysses"),
         "{e}"
     );
     let (io, req) = case("i2v_embedded");
-    let odd = GenerateParams {
-        num_frames: 1, // 1 x 3 x 5 = 15 video tokens
+    let odd = Request {
         noise: None,
-        ..params(&io, &req)
+        ..params(&io, &req).with(|p| p.num_frames = 1) // 1 x 3 x 5 = 15 video tokens
     };
-    let e = ulysses.generate(&odd, &mut |_, _| true).unwrap_err();
+    let e = odd.generate(&ulysses, &mut |_, _| true).unwrap_err();
     assert!(e.to_string().contains("15 video tokens"), "{e}");
     // layouts that cannot work are refused when the pipeline is built
     let e = pipeline(None)
@@ -277,7 +310,7 @@ fn offloading_changes_no_number() {
     let gguf = fixture("single_file/tiny_transformer_q8_0.gguf");
     for (name, transformer) in [("i2v_cfg", None), ("i2v_cfg_q8_0", Some(gguf.as_path()))] {
         let (io, req) = case(name);
-        let p = params(&io, &req);
+        let r = params(&io, &req);
         let mut frames = Vec::new();
         for offload in [Offload::None, Offload::Model, Offload::Blocks] {
             let mut paths = ModelPaths::local(&tiny_weights(), transformer).unwrap();
@@ -286,7 +319,7 @@ fn offloading_changes_no_number() {
                 Pipeline::load_offloaded(paths, DType::F32, DType::F32, &Device::Cpu, offload)
                     .unwrap();
             assert_eq!(pipe.offload(), offload);
-            let video = pipe.generate(&p, &mut |_, _| true).unwrap();
+            let video = r.run(&pipe);
             assert!(
                 max_abs(&video.frames, &io["frames"]) <= FRAME_TOL,
                 "{name} {offload:?}"
@@ -309,20 +342,16 @@ fn image_to_video_with_embedded_guidance_only_matches_diffusers() {
 #[test]
 fn a_request_flow_shift_matches_diffusers_with_that_shift() {
     let (io, req) = case("i2v_flow_shift");
-    let p = params(&io, &req);
-    assert_eq!(p.flow_shift, Some(3.0));
+    let r = params(&io, &req);
+    assert_eq!(r.p.flow_shift, Some(3.0));
     let file = SchedulerConfig::from_dir(&tiny_weights()).unwrap();
     assert_eq!(file.shift, 7.0);
     let pipe = pipeline(None);
     check("i2v_flow_shift", &pipe);
     // the config's shift would have run another schedule and made other frames
     let want: Vec<f32> = io["timesteps"].to_vec1().unwrap();
-    assert_ne!(FlowMatchEuler::new(&file, p.steps).timesteps(), want);
-    let unshifted = GenerateParams {
-        flow_shift: None,
-        ..p.clone()
-    };
-    let video = pipe.generate(&unshifted, &mut |_, _| true).unwrap();
+    assert_ne!(FlowMatchEuler::new(&file, r.p.steps).timesteps(), want);
+    let video = r.with(|p| p.flow_shift = None).run(&pipe);
     let err = max_abs(&video.frames, &io["frames"]);
     assert!(
         err > 100.0 * FRAME_TOL,
@@ -339,12 +368,12 @@ fn text_to_video_with_true_cfg_matches_diffusers() {
 fn same_seed_same_frames_other_seed_other_frames() {
     let pipe = pipeline(None);
     let (io, req) = case("i2v_embedded");
-    let mut p = params(&io, &req);
-    p.noise = None;
-    p.steps = 1;
+    let mut r = params(&io, &req);
+    r.noise = None;
+    r.p.steps = 1;
     let mut run = |seed| {
-        p.seed = seed;
-        pipe.generate(&p, &mut |_, _| true).unwrap().frames
+        r.p.seed = seed;
+        r.run(&pipe).frames
     };
     let (a, b, c) = (run(7), run(7), run(8));
     assert_eq!(max_abs(&a, &b), 0.0);
@@ -359,16 +388,19 @@ fn cancels_land_between_vae_tiles_and_before_the_export() {
     let pipe = pipeline(None);
     let (io, req) = case("i2v_embedded");
     // 17 frames: two temporal VAE tiles
-    let p = GenerateParams {
-        num_frames: 17,
-        steps: 1,
+    let r = Request {
         noise: None,
-        ..params(&io, &req)
+        ..params(&io, &req).with(|p| (p.num_frames, p.steps) = (17, 1))
+    };
+    let go = |pipe: &Pipeline,
+              on_step: &mut dyn FnMut(usize, usize) -> bool,
+              go_on: &mut dyn FnMut() -> bool| {
+        pipe.generate_with(&r.p, r.image.as_ref(), r.noise.as_ref(), on_step, go_on)
     };
     let mut steps = Vec::new();
     let mut asked = 0;
-    pipe.generate_with(
-        &p,
+    go(
+        &pipe,
         &mut |done, total| {
             steps.push((done, total));
             true
@@ -384,12 +416,11 @@ fn cancels_land_between_vae_tiles_and_before_the_export() {
     assert_eq!(asked, 3);
     for stop_at in 1..=asked {
         let mut n = 0;
-        let e = pipe
-            .generate_with(&p, &mut |_, _| true, &mut || {
-                n += 1;
-                n < stop_at
-            })
-            .unwrap_err();
+        let e = go(&pipe, &mut |_, _| true, &mut || {
+            n += 1;
+            n < stop_at
+        })
+        .unwrap_err();
         assert!(matches!(e, GenerateError::Cancelled), "{e}");
         assert_eq!(n, stop_at);
     }
@@ -402,16 +433,15 @@ fn cancels_land_between_vae_tiles_and_before_the_export() {
 fn clips_beyond_the_pixel_frame_limit_are_refused_before_they_run() {
     let mut pipe = pipeline(None);
     let (io, req) = case("i2v_embedded");
-    let p = GenerateParams {
-        steps: 1,
+    let r = Request {
         noise: None,
-        ..params(&io, &req)
+        ..params(&io, &req).with(|p| p.steps = 1)
     };
-    let n = (p.height * p.width * p.num_frames) as u64;
+    let n = (r.p.height * r.p.width * r.p.num_frames) as u64;
     pipe.set_max_pixel_frames(Some(n - 1));
     let mut ran = false;
-    let e = pipe
-        .generate(&p, &mut |_, _| {
+    let e = r
+        .generate(&pipe, &mut |_, _| {
             ran = true;
             true
         })
@@ -420,7 +450,7 @@ fn clips_beyond_the_pixel_frame_limit_are_refused_before_they_run() {
     assert!(matches!(e, GenerateError::Invalid(_)), "{e}");
     assert!(e.to_string().contains("(--max-pixel-frames) is"), "{e}");
     pipe.set_max_pixel_frames(Some(n));
-    pipe.generate(&p, &mut |_, _| true).unwrap();
+    r.run(&pipe);
     let small = pipe.estimate_clip_bytes(64, 96, 9);
     assert!(pipe.estimate_clip_bytes(512, 512, 65) > small);
     let free = 8 * small;
@@ -430,7 +460,7 @@ fn clips_beyond_the_pixel_frame_limit_are_refused_before_they_run() {
     assert_eq!(pipe.pixel_frames_fitting(0), 0);
 }
 
-type Edit = dyn Fn(&mut GenerateParams);
+type Edit = dyn Fn(&mut Request);
 
 #[test]
 fn bad_requests_are_refused_with_the_setting_named() {
@@ -439,30 +469,33 @@ fn bad_requests_are_refused_with_the_setting_named() {
     let base = params(&io, &req);
     let cases: Vec<(Box<Edit>, &str)> = vec![
         (
-            Box::new(|p| p.height = 40),
+            Box::new(|r| r.p.height = 40),
             "height must be a positive multiple of 16",
         ),
-        (Box::new(|p| p.width = 0), "width"),
-        (Box::new(|p| p.num_frames = 6), "num_frames must be 4k+1"),
-        (Box::new(|p| p.steps = 0), "steps"),
+        (Box::new(|r| r.p.width = 0), "width"),
+        (Box::new(|r| r.p.num_frames = 6), "num_frames must be 4k+1"),
+        (Box::new(|r| r.p.steps = 0), "steps"),
         (
-            Box::new(|p| p.flow_shift = Some(0.0)),
+            Box::new(|r| r.p.flow_shift = Some(0.0)),
             "flow_shift must be a finite number > 0, got 0",
         ),
-        (Box::new(|p| p.flow_shift = Some(f64::NAN)), "flow_shift"),
-        (Box::new(|p| p.guidance_scale = f64::NAN), "guidance_scale"),
-        (Box::new(|p| p.image = None), "an image is required"),
-        (Box::new(|p| p.num_frames = 9), "noise has shape"),
-        (Box::new(|p| p.prompt = " ".into()), "the prompt is empty"),
+        (Box::new(|r| r.p.flow_shift = Some(f64::NAN)), "flow_shift"),
+        (
+            Box::new(|r| r.p.guidance_scale = f64::NAN),
+            "guidance_scale",
+        ),
+        (Box::new(|r| r.image = None), "an image is required"),
+        (Box::new(|r| r.p.num_frames = 9), "noise has shape"),
+        (Box::new(|r| r.p.prompt = " ".into()), "the prompt is empty"),
     ];
     for (edit, want) in cases {
-        let mut p = base.clone();
-        edit(&mut p);
-        let e = pipe.generate(&p, &mut |_, _| true).unwrap_err().to_string();
+        let mut r = base.clone();
+        edit(&mut r);
+        let e = r.generate(&pipe, &mut |_, _| true).unwrap_err().to_string();
         assert!(e.contains(want), "{e:?} should mention {want:?}");
     }
     // cancelling between steps
-    let e = pipe.generate(&base, &mut |_, _| false).unwrap_err();
+    let e = base.generate(&pipe, &mut |_, _| false).unwrap_err();
     assert!(matches!(e, GenerateError::Cancelled));
 }
 

@@ -14,7 +14,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use skyreels_params as params;
 use skyreels_pipeline::export::{write_output, OutputKind};
 use skyreels_pipeline::generate::{
-    default_vae_dtype, GenerateParams, ModelPaths, Offload, Pipeline, StageTimings,
+    default_vae_dtype, GenerationParams, ModelPaths, Offload, Pipeline, StageTimings,
 };
 use skyreels_pipeline::hub::{HubOptions, ModelSpec, Source};
 use skyreels_server::media;
@@ -446,10 +446,9 @@ fn generate(args: GenerateArgs) -> Result<()> {
         s if params::SEED.contains(s) => s as u64,
         s => bail!("--seed {}, got {s}", params::SEED.rule()),
     };
-    let p = GenerateParams {
+    let p = GenerationParams {
         prompt: args.prompt,
         negative_prompt: args.negative_prompt,
-        image,
         height: args.height.unwrap_or(dh),
         width: args.width.unwrap_or(dw),
         num_frames: args.num_frames.unwrap_or(d.num_frames),
@@ -457,11 +456,11 @@ fn generate(args: GenerateArgs) -> Result<()> {
         guidance_scale: args.guidance_scale,
         embedded_guidance_scale: args.embedded_guidance_scale,
         seed,
-        noise,
+        fps: args.fps,
         cache: args.cache,
         flow_shift: args.flow_shift,
     };
-    check_limits(&p, args.fps, &args.output)?;
+    check_limits(&p, &args.output)?;
     eprintln!(
         "loading {} (transformer {})",
         paths.pipeline.display(),
@@ -476,7 +475,8 @@ fn generate(args: GenerateArgs) -> Result<()> {
         params::check_encodable(p.height, p.width)
             .map_err(|(side, rule)| anyhow::anyhow!("--{side} {rule}"))?;
     }
-    pipeline.validate(&p)?;
+    let (image, noise) = (image.as_ref(), noise.as_ref());
+    pipeline.validate(&p, image, noise)?;
     eprintln!(
         "generating {} frames of {}x{} in {} steps",
         p.num_frames, p.width, p.height, p.steps
@@ -487,7 +487,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         )
         .expect("valid template"),
     );
-    let video = pipeline.generate(&p, &mut |done, _| {
+    let video = pipeline.generate(&p, image, noise, &mut |done, _| {
         bar.set_position(done as u64);
         true
     })?;
@@ -504,14 +504,14 @@ fn generate(args: GenerateArgs) -> Result<()> {
     }
     let start = Instant::now();
     let bitrate = args.bitrate_kbps.map(|k| k.saturating_mul(1000));
-    write_output(&args.output, &video.frames, args.fps, bitrate)?;
+    write_output(&args.output, &video.frames, p.fps, bitrate)?;
     print_timings(&video.timings, start.elapsed(), started.elapsed());
     eprintln!("wrote {}", args.output.display());
     Ok(())
 }
 
 /// The limits the server applies too (`skyreels-params`), named by their flags.
-fn check_limits(p: &GenerateParams, fps: f64, output: &Path) -> Result<()> {
+fn check_limits(p: &GenerationParams, output: &Path) -> Result<()> {
     let rule = |flag: &str, rule: String| anyhow::anyhow!("{flag} {rule}");
     if !params::STEPS.contains(p.steps as i64) {
         return Err(rule(
@@ -538,28 +538,25 @@ fn check_limits(p: &GenerateParams, fps: f64, output: &Path) -> Result<()> {
             format!("{}, got {s}", params::FLOW_SHIFT.rule()),
         ));
     }
-    if OutputKind::of(output) == OutputKind::Mp4 && !params::FPS_RANGE.contains(fps) {
+    if OutputKind::of(output) == OutputKind::Mp4 && !params::FPS_RANGE.contains(p.fps) {
         return Err(rule(
             "--fps",
-            format!("{}, got {fps}", params::FPS_RANGE.rule()),
+            format!("{}, got {}", params::FPS_RANGE.rule(), p.fps),
         ));
     }
     Ok(())
 }
 
 fn print_timings(t: &StageTimings, export: std::time::Duration, total: std::time::Duration) {
-    let s = |d: std::time::Duration| d.as_secs_f64();
+    let stages = [("load", t.load)]
+        .into_iter()
+        .chain(t.stages())
+        .chain([("export", export), ("total", total)])
+        .map(|(name, d)| format!("{} {:.2}s", name.replace('_', " "), d.as_secs_f64()))
+        .collect::<Vec<_>>()
+        .join(", ");
     eprintln!(
-        "timings: load {:.2}s, text encoding {:.2}s, image encoding {:.2}s, denoising {:.2}s, \
-         VAE decoding {:.2}s, export {:.2}s, total {:.2}s; transformer forwards: {} computed, \
-         {} from the cache",
-        s(t.load),
-        s(t.text_encoding),
-        s(t.image_encoding),
-        s(t.denoising),
-        s(t.decoding),
-        s(export),
-        s(total),
+        "timings: {stages}; transformer forwards: {} computed, {} from the cache",
         t.forwards_computed(),
         t.forwards_cached()
     );

@@ -5,7 +5,7 @@ use crate::{load_pipeline, model_paths, worker_groups, ModelArgs};
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use skyreels_pipeline::export::write_output;
-use skyreels_pipeline::generate::{GenerateError, GenerateParams, ModelPaths, Pipeline};
+use skyreels_pipeline::generate::{GenerateError, ModelPaths, Pipeline};
 use skyreels_pipeline::runtime::{free_memory, gib};
 use skyreels_server::backend::redis::{ClusterConfig, OutputStore};
 use skyreels_server::generator::{
@@ -253,28 +253,15 @@ impl Generator for PipelineGenerator {
         progress: &mut dyn FnMut(usize, usize) -> bool,
     ) -> Result<Generated, GenerateFailure> {
         let req = &input.params;
-        let params = GenerateParams {
-            prompt: req.prompt.clone(),
-            negative_prompt: req.negative_prompt.clone(),
-            image: input.image.clone(),
-            height: req.height,
-            width: req.width,
-            num_frames: req.num_frames,
-            steps: req.steps,
-            guidance_scale: req.guidance_scale,
-            embedded_guidance_scale: req.embedded_guidance_scale,
-            seed: req.seed,
-            noise: None,
-            cache: req.cache,
-            flow_shift: req.flow_shift,
-        };
         // asked again (with the last step's numbers) between VAE tiles and before the export
         let progress = std::cell::RefCell::new(progress);
         let steps = req.steps;
         let video = self
             .pipeline
             .generate_with(
-                &params,
+                req,
+                input.image.as_ref(),
+                None,
                 &mut |done, total| (progress.borrow_mut())(done, total),
                 &mut || (progress.borrow_mut())(steps, steps),
             )
@@ -291,14 +278,10 @@ impl Generator for PipelineGenerator {
         if let Some(peaks) = &t.peak_memory {
             tracing::info!(%peaks, "peak device memory per stage");
         }
+        let mut stages = t.stages();
+        stages.push(("export", start.elapsed()));
         Ok(Generated {
-            stages: vec![
-                ("text_encoding", t.text_encoding),
-                ("image_encoding", t.image_encoding),
-                ("denoising", t.denoising),
-                ("decoding", t.decoding),
-                ("export", start.elapsed()),
-            ],
+            stages,
             counts: vec![
                 ("forwards_computed", t.forwards_computed() as u64),
                 ("forwards_cached", t.forwards_cached() as u64),

@@ -21,7 +21,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 pub use skyreels_models::{CacheSpec, StepCache};
-pub use skyreels_params::{fit_image, GenerationDefaults, DEFAULT_NEGATIVE_PROMPT};
+pub use skyreels_params::{
+    fit_image, GenerationDefaults, GenerationParams, DEFAULT_NEGATIVE_PROMPT,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GenerateError {
@@ -97,31 +99,6 @@ impl ModelPaths {
     }
 }
 
-/// One generation request. `image` None means text-to-video (the transformer must take only the
-/// latent channels).
-#[derive(Debug, Clone)]
-pub struct GenerateParams {
-    pub prompt: String,
-    /// Used when `guidance_scale > 1`; None means [`DEFAULT_NEGATIVE_PROMPT`].
-    pub negative_prompt: Option<String>,
-    pub image: Option<RgbImage>,
-    pub height: usize,
-    pub width: usize,
-    pub num_frames: usize,
-    pub steps: usize,
-    /// True classifier-free guidance; a second transformer pass per step when > 1.
-    pub guidance_scale: f64,
-    /// The guidance value fed to the transformer's guidance embedder (× 1000).
-    pub embedded_guidance_scale: f64,
-    pub seed: u64,
-    /// Replaces the seeded initial noise: (1, latent channels, latent frames, h / 8, w / 8).
-    pub noise: Option<Tensor>,
-    /// Step caching across the denoising steps (off: [`CacheSpec::None`]).
-    pub cache: CacheSpec,
-    /// The flow-matching shift of the sigma schedule; None: the model's `scheduler_config.json`.
-    pub flow_shift: Option<f64>,
-}
-
 /// Time spent per stage, and on CUDA the peak device memory of each.
 #[derive(Debug, Clone, Default)]
 pub struct StageTimings {
@@ -146,6 +123,16 @@ impl StageTimings {
     /// Transformer forwards served from the step cache.
     pub fn forwards_cached(&self) -> usize {
         self.forward_decisions.len() - self.forwards_computed()
+    }
+
+    /// The generation stages by the server's names, in order (the load is not one of them).
+    pub fn stages(&self) -> Vec<(&'static str, Duration)> {
+        vec![
+            ("text_encoding", self.text_encoding),
+            ("image_encoding", self.image_encoding),
+            ("denoising", self.denoising),
+            ("decoding", self.decoding),
+        ]
     }
 }
 
@@ -506,8 +493,14 @@ impl Pipeline {
         (budget as f64 / self.bytes_per_pixel_frame()) as u64
     }
 
-    /// Checks a request's sizes and mode; the messages name the offending setting.
-    pub fn validate(&self, p: &GenerateParams) -> Result<(), GenerateError> {
+    /// Checks a request's sizes and mode, with its image (None: text-to-video) and its noise
+    /// (None: seeded); the messages name the offending setting.
+    pub fn validate(
+        &self,
+        p: &GenerationParams,
+        image: Option<&RgbImage>,
+        noise: Option<&Tensor>,
+    ) -> Result<(), GenerateError> {
         let m = self.size_multiple();
         for (name, v) in [("height", p.height), ("width", p.width)] {
             if v == 0 || !v.is_multiple_of(m) {
@@ -539,7 +532,7 @@ impl Pipeline {
                 return invalid(format!("{name} must be a finite number >= 0, got {v}"));
             }
         }
-        match (self.is_image_to_video(), &p.image) {
+        match (self.is_image_to_video(), image) {
             (true, None) => return invalid("this model is image-to-video: an image is required"),
             (false, Some(_)) => return invalid("this model is text-to-video: it takes no image"),
             _ => {}
@@ -551,7 +544,7 @@ impl Pipeline {
         if let Some(limit) = self.max_pixel_frames {
             check_pixel_frames(p.height, p.width, p.num_frames, limit).or_else(invalid)?;
         }
-        if let Some(noise) = &p.noise {
+        if let Some(noise) = noise {
             let want = self.latent_shape(p);
             if noise.dims() != want {
                 return invalid(format!(
@@ -564,7 +557,7 @@ impl Pipeline {
     }
 
     /// (1, latent channels, latent frames, h, w) of a request.
-    pub fn latent_shape(&self, p: &GenerateParams) -> [usize; 5] {
+    pub fn latent_shape(&self, p: &GenerationParams) -> [usize; 5] {
         let v = &self.vae_config;
         [
             1,
@@ -586,26 +579,33 @@ impl Pipeline {
         Ok((start.elapsed(), memory.take()))
     }
 
-    /// Runs a request. `on_step(done, total)` is called after each denoising step; returning false
-    /// cancels the run. The stages carry the names of diffusers' `__call__`: `encode_prompt`,
-    /// `encode_image` (I2V), `prepare_latents`, the denoising loop (`denoise`), `decode_latents`.
+    /// Runs a request on `image` (None: text-to-video, the transformer must take only the latent
+    /// channels), from `noise` when given (1, latent channels, latent frames, h / 8, w / 8; None:
+    /// seeded by `p.seed`). `p.fps` is the export's, unused here. `on_step(done, total)` is
+    /// called after each denoising step; returning false cancels the run. The stages carry the
+    /// names of diffusers' `__call__`: `encode_prompt`, `encode_image` (I2V), `prepare_latents`,
+    /// the denoising loop (`denoise`), `decode_latents`.
     pub fn generate(
         &self,
-        p: &GenerateParams,
+        p: &GenerationParams,
+        image: Option<&RgbImage>,
+        noise: Option<&Tensor>,
         on_step: &mut dyn FnMut(usize, usize) -> bool,
     ) -> Result<Video, GenerateError> {
-        self.generate_with(p, on_step, &mut || true)
+        self.generate_with(p, image, noise, on_step, &mut || true)
     }
 
     /// [`Self::generate`], also asking `go_on()` after the denoising, before each VAE tile and
     /// once the frames are decoded: false cancels, so a cancel lands within a tile.
     pub fn generate_with(
         &self,
-        p: &GenerateParams,
+        p: &GenerationParams,
+        image: Option<&RgbImage>,
+        noise: Option<&Tensor>,
         on_step: &mut dyn FnMut(usize, usize) -> bool,
         go_on: &mut dyn FnMut() -> bool,
     ) -> Result<Video, GenerateError> {
-        self.validate(p)?;
+        self.validate(p, image, noise)?;
         let mut timings = StageTimings {
             load: self.load_time,
             ..Default::default()
@@ -619,7 +619,7 @@ impl Pipeline {
 
         let start = Instant::now();
         let shape = self.latent_shape(p);
-        let image_latents = match &p.image {
+        let image_latents = match image {
             Some(img) => Some(self.encode_image(img, p, &shape)?),
             None => None,
         };
@@ -627,7 +627,7 @@ impl Pipeline {
         timings.image_encoding = elapsed;
 
         let start = Instant::now();
-        let latents = self.prepare_latents(p, &shape)?;
+        let latents = self.prepare_latents(p, noise, &shape)?;
         let mut caches = StepCache::pair(p.cache, p.steps);
         let latents = self.denoise(
             p,
@@ -666,7 +666,7 @@ impl Pipeline {
 
     /// diffusers' `encode_prompt`: the prompt and, for true CFG, the negative prompt, through
     /// both text encoders (loaded for this request and released at the end), in the run dtype.
-    fn encode_prompt(&self, p: &GenerateParams) -> Result<EncodedPrompt, GenerateError> {
+    fn encode_prompt(&self, p: &GenerationParams) -> Result<EncodedPrompt, GenerateError> {
         let cfg = p.guidance_scale > 1.0;
         let negative = cfg.then(|| {
             p.negative_prompt
@@ -696,10 +696,11 @@ impl Pipeline {
     /// diffusers' `prepare_latents`: the initial noise (f32), seeded or given.
     fn prepare_latents(
         &self,
-        p: &GenerateParams,
+        p: &GenerationParams,
+        noise: Option<&Tensor>,
         shape: &[usize; 5],
     ) -> Result<Tensor, GenerateError> {
-        Ok(match &p.noise {
+        Ok(match noise {
             Some(n) => n.to_dtype(DType::F32)?.to_device(&self.device)?,
             None => seeded_noise(shape, p.seed, &self.device)?,
         })
@@ -709,7 +710,7 @@ impl Pipeline {
     /// [`guided_velocity`] through the branches' step caches.
     fn denoise(
         &self,
-        p: &GenerateParams,
+        p: &GenerationParams,
         mut latents: Tensor,
         image_latents: Option<&Tensor>,
         prompt: &EncodedPrompt,
@@ -793,7 +794,7 @@ impl Pipeline {
     fn encode_image(
         &self,
         img: &RgbImage,
-        p: &GenerateParams,
+        p: &GenerationParams,
         shape: &[usize; 5],
     ) -> Result<Tensor, GenerateError> {
         let img = fit_image(img, p.width, p.height);
