@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use serde::Deserialize;
-use skyreels_models::layers::linear::{with_stored_weights, StoredWeight, StoredWeights};
+use skyreels_models::layers::weights::{StoredWeight, StoredWeights, Weights};
 use skyreels_models::text_encoders::{ClipTextConfig, ClipTextModel, LlamaConfig, LlamaEncoder};
 use skyreels_models::{
     AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel, TransformerConfig, VaeConfig,
@@ -321,8 +321,9 @@ fn is_block_weight(name: &str) -> bool {
 
 /// VarBuilder backend that records every tensor asked for and every problem, and hands out a
 /// zero-size placeholder (a broadcast scalar, no allocation) for a tensor it cannot provide, so
-/// that one load reports all problems at once. It also hands the linear layers the weights the
-/// checkpoint keeps in a stored form ([`StoredWeights`]).
+/// that one load reports all problems at once. It is also the [`StoredWeights`] source of the
+/// [`Weights`] a model is built from: the linear layers get the weights the checkpoint keeps in a
+/// stored form (fp8, GGUF, host copies) from it.
 #[derive(Clone)]
 struct TrackingBackend {
     store: Arc<dyn TensorSource>,
@@ -465,7 +466,7 @@ pub fn build_checked<M>(
         false,
         false,
         unused_ok,
-        build,
+        |w| build(w.dense()),
     )
     .map(|(m, _)| m)
 }
@@ -484,11 +485,14 @@ fn check_tensors<M>(
         true,
         false,
         unused_ok,
-        build,
+        |w| build(w.dense()),
     )
     .map(drop)
 }
 
+/// Builds a model from `store` through a [`Weights`] whose stored source is the tracking backend
+/// (matmul weights in their stored form where the checkpoint keeps one), then checks every
+/// tensor as [`build_checked`] does.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn build_tracked<M>(
     store: Arc<dyn TensorSource>,
@@ -497,7 +501,7 @@ pub(crate) fn build_tracked<M>(
     dry: bool,
     host_blocks: bool,
     unused_ok: impl Fn(&str) -> bool,
-    build: impl FnOnce(VarBuilder) -> candle_core::Result<M>,
+    build: impl FnOnce(Weights<'static>) -> candle_core::Result<M>,
 ) -> Result<(M, ResidentWeights), LoadError> {
     let tracker = Arc::new(Mutex::new(Tracker::default()));
     let backend = TrackingBackend {
@@ -508,8 +512,7 @@ pub(crate) fn build_tracked<M>(
         dtype,
         host_blocks,
     };
-    let vb = backend.vb();
-    let built = with_stored_weights(Arc::new(backend), || build(vb));
+    let built = build(Weights::new(backend.vb(), Arc::new(backend)));
     let t = tracker.lock().expect("tracker lock poisoned");
     if !t.problems.is_empty() {
         return Err(LoadError::Tensors(t.problems.clone()));

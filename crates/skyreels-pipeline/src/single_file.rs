@@ -15,7 +15,7 @@ use crate::loading::{read_config_file, Found, LoadError, TensorSource};
 use crate::safetensors_file::SafetensorsFile;
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
-use skyreels_models::layers::linear::StoredWeight;
+use skyreels_models::layers::weights::StoredWeight;
 use skyreels_models::TransformerConfig;
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;

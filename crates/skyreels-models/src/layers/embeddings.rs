@@ -1,8 +1,8 @@
 //! Timestep and conditioning embeddings (diffusers `embeddings.py`).
 
 use super::linear::{linear, Linear};
+use super::weights::Weights;
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::VarBuilder;
 
 /// `get_timestep_embedding(t, dim, flip_sin_to_cos=True, downscale_freq_shift=0)`:
 /// f_k = exp(-ln(10000)·k/half), a = t·f_k in f32, output [cos(a), sin(a)] of shape [b, dim].
@@ -26,7 +26,7 @@ pub struct TimestepEmbedding {
 }
 
 impl TimestepEmbedding {
-    pub fn new(in_dim: usize, dim: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(in_dim: usize, dim: usize, vb: Weights) -> Result<Self> {
         Ok(Self {
             linear_1: linear(in_dim, dim, vb.pp("linear_1"))?,
             linear_2: linear(dim, dim, vb.pp("linear_2"))?,

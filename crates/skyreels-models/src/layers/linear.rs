@@ -1,190 +1,116 @@
 //! `nn.Linear` over the last dimension of any-rank input.
 //!
-//! A layer's weight is either dense in the compute dtype or kept in the form a checkpoint stores
-//! it ([`StoredWeight`]: fp8, GGUF blocks) and turned into the input's dtype right before each use
-//! (diffusers' layerwise casting and GGUF linear), so the resident model stays small while every
-//! product runs as an ordinary matmul on unquantized activations.
+//! The weight is a [`MatmulWeight`]: dense in the compute dtype, or as the checkpoint stores it
+//! (fp8, GGUF blocks), materialized in the input's dtype right before each use. Where it comes
+//! from is the [`Weights`] the layer is built with ([`linear`], [`linear_b`]).
+//!
+//! Adapters: a layer can carry [`LinearAdapter`]s, each adding a term computed from the layer's
+//! input to its output at forward time, `y = W x + b + Σᵢ deltaᵢ(x)`, without touching the stored
+//! weight. This is the seam for LoRA (PEFT's `base(x) + lora_B(lora_A(x)) * scaling`, with
+//! `deltaᵢ(x) = sᵢ · Bᵢ (Aᵢ x)`): adapters switch per request while fp8 and GGUF weights stay
+//! stored. A layer without adapters computes exactly what it computed before they existed.
 
 use super::cpu_kernels::{linear_f32, linear_parts_f32};
-use super::gguf;
-use candle_core::quantized::{QStorage, QTensor};
-use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::VarBuilder;
-use float8::F8E4M3;
+use super::weights::{MatmulWeight, Weights};
+use candle_core::{DType, Module, Result, Tensor};
 use std::borrow::Cow;
-use std::cell::RefCell;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
-/// A matmul weight as a checkpoint stores it.
-#[derive(Debug, Clone)]
-pub enum StoredWeight {
-    /// A float tensor in a narrower dtype (fp8 e4m3fn), cast when used, then multiplied by the
-    /// per-tensor `scale` when the checkpoint has one (ComfyUI's scaled fp8 `scale_weight`).
-    Cast { weight: Tensor, scale: Option<f32> },
-    /// GGUF blocks (any ggml type), dequantized when used: on the CPU in diffusers' f16
-    /// arithmetic ([`gguf`]), on a GPU by candle's kernels (ggml's f32 arithmetic, as diffusers'
-    /// CUDA path through the `kernels` package).
-    Quantized(Arc<QTensor>),
-}
-
-impl StoredWeight {
-    /// (out, in)
-    fn dims(&self) -> Result<(usize, usize)> {
-        match self {
-            Self::Cast { weight, .. } => weight.dims2(),
-            Self::Quantized(q) => q.shape().dims2(),
-        }
-    }
-
-    /// Bytes it takes on its device.
-    pub fn size_in_bytes(&self) -> usize {
-        match self {
-            Self::Cast { weight, .. } => weight.elem_count() * weight.dtype().size_in_bytes(),
-            Self::Quantized(q) => q.storage_size_in_bytes(),
-        }
-    }
-
-    /// The weight as a dense tensor in `dtype` on `device` (copied there first when it is kept
-    /// elsewhere, e.g. in host memory with `--offload blocks`).
-    pub fn materialize(&self, dtype: DType, device: &Device) -> Result<Tensor> {
-        match self {
-            Self::Cast { weight, scale } => {
-                let w = weight.to_device(device)?;
-                let w = if w.dtype() == DType::F8E4M3 && device.is_cpu() {
-                    fp8_to_f32(&w)?
-                } else {
-                    w
-                };
-                match scale {
-                    None => w.to_dtype(dtype),
-                    Some(s) => (w.to_dtype(DType::F32)? * f64::from(*s))?.to_dtype(dtype),
-                }
-            }
-            Self::Quantized(q) if device.is_cpu() => {
-                if q.device().is_cpu() && gguf::is_block_type(q.dtype()) {
-                    let values = gguf::dequantize(q.dtype(), &q.data()?)?;
-                    Tensor::from_vec(values, q.shape(), device)?.to_dtype(dtype)
-                } else {
-                    q.dequantize(device)?.to_dtype(dtype)
-                }
-            }
-            Self::Quantized(q) => {
-                // blocks are copied, not their expansion: dequantized on the GPU
-                let on_device;
-                let q = if q.device().same_device(device) {
-                    q.as_ref()
-                } else {
-                    let storage = QStorage::from_data(q.data()?, device, q.dtype())?;
-                    on_device = QTensor::new(storage, q.shape())?;
-                    &on_device
-                };
-                q.dequantize(device)?.to_dtype(dtype)
-            }
-        }
-    }
-}
-
-/// fp8 e4m3fn to f32 on the CPU through a 256-entry table, in parallel (exact, as any cast).
-fn fp8_to_f32(w: &Tensor) -> Result<Tensor> {
-    use rayon::prelude::*;
-    static TABLE: OnceLock<[f32; 256]> = OnceLock::new();
-    let table = TABLE.get_or_init(|| std::array::from_fn(|i| F8E4M3::from_bits(i as u8).to_f32()));
-    let bytes: Vec<F8E4M3> = w.flatten_all()?.to_vec1()?;
-    let values: Vec<f32> = bytes
-        .par_iter()
-        .with_min_len(1 << 16)
-        .map(|b| table[b.to_bits() as usize])
-        .collect();
-    Tensor::from_vec(values, w.shape(), w.device())
-}
-
-/// Where the layers being built find weights kept in their stored form.
-pub trait StoredWeights {
-    /// The stored form of the weight `name` when the checkpoint keeps it in one and its shape is
-    /// `(out, in)`; `None` loads it densely through the VarBuilder (which reports problems).
-    fn stored_weight(&self, name: &str, shape: (usize, usize)) -> Result<Option<StoredWeight>>;
-}
-
-thread_local! {
-    static STORED: RefCell<Option<Arc<dyn StoredWeights>>> = const { RefCell::new(None) };
-}
-
-/// Runs `build` (a model constructor) with `stored` asked first for every linear weight it
-/// loads on this thread.
-pub fn with_stored_weights<R>(stored: Arc<dyn StoredWeights>, build: impl FnOnce() -> R) -> R {
-    struct Reset(Option<Arc<dyn StoredWeights>>);
-    impl Drop for Reset {
-        fn drop(&mut self) {
-            STORED.with(|s| *s.borrow_mut() = self.0.take());
-        }
-    }
-    let _reset = Reset(STORED.with(|s| s.borrow_mut().replace(stored)));
-    build()
-}
-
-fn stored_weight(name: &str, shape: (usize, usize)) -> Result<Option<StoredWeight>> {
-    let source = STORED.with(|s| s.borrow().clone());
-    match source {
-        Some(s) => s.stored_weight(name, shape),
-        None => Ok(None),
-    }
-}
-
-#[derive(Debug, Clone)]
-enum Weight {
-    Dense(Tensor),
-    Stored(StoredWeight),
+/// A term added to a [`Linear`]'s output at forward time (a LoRA delta).
+pub trait LinearAdapter: std::fmt::Debug + Send + Sync {
+    /// The term for the layer's input rows `x` (rows, in): (rows, out), in `x`'s dtype on `x`'s
+    /// device. For LoRA with `a` (r, in), `b` (out, r) and scale `s`: `s · (x aᵀ) bᵀ`.
+    fn delta(&self, x: &Tensor) -> Result<Tensor>;
 }
 
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: Weight,
+    weight: MatmulWeight,
     bias: Option<Tensor>,
+    /// Added to the output in order; empty: the plain layer.
+    adapters: Vec<Arc<dyn LinearAdapter>>,
 }
 
 /// Loads `weight` [out, in] and `bias` [out].
-pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+pub fn linear<'a>(in_dim: usize, out_dim: usize, vb: impl Into<Weights<'a>>) -> Result<Linear> {
     linear_b(in_dim, out_dim, true, vb)
 }
 
-/// Loads `weight` [out, in] and, when `bias`, `bias` [out].
-pub fn linear_b(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
-    let name = match vb.prefix() {
-        p if p.is_empty() => "weight".to_string(),
-        p => format!("{p}.weight"),
+/// Loads `weight` [out, in] (stored or dense, see [`Weights::matmul`]) and, when `bias`, `bias`
+/// [out] (dense).
+pub fn linear_b<'a>(
+    in_dim: usize,
+    out_dim: usize,
+    bias: bool,
+    vb: impl Into<Weights<'a>>,
+) -> Result<Linear> {
+    let vb = vb.into();
+    let weight = vb.matmul((out_dim, in_dim), "weight")?;
+    let bias = if bias {
+        Some(vb.dense().get(out_dim, "bias")?)
+    } else {
+        None
     };
-    let weight = match stored_weight(&name, (out_dim, in_dim))? {
-        Some(w) => Weight::Stored(w),
-        None => Weight::Dense(vb.get((out_dim, in_dim), "weight")?),
-    };
-    Ok(Linear {
-        weight,
-        bias: if bias {
-            Some(vb.get(out_dim, "bias")?)
-        } else {
-            None
-        },
-    })
+    Ok(Linear::new(weight, bias))
 }
 
 impl Linear {
+    /// `weight` (out, in), `bias` (out), no adapters.
+    pub fn new(weight: MatmulWeight, bias: Option<Tensor>) -> Self {
+        Self {
+            weight,
+            bias,
+            adapters: Vec::new(),
+        }
+    }
+
+    pub fn weight(&self) -> &MatmulWeight {
+        &self.weight
+    }
+
+    /// The adapters applied at forward time, in order.
+    pub fn adapters(&self) -> &[Arc<dyn LinearAdapter>] {
+        &self.adapters
+    }
+
+    /// Replaces the adapters (empty: none); the weight is not touched.
+    pub fn set_adapters(&mut self, adapters: Vec<Arc<dyn LinearAdapter>>) {
+        self.adapters = adapters;
+    }
+
     /// The weight in `x`'s dtype on `x`'s device: borrowed when dense, materialized when stored.
-    fn weight(&self, x: &Tensor) -> Result<Cow<'_, Tensor>> {
+    fn dense_weight(&self, x: &Tensor) -> Result<Cow<'_, Tensor>> {
         match &self.weight {
-            Weight::Dense(w) => Ok(Cow::Borrowed(w)),
-            Weight::Stored(s) => Ok(Cow::Owned(s.materialize(x.dtype(), x.device())?)),
+            MatmulWeight::Dense(w) => Ok(Cow::Borrowed(w)),
+            MatmulWeight::Stored(s) => Ok(Cow::Owned(s.materialize(x.dtype(), x.device())?)),
         }
     }
 
     fn out_dim(&self) -> Result<usize> {
         match &self.weight {
-            Weight::Dense(w) => w.dim(0),
-            Weight::Stored(s) => Ok(s.dims()?.0),
+            MatmulWeight::Dense(w) => w.dim(0),
+            MatmulWeight::Stored(s) => Ok(s.dims()?.0),
         }
     }
 
+    /// `y` (rows, out) plus every adapter's term for the input rows `x` (rows, in).
+    fn add_adapters(&self, x: &Tensor, mut y: Tensor) -> Result<Tensor> {
+        for adapter in &self.adapters {
+            let d = adapter.delta(x)?;
+            if d.dims() != y.dims() {
+                candle_core::bail!(
+                    "linear adapter: delta of shape {:?} for an output of shape {:?}",
+                    d.dims(),
+                    y.dims()
+                )
+            }
+            y = (y + d)?;
+        }
+        Ok(y)
+    }
+
     /// The layer applied to the concatenation of `parts` along the last dim (each (rows, kᵢ)),
-    /// without materializing it on the CPU in f32.
+    /// without materializing it on the CPU in f32 (adapters, if any, see the concatenation).
     pub fn forward_concat(&self, parts: &[&Tensor]) -> Result<Tensor> {
         let fused = parts
             .iter()
@@ -201,8 +127,13 @@ impl Linear {
                 (*p, o)
             })
             .collect();
-        let weight = self.weight(parts[0])?;
-        linear_parts_f32(&with_offsets, &weight, self.bias.as_ref())
+        let weight = self.dense_weight(parts[0])?;
+        let y = linear_parts_f32(&with_offsets, &weight, self.bias.as_ref())?;
+        if self.adapters.is_empty() {
+            return Ok(y);
+        }
+        // (rows, k₀) ++ (rows, k₁) ++ ... -> (rows, in)
+        self.add_adapters(&Tensor::cat(parts, 1)?, y)
     }
 }
 
@@ -215,7 +146,7 @@ impl Module for Linear {
         let rows = x.elem_count() / in_dim.max(1);
         // (..., in) -> (rows, in)
         let x2 = x.reshape((rows, in_dim))?;
-        let weight = self.weight(x)?;
+        let weight = self.dense_weight(x)?;
         let y = if x.device().is_cpu() && x.dtype() == DType::F32 {
             linear_f32(&x2, &weight, self.bias.as_ref())?
         } else {
@@ -225,6 +156,8 @@ impl Module for Linear {
                 None => y,
             }
         };
+        let y = self.add_adapters(&x2, y)?;
+        // (rows, out) -> (..., out)
         let mut out_dims = dims.to_vec();
         *out_dims.last_mut().expect("rank >= 1") = self.out_dim()?;
         y.reshape(out_dims)
@@ -234,7 +167,24 @@ impl Module for Linear {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::layers::gguf;
+    use crate::layers::weights::{StoredWeight, StoredWeights};
+    use candle_core::quantized::QTensor;
     use candle_core::Device;
+    use candle_nn::VarBuilder;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
 
     #[test]
     fn fused_bias_matches_matmul_plus_bias() {
@@ -242,10 +192,7 @@ mod tests {
         let w = Tensor::randn(0f32, 1., (7, 5), &dev).unwrap();
         let b = Tensor::randn(0f32, 1., 7, &dev).unwrap();
         let x = Tensor::randn(0f32, 1., (2, 3, 5), &dev).unwrap();
-        let l = Linear {
-            weight: Weight::Dense(w.clone()),
-            bias: Some(b.clone()),
-        };
+        let l = Linear::new(MatmulWeight::Dense(w.clone()), Some(b.clone()));
         let got = l.forward(&x).unwrap();
         assert_eq!(got.dims(), &[2, 3, 7]);
         let want = x
@@ -253,9 +200,8 @@ mod tests {
             .unwrap()
             .broadcast_add(&b)
             .unwrap();
-        let diff = (&got - want).unwrap().abs().unwrap().max_all().unwrap();
         // 5-term sums: rounding only
-        assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
+        assert!(max_diff(&got, &want) < 1e-5);
         // a split input gives the same result as the concatenation
         let (x1, x2) = (x.narrow(2, 0, 2).unwrap(), x.narrow(2, 2, 3).unwrap());
         let parts = [x1.reshape((6, 2)).unwrap(), x2.reshape((6, 3)).unwrap()];
@@ -264,13 +210,12 @@ mod tests {
             .unwrap()
             .reshape((2, 3, 7))
             .unwrap();
-        let diff = (split - &got).unwrap().abs().unwrap().max_all().unwrap();
-        assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
+        assert!(max_diff(&split, &got) < 1e-5);
         // other dtypes take candle's matmul path
-        let l64 = Linear {
-            weight: Weight::Dense(w.to_dtype(DType::F64).unwrap()),
-            bias: Some(b.to_dtype(DType::F64).unwrap()),
-        };
+        let l64 = Linear::new(
+            MatmulWeight::Dense(w.to_dtype(DType::F64).unwrap()),
+            Some(b.to_dtype(DType::F64).unwrap()),
+        );
         let y64 = l64.forward(&x.to_dtype(DType::F64).unwrap()).unwrap();
         assert_eq!(y64.dims(), &[2, 3, 7]);
     }
@@ -299,28 +244,21 @@ mod tests {
             DType::F32,
             &dev,
         );
-        // the layer asks the scope first and keeps the fp8 tensor; only the bias is read densely
-        let l = with_stored_weights(Arc::new(Fp8Source(fp8.clone())), || {
-            linear(32, 4, vb.pp("proj"))
-        })
-        .unwrap();
+        // the layer asks the stored source first and keeps the fp8 tensor; only the bias is read
+        // densely
+        let weights = Weights::new(vb.clone(), Arc::new(Fp8Source(fp8.clone())));
+        let l = linear(32, 4, weights.pp("proj")).unwrap();
         assert!(
-            matches!(&l.weight, Weight::Stored(StoredWeight::Cast { weight, .. }) if weight.dtype() == DType::F8E4M3)
+            matches!(l.weight(), MatmulWeight::Stored(StoredWeight::Cast { weight, .. }) if weight.dtype() == DType::F8E4M3)
         );
         let x = Tensor::randn(0f32, 1., (3, 32), &dev).unwrap();
         let dense = ((fp8.to_dtype(DType::F32).unwrap() * 0.5).unwrap())
             .t()
             .unwrap();
         let want = x.matmul(&dense).unwrap().broadcast_add(&b).unwrap();
-        let diff = (l.forward(&x).unwrap() - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap();
         // the same products in another order: rounding only
-        assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
-        // outside the scope the same builder reads densely (and finds no weight here)
+        assert!(max_diff(&l.forward(&x).unwrap(), &want) < 1e-5);
+        // without the stored source the same builder reads densely (and finds no weight here)
         assert!(linear(32, 4, vb.pp("proj")).is_err());
         // GGUF blocks dequantize in diffusers' order on the CPU
         let q = QTensor::quantize(&w, candle_core::quantized::GgmlDType::Q8_0).unwrap();
@@ -332,7 +270,67 @@ mod tests {
         let got = StoredWeight::Quantized(Arc::new(q))
             .materialize(DType::F32, &dev)
             .unwrap();
-        let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap();
-        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+        assert_eq!(max_diff(&got, &want), 0.0);
+    }
+
+    /// `scale · (x aᵀ) bᵀ`, LoRA's delta (test-only: loading adapters is not implemented).
+    #[derive(Debug)]
+    struct LowRank {
+        a: Tensor,
+        b: Tensor,
+        scale: f64,
+    }
+
+    impl LinearAdapter for LowRank {
+        fn delta(&self, x: &Tensor) -> Result<Tensor> {
+            x.matmul(&self.a.t()?)?.matmul(&self.b.t()?)? * self.scale
+        }
+    }
+
+    #[test]
+    fn adapters_add_their_delta_and_a_zero_one_changes_nothing() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1., (6, 8), &dev).unwrap();
+        let bias = Tensor::randn(0f32, 1., 6, &dev).unwrap();
+        let x = Tensor::randn(0f32, 1., (2, 3, 8), &dev).unwrap();
+        let rows = x.reshape((6, 8)).unwrap();
+        let parts = [rows.narrow(1, 0, 3).unwrap(), rows.narrow(1, 3, 5).unwrap()];
+        let mut l = Linear::new(MatmulWeight::Dense(w.clone()), Some(bias.clone()));
+        let plain = l.forward(&x).unwrap().flatten_all().unwrap();
+        let plain_concat = l.forward_concat(&[&parts[0], &parts[1]]).unwrap();
+        // a rank-2 adapter with B = 0 adds exact zeros: the same values, in both forwards
+        let a = Tensor::randn(0f32, 1., (2, 8), &dev).unwrap();
+        let zero = LowRank {
+            a: a.clone(),
+            b: Tensor::zeros((6, 2), DType::F32, &dev).unwrap(),
+            scale: 0.5,
+        };
+        l.set_adapters(vec![Arc::new(zero)]);
+        let got = l.forward(&x).unwrap().flatten_all().unwrap();
+        assert_eq!(
+            got.to_vec1::<f32>().unwrap(),
+            plain.to_vec1::<f32>().unwrap()
+        );
+        let got = l.forward_concat(&[&parts[0], &parts[1]]).unwrap();
+        assert_eq!(
+            got.to_vec2::<f32>().unwrap(),
+            plain_concat.to_vec2::<f32>().unwrap()
+        );
+        // a real delta equals merging it into the weight, W + s·B·A, up to rounding
+        let b = Tensor::randn(0f32, 1., (6, 2), &dev).unwrap();
+        l.set_adapters(vec![Arc::new(LowRank {
+            a: a.clone(),
+            b: b.clone(),
+            scale: 0.5,
+        })]);
+        let merged = (&w + (b.matmul(&a).unwrap() * 0.5).unwrap()).unwrap();
+        let want = Linear::new(MatmulWeight::Dense(merged), Some(bias))
+            .forward(&x)
+            .unwrap();
+        assert!(max_diff(&l.forward(&x).unwrap(), &want) < 1e-4);
+        let got = l.forward_concat(&[&parts[0], &parts[1]]).unwrap();
+        assert!(max_diff(&got, &want.reshape((6, 6)).unwrap()) < 1e-4);
+        // the weight itself is untouched
+        assert!(matches!(l.weight(), MatmulWeight::Dense(t) if max_diff(t, &w) == 0.0));
     }
 }

@@ -9,8 +9,10 @@ pub mod linear;
 pub mod modulation;
 pub mod norm;
 pub mod rope;
+pub mod weights;
 
 pub use attention::{attention, attention_chunked, default_score_budget};
 pub use conv3d::{Conv3d, Conv3dConfig};
-pub use linear::{linear, Linear};
+pub use linear::{linear, Linear, LinearAdapter};
 pub use norm::{GroupNorm, LayerNorm, RmsNorm};
+pub use weights::{MatmulWeight, StoredWeight, StoredWeights, Weights};

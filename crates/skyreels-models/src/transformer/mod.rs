@@ -1,7 +1,8 @@
 //! `HunyuanVideoTransformer3DModel`: the SkyReels V1 diffusion transformer.
 //!
 //! Struct and field names follow diffusers' `transformer_hunyuan_video.py`, so the state-dict keys
-//! of a checkpoint are exactly the `vb.pp(..)` paths below.
+//! of a checkpoint are exactly the `vb.pp(..)` paths below ([`Weights`]: matmul weights may come in
+//! their stored form, fp8 or GGUF).
 
 mod cache;
 mod config;
@@ -19,10 +20,10 @@ use crate::layers::{
     modulation::{add_gated, layer_norm_modulate},
     norm::{LayerNorm, RmsNorm},
     rope::rope_tables,
+    weights::Weights,
 };
 use crate::parallel::Collective;
 use candle_core::{bail, DType, Device, IndexOp, Module, Result, Tensor};
-use candle_nn::VarBuilder;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -229,7 +230,7 @@ struct FeedForward {
 
 impl FeedForward {
     /// `activation_fn="gelu-approximate"` when `gelu`, otherwise `"linear-silu"`.
-    fn new(dim: usize, inner: usize, gelu: bool, vb: VarBuilder) -> Result<Self> {
+    fn new(dim: usize, inner: usize, gelu: bool, vb: Weights) -> Result<Self> {
         Ok(Self {
             proj_in: linear(dim, inner, vb.pp("net.0.proj"))?,
             proj_out: linear(inner, dim, vb.pp("net.2"))?,
@@ -259,7 +260,7 @@ struct ConditionEmbedding {
 }
 
 impl ConditionEmbedding {
-    fn new(dim: usize, pooled_dim: usize, guidance: bool, vb: VarBuilder) -> Result<Self> {
+    fn new(dim: usize, pooled_dim: usize, guidance: bool, vb: Weights) -> Result<Self> {
         Ok(Self {
             timestep_embedder: TimestepEmbedding::new(
                 TIME_PROJ_DIM,
@@ -317,7 +318,7 @@ struct RefinerAttention {
 }
 
 impl RefinerAttention {
-    fn new(dim: usize, heads: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(dim: usize, heads: usize, vb: Weights) -> Result<Self> {
         Ok(Self {
             to_q: linear(dim, dim, vb.pp("to_q"))?,
             to_k: linear(dim, dim, vb.pp("to_k"))?,
@@ -373,12 +374,12 @@ struct RefinerBlock {
 }
 
 impl RefinerBlock {
-    fn new(cfg: &TransformerConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &TransformerConfig, vb: Weights) -> Result<Self> {
         let dim = cfg.inner_dim();
         Ok(Self {
-            norm1: LayerNorm::new(dim, NORM_EPS, vb.pp("norm1"))?,
+            norm1: LayerNorm::new(dim, NORM_EPS, vb.pp("norm1").dense())?,
             attn: RefinerAttention::new(dim, cfg.num_attention_heads, vb.pp("attn"))?,
-            norm2: LayerNorm::new(dim, NORM_EPS, vb.pp("norm2"))?,
+            norm2: LayerNorm::new(dim, NORM_EPS, vb.pp("norm2").dense())?,
             ff: FeedForward::new(
                 dim,
                 (dim as f64 * REFINER_MLP_RATIO) as usize,
@@ -407,7 +408,7 @@ struct TokenRefiner {
 }
 
 impl TokenRefiner {
-    fn new(cfg: &TransformerConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &TransformerConfig, vb: Weights) -> Result<Self> {
         let dim = cfg.inner_dim();
         let blocks = vb.pp("token_refiner.refiner_blocks");
         Ok(Self {
@@ -463,13 +464,13 @@ struct QkvNorm {
 }
 
 impl QkvNorm {
-    fn new(dim: usize, head_dim: usize, names: [&str; 5], vb: &VarBuilder) -> Result<Self> {
+    fn new(dim: usize, head_dim: usize, names: [&str; 5], vb: &Weights) -> Result<Self> {
         Ok(Self {
             q: linear(dim, dim, vb.pp(names[0]))?,
             k: linear(dim, dim, vb.pp(names[1]))?,
             v: linear(dim, dim, vb.pp(names[2]))?,
-            norm_q: RmsNorm::new(head_dim, NORM_EPS, vb.pp(names[3]))?,
-            norm_k: RmsNorm::new(head_dim, NORM_EPS, vb.pp(names[4]))?,
+            norm_q: RmsNorm::new(head_dim, NORM_EPS, vb.pp(names[3]).dense())?,
+            norm_k: RmsNorm::new(head_dim, NORM_EPS, vb.pp(names[4]).dense())?,
         })
     }
 
@@ -511,7 +512,7 @@ struct TransformerBlock {
 }
 
 impl TransformerBlock {
-    fn new(cfg: &TransformerConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &TransformerConfig, vb: Weights) -> Result<Self> {
         let dim = cfg.inner_dim();
         let attn = vb.pp("attn");
         let hd = cfg.attention_head_dim;
@@ -595,7 +596,7 @@ struct SingleTransformerBlock {
 }
 
 impl SingleTransformerBlock {
-    fn new(cfg: &TransformerConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &TransformerConfig, vb: Weights) -> Result<Self> {
         let dim = cfg.inner_dim();
         let mlp = cfg.mlp_dim();
         Ok(Self {
@@ -668,7 +669,11 @@ struct RopeTables {
 }
 
 impl HunyuanVideoTransformer3DModel {
-    pub fn new(cfg: &TransformerConfig, vb: VarBuilder) -> Result<Self> {
+    /// Builds the model from `vb`: fp8 and GGUF matmul weights as it stores them when it has a
+    /// stored source, everything else dense (a plain `VarBuilder` converts into a dense-only
+    /// [`Weights`]).
+    pub fn new<'a>(cfg: &TransformerConfig, vb: impl Into<Weights<'a>>) -> Result<Self> {
+        let vb = vb.into();
         cfg.validate()?;
         let dim = cfg.inner_dim();
         let dtype = vb.dtype();
@@ -678,7 +683,7 @@ impl HunyuanVideoTransformer3DModel {
             dim,
             (pt, p, p),
             Conv3dConfig { stride: (pt, p, p) },
-            vb.pp("x_embedder.proj"),
+            vb.pp("x_embedder.proj").dense(),
         )?;
         let blocks = vb.pp("transformer_blocks");
         let singles = vb.pp("single_transformer_blocks");
