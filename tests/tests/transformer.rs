@@ -697,6 +697,65 @@ fn bad_single_files_are_named_errors() {
 }
 
 #[test]
+fn fp8_diffusers_folder_keeps_fp8_like_a_single_file() {
+    // tiny_a's transformer folder with every matmul weight (the 2-D tensors) in fp8 e4m3fn
+    let src = fixture("transformer/tiny_a/transformer");
+    let fp8 = tempfile::tempdir().unwrap();
+    let mut matmul = 0;
+    to_single_file(&src, fp8.path(), |t| {
+        for v in t.values_mut().filter(|v| v.rank() == 2) {
+            *v = v.to_dtype(DType::F8E4M3).unwrap();
+            matmul += 1;
+        }
+    });
+    // the same values upcast to f32 at rest
+    let upcast = tempfile::tempdir().unwrap();
+    to_single_file(fp8.path(), upcast.path(), |t| {
+        for v in t.values_mut() {
+            *v = v.to_dtype(DType::F32).unwrap();
+        }
+    });
+    let load = |path: &Path, config: Option<&Path>| {
+        skyreels_pipeline::load_transformer_resident(path, config, DType::F32, &Device::Cpu, false)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    };
+    let (folder, resident) = load(fp8.path(), None);
+    let (dense, dense_resident) = load(upcast.path(), None);
+    let (single, single_resident) = load(
+        &fp8.path().join(format!("{DIFFUSERS_WEIGHTS}.safetensors")),
+        Some(&fp8.path().join("config.json")),
+    );
+    // every matmul weight stays fp8, as the single file keeps it: a quarter of its f32 bytes
+    assert!(matmul > 0);
+    assert_eq!(resident.stored, matmul);
+    assert_eq!(dense_resident.stored, 0);
+    assert_eq!(resident, single_resident);
+    assert!(
+        (resident.bytes as f64) < 0.55 * dense_resident.bytes as f64,
+        "{} bytes resident vs {} dense f32",
+        resident.bytes,
+        dense_resident.bytes
+    );
+    let io = load_tensors(&fixture("transformer/tiny_a/io.safetensors"));
+    let got = forward(&folder, &io);
+    // fp8 -> f32 is exact, so the upcast weights are the same values in the same f32 math: the
+    // bound of the fp8 single-file parity test (F32_TOL, `single_file_checkpoints_match_diffusers`)
+    let err = rel_l2(&got, &forward(&dense, &io));
+    assert!(
+        err <= F32_TOL,
+        "fp8 folder vs its f32 upcast: relative L2 error {err:e}"
+    );
+    // the single file with the same tensors goes through the same stored path: identical numbers
+    let diff = (&got - forward(&single, &io))
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap();
+    assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+}
+
+#[test]
 fn offloaded_blocks_stay_in_host_memory() {
     // `--offload blocks`: the 20 linear weights of the one double (14) and one single (6) block
     // are host copies (dense in the run dtype, GGUF as blocks); the rest stays on the device

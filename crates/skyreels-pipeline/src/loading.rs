@@ -4,7 +4,8 @@
 //! sharded as `<stem>-0000i-of-0000n.safetensors` with `<stem>.safetensors.index.json`. Tensors
 //! are read through a tracking VarBuilder backend, so that after the model is built every missing
 //! tensor, wrong shape and unused tensor is reported by name. Stored f32/f16/bf16 convert to the
-//! run dtype.
+//! run dtype; fp8 e4m3fn matmul weights stay fp8 (as single files keep them, `stored_fp8`), and
+//! the model is built from a [`Weights`] that hands them to its linear layers in that form.
 
 use crate::safetensors_file::SafetensorsFile;
 use crate::single_file::{is_single_file, read_transformer_config, SingleFile};
@@ -18,6 +19,7 @@ use skyreels_models::{
     AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel, TransformerConfig, VaeConfig,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -80,7 +82,7 @@ pub enum TensorProblem {
         stored: Vec<usize>,
         expected: Vec<usize>,
     },
-    /// Only f32, f16 and bf16 weights load.
+    /// Only f32, f16, bf16 and fp8 e4m3fn weights load (`loadable`).
     Dtype {
         name: String,
         file: PathBuf,
@@ -103,7 +105,8 @@ fn describe_problems(problems: &[TensorProblem]) -> String {
                 file.display()
             ),
             TensorProblem::Dtype { name, file, dtype } => format!(
-                "tensor {name} in {} has dtype {dtype}; only f32, f16 and bf16 weights load",
+                "tensor {name} in {} has dtype {dtype}; only f32, f16, bf16 and fp8 e4m3fn weights \
+                 load",
                 file.display()
             ),
         })
@@ -236,14 +239,10 @@ impl TensorSource for WeightStore {
         let &i = self.names.get(name)?;
         let (path, st) = &self.files[i];
         let info = st.info(name)?;
-        let dtype = match info.dtype {
-            safetensors::Dtype::F32 | safetensors::Dtype::F16 | safetensors::Dtype::BF16 => Ok(()),
-            other => Err(format!("{other:?}")),
-        };
         Some(Found {
             shape: info.shape.clone(),
             file: path.as_path(),
-            dtype,
+            dtype: loadable(info.dtype),
         })
     }
 
@@ -253,6 +252,59 @@ impl TensorSource for WeightStore {
             None => candle_core::bail!("missing tensor {name}"),
         }
     }
+
+    fn stored(&self, name: &str, device: &Device) -> candle_core::Result<Option<StoredWeight>> {
+        match self.names.get(name) {
+            Some(&i) => stored_fp8(&self.files[i].1, name, &[], None, device),
+            None => candle_core::bail!("missing tensor {name}"),
+        }
+    }
+}
+
+/// Whether a safetensors tensor of `dtype` loads (Err: its dtype's name): f32, f16 and bf16
+/// convert to the run dtype, fp8 e4m3fn stays fp8 as a matmul weight ([`stored_fp8`]) and
+/// converts elsewhere.
+pub(crate) fn loadable(dtype: safetensors::Dtype) -> Result<(), String> {
+    match dtype {
+        safetensors::Dtype::F32
+        | safetensors::Dtype::F16
+        | safetensors::Dtype::BF16
+        | safetensors::Dtype::F8_E4M3 => Ok(()),
+        other => Err(format!("{other:?}")),
+    }
+}
+
+/// The matmul weight `name` of `file` in its stored form when the file keeps it in fp8 e4m3fn:
+/// its `rows` (all of it when empty) on `device`, times `scale` when used (ComfyUI's
+/// `scale_weight`); `None` for any other dtype (it loads densely). Diffusers folders and single
+/// files both keep their fp8 weights this way.
+pub(crate) fn stored_fp8(
+    file: &SafetensorsFile,
+    name: &str,
+    rows: &[Range<usize>],
+    scale: Option<f32>,
+    device: &Device,
+) -> candle_core::Result<Option<StoredWeight>> {
+    if file.info(name).map(|i| i.dtype) != Some(safetensors::Dtype::F8_E4M3) {
+        return Ok(None);
+    }
+    let weight = pick_rows(file.load(name, &Device::Cpu)?, rows)?;
+    Ok(Some(StoredWeight::Cast {
+        weight: weight.to_device(device)?,
+        scale,
+    }))
+}
+
+/// Concatenated `rows` of `t` (all of it when empty).
+pub(crate) fn pick_rows(t: Tensor, rows: &[Range<usize>]) -> candle_core::Result<Tensor> {
+    if rows.is_empty() {
+        return Ok(t);
+    }
+    let parts = rows
+        .iter()
+        .map(|r| t.narrow(0, r.start, r.len()))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Tensor::cat(&parts, 0)
 }
 
 /// A stored tensor, as [`TensorSource::lookup`] finds it.

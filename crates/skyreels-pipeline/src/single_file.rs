@@ -11,7 +11,9 @@
 //! converted to the run dtype.
 
 use crate::gguf::Gguf;
-use crate::loading::{read_config_file, Found, LoadError, TensorSource};
+use crate::loading::{
+    loadable, pick_rows, read_config_file, stored_fp8, Found, LoadError, TensorSource,
+};
 use crate::safetensors_file::SafetensorsFile;
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
@@ -438,18 +440,6 @@ impl SingleFile {
         cfg.validate().map_err(|e| fail(e.to_string()))?;
         Ok(cfg)
     }
-
-    /// Concatenated `rows` of `t` (all of it when empty).
-    fn pick_rows(t: Tensor, rows: &[Range<usize>]) -> candle_core::Result<Tensor> {
-        if rows.is_empty() {
-            return Ok(t);
-        }
-        let parts = rows
-            .iter()
-            .map(|r| t.narrow(0, r.start, r.len()))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        Tensor::cat(&parts, 0)
-    }
 }
 
 impl TensorSource for SingleFile {
@@ -465,13 +455,7 @@ impl TensorSource for SingleFile {
         }
         let dtype = match &self.backing {
             Backing::Gguf(_) => Ok(()),
-            Backing::Safetensors(st) => match st.info(&e.source)?.dtype {
-                safetensors::Dtype::F32
-                | safetensors::Dtype::F16
-                | safetensors::Dtype::BF16
-                | safetensors::Dtype::F8_E4M3 => Ok(()),
-                other => Err(format!("{other:?}")),
-            },
+            Backing::Safetensors(st) => loadable(st.info(&e.source)?.dtype),
         };
         Some(Found {
             shape,
@@ -482,7 +466,7 @@ impl TensorSource for SingleFile {
 
     fn load(&self, name: &str, device: &Device) -> candle_core::Result<Tensor> {
         let e = self.entry(name)?;
-        let t = Self::pick_rows(self.load_source(&e.source)?, &e.rows)?;
+        let t = pick_rows(self.load_source(&e.source)?, &e.rows)?;
         let t = match self.scales.get(&e.source) {
             Some(&s) => (t.to_dtype(DType::F32)? * f64::from(s))?,
             None => t,
@@ -496,16 +480,13 @@ impl TensorSource for SingleFile {
             Backing::Gguf(g) => Ok(Some(StoredWeight::Quantized(Arc::new(
                 g.read(&e.source, &e.rows, device)?,
             )))),
-            Backing::Safetensors(st) => {
-                if st.info(&e.source).map(|i| i.dtype) != Some(safetensors::Dtype::F8_E4M3) {
-                    return Ok(None);
-                }
-                let weight = Self::pick_rows(st.load(&e.source, &Device::Cpu)?, &e.rows)?;
-                Ok(Some(StoredWeight::Cast {
-                    weight: weight.to_device(device)?,
-                    scale: self.scales.get(&e.source).copied(),
-                }))
-            }
+            Backing::Safetensors(st) => stored_fp8(
+                st,
+                &e.source,
+                &e.rows,
+                self.scales.get(&e.source).copied(),
+                device,
+            ),
         }
     }
 }
