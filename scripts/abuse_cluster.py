@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The Redis-mode attacks of the scale-out review (issue 26), on loopback against a built binary
-on the bundled tiny weights, with what each costs now (docs/scale-out.md and the README's
-operations table list the figures before and after).
+on the bundled tiny weights, with what each costs now (docs/scale-out.md lists the figures before
+and after; docs/serving.md has the single-node attacks of scripts/abuse_check.py).
 
 Usage: scripts/abuse_cluster.py [--bin target/release/skyreels]
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark of the scale-out mode on the bundled tiny weights (README "Scale out").
+"""Benchmark of the scale-out mode on the bundled tiny weights (docs/scale-out.md, "Tests and benchmark").
 
 Usage: scripts/bench_cluster.py [--bin target/debug/skyreels] [--tasks 24] [--latency 200]
                                 [--kills 3]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one test command (README "Tests"): formatting, lints, then every test of the workspace.
+# The one test command (README, and docs/testing.md): formatting, lints, then every test of the workspace.
 # Fixtures are committed (no torch); the client tests make their own Python venvs from PyPI and the
 # browser test installs Debian's chromium (the cluster test Debian's redis-server) when missing.
 set -euo pipefail
