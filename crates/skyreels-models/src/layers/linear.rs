@@ -5,7 +5,7 @@
 //! (diffusers' layerwise casting and GGUF linear), so the resident model stays small while every
 //! product runs as an ordinary matmul on unquantized activations.
 
-use super::cpu_kernels::{linear_f32, linear_parts_f32};
+use super::cpu::{linear_f32, linear_parts_f32};
 use super::gguf;
 use candle_core::quantized::{QStorage, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};

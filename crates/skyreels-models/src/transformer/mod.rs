@@ -13,7 +13,7 @@ use crate::layers::{
     attention,
     attention::default_score_budget,
     conv3d::{Conv3d, Conv3dConfig},
-    cpu_kernels::gelu_tanh,
+    cpu::gelu_tanh,
     embeddings::{timestep_sinusoid, TextProjection, TimestepEmbedding},
     linear::{linear, Linear},
     modulation::{add_gated, layer_norm_modulate},
