@@ -47,7 +47,7 @@ pub fn metadata_strings(path: &Path, key: &str) -> Vec<String> {
 
 /// ‖got − want‖₂ / ‖want‖₂, computed in f64.
 /// The VAE tile settings a fixture stores as `<case>.tiling`: [min_h, min_w, min_frames,
-/// stride_h, stride_w, stride_frames, spatial (0/1)] (scripts/gen_vae_fixtures.py).
+/// stride_h, stride_w, stride_frames, spatial (0/1)] (scripts/fixtures/vae.py).
 pub fn fixture_tiling(t: &Tensor) -> skyreels_models::Tiling {
     let t: Vec<usize> = t
         .to_vec1::<i64>()

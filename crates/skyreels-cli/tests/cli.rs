@@ -126,7 +126,7 @@ fn noise_file_path_matches_diffusers_frames() {
 }
 
 /// `--flow-shift 3` on the tiny weights (whose scheduler config says 7) against diffusers with
-/// `FlowMatchEulerDiscreteScheduler(shift=3)` (scripts/gen_pipeline_fixtures.py), the same bound.
+/// `FlowMatchEulerDiscreteScheduler(shift=3)` (scripts/fixtures/pipeline.py), the same bound.
 #[test]
 fn flow_shift_flag_matches_diffusers_with_that_shift() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Single-file checkpoints on CPU: resident weights, peak RSS, load and forward time, ours vs diffusers.
 
-Writes one mid-size random HunyuanVideo transformer (scripts/bench_transformer.py's config: hidden
+Writes one mid-size random HunyuanVideo transformer (scripts/bench/transformer.py's config: hidden
 512 = 4 heads x 128, 2 dual + 4 single blocks, 2 refiner blocks, LLaMA-width text input; 46 M
 parameters, bf16-rounded) in the original key layout as
 
@@ -21,7 +20,10 @@ forward (latent 4x34x68 = 2,312 video tokens + 256 text tokens) on both sides:
 Prints a table: file size, resident weight bytes (ours, as the loader counts them, and as a share
 of the bf16 size), peak RSS of each process (getrusage of the child), load and median forward time.
 
-Usage: venv/bin/python scripts/bench_single_file.py [--threads 2] [--runs 2] [--out DIR]
+The diffusers side runs in scripts/bench/single_file_diffusers.py, every measured process under
+scripts/bench/peak_rss.py (a lean parent: see there).
+
+Usage: venv/bin/python -m scripts.bench.single_file [--threads 2] [--runs 2] [--out DIR]
 """
 import argparse
 import json
@@ -29,61 +31,19 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
+from scripts.bench.transformer import CONFIG, LATENT, N_TXT, N_VALID
 
-from bench_transformer import CONFIG, LATENT, N_TXT, N_VALID  # noqa: E402
-
-DIFFUSERS_RUN = r'''
-import json, sys, time, statistics, torch
-sys.path.insert(0, sys.argv[2])
-import gen_single_file_fixtures as g
-from diffusers import GGUFQuantizationConfig, HunyuanVideoTransformer3DModel
-a = json.loads(sys.argv[1])
-torch.set_num_threads(a["threads"])
-g.patch_hidden_size(a["hidden"])
-t0 = time.perf_counter()
-kw = {}
-if a["file"].endswith(".gguf"):
-    kw["quantization_config"] = GGUFQuantizationConfig(compute_dtype=torch.float32)
-m = HunyuanVideoTransformer3DModel.from_single_file(a["file"], config=a["config"], torch_dtype=torch.float32, **kw).eval()
-if "fp8" in a["file"]:
-    m.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
-load = time.perf_counter() - t0
-gen = torch.Generator().manual_seed(0)
-lt, lh, lw = a["latent"]
-mask = torch.zeros(1, a["n_txt"]); mask[0, :a["n_valid"]] = 1
-x = dict(hidden_states=torch.randn(1, 32, lt, lh, lw, generator=gen), timestep=torch.tensor([900.0]),
-         encoder_hidden_states=torch.randn(1, a["n_txt"], 4096, generator=gen), encoder_attention_mask=mask,
-         pooled_projections=torch.randn(1, 768, generator=gen), guidance=torch.tensor([1000.0]))
-times = []
-with torch.no_grad():
-    for i in range(a["runs"] + 1):
-        t = time.perf_counter(); m(**x, return_dict=False); times.append(time.perf_counter() - t)
-print(json.dumps({"load": load, "forward": statistics.median(times[1:])}))
-'''
-
-
-# A lean parent (no torch) starts each measured process: a child forked from this script would
-# start with its ~1 GB resident, and ru_maxrss counts that.
-LEAN = (
-    "import os, subprocess, sys\n"
-    "p = subprocess.Popen(sys.argv[1:])\n"
-    "_, status, usage = os.wait4(p.pid, 0)\n"
-    "print('MAXRSS_KIB', usage.ru_maxrss)\n"
-    "sys.exit(os.waitstatus_to_exitcode(status))\n"
-)
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run(cmd, env=None):
-    """Runs `cmd`; returns its output and its own peak RSS in MiB (wait4's rusage)."""
-    res = subprocess.run([sys.executable, "-S", "-c", LEAN, *cmd], capture_output=True, text=True,
-                         env=env, cwd=ROOT)
+    """Runs `cmd` (in the repository root); returns its output and its own peak RSS in MiB."""
+    res = subprocess.run([sys.executable, "-S", "-m", "scripts.bench.peak_rss", *cmd], capture_output=True,
+                         text=True, env=env, cwd=ROOT)
     if res.returncode != 0:
         sys.exit(f"{cmd[0]} failed:\n{res.stdout}{res.stderr}")
     rss = int(re.search(r"MAXRSS_KIB (\d+)", res.stdout).group(1))
@@ -98,8 +58,8 @@ def main() -> None:
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     import gguf
-    from gen_single_file_fixtures import to_original, write_gguf
-    from gen_transformer_fixtures import build
+    from scripts.fixtures.single_file import to_original, write_gguf
+    from scripts.fixtures.transformer import build
     from safetensors.torch import save_file
 
     binary = ROOT / "target" / "release" / "skyreels"
@@ -134,7 +94,7 @@ def main() -> None:
         a = dict(file=str(path), config=str(cfg_dir), threads=args.threads, runs=args.runs,
                  hidden=CONFIG["num_attention_heads"] * CONFIG["attention_head_dim"],
                  latent=LATENT, n_txt=N_TXT, n_valid=N_VALID)
-        text, ref_rss = run([sys.executable, "-c", DIFFUSERS_RUN, json.dumps(a), str(ROOT / "scripts")], env)
+        text, ref_rss = run([sys.executable, "-m", "scripts.bench.single_file_diffusers", json.dumps(a)], env)
         ref = json.loads(next(line for line in text.splitlines() if line.startswith("{")))
         rows.append((name, path.stat().st_size / 2**20, resident, 100 * resident * 2**20 / bf16_bytes,
                      ours_rss, built, forward, ref_rss, ref["load"], ref["forward"]))

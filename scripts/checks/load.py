@@ -1,12 +1,11 @@
-#!/usr/bin/env python3
 """Load check of `skyreels serve` (not CI): result-route and submit latency under concurrent
 polling while a job runs, no accepted job lost when submits exceed the queue, and the server's
-RSS before and after (bounded loops, loopback only; scripts/abuse_check.py runs the attacks).
+RSS before and after (bounded loops, loopback only; scripts/checks/abuse.py runs the attacks).
 
 Starts the server on the bundled tiny weights (binary from `cargo build --release -p skyreels-cli`
 unless --bin), with a small queue. Stdlib only.
 
-Usage: python3 scripts/load_check.py [--bin target/release/skyreels] [--pollers 32] [--seconds 10]
+Usage: python3 -m scripts.checks.load [--bin target/release/skyreels] [--pollers 32] [--seconds 10]
        [--submits 40] [--max-queue 8]
 """
 import argparse
@@ -22,7 +21,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MODEL = "wavespeed-ai/SkyReels-V1"
 
 
@@ -133,4 +132,5 @@ def main():
         server.wait(timeout=60)
 
 
-main()
+if __name__ == "__main__":
+    main()

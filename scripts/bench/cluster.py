@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
 """Benchmark of the scale-out mode on the bundled tiny weights (docs/scale-out.md, "Tests and benchmark").
 
-Usage: scripts/bench_cluster.py [--bin target/debug/skyreels] [--tasks 24] [--latency 200]
-                                [--kills 3]
+Usage: python3 -m scripts.bench.cluster [--bin target/debug/skyreels] [--tasks 24] [--latency 200]
+                                         [--kills 3]
 
 Measures, for the in-memory engine (`skyreels serve --device cpu` / `cpu:0,cpu:1`) and the Redis
 engine (Redis + one `serve --redis --workers 0` + one or two `skyreels worker`):
@@ -20,12 +19,10 @@ import os
 import re
 import signal
 import statistics
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "cluster"))
-from nodes import Nodes  # noqa: E402
+from scripts.common.nodes import Nodes
 
 KEY = "bench-key"
 LONG = {"num_inference_steps": 100, "num_frames": 65}
@@ -163,4 +160,5 @@ def main():
     print(f"result GET p99, Redis / in-memory: {ratio:.2f}x; no task lost or completed twice")
 
 
-main()
+if __name__ == "__main__":
+    main()

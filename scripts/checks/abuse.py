@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Abuse check of `skyreels serve` (not CI): the attacks of the server review (issue 14), each
 bounded in count and time and aimed only at a server this script starts on 127.0.0.1. For each
 attack it reports the server's RSS before, at its peak during and after, and the latency of a good
@@ -10,7 +9,7 @@ request stays under 100 ms.
 Starts the server on the bundled tiny weights (binary from `cargo build --release -p skyreels-cli`
 unless --bin) with an API key. Stdlib only. Linux (reads /proc).
 
-Usage: python3 scripts/abuse_check.py [--bin target/release/skyreels] [--only NAME ...]
+Usage: python3 -m scripts.checks.abuse [--bin target/release/skyreels] [--only NAME ...]
 """
 import argparse
 import base64
@@ -29,7 +28,7 @@ import urllib.request
 import zlib
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MODEL = "wavespeed-ai/SkyReels-V1"
 KEY = "abuse-check-key"
 HOST = "127.0.0.1"
@@ -385,4 +384,5 @@ def main():
     print("all within the targets" if not over else f"over the targets: {over}")
 
 
-main()
+if __name__ == "__main__":
+    main()

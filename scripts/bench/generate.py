@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """End-to-end generation on CPU, f32: `skyreels generate` vs diffusers on the same weights and inputs.
 
 Builds a mid-size random SkyReels I2V pipeline in OUT (transformer hidden 256 = 4 heads x 64, 2 dual +
@@ -12,11 +11,13 @@ rust/diffusers, both peak RSS values, and the max abs difference of the frames.
 With `--cache SPEC[,SPEC...]` (e.g. `--cache first-block:0.05,teacache:0.1`) it also runs each
 step cache on both sides, after an uncached run of each: diffusers' first-block cache
 (`FirstBlockCacheConfig`, the I2V pipeline's two calls in cache_context("cond") / ("uncond")) and
-for TeaCache the committed reference (scripts/teacache_reference.py), and prints a table: time,
+for TeaCache the committed reference (scripts/common/teacache_reference.py), and prints a table: time,
 transformer forwards computed/cached, and the PSNR of the frames against the same side's uncached
 frames.
 
-Usage: venv/bin/python scripts/bench_generate.py [--threads 2] [--height 256] [--width 384]
+The diffusers side runs in scripts/bench/generate_diffusers.py.
+
+Usage: venv/bin/python -m scripts.bench.generate [--threads 2] [--height 256] [--width 384]
        [--frames 17] [--steps 4] [--cache SPECS] [--out DIR]
 """
 import argparse
@@ -28,8 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
+ROOT = Path(__file__).resolve().parents[2]
 
 TRANSFORMER = dict(num_attention_heads=4, attention_head_dim=64, num_layers=2, num_single_layers=4,
                    num_refiner_layers=1, rope_axes_dim=(16, 24, 24))
@@ -37,48 +37,14 @@ VAE = dict(block_out_channels=(32, 64, 64, 64), layers_per_block=1, norm_num_gro
 PROMPT = "FPS-24, A cat walks on the grass, realistic style."
 NEGATIVE = "Aerial view, overexposed, low quality, deformation"
 
-DIFFUSERS_RUN = r'''
-import json, sys, time, torch, numpy as np
-from PIL import Image
-from safetensors.torch import load_file, save_file
-import diffusers.pipelines.hunyuan_video.pipeline_hunyuan_skyreels_image2video as m
-from diffusers import HunyuanSkyreelsImageToVideoPipeline
-from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
-m.retrieve_latents = lambda e, generator=None, sample_mode="sample": e.latent_dist.mode()
-a = json.loads(sys.argv[1])
-torch.set_num_threads(a["threads"])
-t0 = time.perf_counter()
-pipe = HunyuanSkyreelsImageToVideoPipeline.from_pretrained(a["pipeline"], torch_dtype=torch.float32)
-pipe.vae.enable_tiling()
-pipe.set_progress_bar_config(disable=True)
-decisions = []
-if a["cache"] != "none":
-    sys.path.insert(0, a["scripts"])
-    import gen_cache_fixtures as g
-    method, threshold = a["cache"].split(":")
-    decisions = g.decisions_of(method, pipe, True, float(threshold), {"steps": a["steps"]})
-tmpl = DEFAULT_PROMPT_TEMPLATE["template"]
-crop = len(pipe.tokenizer(tmpl.split("{}")[0]).input_ids)
-noise = load_file(a["noise"])["latents"]
-t1 = time.perf_counter()
-with torch.no_grad():
-    frames = pipe(image=Image.open(a["image"]), prompt=a["prompt"], negative_prompt=a["negative"],
-                  height=a["height"], width=a["width"], num_frames=a["frames"], num_inference_steps=a["steps"],
-                  true_cfg_scale=6.0, guidance_scale=1.0, latents=noise, output_type="np",
-                  prompt_template={"template": tmpl, "crop_start": crop}).frames[0]
-t2 = time.perf_counter()
-save_file({"frames": torch.from_numpy(np.ascontiguousarray(frames)).float()}, a["frames_out"])
-print(f"RESULT generate={t2 - t1:.3f} load={t1 - t0:.3f} computed={sum(decisions)} "
-      f"cached={len(decisions) - sum(decisions)}")
-'''
-
 
 def run(cmd, env):
-    """Runs cmd in a fresh process: (stdout+stderr, wall seconds, peak RSS MiB of that process)."""
+    """Runs cmd in a fresh process (in the repository root): (stdout+stderr, wall seconds, peak RSS MiB
+    of that process)."""
     import tempfile
     with tempfile.TemporaryFile(mode="w+") as log:
         t = time.perf_counter()
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -105,7 +71,7 @@ def main():
     import torch
     from PIL import Image
     from safetensors.torch import load_file, save_file
-    from gen_tiny_weights import build
+    from scripts.fixtures.tiny_weights import build
 
     pipeline = args.out / "pipeline"
     if not (pipeline / "model_index.json").exists():
@@ -127,8 +93,8 @@ def main():
         frames = args.out / f"frames_diffusers_{cache.replace(':', '_')}.safetensors"
         spec = dict(pipeline=str(pipeline), image=str(image), noise=str(noise), prompt=PROMPT, negative=NEGATIVE,
                     height=args.height, width=args.width, frames=args.frames, steps=args.steps,
-                    threads=args.threads, frames_out=str(frames), cache=cache, scripts=str(ROOT / "scripts"))
-        out, wall, rss = run([sys.executable, "-c", DIFFUSERS_RUN, json.dumps(spec)], env)
+                    threads=args.threads, frames_out=str(frames), cache=cache)
+        out, wall, rss = run([sys.executable, "-m", "scripts.bench.generate_diffusers", json.dumps(spec)], env)
         m = re.search(r"RESULT generate=([0-9.]+) load=[0-9.]+ computed=(\d+) cached=(\d+)", out)
         counts = (2 * args.steps, 0) if cache == "none" else (int(m.group(2)), int(m.group(3)))
         return dict(gen=float(m.group(1)), wall=wall, rss=rss, frames=frames, counts=counts)

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """TeaCache for diffusers' HunyuanVideoTransformer3DModel: the reference our `--cache teacache:T`
 is tested against (there is no library implementation to compare with).
 

@@ -1,9 +1,8 @@
-#!/usr/bin/env python3
 """The Redis-mode attacks of the scale-out review (issue 26), on loopback against a built binary
 on the bundled tiny weights, with what each costs now (docs/scale-out.md lists the figures before
 and after; docs/serving.md has the single-node attacks of scripts/abuse_check.py).
 
-Usage: scripts/abuse_cluster.py [--bin target/release/skyreels]
+Usage: python3 -m scripts.checks.abuse_cluster [--bin target/release/skyreels]
 
 Starts Redis (Debian's redis-server), one API node (`serve --redis --workers 0`) and one worker,
 then: 48 parallel keyless GETs of a 12 MiB upload (Redis used_memory growth, a keyed poll's
@@ -20,13 +19,11 @@ import json
 import os
 import re
 import signal
-import sys
 import tempfile
 import threading
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "cluster"))
-from nodes import MODEL, Nodes, noise_png  # noqa: E402
+from scripts.common.nodes import MODEL, Nodes, noise_png
 
 KEY, OTHER = "abuse-key", "abuse-other-key"
 

@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Checks that the server crate's modules form no import cycle, and prints the graph.
 
-Usage: scripts/check_module_graph.py [--crate crates/skyreels-server] [--print]
+Usage: python3 -m scripts.checks.module_graph [--crate crates/skyreels-server] [--print]
 
 A unit is a module of the crate with its submodules (`api`, `engine`, `backend::memory`,
 `backend::redis`, `contract`...): what a parent and its own children say of each other is
@@ -61,7 +60,8 @@ def imports(text):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--crate", default=os.path.join(os.path.dirname(__file__), "..", "crates", "skyreels-server"))
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
+    ap.add_argument("--crate", default=os.path.join(root, "crates", "skyreels-server"))
     ap.add_argument("--print", action="store_true")
     args = ap.parse_args()
     src = os.path.join(args.crate, "src")

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Transformer forward on CPU, f32: our candle implementation vs diffusers, same weights and inputs.
 
 Writes a mid-size random HunyuanVideo transformer (default: hidden 512 = 4 heads x 128, 2 dual + 4
@@ -7,7 +6,7 @@ single blocks, 32 input channels, latent 4x34x68 -> 2,312 video tokens, 256 text
 `cargo bench --bench transformer` with RAYON_NUM_THREADS=2 on the same folder, and prints both
 median times and the ratio rust/diffusers (<= 1.0 means we are not slower).
 
-Usage: venv/bin/python scripts/bench_transformer.py [--runs 3] [--rounds 4] [--threads 2] [--out DIR]
+Usage: venv/bin/python -m scripts.bench.transformer [--runs 3] [--rounds 4] [--threads 2] [--out DIR]
 """
 import argparse
 import os
@@ -22,7 +21,7 @@ import torch
 from diffusers import HunyuanVideoTransformer3DModel
 from safetensors.torch import save_file
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 CONFIG = dict(
     in_channels=32, out_channels=16, num_attention_heads=4, attention_head_dim=128, num_layers=2,

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """VAE decode on CPU, f32: speed vs diffusers, and peak memory of tiled vs untiled decoding.
 
 Writes a mid-size random HunyuanVideo VAE (block_out_channels 64/128/128/128, 2 layers per
@@ -10,7 +9,7 @@ block, 32 groups, 16 latent channels; the real one is 128/256/512/512) to OUT, t
     off and prints the peak resident memory of each, showing that the tiled decode is bounded by
     the tile, not by the frame count.
 
-Usage: venv/bin/python scripts/bench_vae.py [--runs 2] [--rounds 3] [--threads 2] [--out DIR]
+Usage: venv/bin/python -m scripts.bench.vae [--runs 2] [--rounds 3] [--threads 2] [--out DIR]
 """
 import argparse
 import os
@@ -25,7 +24,7 @@ import torch
 from diffusers import AutoencoderKLHunyuanVideo
 from safetensors.torch import save_file
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = dict(block_out_channels=(64, 128, 128, 128), layers_per_block=2, norm_num_groups=32,
               latent_channels=16)
 

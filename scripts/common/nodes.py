@@ -1,5 +1,7 @@
-"""Processes of a live skyreels deployment on loopback, for the cluster test and benchmark:
-Redis (AOF on, fsync always), API nodes and workers, each started here and stopped by its PID."""
+"""Processes of a live skyreels deployment on loopback, for the cluster test
+(tests/cluster/cluster_test.py), benchmark (scripts.bench.cluster) and abuse check
+(scripts.checks.abuse_cluster): Redis (AOF on, fsync always), API nodes and workers, each started
+here and stopped by its PID. Stdlib only."""
 import json
 import os
 import signal
