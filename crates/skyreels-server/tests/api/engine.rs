@@ -79,7 +79,11 @@ impl Fixture {
         } else {
             Store::Memory
         };
-        let dir = tempfile::tempdir().unwrap();
+        Self::open(store, tempfile::tempdir().unwrap(), retention)
+    }
+
+    /// An engine on `store` over the folder `dir`.
+    fn open(store: Store, dir: tempfile::TempDir, retention: Option<Duration>) -> Self {
         let (engine, finished) = open(&store, dir.path(), retention);
         Fixture {
             engine,
@@ -101,14 +105,7 @@ impl Fixture {
             ..
         } = self;
         drop(engine);
-        let (engine, finished) = open(&store, dir.path(), retention);
-        Fixture {
-            engine,
-            finished,
-            dir,
-            store,
-            retention,
-        }
+        Self::open(store, dir, retention)
     }
 
     fn consumer(&self) -> Box<dyn Consumer> {
