@@ -2,26 +2,9 @@
 
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-/// The repository root: `SKYREELS_REPO` when set (test binaries run on another machine, see
-/// `scripts/gpu_check.sh`), else where these tests were built.
-fn repo_root() -> PathBuf {
-    match std::env::var_os("SKYREELS_REPO") {
-        Some(root) => PathBuf::from(root),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join(".."),
-    }
-}
-
-/// `tests/fixtures/<rel>`.
-pub fn fixture(rel: &str) -> PathBuf {
-    repo_root().join("tests").join("fixtures").join(rel)
-}
-
-/// The bundled tiny pipeline, `weights/tiny`.
-pub fn tiny_weights() -> PathBuf {
-    repo_root().join("weights").join("tiny")
-}
+pub use skyreels_test_support::{copy_dir, copy_tree, fixture, repo_root, tiny_weights};
 
 /// Every tensor of a safetensors file, on the CPU.
 pub fn load_tensors(path: &Path) -> HashMap<String, Tensor> {
@@ -89,18 +72,6 @@ pub fn rel_l2(got: &Tensor, want: &Tensor) -> f64 {
     let num = (g - &w).unwrap().sqr().unwrap().sum_all().unwrap();
     let den = w.sqr().unwrap().sum_all().unwrap();
     (num.to_scalar::<f64>().unwrap() / den.to_scalar::<f64>().unwrap()).sqrt()
-}
-
-/// Copies the files of `src` (not recursive) into a new temporary folder.
-pub fn copy_dir(src: &Path) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(src).unwrap() {
-        let entry = entry.unwrap();
-        if entry.file_type().unwrap().is_file() {
-            std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
-        }
-    }
-    dir
 }
 
 /// Copies the checkpoint in `src` (config.json and `<stem>` weights, single or sharded) into

@@ -1,5 +1,7 @@
 //! `skyreels`: SkyReels V1 video generation.
 
+#![forbid(unsafe_code)]
+
 mod bench;
 mod devices;
 mod serve;

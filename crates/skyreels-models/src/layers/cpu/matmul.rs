@@ -26,10 +26,13 @@ pub(super) unsafe fn gemm_f32(
     par: gemm::Parallelism,
 ) {
     let alpha = if accumulate { 1.0 } else { 0.0 };
-    gemm::gemm(
-        m, n, k, dst.ptr, dst.cs, dst.rs, accumulate, lhs.ptr, lhs.cs, lhs.rs, rhs.ptr, rhs.cs,
-        rhs.rs, alpha, 1.0, false, false, false, par,
-    );
+    // SAFETY: the caller's contract (valid views, no aliasing of dst) is gemm's.
+    unsafe {
+        gemm::gemm(
+            m, n, k, dst.ptr, dst.cs, dst.rs, accumulate, lhs.ptr, lhs.cs, lhs.rs, rhs.ptr, rhs.cs,
+            rhs.rs, alpha, 1.0, false, false, false, par,
+        );
+    }
 }
 
 #[cfg(test)]

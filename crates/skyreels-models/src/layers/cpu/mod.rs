@@ -85,6 +85,7 @@ fn with_f32s<const N: usize, R>(ts: [&Tensor; N], f: impl FnOnce([&[f32]; N]) ->
 struct SharedMut(*mut f32);
 // SAFETY: every task writes a region no other task touches (see the callers).
 unsafe impl Send for SharedMut {}
+// SAFETY: as for Send: shared only among tasks writing disjoint regions.
 unsafe impl Sync for SharedMut {}
 
 impl SharedMut {
