@@ -792,48 +792,6 @@ impl HunyuanVideoTransformer3DModel {
         self.forward_sharded(inp, cache, Some(group))
     }
 
-    /// One forward as the Ulysses ranks `ranks` (each rank's device and its copy of the
-    /// transformer, rank 0 first) with `group[r]`, every rank on its own thread (rank 0 on the
-    /// calling one) with the inputs copied to its device; returns rank 0's prediction. A rank that
-    /// fails aborts the group so that no other waits for it. `cache` goes to rank 0.
-    pub fn ulysses_group_forward(
-        ranks: &[(&Device, &Self)],
-        group: &[Arc<dyn Collective>],
-        inputs: &TransformerInputs,
-        cache: Option<&mut StepCache>,
-    ) -> Result<Tensor> {
-        if ranks.len() != group.len() || ranks.is_empty() {
-            bail!("{} ranks for a group of {}", ranks.len(), group.len())
-        }
-        let run = |(device, model): (&Device, &Self),
-                   rank: &Arc<dyn Collective>,
-                   cache: Option<&mut StepCache>|
-         -> Result<Tensor> {
-            let out = (|| -> Result<Tensor> {
-                let copy = inputs.to_device(device)?;
-                let out = model.forward_ulysses(&copy.inputs(), cache, rank.clone())?;
-                device.synchronize()?;
-                Ok(out)
-            })();
-            if let Err(e) = &out {
-                rank.abort(&e.to_string());
-            }
-            out
-        };
-        std::thread::scope(|s| {
-            let others: Vec<_> = ranks[1..]
-                .iter()
-                .zip(&group[1..])
-                .map(|(&r, rank)| s.spawn(move || run(r, rank, None)))
-                .collect();
-            let first = run(ranks[0], &group[0], cache);
-            for h in others {
-                h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))?;
-            }
-            first
-        })
-    }
-
     fn forward_sharded(
         &self,
         inp: &TransformerInputs,
