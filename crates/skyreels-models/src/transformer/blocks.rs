@@ -1,9 +1,12 @@
-//! The DiT blocks' forward passes (double and single stream) and the loop over them.
+//! The block loop, the middle stage of the forward: the double-stream blocks then the
+//! single-stream blocks over the image tokens and the refined text ([`BlockLoop`]), and the
+//! blocks' forward passes.
 
-use super::inputs::TextMask;
+use super::inputs::{TextMask, TransformerInputs};
+use super::ulysses::SeqShard;
 use super::{
-    FeedForward, HunyuanVideoTransformer3DModel, QkvNorm, SingleTransformerBlock, TransformerBlock,
-    NORM_EPS,
+    FeedForward, HunyuanVideoTransformer3DModel, QkvNorm, SingleTransformerBlock, StepCache,
+    TransformerBlock, NORM_EPS,
 };
 use crate::layers::{
     attention,
@@ -11,68 +14,45 @@ use crate::layers::{
     linear::Linear,
     modulation::{add_gated, layer_norm_modulate},
 };
-use crate::parallel::Collective;
 use candle_core::{Module, Result, Tensor};
-use std::sync::Arc;
 
 /// What every attention call of one forward pass needs to know.
 #[derive(Clone)]
 pub(super) struct AttnCtx {
     /// Keys visible to each sample in the joint blocks (a prefix of [img; txt], with every image
     /// token of the clip).
-    pub(super) key_counts: Vec<usize>,
+    key_counts: Vec<usize>,
     pub(super) text_mask: TextMask,
     /// Score elements held at once (see [`attention`]).
     pub(super) budget: usize,
-    /// Ulysses: this rank holds `n_local` consecutive image tokens of the clip.
-    pub(super) shard: Option<SeqShard>,
+    /// Ulysses: this rank holds a slice of the image tokens of the clip.
+    shard: Option<SeqShard>,
 }
 
-#[derive(Clone)]
-pub(super) struct SeqShard {
-    pub(super) group: Arc<dyn Collective>,
-    pub(super) n_local: usize,
+impl AttnCtx {
+    /// For a clip of `n_img` image tokens, on one device or (`shard`) as one Ulysses rank.
+    pub(super) fn new(
+        text_mask: TextMask,
+        n_img: usize,
+        budget: usize,
+        shard: Option<SeqShard>,
+    ) -> Self {
+        Self {
+            key_counts: text_mask.joint_key_counts(n_img),
+            text_mask,
+            budget,
+            shard,
+        }
+    }
 }
 
-/// Attention over the joint sequence [image tokens; text tokens] as (b, n, heads, d). With
-/// Ulysses each rank holds a slice of the image tokens (and every text token): an all-to-all
-/// trades the image slices for head slices, so that each rank attends over the whole sequence
-/// with `heads / ranks` heads (its slice of the replicated text heads appended), and a second
-/// one trades back; the text rows' head slices are gathered. The result is this rank's rows with
-/// every head, as without Ulysses.
+/// Attention over the joint sequence [image tokens; text tokens] as (b, n, heads, d); as a
+/// Ulysses rank, over this rank's image tokens (see [`SeqShard::attention`]).
 fn joint_attention(q: &Tensor, k: &Tensor, v: &Tensor, ctx: &AttnCtx) -> Result<Tensor> {
-    let Some(sp) = &ctx.shard else {
-        return attention(q, k, v, Some(&ctx.key_counts), ctx.budget);
-    };
-    let (u, r) = (sp.group.size(), sp.group.rank());
-    let (_, n, h, _) = q.dims4()?;
-    let here = q.device();
-    let local = |parts: Vec<Tensor>| -> Result<Vec<Tensor>> {
-        parts.into_iter().map(|t| t.to_device(here)).collect()
-    };
-    let (n_loc, hs) = (sp.n_local, h / u);
-    let n_txt = n - n_loc;
-    let seq_to_heads = |t: &Tensor| -> Result<Tensor> {
-        let img = t.narrow(1, 0, n_loc)?;
-        let parts = (0..u)
-            .map(|j| img.narrow(2, j * hs, hs)?.contiguous())
-            .collect::<Result<Vec<_>>>()?;
-        // from every rank: its image tokens, this rank's heads
-        let img = Tensor::cat(&local(sp.group.all_to_all(parts)?)?, 1)?;
-        let txt = t.narrow(1, n_loc, n_txt)?.narrow(2, r * hs, hs)?;
-        Tensor::cat(&[&img, &txt], 1)?.contiguous()
-    };
-    let (q, k, v) = (seq_to_heads(q)?, seq_to_heads(k)?, seq_to_heads(v)?);
-    let a = attention(&q, &k, &v, Some(&ctx.key_counts), ctx.budget)?;
-    let n_img = u * n_loc;
-    let parts = (0..u)
-        .map(|j| a.narrow(1, j * n_loc, n_loc)?.contiguous())
-        .collect::<Result<Vec<_>>>()?;
-    // from every rank: this rank's image tokens, its heads
-    let img = Tensor::cat(&local(sp.group.all_to_all(parts)?)?, 2)?;
-    let txt = a.narrow(1, n_img, n_txt)?.contiguous()?;
-    let txt = Tensor::cat(&local(sp.group.all_gather(&txt)?)?, 2)?;
-    Tensor::cat(&[&img, &txt], 1)
+    match &ctx.shard {
+        None => attention(q, k, v, Some(&ctx.key_counts), ctx.budget),
+        Some(shard) => shard.attention(q, k, v, &ctx.key_counts, ctx.budget),
+    }
 }
 
 /// (b, n, heads·d) -> (b, n, heads, d)
@@ -128,12 +108,12 @@ impl QkvNorm {
 impl TransformerBlock {
     /// `norm1(x, temb)`'s normed and modulated image input (what the attention sees): TeaCache's
     /// change signal.
-    pub(super) fn modulated_input(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
+    fn modulated_input(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
         let m = modulation(&self.norm1, temb, 6)?;
         layer_norm_modulate(x, &m[0], &m[1], NORM_EPS)
     }
 
-    pub(super) fn forward(
+    fn forward(
         &self,
         x: &Tensor,
         c: &Tensor,
@@ -196,7 +176,79 @@ impl SingleTransformerBlock {
     }
 }
 
-impl HunyuanVideoTransformer3DModel {
+/// The block loop of one forward, with what every block shares: the conditioning vector, the
+/// RoPE rows of the image tokens it is given, the attention context and the text inputs. A step
+/// cache runs all of it, part of it or none ([`StepCache::around`]); a Ulysses rank runs it on its
+/// slice of the image tokens (`forward_ulysses`).
+pub(super) struct BlockLoop<'a> {
+    model: &'a HunyuanVideoTransformer3DModel,
+    inputs: &'a TransformerInputs<'a>,
+    temb: &'a Tensor,
+    rope: (Tensor, Tensor),
+    ctx: AttnCtx,
+}
+
+impl<'a> BlockLoop<'a> {
+    pub(super) fn new(
+        model: &'a HunyuanVideoTransformer3DModel,
+        inputs: &'a TransformerInputs<'a>,
+        temb: &'a Tensor,
+        rope: (Tensor, Tensor),
+        ctx: AttnCtx,
+    ) -> Self {
+        Self {
+            model,
+            inputs,
+            temb,
+            rope,
+            ctx,
+        }
+    }
+
+    /// Every block over image tokens `x` (as `cache` plans it: all, part or none of them).
+    pub(super) fn run_with(&self, x: Tensor, cache: Option<&mut StepCache>) -> Result<Tensor> {
+        match cache {
+            Some(cache) => cache.around(self, x),
+            None => self.run(x),
+        }
+    }
+
+    /// Every block over image tokens `x`: the refined text, then the whole stack.
+    pub(super) fn run(&self, x: Tensor) -> Result<Tensor> {
+        self.stack(self.doubles(), x, self.context()?)
+    }
+
+    /// The text tokens the blocks see: `context_embedder` (the token refiner) over the text
+    /// states, (b, n_txt, dim). Part of the embedding, run here so that a skipped loop skips it.
+    pub(super) fn context(&self) -> Result<Tensor> {
+        let inp = self.inputs;
+        self.model.context_embedder.forward(
+            &inp.encoder_hidden_states.to_dtype(self.model.dtype)?,
+            inp.timestep,
+            inp.encoder_attention_mask,
+            &self.ctx,
+        )
+    }
+
+    pub(super) fn doubles(&self) -> &'a [TransformerBlock] {
+        &self.model.transformer_blocks
+    }
+
+    /// One double block over image tokens `x` and text tokens `c`.
+    pub(super) fn double(
+        &self,
+        block: &TransformerBlock,
+        x: &Tensor,
+        c: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        block.forward(x, c, self.temb, (&self.rope.0, &self.rope.1), &self.ctx)
+    }
+
+    /// `block`'s normed and modulated image input (TeaCache's change signal).
+    pub(super) fn modulated_input(&self, block: &TransformerBlock, x: &Tensor) -> Result<Tensor> {
+        block.modulated_input(x, self.temb)
+    }
+
     /// `doubles` then every single block over image tokens `x` and text tokens `c`; returns the
     /// image tokens.
     pub(super) fn stack(
@@ -204,16 +256,14 @@ impl HunyuanVideoTransformer3DModel {
         doubles: &[TransformerBlock],
         mut x: Tensor,
         mut c: Tensor,
-        temb: &Tensor,
-        rope: (&Tensor, &Tensor),
-        ctx: &AttnCtx,
     ) -> Result<Tensor> {
+        let (temb, rope, ctx) = (self.temb, (&self.rope.0, &self.rope.1), &self.ctx);
         let n_img = x.dim(1)?;
         for block in doubles {
             (x, c) = block.forward(&x, &c, temb, rope, ctx)?;
         }
         let mut s = Tensor::cat(&[x, c], 1)?;
-        for block in &self.single_transformer_blocks {
+        for block in &self.model.single_transformer_blocks {
             s = block.forward(&s, temb, rope, ctx)?;
         }
         s.narrow(1, 0, n_img)

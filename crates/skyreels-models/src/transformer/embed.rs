@@ -1,6 +1,10 @@
-//! Embedding: the conditioning vector, the token refiner over the text states, RoPE tables.
+//! Embedding, the first stage of the forward: the latents as image tokens, the conditioning
+//! vector and the RoPE tables of the token grid ([`HunyuanVideoTransformer3DModel::embed`]);
+//! the token refiner over the text states, which the block loop runs when it runs
+//! (`BlockLoop::context`).
 
 use super::blocks::{from_heads, modulation, to_heads, AttnCtx};
+use super::inputs::{Shapes, TransformerInputs};
 use super::{
     ConditionEmbedding, HunyuanVideoTransformer3DModel, RefinerAttention, RefinerBlock, RopeTables,
     TokenRefiner, TIME_PROJ_DIM,
@@ -11,7 +15,7 @@ use crate::layers::{
 use candle_core::{bail, DType, IndexOp, Module, Result, Tensor};
 
 impl ConditionEmbedding {
-    pub(super) fn forward(
+    fn forward(
         &self,
         timestep: &Tensor,
         pooled: &Tensor,
@@ -107,9 +111,35 @@ impl TokenRefiner {
     }
 }
 
+/// What `embed` makes of the inputs (text states aside).
+pub(super) struct Embedded {
+    /// (b, n_img, dim) image tokens, a transposed view.
+    pub(super) x: Tensor,
+    /// (b, dim) timestep (+ guidance) + pooled text conditioning.
+    pub(super) temb: Tensor,
+    /// RoPE cos and sin, one row per image token.
+    pub(super) rope: (Tensor, Tensor),
+}
+
 impl HunyuanVideoTransformer3DModel {
+    /// The embedding stage for inputs of `shapes`: `x_embedder` patchifies the latents into image
+    /// tokens, `time_text_embed` makes the conditioning vector.
+    pub(super) fn embed(&self, inp: &TransformerInputs, shapes: &Shapes) -> Result<Embedded> {
+        let dt = self.dtype;
+        let rope = self.rope(shapes.grid)?;
+        let temb = self.time_text_embed.forward(
+            inp.timestep,
+            &inp.pooled_projections.to_dtype(dt)?,
+            inp.guidance,
+        )?;
+        // (b, c, t, h, w) -> (b, dim, gt, gh, gw) -> (b, gt·gh·gw, dim)
+        let x = self.x_embedder.forward(&inp.hidden_states.to_dtype(dt)?)?;
+        let x = x.flatten_from(2)?.transpose(1, 2)?;
+        Ok(Embedded { x, temb, rope })
+    }
+
     /// RoPE tables for a token grid, cached for the last grid seen.
-    pub(super) fn rope(&self, grid: (usize, usize, usize)) -> Result<(Tensor, Tensor)> {
+    fn rope(&self, grid: (usize, usize, usize)) -> Result<(Tensor, Tensor)> {
         let mut cache = self.rope_cache.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(t) = cache.as_ref().filter(|t| t.grid == grid) {
             return Ok((t.cos.clone(), t.sin.clone()));

@@ -1,5 +1,6 @@
 //! The inputs of one forward pass, and the shapes they must have.
 
+use super::TransformerConfig;
 use candle_core::{bail, DType, Device, Result, Tensor};
 use std::collections::HashMap;
 
@@ -75,6 +76,77 @@ impl<'a> TransformerInputs<'a> {
     }
 }
 
+/// The sizes of one forward, read from its checked inputs.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Shapes {
+    pub(super) batch: usize,
+    /// Latent frames, height and width.
+    pub(super) thw: (usize, usize, usize),
+    /// The token grid: (t / patch_size_t, h / patch_size, w / patch_size).
+    pub(super) grid: (usize, usize, usize),
+}
+
+impl Shapes {
+    /// Image tokens of the clip.
+    pub(super) fn n_img(&self) -> usize {
+        let (gt, gh, gw) = self.grid;
+        gt * gh * gw
+    }
+}
+
+impl TransformerInputs<'_> {
+    /// Checks every input's shape against `cfg` and the others; returns the forward's sizes and
+    /// the text padding.
+    pub(super) fn check(&self, cfg: &TransformerConfig) -> Result<(Shapes, TextMask)> {
+        let (b, c_in, t, h, w) = self.hidden_states.dims5()?;
+        if c_in != cfg.in_channels {
+            bail!(
+                "hidden_states {:?} has {c_in} channels, the transformer expects in_channels {}",
+                self.hidden_states.shape(),
+                cfg.in_channels
+            )
+        }
+        let (p, pt) = (cfg.patch_size, cfg.patch_size_t);
+        if t % pt != 0 || h % p != 0 || w % p != 0 {
+            bail!(
+                "hidden_states {:?}: height and width must be multiples of {p} (patch_size) and \
+                 frames of {pt} (patch_size_t)",
+                self.hidden_states.shape()
+            )
+        }
+        let (tb, n_txt, txt_dim) = self.encoder_hidden_states.dims3()?;
+        if tb != b || txt_dim != cfg.text_embed_dim {
+            bail!(
+                "encoder_hidden_states {:?} must be ({b}, n, {})",
+                self.encoder_hidden_states.shape(),
+                cfg.text_embed_dim
+            )
+        }
+        if self.pooled_projections.dims() != [b, cfg.pooled_projection_dim] {
+            bail!(
+                "pooled_projections {:?} must be ({b}, {})",
+                self.pooled_projections.shape(),
+                cfg.pooled_projection_dim
+            )
+        }
+        if self.timestep.dims() != [b] {
+            bail!("timestep {:?} must be ({b},)", self.timestep.shape())
+        }
+        if let Some(g) = self.guidance {
+            if g.dims() != [b] {
+                bail!("guidance {:?} must be ({b},)", g.shape())
+            }
+        }
+        let text_mask = TextMask::new(self.encoder_attention_mask, n_txt)?;
+        let shapes = Shapes {
+            batch: b,
+            thw: (t, h, w),
+            grid: (t / pt, h / p, w / p),
+        };
+        Ok((shapes, text_mask))
+    }
+}
+
 /// Per-sample description of the text padding, read once from the mask.
 #[derive(Debug, Clone)]
 pub(super) struct TextMask {
@@ -83,7 +155,7 @@ pub(super) struct TextMask {
 }
 
 impl TextMask {
-    pub(super) fn new(mask: &Tensor, n_txt: usize) -> Result<Self> {
+    fn new(mask: &Tensor, n_txt: usize) -> Result<Self> {
         let (b, n) = mask.dims2()?;
         if n != n_txt {
             bail!(

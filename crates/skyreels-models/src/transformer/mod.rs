@@ -2,12 +2,19 @@
 //!
 //! Struct and field names follow diffusers' `transformer_hunyuan_video.py`, so the state-dict keys
 //! of a checkpoint are exactly the `vb.pp(..)` paths below.
+//!
+//! This file builds the model; the forward pass is embed -> block loop -> head (`forward.rs`,
+//! `embed.rs`, `blocks.rs`, `head.rs`), with the step caches (`cache.rs`) and Ulysses sequence
+//! parallelism (`ulysses.rs`) wrapped around the block loop.
 
 mod blocks;
 mod cache;
 mod config;
 mod embed;
+mod forward;
+mod head;
 mod inputs;
+mod ulysses;
 
 pub use cache::{CacheSpec, StepCache, TEACACHE_COEFFICIENTS};
 pub use config::TransformerConfig;
@@ -18,14 +25,10 @@ use crate::layers::{
     conv3d::{Conv3d, Conv3dConfig},
     embeddings::{TextProjection, TimestepEmbedding},
     linear::{linear, Linear},
-    modulation::layer_norm_modulate,
     norm::{LayerNorm, RmsNorm},
 };
-use crate::parallel::Collective;
-use blocks::{modulation, AttnCtx, SeqShard};
-use candle_core::{bail, DType, Device, Module, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
-use inputs::TextMask;
 use std::sync::{Arc, Mutex};
 
 const NORM_EPS: f64 = 1e-6;
@@ -354,200 +357,5 @@ impl HunyuanVideoTransformer3DModel {
 
     pub fn device(&self) -> &Device {
         self.x_embedder.weight().device()
-    }
-
-    /// Predicts the flow-matching velocity, (b, out_channels, t, h, w) in the model dtype.
-    pub fn forward(&self, inp: &TransformerInputs) -> Result<Tensor> {
-        self.forward_cached(inp, None)
-    }
-
-    /// [`Self::forward`] through a step cache (one per CFG branch, across one generation's
-    /// steps): the blocks may be skipped in favour of a stored residual (see [`StepCache`]).
-    pub fn forward_cached(
-        &self,
-        inp: &TransformerInputs,
-        cache: Option<&mut StepCache>,
-    ) -> Result<Tensor> {
-        self.forward_sharded(inp, cache, None)
-    }
-
-    /// [`Self::forward_cached`] as one rank of a Ulysses sequence-parallel group: every rank
-    /// calls it with the same inputs and its own member of `group` (same order of calls), runs the
-    /// blocks on its slice of the image tokens, and returns the whole prediction. The head count
-    /// and the image token count must divide by the group size; step caches are not supported
-    /// (a cache with a spec other than `none` is an error).
-    pub fn forward_ulysses(
-        &self,
-        inp: &TransformerInputs,
-        cache: Option<&mut StepCache>,
-        group: Arc<dyn Collective>,
-    ) -> Result<Tensor> {
-        self.forward_sharded(inp, cache, Some(group))
-    }
-
-    fn forward_sharded(
-        &self,
-        inp: &TransformerInputs,
-        cache: Option<&mut StepCache>,
-        group: Option<Arc<dyn Collective>>,
-    ) -> Result<Tensor> {
-        let cfg = &self.cfg;
-        let dt = self.dtype;
-        let (b, c_in, t, h, w) = inp.hidden_states.dims5()?;
-        if c_in != cfg.in_channels {
-            bail!(
-                "hidden_states {:?} has {c_in} channels, the transformer expects in_channels {}",
-                inp.hidden_states.shape(),
-                cfg.in_channels
-            )
-        }
-        let (p, pt) = (cfg.patch_size, cfg.patch_size_t);
-        if t % pt != 0 || h % p != 0 || w % p != 0 {
-            bail!(
-                "hidden_states {:?}: height and width must be multiples of {p} (patch_size) and \
-                 frames of {pt} (patch_size_t)",
-                inp.hidden_states.shape()
-            )
-        }
-        let (tb, n_txt, txt_dim) = inp.encoder_hidden_states.dims3()?;
-        if tb != b || txt_dim != cfg.text_embed_dim {
-            bail!(
-                "encoder_hidden_states {:?} must be ({b}, n, {})",
-                inp.encoder_hidden_states.shape(),
-                cfg.text_embed_dim
-            )
-        }
-        if inp.pooled_projections.dims() != [b, cfg.pooled_projection_dim] {
-            bail!(
-                "pooled_projections {:?} must be ({b}, {})",
-                inp.pooled_projections.shape(),
-                cfg.pooled_projection_dim
-            )
-        }
-        if inp.timestep.dims() != [b] {
-            bail!("timestep {:?} must be ({b},)", inp.timestep.shape())
-        }
-        if let Some(g) = inp.guidance {
-            if g.dims() != [b] {
-                bail!("guidance {:?} must be ({b},)", g.shape())
-            }
-        }
-        let text_mask = TextMask::new(inp.encoder_attention_mask, n_txt)?;
-        let (gt, gh, gw) = (t / pt, h / p, w / p);
-        let n_img = gt * gh * gw;
-        let (cos, sin) = self.rope((gt, gh, gw))?;
-        let shard = match group {
-            None => None,
-            Some(group) => {
-                let u = group.size();
-                if !cfg.num_attention_heads.is_multiple_of(u) || !n_img.is_multiple_of(u) {
-                    bail!(
-                        "Ulysses over {u} ranks needs the heads ({}) and the video tokens ({n_img}) \
-                         to divide by {u}",
-                        cfg.num_attention_heads
-                    )
-                }
-                if cache.as_ref().is_some_and(|c| c.spec() != CacheSpec::None) {
-                    bail!("step caching does not combine with Ulysses sequence parallelism yet")
-                }
-                Some(SeqShard {
-                    n_local: n_img / u,
-                    group,
-                })
-            }
-        };
-        // this rank's image tokens: all of them, or its slice (with its RoPE rows)
-        let rows = |t: Tensor, dim: usize| match &shard {
-            None => Ok(t),
-            Some(sp) => t.narrow(dim, sp.group.rank() * sp.n_local, sp.n_local),
-        };
-        let (cos, sin) = (rows(cos, 0)?, rows(sin, 0)?);
-
-        let temb = self.time_text_embed.forward(
-            inp.timestep,
-            &inp.pooled_projections.to_dtype(dt)?,
-            inp.guidance,
-        )?;
-        // (b, c, t, h, w) -> (b, dim, gt, gh, gw) -> (b, gt·gh·gw, dim)
-        let x = self.x_embedder.forward(&inp.hidden_states.to_dtype(dt)?)?;
-        let x = rows(x.flatten_from(2)?.transpose(1, 2)?, 1)?.contiguous()?;
-        let ctx = AttnCtx {
-            key_counts: text_mask.joint_key_counts(n_img),
-            text_mask,
-            budget: self.attention_budget,
-            shard: shard.clone(),
-        };
-        let context = || {
-            self.context_embedder.forward(
-                &inp.encoder_hidden_states.to_dtype(dt)?,
-                inp.timestep,
-                inp.encoder_attention_mask,
-                &ctx,
-            )
-        };
-        let rope = (&cos, &sin);
-        let stack = |doubles: &[TransformerBlock], x: Tensor, c: Tensor| {
-            self.stack(doubles, x, c, &temb, rope, &ctx)
-        };
-        let spec = cache.as_ref().map_or(CacheSpec::None, |c| c.spec());
-        let x = match (spec, cache) {
-            (CacheSpec::FirstBlock(_), Some(cache)) => {
-                let Some((first, rest)) = self.transformer_blocks.split_first() else {
-                    bail!("the first-block cache needs a transformer with a double block")
-                };
-                let (head, c) = first.forward(&x, &context()?, &temb, rope, &ctx)?;
-                match cache.first_block(&x, &head)? {
-                    cache::Plan::Reuse(x) => x,
-                    cache::Plan::Compute => {
-                        let out = stack(rest, head.clone(), c)?;
-                        cache.first_block_computed(&head, &out)?;
-                        out
-                    }
-                }
-            }
-            (CacheSpec::TeaCache(_), Some(cache)) => {
-                let Some(first) = self.transformer_blocks.first() else {
-                    bail!("TeaCache needs a transformer with a double block")
-                };
-                let modulated = first.modulated_input(&x, &temb)?;
-                match cache.teacache(&modulated, &x)? {
-                    cache::Plan::Reuse(x) => x,
-                    cache::Plan::Compute => {
-                        let out = stack(&self.transformer_blocks, x.clone(), context()?)?;
-                        cache.teacache_computed(&x, &out)?;
-                        out
-                    }
-                }
-            }
-            (_, cache) => {
-                if let Some(cache) = cache {
-                    cache.record(true);
-                }
-                stack(&self.transformer_blocks, x, context()?)?
-            }
-        };
-
-        // norm_out: (scale, shift), in that order
-        let m = modulation(&self.norm_out, &temb, 2)?;
-        let y = layer_norm_modulate(&x, &m[1], &m[0], NORM_EPS)?;
-        let y = self.proj_out.forward(&y)?;
-        let y = match &shard {
-            None => y,
-            Some(sp) => {
-                let parts: Vec<Tensor> = sp.group.all_gather(&y)?;
-                let parts = parts
-                    .into_iter()
-                    .map(|t| t.to_device(y.device()))
-                    .collect::<Result<Vec<_>>>()?;
-                Tensor::cat(&parts, 1)?
-            }
-        };
-        let oc = cfg.out_channels();
-        // (b, gt·gh·gw, oc·pt·p·p) -> (b, gt, gh, gw, oc, pt, p, p)
-        let y = y.reshape(vec![b, gt, gh, gw, oc, pt, p, p])?;
-        // -> (b, oc, gt, pt, gh, p, gw, p) -> (b, oc, t, h, w)
-        y.permute(vec![0, 4, 1, 5, 2, 6, 3, 7])?
-            .contiguous()?
-            .reshape((b, oc, t, h, w))
     }
 }
