@@ -743,7 +743,7 @@ fn ulysses_forward(
         .collect();
     let ranks: Vec<(&Device, &HunyuanVideoTransformer3DModel)> =
         models.iter().map(|m| (&Device::Cpu, *m)).collect();
-    HunyuanVideoTransformer3DModel::ulysses_group_forward(&ranks, &group, inputs, None).unwrap()
+    skyreels_pipeline::parallel::ulysses_group_forward(&ranks, &group, inputs, None).unwrap()
 }
 
 /// Random weights for a transformer of any shape (seeded per tensor name).
