@@ -29,8 +29,7 @@ cuda_library_dirs() {
     done
     for py in python3 /opt/*/.venv/bin/python3 /opt/*/bin/python3; do
         command -v "$py" >/dev/null 2>&1 &&
-            "$py" -c 'import site, sysconfig
-print("\n".join(site.getsitepackages() + [sysconfig.get_paths()["purelib"]]))' 2>/dev/null
+            "$py" -m scripts.checks.gpu_check site-packages 2>/dev/null
     done | sort -u | while read -r site; do
         for d in "$site"/nvidia/*/lib "$site"/nvidia/*/lib64 "$site"/torch/lib; do
             [ -d "$d" ] && echo "$d"
@@ -90,11 +89,7 @@ pack)
     export CARGO_TARGET_DIR=target/cuda-build
     cargo build --release --locked --features cuda -p skyreels-cli
     tests=$(cargo test --release --locked --features cuda -p skyreels-tests --no-run --message-format=json |
-        python3 -c 'import json,sys
-for line in sys.stdin:
-    m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
-        print(m["target"]["name"] + " " + m["executable"])')
+        python3 -m scripts.checks.gpu_check test-binaries)
     rm -rf "$PACK" && mkdir -p "$PACK"
     strip -o "$PACK/skyreels" "$CARGO_TARGET_DIR/release/skyreels"
     # only the test binaries with GPU tests (the pack must stay under the device's 64 MiB carry)

@@ -23,7 +23,7 @@ PREFIX="${SKYREELS_CUDA_PREFIX:-$ROOT/target/cuda}"
 # The toolkit release decides the oldest driver that runs the build: candle's kernels are PTX that
 # the driver compiles at start, and a driver rejects PTX newer than itself
 # (CUDA_ERROR_UNSUPPORTED_PTX_VERSION). 13.0 runs on driver 580 and newer (the H100/H200 machines
-# here); README "CUDA" has the table, and 12.x (e.g. 12.8, driver 570) builds for CUDA 12 drivers.
+# here); docs/cuda.md has the table, and 12.x (e.g. 12.8, driver 570) builds for CUDA 12 drivers.
 # cudarc 0.19.10 (candle 0.11.1) knows CUDA 11.4 to 13.4.
 CUDA_RELEASE="${SKYREELS_CUDA_RELEASE:-13.0}"
 R="$CUDA_RELEASE"

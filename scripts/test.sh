@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one test command (README "Tests"): formatting, lints, then every test of the workspace.
+# The one test command (README, and docs/testing.md): formatting, lints, then every test of the workspace.
 # Fixtures are committed (no torch); the client tests make their own Python venvs from PyPI and the
 # browser test installs Debian's chromium (the cluster test Debian's redis-server) when missing.
 set -euo pipefail
@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # the server crate's modules form no import cycle, and its two backends stay apart
-python3 scripts/check_module_graph.py
+python3 -m scripts.checks.module_graph
 # the Redis-mode server tests start their own redis-server (Debian's, installed when missing)
 ./scripts/ensure_redis.sh
 cargo test --workspace --locked

@@ -13,7 +13,7 @@ python_venv "$venv" "wavespeed, av" "wavespeed==2.0.5" "av>=12"
 cargo build -q --locked -p skyreels-cli --bin skyreels
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-if ! "$venv/bin/python" tests/cluster/cluster_test.py "$target/debug/skyreels" "$(command -v redis-server)" weights/example.png "$work"; then
+if ! "$venv/bin/python" -m tests.cluster.cluster_test "$target/debug/skyreels" "$(command -v redis-server)" weights/example.png "$work"; then
     for f in "$work"/*.log; do echo "== $f"; tail -40 "$f"; done
     exit 1
 fi

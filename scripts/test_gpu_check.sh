@@ -11,13 +11,15 @@ cd "$work"
 
 python3 -m venv env
 site="$(env/bin/python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-mkdir -p "$site/nvidia/cu13/lib" link repo/scripts repo/target/gpu-pack
+mkdir -p "$site/nvidia/cu13/lib" link repo/scripts/checks repo/target/gpu-pack
 echo 'int skyreels_fake_cuda(void) { return 13; }' > lib.c
 cc -shared -fPIC -Wl,-soname,libskyreelsfakecuda.so.13 -o "$site/nvidia/cu13/lib/libskyreelsfakecuda.so.13" lib.c
 ln -s "$site/nvidia/cu13/lib/libskyreelsfakecuda.so.13" link/libskyreelsfakecuda.so
 printf '#include <stdio.h>\nint skyreels_fake_cuda(void);\nint main(int argc, char **argv) {\n  printf("stand-in %%d:", skyreels_fake_cuda());\n  for (int i = 1; i < argc; i++) printf(" %%s", argv[i]);\n  printf("\\n");\n  return 0;\n}\n' > main.c
 cc -o skyreels main.c -Llink -lskyreelsfakecuda
-cp "$ROOT/scripts/gpu_check.sh" repo/scripts/
+# gpu_check.sh and the Python module it runs (scripts.checks.gpu_check)
+cp "$ROOT/scripts/gpu_check.sh" "$ROOT/scripts/__init__.py" repo/scripts/
+cp "$ROOT/scripts/checks/__init__.py" "$ROOT/scripts/checks/gpu_check.py" repo/scripts/checks/
 gzip -c skyreels > repo/target/gpu-pack/skyreels.gz
 
 fail() { echo "test_gpu_check: $*" >&2; exit 1; }

@@ -1,7 +1,8 @@
 """A live Redis deployment on the tiny weights, driven by the official WaveSpeed Python SDK
 (run by scripts/test_cluster.sh).
 
-Usage: cluster_test.py SKYREELS_BIN REDIS_SERVER IMAGE WORKDIR
+Usage (from the repository root, in a venv with the wavespeed SDK):
+  python -m tests.cluster.cluster_test SKYREELS_BIN REDIS_SERVER IMAGE WORKDIR
 
 Starts Redis (AOF on, fsync always) on a free loopback port, two API nodes (`serve --redis
 --workers 0`) and two worker processes (`skyreels worker`), then checks: an upload made on node
@@ -28,7 +29,7 @@ import time
 import urllib.error
 import urllib.request
 
-from nodes import MODEL, Nodes, noise_png
+from scripts.common.nodes import MODEL, Nodes, noise_png
 
 BIN, REDIS_SERVER, IMAGE, WORK = sys.argv[1:5]
 KEY = "cluster-test-key"

@@ -2,26 +2,9 @@
 
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-/// The repository root: `SKYREELS_REPO` when set (test binaries run on another machine, see
-/// `scripts/gpu_check.sh`), else where these tests were built.
-fn repo_root() -> PathBuf {
-    match std::env::var_os("SKYREELS_REPO") {
-        Some(root) => PathBuf::from(root),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join(".."),
-    }
-}
-
-/// `tests/fixtures/<rel>`.
-pub fn fixture(rel: &str) -> PathBuf {
-    repo_root().join("tests").join("fixtures").join(rel)
-}
-
-/// The bundled tiny pipeline, `weights/tiny`.
-pub fn tiny_weights() -> PathBuf {
-    repo_root().join("weights").join("tiny")
-}
+pub use skyreels_test_support::{copy_dir, copy_tree, fixture, repo_root, tiny_weights};
 
 /// Every tensor of a safetensors file, on the CPU.
 pub fn load_tensors(path: &Path) -> HashMap<String, Tensor> {
@@ -47,7 +30,7 @@ pub fn metadata_strings(path: &Path, key: &str) -> Vec<String> {
 
 /// ‖got − want‖₂ / ‖want‖₂, computed in f64.
 /// The VAE tile settings a fixture stores as `<case>.tiling`: [min_h, min_w, min_frames,
-/// stride_h, stride_w, stride_frames, spatial (0/1)] (scripts/gen_vae_fixtures.py).
+/// stride_h, stride_w, stride_frames, spatial (0/1)] (scripts/fixtures/vae.py).
 pub fn fixture_tiling(t: &Tensor) -> skyreels_models::Tiling {
     let t: Vec<usize> = t
         .to_vec1::<i64>()
@@ -89,18 +72,6 @@ pub fn rel_l2(got: &Tensor, want: &Tensor) -> f64 {
     let num = (g - &w).unwrap().sqr().unwrap().sum_all().unwrap();
     let den = w.sqr().unwrap().sum_all().unwrap();
     (num.to_scalar::<f64>().unwrap() / den.to_scalar::<f64>().unwrap()).sqrt()
-}
-
-/// Copies the files of `src` (not recursive) into a new temporary folder.
-pub fn copy_dir(src: &Path) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(src).unwrap() {
-        let entry = entry.unwrap();
-        if entry.file_type().unwrap().is_file() {
-            std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
-        }
-    }
-    dir
 }
 
 /// Copies the checkpoint in `src` (config.json and `<stem>` weights, single or sharded) into

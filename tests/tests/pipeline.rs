@@ -1,7 +1,7 @@
 //! End-to-end generation at parity with diffusers' SkyReels pipelines on the bundled tiny weights.
 //!
-//! Fixtures come from `scripts/gen_pipeline_fixtures.py` (run on `weights/tiny`, made by
-//! `scripts/gen_tiny_weights.py`).
+//! Fixtures come from `scripts/fixtures/pipeline.py` (run on `weights/tiny`, made by
+//! `scripts/fixtures/tiny_weights.py`).
 
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
@@ -134,10 +134,10 @@ fn check(name: &str, pipe: &Pipeline) {
     );
 }
 
-/// Step caching against its references (`scripts/gen_cache_fixtures.py`): diffusers 0.42.1's
+/// Step caching against its references (`scripts/fixtures/cache.py`): diffusers 0.42.1's
 /// first-block cache (`FirstBlockCacheConfig`, the I2V pipeline's two calls wrapped in
 /// cache_context("cond") / ("uncond") as its T2V pipeline does) and the committed TeaCache
-/// reference (`scripts/teacache_reference.py`), true CFG on and off, two thresholds each, 10
+/// reference (`scripts/common/teacache_reference.py`), true CFG on and off, two thresholds each, 10
 /// steps. The frames are held to the uncached end-to-end bound (FRAME_TOL: a reused residual is
 /// the same f32 arithmetic as in diffusers), and the sequence of computed and cached forwards
 /// must be the reference's exactly. Each threshold was picked so that the reference makes the
@@ -203,7 +203,7 @@ fn image_to_video_with_true_cfg_matches_diffusers() {
 /// A single-file transformer end to end: the tiny transformer in the original key layout as GGUF
 /// Q8_0, its config passed as `--config` does (head dim 16: RoPE axes cannot be read off the
 /// shapes), against diffusers' pipeline with `from_single_file` + `GGUFQuantizationConfig`
-/// (scripts/gen_single_file_fixtures.py). The same FRAME_TOL: both sides dequantize to the same
+/// (scripts/fixtures/single_file.py). The same FRAME_TOL: both sides dequantize to the same
 /// f16 values, the rest is the f32 pipeline.
 #[test]
 fn image_to_video_with_a_gguf_transformer_matches_diffusers() {
@@ -624,7 +624,7 @@ fn png_and_safetensors_outputs() {
 }
 
 /// The VAE in f16 (`--vae-dtype f16`, the default on CUDA) on the VAE fixtures (tests/vae.rs has
-/// the f32 parity). Relative L2 bound of our f16 VAE against diffusers' fp16 run (`scripts/gen_vae_f16_fixtures.py`,
+/// the f32 parity). Relative L2 bound of our f16 VAE against diffusers' fp16 run (`scripts/fixtures/vae.py --f16`,
 /// torch.float16 on the CPU). fp16 keeps 11 significant bits: every op output is rounded by up to
 /// 2^-11 relative, and diffusers' own fp16 output sits 1.6e-3 to 3.0e-3 (relative L2, measured)
 /// from its f32 one on these VAEs. Ours rounds at other points (Winograd or direct convolution,

@@ -1,6 +1,6 @@
 //! Text encoders and tokenizers at parity with transformers / diffusers' encode_prompt.
 //!
-//! Fixtures come from `scripts/gen_text_encoder_fixtures.py`.
+//! Fixtures come from `scripts/fixtures/text_encoder.py`.
 
 use candle_core::{DType, Device, Tensor};
 use skyreels_pipeline::conditioning::{TextEncoders, TextError};

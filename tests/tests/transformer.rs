@@ -1,6 +1,6 @@
 //! HunyuanVideo transformer: parity with diffusers 0.42.1 and checkpoint loading.
 //!
-//! Fixtures come from `scripts/gen_transformer_fixtures.py` (tiny random weights, f32 CPU
+//! Fixtures come from `scripts/fixtures/transformer.py` (tiny random weights, f32 CPU
 //! reference forward passes).
 
 use candle_core::{DType, Device, Tensor};
@@ -464,7 +464,7 @@ fn non_float_weight_is_named() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Single-file checkpoints (scripts/gen_single_file_fixtures.py): the original HunyuanVideo key
+// Single-file checkpoints (scripts/fixtures/single_file.py): the original HunyuanVideo key
 // layout in bf16, fp8 e4m3fn, ComfyUI's scaled fp8 and GGUF Q8_0 / Q4_0 / Q4_K (with Q5_0
 // fallbacks), each against diffusers 0.42.1's `from_single_file` on the same file.
 
@@ -802,7 +802,7 @@ fn ulysses_forward(
         .collect();
     let ranks: Vec<(&Device, &HunyuanVideoTransformer3DModel)> =
         models.iter().map(|m| (&Device::Cpu, *m)).collect();
-    HunyuanVideoTransformer3DModel::ulysses_group_forward(&ranks, &group, inputs, None).unwrap()
+    skyreels_pipeline::parallel::ulysses_group_forward(&ranks, &group, inputs, None).unwrap()
 }
 
 /// Random weights for a transformer of any shape (seeded per tensor name).

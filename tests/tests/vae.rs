@@ -1,6 +1,6 @@
 //! HunyuanVideo VAE: parity with diffusers 0.42.1 for encode, decode and every tiling path.
 //!
-//! Fixtures come from `scripts/gen_vae_fixtures.py` (two tiny random VAEs, f32 CPU references).
+//! Fixtures come from `scripts/fixtures/vae.py` (two tiny random VAEs, f32 CPU references).
 
 use candle_core::{DType, Device, Tensor};
 use skyreels_models::{AutoencoderKLHunyuanVideo, Tiling};

@@ -275,7 +275,7 @@ fn ulysses_forward(
         runs,
         Some(flops),
         || {
-            Ok(HunyuanVideoTransformer3DModel::ulysses_group_forward(
+            Ok(skyreels_pipeline::parallel::ulysses_group_forward(
                 &models, &group, inputs, None,
             )?)
         },

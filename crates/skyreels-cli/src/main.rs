@@ -1,5 +1,7 @@
 //! `skyreels`: SkyReels V1 video generation.
 
+#![forbid(unsafe_code)]
+
 mod bench;
 mod devices;
 mod serve;
@@ -277,8 +279,25 @@ struct GenerateArgs {
     output: PathBuf,
 }
 
+/// The log of the one-shot commands: the libraries' warnings and notes on stderr, plainly
+/// (`RUST_LOG` changes the level; `serve` and `worker` set up their own, with `--log-format`).
+fn one_shot_log() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .without_time()
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
 fn main() {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve(_) | Command::Worker(_)) {
+        one_shot_log();
+    }
     let result = match cli.command {
         Command::Generate(args) => generate(*args),
         Command::Serve(args) => serve::serve(*args),

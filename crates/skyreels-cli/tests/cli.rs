@@ -1,16 +1,10 @@
 //! The `skyreels` binary end to end on the bundled tiny weights.
 
 use candle_core::{Device, Tensor};
-use skyreels_tests::max_abs;
+use skyreels_tests::{copy_tree, fixture, max_abs, tiny_weights};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-
-fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(rel)
-}
 
 /// Runs `skyreels` with its cache in `home` (the tiny weights unpack there).
 fn skyreels(home: &Path, args: &[&str]) -> Output {
@@ -126,7 +120,7 @@ fn noise_file_path_matches_diffusers_frames() {
 }
 
 /// `--flow-shift 3` on the tiny weights (whose scheduler config says 7) against diffusers with
-/// `FlowMatchEulerDiscreteScheduler(shift=3)` (scripts/gen_pipeline_fixtures.py), the same bound.
+/// `FlowMatchEulerDiscreteScheduler(shift=3)` (scripts/fixtures/pipeline.py), the same bound.
 #[test]
 fn flow_shift_flag_matches_diffusers_with_that_shift() {
     let dir = tempfile::tempdir().unwrap();
@@ -423,29 +417,13 @@ fn serve_refuses_bad_settings() {
     }
 }
 
-fn copy_tree(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for entry in std::fs::read_dir(src).unwrap() {
-        let entry = entry.unwrap();
-        let to = dst.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_tree(&entry.path(), &to);
-        } else {
-            std::fs::copy(entry.path(), &to).unwrap();
-        }
-    }
-}
-
 /// A Hugging Face cache (hub layout: models--owner--name/{refs/main, snapshots/<sha>/...}) holding
 /// the tiny pipeline as `acme/tiny-pipeline` and the T2V test transformer as `acme/t2v` (files at
 /// the repo root, as Skywork's repos have them).
 fn fake_hub_cache(root: &Path) -> PathBuf {
     let cache = root.join("hub");
     for (repo, src) in [
-        (
-            "models--acme--tiny-pipeline",
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../weights/tiny"),
-        ),
+        ("models--acme--tiny-pipeline", tiny_weights()),
         ("models--acme--t2v", fixture("pipeline/t2v_transformer")),
     ] {
         let dir = cache.join(repo);

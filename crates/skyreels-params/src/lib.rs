@@ -4,6 +4,8 @@
 //! (center crop + Lanczos) the pipeline applies to the first frame, and one request's parameters
 //! ([`GenerationParams`]) with the rules its final values are checked against. No candle here.
 
+#![forbid(unsafe_code)]
+
 use image::imageops::FilterType;
 use image::RgbImage;
 use serde::{Deserialize, Serialize};

@@ -1,6 +1,6 @@
 //! One transformer forward pass on the CPU in f32, timed.
 //!
-//! `scripts/bench_transformer.py` writes a mid-size random checkpoint and its inputs with
+//! `scripts/bench/transformer.py` writes a mid-size random checkpoint and its inputs with
 //! diffusers, times diffusers, then runs this and prints both times and the ratio:
 //!
 //!     cargo bench -p skyreels-pipeline --bench transformer -- DIR [RUNS]
@@ -20,7 +20,7 @@ fn main() -> Result<()> {
         .filter(|a| !a.starts_with("--"))
         .collect();
     let Some(dir) = args.first().map(PathBuf::from) else {
-        bail!("usage: cargo bench -p skyreels-pipeline --bench transformer -- DIR [RUNS]  (see scripts/bench_transformer.py)")
+        bail!("usage: cargo bench -p skyreels-pipeline --bench transformer -- DIR [RUNS]  (see scripts/bench/transformer.py)")
     };
     let runs: usize = match args.get(1) {
         Some(r) => r.parse().context("RUNS must be a positive integer")?,

@@ -4,7 +4,7 @@
 //!
 //! DIR holds a VAE folder (`vae/` or bare) and `io.safetensors` with `latents` (b, c, t, h, w)
 //! and optionally the reference `output`. Prints the median decode time and the process's peak
-//! resident memory (VmHWM), which `scripts/bench_vae.py` uses to show that tiled decoding is
+//! resident memory (VmHWM), which `scripts/bench/vae.py` uses to show that tiled decoding is
 //! bounded by the tile, not the clip. Threads: `RAYON_NUM_THREADS`.
 
 use anyhow::{bail, Context, Result};
@@ -26,7 +26,7 @@ fn main() -> Result<()> {
     let no_tiling = args.iter().any(|a| a == "--no-tiling");
     let pos: Vec<&String> = args.iter().filter(|a| !a.starts_with("--")).collect();
     let Some(dir) = pos.first().map(PathBuf::from) else {
-        bail!("usage: cargo bench -p skyreels-pipeline --bench vae -- DIR [RUNS] [--no-tiling]  (see scripts/bench_vae.py)")
+        bail!("usage: cargo bench -p skyreels-pipeline --bench vae -- DIR [RUNS] [--no-tiling]  (see scripts/bench/vae.py)")
     };
     let runs: usize = match pos.get(1) {
         Some(r) => r.parse().context("RUNS must be a positive integer")?,

@@ -7,6 +7,10 @@ use openh264::encoder::{
 };
 use openh264::formats::{RgbSliceU8, YUVBuffer};
 use openh264::OpenH264API;
+use openh264_sys2::{
+    WelsTraceCallback, ENCODER_OPTION_TRACE_CALLBACK, WELS_LOG_ERROR, WELS_LOG_WARNING,
+};
+use std::ffi::{c_char, c_int, c_void, CStr};
 use std::path::{Path, PathBuf};
 
 /// Default H.264 budget in bits per pixel per frame: about 6.3 Mbit/s at 960x544 and 24 fps.
@@ -91,6 +95,7 @@ pub fn write_mp4(
     let enc_err = |e: openh264::Error| ExportError::Encode(e.to_string());
     let mut encoder =
         Encoder::with_api_config(OpenH264API::from_source(), config).map_err(enc_err)?;
+    log_through_tracing(&mut encoder);
     let file = std::fs::File::create(path).map_err(|e| write_err(path)(e.to_string()))?;
     let mut muxer = muxide::api::MuxerBuilder::new(std::io::BufWriter::new(file))
         .video(muxide::api::VideoCodec::H264, w as u32, h as u32, fps)
@@ -100,22 +105,13 @@ pub fn write_mp4(
     let mut yuv = YUVBuffer::new(w, h);
     for i in 0..count {
         yuv.read_rgb8(RgbSliceU8::new(&frame_rgb8(frames, i)?, (w, h)));
-        // the first frame initializes the encoder, which prints its parameter checks to the
-        // process's stderr: catch them instead of letting them reach the terminal raw
-        let mut encode = || {
-            encoder.encode(&yuv).map(|b| {
+        let (key, data) = encoder
+            .encode(&yuv)
+            .map(|b| {
                 let key = matches!(b.frame_type(), FrameType::IDR | FrameType::I);
                 (key, b.to_vec())
             })
-        };
-        let (key, data) = if i == 0 {
-            let (bits, chatter) = quiet_stderr(encode);
-            report_encoder_chatter(&chatter);
-            bits
-        } else {
-            encode()
-        }
-        .map_err(enc_err)?;
+            .map_err(enc_err)?;
         if data.is_empty() {
             return Err(ExportError::Encode(format!("frame {i} produced no data")));
         }
@@ -131,71 +127,41 @@ pub fn write_mp4(
 /// frames are never skipped here (every generated frame is kept).
 const KNOWN_ENCODER_WARNING: &str = "bitrate can't be controlled";
 
-/// Passes on what the encoder printed, minus the known warning: its own lines as notes, any
-/// other program output caught meanwhile as it was.
-fn report_encoder_chatter(bytes: &[u8]) {
-    use std::io::Write;
-    let text = String::from_utf8_lossy(bytes);
-    let mut err = std::io::stderr().lock();
-    for line in text.lines() {
-        if let Some(i) = line.find("[OpenH264]") {
-            let _ = write!(err, "{}", &line[..i]);
-            if !line.contains(KNOWN_ENCODER_WARNING) {
-                let msg = line[i..].rsplit("Warning:").next().unwrap_or(line);
-                let _ = writeln!(err, "note: H.264 encoder: {}", msg.trim());
-            } else if i > 0 {
-                let _ = writeln!(err);
-            }
-        } else {
-            let _ = writeln!(err, "{line}");
-        }
+/// Routes the encoder's own log (its parameter checks when the first frame initializes it,
+/// which it would otherwise print to the process's standard error) to `tracing`, through
+/// OpenH264's log callback. OpenH264 takes this option before initialization (`SetOption`
+/// accepts `ENCODER_OPTION_TRACE_CALLBACK` then); after it, the `openh264` crate sets the log
+/// level to quiet.
+fn log_through_tracing(encoder: &mut Encoder) {
+    let callback: WelsTraceCallback = Some(encoder_log);
+    // SAFETY: `raw_api` is used for one documented option; OpenH264 copies the function
+    // pointer it is given a pointer to (`*(WelsTraceCallback*)pOption`) during the call.
+    let answer = unsafe {
+        encoder.raw_api().set_option(
+            ENCODER_OPTION_TRACE_CALLBACK,
+            (&raw const callback).cast_mut().cast(),
+        )
+    };
+    if answer != 0 {
+        tracing::debug!("the H.264 encoder refused its log callback ({answer})");
     }
 }
 
-/// Runs `f` with the process's standard error (file descriptor 2) sent into a pipe, and
-/// returns what was written there meanwhile. C libraries print to it directly; this is the
-/// only way to keep their chatter off a terminal or log. One capture at a time; on other
-/// platforms, or if the pipe cannot be made, `f` just runs.
-fn quiet_stderr<T>(f: impl FnOnce() -> T) -> (T, Vec<u8>) {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        use std::io::Read;
-        use std::os::fd::FromRawFd;
-        static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-        let mut fds = [0i32; 2];
-        // SAFETY: plain fd syscalls on descriptors this function creates; fd 2 is restored
-        // from its saved copy before returning, and each descriptor is closed once.
-        unsafe {
-            if libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
-                return (f(), Vec::new());
-            }
-            let saved = libc::dup(2);
-            if saved < 0 || libc::dup2(fds[1], 2) < 0 {
-                libc::close(fds[0]);
-                libc::close(fds[1]);
-                if saved >= 0 {
-                    libc::close(saved);
-                }
-                return (f(), Vec::new());
-            }
-            libc::close(fds[1]);
-            let mut pipe = std::fs::File::from_raw_fd(fds[0]);
-            // drained meanwhile, so a chatty writer never fills the pipe and blocks
-            let reader = std::thread::spawn(move || {
-                let mut out = Vec::new();
-                let _ = pipe.read_to_end(&mut out);
-                out
-            });
-            let result = f();
-            libc::dup2(saved, 2);
-            libc::close(saved);
-            (result, reader.join().unwrap_or_default())
-        }
+/// OpenH264's log lines, as `tracing` events (its warnings as warnings, except the known one).
+unsafe extern "C" fn encoder_log(_ctx: *mut c_void, level: c_int, text: *const c_char) {
+    if text.is_null() {
+        return;
     }
-    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-    {
-        (f(), Vec::new())
+    // SAFETY: OpenH264 passes a NUL-terminated string that lives for the call.
+    let text = unsafe { CStr::from_ptr(text) }.to_string_lossy();
+    let text = text.trim();
+    let message = text.rsplit("Warning:").next().unwrap_or(text).trim();
+    match level {
+        l if l <= WELS_LOG_ERROR as c_int => tracing::error!("H.264 encoder: {message}"),
+        l if l <= WELS_LOG_WARNING as c_int && !text.contains(KNOWN_ENCODER_WARNING) => {
+            tracing::warn!("H.264 encoder: {message}")
+        }
+        _ => tracing::debug!("H.264 encoder: {message}"),
     }
 }
 

@@ -33,6 +33,9 @@ pub enum GenerateError {
     Text(#[from] TextError),
     #[error(transparent)]
     Load(#[from] LoadError),
+    /// The model could not be had from the hub or its cache.
+    #[error(transparent)]
+    Hub(#[from] crate::hub::HubError),
     #[error("{0}")]
     Model(#[from] candle_core::Error),
     #[error("cancelled")]

@@ -7,9 +7,45 @@
 //! names it.
 
 use crate::generate::{GenerateError, ModelPaths};
-use hf_hub::api::sync::ApiBuilder;
+use hf_hub::api::sync::{ApiBuilder, ApiError};
 use hf_hub::{Cache, Repo};
 use std::path::{Path, PathBuf};
+
+/// Why a model could not be had from the Hugging Face hub or its cache.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    /// The hub client could not be set up (the cache folder, `HF_ENDPOINT`).
+    #[error("hub client: {0}")]
+    Client(#[source] ApiError),
+    /// What a run needs is not cached, and the hub could not provide it.
+    #[error(
+        "{what} is not in the Hugging Face cache ({}) and {why}; run `skyreels download{hint}` \
+         with network access, or pass a local {local}",
+        cache.display()
+    )]
+    NotCached {
+        /// `REPO` or `REPO/FILE`.
+        what: String,
+        cache: PathBuf,
+        /// Downloads are off, or the hub's answer.
+        why: String,
+        /// The download command's arguments for a single file.
+        hint: String,
+        /// "folder" or "file".
+        local: &'static str,
+    },
+    /// A download failed.
+    #[error("downloading {repo}/{file}: {source}")]
+    Download {
+        repo: String,
+        file: String,
+        #[source]
+        source: ApiError,
+    },
+    /// The repo holds nothing a diffusers pipeline loads.
+    #[error("{0} has no diffusers model files (config.json, *.safetensors)")]
+    NoModelFiles(String),
+}
 
 /// The base pipeline repo: tokenizers, text encoders, VAE, scheduler.
 pub const BASE_REPO: &str = "hunyuanvideo-community/HunyuanVideo";
@@ -226,25 +262,23 @@ fn cached(repo: &str, layout: Layout, opts: &HubOptions) -> Option<PathBuf> {
 }
 
 /// A hub client on the cache (`HF_ENDPOINT` honoured).
-fn hub_client(opts: &HubOptions) -> Result<hf_hub::api::sync::Api, GenerateError> {
+fn hub_client(opts: &HubOptions) -> Result<hf_hub::api::sync::Api, HubError> {
     let mut builder = ApiBuilder::from_cache(opts.cache()).with_progress(opts.progress);
     if let Ok(endpoint) = std::env::var("HF_ENDPOINT") {
         builder = builder.with_endpoint(endpoint);
     }
-    builder
-        .build()
-        .map_err(|e| GenerateError::Invalid(format!("hub client: {e}")))
+    builder.build().map_err(HubError::Client)
 }
 
 /// Downloads (or finds in the cache) the files of `repo` a run needs; returns its snapshot folder.
-pub fn fetch(repo: &str, layout: Layout, opts: &HubOptions) -> Result<PathBuf, GenerateError> {
+pub fn fetch(repo: &str, layout: Layout, opts: &HubOptions) -> Result<PathBuf, HubError> {
     let cache_path = opts.cache().path().clone();
-    let not_cached = |why: String| {
-        GenerateError::Invalid(format!(
-            "{repo} is not in the Hugging Face cache ({}) and {why}; run `skyreels download` \
-             with network access, or pass a local folder",
-            cache_path.display()
-        ))
+    let not_cached = |why: String| HubError::NotCached {
+        what: repo.to_string(),
+        cache: cache_path.clone(),
+        why,
+        hint: String::new(),
+        local: "folder",
     };
     if opts.is_offline() {
         return cached(repo, layout, opts).ok_or_else(|| not_cached("downloads are off".into()));
@@ -256,7 +290,7 @@ pub fn fetch(repo: &str, layout: Layout, opts: &HubOptions) -> Result<PathBuf, G
         Err(e) => {
             return match cached(repo, layout, opts) {
                 Some(dir) => {
-                    eprintln!("note: cannot reach the hub for {repo} ({e}); using the cached copy");
+                    tracing::warn!("cannot reach the hub for {repo} ({e}); using the cached copy");
                     Ok(dir)
                 }
                 None => Err(not_cached(format!("the hub cannot be reached ({e})"))),
@@ -266,15 +300,15 @@ pub fn fetch(repo: &str, layout: Layout, opts: &HubOptions) -> Result<PathBuf, G
     let files: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
     let needed = needed_files(&files, layout);
     if needed.is_empty() {
-        return Err(GenerateError::Invalid(format!(
-            "{repo} has no diffusers model files (config.json, *.safetensors)"
-        )));
+        return Err(HubError::NoModelFiles(repo.to_string()));
     }
     let mut snapshot = None;
     for f in &needed {
-        let path = api_repo
-            .get(f)
-            .map_err(|e| GenerateError::Invalid(format!("downloading {repo}/{f}: {e}")))?;
+        let path = api_repo.get(f).map_err(|source| HubError::Download {
+            repo: repo.to_string(),
+            file: f.clone(),
+            source,
+        })?;
         // <snapshot>/<f>: walk up one level per path component
         let mut dir = path.clone();
         for _ in f.split('/') {
@@ -286,14 +320,14 @@ pub fn fetch(repo: &str, layout: Layout, opts: &HubOptions) -> Result<PathBuf, G
 }
 
 /// Downloads (or finds in the cache) one file of `repo`; returns its path in the snapshot.
-pub fn fetch_file(repo: &str, file: &str, opts: &HubOptions) -> Result<PathBuf, GenerateError> {
+pub fn fetch_file(repo: &str, file: &str, opts: &HubOptions) -> Result<PathBuf, HubError> {
     let cached = || opts.cache().repo(Repo::model(repo.to_string())).get(file);
-    let not_cached = |why: String| {
-        GenerateError::Invalid(format!(
-            "{repo}/{file} is not in the Hugging Face cache ({}) and {why}; run `skyreels \
-             download --transformer {repo}/{file}` with network access, or pass a local file",
-            opts.cache().path().display()
-        ))
+    let not_cached = |why: String| HubError::NotCached {
+        what: format!("{repo}/{file}"),
+        cache: opts.cache().path().clone(),
+        why,
+        hint: format!(" --transformer {repo}/{file}"),
+        local: "file",
     };
     if opts.is_offline() {
         return cached().ok_or_else(|| not_cached("downloads are off".into()));
@@ -303,8 +337,8 @@ pub fn fetch_file(repo: &str, file: &str, opts: &HubOptions) -> Result<PathBuf, 
         Ok(path) => Ok(path),
         Err(e) => match cached() {
             Some(path) => {
-                eprintln!(
-                    "note: cannot reach the hub for {repo}/{file} ({e}); using the cached copy"
+                tracing::warn!(
+                    "cannot reach the hub for {repo}/{file} ({e}); using the cached copy"
                 );
                 Ok(path)
             }

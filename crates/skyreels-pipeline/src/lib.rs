@@ -7,7 +7,7 @@ pub mod generate;
 pub mod gguf;
 pub mod hub;
 pub mod loading;
-mod parallel;
+pub mod parallel;
 pub mod runtime;
 pub mod safetensors_file;
 pub mod scheduler;

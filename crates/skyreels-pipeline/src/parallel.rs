@@ -1,11 +1,12 @@
 //! One clip on several devices (`--parallel cfg=C,ulysses=U`): the two true-CFG branches of a
 //! step on two device groups at once (cfg=2), and within a group Ulysses sequence parallelism
 //! over U ranks (each holds a slice of the video tokens; see
-//! [`HunyuanVideoTransformer3DModel::forward_ulysses`]). One OS thread per rank; each device has
-//! its own copy of the transformer; ranks exchange through in-process collectives.
+//! [`HunyuanVideoTransformer3DModel::forward_ulysses`]). One OS thread per rank
+//! ([`ulysses_group_forward`]); each device has its own copy of the transformer; ranks exchange
+//! through in-process collectives.
 
 use crate::conditioning::PromptEmbeds;
-use candle_core::{Device, Result, Tensor};
+use candle_core::{bail, Device, Result, Tensor};
 use skyreels_models::parallel::{group_for, Collective};
 use skyreels_models::{HunyuanVideoTransformer3DModel, StepCache, TransformerInputs};
 use std::sync::Arc;
@@ -86,13 +87,50 @@ fn branch(
             model.forward_cached(&inputs, Some(cache))
         }
         [(device, model)] => model.forward_cached(&inputs.to_device(device)?.inputs(), Some(cache)),
-        _ => HunyuanVideoTransformer3DModel::ulysses_group_forward(
-            ranks,
-            group,
-            &inputs,
-            Some(cache),
-        ),
+        _ => ulysses_group_forward(ranks, group, &inputs, Some(cache)),
     }
+}
+
+/// One forward as the Ulysses ranks `ranks` (each rank's device and its copy of the
+/// transformer, rank 0 first) with `group[r]`, every rank on its own thread (rank 0 on the
+/// calling one) with the inputs copied to its device; returns rank 0's prediction. A rank that
+/// fails aborts the group so that no other waits for it. `cache` goes to rank 0.
+pub fn ulysses_group_forward(
+    ranks: &[(&Device, &HunyuanVideoTransformer3DModel)],
+    group: &[Arc<dyn Collective>],
+    inputs: &TransformerInputs,
+    cache: Option<&mut StepCache>,
+) -> Result<Tensor> {
+    if ranks.len() != group.len() || ranks.is_empty() {
+        bail!("{} ranks for a group of {}", ranks.len(), group.len())
+    }
+    let run = |(device, model): (&Device, &HunyuanVideoTransformer3DModel),
+               rank: &Arc<dyn Collective>,
+               cache: Option<&mut StepCache>|
+     -> Result<Tensor> {
+        let out = (|| -> Result<Tensor> {
+            let copy = inputs.to_device(device)?;
+            let out = model.forward_ulysses(&copy.inputs(), cache, rank.clone())?;
+            device.synchronize()?;
+            Ok(out)
+        })();
+        if let Err(e) = &out {
+            rank.abort(&e.to_string());
+        }
+        out
+    };
+    std::thread::scope(|s| {
+        let others: Vec<_> = ranks[1..]
+            .iter()
+            .zip(&group[1..])
+            .map(|(&r, rank)| s.spawn(move || run(r, rank, None)))
+            .collect();
+        let first = run(ranks[0], &group[0], cache);
+        for h in others {
+            h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))?;
+        }
+        first
+    })
 }
 
 /// The guided velocity of one step on the layout (every step of every pipeline comes here; with

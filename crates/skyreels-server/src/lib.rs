@@ -8,6 +8,8 @@
 //! [`Server`], the bootstrap. Finished tasks flow to an async task that logs them and sends
 //! webhooks. The HTTP contract is `docs/API.md`.
 
+#![forbid(unsafe_code)]
+
 pub mod api;
 pub mod backend;
 pub mod config;

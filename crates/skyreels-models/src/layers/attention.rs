@@ -6,7 +6,7 @@
 //! selection*: the reference only masks keys, and a masked key contributes exactly zero weight, so
 //! callers pass how many leading keys each sample sees instead of a dense mask.
 
-use super::cpu_kernels::attention_bnhd_f32;
+use super::cpu::attention_bnhd_f32;
 use candle_core::{bail, DType, Device, IndexOp, Result, Tensor};
 
 /// Score elements held at once by the generic path (batch x heads x query rows x keys) on the

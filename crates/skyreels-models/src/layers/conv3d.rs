@@ -4,7 +4,7 @@
 //! into the batch dimension for every tap. No implicit padding: callers (the VAE's causal
 //! convolution) pad explicitly, exactly as the reference does.
 
-use super::cpu_kernels::{conv3d_f32, Conv3dGeometry};
+use super::cpu::{conv3d_f32, Conv3dGeometry};
 use candle_core::{bail, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
@@ -105,7 +105,7 @@ impl Conv3d {
     /// The convolution of [`upsample_causal`]`(x, factors)` replicate-padded by `pad` (as
     /// [`Self::forward_padded`]). On the CPU in f32 neither the upsampled nor the padded input
     /// is built and taps reading the same input sample are merged (see
-    /// `cpu_kernels::conv3d_f32_direct`); elsewhere it upsamples, pads and convolves.
+    /// `cpu::conv`); elsewhere it upsamples, pads and convolves.
     pub fn forward_upsampled(
         &self,
         x: &Tensor,

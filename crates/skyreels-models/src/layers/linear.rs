@@ -10,7 +10,7 @@
 //! `deltaᵢ(x) = sᵢ · Bᵢ (Aᵢ x)`): adapters switch per request while fp8 and GGUF weights stay
 //! stored. A layer without adapters computes exactly what it computed before they existed.
 
-use super::cpu_kernels::{linear_f32, linear_parts_f32};
+use super::cpu::{linear_f32, linear_parts_f32};
 use super::weights::{MatmulWeight, Weights};
 use candle_core::{DType, Module, Result, Tensor};
 use std::borrow::Cow;

@@ -2,7 +2,7 @@
 
 pub mod attention;
 pub mod conv3d;
-pub mod cpu_kernels;
+pub(crate) mod cpu;
 pub mod embeddings;
 pub mod gguf;
 pub mod linear;

@@ -1,6 +1,6 @@
 //! adaLN modulation helpers shared by the DiT blocks: fused on the CPU in f32, candle ops elsewhere.
 
-use super::cpu_kernels::{add_gated_f32, layer_norm_modulate_f32};
+use super::cpu::{add_gated_f32, layer_norm_modulate_f32};
 use candle_core::{DType, Result, Tensor};
 
 fn fused(x: &Tensor) -> bool {

@@ -65,14 +65,7 @@ impl GroupNorm {
     fn run(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
         if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
             let eps = self.eps as f32;
-            return super::cpu_kernels::group_norm_f32(
-                x,
-                &self.weight,
-                &self.bias,
-                self.groups,
-                eps,
-                silu,
-            );
+            return super::cpu::group_norm_f32(x, &self.weight, &self.bias, self.groups, eps, silu);
         }
         let y = self.inner.forward(x)?;
         if silu {
@@ -113,13 +106,7 @@ impl RmsNorm {
     /// one fused pass on the CPU in f32.
     pub fn forward_rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
-            return super::cpu_kernels::rms_norm_rope_f32(
-                x,
-                &self.weight,
-                self.eps as f32,
-                cos,
-                sin,
-            );
+            return super::cpu::rms_norm_rope_f32(x, &self.weight, self.eps as f32, cos, sin);
         }
         super::rope::apply_rotary_emb(&self.forward(x)?, cos, sin)
     }

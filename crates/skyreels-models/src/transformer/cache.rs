@@ -17,9 +17,11 @@
 //!   its input. The modulated input is stored at every step.
 //!
 //! One [`StepCache`] holds one branch's state: true CFG keeps one for the conditional and one for
-//! the unconditional forward, as diffusers' `cache_context("cond")` / `("uncond")` do.
+//! the unconditional forward, as diffusers' `cache_context("cond")` / `("uncond")` do. The cache
+//! wraps the block loop ([`StepCache::around`]): it decides whether the loop runs, and runs it.
 
-use candle_core::{DType, Result, Tensor};
+use super::blocks::BlockLoop;
+use candle_core::{bail, DType, Result, Tensor};
 pub use skyreels_params::CacheSpec;
 
 /// TeaCache4HunyuanVideo's rescaling polynomial, highest power first.
@@ -60,7 +62,7 @@ enum State {
 }
 
 /// What the transformer does for the blocks after the first one.
-pub(crate) enum Plan {
+enum Plan {
     /// Run every block.
     Compute,
     /// Stand in for the stack with this image-token tensor.
@@ -98,8 +100,48 @@ impl StepCache {
         self.spec
     }
 
+    /// The block loop over image tokens `x` under this cache's plan: the first-block cache runs
+    /// the first double block, then the rest or its stored residual; TeaCache runs every block or
+    /// adds its stored residual; `none` runs every block.
+    pub(super) fn around(&mut self, blocks: &BlockLoop, x: Tensor) -> Result<Tensor> {
+        match self.spec {
+            CacheSpec::FirstBlock(_) => {
+                let Some((first, rest)) = blocks.doubles().split_first() else {
+                    bail!("the first-block cache needs a transformer with a double block")
+                };
+                let (head, c) = blocks.double(first, &x, &blocks.context()?)?;
+                match self.first_block(&x, &head)? {
+                    Plan::Reuse(x) => Ok(x),
+                    Plan::Compute => {
+                        let out = blocks.stack(rest, head.clone(), c)?;
+                        self.first_block_computed(&head, &out)?;
+                        Ok(out)
+                    }
+                }
+            }
+            CacheSpec::TeaCache(_) => {
+                let Some(first) = blocks.doubles().first() else {
+                    bail!("TeaCache needs a transformer with a double block")
+                };
+                let modulated = blocks.modulated_input(first, &x)?;
+                match self.teacache(&modulated, &x)? {
+                    Plan::Reuse(x) => Ok(x),
+                    Plan::Compute => {
+                        let out = blocks.run(x.clone())?;
+                        self.teacache_computed(&x, &out)?;
+                        Ok(out)
+                    }
+                }
+            }
+            CacheSpec::None => {
+                self.record(true);
+                blocks.run(x)
+            }
+        }
+    }
+
     /// First-block cache, after the first block ran: `input` and `output` its image tokens.
-    pub(crate) fn first_block(&mut self, input: &Tensor, output: &Tensor) -> Result<Plan> {
+    fn first_block(&mut self, input: &Tensor, output: &Tensor) -> Result<Plan> {
         let CacheSpec::FirstBlock(threshold) = self.spec else {
             candle_core::bail!("first_block on a {} cache", self.spec)
         };
@@ -128,11 +170,7 @@ impl StepCache {
 
     /// First-block cache, after a computed step: the first block's image output and the last
     /// single block's image output.
-    pub(crate) fn first_block_computed(
-        &mut self,
-        head_output: &Tensor,
-        tail_output: &Tensor,
-    ) -> Result<()> {
+    fn first_block_computed(&mut self, head_output: &Tensor, tail_output: &Tensor) -> Result<()> {
         if let State::FirstBlock { tail_residual, .. } = &mut self.state {
             *tail_residual = Some((tail_output - head_output)?);
         }
@@ -141,7 +179,7 @@ impl StepCache {
 
     /// TeaCache, before any block runs: `modulated` the first block's modulated normed image
     /// input, `input` the stack's image-token input.
-    pub(crate) fn teacache(&mut self, modulated: &Tensor, input: &Tensor) -> Result<Plan> {
+    fn teacache(&mut self, modulated: &Tensor, input: &Tensor) -> Result<Plan> {
         let CacheSpec::TeaCache(threshold) = self.spec else {
             candle_core::bail!("teacache on a {} cache", self.spec)
         };
@@ -180,7 +218,7 @@ impl StepCache {
     }
 
     /// TeaCache, after a computed step: the stack's image-token input and output.
-    pub(crate) fn teacache_computed(&mut self, input: &Tensor, output: &Tensor) -> Result<()> {
+    fn teacache_computed(&mut self, input: &Tensor, output: &Tensor) -> Result<()> {
         if let State::TeaCache { residual, .. } = &mut self.state {
             *residual = Some((output - input)?);
         }
@@ -188,7 +226,7 @@ impl StepCache {
     }
 
     /// Counts a forward (`computed`: its blocks ran).
-    pub(crate) fn record(&mut self, computed: bool) {
+    fn record(&mut self, computed: bool) {
         self.decisions.push(computed);
     }
 }

@@ -5,8 +5,8 @@
 //! progress, an outcome written once, uploads and tickets, retention, restart recovery; and for
 //! Redis the take-over of a dead worker's task.
 
-use crate::common::RedisServer;
-use skyreels_params::{CacheSpec, GenerationDefaults, GenerationParams};
+use crate::common::{text_params, RedisServer};
+use skyreels_params::GenerationDefaults;
 use skyreels_server::backend::memory::Memory;
 use skyreels_server::backend::redis::{ClusterConfig, Redis};
 use skyreels_server::engine::files::Paths;
@@ -79,7 +79,11 @@ impl Fixture {
         } else {
             Store::Memory
         };
-        let dir = tempfile::tempdir().unwrap();
+        Self::open(store, tempfile::tempdir().unwrap(), retention)
+    }
+
+    /// An engine on `store` over the folder `dir`.
+    fn open(store: Store, dir: tempfile::TempDir, retention: Option<Duration>) -> Self {
         let (engine, finished) = open(&store, dir.path(), retention);
         Fixture {
             engine,
@@ -101,14 +105,7 @@ impl Fixture {
             ..
         } = self;
         drop(engine);
-        let (engine, finished) = open(&store, dir.path(), retention);
-        Fixture {
-            engine,
-            finished,
-            dir,
-            store,
-            retention,
-        }
+        Self::open(store, dir, retention)
     }
 
     fn consumer(&self) -> Box<dyn Consumer> {
@@ -125,22 +122,8 @@ impl Fixture {
     /// A task admitted and queued (text to video, no image).
     async fn queued(&self) -> JobRecord {
         let r = self.admit().await;
-        let params = GenerationParams {
-            prompt: "a cat".into(),
-            negative_prompt: None,
-            height: 64,
-            width: 96,
-            num_frames: 9,
-            steps: 4,
-            guidance_scale: 6.0,
-            embedded_guidance_scale: 1.0,
-            seed: 1,
-            fps: 24.0,
-            cache: CacheSpec::None,
-            flow_shift: None,
-        };
         let queued = Queued {
-            params,
+            params: text_params(),
             image: None,
         };
         self.engine.enqueue(&r.id, MODEL, queued).await;
@@ -372,32 +355,23 @@ async fn a_restart_keeps_what_finished(f: Fixture) {
     }
 }
 
-/// The conformance tests, once per backend.
+/// The conformance tests, once per backend (a module each).
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
-        mod memory {
+        conformance!(@backend memory, false, $($name),*);
+        conformance!(@backend redis, true, $($name),*);
+    };
+    (@backend $module:ident, $redis:expr, $($name:ident),*) => {
+        mod $module {
             $(
                 #[tokio::test(flavor = "multi_thread")]
                 async fn $name() {
-                    super::$name(super::Fixture::new(false, None)).await;
+                    super::$name(super::Fixture::new($redis, None)).await;
                 }
             )*
             #[tokio::test(flavor = "multi_thread")]
             async fn finished_tasks_expire_after_the_retention() {
-                let f = super::Fixture::new(false, Some(super::Duration::from_millis(300)));
-                super::finished_tasks_expire_after_the_retention(f).await;
-            }
-        }
-        mod redis {
-            $(
-                #[tokio::test(flavor = "multi_thread")]
-                async fn $name() {
-                    super::$name(super::Fixture::new(true, None)).await;
-                }
-            )*
-            #[tokio::test(flavor = "multi_thread")]
-            async fn finished_tasks_expire_after_the_retention() {
-                let f = super::Fixture::new(true, Some(super::Duration::from_millis(300)));
+                let f = super::Fixture::new($redis, Some(super::Duration::from_millis(300)));
                 super::finished_tasks_expire_after_the_retention(f).await;
             }
         }

@@ -5,7 +5,7 @@ use crate::common::{body, start, start_with, Gate};
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use serde_json::json;
-use std::path::Path;
+use skyreels_test_support::copy_tree;
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -37,8 +37,9 @@ async fn restart_keeps_finished_tasks_and_fails_unfinished_ones() {
     first.server.as_ref().unwrap().state.jobs.flushed().await;
     h.server.as_ref().unwrap().state.jobs.flushed().await;
     let crash = tempfile::tempdir().unwrap();
-    copy_dir(first.dir.path(), crash.path());
-    copy_dir(h.dir.path(), crash.path());
+    // the two folders merged, the first one's webhook secret kept
+    copy_tree(first.dir.path(), crash.path());
+    copy_tree(h.dir.path(), crash.path());
     gate2.open();
     first.server.take().unwrap().drain().await;
     h.server.take().unwrap().drain().await;
@@ -62,19 +63,6 @@ async fn restart_keeps_finished_tasks_and_fails_unfinished_ones() {
             (Some("failed"), Some(5003)),
             "{d}"
         );
-    }
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        let p = e.path();
-        let t = to.join(e.file_name());
-        if p.is_dir() {
-            std::fs::create_dir_all(&t).unwrap();
-            copy_dir(&p, &t);
-        } else if p.file_name().unwrap() != "webhook_secret" || !t.exists() {
-            std::fs::copy(&p, &t).unwrap();
-        }
     }
 }
 

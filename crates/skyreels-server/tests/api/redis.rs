@@ -3,13 +3,12 @@
 
 use crate::common::{
     body, metrics_text, multipart_upload, png_bytes, png_data_uri, start_on_redis,
-    start_redis_with, Gate, RedisServer, KEY, MODEL,
+    start_redis_with, text_params, Gate, RedisServer, KEY, MODEL,
 };
 use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
 use base64::Engine;
 use serde_json::{json, Value};
-use skyreels_params::CacheSpec;
 use skyreels_server::backend::redis::OutputStore;
 use skyreels_server::engine::Queued;
 use std::time::Duration;
@@ -195,20 +194,7 @@ async fn redis_sweep_and_guards() {
     assert_eq!((r.status, pos), (Status::Created, Some(0)));
     // a retried enqueue queues once
     let request = Queued {
-        params: skyreels_params::GenerationParams {
-            prompt: "p".into(),
-            negative_prompt: None,
-            height: 64,
-            width: 96,
-            num_frames: 9,
-            steps: 4,
-            guidance_scale: 6.0,
-            embedded_guidance_scale: 1.0,
-            seed: 1,
-            fps: 24.0,
-            cache: CacheSpec::None,
-            flow_shift: None,
-        },
+        params: text_params(),
         image: None,
     };
     c.enqueue(&fresh.id, "other/model", request.clone()).await;

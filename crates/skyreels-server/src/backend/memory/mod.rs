@@ -6,17 +6,23 @@
 //! serialized under it, compactly, and written by the records thread in the order they
 //! changed); workers wait on a condition variable, HTTP handlers on per-task `watch` channels.
 
-use crate::engine::files::{folder_err, remove_files, write_private, FolderError, Paths};
+use crate::engine::files::{folder_err, FolderError, Paths};
 use crate::engine::task::{now_ms, JobRecord, Outcome, Status, TaskCode};
 use crate::engine::{
-    Backend, Blob, Consumer, Content, EngineError, Hook, Lease, ModelInfo, Overview, Queued,
-    Upload, UploadRefused, Verdict, MAX_OPEN_TICKETS, MAX_OPEN_TICKETS_PER_KEY, TICKET_TTL,
+    Backend, Blob, Consumer, Content, EngineError, Hook, ModelInfo, Overview, Queued, Upload,
+    UploadRefused, MAX_OPEN_TICKETS, MAX_OPEN_TICKETS_PER_KEY, TICKET_TTL,
+};
+use disk::{
+    json_files, move_aside, read_record, remove_upload_files, upload_files, write_records, Disk,
 };
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::{oneshot, watch};
+
+mod consumer;
+mod disk;
 
 struct Job {
     record: JobRecord,
@@ -45,17 +51,6 @@ struct Inner {
     tickets: HashMap<String, Ticket>,
     /// No longer admitting or starting tasks.
     closed: bool,
-}
-
-/// A write for the records thread, in the order of the changes.
-enum Disk {
-    Write {
-        path: PathBuf,
-        bytes: Vec<u8>,
-        done: Option<oneshot::Sender<()>>,
-    },
-    Remove(Vec<PathBuf>),
-    Flush(oneshot::Sender<()>),
 }
 
 struct Store {
@@ -489,100 +484,6 @@ impl Backend for Memory {
     }
 }
 
-/// The memory backend's worker side: every worker takes from the one FIFO queue.
-impl Consumer for Memory {
-    /// The first queued task whose input is ready, marked processing; waits up to a second
-    /// for one.
-    fn take(&mut self) -> Result<Option<Lease>, EngineError> {
-        let store = &self.0;
-        let mut inner = store.lock();
-        let deadline = std::time::Instant::now() + Duration::from_secs(1);
-        loop {
-            if inner.closed {
-                return Ok(None);
-            }
-            let ready = inner
-                .queue
-                .iter()
-                .position(|id| inner.jobs.get(id).is_some_and(|j| j.input.is_some()));
-            if let Some(i) = ready {
-                let id = inner.queue.remove(i).expect("index from position");
-                let job = inner.jobs.get_mut(&id).expect("queued jobs exist");
-                let queued = job.input.take().expect("checked above");
-                let steps = queued.params.steps;
-                store.commit(&mut inner, &id, |r| {
-                    let _ = r.transition(Status::Processing);
-                    r.total_steps = steps;
-                    r.attempts += 1;
-                });
-                let r = &inner.jobs[&id].record;
-                let (model, attempt, base64_output) =
-                    (r.model.clone(), r.attempts, r.base64_output);
-                drop(inner);
-                return Ok(Some(Lease {
-                    id,
-                    model,
-                    attempt,
-                    base64_output,
-                    input: queued.into_input(),
-                    handle: String::new(),
-                }));
-            }
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
-                return Ok(None);
-            }
-            inner = store
-                .work
-                .wait_timeout(inner, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-    }
-
-    fn progress(&mut self, lease: &Lease, step: usize, total: usize) -> Verdict {
-        let mut inner = self.0.lock();
-        let Some(job) = inner.jobs.get_mut(&lease.id) else {
-            return Verdict::Lost;
-        };
-        job.record.step = step;
-        job.record.total_steps = total;
-        if job.cancel_asked {
-            Verdict::CancelAsked
-        } else {
-            Verdict::GoOn
-        }
-    }
-
-    fn finish(
-        &mut self,
-        lease: &Lease,
-        outcome: &Outcome,
-        _video: &Path,
-    ) -> Result<bool, EngineError> {
-        let mut inner = self.0.lock();
-        if inner
-            .jobs
-            .get(&lease.id)
-            .is_none_or(|j| j.record.status != Status::Processing)
-        {
-            return Ok(false);
-        }
-        self.0
-            .commit(&mut inner, &lease.id, |r| r.end(outcome.clone()));
-        Ok(true)
-    }
-
-    /// Not shared: a task is never left to another worker; one given up fails (5003).
-    fn abandon(&mut self, lease: &Lease) {
-        let outcome = Outcome::Failed(
-            TaskCode::Unavailable,
-            "the worker stopped before this task finished; submit it again".into(),
-        );
-        let _ = self.finish(lease, &outcome, Path::new(""));
-    }
-}
-
 /// Drops the tickets (and their unfinished uploads) past their expiry.
 fn expire_tickets(inner: &mut Inner, now: u64) {
     let expired: Vec<String> = inner
@@ -612,70 +513,6 @@ fn insert(inner: &mut Inner, record: JobRecord) {
             watch,
         },
     );
-}
-
-fn upload_files(dir: &Path, id: &str) -> Vec<PathBuf> {
-    ["json", "bin", "part"]
-        .iter()
-        .map(|ext| dir.join("uploads").join(format!("{id}.{ext}")))
-        .collect()
-}
-
-fn remove_upload_files(dir: &Path, id: &str) {
-    remove_files(upload_files(dir, id));
-}
-
-/// The `*.json` files of a folder.
-fn json_files(p: &Path) -> Result<Vec<PathBuf>, FolderError> {
-    Ok(std::fs::read_dir(p)
-        .map_err(folder_err(p))?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "json"))
-        .collect())
-}
-
-fn read_record<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, String> {
-    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
-    serde_json::from_slice(&bytes).map_err(|e| e.to_string())
-}
-
-/// Moves a record that does not parse to `corrupt/`, so it is neither lost nor retried.
-fn move_aside(dir: &Path, path: &Path, why: &str) {
-    let corrupt = dir.join("corrupt");
-    let to = corrupt.join(path.file_name().unwrap_or_default());
-    let moved = std::fs::create_dir_all(&corrupt).and_then(|()| std::fs::rename(path, &to));
-    match moved {
-        Ok(()) => tracing::warn!(
-            "record {} does not parse ({why}); moved to {}",
-            path.display(),
-            to.display()
-        ),
-        Err(e) => tracing::warn!(
-            "record {} does not parse ({why}) and cannot be moved aside: {e}",
-            path.display()
-        ),
-    }
-}
-
-/// The records thread: writes and removes files in the order the changes happened.
-fn write_records(rx: std::sync::mpsc::Receiver<Disk>) {
-    for op in rx {
-        match op {
-            Disk::Write { path, bytes, done } => {
-                if let Err(e) = write_private(&path, &bytes) {
-                    tracing::error!("cannot write {}: {e}", path.display());
-                }
-                if let Some(done) = done {
-                    let _ = done.send(());
-                }
-            }
-            Disk::Remove(paths) => remove_files(paths),
-            Disk::Flush(done) => {
-                let _ = done.send(());
-            }
-        }
-    }
 }
 
 #[cfg(test)]

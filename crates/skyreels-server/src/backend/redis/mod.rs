@@ -151,29 +151,6 @@ impl Cluster {
         c.get(KEYS.secret()).await
     }
 
-    /// What is wrong with Redis' memory policy, if anything: any policy but `noeviction` lets
-    /// a full Redis silently drop task records, queue entries, uploads and outputs (with
-    /// `noeviction` it refuses writes instead, which clients see as a 503 saying Redis is full).
-    pub async fn memory_policy_problem(&self) -> Option<String> {
-        let got: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG")
-            .arg("GET")
-            .arg("maxmemory-policy")
-            .query_async(&mut self.conn())
-            .await;
-        match got.as_deref() {
-            Ok([_, policy]) if policy == "noeviction" => None,
-            Ok([_, policy]) => Some(format!(
-                "redis' maxmemory-policy is {policy}: when it fills up it evicts keys, and tasks, \
-                 queue entries or outputs vanish; set maxmemory-policy noeviction (docs/scale-out.md)"
-            )),
-            Ok(_) | Err(_) => Some(
-                "cannot read redis' maxmemory-policy (CONFIG GET refused?): make sure it is \
-                 noeviction (docs/scale-out.md)"
-                    .into(),
-            ),
-        }
-    }
-
     /// Every model a worker ever announced.
     async fn known_models(&self) -> Result<Vec<ModelInfo>, EngineError> {
         let all: HashMap<String, String> = self.conn().hgetall(KEYS.models()).await?;
@@ -499,6 +476,9 @@ impl Backend for Redis {
         Ok(self.0.sync_secret(mine, force).await?)
     }
 
+    /// What is wrong with Redis' memory policy, if anything: any policy but `noeviction` lets
+    /// a full Redis silently drop task records, queue entries, uploads and outputs (with
+    /// `noeviction` it refuses writes instead, which clients see as a 503 saying Redis is full).
     async fn setup_problem(&self) -> Option<String> {
         let got: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG")
             .arg("GET")

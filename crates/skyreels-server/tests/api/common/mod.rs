@@ -211,6 +211,24 @@ impl Harness {
     }
 }
 
+/// The parameters of a small text-to-video task (96x64, 9 frames, 4 steps).
+pub(crate) fn text_params() -> skyreels_params::GenerationParams {
+    skyreels_params::GenerationParams {
+        prompt: "a cat".into(),
+        negative_prompt: None,
+        height: 64,
+        width: 96,
+        num_frames: 9,
+        steps: 4,
+        guidance_scale: 6.0,
+        embedded_guidance_scale: 1.0,
+        seed: 1,
+        fps: 24.0,
+        cache: skyreels_params::CacheSpec::None,
+        flow_shift: None,
+    }
+}
+
 pub(crate) fn body(prompt: &str) -> Value {
     json!({"prompt": prompt, "image": png_data_uri(40, 30), "seed": 7})
 }

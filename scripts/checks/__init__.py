@@ -1,0 +1,1 @@
+"""Checks: the module graph (scripts/test.sh), load and abuse checks of a live server."""

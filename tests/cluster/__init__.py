@@ -1,0 +1,1 @@
+"""The live Redis scale-out test (scripts/test_cluster.sh)."""
