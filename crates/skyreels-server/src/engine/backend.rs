@@ -38,7 +38,7 @@ pub trait Backend: Send + Sync {
     async fn admit(&self, record: &JobRecord, max_queue: usize) -> Result<bool, EngineError>;
 
     /// Hands a created task's input to the queue (nothing when it no longer waits).
-    async fn enqueue(&self, id: &str, model: &str, input: Queued) -> Result<(), EngineError>;
+    async fn enqueue(&self, id: &str, model: &str, input: &Queued) -> Result<(), EngineError>;
 
     /// A task's record and, while it waits, its queue position.
     async fn get(&self, id: &str) -> Result<Option<(JobRecord, Option<usize>)>, EngineError>;

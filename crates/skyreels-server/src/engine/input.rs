@@ -85,16 +85,16 @@ impl Queued {
         })
     }
 
-    /// The image as bytes to keep: the encoded ones, or fitted pixels as a PNG.
-    pub fn image_bytes(&self) -> Vec<u8> {
+    /// The image as bytes to keep: the encoded ones (borrowed), or fitted pixels as a PNG.
+    pub fn image_bytes(&self) -> std::borrow::Cow<'_, [u8]> {
         match &self.image {
-            None => vec![],
-            Some(QueuedImage::Encoded(b)) => b.clone(),
+            None => std::borrow::Cow::Borrowed(&[]),
+            Some(QueuedImage::Encoded(b)) => std::borrow::Cow::Borrowed(b),
             Some(QueuedImage::Fitted(i)) => {
                 let mut png = vec![];
                 i.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
                     .expect("an RGB image encodes as PNG in memory");
-                png
+                std::borrow::Cow::Owned(png)
             }
         }
     }

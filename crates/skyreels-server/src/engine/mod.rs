@@ -216,7 +216,7 @@ impl Engine {
     pub async fn enqueue(&self, id: &str, model: &str, input: Queued) {
         let mut backoff = Backoff::default();
         for _ in 0..40 {
-            match self.backend.enqueue(id, model, input.clone()).await {
+            match self.backend.enqueue(id, model, &input).await {
                 Ok(()) => return,
                 Err(e) => {
                     tracing::warn!(%id, "cannot queue the task yet: {e}");
@@ -536,7 +536,7 @@ mod tests {
         };
         let again = Queued {
             params: params(),
-            image: Some(QueuedImage::Encoded(kept.image_bytes())),
+            image: Some(QueuedImage::Encoded(kept.image_bytes().into_owned())),
         };
         assert_eq!(again.into_input().unwrap().image.unwrap(), fitted);
         assert_eq!(encoded.image_bytes(), png);

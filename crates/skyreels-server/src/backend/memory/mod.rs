@@ -297,14 +297,14 @@ impl Backend for Memory {
         Ok(true)
     }
 
-    async fn enqueue(&self, id: &str, _model: &str, input: Queued) -> Result<(), EngineError> {
+    async fn enqueue(&self, id: &str, _model: &str, input: &Queued) -> Result<(), EngineError> {
         let mut inner = self.0.lock();
         if let Some(job) = inner
             .jobs
             .get_mut(id)
             .filter(|j| j.record.status == Status::Created)
         {
-            job.input = Some(input);
+            job.input = Some(input.clone());
             drop(inner);
             self.0.work.notify_all();
         }

@@ -235,7 +235,7 @@ impl Backend for Redis {
         Ok(admitted == 1)
     }
 
-    async fn enqueue(&self, id: &str, model: &str, input: Queued) -> Result<(), EngineError> {
+    async fn enqueue(&self, id: &str, model: &str, input: &Queued) -> Result<(), EngineError> {
         let json = serde_json::to_vec(&input.params).expect("parameters serialize");
         let _: i64 = scripts::ENQUEUE
             .key(KEYS.task(id))
@@ -243,7 +243,7 @@ impl Backend for Redis {
             .key(KEYS.queue(model))
             .arg(id)
             .arg(&json)
-            .arg(input.image_bytes())
+            .arg(&*input.image_bytes())
             .arg(self.0.queue_backstop_ms())
             .invoke_async(&mut self.0.conn())
             .await?;
