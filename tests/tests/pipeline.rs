@@ -85,6 +85,8 @@ fn params(io: &HashMap<String, Tensor>, req: &Value) -> Request {
             .map_or(CacheSpec::None, |c| c.parse().unwrap()),
         // the flow-shift fixture names its scheduler's shift
         flow_shift: req["flow_shift"].as_f64(),
+        loras: Vec::new(),
+        riflex_freq_index: 0,
     };
     Request {
         p,

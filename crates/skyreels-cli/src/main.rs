@@ -478,6 +478,8 @@ fn generate(args: GenerateArgs) -> Result<()> {
         fps: args.fps,
         cache: args.cache,
         flow_shift: args.flow_shift,
+        loras: Vec::new(),
+        riflex_freq_index: 0,
     };
     check_limits(&p, &args.output)?;
     eprintln!(

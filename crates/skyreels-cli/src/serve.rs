@@ -243,6 +243,7 @@ impl Generator for PipelineGenerator {
                 .max_pixel_frames()
                 .unwrap_or(skyreels_params::FALLBACK_MAX_PIXEL_FRAMES),
             ulysses: self.pipeline.ulysses(),
+            temporal_rope_frequencies: self.pipeline.temporal_rope_frequencies(),
         }]
     }
 

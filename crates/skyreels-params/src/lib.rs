@@ -11,7 +11,7 @@ use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
 mod request;
-pub use request::{GenerationParams, Limits, Refusal};
+pub use request::{GenerationParams, Limits, LoraSpec, Refusal};
 
 /// SkyReels' default negative prompt (its README and `video_generate.py`).
 pub const DEFAULT_NEGATIVE_PROMPT: &str = "Aerial view, aerial view, overexposed, low quality, deformation, a poor composition, bad hands, bad teeth, bad eyes, bad limbs, distortion";
@@ -116,6 +116,17 @@ pub const FLOW_SHIFT: FloatRange = FloatRange::above(0.0, 20.0);
 /// [`frames_for_duration`]; no frame rate (at least 1) fits more than [`FRAMES`]`.max` frames
 /// into a longer one.
 pub const DURATION: FloatRange = FloatRange::above(0.0, FRAMES.max as f64);
+
+/// A LoRA's weight (`scale`): diffusers' `set_adapters` weight, as WaveSpeed bounds it.
+pub const LORA_SCALE: FloatRange = FloatRange::inclusive(-4.0, 4.0);
+/// Most LoRAs per request unless the server says otherwise (`--max-loras`; WaveSpeed's 3).
+pub const MAX_LORAS: usize = 3;
+/// Longest LoRA path, name or URL accepted, in bytes.
+pub const MAX_LORA_PATH_BYTES: usize = 2048;
+/// HunyuanVideo's temporal RoPE frequencies (`rope_axes_dim[0] = 16`, 8 pairs).
+pub const HUNYUAN_TEMPORAL_ROPE_FREQUENCIES: usize = 8;
+/// RIFLEx's intrinsic-frequency index for HunyuanVideo (RIFLEx's `identify_k(b=256, d=16, N=48)`).
+pub const RIFLEX_HUNYUAN_K: usize = 4;
 
 /// Size and step defaults of a model: SkyReels' own, or a model folder's `skyreels_defaults.json`
 /// (the tiny bundled weights use small ones).

@@ -3,7 +3,8 @@
 
 use crate::{
     check_encodable, check_frames, check_pixel_frames, check_side, work_millions, CacheSpec,
-    Ulysses, EMBEDDED_GUIDANCE, FLOW_SHIFT, FPS_RANGE, GUIDANCE, MAX_PROMPT_BYTES, SEED, STEPS,
+    Ulysses, EMBEDDED_GUIDANCE, FLOW_SHIFT, FPS_RANGE, GUIDANCE, LORA_SCALE, MAX_LORA_PATH_BYTES,
+    MAX_PROMPT_BYTES, SEED, STEPS,
 };
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -31,6 +32,74 @@ pub struct GenerationParams {
     /// `scheduler_config.json`.
     #[serde(default)]
     pub flow_shift: Option<f64>,
+    /// LoRA adapters applied at forward time, in order (WaveSpeed's `loras`); empty: none.
+    #[serde(default)]
+    pub loras: Vec<LoraSpec>,
+    /// RIFLEx (thu-ml/RIFLEx): the 1-based index of the temporal RoPE frequency lowered to
+    /// `0.9 · 2π / latent frames`; 0: off.
+    #[serde(default)]
+    pub riflex_freq_index: usize,
+}
+
+/// One LoRA of a request: where its file is (a name, a URL, a hub `REPO_ID/FILE.safetensors` or,
+/// for the CLI, a local path; the server or the CLI resolves it) and its weight.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraSpec {
+    pub path: String,
+    /// Multiplies the adapter's `alpha / rank` (diffusers' `set_adapters` weight); 1 by default.
+    #[serde(default = "unit_scale")]
+    pub scale: f64,
+}
+
+fn unit_scale() -> f64 {
+    1.0
+}
+
+impl std::fmt::Display for LoraSpec {
+    /// `PATH:SCALE`, the CLI's `--lora` form.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.path, self.scale)
+    }
+}
+
+impl std::str::FromStr for LoraSpec {
+    type Err = String;
+
+    /// `PATH` or `PATH:SCALE` (the last `:` followed by a number; a Windows drive letter or a
+    /// URL's scheme is not one), SCALE 1.0 by default.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (path, scale) = match s.rsplit_once(':') {
+            Some((path, scale)) => match scale.parse::<f64>() {
+                Ok(scale) => (path, scale),
+                Err(_) => (s, 1.0),
+            },
+            None => (s, 1.0),
+        };
+        let spec = LoraSpec {
+            path: path.to_string(),
+            scale,
+        };
+        spec.check().map_err(|rule| format!("{s:?}: {rule}"))?;
+        Ok(spec)
+    }
+}
+
+impl LoraSpec {
+    /// The syntax rules of one LoRA (its path is resolved later): a non-empty path of at most
+    /// [`MAX_LORA_PATH_BYTES`], a scale within [`LORA_SCALE`].
+    pub fn check(&self) -> Result<(), String> {
+        if self.path.trim().is_empty() {
+            return Err("path must be a non-empty string".into());
+        }
+        if self.path.len() > MAX_LORA_PATH_BYTES {
+            return Err(format!("path must be at most {MAX_LORA_PATH_BYTES} bytes"));
+        }
+        if !LORA_SCALE.contains(self.scale) {
+            return Err(format!("scale {}", LORA_SCALE.rule()));
+        }
+        Ok(())
+    }
 }
 
 /// What a server or worker allows (the model's and its own limits).
@@ -44,6 +113,11 @@ pub struct Limits {
     pub ulysses: Option<Ulysses>,
     /// Largest task in millions of width x height x frames x steps (`--max-work`).
     pub max_work: f64,
+    /// Most LoRAs in one request (`--max-loras`; 0: LoRAs refused).
+    pub max_loras: usize,
+    /// Frequencies of the model's temporal RoPE axis (its `rope_axes_dim[0] / 2`): the largest
+    /// `riflex_freq_index`.
+    pub temporal_rope_frequencies: usize,
 }
 
 /// A refused value: the field and the rule it breaks.
@@ -137,6 +211,29 @@ impl GenerationParams {
         if let Some(u) = &limits.ulysses {
             u.check(h, w, num_frames, self.cache).map_err(pair)?;
         }
+        if self.loras.len() > limits.max_loras {
+            return Err(Refusal::new(
+                "loras",
+                match limits.max_loras {
+                    0 => "are not accepted by this server (--max-loras 0)".to_string(),
+                    n => format!("must be at most {n} (this server's --max-loras)"),
+                },
+            ));
+        }
+        for (i, lora) in self.loras.iter().enumerate() {
+            lora.check()
+                .map_err(|rule| Refusal::new("loras", format!("[{i}]: {rule}")))?;
+        }
+        let k = self.riflex_freq_index;
+        if k > limits.temporal_rope_frequencies {
+            return Err(Refusal::new(
+                "riflex_freq_index",
+                format!(
+                    "must be from 0 (off) to {} (this model's temporal RoPE frequencies), got {k}",
+                    limits.temporal_rope_frequencies
+                ),
+            ));
+        }
         Ok(())
     }
 }
@@ -176,6 +273,8 @@ mod tests {
             fps: 24.0,
             cache: CacheSpec::None,
             flow_shift: None,
+            loras: Vec::new(),
+            riflex_freq_index: 0,
         }
     }
 
@@ -185,6 +284,15 @@ mod tests {
             max_pixel_frames: FALLBACK_MAX_PIXEL_FRAMES,
             ulysses: None,
             max_work: 2000.0,
+            max_loras: crate::MAX_LORAS,
+            temporal_rope_frequencies: crate::HUNYUAN_TEMPORAL_ROPE_FREQUENCIES,
+        }
+    }
+
+    fn lora(path: &str, scale: f64) -> LoraSpec {
+        LoraSpec {
+            path: path.into(),
+            scale,
         }
     }
 
@@ -196,6 +304,8 @@ mod tests {
             cache: CacheSpec::TeaCache(0.1),
             flow_shift: Some(7.0),
             seed: SEED.max as u64,
+            loras: vec![lora("a.safetensors", -4.0), lora("b", 4.0), lora("c", 0.0)],
+            riflex_freq_index: crate::RIFLEX_HUNYUAN_K,
             ..valid()
         };
         assert_eq!(with_all.check(&limits()), Ok(()));
@@ -281,6 +391,44 @@ mod tests {
                 "num_frames",
                 "15 video tokens",
             ),
+            (
+                |p, _| p.loras = vec![lora("a", 1.0); 4],
+                "loras",
+                "at most 3 (this server's --max-loras)",
+            ),
+            (
+                |p, l| {
+                    p.loras = vec![lora("a", 1.0)];
+                    l.max_loras = 0;
+                },
+                "loras",
+                "not accepted",
+            ),
+            (
+                |p, _| p.loras = vec![lora("a", 1.0), lora(" ", 1.0)],
+                "loras",
+                "[1]: path must be a non-empty string",
+            ),
+            (
+                |p, _| p.loras = vec![lora("a", 4.5)],
+                "loras",
+                "[0]: scale must be a number from -4 to 4",
+            ),
+            (
+                |p, _| p.loras = vec![lora("a", f64::NAN)],
+                "loras",
+                "[0]: scale must be a number from -4 to 4",
+            ),
+            (
+                |p, _| p.loras = vec![lora(&"x".repeat(crate::MAX_LORA_PATH_BYTES + 1), 1.0)],
+                "loras",
+                "[0]: path must be at most 2048 bytes",
+            ),
+            (
+                |p, _| p.riflex_freq_index = 9,
+                "riflex_freq_index",
+                "from 0 (off) to 8 (this model's temporal RoPE frequencies), got 9",
+            ),
         ];
         for (edit, field, rule) in cases {
             let (mut p, mut l) = (valid(), limits());
@@ -319,7 +467,10 @@ mod tests {
         }
         let mut json = serde_json::to_value(valid()).unwrap();
         assert_eq!(json["cache"], "none");
-        json.as_object_mut().unwrap().remove("flow_shift");
+        // records written before these fields existed read as no LoRA, RIFLEx off
+        for older in ["flow_shift", "loras", "riflex_freq_index"] {
+            json.as_object_mut().unwrap().remove(older);
+        }
         let back: GenerationParams = serde_json::from_value(json.clone()).unwrap();
         assert_eq!(back.flow_shift, None);
         assert_eq!(back, valid());
@@ -327,5 +478,43 @@ mod tests {
         json["cache"] = "teacache:0".into();
         let e = serde_json::from_value::<GenerationParams>(json).unwrap_err();
         assert!(e.to_string().contains("first-block:THRESHOLD"), "{e}");
+        // a LoRA's scale defaults to 1; unknown keys are refused
+        let l: LoraSpec = serde_json::from_value(serde_json::json!({"path": "a"})).unwrap();
+        assert_eq!(l, lora("a", 1.0));
+        assert!(
+            serde_json::from_value::<LoraSpec>(serde_json::json!({"path": "a", "weight": 1}))
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn lora_specs_parse_from_the_cli_form() {
+        for (text, path, scale) in [
+            ("style.safetensors", "style.safetensors", 1.0),
+            ("style.safetensors:0.7", "style.safetensors", 0.7),
+            ("dir/style.safetensors:-0.3", "dir/style.safetensors", -0.3),
+            ("https://h/x.safetensors", "https://h/x.safetensors", 1.0),
+            ("https://h/x.safetensors:2", "https://h/x.safetensors", 2.0),
+            (r"C:\loras\a.safetensors", r"C:\loras\a.safetensors", 1.0),
+            (
+                "owner/repo/file.safetensors:1.5",
+                "owner/repo/file.safetensors",
+                1.5,
+            ),
+        ] {
+            let l: LoraSpec = text.parse().unwrap();
+            assert_eq!(l, lora(path, scale), "{text}");
+            if text.contains(':') && scale != 1.0 {
+                assert_eq!(l.to_string(), text);
+            }
+        }
+        for (bad, says) in [
+            ("a:5", "scale must be a number from -4 to 4"),
+            (":0.5", "path must be a non-empty string"),
+            ("", "path must be a non-empty string"),
+        ] {
+            let e = bad.parse::<LoraSpec>().unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
     }
 }

@@ -25,6 +25,13 @@ pub struct ModelInfo {
     /// fit; `None`: one device per branch.
     #[serde(default)]
     pub ulysses: Option<skyreels_params::Ulysses>,
+    /// Frequencies of the transformer's temporal RoPE axis: the largest `riflex_freq_index`.
+    #[serde(default = "hunyuan_temporal_rope_frequencies")]
+    pub temporal_rope_frequencies: usize,
+}
+
+fn hunyuan_temporal_rope_frequencies() -> usize {
+    skyreels_params::HUNYUAN_TEMPORAL_ROPE_FREQUENCIES
 }
 
 fn fallback_max_pixel_frames() -> u64 {
@@ -40,6 +47,8 @@ impl ModelInfo {
             max_pixel_frames: self.max_pixel_frames,
             ulysses: self.ulysses,
             max_work,
+            max_loras: skyreels_params::MAX_LORAS,
+            temporal_rope_frequencies: self.temporal_rope_frequencies,
         }
     }
 }

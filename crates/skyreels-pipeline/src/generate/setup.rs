@@ -211,6 +211,12 @@ impl Pipeline {
             .get(|| load_vae(&self.paths.pipeline, self.vae_dtype, &self.device))
     }
 
+    /// Frequencies of the transformer's temporal RoPE axis (`rope_axes_dim[0] / 2`): the
+    /// largest RIFLEx index a request may name.
+    pub fn temporal_rope_frequencies(&self) -> usize {
+        self.transformer_config.rope_axes_dim[0] / 2
+    }
+
     /// Whether the transformer takes an image (I2V: latents and image latents on channels).
     pub fn is_image_to_video(&self) -> bool {
         self.transformer_config.in_channels == 2 * self.vae_config.latent_channels

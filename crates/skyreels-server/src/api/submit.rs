@@ -99,6 +99,8 @@ fn check(
         fps,
         cache: r.cache.map_or(config.cache, |c| c.0),
         flow_shift: r.flow_shift.map(|f| f.0),
+        loras: Vec::new(),
+        riflex_freq_index: 0,
     };
     params
         .check(&model.limits(config.max_work))

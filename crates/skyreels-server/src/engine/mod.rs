@@ -513,6 +513,8 @@ mod tests {
             fps: 24.0,
             cache: skyreels_params::CacheSpec::None,
             flow_shift: None,
+            loras: Vec::new(),
+            riflex_freq_index: 0,
         }
     }
 

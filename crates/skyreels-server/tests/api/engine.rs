@@ -47,6 +47,7 @@ fn model() -> ModelInfo {
         size_multiple: 16,
         max_pixel_frames: u64::MAX,
         ulysses: None,
+        temporal_rope_frequencies: skyreels_params::HUNYUAN_TEMPORAL_ROPE_FREQUENCIES,
     }
 }
 

@@ -60,6 +60,7 @@ impl Generator for Fake {
             // SkyReels' default clip, 960x544x97
             max_pixel_frames: 50_657_280,
             ulysses: self.ulysses,
+            temporal_rope_frequencies: skyreels_params::HUNYUAN_TEMPORAL_ROPE_FREQUENCIES,
         }]
     }
 

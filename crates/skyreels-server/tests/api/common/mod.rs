@@ -226,6 +226,8 @@ pub(crate) fn text_params() -> skyreels_params::GenerationParams {
         fps: 24.0,
         cache: skyreels_params::CacheSpec::None,
         flow_shift: None,
+        loras: Vec::new(),
+        riflex_freq_index: 0,
     }
 }
 
