@@ -86,7 +86,8 @@ fn params(io: &HashMap<String, Tensor>, req: &Value) -> Request {
         // the flow-shift fixture names its scheduler's shift
         flow_shift: req["flow_shift"].as_f64(),
         loras: Vec::new(),
-        riflex_freq_index: 0,
+        // the RIFLEx fixtures name their index
+        riflex_freq_index: req["riflex_freq_index"].as_u64().unwrap_or(0) as usize,
     };
     Request {
         p,
@@ -359,6 +360,37 @@ fn a_request_flow_shift_matches_diffusers_with_that_shift() {
         err > 100.0 * FRAME_TOL,
         "unshifted frames off by only {err:e}"
     );
+}
+
+/// RIFLEx (`riflex_freq_index` / `--riflex-freq-index K`) against diffusers' I2V pipeline whose
+/// rope module is RIFLEx's own (`scripts/common/riflex_reference.py`, thu-ml/RIFLEx's function
+/// for the temporal axis) on a tiny transformer with 4 temporal frequencies: K = 4 and K = 2,
+/// the same end-to-end bound; without RIFLEx, or with the other K, the frames are far off; an
+/// index above the transformer's frequencies is refused before any work.
+#[test]
+fn riflex_matches_its_reference_for_two_indices() {
+    let pipe = pipeline(Some(&fixture("pipeline/riflex_transformer")));
+    assert_eq!(pipe.temporal_rope_frequencies(), 4);
+    for (name, k, other) in [("riflex_k4", 4, 2), ("riflex_k2", 2, 4)] {
+        let (io, req) = case(name);
+        let r = params(&io, &req);
+        assert_eq!(r.p.riflex_freq_index, k);
+        check(name, &pipe);
+        for wrong in [0, other] {
+            let video = r.with(|p| p.riflex_freq_index = wrong).run(&pipe);
+            let err = max_abs(&video.frames, &io["frames"]);
+            assert!(
+                err > 100.0 * FRAME_TOL,
+                "{name} with index {wrong}: off by only {err:e}"
+            );
+        }
+    }
+    let (io, req) = case("riflex_k4");
+    let e = params(&io, &req)
+        .with(|p| p.riflex_freq_index = 5)
+        .generate(&pipe, &mut |_, _| true)
+        .unwrap_err();
+    assert!(e.to_string().contains("from 0 (off) to 4"), "{e}");
 }
 
 #[test]

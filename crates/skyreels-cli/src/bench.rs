@@ -453,6 +453,7 @@ pub(crate) fn bench(args: BenchArgs) -> Result<()> {
             encoder_attention_mask: &pos.mask,
             pooled_projections: &pos.pooled,
             guidance: Some(&guidance),
+            riflex_freq_index: 0,
         };
         if wants(Part::Transformer) {
             forward_s = Some(time_stage(

@@ -267,6 +267,12 @@ struct GenerateArgs {
     /// steps at high noise) [default: the model's scheduler_config.json; SkyReels: 7].
     #[arg(long, value_name = "S")]
     flow_shift: Option<f64>,
+    /// RIFLEx for clips longer than the model was trained on (129 frames for HunyuanVideo): the
+    /// K-th temporal RoPE frequency (1-based) is lowered to 0.9·2π / latent frames so the motion
+    /// does not loop back. 0: off. HunyuanVideo's intrinsic frequency is K = 4 (RIFLEx's
+    /// identify_k for theta 256 and 16 temporal dims); see docs/long-clips.md.
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    riflex_freq_index: usize,
     /// A safetensors file whose tensor `latents` [1, C, T, H/8, W/8] (f32) replaces the seeded
     /// initial noise.
     #[arg(long)]
@@ -479,7 +485,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         cache: args.cache,
         flow_shift: args.flow_shift,
         loras: Vec::new(),
-        riflex_freq_index: 0,
+        riflex_freq_index: args.riflex_freq_index,
     };
     check_limits(&p, &args.output)?;
     eprintln!(

@@ -63,6 +63,8 @@ pub(crate) struct Step<'a> {
     pub x: &'a Tensor,
     pub timestep: &'a Tensor,
     pub guidance: Option<&'a Tensor>,
+    /// RIFLEx's temporal frequency index (0: off).
+    pub riflex_freq_index: usize,
 }
 
 /// One branch's velocity on its ranks (`(device, transformer)`, rank 0 first): a plain cached
@@ -81,6 +83,7 @@ fn branch(
         encoder_attention_mask: &e.mask,
         pooled_projections: &e.pooled,
         guidance: step.guidance,
+        riflex_freq_index: step.riflex_freq_index,
     };
     match ranks {
         [(device, model)] if step.x.device().same_device(device) => {

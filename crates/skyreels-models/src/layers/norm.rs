@@ -191,7 +191,7 @@ mod tests {
         };
         // 2 samples, 7 tokens of which the first 6 (a 1x2x3 grid) are rotated, 3 heads of 8
         let x = Tensor::randn(0f32, 1., (2, 7, 3, 8), &dev).unwrap();
-        let (cos, sin) = rope_tables((1, 2, 3), &[2, 2, 4], 256.0, &dev).unwrap();
+        let (cos, sin) = rope_tables((1, 2, 3), &[2, 2, 4], 256.0, 0, &dev).unwrap();
         let fused = norm.forward_rope(&x, &cos, &sin).unwrap();
         // the generic path (f64 input) rotates in f32 and casts back
         let x64 = x.to_dtype(DType::F64).unwrap();

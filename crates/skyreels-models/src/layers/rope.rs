@@ -11,10 +11,17 @@ use candle_core::{bail, DType, Device, Result, Tensor};
 /// Per axis i of dimension d_i: freq_k = 1 / theta^(2k/d_i), angle = pos · freq_k. The reference
 /// (`get_1d_rotary_pos_embed(use_real=True)` with its default `freqs_dtype=float32`) evaluates
 /// every step in float32, in this order; so does this.
+///
+/// `riflex` > 0 is RIFLEx (thu-ml/RIFLEx, `get_1d_rotary_pos_embed_riflex`, used for the temporal
+/// axis only): the `riflex`-th temporal frequency (1-based) becomes `0.9 · 2π / t`, `t` the
+/// grid's frames (the latent frames with HunyuanVideo's `patch_size_t` 1: the reference's
+/// `L_test`), so that the clip stays within 90% of that component's period.
+/// <https://github.com/thu-ml/RIFLEx/blob/18e0bc34d5a68cae5753a6e33e35313bec89c1db/riflex_utils.py#L5-L56>
 pub fn rope_tables(
     grid: (usize, usize, usize),
     axes_dim: &[usize],
     theta: f64,
+    riflex: usize,
     device: &Device,
 ) -> Result<(Tensor, Tensor)> {
     if axes_dim.len() != 3 || axes_dim.iter().any(|d| d % 2 != 0) {
@@ -24,7 +31,7 @@ pub fn rope_tables(
     let n = t * h * w;
     let half: usize = axes_dim.iter().sum::<usize>() / 2;
     let theta = theta as f32;
-    let freqs: Vec<Vec<f32>> = axes_dim
+    let mut freqs: Vec<Vec<f32>> = axes_dim
         .iter()
         .map(|&d| {
             (0..d / 2)
@@ -32,6 +39,16 @@ pub fn rope_tables(
                 .collect()
         })
         .collect();
+    if riflex > 0 {
+        let Some(f) = freqs[0].get_mut(riflex - 1) else {
+            bail!(
+                "rope: RIFLEx index {riflex} is above the {} temporal frequencies",
+                axes_dim[0] / 2
+            )
+        };
+        // the reference's Python float, stored into its float32 table
+        *f = (0.9 * 2.0 * std::f64::consts::PI / t as f64) as f32;
+    }
     let mut cos = Vec::with_capacity(n * half);
     let mut sin = Vec::with_capacity(n * half);
     for ti in 0..t {
@@ -88,7 +105,7 @@ mod tests {
         //   cos, sin = rope(torch.zeros(1, 1, 2, 3, 2))  # each [12, 10], pairs repeat-interleaved
         // Token 11 = (t=1, h=2, w=1). Per axis pair k: angle = pos / 256^(2k/d):
         //   t: 1.0 ; h: 2.0, 2/16 = 0.125 ; w: 1.0, 1/16 = 0.0625
-        let (cos, sin) = rope_tables((2, 3, 2), &[2, 4, 4], 256.0, &Device::Cpu).unwrap();
+        let (cos, sin) = rope_tables((2, 3, 2), &[2, 4, 4], 256.0, 0, &Device::Cpu).unwrap();
         assert_eq!(cos.dims(), &[12, 5]);
         let c = cos.to_vec2::<f32>().unwrap();
         let s = sin.to_vec2::<f32>().unwrap();
@@ -114,6 +131,43 @@ mod tests {
         // t slowest, w fastest: token 1 = (0, 0, 1) rotates only the w axis.
         assert_eq!(&c[1][..3], &[1.0, 1.0, 1.0]);
         assert!((c[1][3] - 1f32.cos()).abs() < 1e-7);
+    }
+
+    #[test]
+    fn riflex_lowers_one_temporal_frequency_only() {
+        // HunyuanVideo's axes (16, 56, 56), theta 256, 66 latent frames (RIFLEx's README run:
+        // 261 frames), K = 4: the 4th temporal frequency becomes 0.9·2π/66; the others, and the
+        // spatial axes, keep theirs. Token (t, 0, 0) sits at column j of the temporal axis.
+        let axes = [16, 56, 56];
+        let grid = (66, 1, 2);
+        let (c0, s0) = rope_tables(grid, &axes, 256.0, 0, &Device::Cpu).unwrap();
+        let (c4, s4) = rope_tables(grid, &axes, 256.0, 4, &Device::Cpu).unwrap();
+        let (c0, c4) = (c0.to_vec2::<f32>().unwrap(), c4.to_vec2::<f32>().unwrap());
+        let (s0, s4) = (s0.to_vec2::<f32>().unwrap(), s4.to_vec2::<f32>().unwrap());
+        let f = (0.9 * 2.0 * std::f64::consts::PI / 66.0) as f32;
+        for t in 0..66 {
+            let row = 2 * t; // w = 0
+            for j in 0..64 {
+                if j == 3 {
+                    let a = t as f32 * f;
+                    assert_eq!((c4[row][j], s4[row][j]), (a.cos(), a.sin()), "t {t}");
+                } else {
+                    assert_eq!(
+                        (c4[row][j], s4[row][j]),
+                        (c0[row][j], s0[row][j]),
+                        "{t} {j}"
+                    );
+                }
+            }
+        }
+        // the last frame stays below one period of the lowered component (0.9 of it)
+        assert!(65.0 * f < 0.9 * 2.0 * std::f32::consts::PI);
+        // an index past the axis is an error, not a silent no-op
+        let e = rope_tables(grid, &axes, 256.0, 9, &Device::Cpu).unwrap_err();
+        assert!(
+            e.to_string().contains("above the 8 temporal frequencies"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -126,7 +126,7 @@ impl HunyuanVideoTransformer3DModel {
     /// tokens, `time_text_embed` makes the conditioning vector.
     pub(super) fn embed(&self, inp: &TransformerInputs, shapes: &Shapes) -> Result<Embedded> {
         let dt = self.dtype;
-        let rope = self.rope(shapes.grid)?;
+        let rope = self.rope(shapes.grid, inp.riflex_freq_index)?;
         let temb = self.time_text_embed.forward(
             inp.timestep,
             &inp.pooled_projections.to_dtype(dt)?,
@@ -138,16 +138,27 @@ impl HunyuanVideoTransformer3DModel {
         Ok(Embedded { x, temb, rope })
     }
 
-    /// RoPE tables for a token grid, cached for the last grid seen.
-    fn rope(&self, grid: (usize, usize, usize)) -> Result<(Tensor, Tensor)> {
+    /// RoPE tables for a token grid (with RIFLEx index `riflex`, 0: off), cached for the last
+    /// grid seen.
+    fn rope(&self, grid: (usize, usize, usize), riflex: usize) -> Result<(Tensor, Tensor)> {
         let mut cache = self.rope_cache.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(t) = cache.as_ref().filter(|t| t.grid == grid) {
+        if let Some(t) = cache
+            .as_ref()
+            .filter(|t| t.grid == grid && t.riflex == riflex)
+        {
             return Ok((t.cos.clone(), t.sin.clone()));
         }
         let cfg = &self.cfg;
-        let (cos, sin) = rope_tables(grid, &cfg.rope_axes_dim, cfg.rope_theta, self.device())?;
+        let (cos, sin) = rope_tables(
+            grid,
+            &cfg.rope_axes_dim,
+            cfg.rope_theta,
+            riflex,
+            self.device(),
+        )?;
         *cache = Some(RopeTables {
             grid,
+            riflex,
             cos: cos.clone(),
             sin: sin.clone(),
         });

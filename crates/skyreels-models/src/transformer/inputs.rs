@@ -19,6 +19,9 @@ pub struct TransformerInputs<'a> {
     pub pooled_projections: &'a Tensor,
     /// (b,) embedded guidance × 1000; required when the config has `guidance_embeds`.
     pub guidance: Option<&'a Tensor>,
+    /// RIFLEx: the temporal RoPE frequency (1-based) lowered for long clips; 0: off (see
+    /// [`crate::layers::rope::rope_tables`]).
+    pub riflex_freq_index: usize,
 }
 
 /// Owned copies of a forward's inputs on another device ([`TransformerInputs::to_device`]).
@@ -30,6 +33,7 @@ pub struct InputsOn {
     encoder_attention_mask: Tensor,
     pooled_projections: Tensor,
     guidance: Option<Tensor>,
+    riflex_freq_index: usize,
 }
 
 impl InputsOn {
@@ -41,6 +45,7 @@ impl InputsOn {
             encoder_attention_mask: &self.encoder_attention_mask,
             pooled_projections: &self.pooled_projections,
             guidance: self.guidance.as_ref(),
+            riflex_freq_index: self.riflex_freq_index,
         }
     }
 }
@@ -56,10 +61,12 @@ impl<'a> TransformerInputs<'a> {
             encoder_attention_mask: to(self.encoder_attention_mask)?,
             pooled_projections: to(self.pooled_projections)?,
             guidance: self.guidance.map(to).transpose()?,
+            riflex_freq_index: self.riflex_freq_index,
         })
     }
 
-    /// The inputs from tensors named as the reference's arguments (`guidance` optional).
+    /// The inputs from tensors named as the reference's arguments (`guidance` optional), RIFLEx
+    /// off.
     pub fn from_named(t: &'a HashMap<String, Tensor>) -> Result<Self> {
         let get = |k: &str| match t.get(k) {
             Some(v) => Ok(v),
@@ -72,6 +79,7 @@ impl<'a> TransformerInputs<'a> {
             encoder_attention_mask: get("encoder_attention_mask")?,
             pooled_projections: get("pooled_projections")?,
             guidance: t.get("guidance"),
+            riflex_freq_index: 0,
         })
     }
 }

@@ -298,6 +298,7 @@ pub struct HunyuanVideoTransformer3DModel {
 #[derive(Debug)]
 struct RopeTables {
     grid: (usize, usize, usize),
+    riflex: usize,
     cos: Tensor,
     sin: Tensor,
 }

@@ -263,6 +263,14 @@ impl Pipeline {
             (false, Some(_)) => return invalid("this model is text-to-video: it takes no image"),
             _ => {}
         }
+        let frequencies = self.temporal_rope_frequencies();
+        if p.riflex_freq_index > frequencies {
+            return invalid(format!(
+                "riflex_freq_index must be from 0 (off) to {frequencies} (this transformer's \
+                 temporal RoPE frequencies), got {}",
+                p.riflex_freq_index
+            ));
+        }
         if let Some(u) = self.ulysses() {
             u.check(p.height, p.width, p.num_frames, p.cache)
                 .or_else(|(field, rule)| invalid(format!("{field}: {rule}")))?;
@@ -466,6 +474,7 @@ impl Pipeline {
                     x: &x,
                     timestep: &timestep,
                     guidance: guidance.as_ref(),
+                    riflex_freq_index: p.riflex_freq_index,
                 },
                 &prompt.positive,
                 prompt.negative.as_ref(),
@@ -554,7 +563,7 @@ pub fn seeded_noise(shape: &[usize], seed: u64, device: &Device) -> candle_core:
 
 /// The velocity of one denoising step: the transformer on the prompt and, with true CFG (a
 /// negative prompt), `v_neg + scale · (v − v_neg)` with the transformer on the negative prompt.
-/// `caches` are the step caches of the conditional and the unconditional branch.
+/// `caches` are the step caches of the conditional and the unconditional branch. RIFLEx off.
 #[allow(clippy::too_many_arguments)]
 pub fn guided_velocity(
     transformer: &HunyuanVideoTransformer3DModel,
@@ -573,6 +582,7 @@ pub fn guided_velocity(
             x,
             timestep,
             guidance,
+            riflex_freq_index: 0,
         },
         positive,
         negative,
