@@ -231,6 +231,11 @@ fn bad_input_gets_a_clear_message_and_a_failing_exit() {
             vec!["--image", img, "--flow-shift", "25"],
             "--flow-shift must be a number above 0 and at most 20, got 25",
         ),
+        // the tiny transformer's temporal RoPE axis has 4 dims: 2 frequencies
+        (
+            vec!["--image", img, "--riflex-freq-index", "3"],
+            "riflex_freq_index must be from 0 (off) to 2",
+        ),
     ];
     for (extra, want) in cases {
         let out = dir.path().join("o.mp4");
@@ -265,6 +270,7 @@ fn help_documents_the_flags() {
         "--noise",
         "--fps",
         "--flow-shift",
+        "--riflex-freq-index",
         "--output",
         "--device",
         "--dtype",
