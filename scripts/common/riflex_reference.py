@@ -5,8 +5,9 @@
 https://github.com/thu-ml/RIFLEx/blob/18e0bc34d5a68cae5753a6e33e35313bec89c1db/riflex_utils.py#L5-L56
 and `RiflexRope` is RIFLEx's `HunyuanVideoRotaryPosEmbedRifleX`
 (https://github.com/thu-ml/RIFLEx/blob/18e0bc34d5a68cae5753a6e33e35313bec89c1db/hunyuanvideo.py#L14-L40):
-diffusers' `HunyuanVideoRotaryPosEmbed.forward` with the temporal axis (i == 0) through the RIFLEx
-function, `L_test` the latent frames.
+diffusers' `HunyuanVideoRotaryPosEmbed.forward`
+(https://github.com/huggingface/diffusers/blob/58eb52c0803ea9af3abec60841c2a093bdf1f951/src/diffusers/models/transformers/transformer_hunyuan_video.py#L487-L508)
+with the temporal axis (i == 0) through the RIFLEx function, `L_test` the latent frames.
 
 `enable_riflex(transformer, k, latent_frames)` swaps one transformer instance's rope module.
 """

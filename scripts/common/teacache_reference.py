@@ -2,7 +2,9 @@
 is tested against (there is no library implementation to compare with).
 
 The algorithm is TeaCache4HunyuanVideo's (https://github.com/ali-vilab/TeaCache,
-TeaCache4HunyuanVideo/teacache_sample_video.py), moved onto diffusers' module names:
+TeaCache4HunyuanVideo/teacache_sample_video.py, `teacache_forward`:
+https://github.com/ali-vilab/TeaCache/blob/7c10efc4702c6b619f47805f7abe4a7a08085aa0/TeaCache4HunyuanVideo/teacache_sample_video.py#L22-L196),
+moved onto diffusers' module names:
 
 - the change signal is the first double block's modulated normed image input,
   `transformer_blocks[0].norm1(hidden_states, emb=temb)[0]` (LayerNorm x (1 + scale) + shift);

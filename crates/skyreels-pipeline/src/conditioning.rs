@@ -1,5 +1,8 @@
 //! Prompts to conditioning tensors: the one place that runs tokenizers and text encoders
 //! (diffusers' `encode_prompt` of the HunyuanVideo pipelines), and frees the encoders after.
+//!
+//! <https://github.com/huggingface/diffusers/blob/58eb52c0803ea9af3abec60841c2a093bdf1f951/src/diffusers/pipelines/hunyuan_video/pipeline_hunyuan_skyreels_image2video.py#L333-L367>
+//! <https://github.com/huggingface/diffusers/blob/58eb52c0803ea9af3abec60841c2a093bdf1f951/src/diffusers/pipelines/hunyuan_video/pipeline_hunyuan_video.py#L304-L338>
 
 use crate::loading::{
     load_clip_text, load_llama_encoder, open_component, LoadError, TRANSFORMERS_WEIGHTS,

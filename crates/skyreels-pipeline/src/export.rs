@@ -52,6 +52,8 @@ fn frame_dims(frames: &Tensor) -> Result<(usize, usize, usize), ExportError> {
 
 /// Frame `i` of frames (f, h, w, 3) in [0, 1] as 8-bit RGB, `round(x · 255)` (diffusers'
 /// `numpy_to_pil`). The writers convert one frame at a time, so a clip is never held twice.
+///
+/// <https://github.com/huggingface/diffusers/blob/58eb52c0803ea9af3abec60841c2a093bdf1f951/src/diffusers/image_processor.py#L127-L149>
 pub fn frame_rgb8(frames: &Tensor, i: usize) -> Result<Vec<u8>, ExportError> {
     Ok(frames
         .get(i)?

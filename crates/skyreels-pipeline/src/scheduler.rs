@@ -2,6 +2,8 @@
 //! (docs/MODEL.md section 4.1): explicit sigmas `linspace(1, 0, N + 1)[:-1]`, the static shift of
 //! `scheduler_config.json` (or a request's `flow_shift`), timesteps = sigma × num_train_timesteps,
 //! and the Euler step.
+//!
+//! <https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/schedulers/scheduling_flow_match_euler_discrete.py#L48-L662>
 
 use crate::loading::LoadError;
 use candle_core::{DType, Result, Tensor};
@@ -148,6 +150,8 @@ impl FlowMatchEuler {
     /// Euler step `i`: `sample + (sigma[i+1] - sigma[i]) · v`, with the sample upcast to f32, the
     /// product in v's dtype (PyTorch's promotion with a 0-dim f32 tensor) and the result cast
     /// back to v's dtype.
+    ///
+    /// <https://github.com/huggingface/diffusers/blob/58eb52c0803ea9af3abec60841c2a093bdf1f951/src/diffusers/schedulers/scheduling_flow_match_euler_discrete.py#L423-L522>
     pub fn step(&self, i: usize, v: &Tensor, sample: &Tensor) -> Result<Tensor> {
         let dt = self.sigmas[i + 1] - self.sigmas[i];
         let dv = v.affine(dt as f64, 0.0)?;

@@ -27,6 +27,8 @@ use tokenizers::{
 };
 
 /// diffusers' `DEFAULT_PROMPT_TEMPLATE` for HunyuanVideo (and SkyReels); the prompt replaces `{}`.
+///
+/// <https://github.com/huggingface/diffusers/blob/58eb52c0803ea9af3abec60841c2a093bdf1f951/src/diffusers/pipelines/hunyuan_video/pipeline_hunyuan_video.py#L70-L81>
 pub const PROMPT_TEMPLATE: &str = "<|start_header_id|>system<|end_header_id|>\n\nDescribe the video by detailing the following aspects: 1. The main content and theme of the video.2. The color, shape, size, texture, quantity, text, and spatial relationships of the objects.3. Actions, events, behaviors temporal relationships, physical movement changes of the objects.4. background environment, light, style and atmosphere.5. camera angles, movements, and transitions used in the video:<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>";
 
 /// LLaMA tokens kept after cropping the template (diffusers' `max_sequence_length`).

@@ -6,6 +6,8 @@ use candle_core::{DType, Module, Result, Tensor};
 
 /// `get_timestep_embedding(t, dim, flip_sin_to_cos=True, downscale_freq_shift=0)`:
 /// f_k = exp(-ln(10000)·k/half), a = t·f_k in f32, output [cos(a), sin(a)] of shape [b, dim].
+///
+/// <https://github.com/huggingface/diffusers/blob/58eb52c0803ea9af3abec60841c2a093bdf1f951/src/diffusers/models/embeddings.py#L27-L78>
 pub fn timestep_sinusoid(t: &Tensor, dim: usize) -> Result<Tensor> {
     let half = dim / 2;
     let ln = -(10000f64.ln() as f32);
@@ -19,6 +21,8 @@ pub fn timestep_sinusoid(t: &Tensor, dim: usize) -> Result<Tensor> {
 }
 
 /// `TimestepEmbedding`: linear_2(SiLU(linear_1(x))).
+///
+/// <https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/models/embeddings.py#L1027-L1072>
 #[derive(Debug, Clone)]
 pub struct TimestepEmbedding {
     linear_1: Linear,
@@ -41,6 +45,8 @@ impl Module for TimestepEmbedding {
 }
 
 /// `PixArtAlphaTextProjection(act_fn="silu")`: linear_2(SiLU(linear_1(x))), in -> hidden -> hidden.
+///
+/// <https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/models/embeddings.py#L1957-L1983>
 pub type TextProjection = TimestepEmbedding;
 
 #[cfg(test)]

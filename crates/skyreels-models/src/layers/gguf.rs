@@ -7,6 +7,7 @@
 //! candle's `QTensor::dequantize`) computes the same formulas in f32, which differs from diffusers
 //! by up to half an f16 ulp per weight. This module reproduces diffusers' order and roundings
 //! exactly, so that a GGUF model matches diffusers to f32 precision.
+//! <https://github.com/huggingface/diffusers/blob/58eb52c0803ea9af3abec60841c2a093bdf1f951/src/diffusers/quantizers/gguf/utils.py#L214-L516>
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{bail, Result};
@@ -32,6 +33,8 @@ fn half_at(b: &[u8], i: usize) -> f16 {
 }
 
 /// llama.cpp's `get_scale_min_k4` as diffusers writes it: 8 six-bit scales and mins from 12 bytes.
+///
+/// <https://github.com/huggingface/diffusers/blob/58eb52c0803ea9af3abec60841c2a093bdf1f951/src/diffusers/quantizers/gguf/utils.py#L229-L239>
 fn scale_min(s: &[u8]) -> ([u8; 8], [u8; 8]) {
     let (mut sc, mut m) = ([0u8; 8], [0u8; 8]);
     for i in 0..4 {
@@ -160,6 +163,8 @@ const BLOCKS_PER_TASK: usize = 256;
 
 /// The values diffusers' `dequantize_gguf_tensor` gives for the blocks in `data` (f16 values,
 /// widened exactly to f32), in parallel over groups of blocks.
+///
+/// <https://github.com/huggingface/diffusers/blob/58eb52c0803ea9af3abec60841c2a093bdf1f951/src/diffusers/quantizers/gguf/utils.py#L523-L544>
 pub fn dequantize(dtype: GgmlDType, data: &[u8]) -> Result<Vec<f32>> {
     let (bs, ts) = (dtype.block_size(), dtype.type_size());
     if !is_block_type(dtype) || !data.len().is_multiple_of(ts) {

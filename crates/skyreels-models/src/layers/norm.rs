@@ -88,6 +88,8 @@ impl Module for GroupNorm {
 }
 
 /// diffusers `RMSNorm(dim, eps, elementwise_affine=True)`: x · rsqrt(mean(x²) + eps) · weight.
+///
+/// <https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/models/normalization.py#L510-L568>
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
     weight: Tensor,

@@ -1,5 +1,7 @@
 //! HunyuanVideo 3D rotary position embedding (`HunyuanVideoRotaryPosEmbed`).
 //!
+//! <https://github.com/huggingface/diffusers/blob/58eb52c0803ea9af3abec60841c2a093bdf1f951/src/diffusers/models/transformers/transformer_hunyuan_video.py#L478-L508>
+//!
 //! Tables depend only on the latent grid. Token order is t slowest, then h, then w (meshgrid "ij"),
 //! the order of the patch embedding. The rotation pairs features (2j, 2j+1) (interleaved,
 //! GPT-J style), so the tables here hold one angle per pair: [n_tokens, head_dim / 2].
@@ -11,6 +13,7 @@ use candle_core::{bail, DType, Device, Result, Tensor};
 /// Per axis i of dimension d_i: freq_k = 1 / theta^(2k/d_i), angle = pos · freq_k. The reference
 /// (`get_1d_rotary_pos_embed(use_real=True)` with its default `freqs_dtype=float32`) evaluates
 /// every step in float32, in this order; so does this.
+/// <https://github.com/huggingface/diffusers/blob/58eb52c0803ea9af3abec60841c2a093bdf1f951/src/diffusers/models/embeddings.py#L1120-L1184>
 ///
 /// `riflex` > 0 is RIFLEx (thu-ml/RIFLEx, `get_1d_rotary_pos_embed_riflex`, used for the temporal
 /// axis only): the `riflex`-th temporal frequency (1-based) becomes `0.9 · 2π / t`, `t` the

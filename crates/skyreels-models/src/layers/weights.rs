@@ -7,6 +7,8 @@
 //! [`super::Linear`] in that form ([`StoredWeight`]) and is turned into the input's dtype right
 //! before each use (diffusers' layerwise casting and GGUF linear). The resident model stays small
 //! while every product runs as an ordinary matmul on unquantized activations.
+//! <https://github.com/huggingface/diffusers/blob/58eb52c0803ea9af3abec60841c2a093bdf1f951/src/diffusers/hooks/layerwise_casting.py#L40-L72>
+//! <https://github.com/huggingface/diffusers/blob/58eb52c0803ea9af3abec60841c2a093bdf1f951/src/diffusers/quantizers/gguf/utils.py#L592-L623>
 //!
 //! The loader builds it (`Weights::new(vb, stored)` in `skyreels-pipeline`'s `loading.rs`); a
 //! plain `VarBuilder` converts into a [`Weights`] without a stored source, whose matmul weights

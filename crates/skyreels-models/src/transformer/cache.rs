@@ -8,6 +8,8 @@
 //!   keeps the first block's output, its residual and the residual of the rest of the stack (last
 //!   single block's image tokens − first block's output); at or below it, the first block's output
 //!   plus that stored residual stands in for the stack, and nothing is refreshed.
+//!   <https://github.com/huggingface/diffusers/blob/58eb52c0803ea9af3abec60841c2a093bdf1f951/src/diffusers/hooks/first_block_cache.py#L32-L48>
+//!   <https://github.com/huggingface/diffusers/blob/58eb52c0803ea9af3abec60841c2a093bdf1f951/src/diffusers/hooks/first_block_cache.py#L65-L142>
 //! - **TeaCache** (TeaCache4HunyuanVideo): the first double block's modulated normed image input
 //!   (`norm1` LayerNorm × (1 + scale) + shift) is compared with the previous step's as
 //!   `mean|m − m_prev| / mean|m_prev|`, rescaled by HunyuanVideo's published polynomial and
@@ -15,6 +17,7 @@
 //!   accumulation reaches the threshold (which then resets it) and otherwise adds the stored
 //!   residual of the whole stack (last single block's image tokens − the first block's input) to
 //!   its input. The modulated input is stored at every step.
+//!   <https://github.com/ali-vilab/TeaCache/blob/7c10efc4702c6b619f47805f7abe4a7a08085aa0/TeaCache4HunyuanVideo/teacache_sample_video.py#L22-L196>
 //!
 //! One [`StepCache`] holds one branch's state: true CFG keeps one for the conditional and one for
 //! the unconditional forward, as diffusers' `cache_context("cond")` / `("uncond")` do. The cache
@@ -25,6 +28,8 @@ use candle_core::{bail, DType, Result, Tensor};
 pub use skyreels_params::CacheSpec;
 
 /// TeaCache4HunyuanVideo's rescaling polynomial, highest power first.
+///
+/// <https://github.com/ali-vilab/TeaCache/blob/7c10efc4702c6b619f47805f7abe4a7a08085aa0/TeaCache4HunyuanVideo/teacache_sample_video.py#L102>
 pub const TEACACHE_COEFFICIENTS: [f64; 5] = [
     7.33226126e+02,
     -4.01131952e+02,

@@ -4,6 +4,8 @@ use candle_core::{bail, Result};
 use serde::Deserialize;
 
 /// Every field of diffusers' `HunyuanVideoTransformer3DModel.__init__`, with its defaults.
+///
+/// <https://github.com/huggingface/diffusers/blob/58eb52c0803ea9af3abec60841c2a093bdf1f951/src/diffusers/models/transformers/transformer_hunyuan_video.py#L903-L992>
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct TransformerConfig {
     #[serde(default = "d::in_channels")]

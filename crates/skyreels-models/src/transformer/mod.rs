@@ -3,6 +3,7 @@
 //! Struct and field names follow diffusers' `transformer_hunyuan_video.py`, so the state-dict keys
 //! of a checkpoint are exactly the `vb.pp(..)` paths below ([`Weights`]: matmul weights may come in
 //! their stored form, fp8 or GGUF).
+//! <https://github.com/huggingface/diffusers/blob/58eb52c0803ea9af3abec60841c2a093bdf1f951/src/diffusers/models/transformers/transformer_hunyuan_video.py>
 //!
 //! This file builds the model; the forward pass is embed -> block loop -> head (`forward.rs`,
 //! `embed.rs`, `blocks.rs`, `head.rs`), with the step caches (`cache.rs`) and Ulysses sequence
@@ -63,6 +64,9 @@ impl FeedForward {
 
 /// `HunyuanVideoConditionEmbedding` (transformer) and `CombinedTimestepTextProjEmbeddings`
 /// (refiner, no guidance): timestep + [guidance] + text projection.
+///
+/// <https://github.com/huggingface/diffusers/blob/58eb52c0803ea9af3abec60841c2a093bdf1f951/src/diffusers/models/transformers/transformer_hunyuan_video.py#L289-L329>
+/// <https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/models/embeddings.py#L1350-L1366>
 #[derive(Debug, Clone)]
 struct ConditionEmbedding {
     timestep_embedder: TimestepEmbedding,
@@ -118,6 +122,8 @@ impl RefinerAttention {
 }
 
 /// `HunyuanVideoIndividualTokenRefinerBlock`.
+///
+/// <https://github.com/huggingface/diffusers/blob/58eb52c0803ea9af3abec60841c2a093bdf1f951/src/diffusers/models/transformers/transformer_hunyuan_video.py#L332-L379>
 #[derive(Debug, Clone)]
 struct RefinerBlock {
     norm1: LayerNorm,
@@ -146,6 +152,8 @@ impl RefinerBlock {
 }
 
 /// `HunyuanVideoTokenRefiner` (`context_embedder`).
+///
+/// <https://github.com/huggingface/diffusers/blob/58eb52c0803ea9af3abec60841c2a093bdf1f951/src/diffusers/models/transformers/transformer_hunyuan_video.py#L429-L475>
 #[derive(Debug, Clone)]
 struct TokenRefiner {
     time_text_embed: ConditionEmbedding,
@@ -198,6 +206,8 @@ impl QkvNorm {
 }
 
 /// `HunyuanVideoTransformerBlock`: dual-stream (image and text weights, joint attention).
+///
+/// <https://github.com/huggingface/diffusers/blob/58eb52c0803ea9af3abec60841c2a093bdf1f951/src/diffusers/models/transformers/transformer_hunyuan_video.py#L587-L663>
 #[derive(Debug, Clone)]
 struct TransformerBlock {
     norm1: Linear,
@@ -244,6 +254,8 @@ impl TransformerBlock {
 }
 
 /// `HunyuanVideoSingleTransformerBlock`: one stream over [img; txt], attention and MLP in parallel.
+///
+/// <https://github.com/huggingface/diffusers/blob/58eb52c0803ea9af3abec60841c2a093bdf1f951/src/diffusers/models/transformers/transformer_hunyuan_video.py#L511-L584>
 #[derive(Debug, Clone)]
 struct SingleTransformerBlock {
     norm: Linear,
@@ -278,6 +290,8 @@ impl SingleTransformerBlock {
 // The model
 
 /// The HunyuanVideo / SkyReels V1 diffusion transformer.
+///
+/// <https://github.com/huggingface/diffusers/blob/58eb52c0803ea9af3abec60841c2a093bdf1f951/src/diffusers/models/transformers/transformer_hunyuan_video.py#L841-L1126>
 #[derive(Debug, Clone)]
 pub struct HunyuanVideoTransformer3DModel {
     x_embedder: Conv3d,

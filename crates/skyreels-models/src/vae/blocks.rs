@@ -16,6 +16,8 @@ pub(super) const EPS: f64 = 1e-6;
 
 /// `HunyuanVideoCausalConv3d`: replicate padding (spatially both sides, temporally the past side
 /// only), then a plain convolution.
+///
+/// <https://github.com/huggingface/diffusers/blob/58eb52c0803ea9af3abec60841c2a093bdf1f951/src/diffusers/models/autoencoders/autoencoder_kl_hunyuan_video.py#L46-L76>
 #[derive(Debug, Clone)]
 pub(super) struct CausalConv3d {
     conv: Conv3d,
@@ -42,6 +44,8 @@ impl CausalConv3d {
 impl CausalConv3d {
     /// The convolution of x nearest-upsampled by `factors` (t, h, w), the first frame spatially
     /// only: the reference upsampler's interpolation and convolution in one.
+    ///
+    /// <https://github.com/huggingface/diffusers/blob/58eb52c0803ea9af3abec60841c2a093bdf1f951/src/diffusers/models/autoencoders/autoencoder_kl_hunyuan_video.py#L79-L118>
     fn forward_upsampled(&self, x: &Tensor, factors: (usize, usize, usize)) -> Result<Tensor> {
         let (pw, ph, pt) = self.pad;
         self.conv.forward_upsampled(x, factors, (pt, ph, pw))
@@ -55,6 +59,8 @@ impl Module for CausalConv3d {
 }
 
 /// `HunyuanVideoResnetBlockCausal3D`.
+///
+/// <https://github.com/huggingface/diffusers/blob/58eb52c0803ea9af3abec60841c2a093bdf1f951/src/diffusers/models/autoencoders/autoencoder_kl_hunyuan_video.py#L141-L184>
 #[derive(Debug, Clone)]
 pub(super) struct ResnetBlock {
     norm1: GroupNorm,
@@ -147,6 +153,8 @@ impl Module for MidAttention {
 /// Attention over (b, frames·hw, h, d) tokens where a query of frame f sees the keys of frames
 /// 0..=f (the reference's additive mask: 0 where frame(key) <= frame(query), -inf elsewhere).
 /// Those keys are a prefix, so each query frame runs exact attention over its prefix.
+///
+/// <https://github.com/huggingface/diffusers/blob/58eb52c0803ea9af3abec60841c2a093bdf1f951/src/diffusers/models/autoencoders/autoencoder_kl_hunyuan_video.py#L33-L43>
 fn block_causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, hw: usize) -> Result<Tensor> {
     let (b, n, _, _) = q.dims4()?;
     let frames = (0..n / hw)
@@ -165,6 +173,8 @@ fn block_causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, hw: usize) -> Resu
 }
 
 /// `HunyuanVideoMidBlock3D` (one attention layer).
+///
+/// <https://github.com/huggingface/diffusers/blob/58eb52c0803ea9af3abec60841c2a093bdf1f951/src/diffusers/models/autoencoders/autoencoder_kl_hunyuan_video.py#L187-L281>
 #[derive(Debug, Clone)]
 pub(super) struct MidBlock {
     resnets: [ResnetBlock; 2],
@@ -217,6 +227,8 @@ pub(super) fn resnet_stack(
 }
 
 /// `HunyuanVideoDownBlock3D`.
+///
+/// <https://github.com/huggingface/diffusers/blob/58eb52c0803ea9af3abec60841c2a093bdf1f951/src/diffusers/models/autoencoders/autoencoder_kl_hunyuan_video.py#L284-L344>
 #[derive(Debug, Clone)]
 pub(super) struct DownBlock {
     pub(super) resnets: Vec<ResnetBlock>,
@@ -224,6 +236,8 @@ pub(super) struct DownBlock {
 }
 
 /// `HunyuanVideoUpBlock3D`.
+///
+/// <https://github.com/huggingface/diffusers/blob/58eb52c0803ea9af3abec60841c2a093bdf1f951/src/diffusers/models/autoencoders/autoencoder_kl_hunyuan_video.py#L347-L407>
 #[derive(Debug, Clone)]
 pub(super) struct UpBlock {
     pub(super) resnets: Vec<ResnetBlock>,

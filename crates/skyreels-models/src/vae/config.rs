@@ -4,6 +4,8 @@ use candle_core::{bail, Result};
 use serde::Deserialize;
 
 /// Every field of diffusers' `AutoencoderKLHunyuanVideo.__init__`, with its defaults.
+///
+/// <https://github.com/huggingface/diffusers/blob/58eb52c0803ea9af3abec60841c2a093bdf1f951/src/diffusers/models/autoencoders/autoencoder_kl_hunyuan_video.py#L636-L722>
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct VaeConfig {
     #[serde(default = "d::rgb")]

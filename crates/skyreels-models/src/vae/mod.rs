@@ -5,6 +5,7 @@
 //! tiled encode and decode in `tiling`, which reproduces the reference's algorithms exactly (tile
 //! sizes, strides, blend formulas and the in-place blend order), because tiling changes the
 //! GroupNorm statistics and so the output.
+//! <https://github.com/huggingface/diffusers/blob/58eb52c0803ea9af3abec60841c2a093bdf1f951/src/diffusers/models/autoencoders/autoencoder_kl_hunyuan_video.py>
 
 mod blocks;
 mod config;
@@ -29,6 +30,8 @@ fn resamples(cfg: &VaeConfig, i: usize) -> (bool, bool) {
 }
 
 /// `HunyuanVideoEncoder3D`.
+///
+/// <https://github.com/huggingface/diffusers/blob/58eb52c0803ea9af3abec60841c2a093bdf1f951/src/diffusers/models/autoencoders/autoencoder_kl_hunyuan_video.py#L410-L515>
 #[derive(Debug, Clone)]
 pub struct Encoder {
     conv_in: CausalConv3d,
@@ -101,6 +104,8 @@ impl Module for Encoder {
 }
 
 /// `HunyuanVideoDecoder3D`.
+///
+/// <https://github.com/huggingface/diffusers/blob/58eb52c0803ea9af3abec60841c2a093bdf1f951/src/diffusers/models/autoencoders/autoencoder_kl_hunyuan_video.py#L518-L622>
 #[derive(Debug, Clone)]
 pub struct Decoder {
     conv_in: CausalConv3d,
@@ -187,6 +192,8 @@ impl DiagonalGaussian {
 }
 
 /// `AutoencoderKLHunyuanVideo`.
+///
+/// <https://github.com/huggingface/diffusers/blob/58eb52c0803ea9af3abec60841c2a093bdf1f951/src/diffusers/models/autoencoders/autoencoder_kl_hunyuan_video.py#L625-L1080>
 #[derive(Debug, Clone)]
 pub struct AutoencoderKLHunyuanVideo {
     encoder: Encoder,

@@ -34,6 +34,8 @@ use candle_core::{bail, Result, Tensor};
 
 /// Tiling settings (diffusers' attributes, in sample pixels / frames). The defaults are diffusers'
 /// after `enable_tiling()`, which both the diffusers SkyReels example and the official code call.
+///
+/// <https://github.com/huggingface/diffusers/blob/58eb52c0803ea9af3abec60841c2a093bdf1f951/src/diffusers/models/autoencoders/autoencoder_kl_hunyuan_video.py#L724-L762>
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Tiling {
     /// Spatial tiling when a frame exceeds a tile (`use_tiling`).
@@ -114,6 +116,8 @@ impl Tiling {
 
     /// diffusers' `tiled_encode`: `encode` (samples -> moments, `s` times smaller spatially) on
     /// each spatial tile of x, the tiles blended and cut to the frame.
+    ///
+    /// <https://github.com/huggingface/diffusers/blob/58eb52c0803ea9af3abec60841c2a093bdf1f951/src/diffusers/models/autoencoders/autoencoder_kl_hunyuan_video.py#L875-L923>
     pub(super) fn tiled_encode(
         &self,
         x: &Tensor,
@@ -134,6 +138,8 @@ impl Tiling {
 
     /// diffusers' `_temporal_tiled_encode`: `encode_clip` (4k+1 frames -> k+1 latent frames, for
     /// `t` = 4) on each temporal window of x, the windows blended and cut to the clip.
+    ///
+    /// <https://github.com/huggingface/diffusers/blob/58eb52c0803ea9af3abec60841c2a093bdf1f951/src/diffusers/models/autoencoders/autoencoder_kl_hunyuan_video.py#L983-L1012>
     pub(super) fn temporal_tiled_encode(
         &self,
         x: &Tensor,
@@ -157,6 +163,8 @@ impl Tiling {
 
     /// diffusers' `tiled_decode`: `decode` (latents -> samples, `s` times larger spatially) on
     /// each spatial tile of z, the tiles blended and cut to the frame.
+    ///
+    /// <https://github.com/huggingface/diffusers/blob/58eb52c0803ea9af3abec60841c2a093bdf1f951/src/diffusers/models/autoencoders/autoencoder_kl_hunyuan_video.py#L925-L981>
     pub(super) fn tiled_decode(
         &self,
         z: &Tensor,
@@ -188,6 +196,8 @@ impl Tiling {
 
     /// diffusers' `_temporal_tiled_decode`: `decode_clip` (k+1 latent frames -> 4k+1 frames, for
     /// `t` = 4) on each temporal window of z, the windows blended and cut to the clip.
+    ///
+    /// <https://github.com/huggingface/diffusers/blob/58eb52c0803ea9af3abec60841c2a093bdf1f951/src/diffusers/models/autoencoders/autoencoder_kl_hunyuan_video.py#L1014-L1048>
     pub(super) fn temporal_tiled_decode(
         &self,
         z: &Tensor,
@@ -211,6 +221,8 @@ impl Tiling {
 /// Blends the last `extent` entries of `a` into the first of `b` along `dim`:
 /// b[x] = a[len - extent + x]·(1 − x/extent) + b[x]·(x/extent), for x < extent (reference
 /// `blend_v` / `blend_h` / `blend_t`, weights rounded to the tensor dtype as PyTorch does).
+///
+/// <https://github.com/huggingface/diffusers/blob/58eb52c0803ea9af3abec60841c2a093bdf1f951/src/diffusers/models/autoencoders/autoencoder_kl_hunyuan_video.py#L851-L873>
 fn blend(a: &Tensor, b: &Tensor, extent: usize, dim: usize) -> Result<Tensor> {
     let (la, lb) = (a.dim(dim)?, b.dim(dim)?);
     let e = extent.min(la).min(lb);

@@ -2,6 +2,9 @@
 //! `HunyuanSkyreelsImageToVideoPipeline` (I2V) and `HunyuanVideoPipeline` with true CFG (T2V)
 //! compute it (docs/MODEL.md sections 4 and 5), with the project decisions: VAE posterior mean for the
 //! image, center-crop before resizing, computed `crop_start`, CFG whenever guidance_scale > 1.
+//!
+//! <https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/pipelines/hunyuan_video/pipeline_hunyuan_skyreels_image2video.py#L481-L786>
+//! <https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/pipelines/hunyuan_video/pipeline_hunyuan_video.py#L438-L738>
 
 use crate::conditioning::{PromptEmbeds, TextEncoders, TextError};
 use crate::loading::{load_transformer, load_transformer_resident, load_vae, LoadError};
@@ -428,6 +431,9 @@ impl Pipeline {
     }
 
     /// diffusers' `prepare_latents`: the initial noise (f32), seeded or given.
+    ///
+    /// <https://github.com/huggingface/diffusers/blob/58eb52c0803ea9af3abec60841c2a093bdf1f951/src/diffusers/pipelines/hunyuan_video/pipeline_hunyuan_skyreels_image2video.py#L417-L459>
+    /// <https://github.com/huggingface/diffusers/blob/58eb52c0803ea9af3abec60841c2a093bdf1f951/src/diffusers/pipelines/hunyuan_video/pipeline_hunyuan_video.py#L387-L416>
     fn prepare_latents(
         &self,
         p: &GenerationParams,
@@ -495,6 +501,8 @@ impl Pipeline {
     /// factor through the VAE (asking `go_on` before each tile), `(x·0.5 + 0.5).clamp(0, 1)`, as
     /// (frames, h, w, 3) f32 on the CPU. The postprocess runs a few frames at a time, so the
     /// decoded clip is held once in the VAE dtype and once as f32 frames, not once per op.
+    ///
+    /// <https://github.com/huggingface/diffusers/blob/58eb52c0803ea9af3abec60841c2a093bdf1f951/src/diffusers/video_processor.py#L93-L118>
     fn decode_latents(
         &self,
         latents: &Tensor,

@@ -9,6 +9,7 @@
 //! derived from the shapes (diffusers hard-codes 3072). Matmul weights stored as fp8 or in GGUF
 //! blocks reach the linear layers in that form ([`StoredWeight`]); every other tensor loads
 //! converted to the run dtype.
+//! <https://github.com/huggingface/diffusers/blob/58eb52c0803ea9af3abec60841c2a093bdf1f951/src/diffusers/loaders/single_file_utils.py#L2783-L2910>
 
 use crate::gguf::Gguf;
 use crate::loading::{
@@ -29,6 +30,8 @@ mod quantize;
 pub use quantize::{quantize_to_gguf, QuantizeReport};
 
 /// diffusers' `TRANSFORMER_KEYS_RENAME_DICT`, in its order (each is applied to every key).
+///
+/// <https://github.com/huggingface/diffusers/blob/58eb52c0803ea9af3abec60841c2a093bdf1f951/src/diffusers/loaders/single_file_utils.py#L2854-L2885>
 const RENAMES: [(&str, &str); 30] = [
     ("img_in", "x_embedder"),
     (
