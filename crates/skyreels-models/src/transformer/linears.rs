@@ -160,7 +160,7 @@ mod tests {
             .collect();
         got.sort();
         assert_eq!(got, want);
-        // 8 refiner + 6 conditioning + 2 × 16 double + 1 × 6 single + 2 head
-        assert_eq!(got.len(), 8 + 6 + 32 + 6 + 2);
+        // 12 context embedder + 6 conditioning + 2 × 14 double + 1 × 6 single + 2 head
+        assert_eq!(got.len(), 12 + 6 + 28 + 6 + 2);
     }
 }
