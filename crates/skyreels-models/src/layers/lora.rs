@@ -7,15 +7,17 @@ use candle_core::{bail, Result, Tensor};
 /// One LoRA's term for one layer: `scale · (x aᵀ bᵀ + bias_b)`.
 ///
 /// `scale` is PEFT's `scaling`: the adapter's weight (diffusers' `set_adapters`) × `alpha / rank`
-/// (`alpha / √rank` with rsLoRA). The tensors live in the compute dtype on the layer's device; an
-/// input in another dtype or on another device gets the adapter converted to its own.
+/// (`alpha / √rank` with rsLoRA). It is folded into `b` and `bias_b` once, so a forward makes no
+/// extra pass over the layer's output to scale it (the same product as PEFT's to rounding). The
+/// tensors live in the compute dtype on the layer's device; an input in another dtype or on
+/// another device gets the adapter converted to its own.
 #[derive(Debug, Clone)]
 pub struct LoraDelta {
-    /// `lora_A.weight`: (rank, in).
-    a: Tensor,
-    /// `lora_B.weight`: (out, rank).
-    b: Tensor,
-    /// `lora_B.bias`: (out), when the LoRA has one (PEFT's `lora_bias`).
+    /// `lora_A.weight` transposed, contiguous: (in, rank).
+    a_t: Tensor,
+    /// (`lora_B.weight` × scale) transposed, contiguous: (rank, out).
+    b_t: Tensor,
+    /// `lora_B.bias` × scale: (out), when the LoRA has one (PEFT's `lora_bias`).
     bias_b: Option<Tensor>,
     scale: f64,
 }
@@ -42,20 +44,20 @@ impl LoraDelta {
             }
         }
         Ok(Self {
-            a,
-            b,
-            bias_b,
+            a_t: a.t()?.contiguous()?,
+            b_t: b.affine(scale, 0.0)?.t()?.contiguous()?,
+            bias_b: bias_b.map(|t| t.affine(scale, 0.0)).transpose()?,
             scale,
         })
     }
 
     /// (out, in) of the layer it fits.
     pub fn dims(&self) -> (usize, usize) {
-        (self.b.dims()[0], self.a.dims()[1])
+        (self.b_t.dims()[1], self.a_t.dims()[0])
     }
 
     pub fn rank(&self) -> usize {
-        self.a.dims()[0]
+        self.a_t.dims()[1]
     }
 
     pub fn scale(&self) -> f64 {
@@ -70,15 +72,14 @@ fn as_input(t: &Tensor, like: &Tensor) -> Result<Tensor> {
 
 impl LinearAdapter for LoraDelta {
     fn delta(&self, x: &Tensor) -> Result<Tensor> {
-        let a = as_input(&self.a, x)?;
-        let b = as_input(&self.b, x)?;
+        let a_t = as_input(&self.a_t, x)?;
+        let b_t = as_input(&self.b_t, x)?;
         // (rows, in) -> (rows, rank) -> (rows, out)
-        let h = x.matmul(&a.t()?)?.matmul(&b.t()?)?;
-        let h = match &self.bias_b {
-            Some(bias) => h.broadcast_add(&as_input(bias, x)?)?,
-            None => h,
-        };
-        h.affine(self.scale, 0.0)
+        let h = x.matmul(&a_t)?.matmul(&b_t)?;
+        match &self.bias_b {
+            Some(bias) => h.broadcast_add(&as_input(bias, x)?),
+            None => Ok(h),
+        }
     }
 }
 
