@@ -4,6 +4,8 @@ use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
 
+pub mod generation;
+
 pub use skyreels_test_support::{copy_dir, copy_tree, fixture, repo_root, tiny_weights};
 
 /// Every tensor of a safetensors file, on the CPU.

@@ -4,97 +4,15 @@
 //! `scripts/fixtures/tiny_weights.py`).
 
 use candle_core::{DType, Device, Tensor};
-use serde_json::Value;
 use skyreels_pipeline::export::{frame_rgb8, write_output};
 use skyreels_pipeline::generate::{
-    CacheSpec, GenerateError, GenerationParams, ModelPaths, Offload, Pipeline, Video,
-    DEFAULT_NEGATIVE_PROMPT,
+    CacheSpec, GenerateError, ModelPaths, Offload, Pipeline, DEFAULT_NEGATIVE_PROMPT,
 };
 use skyreels_pipeline::load_vae;
 use skyreels_pipeline::scheduler::{FlowMatchEuler, SchedulerConfig};
-use skyreels_tests::{
-    fixture, fixture_tiling, load_metadata, load_tensors, max_abs, rel_l2, tiny_weights,
-};
-use std::collections::HashMap;
+use skyreels_tests::generation::{case, params, Request, FRAME_TOL};
+use skyreels_tests::{fixture, fixture_tiling, load_tensors, max_abs, rel_l2, tiny_weights};
 use std::path::Path;
-
-/// Frames are in [0, 1]. Both sides run f32 on the CPU; summation-order differences (~1e-6
-/// relative per op) pass through the text encoders, up to 3 steps x 2 transformer passes and
-/// the VAE decoder, and amplify through the sampling loop. The bound is 5e-4 absolute;
-/// a wrong sign, scale or dtype step moves frames by >= 1e-2.
-const FRAME_TOL: f32 = 5e-4;
-
-fn case(name: &str) -> (HashMap<String, Tensor>, Value) {
-    let path = fixture(&format!("pipeline/{name}.safetensors"));
-    let req = load_metadata(&path)["request"].clone();
-    (load_tensors(&path), serde_json::from_str(&req).unwrap())
-}
-
-/// A fixture's request: its parameters, and the image and noise that go beside them.
-#[derive(Clone)]
-struct Request {
-    p: GenerationParams,
-    image: Option<image::RgbImage>,
-    noise: Option<Tensor>,
-}
-
-impl Request {
-    fn generate(
-        &self,
-        pipe: &Pipeline,
-        on_step: &mut dyn FnMut(usize, usize) -> bool,
-    ) -> Result<Video, GenerateError> {
-        pipe.generate(&self.p, self.image.as_ref(), self.noise.as_ref(), on_step)
-    }
-
-    /// Runs to the end.
-    fn run(&self, pipe: &Pipeline) -> Video {
-        self.generate(pipe, &mut |_, _| true).unwrap()
-    }
-
-    /// The same request with other parameters.
-    fn with(&self, edit: impl FnOnce(&mut GenerationParams)) -> Self {
-        let mut r = self.clone();
-        edit(&mut r.p);
-        r
-    }
-}
-
-fn params(io: &HashMap<String, Tensor>, req: &Value) -> Request {
-    let image = io.get("image").map(|t| {
-        let (h, w, _) = t.dims3().unwrap();
-        let raw = t.flatten_all().unwrap().to_vec1::<u8>().unwrap();
-        image::RgbImage::from_raw(w as u32, h as u32, raw).unwrap()
-    });
-    let num = |k: &str| req[k].as_f64().unwrap();
-    let p = GenerationParams {
-        prompt: req["prompt"].as_str().unwrap().into(),
-        negative_prompt: req["negative_prompt"].as_str().map(str::to_string),
-        height: num("height") as usize,
-        width: num("width") as usize,
-        num_frames: num("num_frames") as usize,
-        steps: num("steps") as usize,
-        guidance_scale: num("guidance_scale"),
-        embedded_guidance_scale: num("embedded_guidance_scale"),
-        seed: 0,
-        // the export's (the pipeline does not read it)
-        fps: 24.0,
-        // the step-cache fixtures name theirs ("first-block:T", "teacache:T")
-        cache: req["cache"]
-            .as_str()
-            .map_or(CacheSpec::None, |c| c.parse().unwrap()),
-        // the flow-shift fixture names its scheduler's shift
-        flow_shift: req["flow_shift"].as_f64(),
-        loras: Vec::new(),
-        // the RIFLEx fixtures name their index
-        riflex_freq_index: req["riflex_freq_index"].as_u64().unwrap_or(0) as usize,
-    };
-    Request {
-        p,
-        image,
-        noise: Some(io["latents"].clone()),
-    }
-}
 
 fn pipeline(transformer: Option<&Path>) -> Pipeline {
     let paths = ModelPaths::local(&tiny_weights(), transformer).unwrap();

@@ -19,6 +19,7 @@ use skyreels_pipeline::generate::{
     default_vae_dtype, GenerationParams, ModelPaths, Offload, Pipeline, StageTimings,
 };
 use skyreels_pipeline::hub::{HubOptions, ModelSpec, Source};
+use skyreels_pipeline::lora::{resolve_lora_path, LoraFile};
 use skyreels_server::media;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -273,6 +274,16 @@ struct GenerateArgs {
     /// identify_k for theta 256 and 16 temporal dims); see docs/long-clips.md.
     #[arg(long, value_name = "K", default_value_t = 0)]
     riflex_freq_index: usize,
+    /// A LoRA to apply, repeatable (applied in order, added up): PATH is a local .safetensors
+    /// file or a hub file REPO_ID/FILE.safetensors; SCALE (default 1, from -4 to 4) multiplies
+    /// the file's alpha/rank, as diffusers' set_adapters weight. Formats, told by the keys:
+    /// diffusers/PEFT (lora_A/lora_B; alpha from the file's lora_adapter_metadata, else
+    /// alpha = rank), the original HunyuanVideo layout (diffusion_model.double_blocks...) and
+    /// Kohya/musubi-tuner/ComfyUI (lora_unet_..., lora_down/lora_up/alpha). Applied at forward
+    /// time next to the stored weights (fp8 and GGUF stay as they are). DoRA, LoKr and LoHa
+    /// files are refused.
+    #[arg(long = "lora", value_name = "PATH[:SCALE]")]
+    loras: Vec<params::LoraSpec>,
     /// A safetensors file whose tensor `latents` [1, C, T, H/8, W/8] (f32) replaces the seeded
     /// initial noise.
     #[arg(long)]
@@ -381,14 +392,19 @@ pub(crate) fn run_dtype(devices: &Devices, dtype: Option<DtypeArg>) -> DType {
     }
 }
 
-/// The folders `--model` / `--transformer` name (downloading hub files as needed), or the
-/// bundled tiny pipeline.
-pub(crate) fn model_paths(m: &ModelArgs) -> Result<ModelPaths> {
-    let opts = HubOptions {
+/// How `m` may use the Hugging Face hub.
+fn hub_options(m: &ModelArgs) -> HubOptions {
+    HubOptions {
         offline: m.offline,
         cache_dir: m.cache_dir.clone(),
         progress: true,
-    };
+    }
+}
+
+/// The folders `--model` / `--transformer` name (downloading hub files as needed), or the
+/// bundled tiny pipeline.
+pub(crate) fn model_paths(m: &ModelArgs) -> Result<ModelPaths> {
+    let opts = hub_options(m);
     let spec = match &m.model {
         Some(model) => ModelSpec::parse(model, m.transformer.as_deref())?,
         None => {
@@ -484,16 +500,40 @@ fn generate(args: GenerateArgs) -> Result<()> {
         fps: args.fps,
         cache: args.cache,
         flow_shift: args.flow_shift,
-        loras: Vec::new(),
+        loras: args.loras,
         riflex_freq_index: args.riflex_freq_index,
     };
     check_limits(&p, &args.output)?;
+    let opts = hub_options(&args.model);
+    let loras = p
+        .loras
+        .iter()
+        .map(|l| {
+            Ok(LoraFile {
+                label: l.path.clone(),
+                path: resolve_lora_path(&l.path, &opts)?,
+                scale: l.scale,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
     eprintln!(
         "loading {} (transformer {})",
         paths.pipeline.display(),
         paths.transformer.display()
     );
-    let pipeline = load_pipeline(&args.model, paths, &group)?;
+    let mut pipeline = load_pipeline(&args.model, paths, &group)?;
+    for a in pipeline.set_loras(&loras)?.applied {
+        eprintln!(
+            "LoRA {}: {} layout, {} layers{}",
+            a.label,
+            a.format,
+            a.layers,
+            match a.unmatched_keys {
+                0 => String::new(),
+                n => format!(" ({n} keys match no layer of this transformer: not applied)"),
+            }
+        );
+    }
     for (flag, v) in [("--height", p.height), ("--width", p.width)] {
         params::check_side(v, pipeline.size_multiple())
             .map_err(|rule| anyhow::anyhow!("{flag} {rule}"))?;

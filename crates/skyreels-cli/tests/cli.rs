@@ -32,11 +32,13 @@ fn image_file(dir: &Path, name: &str, w: u32, h: u32) -> PathBuf {
 /// `skyreels generate` writing frames to a .safetensors file with more flags; the frames read back.
 type Run = dyn Fn(&Path, &[&str]) -> HashMap<String, Tensor>;
 
-/// A pipeline fixture (`tests/fixtures/pipeline/NAME.safetensors`) as a `skyreels generate` run:
+/// An end-to-end fixture (`tests/fixtures/CASE.safetensors`, e.g. `pipeline/i2v_cfg`) as a
+/// `skyreels generate` run:
 /// its image as a PNG, its noise as a `--noise` file and its request as flags. Returns the
 /// fixture's tensors and the run.
-fn fixture_run(dir: &Path, name: &str) -> (HashMap<String, Tensor>, Box<Run>) {
-    let path = fixture(&format!("pipeline/{name}.safetensors"));
+fn fixture_run(dir: &Path, case: &str) -> (HashMap<String, Tensor>, Box<Run>) {
+    let path = fixture(&format!("{case}.safetensors"));
+    let name = case.replace('/', "_");
     let io = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
     // the fixture's input image (uint8 [h, w, 3]) as a PNG, its noise as a --noise file
     let (h, w, _) = io["image"].dims3().unwrap();
@@ -94,7 +96,7 @@ fn fixture_run(dir: &Path, name: &str) -> (HashMap<String, Tensor>, Box<Run>) {
 #[test]
 fn noise_file_path_matches_diffusers_frames() {
     let dir = tempfile::tempdir().unwrap();
-    let (io, run) = fixture_run(dir.path(), "i2v_cfg");
+    let (io, run) = fixture_run(dir.path(), "pipeline/i2v_cfg");
     let got = run(&dir.path().join("frames.safetensors"), &[]);
     let err = max_abs(&got["frames"], &io["frames"]);
     // the same bound and reasoning as the library parity test (tests/tests/pipeline.rs)
@@ -124,13 +126,54 @@ fn noise_file_path_matches_diffusers_frames() {
 #[test]
 fn flow_shift_flag_matches_diffusers_with_that_shift() {
     let dir = tempfile::tempdir().unwrap();
-    let (io, run) = fixture_run(dir.path(), "i2v_flow_shift");
+    let (io, run) = fixture_run(dir.path(), "pipeline/i2v_flow_shift");
     let got = run(
         &dir.path().join("frames.safetensors"),
         &["--flow-shift", "3"],
     );
     let err = max_abs(&got["frames"], &io["frames"]);
     assert!(err <= 5e-4, "max abs error {err:e}");
+}
+
+/// `--lora PATH:SCALE`, twice, against diffusers with `set_adapters([..], [0.7, -0.3])`
+/// (scripts/fixtures/lora.py), the same bound; a refused LoRA file fails the run naming it.
+#[test]
+fn lora_flags_match_diffusers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (io, run) = fixture_run(dir.path(), "lora/two");
+    let file = |name: &str| fixture(&format!("lora/files/{name}"));
+    let (a, b) = (file("diffusers.safetensors"), file("hunyuan.safetensors"));
+    let (a, b) = (
+        format!("{}:0.7", a.display()),
+        format!("{}:-0.3", b.display()),
+    );
+    let got = run(
+        &dir.path().join("frames.safetensors"),
+        &["--lora", &a, "--lora", &b],
+    );
+    let err = max_abs(&got["frames"], &io["frames"]);
+    assert!(err <= 5e-4, "max abs error {err:e}");
+    let bad = dir.path().join("bad.safetensors");
+    std::fs::write(&bad, "not tensors").unwrap();
+    let o = skyreels(
+        dir.path(),
+        &["generate", "--prompt", "x", "--lora", bad.to_str().unwrap()],
+    );
+    assert!(!o.status.success());
+    let msg = stderr(&o);
+    assert!(
+        msg.contains("LoRA ") && msg.contains("bad.safetensors: not a safetensors file"),
+        "{msg}"
+    );
+    let o = skyreels(
+        dir.path(),
+        &["generate", "--prompt", "x", "--lora", "a.safetensors:9"],
+    );
+    let msg = stderr(&o);
+    assert!(
+        msg.contains("'a.safetensors:9' for '--lora") && msg.contains("scale must be a number"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -271,6 +314,7 @@ fn help_documents_the_flags() {
         "--fps",
         "--flow-shift",
         "--riflex-freq-index",
+        "--lora",
         "--output",
         "--device",
         "--dtype",

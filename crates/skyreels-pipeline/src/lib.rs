@@ -7,6 +7,7 @@ pub mod generate;
 pub mod gguf;
 pub mod hub;
 pub mod loading;
+pub mod lora;
 pub mod parallel;
 pub mod runtime;
 pub mod safetensors_file;

@@ -36,6 +36,11 @@ impl TimestepEmbedding {
             linear_2: linear(dim, dim, vb.pp("linear_2"))?,
         })
     }
+
+    /// `linear_1` and `linear_2`.
+    pub fn linears_mut(&mut self) -> [&mut Linear; 2] {
+        [&mut self.linear_1, &mut self.linear_2]
+    }
 }
 
 impl Module for TimestepEmbedding {

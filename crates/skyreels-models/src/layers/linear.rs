@@ -86,10 +86,11 @@ impl Linear {
         }
     }
 
-    fn out_dim(&self) -> Result<usize> {
+    /// (out, in) of the weight, whichever form it is stored in.
+    pub fn dims(&self) -> Result<(usize, usize)> {
         match &self.weight {
-            MatmulWeight::Dense(w) => w.dim(0),
-            MatmulWeight::Stored(s) => Ok(s.dims()?.0),
+            MatmulWeight::Dense(w) => w.dims2(),
+            MatmulWeight::Stored(s) => s.dims(),
         }
     }
 
@@ -159,7 +160,7 @@ impl Module for Linear {
         let y = self.add_adapters(&x2, y)?;
         // (rows, out) -> (..., out)
         let mut out_dims = dims.to_vec();
-        *out_dims.last_mut().expect("rank >= 1") = self.out_dim()?;
+        *out_dims.last_mut().expect("rank >= 1") = self.dims()?.0;
         y.reshape(out_dims)
     }
 }
@@ -168,6 +169,7 @@ impl Module for Linear {
 mod tests {
     use super::*;
     use crate::layers::gguf;
+    use crate::layers::lora::LoraDelta;
     use crate::layers::weights::{StoredWeight, StoredWeights};
     use candle_core::quantized::QTensor;
     use candle_core::Device;
@@ -273,20 +275,6 @@ mod tests {
         assert_eq!(max_diff(&got, &want), 0.0);
     }
 
-    /// `scale · (x aᵀ) bᵀ`, LoRA's delta (test-only: loading adapters is not implemented).
-    #[derive(Debug)]
-    struct LowRank {
-        a: Tensor,
-        b: Tensor,
-        scale: f64,
-    }
-
-    impl LinearAdapter for LowRank {
-        fn delta(&self, x: &Tensor) -> Result<Tensor> {
-            x.matmul(&self.a.t()?)?.matmul(&self.b.t()?)? * self.scale
-        }
-    }
-
     #[test]
     fn adapters_add_their_delta_and_a_zero_one_changes_nothing() {
         let dev = Device::Cpu;
@@ -300,11 +288,8 @@ mod tests {
         let plain_concat = l.forward_concat(&[&parts[0], &parts[1]]).unwrap();
         // a rank-2 adapter with B = 0 adds exact zeros: the same values, in both forwards
         let a = Tensor::randn(0f32, 1., (2, 8), &dev).unwrap();
-        let zero = LowRank {
-            a: a.clone(),
-            b: Tensor::zeros((6, 2), DType::F32, &dev).unwrap(),
-            scale: 0.5,
-        };
+        let b0 = Tensor::zeros((6, 2), DType::F32, &dev).unwrap();
+        let zero = LoraDelta::new(a.clone(), b0, None, 0.5).unwrap();
         l.set_adapters(vec![Arc::new(zero)]);
         let got = l.forward(&x).unwrap().flatten_all().unwrap();
         assert_eq!(
@@ -318,11 +303,9 @@ mod tests {
         );
         // a real delta equals merging it into the weight, W + s·B·A, up to rounding
         let b = Tensor::randn(0f32, 1., (6, 2), &dev).unwrap();
-        l.set_adapters(vec![Arc::new(LowRank {
-            a: a.clone(),
-            b: b.clone(),
-            scale: 0.5,
-        })]);
+        l.set_adapters(vec![Arc::new(
+            LoraDelta::new(a.clone(), b.clone(), None, 0.5).unwrap(),
+        )]);
         let merged = (&w + (b.matmul(&a).unwrap() * 0.5).unwrap()).unwrap();
         let want = Linear::new(MatmulWeight::Dense(merged), Some(bias))
             .forward(&x)

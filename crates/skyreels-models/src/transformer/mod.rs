@@ -16,6 +16,7 @@ mod embed;
 mod forward;
 mod head;
 mod inputs;
+mod linears;
 mod ulysses;
 
 pub use cache::{CacheSpec, StepCache, TEACACHE_COEFFICIENTS};

@@ -8,6 +8,7 @@
 
 use crate::conditioning::{PromptEmbeds, TextEncoders, TextError};
 use crate::loading::{load_transformer, load_transformer_resident, load_vae, LoadError};
+use crate::lora::{Adapters, LoraError, Loras, Matched};
 use crate::parallel::{self, Ranks, Step};
 use crate::runtime::{gib, PeakMemory};
 use crate::scheduler::{FlowMatchEuler, SchedulerConfig};
@@ -23,6 +24,7 @@ use skyreels_params::{check_pixel_frames, TokenLayout, Ulysses};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+mod loras;
 mod setup;
 
 pub use setup::Offload;
@@ -46,8 +48,17 @@ pub enum GenerateError {
     Hub(#[from] crate::hub::HubError),
     #[error("{0}")]
     Model(#[from] candle_core::Error),
+    /// A LoRA of the request could not be applied (the message names it).
+    #[error(transparent)]
+    Lora(Box<LoraError>),
     #[error("cancelled")]
     Cancelled,
+}
+
+impl From<LoraError> for GenerateError {
+    fn from(e: LoraError) -> Self {
+        Self::Lora(Box::new(e))
+    }
 }
 
 fn invalid<T>(msg: impl Into<String>) -> Result<T, GenerateError> {
@@ -219,6 +230,12 @@ pub struct Pipeline {
     dtype: DType,
     vae_dtype: DType,
     load_time: Duration,
+    /// Parsed LoRA files and the transformer's layers to match them to.
+    loras: Loras,
+    /// The LoRAs of [`Pipeline::set_loras`], matched (for new ranks) and on the pipeline's
+    /// device (attached to the transformer `--offload model` loads).
+    matched: Matched,
+    adapters: Adapters,
 }
 
 impl Pipeline {

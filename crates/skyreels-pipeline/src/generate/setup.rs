@@ -2,6 +2,7 @@
 //! stay between uses, and the clip sizes its device's memory takes.
 
 use super::*;
+use crate::lora::{attach, layer_dims};
 
 /// Where the transformer and the VAE stay between uses (`--offload`). Every mode gives the same
 /// numbers; the text encoders are always loaded per request and released before the denoising.
@@ -77,7 +78,7 @@ impl Pipeline {
     ) -> Result<Self, GenerateError> {
         let start = Instant::now();
         let scheduler = SchedulerConfig::from_dir(&paths.pipeline)?;
-        let transformer = load_transformer_resident(
+        let mut transformer = load_transformer_resident(
             &paths.transformer,
             paths.transformer_config.as_deref(),
             dtype,
@@ -85,6 +86,7 @@ impl Pipeline {
             offload == Offload::Blocks,
         )?
         .0;
+        let layers = layer_dims(&mut transformer)?;
         let vae = load_vae(&paths.pipeline, vae_dtype, device)?;
         let transformer_config = transformer.config().clone();
         let vae_config = vae.config().clone();
@@ -132,6 +134,9 @@ impl Pipeline {
             dtype,
             vae_dtype,
             load_time: start.elapsed(),
+            loras: Loras::new(layers),
+            matched: Matched::default(),
+            adapters: Adapters::default(),
         })
     }
 
@@ -166,13 +171,20 @@ impl Pipeline {
             ));
         }
         let load = |device: &Device| -> Result<_, GenerateError> {
-            let (model, _) = load_transformer_resident(
+            let (mut model, _) = load_transformer_resident(
                 &self.paths.transformer,
                 self.paths.transformer_config.as_deref(),
                 self.dtype,
                 device,
                 self.offload == Offload::Blocks,
             )?;
+            // the LoRAs chosen so far, on this rank's device
+            let adapters = if device.same_device(&self.device) {
+                self.adapters.clone()
+            } else {
+                self.matched.adapters(self.dtype, device)?
+            };
+            attach(&mut model, &adapters);
             Ok((device.clone(), model))
         };
         let cond = groups[0][1..].iter().map(load).collect::<Result<_, _>>()?;
@@ -196,12 +208,14 @@ impl Pipeline {
         &self,
     ) -> Result<Held<'_, HunyuanVideoTransformer3DModel>, LoadError> {
         self.transformer.get(|| {
-            load_transformer(
+            let mut model = load_transformer(
                 &self.paths.transformer,
                 self.paths.transformer_config.as_deref(),
                 self.dtype,
                 &self.device,
-            )
+            )?;
+            attach(&mut model, &self.adapters);
+            Ok(model)
         })
     }
 

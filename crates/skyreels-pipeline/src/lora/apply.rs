@@ -1,0 +1,218 @@
+//! Matching parsed LoRA files against the transformer's linear layers, and the adapters that
+//! result, per device.
+
+use super::cache::{Digest, LoraCache, LoraCacheStats};
+use super::names::Split;
+use super::parse::{parse, Module, Parsed};
+use super::{LoraApplied, LoraError, LoraErrorKind, LoraFile, LoraReport, ShapeMismatch};
+use candle_core::{DType, Device, Tensor};
+use sha2::{Digest as _, Sha256};
+use skyreels_models::layers::{LinearAdapter, LoraDelta};
+use skyreels_models::HunyuanVideoTransformer3DModel;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+/// (out, in) of every linear layer of a transformer, by diffusers module path.
+pub(crate) type LayerDims = BTreeMap<String, (usize, usize)>;
+
+/// The adapters of every layer that has some, in the order of the request's LoRAs.
+pub(crate) type Adapters = HashMap<String, Vec<Arc<dyn LinearAdapter>>>;
+
+/// One LoRA's factors for one layer, on the CPU as the file stores them.
+struct LayerLora {
+    a: Tensor,
+    b: Tensor,
+    bias_b: Option<Tensor>,
+    /// weight × alpha / rank.
+    scale: f64,
+}
+
+/// A request's LoRAs matched to the layers, ready to be placed on any device.
+#[derive(Default)]
+pub(crate) struct Matched(BTreeMap<String, Vec<LayerLora>>);
+
+impl Matched {
+    /// The adapters in `dtype` on `device`.
+    pub(crate) fn adapters(&self, dtype: DType, device: &Device) -> candle_core::Result<Adapters> {
+        let on = |t: &Tensor| t.to_dtype(dtype)?.to_device(device);
+        self.0
+            .iter()
+            .map(|(layer, loras)| {
+                let adapters = loras
+                    .iter()
+                    .map(|l| {
+                        let bias = l.bias_b.as_ref().map(on).transpose()?;
+                        let d = LoraDelta::new(on(&l.a)?, on(&l.b)?, bias, l.scale)?;
+                        Ok(Arc::new(d) as Arc<dyn LinearAdapter>)
+                    })
+                    .collect::<candle_core::Result<_>>()?;
+                Ok((layer.clone(), adapters))
+            })
+            .collect()
+    }
+}
+
+/// Sets every linear layer's adapters to those `adapters` names for it (none for the others).
+pub(crate) fn attach(model: &mut HunyuanVideoTransformer3DModel, adapters: &Adapters) {
+    for (name, layer) in model.linears_mut() {
+        layer.set_adapters(adapters.get(&name).cloned().unwrap_or_default());
+    }
+}
+
+/// The layers of `model`, for matching.
+pub(crate) fn layer_dims(
+    model: &mut HunyuanVideoTransformer3DModel,
+) -> candle_core::Result<LayerDims> {
+    model
+        .linears_mut()
+        .into_iter()
+        .map(|(name, l)| Ok((name, l.dims()?)))
+        .collect()
+}
+
+/// `b`'s rows (and its bias) cut for the targets of `module`, after checking every shape.
+fn fit(
+    module: &Module,
+    dims: &[(usize, usize)],
+) -> Result<Vec<(Tensor, Option<Tensor>)>, LoraErrorKind> {
+    let (_, a_in) = module.a.dims2()?;
+    let (b_out, _) = module.b.dims2()?;
+    let total: usize = dims.iter().map(|d| d.0).sum();
+    let bias_ok = module.bias_b.as_ref().is_none_or(|t| t.dims() == [b_out]);
+    let odd = module.split == Split::SwapHalves && b_out % 2 == 1;
+    if let Some((i, d)) = dims
+        .iter()
+        .enumerate()
+        .find(|(_, d)| d.1 != a_in || total != b_out || !bias_ok || odd)
+    {
+        return Err(LoraErrorKind::Shape(Box::new(ShapeMismatch {
+            module: module.name.clone(),
+            layer: module.targets[i].clone(),
+            a: module.a.dims().to_vec(),
+            b: module.b.dims().to_vec(),
+            want: vec![d.0, d.1],
+        })));
+    }
+    let rows = |t: &Tensor, start: usize, len: usize| t.narrow(0, start, len);
+    Ok(match module.split {
+        Split::Whole => vec![(module.b.clone(), module.bias_b.clone())],
+        Split::SwapHalves => {
+            // [shift; scale] -> [scale; shift]
+            let half = b_out / 2;
+            let swap = |t: &Tensor| -> candle_core::Result<Tensor> {
+                Tensor::cat(&[rows(t, half, half)?, rows(t, 0, half)?], 0)
+            };
+            vec![(
+                swap(&module.b)?,
+                module.bias_b.as_ref().map(swap).transpose()?,
+            )]
+        }
+        Split::Rows => {
+            let mut start = 0;
+            let mut parts = Vec::with_capacity(dims.len());
+            for &(out, _) in dims {
+                let bias = module.bias_b.as_ref().map(|t| rows(t, start, out));
+                parts.push((rows(&module.b, start, out)?, bias.transpose()?));
+                start += out;
+            }
+            parts
+        }
+    })
+}
+
+/// The parsed LoRA files a pipeline keeps, and its transformer's layers.
+pub(crate) struct Loras {
+    cache: LoraCache,
+    layers: LayerDims,
+}
+
+impl Loras {
+    pub(crate) fn new(layers: LayerDims) -> Self {
+        Self {
+            cache: LoraCache::new(super::DEFAULT_LORA_CACHE_BYTES),
+            layers,
+        }
+    }
+
+    pub(crate) fn set_cache_bytes(&mut self, bytes: usize) {
+        self.cache.set_capacity(bytes);
+    }
+
+    pub(crate) fn cache_stats(&self) -> LoraCacheStats {
+        self.cache.stats()
+    }
+
+    /// A file, parsed or from the cache (true).
+    fn read(&mut self, file: &LoraFile) -> Result<(Arc<Parsed>, bool), LoraErrorKind> {
+        let bytes = std::fs::read(&file.path).map_err(|source| match source.kind() {
+            std::io::ErrorKind::NotFound => LoraErrorKind::NotFound(file.path.clone()),
+            _ => LoraErrorKind::Io {
+                path: file.path.clone(),
+                source,
+            },
+        })?;
+        let digest: Digest = Sha256::digest(&bytes).into();
+        if let Some(parsed) = self.cache.get(&digest) {
+            return Ok((parsed, true));
+        }
+        let parsed = Arc::new(parse(&bytes)?);
+        self.cache.insert(digest, parsed.clone());
+        Ok((parsed, false))
+    }
+
+    /// Reads `files` and matches each to the layers: their adapters, and what each gave.
+    pub(crate) fn select(
+        &mut self,
+        files: &[LoraFile],
+    ) -> Result<(Matched, LoraReport), LoraError> {
+        let mut matched = Matched::default();
+        let mut report = LoraReport::default();
+        for file in files {
+            let err = |kind| LoraError {
+                label: file.label.clone(),
+                kind,
+            };
+            let (parsed, cache_hit) = self.read(file).map_err(err)?;
+            let mut applied = LoraApplied {
+                label: file.label.clone(),
+                format: parsed.format,
+                layers: 0,
+                unmatched_keys: parsed.stray_keys,
+                cache_hit,
+            };
+            let mut layers = Vec::new();
+            for module in &parsed.modules {
+                let dims: Option<Vec<(usize, usize)>> = module
+                    .targets
+                    .iter()
+                    .map(|t| self.layers.get(t).copied())
+                    .collect();
+                let Some(dims) = dims else {
+                    applied.unmatched_keys += module.keys;
+                    continue;
+                };
+                let parts = fit(module, &dims).map_err(err)?;
+                for ((target, (b, bias_b)), scale) in
+                    module.targets.iter().zip(parts).zip(&module.scales)
+                {
+                    let lora = LayerLora {
+                        a: module.a.clone(),
+                        b,
+                        bias_b,
+                        scale: file.scale * scale,
+                    };
+                    layers.push((target.clone(), lora));
+                }
+            }
+            if layers.is_empty() {
+                return Err(err(LoraErrorKind::NoMatch));
+            }
+            applied.layers = layers.len();
+            for (target, lora) in layers {
+                matched.0.entry(target).or_default().push(lora);
+            }
+            report.applied.push(applied);
+        }
+        Ok((matched, report))
+    }
+}
