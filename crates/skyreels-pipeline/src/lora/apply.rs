@@ -70,11 +70,14 @@ pub(crate) fn layer_dims(
         .collect()
 }
 
-/// `b`'s rows (and its bias) cut for the targets of `module`, after checking every shape.
+/// `module`'s factors for each of its targets, `(a, b, bias_b)`, after checking every shape:
+/// `b`'s rows (and its bias) cut by the targets' outputs; for the final layer, the halves of
+/// `b`'s rows, of its bias and of `a`'s rank rows swapped, each as torch's `chunk(2)` cuts them
+/// (the first half rounded up), as diffusers' `remap_norm_scale_shift_` does.
 fn fit(
     module: &Module,
     dims: &[(usize, usize)],
-) -> Result<Vec<(Tensor, Option<Tensor>)>, LoraErrorKind> {
+) -> Result<Vec<(Tensor, Tensor, Option<Tensor>)>, LoraErrorKind> {
     let (_, a_in) = module.a.dims2()?;
     let (b_out, _) = module.b.dims2()?;
     let total: usize = dims.iter().map(|d| d.0).sum();
@@ -94,15 +97,18 @@ fn fit(
         })));
     }
     let rows = |t: &Tensor, start: usize, len: usize| t.narrow(0, start, len);
+    let a = &module.a;
     Ok(match module.split {
-        Split::Whole => vec![(module.b.clone(), module.bias_b.clone())],
+        Split::Whole => vec![(a.clone(), module.b.clone(), module.bias_b.clone())],
         Split::SwapHalves => {
-            // [shift; scale] -> [scale; shift]
-            let half = b_out / 2;
+            // torch: `first, second = t.chunk(2, dim=0); cat([second, first])`
             let swap = |t: &Tensor| -> candle_core::Result<Tensor> {
-                Tensor::cat(&[rows(t, half, half)?, rows(t, 0, half)?], 0)
+                let n = t.dim(0)?;
+                let first = n.div_ceil(2);
+                Tensor::cat(&[rows(t, first, n - first)?, rows(t, 0, first)?], 0)
             };
             vec![(
+                swap(a)?,
                 swap(&module.b)?,
                 module.bias_b.as_ref().map(swap).transpose()?,
             )]
@@ -112,7 +118,7 @@ fn fit(
             let mut parts = Vec::with_capacity(dims.len());
             for &(out, _) in dims {
                 let bias = module.bias_b.as_ref().map(|t| rows(t, start, out));
-                parts.push((rows(&module.b, start, out)?, bias.transpose()?));
+                parts.push((a.clone(), rows(&module.b, start, out)?, bias.transpose()?));
                 start += out;
             }
             parts
@@ -192,11 +198,11 @@ impl Loras {
                     continue;
                 };
                 let parts = fit(module, &dims).map_err(err)?;
-                for ((target, (b, bias_b)), scale) in
+                for ((target, (a, b, bias_b)), scale) in
                     module.targets.iter().zip(parts).zip(&module.scales)
                 {
                     let lora = LayerLora {
-                        a: module.a.clone(),
+                        a,
                         b,
                         bias_b,
                         scale: file.scale * scale,

@@ -19,7 +19,8 @@ pub(super) enum Split {
     /// order of the targets, each as many rows as its layer has outputs.
     Rows,
     /// One target whose output halves are swapped: the final layer's `[shift; scale]` becomes
-    /// diffusers' `norm_out.linear` `[scale; shift]`.
+    /// diffusers' `norm_out.linear` `[scale; shift]` (and, as diffusers does, `lora_A`'s rank
+    /// rows too).
     SwapHalves,
 }
 
@@ -106,12 +107,13 @@ fn split_targets(module: &str, from: &str, parts: &[&str]) -> Vec<String> {
 /// The diffusers targets of an original-layout module (no `diffusion_model.` / `transformer.`
 /// prefix, no `.lora_A.weight` suffix), and how its `lora_B` spreads over them.
 ///
-/// Where this departs from diffusers, diffusers cannot load the file or computes another
-/// product: a single block's `linear1` is cut by the layers' widths (diffusers hard-codes 3072,
-/// HunyuanVideo's), the token refiner's fused `self_attn_qkv` shares its `lora_A` like the
-/// blocks' (diffusers chunks `lora_A` too, which leaves the ranks mismatched), and the final
-/// layer's swap moves `lora_B`'s rows only (diffusers also swaps the halves of `lora_A`'s rank
-/// rows, which changes the product `B·A`).
+/// The final layer's swap is diffusers' exactly: the halves of `lora_B`'s rows and of `lora_A`'s
+/// rank rows (the latter permutes the rank components against `lora_B`'s columns, so such a LoRA
+/// computes another `B·A` than its trainer did; we follow the reference, see docs/loras.md).
+/// Where diffusers cannot load a file, this goes on: a single block's `linear1` is cut by the
+/// layers' widths (diffusers hard-codes 3072, HunyuanVideo's), and the token refiner's fused
+/// `self_attn_qkv` shares its `lora_A` like the blocks' (diffusers chunks `lora_A` too, which
+/// leaves the ranks mismatched).
 pub(super) fn original_to_diffusers(module: &str) -> (Vec<String>, Split) {
     let mut key = module.to_string();
     for (from, to) in RENAMES {
