@@ -8,9 +8,12 @@
 //! the final layer's shift/scale swap). Kohya names are recovered as musubi-tuner's
 //! `convert_lora.py::convert_to_diffusers` does
 //! (<https://github.com/kohya-ss/musubi-tuner/blob/30c658c4f4b0bf05038b3346eff9670259b10fc7/src/musubi_tuner/convert_lora.py#L120-L141>).
+//! The replacement tables are the single-file loader's (the same dictionaries in diffusers).
+
+use crate::single_file::{replace_all, RENAMES, TXT_IN_RENAMES};
 
 /// How a file's `lora_B` (and its bias) spreads over the layers it targets; `lora_A` is the same
-/// for every target.
+/// for every target but the final layer's (see `SwapHalves`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Split {
     /// One target, `lora_B` as it is.
@@ -22,78 +25,6 @@ pub(super) enum Split {
     /// diffusers' `norm_out.linear` `[scale; shift]` (and, as diffusers does, `lora_A`'s rank
     /// rows too).
     SwapHalves,
-}
-
-/// `TRANSFORMER_KEYS_RENAME_DICT`, applied in this order to every key.
-const RENAMES: &[(&str, &str)] = &[
-    ("img_in", "x_embedder"),
-    (
-        "time_in.mlp.0",
-        "time_text_embed.timestep_embedder.linear_1",
-    ),
-    (
-        "time_in.mlp.2",
-        "time_text_embed.timestep_embedder.linear_2",
-    ),
-    (
-        "guidance_in.mlp.0",
-        "time_text_embed.guidance_embedder.linear_1",
-    ),
-    (
-        "guidance_in.mlp.2",
-        "time_text_embed.guidance_embedder.linear_2",
-    ),
-    (
-        "vector_in.in_layer",
-        "time_text_embed.text_embedder.linear_1",
-    ),
-    (
-        "vector_in.out_layer",
-        "time_text_embed.text_embedder.linear_2",
-    ),
-    ("double_blocks", "transformer_blocks"),
-    ("img_attn_q_norm", "attn.norm_q"),
-    ("img_attn_k_norm", "attn.norm_k"),
-    ("img_attn_proj", "attn.to_out.0"),
-    ("txt_attn_q_norm", "attn.norm_added_q"),
-    ("txt_attn_k_norm", "attn.norm_added_k"),
-    ("txt_attn_proj", "attn.to_add_out"),
-    ("img_mod.linear", "norm1.linear"),
-    ("img_norm1", "norm1.norm"),
-    ("img_norm2", "norm2"),
-    ("img_mlp", "ff"),
-    ("txt_mod.linear", "norm1_context.linear"),
-    ("txt_norm1", "norm1.norm"),
-    ("txt_norm2", "norm2_context"),
-    ("txt_mlp", "ff_context"),
-    ("self_attn_proj", "attn.to_out.0"),
-    ("modulation.linear", "norm.linear"),
-    ("pre_norm", "norm.norm"),
-    ("final_layer.norm_final", "norm_out.norm"),
-    ("final_layer.linear", "proj_out"),
-    ("fc1", "net.0.proj"),
-    ("fc2", "net.2"),
-    ("input_embedder", "proj_in"),
-];
-
-/// `remap_txt_in_`'s `rename_key`.
-fn rename_txt_in(key: &str) -> String {
-    key.replace(
-        "individual_token_refiner.blocks",
-        "token_refiner.refiner_blocks",
-    )
-    .replace("adaLN_modulation.1", "norm_out.linear")
-    .replace("txt_in", "context_embedder")
-    .replace(
-        "t_embedder.mlp.0",
-        "time_text_embed.timestep_embedder.linear_1",
-    )
-    .replace(
-        "t_embedder.mlp.2",
-        "time_text_embed.timestep_embedder.linear_2",
-    )
-    .replace("c_embedder", "time_text_embed.text_embedder")
-    .replace("mlp", "ff")
 }
 
 /// `fused` (a module path ending in `from`) as one target per name in `parts`.
@@ -115,10 +46,7 @@ fn split_targets(module: &str, from: &str, parts: &[&str]) -> Vec<String> {
 /// `self_attn_qkv` shares its `lora_A` like the blocks' (diffusers chunks `lora_A` too, which
 /// leaves the ranks mismatched).
 pub(super) fn original_to_diffusers(module: &str) -> (Vec<String>, Split) {
-    let mut key = module.to_string();
-    for (from, to) in RENAMES {
-        key = key.replace(from, to);
-    }
+    let key = replace_all(module, &RENAMES);
     if key.contains("txt_in") {
         return if key.contains("self_attn_qkv") {
             let qkv = split_targets(
@@ -126,9 +54,9 @@ pub(super) fn original_to_diffusers(module: &str) -> (Vec<String>, Split) {
                 "self_attn_qkv",
                 &["attn.to_q", "attn.to_k", "attn.to_v"],
             );
-            (qkv.iter().map(|k| rename_txt_in(k)).collect(), Split::Rows)
+            (qkv.iter().map(|k| replace_all(k, &TXT_IN_RENAMES)).collect(), Split::Rows)
         } else {
-            (vec![rename_txt_in(&key)], Split::Whole)
+            (vec![replace_all(&key, &TXT_IN_RENAMES)], Split::Whole)
         };
     }
     if key.contains("img_attn_qkv") {

@@ -32,7 +32,7 @@ pub use quantize::{quantize_to_gguf, QuantizeReport};
 /// diffusers' `TRANSFORMER_KEYS_RENAME_DICT`, in its order (each is applied to every key).
 ///
 /// <https://github.com/huggingface/diffusers/blob/58eb52c0803ea9af3abec60841c2a093bdf1f951/src/diffusers/loaders/single_file_utils.py#L2854-L2885>
-const RENAMES: [(&str, &str); 30] = [
+pub(crate) const RENAMES: [(&str, &str); 30] = [
     ("img_in", "x_embedder"),
     (
         "time_in.mlp.0",
@@ -84,7 +84,7 @@ const RENAMES: [(&str, &str); 30] = [
 ];
 
 /// `remap_txt_in_`'s `rename_key`, in its order.
-const TXT_IN_RENAMES: [(&str, &str); 7] = [
+pub(crate) const TXT_IN_RENAMES: [(&str, &str); 7] = [
     (
         "individual_token_refiner.blocks",
         "token_refiner.refiner_blocks",
@@ -103,7 +103,8 @@ const TXT_IN_RENAMES: [(&str, &str); 7] = [
     ("mlp", "ff"),
 ];
 
-fn replace_all(key: &str, table: &[(&str, &str)]) -> String {
+/// `key` with every `(from, to)` of `table` replaced, in order.
+pub(crate) fn replace_all(key: &str, table: &[(&str, &str)]) -> String {
     table
         .iter()
         .fold(key.to_string(), |k, (from, to)| k.replace(from, to))
