@@ -127,8 +127,9 @@ impl LoraError {
     }
 }
 
-/// The path as it may be shown in errors and logs.
-fn shown(path: &str) -> String {
+/// A LoRA path as it may be shown in errors, logs and labels, quoted: a URL without
+/// credentials or query.
+pub fn shown(path: &str) -> String {
     match parse(path) {
         Ok(LoraPath::Url(u)) => format!("{:?}", media::display_url(&u)),
         _ => format!("{path:?}"),
