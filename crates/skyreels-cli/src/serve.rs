@@ -389,7 +389,7 @@ impl PipelineGenerator {
             })
             .collect();
         Err(GenerateFailure::InvalidInput(format!(
-            "this build of the pipeline does not apply LoRAs yet: {}",
+            "{}: LoRAs are not applied by this build of the pipeline yet",
             named.join(", ")
         )))
     }

@@ -148,6 +148,7 @@ fn input_schema(m: &ModelInfo, max_loras: usize) -> Value {
         ),
         ("fps", json!(skyreels_params::FPS)),
         ("seed", json!(-1)),
+        ("riflex_freq_index", json!(0)),
     ] {
         if let Some(p) = s["properties"].get_mut(field) {
             p["default"] = default;
