@@ -60,8 +60,9 @@ pub struct Input {
     pub params: skyreels_params::GenerationParams,
     pub image: Option<RgbImage>,
     /// Where the adapter of each of `params.loras` is, in the same order. The queue holds the
-    /// request's specs only; the worker that takes the task resolves them on its own disk
-    /// (`crate::loras`) and fills this in before the generator sees the input.
+    /// request's specs only; the worker that takes the task resolves them on its own disk (a
+    /// `--lora-dir` file, a URL's download) and fills this in before the generator sees the
+    /// input.
     pub loras: Vec<LoraSource>,
 }
 

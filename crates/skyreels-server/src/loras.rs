@@ -16,7 +16,6 @@
 //! task resolves the paths on its own disk ([`Loras::resolve`]) before its generator runs.
 //! Every error names the LoRA (its index and its path; a URL without credentials or query).
 
-use crate::engine::task::{hex, new_id, TaskCode};
 use crate::generator::LoraSource;
 use crate::media;
 use sha2::{Digest, Sha256};
@@ -100,7 +99,7 @@ pub struct LoraError {
     pub kind: LoraErrorKind,
 }
 
-/// What kind of failure a [`LoraError`] is (it decides the task code).
+/// What kind of failure a [`LoraError`] is (the worker's task code follows it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LoraErrorKind {
     /// The path breaks a rule or names nothing: a bad request (1401).
@@ -112,15 +111,6 @@ pub enum LoraErrorKind {
 }
 
 impl LoraError {
-    /// The code a task that fails with this error ends with.
-    pub fn code(&self) -> TaskCode {
-        match self.kind {
-            LoraErrorKind::Invalid => TaskCode::InvalidParameter,
-            LoraErrorKind::Download => TaskCode::MediaAccessFailed,
-            LoraErrorKind::Storage => TaskCode::ExecutionFailed,
-        }
-    }
-
     /// The message without the `loras` prefix, for a 400 that names the field.
     pub fn rule(&self) -> String {
         format!("[{}] {}: {}", self.index, self.shown, self.reason)
@@ -309,7 +299,10 @@ impl Loras {
 
     /// Where the download of `url` is kept: named by the SHA-256 of the URL.
     fn cached_path(&self, url: &url::Url) -> PathBuf {
-        let digest = hex(&Sha256::digest(url.as_str().as_bytes()));
+        let digest: String = Sha256::digest(url.as_str().as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         self.cache_dir.join(format!("{digest}{EXTENSION}"))
     }
 
@@ -361,7 +354,7 @@ impl Loras {
             )
         };
         std::fs::create_dir_all(&self.cache_dir).map_err(storage)?;
-        let part = target.with_extension(format!("part{}", &new_id()[..8]));
+        let part = target.with_extension(format!("part{:08x}", rand::random::<u32>()));
         let written = (|| {
             let mut o = std::fs::OpenOptions::new();
             o.write(true).create_new(true);
@@ -476,10 +469,10 @@ mod tests {
         );
         let e = r.resolve(&[spec("style"), spec("gone")]).unwrap_err();
         assert_eq!(
-            (e.index, e.code(), e.to_string()),
+            (e.index, e.kind, e.to_string()),
             (
                 1,
-                TaskCode::InvalidParameter,
+                LoraErrorKind::Invalid,
                 "loras[1] \"gone\": not found: no file gone.safetensors in this server's \
                  --lora-dir"
                     .into()

@@ -9,7 +9,7 @@ use super::backend::{Consumer, Lease, Verdict};
 use super::task::{Outcome, TaskCode};
 use super::{files, Backoff, Engine, Input};
 use crate::generator::{GenerateFailure, Generator, ModelInfo};
-use crate::loras::Loras;
+use crate::loras::{LoraErrorKind, Loras};
 use base64::Engine as _;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
@@ -217,7 +217,12 @@ fn resolve_loras(id: &str, input: &mut Input, loras: &Loras) -> Result<(), Outco
         }
         Err(e) => {
             tracing::warn!(%id, "LoRA refused: {e}");
-            Err(Outcome::Failed(e.code(), e.to_string()))
+            let code = match e.kind {
+                LoraErrorKind::Invalid => TaskCode::InvalidParameter,
+                LoraErrorKind::Download => TaskCode::MediaAccessFailed,
+                LoraErrorKind::Storage => TaskCode::ExecutionFailed,
+            };
+            Err(Outcome::Failed(code, e.to_string()))
         }
     }
 }
