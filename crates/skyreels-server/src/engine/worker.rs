@@ -148,6 +148,11 @@ fn run_lease(
         }
         o => o,
     };
+    let completed = matches!(outcome, Outcome::Completed { .. });
+    if !completed {
+        // nothing of a run that did not complete is served: gone before its end is visible
+        drop_files();
+    }
     let mut backoff = Backoff::default();
     let won = loop {
         match consumer.finish(&lease, &outcome, &video) {
@@ -162,8 +167,8 @@ fn run_lease(
         tracing::info!(id = %lease.id, "the task had already ended; this result is dropped");
     }
     // the video stays only where it is served from
-    let kept = won && matches!(outcome, Outcome::Completed { .. }) && engine.outputs_on_disk();
-    if !kept {
+    let kept = won && engine.outputs_on_disk();
+    if completed && !kept {
         drop_files();
     }
 }
