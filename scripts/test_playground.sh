@@ -3,7 +3,7 @@
 # Debian's packages when missing; never a browser download) driven by Selenium (PyPI, in its own
 # venv: browser-venv in target/ or $CARGO_TARGET_DIR) against a live `skyreels serve` on the
 # bundled tiny weights with an API key. The screenshot of the finished state goes to
-# target/playground/playground.png.
+# target/playground/playground.png. Its --lora-dir holds style.safetensors, the LoRA row the test sends.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/tiny_server.sh
@@ -16,7 +16,10 @@ fi
 venv="$target/browser-venv"
 python_venv "$venv" selenium "selenium==4.51.0"
 key="browser-test-$RANDOM$RANDOM"
-start_tiny_server "$key"
+loras="$target/playground-loras"
+mkdir -p "$loras"
+printf 'a LoRA file for the playground test' > "$loras/style.safetensors"
+start_tiny_server "$key" --lora-dir "$loras"
 grep -q "playground at $url/playground" "$tmp/log" || { cat "$tmp/log"; echo "no playground URL in the log"; exit 1; }
 if ! "$venv/bin/python" tests/browser/playground_test.py "$url" "$key" weights/example.png "$target/playground"; then
     cat "$tmp/log"

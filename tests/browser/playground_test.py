@@ -4,8 +4,9 @@ Usage: playground_test.py BASE_URL API_KEY IMAGE OUT_DIR
 Debian's Chromium, driven by Selenium through Debian's chromedriver (no browser download), against a
 live `skyreels serve` on the tiny weights with an API key: enter the key, upload an image file, submit,
 see the progress bar move, see the <video> load a playable clip (duration and videoWidth read through
-JavaScript) with the Advanced section's flow shift in the task's input, cancel a second long task, reload and
-find both in the history; the key is kept for the tab (sessionStorage) unless "remember" is ticked (then
+JavaScript) with the Advanced section's flow shift in the task's input, cancel a second long task, submit a third
+with one LoRA row (style, a file of the server's --lora-dir that test_playground.sh provides) and find it in the
+task's input (rows are added up to three and removed), reload and find the first two in the history; the key is kept for the tab (sessionStorage) unless "remember" is ticked (then
 localStorage, and a new tab finds it). The Swagger UI at /docs renders the API under its policy. Neither page
 logs a Content-Security-Policy violation. Writes a screenshot of the finished state to OUT_DIR/playground.png.
 """
@@ -78,7 +79,7 @@ def main():
         # the model's defaults are shown
         for field, default in [("num_inference_steps", "4"), ("num_frames", "9"), ("guidance_scale", "6"),
                                ("embedded_guidance_scale", "1"), ("fps", "24"), ("width", "96"),
-                               ("cache", "none"), ("flow_shift", "the model's")]:
+                               ("cache", "none"), ("flow_shift", "the model's"), ("riflex_freq_index", "0")]:
             shown = d.find_element(By.ID, field).get_attribute("placeholder")
             assert shown == default, f"{field}: {shown!r}, want {default}"
         d.find_element(By.ID, "image-file").send_keys(str(Path(IMAGE).resolve()))
@@ -128,6 +129,31 @@ def main():
         until("it to run", lambda: d.find_element(By.ID, "task-status").text == "processing")
         d.find_element(By.ID, "cancel").click()
         until("the cancel", lambda: d.find_element(By.ID, "task-status").text == "cancelled", limit=60)
+
+        # a short task with one LoRA row: the request carries it (the task's input echoes it);
+        # until the pipeline applies LoRAs, the tiny server fails it (1401) naming the LoRA
+        for field in ["num_frames", "num_inference_steps"]:
+            d.find_element(By.ID, field).clear()
+        add = d.find_element(By.ID, "add-lora")
+        for _ in range(3):
+            add.click()
+        assert add.get_attribute("disabled") is not None, "a fourth LoRA row can be added"
+        rows = d.find_elements(By.CSS_SELECTOR, "#loras li")
+        for row in rows[1:]:
+            row.find_element(By.CLASS_NAME, "remove-lora").click()
+        assert len(d.find_elements(By.CSS_SELECTOR, "#loras li")) == 1 and add.get_attribute("disabled") is None
+        rows[0].find_element(By.CLASS_NAME, "lora-path").send_keys("style")
+        rows[0].find_element(By.CLASS_NAME, "lora-scale").send_keys("0.5")
+        d.find_element(By.ID, "run").click()
+        third = until("a third task", lambda: (t := d.find_element(By.ID, "task-id").text) not in (first, second) and t)
+        until("its end", lambda: d.find_element(By.ID, "task-status").text in ("completed", "failed"), limit=300)
+        task = json.load(urllib.request.urlopen(urllib.request.Request(
+            f"{BASE}/api/v3/predictions/{third}/result", headers={"Authorization": f"Bearer {KEY}"})))["data"]
+        assert task["input"]["loras"] == [{"path": "style", "scale": 0.5}], task["input"]
+        if task["status"] == "failed":
+            shown = d.find_element(By.ID, "task-error").text
+            assert task["code"] == 1401 and 'loras[0] "style"' in shown, (task, shown)
+        rows[0].find_element(By.CLASS_NAME, "remove-lora").click()
 
         # after a reload, both are in the history, with a thumbnail for the finished one
         d.refresh()

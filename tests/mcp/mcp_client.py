@@ -7,8 +7,9 @@ assistant would, and calls its `generate_video` tool over the MCP protocol with 
 `size`, `duration` (the tool takes only 5 or 10 seconds: 121 frames at 24 fps), `flow_shift` and
 `num_inference_steps`. Checks: the returned MP4 decodes (PyAV) to the asked width, height and frame
 count; the task's prediction echoes the fields and records the frames used; the same call again gives
-the same frames and another flow_shift other frames (the shift reaches the sampler); a LoRA is
-refused with the server's message, not ignored.
+the same frames and another flow_shift other frames (the shift reaches the sampler); the tool's
+`loras` reach the server: a bare hub repository id (no file) is refused with the server's message
+naming `loras`, not ignored.
 """
 import asyncio
 import io
@@ -96,10 +97,12 @@ async def main():
         change = sum(abs(a - b) for a, b in zip(luma(frames), luma(shifted))) / len(luma(frames))
         assert change > 1, f"flow_shift 2 instead of 5 changed the frames by only {change:.3f} levels"
         print(f"flow_shift 2 instead of 5: frames differ by {change:.1f} levels on average")
-        # a LoRA is refused by the server, with its reason passed through the tool
+        # the tool's loras reach the server: a repository id without a file is refused, with the
+        # server's reason passed through the tool
         args = dict(args, loras=[{"path": "Remade-AI/Deflate", "scale": 1.0}])
         out = tool_result(await session.call_tool("generate_video", args))
-        assert out["status"] == "error" and "LoRAs are not supported yet" in out["error"], out
+        assert out["status"] == "error" and 'loras: [0] \\"Remade-AI/Deflate\\"' in out["error"] \
+            and "OWNER/REPO/FILE.safetensors" in out["error"], out
         print("loras refused:", out["error"][:160])
     print("MCP OK")
 

@@ -2,7 +2,9 @@
 
 Usage: sdk_client.py BASE_URL API_KEY IMAGE
 Checks: run (async polling), sync mode, upload then run with the uploaded URL, a bad key; each
-returned MP4 downloads and decodes (PyAV) to the expected frame count, size and frame rate.
+returned MP4 downloads and decodes (PyAV) to the expected frame count, size and frame rate. A run
+with `loras` naming style, a file of the server's --lora-dir (test_sdk.sh provides it), reaches
+the task as sent (the prediction echoes it); a name not in that folder is refused.
 """
 import base64
 import io
@@ -43,6 +45,13 @@ def check_video(url, frames=9, size=(96, 64), fps=24):
     return got
 
 
+def get_prediction(task_id):
+    req = urllib.request.Request(f"{BASE}/api/v3/predictions/{task_id}/result",
+                                 headers={"Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.load(r)["data"]
+
+
 def main():
     wait_ready()
     client = wavespeed.Client(api_key=KEY, base_url=BASE)
@@ -60,6 +69,22 @@ def main():
     assert url.startswith(BASE), url
     out = client.run(MODEL, {"prompt": prompt, "image": url, "num_frames": 5}, timeout=300)
     print("upload + run:", url, check_video(out["outputs"][0], frames=5))
+
+    # one LoRA passes through the SDK to the task, echoed with its scale; until the pipeline
+    # applies LoRAs (Pipeline::set_loras), the tiny server fails it with 1401 naming it
+    lora = [{"path": "style", "scale": 0.8}]
+    result = client.run_no_throw(MODEL, {"prompt": prompt, "image": data_uri, "loras": lora}, timeout=300)
+    task = get_prediction(result["task_id"])
+    assert task["input"]["loras"] == lora, task["input"]
+    if result["status"] == "completed":
+        check_video(result["outputs"][0])
+    else:
+        assert task["code"] == 1401 and task["error"].startswith('loras[0] "style"'), task
+    print("loras:", task["input"]["loras"], task["status"], task["error"])
+    missing = client.run_no_throw(MODEL, {"prompt": prompt, "image": data_uri, "loras": [{"path": "missing"}]},
+                                  timeout=60)
+    assert missing["status"] == "failed" and "loras: [0]" in missing["error"], missing
+    print("missing LoRA:", missing["error"])
 
     result = client.run_no_throw(MODEL, {"prompt": prompt}, timeout=60)
     assert result["status"] == "failed" and "image" in result["error"], result

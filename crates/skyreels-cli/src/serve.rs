@@ -9,8 +9,10 @@ use skyreels_pipeline::generate::{GenerateError, ModelPaths, Pipeline};
 use skyreels_pipeline::runtime::{free_memory, gib};
 use skyreels_server::backend::redis::{ClusterConfig, OutputStore};
 use skyreels_server::generator::{
-    GenerateFailure, Generated, Generator, GeneratorLoader, Input, ModelInfo,
+    GenerateFailure, Generated, Generator, GeneratorLoader, Input, LoraOutcome, LoraSource,
+    ModelInfo,
 };
+use skyreels_server::loras::LoraConfig;
 use skyreels_server::{Server, ServerConfig};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -117,6 +119,58 @@ pub struct NodeArgs {
     /// is unknown, 50,657,280 = 960x544x97, SkyReels' default clip]
     #[arg(long, env = "SKYREELS_MAX_PIXEL_FRAMES", value_name = "N")]
     max_pixel_frames: Option<u64>,
+    #[command(flatten)]
+    loras: LoraArgs,
+}
+
+/// A request's LoRAs (`loras: [{"path", "scale"}]`): a worker finds and applies them, an API
+/// node checks submits against the same rules (give every node of a deployment the same).
+#[derive(Args)]
+struct LoraArgs {
+    /// Most LoRAs one request may name (WaveSpeed's 3); more is a 400 naming `loras`. 0 refuses
+    /// every request with a LoRA.
+    #[arg(long, env = "SKYREELS_MAX_LORAS", default_value_t = skyreels_params::MAX_LORAS)]
+    max_loras: usize,
+    /// Folder of LoRA files requests may name: a `loras` path with no slash is a file here
+    /// (".safetensors" appended unless it ends so; no "..", no leading ".", no subfolders). A
+    /// name that is not here is a 400. Without this flag names are refused; URLs and hub files
+    /// (OWNER/REPO/FILE.safetensors) need no folder.
+    #[arg(long, env = "SKYREELS_LORA_DIR", value_name = "DIR")]
+    lora_dir: Option<PathBuf>,
+    /// Largest LoRA downloaded from an http(s) URL, in MiB: the download stops there and the
+    /// task fails (1402). Downloads are kept in the output folder's loras/ (named by the URL's
+    /// SHA-256), so a URL is fetched once; they reach only public addresses unless
+    /// --allow-private-image-urls.
+    #[arg(long, env = "SKYREELS_MAX_LORA_MB", default_value_t = skyreels_server::loras::DEFAULT_MAX_LORA_MB)]
+    max_lora_mb: u64,
+    /// Refuse LoRAs given as URLs (a 400 naming `loras`); names in --lora-dir and hub files
+    /// still work.
+    #[arg(long, env = "SKYREELS_NO_LORA_URLS")]
+    no_lora_urls: bool,
+    /// MiB of parsed LoRA adapters each worker keeps in memory (least recently used dropped
+    /// first, keyed by file content), so a LoRA used again is not read and parsed again.
+    #[arg(long, env = "SKYREELS_LORA_CACHE_MB", default_value_t = skyreels_server::loras::DEFAULT_LORA_CACHE_MB)]
+    lora_cache_mb: u64,
+}
+
+impl LoraArgs {
+    fn config(self) -> Result<LoraConfig> {
+        if self.max_lora_mb == 0 {
+            anyhow::bail!("--max-lora-mb must be at least 1");
+        }
+        if let Some(dir) = &self.lora_dir {
+            if !dir.is_dir() {
+                anyhow::bail!("--lora-dir {}: not a folder", dir.display());
+            }
+        }
+        Ok(LoraConfig {
+            max: self.max_loras,
+            dir: self.lora_dir,
+            max_download_bytes: self.max_lora_mb.min(1 << 30) << 20,
+            urls: !self.no_lora_urls,
+            cache_bytes: self.lora_cache_mb.min(1 << 30) << 20,
+        })
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -254,6 +308,7 @@ impl Generator for PipelineGenerator {
         progress: &mut dyn FnMut(usize, usize) -> bool,
     ) -> Result<Generated, GenerateFailure> {
         let req = &input.params;
+        let loras = self.apply_loras(input)?;
         // asked again (with the last step's numbers) between VAE tiles and before the export
         let progress = std::cell::RefCell::new(progress);
         let steps = req.steps;
@@ -287,7 +342,56 @@ impl Generator for PipelineGenerator {
                 ("forwards_computed", t.forwards_computed() as u64),
                 ("forwards_cached", t.forwards_cached() as u64),
             ],
+            loras,
         })
+    }
+}
+
+/// One LoRA of a request as the pipeline takes it: a label for its messages (the request's
+/// index and path, a URL without credentials or query), where the worker found it, its scale.
+struct RequestLora<'a> {
+    label: String,
+    source: &'a LoraSource,
+    scale: f64,
+}
+
+impl PipelineGenerator {
+    /// Sets the pipeline's adapters to the input's LoRAs (none: the plain transformer) and
+    /// reports each one's unmatched keys and cache hit, in order.
+    fn apply_loras(&mut self, input: &Input) -> Result<Vec<LoraOutcome>, GenerateFailure> {
+        let loras: Vec<RequestLora> = input
+            .params
+            .loras
+            .iter()
+            .zip(&input.loras)
+            .enumerate()
+            .map(|(i, (spec, source))| RequestLora {
+                label: format!("loras[{i}] {}", skyreels_server::loras::shown(&spec.path)),
+                source,
+                scale: spec.scale,
+            })
+            .collect();
+        if loras.is_empty() {
+            return Ok(Vec::new());
+        }
+        // integration: a `LoraSource::Hub { repo, file }` becomes a file with
+        // `skyreels_pipeline::hub::fetch_file(repo, file, &HubOptions)`; then
+        // `self.pipeline.set_loras(&[LoraFile { label, path, scale }])` (also with `&[]` when
+        // the request has none, so the previous task's adapters are dropped), and its
+        // `LoraReport.applied` maps onto `LoraOutcome { unmatched_keys, cache_hit }`.
+        let named: Vec<String> = loras
+            .iter()
+            .map(|l| match l.source {
+                LoraSource::File(_) => format!("{} (scale {})", l.label, l.scale),
+                LoraSource::Hub { repo, file } => {
+                    format!("{} (hub {repo}, {file}; scale {})", l.label, l.scale)
+                }
+            })
+            .collect();
+        Err(GenerateFailure::InvalidInput(format!(
+            "{}: LoRAs are not applied by this build of the pipeline yet",
+            named.join(", ")
+        )))
     }
 }
 
@@ -325,6 +429,7 @@ fn node_config(node: NodeArgs) -> Result<ServerConfig> {
         }
     }
     let mut config = ServerConfig::new(&node.output_dir);
+    config.loras = node.loras.config()?;
     config.allow_private_urls = node.allow_private_image_urls;
     config.retention = (node.retention_hours > 0.0)
         .then(|| Duration::from_secs_f64(node.retention_hours * 3600.0));
@@ -399,7 +504,12 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         ),
         _ => {}
     }
-    let loaders = loaders(args.model, args.workers.unwrap_or(groups), max_pixel_frames)?;
+    let loaders = loaders(
+        args.model,
+        args.workers.unwrap_or(groups),
+        max_pixel_frames,
+        config.loras.cache_bytes,
+    )?;
     run_node(config, loaders, (args.host, args.port))
 }
 
@@ -415,7 +525,12 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
         );
     }
     config.metrics_only = true;
-    let loaders = loaders(args.model, usize::MAX, max_pixel_frames)?;
+    let loaders = loaders(
+        args.model,
+        usize::MAX,
+        max_pixel_frames,
+        config.loras.cache_bytes,
+    )?;
     match args.metrics_port {
         Some(port) => run_node(config, loaders, (args.metrics_host, port)),
         None => {
@@ -463,11 +578,12 @@ fn run_node(
 
 /// One generator loader per --device entry (or --parallel group), the first `count`, each
 /// refusing clips beyond `max_pixel_frames` (default: sized to its device, see
-/// [`pixel_frame_limit`]).
+/// [`pixel_frame_limit`]) and keeping `lora_cache_bytes` of parsed LoRA adapters.
 fn loaders(
     model: ModelArgs,
     count: usize,
     max_pixel_frames: Option<u64>,
+    lora_cache_bytes: u64,
 ) -> Result<Vec<GeneratorLoader>> {
     if max_pixel_frames == Some(0) {
         anyhow::bail!("--max-pixel-frames must be at least 1");
@@ -511,6 +627,13 @@ fn loaders(
                 max_pixel_frames = limit,
                 default_clip_gib = gib(pipeline.estimate_clip_bytes(d.height, d.width, d.num_frames)),
                 "largest clip taken (--max-pixel-frames)"
+            );
+            // integration: the pipeline's LoRA adapter cache is sized here
+            // (`lora_cache_bytes`, from --lora-cache-mb) once `Pipeline` has one
+            tracing::info!(
+                device = %names,
+                lora_cache_mib = lora_cache_bytes >> 20,
+                "LoRA adapter cache (--lora-cache-mb)"
             );
             Ok(Box::new(PipelineGenerator { pipeline }))
         }));

@@ -7,11 +7,14 @@ const KEY_STORE = "skyreels.apiKey";
 const HISTORY_STORE = "skyreels.history";
 const HISTORY_MAX = 24;
 const POLL_MS = 500;
-const FIELDS = ["num_inference_steps", "guidance_scale", "embedded_guidance_scale", "num_frames", "fps", "width", "height", "flow_shift"];
+const FIELDS = ["num_inference_steps", "guidance_scale", "embedded_guidance_scale", "num_frames", "fps", "width", "height", "flow_shift", "riflex_freq_index"];
+// LoRA rows at most, unless the server's schema says fewer (--max-loras)
+const MAX_LORA_ROWS = 3;
 
 let model = null; // {model_id, type, api_schema}
 let image = null; // the `image` string to submit: an upload's download_url or a URL
 let current = null; // the task shown: {id, timer, started}
+let maxLoras = MAX_LORA_ROWS;
 
 function apiKey() {
   return $("api-key").value.trim();
@@ -85,6 +88,10 @@ async function loadModel() {
       input.placeholder = d === undefined || d === null ? "the model's" : String(d);
     }
     $("image-section").hidden = model.type !== "image-to-video";
+    const loras = props.loras || {};
+    maxLoras = Math.min(MAX_LORA_ROWS, typeof loras.maxItems === "number" ? loras.maxItems : MAX_LORA_ROWS);
+    while ($("loras").children.length > maxLoras) $("loras").lastElementChild.remove();
+    updateLoraButton();
     showPageError(null);
     $("run").disabled = false;
   } catch (e) {
@@ -140,6 +147,56 @@ function useUrl() {
       (shown ? "" : " (no preview: this page shows images from this server only)");
 }
 
+// ---- LoRA rows: a path and a scale each ----
+
+function updateLoraButton() {
+  $("add-lora").disabled = $("loras").children.length >= maxLoras;
+  $("add-lora").textContent = maxLoras === 0 ? "LoRAs are off on this server" : "Add a LoRA";
+}
+
+function addLora() {
+  if ($("loras").children.length >= maxLoras) return;
+  const li = document.createElement("li");
+  const path = document.createElement("input");
+  path.className = "lora-path";
+  path.type = "text";
+  path.spellcheck = false;
+  path.placeholder = "name, https://... or OWNER/REPO/FILE.safetensors";
+  path.setAttribute("aria-label", "LoRA path");
+  const scale = document.createElement("input");
+  scale.className = "lora-scale";
+  scale.type = "number";
+  scale.step = "0.1";
+  scale.min = "-4";
+  scale.max = "4";
+  scale.placeholder = "1";
+  scale.setAttribute("aria-label", "LoRA scale");
+  const remove = document.createElement("button");
+  remove.type = "button";
+  remove.className = "remove-lora";
+  remove.textContent = "Remove";
+  remove.addEventListener("click", () => {
+    li.remove();
+    updateLoraButton();
+  });
+  li.append(path, scale, remove);
+  $("loras").append(li);
+  updateLoraButton();
+  path.focus();
+}
+
+// The rows with a path, in order: [{path, scale}] (scale left out when empty: the server's 1).
+function loraList() {
+  const out = [];
+  for (const li of $("loras").children) {
+    const path = li.querySelector(".lora-path").value.trim();
+    if (!path) continue;
+    const scale = li.querySelector(".lora-scale").value.trim();
+    out.push(scale === "" ? { path } : { path, scale: Number(scale) });
+  }
+  return out;
+}
+
 // ---- submitting and following a task ----
 
 function requestBody() {
@@ -155,6 +212,8 @@ function requestBody() {
   if ($("aspect_ratio").value) body.aspect_ratio = $("aspect_ratio").value;
   const cache = $("cache").value.trim();
   if (cache) body.cache = cache;
+  const loras = loraList();
+  if (loras.length) body.loras = loras;
   return body;
 }
 
@@ -226,8 +285,9 @@ function showTask(p) {
     list.replaceChildren();
     for (const [stage, value] of Object.entries(p.timings)) {
       const li = document.createElement("li");
-      // forwards_computed / forwards_cached are counts; the rest are milliseconds
-      li.textContent = stage.startsWith("forwards_") ? `${stage}: ${value}` : `${stage}: ${value} ms`;
+      // forwards_computed / forwards_cached / lora_unmatched_keys are counts; the rest are milliseconds
+      const count = stage.startsWith("forwards_") || stage === "lora_unmatched_keys";
+      li.textContent = count ? `${stage}: ${value}` : `${stage}: ${value} ms`;
       list.append(li);
     }
     $("result").hidden = false;
@@ -335,6 +395,7 @@ function init() {
     $("seed").value = "-1";
   });
   $("task-form").addEventListener("submit", submit);
+  $("add-lora").addEventListener("click", addLora);
   $("cancel").addEventListener("click", cancel);
   loadModel().then(renderHistory);
 }

@@ -59,6 +59,9 @@ pub struct ServerConfig {
     pub redis: Option<crate::backend::redis::ClusterConfig>,
     /// Serve `/metrics` and `/health` only (`skyreels worker --metrics-port`).
     pub metrics_only: bool,
+    /// LoRAs: how many a request may name, where names and downloads are, the download
+    /// limit, whether URLs are accepted (`--max-loras`, `--lora-dir`, ...).
+    pub loras: crate::loras::LoraConfig,
 }
 
 impl ServerConfig {
@@ -88,6 +91,7 @@ impl ServerConfig {
             cache: skyreels_params::CacheSpec::None,
             redis: None,
             metrics_only: false,
+            loras: crate::loras::LoraConfig::default(),
         }
     }
 }

@@ -2,7 +2,7 @@
 //! pipeline, tests with a fake. The server never sees tensors.
 
 use image::RgbImage;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// One model the server exposes at `/api/v3/{id}`.
@@ -40,25 +40,54 @@ fn fallback_max_pixel_frames() -> u64 {
 
 impl ModelInfo {
     /// The limits a request for this model must fit on a worker whose `--max-work` is
-    /// `max_work`.
-    pub fn limits(&self, max_work: f64) -> skyreels_params::Limits {
+    /// `max_work` and whose `--max-loras` is `max_loras`.
+    pub fn limits(&self, max_work: f64, max_loras: usize) -> skyreels_params::Limits {
         skyreels_params::Limits {
             size_multiple: self.size_multiple,
             max_pixel_frames: self.max_pixel_frames,
             ulysses: self.ulysses,
             max_work,
-            max_loras: skyreels_params::MAX_LORAS,
+            max_loras,
             temporal_rope_frequencies: self.temporal_rope_frequencies,
         }
     }
 }
 
-/// A validated task, ready for the device: its parameters and, for image-to-video, the image
-/// fitted to its size.
+/// A validated task, ready for the device: its parameters, for image-to-video the image
+/// fitted to its size, and the files of its LoRAs.
 #[derive(Clone, Debug)]
 pub struct Input {
     pub params: skyreels_params::GenerationParams,
     pub image: Option<RgbImage>,
+    /// Where the adapter of each of `params.loras` is, in the same order. The queue holds the
+    /// request's specs only; the worker that takes the task resolves them on its own disk (a
+    /// `--lora-dir` file, a URL's download) and fills this in before the generator sees the
+    /// input.
+    pub loras: Vec<LoraSource>,
+}
+
+/// Where a LoRA's `.safetensors` file is, as the worker resolved a request's `path`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LoraSource {
+    /// A file on this machine: in `--lora-dir`, or a URL's download in the server's cache.
+    File(PathBuf),
+    /// A file of a Hugging Face Hub repository (`REPO_ID/FILE.safetensors`), which the
+    /// generator fetches into (or finds in) its hub cache.
+    Hub {
+        /// `owner/name`.
+        repo: String,
+        /// The file's path inside the repository.
+        file: String,
+    },
+}
+
+/// What the generator reports of one LoRA it applied, in the order of `Input::loras`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LoraOutcome {
+    /// Keys of the file that matched no layer of the transformer (while others did).
+    pub unmatched_keys: usize,
+    /// The parsed adapter came from the generator's in-memory cache (`--lora-cache-mb`).
+    pub cache_hit: bool,
 }
 
 /// Why a generation did not produce a video.
@@ -83,6 +112,8 @@ pub struct Generated {
     /// Named counts, shown next to the stage times in the prediction's `timings`
     /// (`forwards_computed`, `forwards_cached`).
     pub counts: Vec<(&'static str, u64)>,
+    /// One entry per LoRA of the input, in its order (empty without LoRAs).
+    pub loras: Vec<LoraOutcome>,
 }
 
 /// Makes videos on one device. Runs on the worker thread only.

@@ -17,6 +17,7 @@ pub mod contract;
 pub mod engine;
 pub mod generator;
 mod http;
+pub mod loras;
 pub mod media;
 pub mod metrics;
 mod server;

@@ -210,11 +210,30 @@ impl ureq::Resolver for PublicOnly {
     }
 }
 
-/// A blocking HTTP client for images and webhooks.
+/// A blocking HTTP client for images and webhooks: each request done within `timeout`.
 pub fn http_agent(allow_private: bool, timeout: Duration) -> ureq::Agent {
-    let b = ureq::AgentBuilder::new()
-        .timeout_connect(Duration::from_secs(10).min(timeout))
-        .timeout(timeout)
+    guarded(
+        ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_secs(10).min(timeout))
+            .timeout(timeout),
+        allow_private,
+    )
+}
+
+/// A blocking HTTP client for large downloads (LoRA files) under the same address policy:
+/// no limit on a whole transfer, but a connection that moves no byte for `stall` fails.
+pub fn download_agent(allow_private: bool, stall: Duration) -> ureq::Agent {
+    guarded(
+        ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_secs(10).min(stall))
+            .timeout_read(stall)
+            .timeout_write(stall),
+        allow_private,
+    )
+}
+
+fn guarded(b: ureq::AgentBuilder, allow_private: bool) -> ureq::Agent {
+    let b = b
         .redirects(5)
         .user_agent(concat!("skyreels-server/", env!("CARGO_PKG_VERSION")));
     if allow_private {

@@ -20,6 +20,7 @@ pub const HTTP_BUCKETS: [f64; 12] = [
 
 const STAGE: &str = "skyreels_stage_duration_seconds";
 const HTTP: &str = "skyreels_http_request_duration_seconds";
+const LORA_CACHE: &str = "skyreels_lora_cache_total";
 
 /// What `/metrics` reports of the tasks.
 #[derive(Debug, Default)]
@@ -78,11 +79,19 @@ impl Default for Metrics {
                 "skyreels_jobs_finished_total",
                 "Tasks finished since start, by final status."
             );
+            metrics::describe_counter!(
+                LORA_CACHE,
+                "LoRAs applied, by whether the generator's adapter cache held them (hit) or \
+                 they were parsed from their file (miss)."
+            );
             metrics::describe_histogram!(STAGE, "Duration of generation stages.");
             metrics::describe_histogram!(HTTP, "HTTP request latency.");
             // present from the start, so a scrape before the first submit sees them
             counter!("skyreels_jobs_submitted_total").absolute(0);
             counter!("skyreels_jobs_rejected_queue_full_total").absolute(0);
+            for result in ["hit", "miss"] {
+                counter!(LORA_CACHE, "result" => result).absolute(0);
+            }
         });
         m
     }
@@ -113,6 +122,12 @@ impl Metrics {
 
     pub fn submitted(&self) {
         self.with(|| counter!("skyreels_jobs_submitted_total").increment(1));
+    }
+
+    /// One LoRA a generator applied: from its adapter cache (`hit`) or parsed from its file.
+    pub fn lora_cache(&self, hit: bool) {
+        let result = if hit { "hit" } else { "miss" };
+        self.with(|| counter!(LORA_CACHE, "result" => result).increment(1));
     }
 
     pub fn queue_full(&self) {
@@ -171,6 +186,7 @@ mod tests {
             "skyreels_model_queue_depth{model=\"a/b\"} 2",
             "skyreels_model_workers{model=\"a/b\"} 3",
             "skyreels_jobs_submitted_total 0",
+            "skyreels_lora_cache_total{result=\"hit\"} 0",
             "route=\"/a\\\"b\\\\c\\nd\"",
         ] {
             assert!(text.contains(want), "missing {want}:\n{text}");

@@ -300,9 +300,16 @@ fn spawn_worker(
             let mut consumer = engine.consumer(&generator.models(), index);
             let limits = WorkerLimits {
                 max_work: state.config.max_work,
+                max_loras: state.config.loras.max,
                 max_task_time: state.config.max_task_time,
             };
-            crate::engine::worker::work(engine, &mut *consumer, &mut *generator, limits);
+            crate::engine::worker::work(
+                engine,
+                &mut *consumer,
+                &mut *generator,
+                limits,
+                &state.loras,
+            );
         })
 }
 

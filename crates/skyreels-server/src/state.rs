@@ -4,7 +4,7 @@
 use crate::config::ServerConfig;
 use crate::engine::{Engine, ModelInfo};
 use crate::metrics::Metrics;
-use crate::{media, webhook};
+use crate::{loras, media, webhook};
 use sha2::{Digest, Sha256};
 use std::sync::{Arc, OnceLock};
 
@@ -22,6 +22,8 @@ pub struct AppState {
     pub(crate) webhook_secret: std::sync::RwLock<String>,
     /// Blocking HTTP client for images and webhooks (address policy applied).
     pub agent: ureq::Agent,
+    /// The LoRA rules: the submit's early check and the workers' resolution.
+    pub loras: loras::Loras,
     pub(crate) key_hashes: Vec<[u8; 32]>,
     /// Image downloads in flight at once.
     pub(crate) fetches: tokio::sync::Semaphore,
@@ -45,6 +47,11 @@ impl AppState {
                 .map(|k| Sha256::digest(k.trim().as_bytes()).into())
                 .collect(),
             agent: media::http_agent(config.allow_private_urls, config.fetch_timeout),
+            loras: loras::Loras::new(
+                config.loras.clone(),
+                &config.output_dir,
+                config.allow_private_urls,
+            ),
             config,
             jobs,
             metrics,

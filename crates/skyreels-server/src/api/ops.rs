@@ -109,7 +109,13 @@ pub async fn models(State(state): State<Arc<AppState>>) -> ApiResult {
     let mut models = models_loaded(&state).await?;
     let live = live_workers(&state).await?;
     models.retain(|m| live.get(&m.id).is_some_and(|n| *n > 0));
-    Ok(success(models.iter().map(model_entry).collect::<Vec<_>>()))
+    let max_loras = state.config.loras.max;
+    Ok(success(
+        models
+            .iter()
+            .map(|m| model_entry(m, max_loras))
+            .collect::<Vec<_>>(),
+    ))
 }
 
 /// The webhook signing secret.
@@ -122,8 +128,8 @@ pub async fn webhook_secret(State(state): State<Arc<AppState>>) -> Response {
     })
 }
 
-/// defaults and required fields.
-fn input_schema(m: &ModelInfo) -> Value {
+/// defaults and required fields, and this server's limits (LoRAs; the model's RIFLEx index).
+fn input_schema(m: &ModelInfo, max_loras: usize) -> Value {
     let mut s = serde_json::to_value(SubmitRequest::schema()).unwrap_or_default();
     let mut required = vec!["prompt"];
     if m.image_to_video {
@@ -142,6 +148,7 @@ fn input_schema(m: &ModelInfo) -> Value {
         ),
         ("fps", json!(skyreels_params::FPS)),
         ("seed", json!(-1)),
+        ("riflex_freq_index", json!(0)),
     ] {
         if let Some(p) = s["properties"].get_mut(field) {
             p["default"] = default;
@@ -153,11 +160,17 @@ fn input_schema(m: &ModelInfo) -> Value {
     if let Some(p) = s["properties"].get_mut("height") {
         p["multipleOf"] = json!(m.size_multiple);
     }
+    if let Some(p) = s["properties"].get_mut("loras") {
+        p["maxItems"] = json!(max_loras);
+    }
+    if let Some(p) = s["properties"].get_mut("riflex_freq_index") {
+        p["maximum"] = json!(m.temporal_rope_frequencies);
+    }
     s
 }
 
 /// One entry of `GET /api/v3/models`.
-fn model_entry(m: &ModelInfo) -> ModelEntry {
+fn model_entry(m: &ModelInfo, max_loras: usize) -> ModelEntry {
     ModelEntry {
         model_id: m.id.clone(),
         name: m.id.clone(),
@@ -169,7 +182,7 @@ fn model_entry(m: &ModelInfo) -> ModelEntry {
         .into(),
         description: "SkyReels V1 (HunyuanVideo) served by skyreels-server. No NSFW classifier runs: has_nsfw_contents is always false.".into(),
         api_schema: crate::contract::ApiSchema {
-            input: input_schema(m),
+            input: input_schema(m, max_loras),
         },
     }
 }

@@ -99,11 +99,11 @@ fn check(
         fps,
         cache: r.cache.map_or(config.cache, |c| c.0),
         flow_shift: r.flow_shift.map(|f| f.0),
-        loras: Vec::new(),
-        riflex_freq_index: 0,
+        loras: r.loras.map(|l| l.0).unwrap_or_default(),
+        riflex_freq_index: r.riflex_freq_index.map_or(0, |k| k.0),
     };
     params
-        .check(&model.limits(config.max_work))
+        .check(&model.limits(config.max_work, config.loras.max))
         .map_err(|e| ApiError::bad(e.field, e.rule))?;
     let webhook = match query_webhook.filter(|w| !w.is_empty()) {
         Some(w) => Some(check_webhook(&w, "webhook", config)?),
@@ -303,6 +303,12 @@ pub async fn submit(
     let request: SubmitRequest = read_json(&headers, body, state.config.max_body_bytes).await?;
     let input = request.echo();
     let mut c = check(request, query.webhook, &model, &state.config)?;
+    // what can be known of the LoRAs before the task exists (the worker resolves them)
+    state
+        .loras
+        .precheck(&c.params.loras)
+        .await
+        .map_err(|e| ApiError::bad("loras", e.rule()))?;
     let source = match c.image.take() {
         Some(i) => Some(image_source(&state.jobs, i).await?),
         None => None,

@@ -2,7 +2,6 @@
 //! (the 400 states the rule) and the OpenAPI schema describes it from the same constant.
 
 use serde::de::{self, Deserializer, Visitor};
-use serde::ser::SerializeSeq;
 use serde::{Deserialize, Serialize};
 use skyreels_params::{self as params, FloatRange, IntRange};
 use std::fmt;
@@ -384,55 +383,104 @@ impl PartialSchema for Size {
 
 impl ToSchema for Size {}
 
-/// WaveSpeed's `loras` (`[{"path", "scale"}]`): only the empty list (no LoRA) is accepted for
-/// now; any LoRA is refused, never ignored.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct NoLoras;
+/// WaveSpeed's `loras`: `[{"path": "...", "scale": 1.0}]`, the adapters applied in order
+/// (`scale` 1 when absent). Their count, scales and paths are checked at submit
+/// (`GenerationParams::check` and the server's LoRA rules), so the 400 names `loras`; the echo
+/// writes every scale, as the task runs with it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Loras(pub Vec<params::LoraSpec>);
 
-impl Serialize for NoLoras {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_seq(Some(0))?.end()
-    }
-}
-
-impl<'de> Deserialize<'de> for NoLoras {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = NoLoras;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a list (empty: LoRAs are not supported yet)")
-            }
-            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<NoLoras, A::Error> {
-                match seq.next_element::<de::IgnoredAny>()? {
-                    None => Ok(NoLoras),
-                    Some(_) => Err(de::Error::custom(
-                        "LoRAs are not supported yet: send an empty list or leave loras out",
-                    )),
-                }
-            }
-        }
-        d.deserialize_seq(V)
-    }
-}
-
-impl PartialSchema for NoLoras {
+impl PartialSchema for Loras {
     fn schema() -> RefOr<Schema> {
+        let scale = params::LORA_SCALE;
         let lora = ObjectBuilder::new()
-            .property("path", ObjectBuilder::new().schema_type(Type::String))
-            .property("scale", ObjectBuilder::new().schema_type(Type::Number));
+            .property(
+                "path",
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .min_length(Some(1))
+                    .max_length(Some(params::MAX_LORA_PATH_BYTES))
+                    .description(Some(
+                        "A file name in the server's --lora-dir (\".safetensors\" appended \
+                         unless given; no slashes), an http(s) URL (downloaded once and kept, \
+                         at most --max-lora-mb; refused with --no-lora-urls) or a Hugging Face \
+                         hub file OWNER/REPO/FILE.safetensors.",
+                    ))
+                    .examples(["anime-style", "https://example.com/lora.safetensors"]),
+            )
+            .required("path")
+            .property(
+                "scale",
+                ObjectBuilder::new()
+                    .schema_type(Type::Number)
+                    .minimum(Some(scale.min))
+                    .maximum(Some(scale.max))
+                    .default(Some(1.0.into()))
+                    .description(Some(
+                        "The adapter's weight (diffusers' set_adapters weight): its delta is \
+                         scale x alpha / rank x B(A x).",
+                    )),
+            )
+            .additional_properties(Some(
+                utoipa::openapi::schema::AdditionalProperties::FreeForm(false),
+            ));
         utoipa::openapi::schema::ArrayBuilder::new()
             .items(lora)
-            .max_items(Some(0))
-            .description(Some(
-                "WaveSpeed's LoRA list, [{\"path\", \"scale\"}]. Only [] (no LoRA) is accepted: \
-                 LoRAs are not supported yet, and a non-empty list is a 400 (never ignored).",
-            ))
+            .description(Some(format!(
+                "LoRA adapters applied to the transformer at forward time, in order; at most \
+                 the server's --max-loras ({} unless set; 0 refuses them). [] or absent: none.",
+                params::MAX_LORAS
+            )))
             .into()
     }
 }
 
-impl ToSchema for NoLoras {}
+impl ToSchema for Loras {}
+
+/// RIFLEx's intrinsic-frequency index (thu-ml/RIFLEx): 0 (off) or the 1-based temporal RoPE
+/// frequency lowered to 0.9 x 2 pi / latent frames; at most the model's temporal frequencies
+/// (checked at submit against the model).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[serde(transparent)]
+pub struct RiflexFreqIndex(pub usize);
+
+/// What the field's type takes; the model's own limit is checked at submit.
+const RIFLEX_FREQ_INDEX: IntRange = IntRange {
+    min: 0,
+    max: i32::MAX as i64,
+};
+
+impl<'de> Deserialize<'de> for RiflexFreqIndex {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // the visitor checked the range, so the value fits
+        d.deserialize_any(IntVisitor(RIFLEX_FREQ_INDEX))
+            .map(|v| Self(v as usize))
+    }
+}
+
+impl PartialSchema for RiflexFreqIndex {
+    fn schema() -> RefOr<Schema> {
+        describe(
+            ObjectBuilder::new()
+                .schema_type(Type::Integer)
+                .minimum(Some(0))
+                .maximum(Some(params::HUNYUAN_TEMPORAL_ROPE_FREQUENCIES))
+                .default(Some(0.into())),
+            &format!(
+                "RIFLEx (thu-ml/RIFLEx) for clips longer than the model was trained on (129 \
+                 frames): the 1-based index of the temporal RoPE frequency lowered to \
+                 0.9 x 2 pi / latent frames, so the motion does not loop back. 0: off. At most \
+                 the model's temporal frequencies (HunyuanVideo: {}); {} is RIFLEx's choice for \
+                 HunyuanVideo.",
+                params::HUNYUAN_TEMPORAL_ROPE_FREQUENCIES,
+                params::RIFLEX_HUNYUAN_K
+            ),
+        )
+    }
+}
+
+impl ToSchema for RiflexFreqIndex {}
 
 /// Step caching for one task (our extension): `none`, `first-block:T` or `teacache:T`.
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -21,8 +21,7 @@ pub const MAX_CONTENT_TYPE_BYTES: usize = 127;
 /// The body of `POST /api/v3/{owner}/{model}`; unknown fields are ignored and never stored. The
 /// fields of WaveSpeed's other video models (wan-2.1, hunyuan-video; the MCP server's
 /// generate_video) are accepted with their meaning: size, duration, flow_shift, seed,
-/// negative_prompt, guidance_scale, num_inference_steps, loras as [] and enable_safety_checker;
-/// refused with a 400: a non-empty loras (LoRAs are not supported yet).
+/// negative_prompt, guidance_scale, num_inference_steps, loras and enable_safety_checker.
 // Every field is optional at the parsing level (a missing Option is None), so that a missing
 // required one (`prompt`, `image` for image-to-video) gets the same kind of message as a bad one.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -89,7 +88,10 @@ pub struct SubmitRequest {
     pub flow_shift: Option<FlowShift>,
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(inline)]
-    pub loras: Option<NoLoras>,
+    pub loras: Option<Loras>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(inline)]
+    pub riflex_freq_index: Option<RiflexFreqIndex>,
     /// Accepted as WaveSpeed clients send it (true or false); no safety checker runs yet
     /// (has_nsfw_contents is always false).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -344,7 +346,7 @@ mod tests {
         assert_eq!((size.width, size.height), (832, 480));
         assert_eq!(r.duration, Some(Duration(5.0)));
         assert_eq!(r.flow_shift, Some(FlowShift(3.0)));
-        assert_eq!(r.loras, Some(NoLoras));
+        assert_eq!(r.loras, Some(Loras(vec![])));
         assert_eq!(r.enable_safety_checker, Some(Flag(true)));
         assert_eq!(
             serde_json::to_value(r.echo()).unwrap(),
@@ -371,8 +373,16 @@ mod tests {
                 "duration: must be a number above 0 and at most 257, got 1000000",
             ),
             (
-                json!({"loras": [[]]}),
-                "loras: LoRAs are not supported yet: send an empty list or leave loras out",
+                json!({"loras": [{"path": "a", "weight": 1}]}),
+                "loras[0].weight: unknown field `weight`, expected `path` or `scale`",
+            ),
+            (
+                json!({"loras": [{"scale": 1}]}),
+                "loras[0]: missing field `path`",
+            ),
+            (
+                json!({"riflex_freq_index": -1}),
+                "riflex_freq_index: must be an integer from 0 to 2147483647, got -1",
             ),
         ] {
             assert_eq!(parse(body.clone()).unwrap_err(), want, "{body}");
@@ -381,6 +391,21 @@ mod tests {
         assert_eq!(
             parse(json!({"flow_shift": 1e-9})).unwrap().flow_shift,
             Some(FlowShift(1e-9))
+        );
+    }
+
+    #[test]
+    fn loras_echo_with_their_scales() {
+        let r = parse(
+            json!({"loras": [{"path": "a"}, {"path": "b", "scale": -0.5}],
+            "riflex_freq_index": 4}),
+        )
+        .unwrap();
+        assert_eq!(r.riflex_freq_index, Some(RiflexFreqIndex(4)));
+        assert_eq!(
+            serde_json::to_value(r.echo()).unwrap(),
+            json!({"loras": [{"path": "a", "scale": 1.0}, {"path": "b", "scale": -0.5}],
+                "riflex_freq_index": 4})
         );
     }
 
@@ -402,7 +427,8 @@ mod tests {
             "\"exclusiveMinimum\":0",
             "\"maximum\":20",
             "\"loras\"",
-            "\"maxItems\":0",
+            "--max-loras",
+            "\"riflex_freq_index\"",
             "\"enable_safety_checker\"",
         ] {
             assert!(text.contains(want), "{want} missing in {text}");

@@ -82,6 +82,8 @@ impl Queued {
         Ok(Input {
             params: self.params,
             image,
+            // the worker that takes the task finds the files
+            loras: Vec::new(),
         })
     }
 

@@ -1,5 +1,6 @@
 //! What a worker does: one loop for every backend. It takes a task from its [`Consumer`],
-//! checks the input against the model's and its own limits, runs the generator with the
+//! checks the input against the model's and its own limits, finds its LoRA files (a URL's
+//! downloaded, see [`crate::loras`]), runs the generator with the
 //! backend told of every step, and ends the task with its outcome, which is written once (a
 //! worker that lost the task to another one writes nothing; one whose store is away keeps the
 //! result and retries).
@@ -8,6 +9,7 @@ use super::backend::{Consumer, Lease, Verdict};
 use super::task::{Outcome, TaskCode};
 use super::{files, Backoff, Engine, Input};
 use crate::generator::{GenerateFailure, Generator, ModelInfo};
+use crate::loras::{LoraErrorKind, Loras};
 use base64::Engine as _;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
@@ -19,16 +21,20 @@ use std::time::{Duration, Instant};
 pub struct WorkerLimits {
     /// Largest task, as width x height x frames x steps in millions (`--max-work`).
     pub max_work: f64,
+    /// Most LoRAs in one task (`--max-loras`).
+    pub max_loras: usize,
     /// A running task is stopped (failed, 5004) after this long.
     pub max_task_time: Option<Duration>,
 }
 
-/// Runs the tasks `consumer` hands out on `generator`, one at a time, until the engine drains.
+/// Runs the tasks `consumer` hands out on `generator`, one at a time, until the engine drains;
+/// their LoRAs are found with `loras`.
 pub fn work(
     engine: &Engine,
     consumer: &mut dyn Consumer,
     generator: &mut dyn Generator,
     limits: WorkerLimits,
+    loras: &Loras,
 ) {
     let models = generator.models();
     let mut backoff = Backoff::default();
@@ -36,7 +42,7 @@ pub fn work(
         match consumer.take() {
             Ok(Some(lease)) => {
                 backoff.reset();
-                run_lease(engine, consumer, generator, &models, limits, lease);
+                run_lease(engine, consumer, generator, &models, limits, loras, lease);
             }
             Ok(None) => backoff.reset(),
             Err(e) => {
@@ -56,6 +62,10 @@ pub fn output_file(id: &str, attempt: u32) -> String {
     }
 }
 
+/// The count of a task with LoRAs in its prediction's `timings`: the keys of its LoRA files
+/// that matched no layer of the transformer.
+pub const LORA_UNMATCHED_KEYS: &str = "lora_unmatched_keys";
+
 /// Why a running task stopped before its end.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Stop {
@@ -74,15 +84,18 @@ fn run_lease(
     generator: &mut dyn Generator,
     models: &[ModelInfo],
     limits: WorkerLimits,
-    lease: Lease,
+    loras: &Loras,
+    mut lease: Lease,
 ) {
     let paths = engine.paths().clone();
     let file = output_file(&lease.id, lease.attempt);
     let video = paths.video_path(&file);
-    let input = match &lease.input {
-        Ok(input) => check(&lease, input, models, limits.max_work).map(|()| input),
+    let ready = match &mut lease.input {
+        Ok(input) => check(&lease.id, &lease.model, input, models, limits)
+            .and_then(|()| resolve_loras(&lease.id, input, loras)),
         Err(outcome) => Err(outcome.clone()),
     };
+    let input = ready.and_then(|()| lease.input.as_ref().map_err(Outcome::clone));
     let mut stop = None;
     let outcome = match input {
         Err(outcome) => outcome,
@@ -135,6 +148,11 @@ fn run_lease(
         }
         o => o,
     };
+    let completed = matches!(outcome, Outcome::Completed { .. });
+    if !completed {
+        // nothing of a run that did not complete is served: gone before its end is visible
+        drop_files();
+    }
     let mut backoff = Backoff::default();
     let won = loop {
         match consumer.finish(&lease, &outcome, &video) {
@@ -149,29 +167,33 @@ fn run_lease(
         tracing::info!(id = %lease.id, "the task had already ended; this result is dropped");
     }
     // the video stays only where it is served from
-    let kept = won && matches!(outcome, Outcome::Completed { .. }) && engine.outputs_on_disk();
-    if !kept {
+    let kept = won && engine.outputs_on_disk();
+    if completed && !kept {
         drop_files();
     }
 }
 
 /// The rules a submit is checked against, again, on the input as the worker took it (with a
 /// shared queue, whoever can write to it can queue a task: a worker trusts nothing it did not
-/// check itself), against the model served here and this worker's `--max-work`.
-fn check(lease: &Lease, input: &Input, models: &[ModelInfo], max_work: f64) -> Result<(), Outcome> {
-    let Some(model) = models.iter().find(|m| m.id == lease.model) else {
-        tracing::error!(id = %lease.id, "a task for {} on a worker of another model", lease.model);
+/// check itself), against the model served here and this worker's `--max-work` and
+/// `--max-loras`.
+fn check(
+    id: &str,
+    model_id: &str,
+    input: &Input,
+    models: &[ModelInfo],
+    limits: WorkerLimits,
+) -> Result<(), Outcome> {
+    let Some(model) = models.iter().find(|m| m.id == model_id) else {
+        tracing::error!(%id, "a task for {model_id} on a worker of another model");
         return Err(Outcome::Failed(
             TaskCode::Internal,
-            format!(
-                "internal error: {} is not served by this worker",
-                lease.model
-            ),
+            format!("internal error: {model_id} is not served by this worker"),
         ));
     };
     let p = &input.params;
     let rule = p
-        .check(&model.limits(max_work))
+        .check(&model.limits(limits.max_work, limits.max_loras))
         .map_err(|r| r.to_string())
         .and_then(|()| match (&input.image, model.image_to_video) {
             (None, true) => Err("image: is required".to_string()),
@@ -182,12 +204,32 @@ fn check(lease: &Lease, input: &Input, models: &[ModelInfo], max_work: f64) -> R
             _ => Ok(()),
         });
     rule.map_err(|e| {
-        tracing::warn!(id = %lease.id, "refused a queued task that breaks the API's rules: {e}");
+        tracing::warn!(%id, "refused a queued task that breaks the API's rules: {e}");
         Outcome::Failed(
             TaskCode::InvalidParameter,
             format!("the queued task breaks this server's rules ({e}); it was not run"),
         )
     })
+}
+
+/// Finds the files of the task's LoRAs on this worker (a URL's downloaded unless kept from an
+/// earlier task) into `input.loras`; a LoRA that cannot be found fails the task, naming it.
+fn resolve_loras(id: &str, input: &mut Input, loras: &Loras) -> Result<(), Outcome> {
+    match loras.resolve(&input.params.loras) {
+        Ok(sources) => {
+            input.loras = sources;
+            Ok(())
+        }
+        Err(e) => {
+            tracing::warn!(%id, "LoRA refused: {e}");
+            let code = match e.kind {
+                LoraErrorKind::Invalid => TaskCode::InvalidParameter,
+                LoraErrorKind::Download => TaskCode::MediaAccessFailed,
+                LoraErrorKind::Storage => TaskCode::ExecutionFailed,
+            };
+            Err(Outcome::Failed(code, e.to_string()))
+        }
+    }
 }
 
 /// Runs one task to its outcome, asking `go_on` after each step whether to continue (past
@@ -219,6 +261,18 @@ fn run(
             for (stage, d) in &generated.stages {
                 engine.metrics().stage(stage, d.as_secs_f64());
             }
+            for lora in &generated.loras {
+                engine.metrics().lora_cache(lora.cache_hit);
+            }
+            // a count beside the generator's, when the task had LoRAs
+            let unmatched = (!input.loras.is_empty()).then(|| {
+                let n = generated
+                    .loras
+                    .iter()
+                    .map(|l| l.unmatched_keys as u64)
+                    .sum();
+                (LORA_UNMATCHED_KEYS.to_string(), n)
+            });
             Outcome::Completed {
                 output: file,
                 timings: generated
@@ -230,6 +284,7 @@ fn run(
                     .counts
                     .iter()
                     .map(|(s, n)| (s.to_string(), *n))
+                    .chain(unmatched)
                     .collect(),
             }
         }

@@ -11,6 +11,7 @@
 //! - `ops`: health, readiness, metrics, OpenAPI, docs and playground;
 //! - `records`: restart recovery, retention, record contents, corrupt records;
 //! - `workers`: several workers, load failures, draining;
+//! - `loras`: LoRAs (names, URLs, hub files, the flags, the download cache) and RIFLEx;
 //! - `engine`: the engine's conformance suite, run against both backends;
 //! - `redis`: the HTTP routes and the cluster guards on the Redis engine.
 //!
@@ -18,6 +19,7 @@
 
 mod common;
 mod engine;
+mod loras;
 mod ops;
 mod predictions;
 mod records;

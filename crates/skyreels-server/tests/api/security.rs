@@ -263,13 +263,7 @@ async fn live(cfg: impl FnOnce(&mut ServerConfig)) -> Live {
     let seen = Arc::new(Mutex::new(vec![]));
     let server = Server::start(
         c,
-        Box::new(move || {
-            Ok(Box::new(Fake {
-                gate,
-                seen,
-                ulysses: None,
-            }) as Box<dyn Generator>)
-        }),
+        Box::new(move || Ok(Box::new(Fake::new(gate, seen)) as Box<dyn Generator>)),
     )
     .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

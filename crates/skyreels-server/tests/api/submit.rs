@@ -278,11 +278,11 @@ async fn wavespeed_video_fields_are_checked() {
         ),
         (
             json!({"loras": [{"path": "Remade-AI/Deflate", "scale": 1.0}]}),
-            "loras: LoRAs are not supported yet: send an empty list or leave loras out",
+            "loras: [0] \"Remade-AI/Deflate\": a name in --lora-dir has no slashes, and a hub file is OWNER/REPO/FILE.safetensors (an http(s) URL is the third form)",
         ),
         (
             json!({"loras": "Remade-AI/Deflate"}),
-            "loras: invalid type: string \"Remade-AI/Deflate\", expected a list (empty: LoRAs are not supported yet)",
+            "loras: invalid type: string \"Remade-AI/Deflate\", expected a sequence",
         ),
         (
             json!({"enable_safety_checker": "true"}),
@@ -516,8 +516,6 @@ async fn parallel_layouts_a_request_cannot_run_are_refused() {
     let (g, sn) = (gate.clone(), seen.clone());
     let loader: skyreels_server::generator::GeneratorLoader = Box::new(move || {
         Ok(Box::new(Fake {
-            gate: g,
-            seen: sn,
             ulysses: Some(Ulysses {
                 degree: 2,
                 layout: TokenLayout {
@@ -527,6 +525,7 @@ async fn parallel_layouts_a_request_cannot_run_are_refused() {
                     patch_size_t: 1,
                 },
             }),
+            ..Fake::new(g, sn)
         }) as Box<dyn Generator>)
     });
     let dir = tempfile::tempdir().unwrap();

@@ -51,13 +51,8 @@ async fn workers_on_several_devices_share_one_queue() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_worker_that_cannot_load_fails_the_start_and_is_named() {
     let dir = tempfile::tempdir().unwrap();
-    let ok: skyreels_server::generator::GeneratorLoader = Box::new(|| {
-        Ok(Box::new(Fake {
-            gate: Gate::default(),
-            seen: Arc::default(),
-            ulysses: None,
-        }) as Box<dyn Generator>)
-    });
+    let ok: skyreels_server::generator::GeneratorLoader =
+        Box::new(|| Ok(Box::new(Fake::new(Gate::default(), Arc::default())) as Box<dyn Generator>));
     let bad: skyreels_server::generator::GeneratorLoader =
         Box::new(|| Err("cannot use CUDA device 1".into()));
     let mut server = Server::start_workers(config(dir.path()), vec![ok, bad]).unwrap();

@@ -2,7 +2,10 @@
 
 use super::MODEL;
 use skyreels_params::{CacheSpec, Ulysses};
-use skyreels_server::generator::{GenerateFailure, Generated, Generator, Input, ModelInfo};
+use skyreels_server::generator::{
+    GenerateFailure, Generated, Generator, Input, LoraOutcome, LoraSource, ModelInfo,
+};
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -36,12 +39,59 @@ impl Gate {
 
 /// The fake generator: records each request in `seen`, holds every step at `gate`, and writes a
 /// small text file as the video. A prompt containing "fail" fails, "panic" panics, and
-/// "stubborn" ignores cancels.
+/// "stubborn" ignores cancels. It reads each LoRA file it is given, as a real one parses it:
+/// a file whose content it read before is a cache hit, and each line starting with
+/// `unmatched` is a key that matched no layer; a hub file it cannot fetch (1401).
 pub(crate) struct Fake {
     pub(crate) gate: Gate,
     pub(crate) seen: Arc<Mutex<Vec<Seen>>>,
     /// The Ulysses layout the fake's model reports (`--parallel ulysses=N`).
     pub(crate) ulysses: Option<Ulysses>,
+    /// The contents of the LoRA files read so far (its adapter cache).
+    pub(crate) lora_cache: HashSet<Vec<u8>>,
+}
+
+impl Fake {
+    pub(crate) fn new(gate: Gate, seen: Arc<Mutex<Vec<Seen>>>) -> Self {
+        Self {
+            gate,
+            seen,
+            ulysses: None,
+            lora_cache: HashSet::new(),
+        }
+    }
+
+    /// Reads the input's LoRA files: what each reports.
+    fn apply_loras(&mut self, input: &Input) -> Result<Vec<LoraOutcome>, GenerateFailure> {
+        assert_eq!(
+            input.loras.len(),
+            input.params.loras.len(),
+            "one source per LoRA"
+        );
+        input
+            .loras
+            .iter()
+            .map(|source| {
+                let LoraSource::File(path) = source else {
+                    return Err(GenerateFailure::InvalidInput(format!(
+                        "the fake generator cannot fetch {source:?}"
+                    )));
+                };
+                let bytes = std::fs::read(path).map_err(|e| {
+                    GenerateFailure::Failed(format!("cannot read {}: {e}", path.display()))
+                })?;
+                let unmatched_keys = bytes
+                    .split(|b| *b == b'\n')
+                    .filter(|l| l.starts_with(b"unmatched"))
+                    .count();
+                let cache_hit = !self.lora_cache.insert(bytes);
+                Ok(LoraOutcome {
+                    unmatched_keys,
+                    cache_hit,
+                })
+            })
+            .collect()
+    }
 }
 
 impl Generator for Fake {
@@ -74,7 +124,9 @@ impl Generator for Fake {
         self.seen.lock().unwrap().push(Seen {
             params: req.clone(),
             image: input.image.clone(),
+            loras: input.loras.clone(),
         });
+        let loras = self.apply_loras(input)?;
         if req.prompt.contains("panic") {
             panic!("fake generator exploded");
         }
@@ -115,6 +167,7 @@ impl Generator for Fake {
                 ("forwards_computed", req.steps as u64 - cached),
                 ("forwards_cached", cached),
             ],
+            loras,
         })
     }
 }
@@ -125,6 +178,8 @@ impl Generator for Fake {
 pub(crate) struct Seen {
     pub(crate) params: skyreels_params::GenerationParams,
     pub(crate) image: Option<image::RgbImage>,
+    /// Where the worker found the LoRA files.
+    pub(crate) loras: Vec<LoraSource>,
 }
 
 impl std::ops::Deref for Seen {

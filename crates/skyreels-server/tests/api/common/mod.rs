@@ -65,13 +65,8 @@ pub(crate) async fn start_workers_with(
     let loaders = (0..workers)
         .map(|_| {
             let (g, s) = (gate.clone(), seen.clone());
-            Box::new(move || {
-                Ok(Box::new(Fake {
-                    gate: g,
-                    seen: s,
-                    ulysses: None,
-                }) as Box<dyn Generator>)
-            }) as skyreels_server::generator::GeneratorLoader
+            Box::new(move || Ok(Box::new(Fake::new(g, s)) as Box<dyn Generator>))
+                as skyreels_server::generator::GeneratorLoader
         })
         .collect();
     let mut server = Server::start_node(c, loaders).await.unwrap();
