@@ -3,7 +3,8 @@
 # Debian's packages when missing; never a browser download) driven by Selenium (PyPI, in its own
 # venv: browser-venv in target/ or $CARGO_TARGET_DIR) against a live `skyreels serve` on the
 # bundled tiny weights with an API key. The screenshot of the finished state goes to
-# target/playground/playground.png. Its --lora-dir holds style.safetensors, the LoRA row the test sends.
+# target/playground/playground.png. Its --lora-dir holds style.safetensors (the LoRA fixture made for the
+# tiny weights), the LoRA row the test sends.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/tiny_server.sh
@@ -18,7 +19,7 @@ python_venv "$venv" selenium "selenium==4.51.0"
 key="browser-test-$RANDOM$RANDOM"
 loras="$target/playground-loras"
 mkdir -p "$loras"
-printf 'a LoRA file for the playground test' > "$loras/style.safetensors"
+cp tests/fixtures/lora/files/diffusers.safetensors "$loras/style.safetensors"
 start_tiny_server "$key" --lora-dir "$loras"
 grep -q "playground at $url/playground" "$tmp/log" || { cat "$tmp/log"; echo "no playground URL in the log"; exit 1; }
 if ! "$venv/bin/python" tests/browser/playground_test.py "$url" "$key" weights/example.png "$target/playground"; then

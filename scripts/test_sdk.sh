@@ -3,7 +3,8 @@
 # Creates its own venv (sdk-venv in target/ or $CARGO_TARGET_DIR: wavespeed + PyAV from PyPI),
 # starts the server on a free port with an API key and two CPU workers (--device cpu:0,cpu:1: one
 # queue, a model copy each), runs tests/sdk/sdk_client.py, then stops the server with SIGTERM and
-# checks it exits cleanly. Its --lora-dir holds style.safetensors, the LoRA name the client sends.
+# checks it exits cleanly. Its --lora-dir holds style.safetensors (the LoRA fixture made for the tiny
+# weights, tests/fixtures/lora/files/diffusers.safetensors), the LoRA name the client sends.
 # Needs python3 and PyPI the first time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +14,7 @@ python_venv "$venv" "wavespeed, av" "wavespeed==2.0.5" "av>=12"
 key="sdk-test-$RANDOM$RANDOM"
 loras="$target/sdk-loras"
 mkdir -p "$loras"
-printf 'a LoRA file for the SDK test' > "$loras/style.safetensors"
+cp tests/fixtures/lora/files/diffusers.safetensors "$loras/style.safetensors"
 start_tiny_server "$key" --device cpu:0,cpu:1 --lora-dir "$loras"
 if ! "$venv/bin/python" tests/sdk/sdk_client.py "$url" "$key" weights/example.png; then
     cat "$tmp/log"

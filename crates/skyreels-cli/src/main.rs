@@ -393,7 +393,7 @@ pub(crate) fn run_dtype(devices: &Devices, dtype: Option<DtypeArg>) -> DType {
 }
 
 /// How `m` may use the Hugging Face hub.
-fn hub_options(m: &ModelArgs) -> HubOptions {
+pub(crate) fn hub_options(m: &ModelArgs) -> HubOptions {
     HubOptions {
         offline: m.offline,
         cache_dir: m.cache_dir.clone(),

@@ -1,11 +1,13 @@
 //! `skyreels serve`: the HTTP server backed by the real pipeline.
 
 use crate::devices::{self, DeviceSpec};
-use crate::{load_pipeline, model_paths, worker_groups, ModelArgs};
+use crate::{hub_options, load_pipeline, model_paths, worker_groups, ModelArgs};
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use skyreels_pipeline::export::write_output;
 use skyreels_pipeline::generate::{GenerateError, ModelPaths, Pipeline};
+use skyreels_pipeline::hub::{fetch_file, HubOptions};
+use skyreels_pipeline::lora::{LoraErrorKind, LoraFile};
 use skyreels_pipeline::runtime::{free_memory, gib};
 use skyreels_server::backend::redis::{ClusterConfig, OutputStore};
 use skyreels_server::generator::{
@@ -281,6 +283,8 @@ pub struct WorkerArgs {
 /// The pipeline behind the server's generator trait (its `--max-pixel-frames` set).
 struct PipelineGenerator {
     pipeline: Pipeline,
+    /// Where hub LoRAs are fetched from (the model's hub cache and `--offline`).
+    hub: HubOptions,
 }
 
 impl Generator for PipelineGenerator {
@@ -347,51 +351,50 @@ impl Generator for PipelineGenerator {
     }
 }
 
-/// One LoRA of a request as the pipeline takes it: a label for its messages (the request's
-/// index and path, a URL without credentials or query), where the worker found it, its scale.
-struct RequestLora<'a> {
-    label: String,
-    source: &'a LoraSource,
-    scale: f64,
-}
-
 impl PipelineGenerator {
     /// Sets the pipeline's adapters to the input's LoRAs (none: the plain transformer) and
-    /// reports each one's unmatched keys and cache hit, in order.
+    /// reports each one's unmatched keys and cache hit, in order. Each is labelled by the
+    /// request's index and path (a URL without credentials or query) in the messages.
     fn apply_loras(&mut self, input: &Input) -> Result<Vec<LoraOutcome>, GenerateFailure> {
-        let loras: Vec<RequestLora> = input
+        let files = input
             .params
             .loras
             .iter()
             .zip(&input.loras)
             .enumerate()
-            .map(|(i, (spec, source))| RequestLora {
-                label: format!("loras[{i}] {}", skyreels_server::loras::shown(&spec.path)),
-                source,
-                scale: spec.scale,
+            .map(|(i, (spec, source))| {
+                let label = format!("loras[{i}] {}", skyreels_server::loras::shown(&spec.path));
+                // a hub LoRA is fetched into (or found in) the hub cache
+                let path = match source {
+                    LoraSource::File(path) => path.clone(),
+                    LoraSource::Hub { repo, file } => fetch_file(repo, file, &self.hub)
+                        .map_err(|e| GenerateFailure::Failed(format!("{label}: {e}")))?,
+                };
+                Ok(LoraFile {
+                    label,
+                    path,
+                    scale: spec.scale,
+                })
             })
-            .collect();
-        if loras.is_empty() {
-            return Ok(Vec::new());
-        }
-        // integration: a `LoraSource::Hub { repo, file }` becomes a file with
-        // `skyreels_pipeline::hub::fetch_file(repo, file, &HubOptions)`; then
-        // `self.pipeline.set_loras(&[LoraFile { label, path, scale }])` (also with `&[]` when
-        // the request has none, so the previous task's adapters are dropped), and its
-        // `LoraReport.applied` maps onto `LoraOutcome { unmatched_keys, cache_hit }`.
-        let named: Vec<String> = loras
-            .iter()
-            .map(|l| match l.source {
-                LoraSource::File(_) => format!("{} (scale {})", l.label, l.scale),
-                LoraSource::Hub { repo, file } => {
-                    format!("{} (hub {repo}, {file}; scale {})", l.label, l.scale)
-                }
+            .collect::<Result<Vec<_>, GenerateFailure>>()?;
+        // also with none: the previous task's adapters go, the plain transformer runs
+        let report = self.pipeline.set_loras(&files).map_err(|e| match e {
+            // the file the client named is not a LoRA this transformer takes
+            GenerateError::Lora(l)
+                if !matches!(l.kind, LoraErrorKind::Io { .. } | LoraErrorKind::Tensor(_)) =>
+            {
+                GenerateFailure::InvalidInput(l.to_string())
+            }
+            e => GenerateFailure::Failed(e.to_string()),
+        })?;
+        Ok(report
+            .applied
+            .into_iter()
+            .map(|a| LoraOutcome {
+                unmatched_keys: a.unmatched_keys,
+                cache_hit: a.cache_hit,
             })
-            .collect();
-        Err(GenerateFailure::InvalidInput(format!(
-            "{}: LoRAs are not applied by this build of the pipeline yet",
-            named.join(", ")
-        )))
+            .collect())
     }
 }
 
@@ -628,14 +631,18 @@ fn loaders(
                 default_clip_gib = gib(pipeline.estimate_clip_bytes(d.height, d.width, d.num_frames)),
                 "largest clip taken (--max-pixel-frames)"
             );
-            // integration: the pipeline's LoRA adapter cache is sized here
-            // (`lora_cache_bytes`, from --lora-cache-mb) once `Pipeline` has one
+            pipeline.set_lora_cache_bytes(usize::try_from(lora_cache_bytes).unwrap_or(usize::MAX));
             tracing::info!(
                 device = %names,
                 lora_cache_mib = lora_cache_bytes >> 20,
                 "LoRA adapter cache (--lora-cache-mb)"
             );
-            Ok(Box::new(PipelineGenerator { pipeline }))
+            let hub = HubOptions {
+                // a server logs; no progress bars on its stderr
+                progress: false,
+                ..hub_options(&model)
+            };
+            Ok(Box::new(PipelineGenerator { pipeline, hub }))
         }));
     }
     Ok(loaders)

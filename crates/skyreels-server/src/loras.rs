@@ -27,7 +27,7 @@ use std::time::Duration;
 /// `--max-lora-mb`'s default.
 pub const DEFAULT_MAX_LORA_MB: u64 = 1024;
 /// `--lora-cache-mb`'s default: parsed adapters the generator keeps in memory.
-pub const DEFAULT_LORA_CACHE_MB: u64 = 2048;
+pub const DEFAULT_LORA_CACHE_MB: u64 = 1024;
 /// A LoRA download that moves no byte for this long fails.
 pub const DOWNLOAD_STALL: Duration = Duration::from_secs(60);
 /// The extension of every LoRA file.
@@ -214,6 +214,31 @@ impl Loras {
         &self.config
     }
 
+    /// Removes the URL downloads no task used for `unused` (the retention: a download's time
+    /// is refreshed whenever a task uses it), so distinct URLs cannot fill the disk; returns
+    /// how many. Blocking.
+    pub fn sweep_downloads(&self, unused: Duration) -> usize {
+        let Ok(entries) = std::fs::read_dir(&self.cache_dir) else {
+            return 0;
+        };
+        let now = std::time::SystemTime::now();
+        let mut removed = 0;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let stale = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| now.duration_since(t).is_ok_and(|age| age > unused));
+            if stale && path.extension().is_some_and(|e| e == "safetensors") {
+                match std::fs::remove_file(&path) {
+                    Ok(()) => removed += 1,
+                    Err(e) => tracing::warn!(file = %path.display(), "LoRA download: {e}"),
+                }
+            }
+        }
+        removed
+    }
+
     /// Where `loras[index]` points, with what can be checked without I/O: a URL while URLs
     /// are turned off or naming an internal address literally, a name without `--lora-dir`.
     fn classify(&self, index: usize, path: &str) -> Result<Target, LoraError> {
@@ -318,6 +343,14 @@ impl Loras {
         };
         let target = self.cached_path(url);
         if target.is_file() {
+            // used now: the sweep keeps it another retention period
+            let touched = std::fs::File::options()
+                .append(true)
+                .open(&target)
+                .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+            if let Err(e) = touched {
+                tracing::warn!(file = %target.display(), "LoRA download: {e}");
+            }
             return Ok(target);
         }
         let max = self.config.max_download_bytes;
@@ -487,5 +520,37 @@ mod tests {
             .resolve(&[spec("http://127.0.0.1:9/a.safetensors")])
             .unwrap_err();
         assert!(e.reason.contains("--allow-private-image-urls"), "{e}");
+    }
+
+    #[test]
+    fn downloads_unused_for_the_retention_are_swept_and_a_use_keeps_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = LoraConfig {
+            urls: true,
+            ..LoraConfig::default()
+        };
+        let r = Loras::new(config, dir.path(), false);
+        assert_eq!(r.sweep_downloads(Duration::ZERO), 0, "no folder yet");
+        std::fs::create_dir_all(&r.cache_dir).unwrap();
+        let url = |p: &str| url::Url::parse(&format!("https://example.com/{p}")).unwrap();
+        let (old, used, fresh) = (url("old"), url("used"), url("fresh"));
+        let hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+        for u in [&old, &used, &fresh] {
+            std::fs::write(r.cached_path(u), b"x").unwrap();
+        }
+        for u in [&old, &used] {
+            let f = std::fs::File::options()
+                .append(true)
+                .open(r.cached_path(u))
+                .unwrap();
+            f.set_modified(hour_ago).unwrap();
+        }
+        // a task uses `used` (a kept download: nothing fetched) before the sweep
+        assert_eq!(r.download(0, &used).unwrap(), r.cached_path(&used));
+        std::fs::write(r.cache_dir.join("note.txt"), b"not a download").unwrap();
+        assert_eq!(r.sweep_downloads(Duration::from_secs(60)), 1);
+        assert!(!r.cached_path(&old).exists());
+        assert!(r.cached_path(&used).exists() && r.cached_path(&fresh).exists());
+        assert!(r.cache_dir.join("note.txt").exists());
     }
 }

@@ -359,7 +359,8 @@ async fn finished_tasks(
 }
 
 /// What every node does in the background: the engine's sweep (retention; in a shared
-/// deployment also tasks that can no longer start, dead workers, retired models), and, where
+/// deployment also tasks that can no longer start, dead workers, retired models), the LoRA
+/// downloads no task used for the retention, and, where
 /// the backend is shared, the webhook secret put back into a store that lost its data (or
 /// taken from it when another node's is there).
 async fn housekeeping(state: Arc<AppState>) {
@@ -395,6 +396,16 @@ async fn housekeeping(state: Arc<AppState>) {
             Ok(n) if n > 0 => tracing::warn!("failed {n} tasks that could not start"),
             Ok(_) => {}
             Err(e) => tracing::warn!("sweep: {e}"),
+        }
+        if let Some(retention) = state.config.retention {
+            let s = state.clone();
+            match tokio::task::spawn_blocking(move || s.loras.sweep_downloads(retention)).await {
+                Ok(n) if n > 0 => {
+                    tracing::info!("removed {n} LoRA downloads unused for the retention")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!("LoRA download sweep: {e}"),
+            }
         }
     }
 }

@@ -54,7 +54,12 @@ pub(super) fn original_to_diffusers(module: &str) -> (Vec<String>, Split) {
                 "self_attn_qkv",
                 &["attn.to_q", "attn.to_k", "attn.to_v"],
             );
-            (qkv.iter().map(|k| replace_all(k, &TXT_IN_RENAMES)).collect(), Split::Rows)
+            (
+                qkv.iter()
+                    .map(|k| replace_all(k, &TXT_IN_RENAMES))
+                    .collect(),
+                Split::Rows,
+            )
         } else {
             (vec![replace_all(&key, &TXT_IN_RENAMES)], Split::Whole)
         };
