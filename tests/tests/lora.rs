@@ -8,7 +8,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
-use skyreels_pipeline::generate::{GenerateError, ModelPaths, Offload, Pipeline};
+use skyreels_pipeline::generate::{CacheSpec, GenerateError, ModelPaths, Offload, Pipeline};
 use skyreels_pipeline::lora::{LoraApplied, LoraErrorKind, LoraFile};
 use skyreels_tests::generation::{case_in, params, FRAME_TOL};
 use skyreels_tests::{fixture, max_abs, tiny_weights};
@@ -135,6 +135,39 @@ fn clearing_restores_the_plain_model_and_the_cache_serves_repeats() {
     assert!(!pipe.set_loras(&kohya).unwrap().applied[0].cache_hit);
     let s = pipe.lora_cache_stats();
     assert_eq!((s.hits, s.misses, s.entries), (3, 3, 1));
+}
+
+/// A LoRA with step caching: diffusers' first-block cache on the LoRA'd transformer
+/// (`scripts/fixtures/cache.py lora`, true CFG): the adapted first block decides, so the skip
+/// sequence is asserted exactly (and unchanged at 0.99 T and 1.01 T, as for the plain cache
+/// fixtures), the frames within the same bound; without the LoRA, the frames are far off.
+#[test]
+fn a_lora_with_the_first_block_cache_matches_diffusers() {
+    let mut pipe = pipeline();
+    let (io, req) = case_in("lora", "cache_fbc_lora");
+    let want: Vec<bool> = serde_json::from_value(req["decisions"].clone()).unwrap();
+    assert!(want.contains(&true) && want.contains(&false), "{want:?}");
+    pipe.set_loras(&loras(&req)).unwrap();
+    let r = params(&io, &req);
+    let CacheSpec::FirstBlock(t) = r.p.cache else {
+        panic!("the fixture names a first-block cache: {:?}", r.p.cache)
+    };
+    let video = r.run(&pipe);
+    assert_eq!(video.timings.forward_decisions, want);
+    let err = max_abs(&video.frames, &io["frames"]);
+    assert!(err <= FRAME_TOL, "max abs error {err:e}");
+    for f in [0.99, 1.01] {
+        let v = r
+            .with(|p| p.cache = CacheSpec::FirstBlock(t * f))
+            .run(&pipe);
+        assert_eq!(v.timings.forward_decisions, want, "at {f} T");
+    }
+    pipe.set_loras(&[]).unwrap();
+    let plain = max_abs(&r.run(&pipe).frames, &io["frames"]);
+    assert!(
+        plain > 100.0 * FRAME_TOL,
+        "without the LoRA off by only {plain:e}"
+    );
 }
 
 /// `--offload model` (the transformer loaded per stage gets the adapters after each load),
