@@ -157,20 +157,18 @@ function updateLoraButton() {
 function addLora() {
   if ($("loras").children.length >= maxLoras) return;
   const li = document.createElement("li");
-  const path = document.createElement("input");
-  path.className = "lora-path";
-  path.type = "text";
-  path.spellcheck = false;
-  path.placeholder = "name, https://... or OWNER/REPO/FILE.safetensors";
-  path.setAttribute("aria-label", "LoRA path");
-  const scale = document.createElement("input");
-  scale.className = "lora-scale";
-  scale.type = "number";
-  scale.step = "0.1";
-  scale.min = "-4";
-  scale.max = "4";
-  scale.placeholder = "1";
-  scale.setAttribute("aria-label", "LoRA scale");
+  const field = (className, props, label) => {
+    const input = Object.assign(document.createElement("input"), { className }, props);
+    input.setAttribute("aria-label", label);
+    return input;
+  };
+  const path = field("lora-path", {
+    type: "text",
+    spellcheck: false,
+    placeholder: "name, https://... or OWNER/REPO/FILE.safetensors",
+  }, "LoRA path");
+  const scale = field("lora-scale", { type: "number", step: "0.1", min: "-4", max: "4", placeholder: "1" },
+    "LoRA scale");
   const remove = document.createElement("button");
   remove.type = "button";
   remove.className = "remove-lora";
