@@ -4,7 +4,8 @@
 # starts the server on a free port with an API key and two CPU workers (--device cpu:0,cpu:1: one
 # queue, a model copy each), runs tests/sdk/sdk_client.py, then stops the server with SIGTERM and
 # checks it exits cleanly. Its --lora-dir holds style.safetensors (the LoRA fixture made for the tiny
-# weights, tests/fixtures/lora/files/diffusers.safetensors), the LoRA name the client sends.
+# weights, tests/fixtures/lora/files/diffusers.safetensors), the LoRA name the client sends, and
+# broken.safetensors (not a LoRA: its task must fail naming it, and the worker go on).
 # Needs python3 and PyPI the first time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +16,7 @@ key="sdk-test-$RANDOM$RANDOM"
 loras="$target/sdk-loras"
 mkdir -p "$loras"
 cp tests/fixtures/lora/files/diffusers.safetensors "$loras/style.safetensors"
+printf 'not a LoRA' > "$loras/broken.safetensors"
 start_tiny_server "$key" --device cpu:0,cpu:1 --lora-dir "$loras"
 if ! "$venv/bin/python" tests/sdk/sdk_client.py "$url" "$key" weights/example.png; then
     cat "$tmp/log"

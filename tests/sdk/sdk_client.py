@@ -84,6 +84,15 @@ def main():
                                   timeout=60)
     assert missing["status"] == "failed" and "loras: [0]" in missing["error"], missing
     print("missing LoRA:", missing["error"])
+    # a file of the dir that is no LoRA fails its task (1401, naming it) and the worker goes on
+    broken = client.run_no_throw(MODEL, {"prompt": prompt, "image": data_uri, "loras": [{"path": "broken"}]},
+                                 timeout=300)
+    task = get_prediction(broken["task_id"])
+    assert broken["status"] == "failed" and task["code"] == 1401, task
+    assert 'loras[0] "broken"' in task["error"] and "not a safetensors file" in task["error"], task
+    print("broken LoRA:", task["error"])
+    again = client.run(MODEL, {"prompt": prompt, "image": data_uri, "loras": lora}, timeout=300)
+    print("the same LoRA after it:", check_video(again["outputs"][0]))
 
     result = client.run_no_throw(MODEL, {"prompt": prompt}, timeout=60)
     assert result["status"] == "failed" and "image" in result["error"], result
