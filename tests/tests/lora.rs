@@ -135,6 +135,26 @@ fn clearing_restores_the_plain_model_and_the_cache_serves_repeats() {
     assert!(!pipe.set_loras(&kohya).unwrap().applied[0].cache_hit);
     let s = pipe.lora_cache_stats();
     assert_eq!((s.hits, s.misses, s.entries), (3, 3, 1));
+
+    // a file read before, with the size and modification time it had then, is not read again:
+    // its bytes garbled in place (same length, time put back) still give the cached LoRA; a
+    // new modification time makes it read, and refused
+    let copy = &dir.path().join("copy.safetensors");
+    let meta = std::fs::metadata(copy).unwrap();
+    std::fs::write(copy, vec![b'x'; meta.len() as usize]).unwrap();
+    let file = std::fs::File::options().append(true).open(copy).unwrap();
+    file.set_modified(meta.modified().unwrap()).unwrap();
+    let garbled = LoraFile {
+        label: "copy".into(),
+        path: copy.clone(),
+        scale: 1.0,
+    };
+    let applied = pipe.set_loras(std::slice::from_ref(&garbled)).unwrap();
+    assert_eq!(counts(&applied.applied), [("kohya", 12, 3)]);
+    assert!(applied.applied[0].cache_hit);
+    file.set_modified(std::time::SystemTime::now()).unwrap();
+    let e = pipe.set_loras(&[garbled]).unwrap_err();
+    assert!(e.to_string().contains("not a safetensors file"), "{e}");
 }
 
 /// A LoRA with step caching: diffusers' first-block cache on the LoRA'd transformer

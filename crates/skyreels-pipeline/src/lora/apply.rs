@@ -10,7 +10,9 @@ use sha2::{Digest as _, Sha256};
 use skyreels_models::layers::{LinearAdapter, LoraDelta};
 use skyreels_models::HunyuanVideoTransformer3DModel;
 use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 /// (out, in) of every linear layer of a transformer, by diffusers module path.
 pub(crate) type LayerDims = BTreeMap<String, (usize, usize)>;
@@ -126,9 +128,15 @@ fn fit(
     })
 }
 
+/// Files whose digest is remembered by size and modification time (then forgotten at once).
+const MAX_SEEN_FILES: usize = 4096;
+
 /// The parsed LoRA files a pipeline keeps, and its transformer's layers.
 pub(crate) struct Loras {
     cache: LoraCache,
+    /// The content digest of each file read, with the size and modification time it had then:
+    /// a file that still has both is not read again.
+    seen: HashMap<PathBuf, (u64, SystemTime, Digest)>,
     layers: LayerDims,
 }
 
@@ -136,6 +144,7 @@ impl Loras {
     pub(crate) fn new(layers: LayerDims) -> Self {
         Self {
             cache: LoraCache::new(super::DEFAULT_LORA_CACHE_BYTES),
+            seen: HashMap::new(),
             layers,
         }
     }
@@ -148,19 +157,51 @@ impl Loras {
         self.cache.stats()
     }
 
-    /// A file, parsed or from the cache (true).
+    /// A file, parsed or from the cache (true). A file read before whose size and modification
+    /// time have not changed is taken from the cache by the digest it had, without reading it
+    /// again; any other is read, and found in the cache by its content's digest or parsed.
     fn read(&mut self, file: &LoraFile) -> Result<(Arc<Parsed>, bool), LoraErrorKind> {
-        let bytes = std::fs::read(&file.path).map_err(|source| match source.kind() {
+        let io = |source: std::io::Error| match source.kind() {
             std::io::ErrorKind::NotFound => LoraErrorKind::NotFound(file.path.clone()),
             _ => LoraErrorKind::Io {
                 path: file.path.clone(),
                 source,
             },
-        })?;
-        let digest: Digest = Sha256::digest(&bytes).into();
+        };
+        let meta = std::fs::metadata(&file.path).map_err(io)?;
+        let stamp = (meta.len(), meta.modified().map_err(io)?);
+        let known = self
+            .seen
+            .get(&file.path)
+            .filter(|&&(len, modified, _)| (len, modified) == stamp)
+            .map(|&(_, _, digest)| digest);
+        let mut read = None;
+        let digest = match known {
+            Some(digest) => digest,
+            None => {
+                let bytes = std::fs::read(&file.path).map_err(io)?;
+                let digest: Digest = Sha256::digest(&bytes).into();
+                // bounded: a server meets many files over its life (each URL's download is one)
+                if self.seen.len() >= MAX_SEEN_FILES {
+                    self.seen.clear();
+                }
+                self.seen
+                    .insert(file.path.clone(), (stamp.0, stamp.1, digest));
+                read = Some(bytes);
+                digest
+            }
+        };
         if let Some(parsed) = self.cache.get(&digest) {
             return Ok((parsed, true));
         }
+        // not in the cache (evicted since): read now, keyed by what is read
+        let bytes = match read {
+            Some(bytes) => bytes,
+            None => std::fs::read(&file.path).map_err(io)?,
+        };
+        let digest: Digest = Sha256::digest(&bytes).into();
+        self.seen
+            .insert(file.path.clone(), (stamp.0, stamp.1, digest));
         let parsed = Arc::new(parse(&bytes)?);
         self.cache.insert(digest, parsed.clone());
         Ok((parsed, false))
