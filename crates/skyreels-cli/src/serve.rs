@@ -112,6 +112,11 @@ pub struct NodeArgs {
     /// is unknown, 50,657,280 = 960x544x97, SkyReels' default clip]
     #[arg(long, env = "SKYREELS_MAX_PIXEL_FRAMES", value_name = "N")]
     max_pixel_frames: Option<u64>,
+    /// Warm start: after loading, each worker runs one small generation (the model's smallest
+    /// size, 1 step; no output kept, no task) before /ready answers 200, so the first client
+    /// does not pay one-time costs; its time is logged and its failure fails the start.
+    #[arg(long, env = "SKYREELS_WARMUP")]
+    warmup: bool,
     #[command(flatten)]
     loras: LoraArgs,
 }
@@ -314,6 +319,7 @@ fn node_config(node: NodeArgs) -> Result<ServerConfig> {
     config.max_task_time =
         (node.max_task_seconds > 0).then(|| Duration::from_secs(node.max_task_seconds));
     config.max_work = node.max_work;
+    config.warmup = node.warmup;
     config.redis = node.redis.map(|url| ClusterConfig {
         claim_timeout: Duration::from_secs_f64(node.claim_timeout),
         output_store: match node.output_store {

@@ -356,6 +356,7 @@ fn help_documents_the_flags() {
         "--forget-models-after-minutes",
         "--redis-ca",
         "--allow-redis-without-password",
+        "--warmup",
     ] {
         assert!(out.contains(flag), "{flag} missing from serve --help");
     }
@@ -374,6 +375,7 @@ fn help_documents_the_flags() {
         "--queue-ttl-hours",
         "--redis-ca",
         "--allow-redis-without-password",
+        "--warmup",
     ] {
         assert!(out.contains(flag), "{flag} missing from worker --help");
     }

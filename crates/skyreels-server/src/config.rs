@@ -62,6 +62,9 @@ pub struct ServerConfig {
     /// LoRAs: how many a request may name, where names and downloads are, the download
     /// limit, whether URLs are accepted (`--max-loras`, `--lora-dir`, ...).
     pub loras: crate::loras::LoraConfig,
+    /// Each worker runs one small generation per model after loading, before the node is
+    /// ready (`--warmup`; see [`crate::warmup`]).
+    pub warmup: bool,
 }
 
 impl ServerConfig {
@@ -92,6 +95,7 @@ impl ServerConfig {
             redis: None,
             metrics_only: false,
             loras: crate::loras::LoraConfig::default(),
+            warmup: false,
         }
     }
 }

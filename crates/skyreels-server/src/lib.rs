@@ -23,6 +23,7 @@ pub mod metrics;
 mod server;
 mod state;
 mod view;
+pub mod warmup;
 pub mod webhook;
 
 pub use config::ServerConfig;

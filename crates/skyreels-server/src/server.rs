@@ -259,13 +259,15 @@ fn local_secret(config: &ServerConfig) -> Result<String, ServerError> {
     )
 }
 
-/// Loads a worker's generator, reporting on `loaded`; `None` when it failed (reported).
+/// Loads worker `index`'s generator and, with `--warmup`, runs its warm-up generation,
+/// reporting on `loaded`; `None` when either failed (reported).
 fn load(
     state: &AppState,
     loader: GeneratorLoader,
     loaded: tokio::sync::oneshot::Sender<Result<(), String>>,
+    index: usize,
 ) -> Option<Box<dyn Generator>> {
-    let generator = match catch_unwind(AssertUnwindSafe(loader)) {
+    let mut generator = match catch_unwind(AssertUnwindSafe(loader)) {
         Ok(Ok(g)) => g,
         Ok(Err(e)) => {
             let _ = loaded.send(Err(e));
@@ -276,6 +278,12 @@ fn load(
             return None;
         }
     };
+    if state.config.warmup {
+        if let Err(e) = crate::warmup::warm_up(&mut *generator, state.config.max_work, index) {
+            let _ = loaded.send(Err(e));
+            return None;
+        }
+    }
     let _ = state.models.set(generator.models());
     state.workers_loaded.fetch_add(1, Ordering::Relaxed);
     let _ = loaded.send(Ok(()));
@@ -293,7 +301,7 @@ fn spawn_worker(
     std::thread::Builder::new()
         .name(format!("skyreels-worker-{index}"))
         .spawn(move || {
-            let Some(mut generator) = load(&state, loader, loaded) else {
+            let Some(mut generator) = load(&state, loader, loaded, index) else {
                 return;
             };
             let engine = &state.jobs;

@@ -1,6 +1,8 @@
 //! Several workers on one queue, workers that fail to load, and draining at shutdown.
 
-use crate::common::{body, config, start_with, start_workers_with, Fake, Gate, KEY};
+use crate::common::{
+    body, config, metrics_text, start_with, start_workers_with, Fake, Gate, Harness, KEY,
+};
 use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
 use skyreels_server::generator::Generator;
@@ -91,4 +93,92 @@ async fn draining_refuses_new_work_and_fails_queued_tasks() {
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
     let (s, _) = h.json("GET", "/ready", None, None).await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+}
+
+/// Issue 30: with `--warmup` each worker runs one smallest generation (1 step, 1 frame, the
+/// size multiple) after loading, and `/ready` answers 503 until it ran; it is no task.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_warmup_generation_runs_before_ready_and_is_no_task() {
+    let dir = tempfile::tempdir().unwrap();
+    let gate = Gate::closed();
+    let seen = Arc::new(std::sync::Mutex::new(vec![]));
+    let (g, s) = (gate.clone(), seen.clone());
+    let loader: skyreels_server::generator::GeneratorLoader =
+        Box::new(move || Ok(Box::new(Fake::new(g, s)) as Box<dyn Generator>));
+    let mut c = config(dir.path());
+    c.warmup = true;
+    let mut server = Server::start(c, loader).unwrap();
+    let h = Harness {
+        router: server.router(),
+        server: None,
+        seen,
+        dir,
+        redis: None,
+    };
+    // the gate holds the warm-up's step: loaded, not warm, not ready
+    while h.seen.lock().unwrap().is_empty() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (s, _) = h.json("GET", "/ready", None, None).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    gate.open();
+    server.wait_loaded().await.unwrap();
+    let (s, v) = h.json("GET", "/ready", None, None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    {
+        let seen = h.seen.lock().unwrap();
+        assert_eq!(seen.len(), 1);
+        let w = &seen[0];
+        assert_eq!(
+            (w.width, w.height, w.num_frames, w.steps),
+            (16, 16, 1, 1),
+            "{w:?}"
+        );
+        assert_eq!(w.image.as_ref().unwrap().dimensions(), (16, 16));
+    }
+    let text = metrics_text(&h).await;
+    assert!(text.contains("skyreels_jobs_submitted_total 0"), "{text}");
+    assert!(!text.contains("skyreels_jobs_finished_total"), "{text}");
+    // no record and no video in the output folder
+    let files: Vec<_> = walk(h.dir.path());
+    assert!(
+        files
+            .iter()
+            .all(|p| p.extension().is_none_or(|e| e != "mp4" && e != "json")),
+        "{files:?}"
+    );
+    // the first task is the queue's first
+    let (s, v) = h.submit(body("p")).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let id = v["data"]["id"].as_str().unwrap();
+    h.wait(id, &["completed"]).await;
+    server.drain().await;
+}
+
+/// A warm-up that cannot run fails the start with its reason.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_warmup_that_fails_fails_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let loader: skyreels_server::generator::GeneratorLoader =
+        Box::new(|| Ok(Box::new(Fake::new(Gate::default(), Arc::default())) as Box<dyn Generator>));
+    let mut c = config(dir.path());
+    c.warmup = true;
+    c.max_work = 1e-9;
+    let mut server = Server::start(c, loader).unwrap();
+    let e = server.wait_loaded().await.unwrap_err().to_string();
+    assert!(e.contains("warm-up generation"), "{e}");
+    assert!(e.contains("--max-work"), "{e}");
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = vec![];
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
 }
