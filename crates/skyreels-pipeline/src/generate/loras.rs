@@ -36,14 +36,23 @@ impl Pipeline {
     ) -> Result<Vec<Adapters>, GenerateError> {
         let devices = self.parallel.cond.iter().chain(&self.parallel.uncond);
         devices
-            .map(|(device, _)| {
-                Ok(if device.same_device(&self.device) {
-                    main.clone()
-                } else {
-                    matched.adapters(self.dtype, device)?
-                })
-            })
+            .map(|(device, _)| self.adapters_on(matched, main, device))
             .collect()
+    }
+
+    /// `matched`'s adapters on `device`: `main` (those on the pipeline's device) shared when it
+    /// is that device, else placed there.
+    pub(super) fn adapters_on(
+        &self,
+        matched: &Matched,
+        main: &Adapters,
+        device: &Device,
+    ) -> Result<Adapters, GenerateError> {
+        Ok(if device.same_device(&self.device) {
+            main.clone()
+        } else {
+            matched.adapters(self.dtype, device)?
+        })
     }
 
     /// Bytes of parsed LoRA tensors kept between requests (least recently used out first).

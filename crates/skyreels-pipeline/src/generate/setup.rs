@@ -179,12 +179,10 @@ impl Pipeline {
                 self.offload == Offload::Blocks,
             )?;
             // the LoRAs chosen so far, on this rank's device
-            let adapters = if device.same_device(&self.device) {
-                self.adapters.clone()
-            } else {
-                self.matched.adapters(self.dtype, device)?
-            };
-            attach(&mut model, &adapters);
+            attach(
+                &mut model,
+                &self.adapters_on(&self.matched, &self.adapters, device)?,
+            );
             Ok((device.clone(), model))
         };
         let cond = groups[0][1..].iter().map(load).collect::<Result<_, _>>()?;
