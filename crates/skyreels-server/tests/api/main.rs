@@ -13,12 +13,14 @@
 //! - `workers`: several workers, load failures, draining;
 //! - `loras`: LoRAs (names, URLs, hub files, the flags, the download cache) and RIFLEx;
 //! - `engine`: the engine's conformance suite, run against both backends;
+//! - `events`: live progress (server-sent events) on a real socket;
 //! - `redis`: the HTTP routes and the cluster guards on the Redis engine.
 //!
 //! Tests whose doc starts with "Finding N" reproduce one finding of the server review (issue 14).
 
 mod common;
 mod engine;
+mod events;
 mod loras;
 mod ops;
 mod predictions;
