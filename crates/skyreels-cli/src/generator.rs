@@ -40,6 +40,7 @@ impl Generator for PipelineGenerator {
                 .unwrap_or(skyreels_params::FALLBACK_MAX_PIXEL_FRAMES),
             ulysses: self.pipeline.ulysses(),
             temporal_rope_frequencies: self.pipeline.temporal_rope_frequencies(),
+            safety_checker: None,
         }]
     }
 
@@ -85,6 +86,7 @@ impl Generator for PipelineGenerator {
                 ("forwards_cached", t.forwards_cached() as u64),
             ],
             loras,
+            nsfw: None,
         })
     }
 }

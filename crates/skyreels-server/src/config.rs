@@ -68,6 +68,29 @@ pub struct ServerConfig {
     /// Each worker runs one small generation per model after loading, before the node is
     /// ready (`--warmup`; see [`crate::warmup`]).
     pub warmup: bool,
+    /// What a video the safety checker flagged becomes (`--nsfw-action`).
+    pub nsfw_action: NsfwAction,
+}
+
+/// What a video the safety checker flagged becomes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum NsfwAction {
+    /// The task completes with `has_nsfw_contents: [true]`.
+    #[default]
+    Flag,
+    /// The task fails (code 1451) and its video is deleted.
+    Block,
+}
+
+impl std::str::FromStr for NsfwAction {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "flag" => Ok(Self::Flag),
+            "block" => Ok(Self::Block),
+            _ => Err(format!("{s:?}: expected flag or block")),
+        }
+    }
 }
 
 impl ServerConfig {
@@ -100,6 +123,7 @@ impl ServerConfig {
             metrics_only: false,
             loras: crate::loras::LoraConfig::default(),
             warmup: false,
+            nsfw_action: NsfwAction::Flag,
         }
     }
 }

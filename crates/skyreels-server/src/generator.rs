@@ -28,6 +28,10 @@ pub struct ModelInfo {
     /// Frequencies of the transformer's temporal RoPE axis: the largest `riflex_freq_index`.
     #[serde(default = "hunyuan_temporal_rope_frequencies")]
     pub temporal_rope_frequencies: usize,
+    /// The safety checker the worker loaded (`--safety-checker`, as given); `None`: no checker
+    /// runs and `has_nsfw_contents` stays false.
+    #[serde(default)]
+    pub safety_checker: Option<String>,
 }
 
 fn hunyuan_temporal_rope_frequencies() -> usize {
@@ -64,6 +68,9 @@ pub struct Input {
     /// `--lora-dir` file, a URL's download) and fills this in before the generator sees the
     /// input.
     pub loras: Vec<LoraSource>,
+    /// Run the safety checker on the video (the task's `enable_safety_checker`); ignored by a
+    /// generator without one.
+    pub safety_check: bool,
 }
 
 /// Where a LoRA's `.safetensors` file is, as the worker resolved a request's `path`.
@@ -114,6 +121,9 @@ pub struct Generated {
     pub counts: Vec<(&'static str, u64)>,
     /// One entry per LoRA of the input, in its order (empty without LoRAs).
     pub loras: Vec<LoraOutcome>,
+    /// The safety checker flagged the video (any of the frames it looked at); `None`: it did not
+    /// run (none loaded, or the task turned it off). Its time is the `safety_check` stage.
+    pub nsfw: Option<bool>,
 }
 
 /// Makes videos on one device. Runs on the worker thread only.

@@ -315,6 +315,7 @@ fn spawn_worker(
                 max_work: state.config.max_work,
                 max_loras: state.config.loras.max,
                 max_task_time: state.config.max_task_time,
+                nsfw_action: state.config.nsfw_action,
             };
             crate::engine::worker::work(
                 engine,

@@ -28,7 +28,10 @@ pub async fn prediction(
     Prediction {
         id: r.id.clone(),
         model: r.model.clone(),
-        has_nsfw_contents: vec![false; r.outputs.len()],
+        // one per output; false where no checker ran
+        has_nsfw_contents: (0..r.outputs.len())
+            .map(|i| r.nsfw.get(i).copied().unwrap_or(false))
+            .collect(),
         outputs,
         urls: PredictionUrls {
             get: format!("{}/api/v3/predictions/{}/result", r.base_url, r.id),

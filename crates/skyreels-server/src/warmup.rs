@@ -35,6 +35,8 @@ pub fn warmup_input(model: &ModelInfo, max_work: f64) -> Option<Input> {
         params: params(side, num_frames),
         image,
         loras: Vec::new(),
+        // a loaded checker has its one-time costs too
+        safety_check: true,
     })
 }
 
@@ -121,6 +123,7 @@ mod tests {
             max_pixel_frames: skyreels_params::FALLBACK_MAX_PIXEL_FRAMES,
             ulysses,
             temporal_rope_frequencies: skyreels_params::HUNYUAN_TEMPORAL_ROPE_FREQUENCIES,
+            safety_checker: None,
         }
     }
 

@@ -182,7 +182,16 @@ fn model_entry(m: &ModelInfo, max_loras: usize) -> ModelEntry {
             "text-to-video"
         }
         .into(),
-        description: "SkyReels V1 (HunyuanVideo) served by skyreels-server. No NSFW classifier runs: has_nsfw_contents is always false.".into(),
+        description: match &m.safety_checker {
+            Some(c) => format!(
+                "SkyReels V1 (HunyuanVideo) served by skyreels-server. Safety checker: {c} \
+                 (has_nsfw_contents per output; enable_safety_checker: false skips it)."
+            ),
+            None => "SkyReels V1 (HunyuanVideo) served by skyreels-server. No safety checker is \
+                     loaded: has_nsfw_contents is always false."
+                .into(),
+        },
+        safety_checker: m.safety_checker.clone(),
         api_schema: crate::contract::ApiSchema {
             input: input_schema(m, max_loras),
         },

@@ -34,6 +34,8 @@ struct Checked {
     /// Portrait from aspect_ratio "9:16"; `None`: follow the image.
     portrait: Option<bool>,
     webhook: Option<String>,
+    /// `enable_safety_checker` (default true).
+    safety_check: bool,
 }
 
 /// The rules no single field carries: required fields, the model's mode and size multiple,
@@ -120,7 +122,20 @@ fn check(
         size_fixed: size.is_some(),
         portrait: r.aspect_ratio.map(|a| a == AspectRatio::Portrait),
         webhook,
+        safety_check: r.enable_safety_checker.is_none_or(|f| f.0),
     })
+}
+
+/// Logs, once per process, that `enable_safety_checker` is ignored: no checker is loaded for
+/// `model` (its `has_nsfw_contents` stay false).
+fn no_checker_notice(model: &str) {
+    static TOLD: std::sync::Once = std::sync::Once::new();
+    TOLD.call_once(|| {
+        tracing::info!(
+            "enable_safety_checker is ignored for {model}: no safety checker is loaded \
+             (--safety-checker); has_nsfw_contents stay false"
+        );
+    });
 }
 
 /// (height, width) when the request fixes it: `width` and `height` together, or `size` (the same
@@ -313,8 +328,12 @@ pub async fn submit(
         Some(i) => Some(image_source(&state.jobs, i).await?),
         None => None,
     };
+    if c.safety_check && model.safety_checker.is_none() {
+        no_checker_notice(&model.id);
+    }
     let record = JobRecord {
         base64_output: c.base64,
+        safety_check: c.safety_check,
         webhook: c.webhook.clone(),
         num_frames: Some(c.params.num_frames),
         ..JobRecord::created(

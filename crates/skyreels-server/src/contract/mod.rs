@@ -92,8 +92,9 @@ pub struct SubmitRequest {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(inline)]
     pub riflex_freq_index: Option<RiflexFreqIndex>,
-    /// Accepted as WaveSpeed clients send it (true or false); no safety checker runs yet
-    /// (has_nsfw_contents is always false).
+    /// Run the safety checker on the video (default true) where the server loaded one
+    /// (`--safety-checker`; `/api/v3/models` says whether it did); without one it is ignored and
+    /// has_nsfw_contents stay false.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(inline)]
     pub enable_safety_checker: Option<Flag>,
@@ -242,6 +243,9 @@ pub struct ModelEntry {
     #[serde(rename = "type")]
     pub kind: String,
     pub description: String,
+    /// The safety checker the workers of this model loaded (`--safety-checker`); null: none is
+    /// loaded, `enable_safety_checker` is ignored and has_nsfw_contents stay false.
+    pub safety_checker: Option<String>,
     pub api_schema: ApiSchema,
 }
 

@@ -118,6 +118,8 @@ pub struct Lease {
     pub attempt: u32,
     /// The record asks for base64 outputs.
     pub base64_output: bool,
+    /// The record asks for the safety checker (`enable_safety_checker`).
+    pub safety_check: bool,
     /// The input (image decoded and fitted), or the outcome the task ends with unrun (its
     /// input is gone or corrupt, or too many attempts were made).
     pub input: Result<Input, Outcome>,

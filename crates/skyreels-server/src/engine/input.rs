@@ -82,8 +82,9 @@ impl Queued {
         Ok(Input {
             params: self.params,
             image,
-            // the worker that takes the task finds the files
+            // the worker that takes the task finds the files, and reads its record's choice
             loras: Vec::new(),
+            safety_check: true,
         })
     }
 

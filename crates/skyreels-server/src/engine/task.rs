@@ -83,6 +83,8 @@ pub enum TaskCode {
     Internal,
     Unavailable,
     Timeout,
+    /// The safety checker flagged the video and `--nsfw-action block` kept none.
+    Blocked,
 }
 
 impl From<TaskCode> for u32 {
@@ -96,6 +98,7 @@ impl From<TaskCode> for u32 {
             TaskCode::Internal => 5000,
             TaskCode::Unavailable => 5003,
             TaskCode::Timeout => 5004,
+            TaskCode::Blocked => 1451,
         }
     }
 }
@@ -112,6 +115,7 @@ impl TryFrom<u32> for TaskCode {
             TaskCode::Internal,
             TaskCode::Unavailable,
             TaskCode::Timeout,
+            TaskCode::Blocked,
         ]
         .into_iter()
         .find(|c| u32::from(*c) == v)
@@ -181,6 +185,16 @@ pub struct JobRecord {
     /// Times a worker started it (more than 1 after a worker died and another took it over).
     #[serde(default)]
     pub attempts: u32,
+    /// Run the safety checker on its video, where the worker has one (`enable_safety_checker`).
+    #[serde(default = "yes")]
+    pub safety_check: bool,
+    /// Per output: the safety checker flagged it (empty where none ran).
+    #[serde(default)]
+    pub nsfw: Vec<bool>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// How a task a worker ran ended.
@@ -191,6 +205,8 @@ pub enum Outcome {
         output: String,
         timings: Vec<(String, u64)>,
         counts: Vec<(String, u64)>,
+        /// The safety checker flagged the video (`None`: none ran).
+        nsfw: Option<bool>,
     },
     Cancelled,
     Failed(TaskCode, String),
@@ -234,6 +250,8 @@ impl JobRecord {
             timings: vec![],
             counts: vec![],
             attempts: 0,
+            safety_check: true,
+            nsfw: vec![],
         }
     }
 
@@ -274,7 +292,9 @@ impl JobRecord {
                 output,
                 timings,
                 counts,
+                nsfw,
             } => {
+                self.nsfw = nsfw.into_iter().collect();
                 self.outputs = vec![output];
                 self.timings = timings;
                 self.counts = counts;
@@ -378,8 +398,10 @@ mod tests {
             output: "a.mp4".into(),
             timings: vec![("denoising".into(), 7)],
             counts: vec![("forwards_cached".into(), 2)],
+            nsfw: Some(true),
         };
         r.end(done);
+        assert_eq!(r.nsfw, [true]);
         assert_eq!(
             (r.status, r.step, r.outputs.as_slice()),
             (Status::Completed, 30, &["a.mp4".to_string()][..])
@@ -412,7 +434,12 @@ mod tests {
         assert_ne!(new_id(), id);
         assert_eq!(rfc3339_ms(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
         assert_eq!(rfc3339_ms(0), "1970-01-01T00:00:00.000Z");
-        for c in [TaskCode::Ok, TaskCode::MediaAccessFailed, TaskCode::Timeout] {
+        for c in [
+            TaskCode::Ok,
+            TaskCode::MediaAccessFailed,
+            TaskCode::Timeout,
+            TaskCode::Blocked,
+        ] {
             assert_eq!(TaskCode::try_from(u32::from(c)).unwrap(), c);
         }
         assert_eq!(serde_json::to_value(TaskCode::Unavailable).unwrap(), 5003);

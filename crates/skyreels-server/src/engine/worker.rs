@@ -8,6 +8,7 @@
 use super::backend::{Consumer, Lease, Verdict};
 use super::task::{Outcome, TaskCode};
 use super::{files, Backoff, Engine, Input};
+use crate::config::NsfwAction;
 use crate::generator::{GenerateFailure, Generator, ModelInfo};
 use crate::loras::{LoraErrorKind, Loras};
 use base64::Engine as _;
@@ -25,6 +26,8 @@ pub struct WorkerLimits {
     pub max_loras: usize,
     /// A running task is stopped (failed, 5004) after this long.
     pub max_task_time: Option<Duration>,
+    /// What a video the safety checker flagged becomes (`--nsfw-action`).
+    pub nsfw_action: NsfwAction,
 }
 
 /// Runs the tasks `consumer` hands out on `generator`, one at a time, until the engine drains;
@@ -91,8 +94,11 @@ fn run_lease(
     let file = output_file(&lease.id, lease.attempt);
     let video = paths.video_path(&file);
     let ready = match &mut lease.input {
-        Ok(input) => check(&lease.id, &lease.model, input, models, limits)
-            .and_then(|()| resolve_loras(&lease.id, input, loras)),
+        Ok(input) => {
+            input.safety_check = lease.safety_check;
+            check(&lease.id, &lease.model, input, models, limits)
+                .and_then(|()| resolve_loras(&lease.id, input, loras))
+        }
         Err(outcome) => Err(outcome.clone()),
     };
     let input = ready.and_then(|()| lease.input.as_ref().map_err(Outcome::clone));
@@ -286,6 +292,7 @@ fn run(
                     .map(|(s, n)| (s.to_string(), *n))
                     .chain(unmatched)
                     .collect(),
+                nsfw: generated.nsfw,
             }
         }
         Ok(Err(GenerateFailure::Cancelled)) => Outcome::Cancelled,
@@ -305,6 +312,20 @@ fn run(
             )
         }
     };
+    if let (
+        Outcome::Completed {
+            nsfw: Some(true), ..
+        },
+        NsfwAction::Block,
+    ) = (&outcome, limits.nsfw_action)
+    {
+        return Outcome::Failed(
+            TaskCode::Blocked,
+            "the safety checker flagged the video, and this server keeps no flagged video \
+             (--nsfw-action block)"
+                .into(),
+        );
+    }
     if timed_out && !matches!(outcome, Outcome::Completed { .. }) {
         let limit = limits.max_task_time.unwrap_or_default().as_secs_f64();
         return Outcome::Failed(

@@ -48,6 +48,7 @@ fn model() -> ModelInfo {
         max_pixel_frames: u64::MAX,
         ulysses: None,
         temporal_rope_frequencies: skyreels_params::HUNYUAN_TEMPORAL_ROPE_FREQUENCIES,
+        safety_checker: None,
     }
 }
 
@@ -165,6 +166,7 @@ fn completed(f: &Fixture, lease: &Lease, bytes: &[u8]) -> (Outcome, std::path::P
         output: file,
         timings: vec![("denoising".into(), 5)],
         counts: vec![],
+        nsfw: None,
     };
     (outcome, video)
 }

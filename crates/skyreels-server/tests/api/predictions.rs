@@ -38,7 +38,9 @@ async fn async_task_runs_to_completion_with_the_prediction_shape() {
     assert_eq!(d["error"], "");
     assert_eq!(d["progress"], json!({"step": 4, "total": 4}));
     assert_eq!(d["has_nsfw_contents"], json!([false]));
-    assert_eq!(d["timings"]["inference"], 42);
+    // denoising 40 + decoding 2 + the safety checker's 3
+    assert_eq!(d["timings"]["inference"], 45);
+    assert_eq!(d["timings"]["safety_check"], 3);
     // counts ride along in timings, outside the inference sum
     assert_eq!(d["timings"]["forwards_computed"], 4);
     assert_eq!(d["timings"]["forwards_cached"], 0);
@@ -292,4 +294,59 @@ async fn a_cancelling_task_ends_cancelled_even_if_the_generator_finishes() {
     assert_eq!(d["status"], "cancelled", "{d}");
     assert!(d["outputs"].as_array().unwrap().is_empty());
     assert!(!h.dir.path().join(format!("videos/{id}.mp4")).exists());
+}
+
+/// The safety checker: a flagged video completes with `has_nsfw_contents: [true]` under
+/// `--nsfw-action flag` (the default), `enable_safety_checker: false` skips it, and under
+/// `block` a flagged task fails with 1451 and keeps no file; `/api/v3/models` names the checker.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_safety_checker_flags_or_blocks_a_video() {
+    let h = start(|_| {}).await;
+    let (_, v) = h.json("GET", "/api/v3/models", None, Some(KEY)).await;
+    assert_eq!(
+        v["data"][0]["safety_checker"],
+        crate::common::FAKE_CHECKER,
+        "{v}"
+    );
+    let (_, v) = h.submit(body("nsfw cat")).await;
+    let d = h
+        .wait(v["data"]["id"].as_str().unwrap(), &["completed"])
+        .await;
+    assert_eq!(d["has_nsfw_contents"], json!([true]));
+    assert_eq!(d["timings"]["safety_check"], 3);
+    let mut off = body("nsfw cat");
+    off["enable_safety_checker"] = json!(false);
+    let (_, v) = h.submit(off).await;
+    let d = h
+        .wait(v["data"]["id"].as_str().unwrap(), &["completed"])
+        .await;
+    assert_eq!(d["has_nsfw_contents"], json!([false]), "not checked");
+    assert!(d["timings"].get("safety_check").is_none(), "{d}");
+    assert_eq!(d["input"]["enable_safety_checker"], false);
+
+    let h = start(|c| c.nsfw_action = skyreels_server::config::NsfwAction::Block).await;
+    let (_, v) = h.submit(body("nsfw cat")).await;
+    let id = v["data"]["id"].as_str().unwrap();
+    let d = h.wait(id, &["failed"]).await;
+    assert_eq!(d["code"], 1451);
+    assert!(
+        d["error"].as_str().unwrap().contains("--nsfw-action block"),
+        "{d}"
+    );
+    assert_eq!(
+        (d["outputs"].clone(), d["has_nsfw_contents"].clone()),
+        (json!([]), json!([]))
+    );
+    let videos: Vec<_> = std::fs::read_dir(h.dir.path().join("videos"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(videos.is_empty(), "no file kept: {videos:?}");
+    // a clean video under block completes
+    let (_, v) = h.submit(body("a cat")).await;
+    let d = h
+        .wait(v["data"]["id"].as_str().unwrap(), &["completed"])
+        .await;
+    assert_eq!(d["has_nsfw_contents"], json!([false]));
 }

@@ -33,14 +33,15 @@ impl Consumer for Memory {
                     r.attempts += 1;
                 });
                 let r = &inner.jobs[&id].record;
-                let (model, attempt, base64_output) =
-                    (r.model.clone(), r.attempts, r.base64_output);
+                let (model, attempt, base64_output, safety_check) =
+                    (r.model.clone(), r.attempts, r.base64_output, r.safety_check);
                 drop(inner);
                 return Ok(Some(Lease {
                     id,
                     model,
                     attempt,
                     base64_output,
+                    safety_check,
                     input: queued.into_input(),
                     handle: String::new(),
                 }));

@@ -323,7 +323,9 @@ impl Consumer for RedisConsumer {
                 return Ok(None);
             }
         };
-        let base64_output = self.record(&t.id).is_some_and(|r| r.base64_output);
+        let record = self.record(&t.id);
+        let base64_output = record.as_ref().is_some_and(|r| r.base64_output);
+        let safety_check = record.as_ref().is_none_or(|r| r.safety_check);
         self.set_current(Some(Running {
             id: t.id.clone(),
             model: t.model.clone(),
@@ -334,6 +336,7 @@ impl Consumer for RedisConsumer {
             model: t.model,
             attempt,
             base64_output,
+            safety_check,
             input,
             handle: t.entry,
         }))

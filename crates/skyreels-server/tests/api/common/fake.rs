@@ -39,7 +39,8 @@ impl Gate {
 
 /// The fake generator: records each request in `seen`, holds every step at `gate`, and writes a
 /// small text file as the video. A prompt containing "fail" fails, "panic" panics, and
-/// "stubborn" ignores cancels. It reads each LoRA file it is given, as a real one parses it:
+/// "stubborn" ignores cancels. Its model has a safety checker, which flags a video whose prompt
+/// contains "nsfw" (when the task asks for the checker). It reads each LoRA file it is given, as a real one parses it:
 /// a file whose content it read before is a cache hit, and each line starting with
 /// `unmatched` is a key that matched no layer; a hub file it cannot fetch (1401).
 pub(crate) struct Fake {
@@ -111,6 +112,7 @@ impl Generator for Fake {
             max_pixel_frames: 50_657_280,
             ulysses: self.ulysses,
             temporal_rope_frequencies: skyreels_params::HUNYUAN_TEMPORAL_ROPE_FREQUENCIES,
+            safety_checker: Some(FAKE_CHECKER.into()),
         }]
     }
 
@@ -158,19 +160,28 @@ impl Generator for Fake {
         } else {
             req.steps as u64 - 1
         };
+        let nsfw = input.safety_check.then(|| req.prompt.contains("nsfw"));
+        let checked = nsfw.map(|_| ("safety_check", Duration::from_millis(3)));
         Ok(Generated {
-            stages: vec![
+            stages: [
                 ("denoising", Duration::from_millis(40)),
                 ("decoding", Duration::from_millis(2)),
-            ],
+            ]
+            .into_iter()
+            .chain(checked)
+            .collect(),
             counts: vec![
                 ("forwards_computed", req.steps as u64 - cached),
                 ("forwards_cached", cached),
             ],
             loras,
+            nsfw,
         })
     }
 }
+
+/// The safety checker the fake's model reports (`/api/v3/models`).
+pub(crate) const FAKE_CHECKER: &str = "fake/safety-checker";
 
 /// What the fake generator was given: the parameters (read through, as `seen.width`) and the
 /// image.

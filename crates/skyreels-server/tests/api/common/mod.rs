@@ -4,7 +4,7 @@
 mod fake;
 mod redis_server;
 
-pub(crate) use fake::{Fake, Gate};
+pub(crate) use fake::{Fake, Gate, FAKE_CHECKER};
 pub(crate) use redis_server::{start_on_redis, start_redis_with, RedisServer};
 
 use axum::body::Body;
