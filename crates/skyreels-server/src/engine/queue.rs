@@ -6,12 +6,12 @@
 //! rules (its take, the sweep); the worker stops a running task at its deadline.
 
 use super::task::{rfc3339_ms, JobRecord, TaskCode};
+use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize};
+use std::fmt;
 
 /// Where a task waits in its model's queue.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Priority {
     /// Starts in admission order.
@@ -28,6 +28,27 @@ impl Priority {
             Priority::Normal => "normal",
             Priority::Low => "low",
         }
+    }
+}
+
+impl<'de> Deserialize<'de> for Priority {
+    /// One of the names; anything else is refused naming them (a number too).
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct PriorityVisitor;
+        impl Visitor<'_> for PriorityVisitor {
+            type Value = Priority;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("`normal` or `low`")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Priority, E> {
+                match v {
+                    "normal" => Ok(Priority::Normal),
+                    "low" => Ok(Priority::Low),
+                    _ => Err(E::unknown_variant(v, &["normal", "low"])),
+                }
+            }
+        }
+        d.deserialize_str(PriorityVisitor)
     }
 }
 
@@ -96,6 +117,11 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "unknown variant `high`, expected `normal` or `low`"
+        );
+        let e = serde_json::from_value::<Priority>(1.into()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid type: integer `1`, expected `normal` or `low`"
         );
     }
 
