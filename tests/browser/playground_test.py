@@ -103,6 +103,9 @@ def main():
         until("the first task", progressed, limit=300)
         moving = sorted(v for v in seen if 0 < v < 100)
         assert moving, f"the progress bar never showed a step between 0 and 100: {sorted(seen)}"
+        # the progress came from the task's event stream, not from polling
+        follow = js("return document.body.dataset.follow")
+        assert follow == "events", f"the playground followed the task by {follow!r}"
         # a playable clip
         until("the video's metadata", lambda: js("return document.getElementById('video').readyState") >= 1)
         duration, width, height, err = js(

@@ -260,6 +260,11 @@ pub struct ServeArgs {
     /// Connections served at once; more wait to be accepted.
     #[arg(long, env = "SKYREELS_MAX_CONNECTIONS", default_value_t = 1024)]
     max_connections: usize,
+    /// Live-progress streams (GET /api/v3/predictions/{id}/events) open at once; each also
+    /// holds one of --max-connections, so keep it below that. More are answered 503 (clients
+    /// poll /result meanwhile). 0 turns the route off.
+    #[arg(long, env = "SKYREELS_MAX_EVENT_STREAMS", default_value_t = 512)]
+    max_event_streams: usize,
 }
 
 #[derive(Args)]
@@ -354,6 +359,14 @@ pub fn serve(args: ServeArgs) -> Result<()> {
             anyhow::bail!("{flag} must be at least 1");
         }
     }
+    if args.max_event_streams >= args.max_connections {
+        anyhow::bail!(
+            "--max-event-streams {} must be below --max-connections {}: every stream holds a \
+             connection, and the other requests need some",
+            args.max_event_streams,
+            args.max_connections
+        );
+    }
     config.api_keys = args
         .api_keys
         .into_iter()
@@ -376,6 +389,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     config.body_timeout = Duration::from_secs(args.body_timeout);
     config.idle_timeout = Duration::from_secs(args.idle_timeout);
     config.max_connections = args.max_connections;
+    config.max_event_streams = args.max_event_streams;
     let groups = worker_groups(&args.model)?.len();
     match args.workers {
         Some(0) if config.redis.is_none() => anyhow::bail!(

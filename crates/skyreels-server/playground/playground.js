@@ -7,13 +7,14 @@ const KEY_STORE = "skyreels.apiKey";
 const HISTORY_STORE = "skyreels.history";
 const HISTORY_MAX = 24;
 const POLL_MS = 500;
+const FINISHED = ["completed", "failed", "cancelled", "deleted"];
 const FIELDS = ["num_inference_steps", "guidance_scale", "embedded_guidance_scale", "num_frames", "fps", "width", "height", "flow_shift", "riflex_freq_index"];
 // LoRA rows at most, unless the server's schema says fewer (--max-loras)
 const MAX_LORA_ROWS = 3;
 
 let model = null; // {model_id, type, api_schema}
 let image = null; // the `image` string to submit: an upload's download_url or a URL
-let current = null; // the task shown: {id, timer, started}
+let current = null; // the task shown: {id, timer, abort (its event stream's)}
 let maxLoras = MAX_LORA_ROWS;
 
 function apiKey() {
@@ -233,13 +234,55 @@ async function submit(ev) {
 
 function follow(id) {
   if (current && current.timer) clearTimeout(current.timer);
-  current = { id, timer: null };
+  if (current && current.abort) current.abort.abort();
+  current = { id, timer: null, abort: null };
   $("task").hidden = false;
   $("task-id").textContent = id;
   $("result").hidden = true;
   $("task-error").textContent = "";
   markCurrent();
-  poll();
+  stream(id);
+}
+
+// Shows the task's live progress from its event stream (read with fetch, so the key travels in a
+// header as for every other call); polls /result instead when the stream cannot be opened (e.g.
+// the server's --max-event-streams are in use) or ends before the task does.
+async function stream(id) {
+  const abort = new AbortController();
+  current.abort = abort;
+  let last = null;
+  try {
+    const r = await fetch(`/api/v3/predictions/${id}/events`, { headers: headers(false), signal: abort.signal });
+    if (r.status === 200 && r.body) {
+      document.body.dataset.follow = "events";
+      const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
+      let buf = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buf += value;
+        let end;
+        while ((end = buf.indexOf("\n\n")) >= 0) {
+          const data = buf.slice(0, end).split("\n")
+            .filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trimStart()).join("\n");
+          buf = buf.slice(end + 2);
+          if (!data) continue; // a keep-alive comment
+          last = JSON.parse(data).data;
+          if (!current || current.id !== id) return;
+          showTask(last);
+          updateHistory(last);
+        }
+      }
+    }
+  } catch (_) {
+    if (abort.signal.aborted) return;
+  }
+  if (!current || current.id !== id) return;
+  current.abort = null;
+  if (!last || !FINISHED.includes(last.status)) {
+    document.body.dataset.follow = "polling";
+    poll();
+  }
 }
 
 async function poll() {
@@ -250,7 +293,7 @@ async function poll() {
     if (!current || current.id !== id) return;
     showTask(p);
     updateHistory(p);
-    if (!["completed", "failed", "cancelled", "deleted"].includes(p.status)) {
+    if (!FINISHED.includes(p.status)) {
       current.timer = setTimeout(poll, POLL_MS);
     }
   } catch (e) {
@@ -260,7 +303,7 @@ async function poll() {
 }
 
 function showTask(p) {
-  const done = p && ["completed", "failed", "cancelled", "deleted"].includes(p.status);
+  const done = p && FINISHED.includes(p.status);
   $("task-status").textContent = p ? p.status : "";
   $("queue-position").textContent = p && p.queue_position !== null && p.queue_position !== undefined
     ? `(position ${p.queue_position + 1} in the queue)` : "";
@@ -299,6 +342,8 @@ async function cancel() {
   try {
     const p = await api("DELETE", `/api/v3/predictions/${current.id}`);
     if (p && p.progress) showTask(p);
+    // a task followed by its event stream is told the cancel there
+    if (current.abort) return;
     if (current.timer) clearTimeout(current.timer);
     poll();
   } catch (e) {

@@ -52,6 +52,9 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     /// Connections served at once; more wait to be accepted.
     pub max_connections: usize,
+    /// Event streams (`/predictions/{id}/events`) open at once; each also holds one of the
+    /// `max_connections`. More are refused (503) until one closes.
+    pub max_event_streams: usize,
     /// Step caching of tasks whose submit has no `cache`.
     pub cache: skyreels_params::CacheSpec,
     /// Redis mode: tasks, queue, uploads and outputs shared with the other nodes; `None`: the
@@ -91,6 +94,7 @@ impl ServerConfig {
             body_timeout: Duration::from_secs(120),
             idle_timeout: Duration::from_secs(60),
             max_connections: 1024,
+            max_event_streams: 512,
             cache: skyreels_params::CacheSpec::None,
             redis: None,
             metrics_only: false,

@@ -60,6 +60,10 @@ impl Default for Metrics {
             );
             metrics::describe_gauge!("skyreels_jobs", "Tasks known to the server, by status.");
             metrics::describe_gauge!(
+                "skyreels_event_streams",
+                "Event streams (/predictions/{id}/events) open on this node."
+            );
+            metrics::describe_gauge!(
                 "skyreels_model_queue_depth",
                 "Tasks waiting to start per model (cluster-wide in Redis mode)."
             );
@@ -132,6 +136,11 @@ impl Metrics {
 
     pub fn queue_full(&self) {
         self.with(|| counter!("skyreels_jobs_rejected_queue_full_total").increment(1));
+    }
+
+    /// Event streams open now on this node.
+    pub fn event_streams(&self, open: usize) {
+        self.with(|| gauge!("skyreels_event_streams").set(open as f64));
     }
 
     /// The exposition text: the tasks (`overview`: by status, waiting and live workers per

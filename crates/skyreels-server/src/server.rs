@@ -133,10 +133,15 @@ impl Server {
         api::router(self.state.clone(), api::HostPolicy::new(&self.state, None))
     }
 
-    /// Waits until every worker's generator is loaded (or one failed to load).
+    /// Waits until every worker's generator is loaded (or one failed to load). A worker whose
+    /// answer an earlier call read is not waited for again (a server that a test waited for
+    /// can still `run`).
     pub async fn wait_loaded(&mut self) -> Result<(), ServerError> {
         let many = self.loaded.len() > 1;
         for (i, rx) in self.loaded.iter_mut().enumerate() {
+            if rx.is_terminated() {
+                continue;
+            }
             let worker = if many {
                 format!("worker {i}: ")
             } else {

@@ -31,6 +31,8 @@ pub struct AppState {
     pub(crate) decodes: tokio::sync::Semaphore,
     /// Webhook attempts in flight at once.
     pub(crate) webhooks: tokio::sync::Semaphore,
+    /// Open event streams (`--max-event-streams`).
+    pub(crate) event_streams: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
@@ -52,6 +54,7 @@ impl AppState {
                 &config.output_dir,
                 config.allow_private_urls,
             ),
+            event_streams: Arc::new(tokio::sync::Semaphore::new(config.max_event_streams)),
             config,
             jobs,
             metrics,

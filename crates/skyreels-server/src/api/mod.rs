@@ -4,6 +4,7 @@
 
 pub mod body;
 pub mod error;
+pub mod events;
 pub mod middleware;
 pub mod openapi;
 pub mod ops;
@@ -33,6 +34,7 @@ pub fn router(state: Arc<AppState>, hosts: HostPolicy) -> Router {
     let protected = Router::new()
         .route("/api/v3/{owner}/{model}", post(submit::submit))
         .route("/api/v3/predictions/{id}/result", get(predictions::result))
+        .route("/api/v3/predictions/{id}/events", get(events::events))
         .route(
             "/api/v3/predictions/{id}",
             get(predictions::result_alias).delete(predictions::cancel),

@@ -1,7 +1,7 @@
 //! The OpenAPI document (`/openapi.json`), derived from the handlers' `#[utoipa::path]` and the
 //! contract types; the Swagger UI (`/docs`, assets vendored in the binary).
 
-use super::{ops, playground, predictions, submit, uploads};
+use super::{events, ops, playground, predictions, submit, uploads};
 use utoipa::openapi::path::{
     HttpMethod, OperationBuilder, ParameterBuilder, ParameterIn, PathItem,
 };
@@ -20,6 +20,7 @@ use utoipa_swagger_ui::SwaggerUi;
         submit::submit,
         predictions::result,
         predictions::result_alias,
+        events::events,
         predictions::cancel,
         ops::models,
         ops::webhook_secret,

@@ -88,6 +88,8 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let (overview, ready) = tokio::time::timeout(crate::engine::COMMAND_TIMEOUT, both)
         .await
         .map_or((Default::default(), false), |(o, r)| (o, r.is_ok()));
+    let streams = state.config.max_event_streams - state.event_streams.available_permits();
+    state.metrics.event_streams(streams);
     (
         [(
             header::CONTENT_TYPE,

@@ -9,7 +9,7 @@ pub use crate::view::prediction;
 use axum::extract::{Path, State};
 use std::sync::Arc;
 
-fn unknown_task(id: &str) -> ApiError {
+pub(super) fn unknown_task(id: &str) -> ApiError {
     ApiError::not_found(format!("prediction {id:?} not found"))
 }
 

@@ -56,6 +56,10 @@ pub trait Backend: Send + Sync {
     /// Waits up to `limit` for the task to finish; whether it did (or is gone).
     async fn wait_finished(&self, id: &str, limit: Duration) -> Result<bool, EngineError>;
 
+    /// Waits up to `limit` for the task's status or step to differ from `seen` (or for it to
+    /// be gone); returns at once when they already differ.
+    async fn wait_change(&self, id: &str, seen: Mark, limit: Duration) -> Result<(), EngineError>;
+
     /// Tasks by status (where the backend keeps count) and waiting per model.
     async fn overview(&self) -> Result<Overview, EngineError>;
 
@@ -102,6 +106,9 @@ pub trait Backend: Send + Sync {
     /// The task source of one worker serving `models` (its own connection, heartbeat...).
     fn consumer(&self, models: &[ModelInfo], index: usize) -> Box<dyn Consumer>;
 }
+
+/// Where a task is: its status and denoising steps done (what live progress follows).
+pub type Mark = (super::task::Status, usize);
 
 /// A task a worker took: what to run, or how to end it without running.
 pub struct Lease {

@@ -18,7 +18,7 @@ pub mod worker;
 
 pub use crate::generator::{Input, ModelInfo};
 pub use crate::metrics::Overview;
-pub use backend::{Backend, Consumer, Lease, Verdict};
+pub use backend::{Backend, Consumer, Lease, Mark, Verdict};
 pub use errors::{is_full, AdmitError, CancelResult, EngineError, UploadRefused};
 pub use files::{FolderError, Paths};
 pub use input::{Blob, Content, Queued, QueuedImage, ReadRange};
@@ -279,6 +279,14 @@ impl Engine {
     /// Waits up to `limit` for the task to finish; whether it did.
     pub async fn wait_finished(&self, id: &str, limit: Duration) -> bool {
         self.backend.wait_finished(id, limit).await.unwrap_or(false)
+    }
+
+    /// Waits up to `limit` for the task to move from `seen` (its status or step); a store that
+    /// cannot be read is waited out as if nothing changed.
+    pub async fn wait_change(&self, id: &str, seen: Mark, limit: Duration) {
+        if self.backend.wait_change(id, seen, limit).await.is_err() {
+            tokio::time::sleep(limit).await;
+        }
     }
 
     /// `DELETE`: a waiting task is taken off the queue (cancelled), a running one asked to

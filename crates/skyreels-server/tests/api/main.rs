@@ -15,12 +15,14 @@
 //! - `queue`: the queue's fields (`priority`, `cancel_after` and the `Cancel-After` header),
 //!   positions, the start order and deadlines (code 5005);
 //! - `engine`: the engine's conformance suite, run against both backends;
+//! - `events`: live progress (server-sent events) on a real socket;
 //! - `redis`: the HTTP routes and the cluster guards on the Redis engine.
 //!
 //! Tests whose doc starts with "Finding N" reproduce one finding of the server review (issue 14).
 
 mod common;
 mod engine;
+mod events;
 mod loras;
 mod ops;
 mod predictions;

@@ -43,6 +43,7 @@ async fn metrics_openapi_and_docs() {
     for path in [
         "/api/v3/{owner}/{model}",
         "/api/v3/predictions/{id}/result",
+        "/api/v3/predictions/{id}/events",
         "/api/v3/media/uploads/{token}",
         "/metrics",
     ] {

@@ -74,6 +74,11 @@ impl Consumer for Memory {
         };
         job.record.step = step;
         job.record.total_steps = total;
+        job.watch.send_if_modified(|m| {
+            let changed = m.1 != step;
+            m.1 = step;
+            changed
+        });
         if job.cancel_asked {
             Verdict::CancelAsked
         } else {

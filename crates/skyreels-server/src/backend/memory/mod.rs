@@ -10,8 +10,9 @@
 use crate::engine::files::{folder_err, FolderError, Paths};
 use crate::engine::task::{now_ms, JobRecord, Outcome, Status, TaskCode};
 use crate::engine::{
-    Backend, Blob, Consumer, Content, EngineError, Hook, ModelInfo, Overview, Priority, Queued,
-    Unstartable, Upload, UploadRefused, MAX_OPEN_TICKETS, MAX_OPEN_TICKETS_PER_KEY, TICKET_TTL,
+    Backend, Blob, Consumer, Content, EngineError, Hook, Mark, ModelInfo, Overview, Priority,
+    Queued, Unstartable, Upload, UploadRefused, MAX_OPEN_TICKETS, MAX_OPEN_TICKETS_PER_KEY,
+    TICKET_TTL,
 };
 use disk::{
     json_files, move_aside, read_record, remove_upload_files, upload_files, write_records, Disk,
@@ -31,7 +32,8 @@ struct Job {
     input: Option<Queued>,
     /// `DELETE` asked the running task to stop.
     cancel_asked: bool,
-    watch: watch::Sender<Status>,
+    /// Its status and step, for those waiting on it (result waits, event streams).
+    watch: watch::Sender<Mark>,
 }
 
 /// An open PUT ticket.
@@ -199,7 +201,7 @@ impl Store {
         f(&mut job.record);
         if job.record.status != before {
             self.persist(&job.record, None);
-            job.watch.send_replace(job.record.status);
+            job.watch.send_replace((job.record.status, job.record.step));
             if job.record.status.is_finished() {
                 job.input = None;
             }
@@ -359,10 +361,18 @@ impl Backend for Memory {
             return Ok(true);
         };
         Ok(
-            tokio::time::timeout(limit, w.wait_for(|st| st.is_finished()))
+            tokio::time::timeout(limit, w.wait_for(|(st, _)| st.is_finished()))
                 .await
                 .is_ok_and(|r| r.is_ok()),
         )
+    }
+
+    async fn wait_change(&self, id: &str, seen: Mark, limit: Duration) -> Result<(), EngineError> {
+        let watch = self.0.lock().jobs.get(id).map(|j| j.watch.subscribe());
+        if let Some(mut w) = watch {
+            let _ = tokio::time::timeout(limit, w.wait_for(|m| *m != seen)).await;
+        }
+        Ok(())
     }
 
     async fn overview(&self) -> Result<Overview, EngineError> {
@@ -522,7 +532,7 @@ fn expire_tickets(inner: &mut Inner, now: u64) {
 
 /// Adds a job record, returning a watcher of its status.
 fn insert(inner: &mut Inner, record: JobRecord) {
-    let (watch, _) = watch::channel(record.status);
+    let (watch, _) = watch::channel((record.status, record.step));
     inner.jobs.insert(
         record.id.clone(),
         Job {

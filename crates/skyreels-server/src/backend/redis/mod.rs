@@ -33,8 +33,9 @@ pub use config::{redacted, ClusterConfig, ConfigError, OutputStore, Quotas};
 use crate::engine::files::Paths;
 use crate::engine::task::{now_ms, JobRecord, Status};
 use crate::engine::{
-    Backend, Blob, Consumer, Content, EngineError, Hook, ModelInfo, Overview, Queued, Unstartable,
-    Upload, UploadRefused, COMMAND_TIMEOUT, MAX_OPEN_TICKETS, MAX_OPEN_TICKETS_PER_KEY, TICKET_TTL,
+    Backend, Blob, Consumer, Content, EngineError, Hook, Mark, ModelInfo, Overview, Queued,
+    Unstartable, Upload, UploadRefused, COMMAND_TIMEOUT, MAX_OPEN_TICKETS,
+    MAX_OPEN_TICKETS_PER_KEY, TICKET_TTL,
 };
 use config::client;
 use conn::Conn;
@@ -51,6 +52,9 @@ use std::time::Duration;
 pub const GROUP: &str = "workers";
 /// A task whose worker stopped this many times fails with 5003.
 pub const MAX_ATTEMPTS: u32 = 3;
+/// How often a task's status and step are read while a client follows it (its event stream):
+/// the latency of live progress on this backend, at one small read per open stream each time.
+pub const EVENT_POLL: Duration = Duration::from_millis(250);
 
 /// This node's view of the shared engine.
 pub struct Cluster {
@@ -310,6 +314,32 @@ impl Backend for Redis {
                 deadline.min(tokio::time::Instant::now() + Duration::from_millis(100)),
             )
             .await;
+        }
+    }
+
+    /// Polls the task's status and step every [`EVENT_POLL`] (workers write them with each step;
+    /// no channel per task to subscribe to).
+    async fn wait_change(&self, id: &str, seen: Mark, limit: Duration) -> Result<(), EngineError> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let got: (Option<String>, Option<usize>) = redis::cmd("HMGET")
+                .arg(KEYS.task(id))
+                .arg("status")
+                .arg("step")
+                .query_async(&mut self.0.conn())
+                .await?;
+            match got {
+                (Some(s), step) if s.parse::<Status>().ok() == Some(seen.0) => {
+                    if step.unwrap_or_default() != seen.1 {
+                        return Ok(());
+                    }
+                }
+                _ => return Ok(()),
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(());
+            }
+            tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + EVENT_POLL)).await;
         }
     }
 
