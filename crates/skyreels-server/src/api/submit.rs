@@ -6,11 +6,11 @@ use super::error::{success, ApiError, ApiResult};
 use super::predictions::{prediction, task_gone};
 use crate::config::ServerConfig;
 use crate::contract::{
-    AspectRatio, Duration, Envelope, ErrorEnvelope, NumFrames, Prediction, Side, Size,
-    SubmitRequest, MAX_URL_BYTES,
+    AspectRatio, CancelAfter, Duration, Envelope, ErrorEnvelope, NumFrames, Prediction, Side, Size,
+    SubmitRequest, CANCEL_AFTER_HEADER, CANCEL_AFTER_RULE, MAX_URL_BYTES,
 };
 use crate::engine::task::{JobRecord, Status, TaskCode};
-use crate::engine::{AdmitError, Engine, ModelInfo, Queued, QueuedImage};
+use crate::engine::{AdmitError, Engine, ModelInfo, Priority, Queued, QueuedImage};
 use crate::media::{self, ImageSource};
 use crate::state::AppState;
 use axum::body::Body;
@@ -36,6 +36,9 @@ struct Checked {
     webhook: Option<String>,
     /// `enable_safety_checker` (default true).
     safety_check: bool,
+    priority: Priority,
+    /// `cancel_after`: the deadline, counted from the admission.
+    deadline: Option<std::time::Duration>,
 }
 
 /// The rules no single field carries: required fields, the model's mode and size multiple,
@@ -123,7 +126,41 @@ fn check(
         portrait: r.aspect_ratio.map(|a| a == AspectRatio::Portrait),
         webhook,
         safety_check: r.enable_safety_checker.is_none_or(|f| f.0),
+        priority: r.priority.unwrap_or_default(),
+        deadline: r.cancel_after.map(|c| c.duration()),
     })
+}
+
+/// The deadline of a submit: its `cancel_after`, or Replicate's `Cancel-After` header (the
+/// same rule; given both, they must agree, else a 400 naming both).
+fn requested_deadline(
+    headers: &HeaderMap,
+    field: Option<CancelAfter>,
+) -> Result<Option<CancelAfter>, ApiError> {
+    let bad = |rule: String| ApiError::bad(CANCEL_AFTER_HEADER, rule);
+    let mut values = headers.get_all(CANCEL_AFTER_HEADER).iter();
+    let header = match (values.next(), values.next()) {
+        (None, _) => None,
+        (Some(_), Some(_)) => return Err(bad("give it once".into())),
+        (Some(v), None) => {
+            let text = v
+                .to_str()
+                .map_err(|_| bad(format!("{CANCEL_AFTER_RULE}, got non-ASCII text")))?;
+            Some(text.trim().parse::<CancelAfter>().map_err(bad)?)
+        }
+    };
+    match (field, header) {
+        (Some(f), Some(h)) if f.duration() != h.duration() => Err(ApiError::bad(
+            "cancel_after",
+            format!(
+                "{:?} differs from the {CANCEL_AFTER_HEADER} header {:?}: give one of them, \
+                 or the same duration",
+                f.as_str(),
+                h.as_str()
+            ),
+        )),
+        (f, h) => Ok(f.or(h)),
+    }
 }
 
 /// Logs, once per process, that `enable_safety_checker` is ignored: no checker is loaded for
@@ -281,6 +318,7 @@ pub struct SubmitQuery {
         ("owner" = String, Path, description = "e.g. wavespeed-ai"),
         ("model" = String, Path, description = "e.g. SkyReels-V1"),
         ("webhook" = Option<String>, Query, description = "POST the finished prediction here (signed); also the body field webhook_url"),
+        ("Cancel-After" = Option<String>, Header, description = "Replicate's deadline header, the body field cancel_after's rule (\"90s\", \"5m\", \"1h30m\"; 1s to 24h): not started by then, the task fails with 5005; still running, it is cancelled (5005)"),
     ),
     request_body = SubmitRequest,
     responses(
@@ -315,7 +353,9 @@ pub async fn submit(
             ))
         })?
         .clone();
-    let request: SubmitRequest = read_json(&headers, body, state.config.max_body_bytes).await?;
+    let mut request: SubmitRequest = read_json(&headers, body, state.config.max_body_bytes).await?;
+    // the deadline, from the body or the header, is echoed as the body's field
+    request.cancel_after = requested_deadline(&headers, request.cancel_after.take())?;
     let input = request.echo();
     let mut c = check(request, query.webhook, &model, &state.config)?;
     // what can be known of the LoRAs before the task exists (the worker resolves them)
@@ -331,11 +371,12 @@ pub async fn submit(
     if c.safety_check && model.safety_checker.is_none() {
         no_checker_notice(&model.id);
     }
-    let record = JobRecord {
+    let mut record = JobRecord {
         base64_output: c.base64,
         safety_check: c.safety_check,
         webhook: c.webhook.clone(),
         num_frames: Some(c.params.num_frames),
+        priority: c.priority,
         ..JobRecord::created(
             &model.id,
             serde_json::to_value(input).map_err(ApiError::internal)?,
@@ -344,6 +385,7 @@ pub async fn submit(
             c.params.steps,
         )
     };
+    record.cancel_at = c.deadline.map(|d| record.created_at + d.as_millis() as u64);
     let task_id = record.id.clone();
     // answered only once the record is stored: an accepted task survives a crash
     state.jobs.admit(record).await.map_err(|e| match e {

@@ -4,10 +4,13 @@
 //! `skyreels-params`, which `skyreels generate` uses too.
 
 mod fields;
+mod queue;
 
 pub use fields::*;
+pub use queue::{CancelAfter, CANCEL_AFTER_HEADER, CANCEL_AFTER_RULE};
 
 use crate::engine::task::Status;
+use crate::engine::Priority;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use utoipa::ToSchema;
@@ -98,6 +101,15 @@ pub struct SubmitRequest {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(inline)]
     pub enable_safety_checker: Option<Flag>,
+    /// "normal" (the default) or "low" (fal's queue priority): a low task starts only while no
+    /// normal task waits for its model, and every waiting normal task is ahead of it in
+    /// `queue_position`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(inline)]
+    pub priority: Option<Priority>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(inline)]
+    pub cancel_after: Option<CancelAfter>,
 }
 
 impl SubmitRequest {
@@ -164,7 +176,8 @@ pub struct Prediction {
     /// "" when none.
     pub error: String,
     /// Task code: 0 ok, 1400/1401 bad parameter, 1402 media access failed, 1403 execution
-    /// failed, 5000 internal, 5003 unavailable, 5004 timeout.
+    /// failed, 5000 internal, 5003 unavailable, 5004 timeout, 5005 deadline passed
+    /// (`cancel_after`: failed if it had not started, cancelled if it was running).
     pub code: u32,
     /// Milliseconds between start and end.
     #[serde(rename = "executionTime")]
@@ -414,6 +427,34 @@ mod tests {
     }
 
     #[test]
+    fn queue_fields_parse_and_echo_as_written() {
+        let r = parse(json!({"priority": "low", "cancel_after": "1h30m"})).unwrap();
+        assert_eq!(r.priority, Some(Priority::Low));
+        let secs = r.cancel_after.as_ref().map(|c| c.duration().as_secs());
+        assert_eq!(secs, Some(5400));
+        assert_eq!(
+            serde_json::to_value(r.echo()).unwrap(),
+            json!({"priority": "low", "cancel_after": "1h30m"})
+        );
+        for (body, want) in [
+            (
+                json!({"priority": "high"}),
+                "priority: unknown variant `high`, expected `normal` or `low`".to_string(),
+            ),
+            (
+                json!({"cancel_after": "0s"}),
+                format!("cancel_after: {CANCEL_AFTER_RULE}, got \"0s\""),
+            ),
+            (
+                json!({"cancel_after": "25h"}),
+                format!("cancel_after: {CANCEL_AFTER_RULE}, got \"25h\""),
+            ),
+        ] {
+            assert_eq!(parse(body.clone()).unwrap_err(), want, "{body}");
+        }
+    }
+
+    #[test]
     fn the_schema_states_the_limits() {
         let s = serde_json::to_value(SubmitRequest::schema()).unwrap();
         let text = s.to_string();
@@ -434,6 +475,11 @@ mod tests {
             "--max-loras",
             "\"riflex_freq_index\"",
             "\"enable_safety_checker\"",
+            // the queue fields
+            "\"priority\"",
+            "\"low\"",
+            "\"cancel_after\"",
+            "1h30m",
         ] {
             assert!(text.contains(want), "{want} missing in {text}");
         }

@@ -5,7 +5,7 @@
 //! consumes, acknowledges and keeps alive; it does not decide.)
 
 use super::task::{JobRecord, Outcome};
-use super::{Content, EngineError, Queued, UploadRefused};
+use super::{Content, EngineError, Priority, Queued, Unstartable, UploadRefused};
 use super::{Overview, Upload};
 use crate::generator::{Input, ModelInfo};
 use std::path::Path;
@@ -92,9 +92,9 @@ pub trait Backend: Send + Sync {
     async fn flushed(&self);
 
     /// Periodic upkeep (retention, expired tickets, dead workers); the waiting tasks that can
-    /// no longer start, with the reason (`stalled`: a task not queued this long after its
-    /// admission was abandoned by the node preparing its input).
-    async fn sweep(&self, stalled: Duration) -> Result<Vec<(String, String)>, EngineError>;
+    /// no longer start, with the reason: past their deadline, or (`stalled`: a task not queued
+    /// this long after its admission was abandoned by the node preparing its input) others.
+    async fn sweep(&self, stalled: Duration) -> Result<Vec<Unstartable>, EngineError>;
 
     /// The webhook secret every node uses: `mine` where the backend keeps none (or, `force`,
     /// always).
@@ -120,6 +120,10 @@ pub struct Lease {
     pub base64_output: bool,
     /// The record asks for the safety checker (`enable_safety_checker`).
     pub safety_check: bool,
+    /// The queue it was taken from.
+    pub priority: Priority,
+    /// Its deadline (ms since the epoch): the worker stops it there.
+    pub cancel_at: Option<u64>,
     /// The input (image decoded and fitted), or the outcome the task ends with unrun (its
     /// input is gone or corrupt, or too many attempts were made).
     pub input: Result<Input, Outcome>,
@@ -139,7 +143,9 @@ pub enum Verdict {
 
 /// One worker's task source (the worker side: synchronous, on the worker's thread).
 pub trait Consumer: Send {
-    /// The next task to run, waiting a little (about a second) for one.
+    /// The next task to run, waiting a little (about a second) for one: a normal task of the
+    /// worker's models first, a low one only while none waits. A waiting task whose deadline
+    /// passed is not started: it fails (5005) and the next one is looked for.
     fn take(&mut self) -> Result<Option<Lease>, EngineError>;
 
     /// A running task's step (stored where clients read it).

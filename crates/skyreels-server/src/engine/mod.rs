@@ -11,6 +11,7 @@ pub mod backend;
 mod errors;
 pub mod files;
 mod input;
+pub mod queue;
 pub mod task;
 mod uploads;
 pub mod worker;
@@ -21,6 +22,7 @@ pub use backend::{Backend, Consumer, Lease, Mark, Verdict};
 pub use errors::{is_full, AdmitError, CancelResult, EngineError, UploadRefused};
 pub use files::{FolderError, Paths};
 pub use input::{Blob, Content, Queued, QueuedImage, ReadRange};
+pub use queue::{Priority, Unstartable};
 pub use uploads::{
     ticket_digest, Upload, ANONYMOUS, MAX_OPEN_TICKETS, MAX_OPEN_TICKETS_PER_KEY, TICKET_TTL,
 };
@@ -435,13 +437,12 @@ impl Engine {
     }
 
     /// Periodic upkeep (retention, tickets, dead workers); the waiting tasks that can no
-    /// longer start fail with 5003 (`stalled`: a task not queued this long after its
-    /// admission was abandoned by the node preparing its input). How many failed.
+    /// longer start fail: past their deadline with 5005, the others with 5003 (`stalled`: a
+    /// task not queued this long after its admission was abandoned). How many failed.
     pub async fn sweep(&self, stalled: Duration) -> Result<usize, EngineError> {
         let unstartable = self.backend.sweep(stalled).await?;
-        for (id, why) in &unstartable {
-            self.fail_unstarted(id, TaskCode::Unavailable, why.clone())
-                .await;
+        for u in &unstartable {
+            self.fail_unstarted(&u.id, u.code, u.why.clone()).await;
         }
         Ok(unstartable.len())
     }

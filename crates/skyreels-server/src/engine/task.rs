@@ -1,6 +1,7 @@
 //! A task's record and its state machine: the statuses and their legal transitions, the task
 //! codes, and how a run's outcome ends a record.
 
+use super::queue::{self, Priority};
 use serde::{Deserialize, Serialize};
 
 /// Task status, as WaveSpeed spells it.
@@ -85,6 +86,9 @@ pub enum TaskCode {
     Timeout,
     /// The safety checker flagged the video and `--nsfw-action block` kept none.
     Blocked,
+    /// The task's deadline (`cancel_after`) passed: it had not started (failed) or was
+    /// running (cancelled).
+    DeadlinePassed,
 }
 
 impl From<TaskCode> for u32 {
@@ -99,6 +103,7 @@ impl From<TaskCode> for u32 {
             TaskCode::Unavailable => 5003,
             TaskCode::Timeout => 5004,
             TaskCode::Blocked => 1451,
+            TaskCode::DeadlinePassed => 5005,
         }
     }
 }
@@ -116,6 +121,7 @@ impl TryFrom<u32> for TaskCode {
             TaskCode::Unavailable,
             TaskCode::Timeout,
             TaskCode::Blocked,
+            TaskCode::DeadlinePassed,
         ]
         .into_iter()
         .find(|c| u32::from(*c) == v)
@@ -170,6 +176,13 @@ pub struct JobRecord {
     pub outputs: Vec<String>,
     pub base64_output: bool,
     pub webhook: Option<String>,
+    /// Where it waits in its model's queue (records of older versions: normal).
+    #[serde(default)]
+    pub priority: Priority,
+    /// Its deadline, in ms since the epoch (the admission time plus `cancel_after`): not
+    /// started by then it fails, still running then it is cancelled (both 5005).
+    #[serde(default)]
+    pub cancel_at: Option<u64>,
     /// Frames of the video (`num_frames`, or what `duration` made); None in records of older
     /// versions.
     #[serde(default)]
@@ -210,6 +223,8 @@ pub enum Outcome {
     },
     Cancelled,
     Failed(TaskCode, String),
+    /// Stopped at its deadline: cancelled, with 5005 and this error.
+    PastDeadline(String),
 }
 
 /// A transition the state machine does not allow.
@@ -244,6 +259,8 @@ impl JobRecord {
             outputs: vec![],
             base64_output: false,
             webhook: None,
+            priority: Priority::Normal,
+            cancel_at: None,
             num_frames: None,
             step: 0,
             total_steps,
@@ -307,7 +324,30 @@ impl JobRecord {
             Outcome::Failed(code, error) => {
                 let _ = self.fail(code, error);
             }
+            Outcome::PastDeadline(error) => {
+                if self.transition(Status::Cancelled).is_ok() {
+                    self.code = TaskCode::DeadlinePassed;
+                    self.error = error;
+                }
+            }
         }
+    }
+
+    /// Its deadline has passed at `now` (ms).
+    pub fn is_past_deadline(&self, now: u64) -> bool {
+        queue::is_past(self.cancel_at, now)
+    }
+
+    /// Fails a waiting task that did not start before its deadline (5005).
+    pub fn miss_deadline(&mut self) -> Result<(), InvalidTransition> {
+        if self.status != Status::Created {
+            return Err(InvalidTransition {
+                from: self.status,
+                to: Status::Failed,
+            });
+        }
+        let error = queue::not_started(self.cancel_at.unwrap_or_default());
+        self.fail(TaskCode::DeadlinePassed, error)
     }
 
     /// Milliseconds between start and end of the work (0 until finished).
@@ -421,6 +461,41 @@ mod tests {
         r.transition(Status::Processing).unwrap();
         r.end(Outcome::Cancelled);
         assert_eq!(r.status, Status::Cancelled);
+        // stopped at its deadline: cancelled, with the deadline's code and error
+        let mut r = record();
+        r.transition(Status::Processing).unwrap();
+        r.end(Outcome::PastDeadline("late".into()));
+        assert_eq!(
+            (r.status, r.code, r.error.as_str()),
+            (Status::Cancelled, TaskCode::DeadlinePassed, "late")
+        );
+    }
+
+    #[test]
+    fn a_waiting_task_misses_its_deadline_and_old_records_have_none() {
+        let mut r = record();
+        assert!(!r.is_past_deadline(u64::MAX));
+        r.cancel_at = Some(5_000);
+        assert!(!r.is_past_deadline(4_999) && r.is_past_deadline(5_000));
+        r.miss_deadline().unwrap();
+        assert_eq!(
+            (r.status, r.code),
+            (Status::Failed, TaskCode::DeadlinePassed)
+        );
+        assert!(r.started_at.is_none());
+        assert!(
+            r.error.contains("did not start before its deadline"),
+            "{}",
+            r.error
+        );
+        assert!(r.miss_deadline().is_err(), "only a waiting task misses it");
+        // a record written before priorities and deadlines: normal, none
+        let mut old = serde_json::to_value(record()).unwrap();
+        let fields = old.as_object_mut().unwrap();
+        fields.remove("priority");
+        fields.remove("cancel_at");
+        let old: JobRecord = serde_json::from_value(old).unwrap();
+        assert_eq!((old.priority, old.cancel_at), (Priority::Normal, None));
     }
 
     #[test]
@@ -443,6 +518,11 @@ mod tests {
             assert_eq!(TaskCode::try_from(u32::from(c)).unwrap(), c);
         }
         assert_eq!(serde_json::to_value(TaskCode::Unavailable).unwrap(), 5003);
+        assert_eq!(
+            serde_json::to_value(TaskCode::DeadlinePassed).unwrap(),
+            5005
+        );
+        assert_eq!(TaskCode::try_from(5005), Ok(TaskCode::DeadlinePassed));
         assert!(TaskCode::try_from(7).is_err());
     }
 }

@@ -6,8 +6,8 @@
 //! result and retries).
 
 use super::backend::{Consumer, Lease, Verdict};
-use super::task::{Outcome, TaskCode};
-use super::{files, Backoff, Engine, Input};
+use super::task::{now_ms, Outcome, TaskCode};
+use super::{files, queue, Backoff, Engine, Input};
 use crate::config::NsfwAction;
 use crate::generator::{GenerateFailure, Generator, ModelInfo};
 use crate::loras::{LoraErrorKind, Loras};
@@ -94,6 +94,10 @@ fn run_lease(
     let file = output_file(&lease.id, lease.attempt);
     let video = paths.video_path(&file);
     let ready = match &mut lease.input {
+        // taken over past its deadline (the worker running it stopped): not run again
+        _ if queue::is_past(lease.cancel_at, now_ms()) => Err(Outcome::PastDeadline(
+            queue::stopped(lease.cancel_at.unwrap_or_default()),
+        )),
         Ok(input) => {
             input.safety_check = lease.safety_check;
             check(&lease.id, &lease.model, input, models, limits)
@@ -106,7 +110,8 @@ fn run_lease(
     let outcome = match input {
         Err(outcome) => outcome,
         Ok(input) => {
-            tracing::info!(id = %lease.id, attempt = lease.attempt, "task started");
+            let priority = lease.priority.as_str();
+            tracing::info!(id = %lease.id, attempt = lease.attempt, priority, "task started");
             let running = engine.running(&lease.id);
             let outcome = run(
                 engine,
@@ -114,6 +119,7 @@ fn run_lease(
                 input,
                 &video,
                 limits,
+                lease.cancel_at,
                 &mut |done, total| {
                     let verdict = consumer.progress(&lease, done, total);
                     stop = stop.or(match verdict {
@@ -239,23 +245,26 @@ fn resolve_loras(id: &str, input: &mut Input, loras: &Loras) -> Result<(), Outco
 }
 
 /// Runs one task to its outcome, asking `go_on` after each step whether to continue (past
-/// `--max-task-seconds` the task stops at its next step and fails with 5004). A generator that
-/// panics fails the task (5000) and the worker goes on.
+/// `--max-task-seconds` the task stops at its next step and fails with 5004; past its deadline
+/// `cancel_at` it stops there and ends cancelled with 5005). A generator that panics fails the
+/// task (5000) and the worker goes on.
 fn run(
     engine: &Engine,
     generator: &mut dyn Generator,
     input: &Input,
     video: &Path,
     limits: WorkerLimits,
+    cancel_at: Option<u64>,
     go_on: &mut dyn FnMut(usize, usize) -> bool,
 ) -> Outcome {
     let deadline = limits.max_task_time.map(|d| Instant::now() + d);
-    let mut timed_out = false;
+    let (mut timed_out, mut expired) = (false, false);
     let result = catch_unwind(AssertUnwindSafe(|| {
         generator.generate(input, video, &mut |done, total| {
             let go = go_on(done, total);
             timed_out = deadline.is_some_and(|d| Instant::now() >= d);
-            go && !timed_out
+            expired = queue::is_past(cancel_at, now_ms());
+            go && !timed_out && !expired
         })
     }));
     let file = video
@@ -326,7 +335,13 @@ fn run(
                 .into(),
         );
     }
-    if timed_out && !matches!(outcome, Outcome::Completed { .. }) {
+    if matches!(outcome, Outcome::Completed { .. }) {
+        return outcome;
+    }
+    if let Some(at) = cancel_at.filter(|_| expired) {
+        return Outcome::PastDeadline(queue::stopped(at));
+    }
+    if timed_out {
         let limit = limits.max_task_time.unwrap_or_default().as_secs_f64();
         return Outcome::Failed(
             TaskCode::Timeout,

@@ -2,10 +2,17 @@
 //! Redis one against a real `redis-server`), as apalis' `generic_storage_test!` does for its
 //! storages. They drive the engine and a worker's consumer directly: admission and the queue
 //! bound, positions, cancel of a queued and of a running task, delete of a finished one,
-//! progress, an outcome written once, uploads and tickets, retention, restart recovery; and for
-//! Redis the take-over of a dead worker's task.
+//! progress, an outcome written once, uploads and tickets, retention, restart recovery, the
+//! queue's priorities and deadlines (`queue`); and for Redis the take-over of a dead worker's
+//! task.
+
+mod queue;
 
 use crate::common::{text_params, RedisServer};
+use queue::{
+    a_running_task_is_cancelled_at_its_deadline, a_task_past_its_deadline_never_starts,
+    low_tasks_start_after_normal_ones,
+};
 use skyreels_params::GenerationDefaults;
 use skyreels_server::backend::memory::Memory;
 use skyreels_server::backend::redis::{ClusterConfig, Redis};
@@ -387,6 +394,9 @@ conformance!(
     cancel_stops_a_running_task_and_delete_removes_a_finished_one,
     uploads_and_tickets,
     a_restart_keeps_what_finished,
+    low_tasks_start_after_normal_ones,
+    a_task_past_its_deadline_never_starts,
+    a_running_task_is_cancelled_at_its_deadline,
 );
 
 /// Redis: the task of a worker that died (its heartbeat stopped) is taken over after the claim

@@ -12,6 +12,8 @@
 //! - `records`: restart recovery, retention, record contents, corrupt records;
 //! - `workers`: several workers, load failures, draining;
 //! - `loras`: LoRAs (names, URLs, hub files, the flags, the download cache) and RIFLEx;
+//! - `queue`: the queue's fields (`priority`, `cancel_after` and the `Cancel-After` header),
+//!   positions, the start order and deadlines (code 5005);
 //! - `engine`: the engine's conformance suite, run against both backends;
 //! - `events`: live progress (server-sent events) on a real socket;
 //! - `redis`: the HTTP routes and the cluster guards on the Redis engine.
@@ -24,6 +26,7 @@ mod events;
 mod loras;
 mod ops;
 mod predictions;
+mod queue;
 mod records;
 mod redis;
 mod security;

@@ -1,15 +1,16 @@
 //! The memory backend's worker side.
 
 use super::{Memory, Outcome};
-use crate::engine::task::{Status, TaskCode};
+use crate::engine::task::{now_ms, Status, TaskCode};
 use crate::engine::{Consumer, EngineError, Lease, Verdict};
 use std::path::Path;
 use std::time::Duration;
 
-/// The memory backend's worker side: every worker takes from the one FIFO queue.
+/// The memory backend's worker side: every worker takes from the one queue (normal tasks
+/// first).
 impl Consumer for Memory {
-    /// The first queued task whose input is ready, marked processing; waits up to a second
-    /// for one.
+    /// The first queued task whose input is ready, marked processing (one past its deadline
+    /// fails instead); waits up to a second for one.
     fn take(&mut self) -> Result<Option<Lease>, EngineError> {
         let store = &self.0;
         let mut inner = store.lock();
@@ -25,6 +26,12 @@ impl Consumer for Memory {
             if let Some(i) = ready {
                 let id = inner.queue.remove(i).expect("index from position");
                 let job = inner.jobs.get_mut(&id).expect("queued jobs exist");
+                if job.record.is_past_deadline(now_ms()) {
+                    store.commit(&mut inner, &id, |r| {
+                        let _ = r.miss_deadline();
+                    });
+                    continue;
+                }
                 let queued = job.input.take().expect("checked above");
                 let steps = queued.params.steps;
                 store.commit(&mut inner, &id, |r| {
@@ -35,6 +42,7 @@ impl Consumer for Memory {
                 let r = &inner.jobs[&id].record;
                 let (model, attempt, base64_output, safety_check) =
                     (r.model.clone(), r.attempts, r.base64_output, r.safety_check);
+                let (priority, cancel_at) = (r.priority, r.cancel_at);
                 drop(inner);
                 return Ok(Some(Lease {
                     id,
@@ -42,6 +50,8 @@ impl Consumer for Memory {
                     attempt,
                     base64_output,
                     safety_check,
+                    priority,
+                    cancel_at,
                     input: queued.into_input(),
                     handle: String::new(),
                 }));

@@ -1,4 +1,5 @@
-//! The in-memory backend of one process: records, the FIFO queue, uploads and tickets in
+//! The in-memory backend of one process: records, the queue (normal tasks in admission
+//! order, then low ones), uploads and tickets in
 //! memory, each record persisted as a JSON file in the output folder (reloaded at start: what
 //! was finished keeps being served, what was not becomes failed 5003).
 //!
@@ -9,8 +10,9 @@
 use crate::engine::files::{folder_err, FolderError, Paths};
 use crate::engine::task::{now_ms, JobRecord, Outcome, Status, TaskCode};
 use crate::engine::{
-    Backend, Blob, Consumer, Content, EngineError, Hook, Mark, ModelInfo, Overview, Queued, Upload,
-    UploadRefused, MAX_OPEN_TICKETS, MAX_OPEN_TICKETS_PER_KEY, TICKET_TTL,
+    Backend, Blob, Consumer, Content, EngineError, Hook, Mark, ModelInfo, Overview, Priority,
+    Queued, Unstartable, Upload, UploadRefused, MAX_OPEN_TICKETS, MAX_OPEN_TICKETS_PER_KEY,
+    TICKET_TTL,
 };
 use disk::{
     json_files, move_aside, read_record, remove_upload_files, upload_files, write_records, Disk,
@@ -44,7 +46,8 @@ struct Ticket {
 #[derive(Default)]
 struct Inner {
     jobs: HashMap<String, Job>,
-    /// Unstarted jobs in arrival order (their inputs may still be being prepared).
+    /// Unstarted jobs: the normal ones in arrival order, then the low ones (their inputs may
+    /// still be being prepared). Positions and the take order are this order.
     queue: VecDeque<String>,
     /// Completed uploads, and open tickets' (not complete).
     uploads: HashMap<String, Upload>,
@@ -290,7 +293,17 @@ impl Backend for Memory {
             }
             let (done, written) = oneshot::channel();
             self.0.persist(record, Some(done));
-            inner.queue.push_back(record.id.clone());
+            // a normal task goes ahead of every low one
+            let low = |id: &String| {
+                let j = inner.jobs.get(id);
+                j.is_some_and(|j| j.record.priority == Priority::Low)
+            };
+            let place = match record.priority {
+                Priority::Normal => inner.queue.iter().position(low),
+                Priority::Low => None,
+            };
+            let place = place.unwrap_or(inner.queue.len());
+            inner.queue.insert(place, record.id.clone());
             insert(&mut inner, record.clone());
             written
         };
@@ -468,8 +481,9 @@ impl Backend for Memory {
         let _ = rx.await;
     }
 
-    /// Retention (a task here never stalls: its input is prepared in this process).
-    async fn sweep(&self, _stalled: Duration) -> Result<Vec<(String, String)>, EngineError> {
+    /// Retention, and the waiting tasks past their deadline (a task here never stalls: its
+    /// input is prepared in this process).
+    async fn sweep(&self, _stalled: Duration) -> Result<Vec<Unstartable>, EngineError> {
         let store = self.0.clone();
         let removed = tokio::task::spawn_blocking(move || store.sweep())
             .await
@@ -477,7 +491,13 @@ impl Backend for Memory {
         if removed > 0 {
             tracing::info!("retention: removed {removed} expired tasks and uploads");
         }
-        Ok(vec![])
+        let now = now_ms();
+        let inner = self.0.lock();
+        let late = inner.queue.iter().filter_map(|id| inner.jobs.get(id));
+        Ok(late
+            .filter(|j| j.record.is_past_deadline(now))
+            .map(|j| Unstartable::past_deadline(&j.record))
+            .collect())
     }
 
     async fn sync_secret(&self, mine: &str, _force: bool) -> Result<String, EngineError> {

@@ -1,5 +1,6 @@
 //! The worker side of the Redis backend: a consumer that takes tasks from its models' streams
-//! through the consumer group, and a heartbeat thread beside it that announces the worker and
+//! through the consumer group (a model's low-priority stream only while its normal one has
+//! nothing), and a heartbeat thread beside it that announces the worker and
 //! keeps its running task's stream entry fresh. A worker that dies stops the heartbeat; after
 //! the claim timeout another worker's `XAUTOCLAIM` takes the entry and runs the task again
 //! from scratch (attempt N+1; after [`MAX_ATTEMPTS`] the task fails with 5003). The first
@@ -8,7 +9,9 @@
 
 use super::{record_of, scripts, Cluster, End, TaskHash, GROUP, KEYS, MAX_ATTEMPTS};
 use crate::engine::task::{new_id, now_ms, JobRecord, Outcome, Status, TaskCode};
-use crate::engine::{Consumer, EngineError, Lease, ModelInfo, Queued, QueuedImage, Verdict};
+use crate::engine::{
+    Consumer, EngineError, Lease, ModelInfo, Priority, Queued, QueuedImage, Verdict,
+};
 use redis::streams::{StreamAutoClaimReply, StreamReadReply};
 use redis::Commands;
 use std::path::Path;
@@ -20,15 +23,70 @@ use std::time::{Duration, Instant};
 #[derive(Clone)]
 struct Running {
     id: String,
-    model: String,
+    /// The stream it was read from.
+    stream: String,
     entry: String,
 }
 
 /// A stream entry this worker was given.
 struct Taken {
     model: String,
+    /// Which of the model's streams it was read from.
+    priority: Priority,
     entry: String,
     id: String,
+}
+
+impl Taken {
+    fn stream(&self) -> String {
+        KEYS.stream(&self.model, self.priority)
+    }
+}
+
+/// The streams a worker of `models` reads, in the order it takes from them: every normal one,
+/// then every low one.
+fn queues(models: &[ModelInfo]) -> Vec<(String, Priority)> {
+    [Priority::Normal, Priority::Low]
+        .into_iter()
+        .flat_map(|p| models.iter().map(move |m| (m.id.clone(), p)))
+        .collect()
+}
+
+/// `XREADGROUP` of at most one new entry from `queues` (waiting up to `block` ms for one).
+fn read(
+    c: &mut redis::Connection,
+    name: &str,
+    queues: &[(String, Priority)],
+    block: Option<u64>,
+) -> redis::RedisResult<Option<Taken>> {
+    let mut cmd = redis::cmd("XREADGROUP");
+    cmd.arg("GROUP").arg(GROUP).arg(name).arg("COUNT").arg(1);
+    if let Some(ms) = block {
+        cmd.arg("BLOCK").arg(ms);
+    }
+    cmd.arg("STREAMS");
+    for (model, priority) in queues {
+        cmd.arg(KEYS.stream(model, *priority));
+    }
+    for _ in queues {
+        cmd.arg(">");
+    }
+    let reply: Option<StreamReadReply> = cmd.query(c)?;
+    for k in reply.map(|r| r.keys).unwrap_or_default() {
+        let Some((model, priority)) = queues.iter().find(|(m, p)| KEYS.stream(m, *p) == k.key)
+        else {
+            continue;
+        };
+        if let Some(e) = k.ids.first() {
+            return Ok(Some(Taken {
+                model: model.clone(),
+                priority: *priority,
+                entry: e.id.clone(),
+                id: e.get("id").unwrap_or_default(),
+            }));
+        }
+    }
+    Ok(None)
 }
 
 fn hostname() -> String {
@@ -88,7 +146,7 @@ fn heartbeat(w: &RedisConsumer, stop: Arc<AtomicBool>) -> Option<std::thread::Jo
                     if let Some(r) = running {
                         let _: i64 = scripts::KEEP
                             .key(KEYS.task(&r.id))
-                            .key(KEYS.queue(&r.model))
+                            .key(&r.stream)
                             .arg(&name)
                             .arg(GROUP)
                             .arg(&r.entry)
@@ -158,10 +216,10 @@ impl RedisConsumer {
     fn conn(&mut self) -> redis::RedisResult<&mut redis::Connection> {
         if self.conn.is_none() {
             let mut c = connect(&self.cluster)?;
-            for m in &self.models {
+            for (model, priority) in queues(&self.models) {
                 let created: redis::RedisResult<()> = redis::cmd("XGROUP")
                     .arg("CREATE")
-                    .arg(KEYS.queue(&m.id))
+                    .arg(KEYS.stream(&model, priority))
                     .arg(GROUP)
                     .arg("0")
                     .arg("MKSTREAM")
@@ -171,6 +229,8 @@ impl RedisConsumer {
                         return Err(e);
                     }
                 }
+            }
+            for m in &self.models {
                 let info = serde_json::to_string(m).expect("model info serializes");
                 let _: () = c.hset(KEYS.models(), &m.id, info)?;
             }
@@ -179,15 +239,16 @@ impl RedisConsumer {
         Ok(self.conn.as_mut().expect("just connected"))
     }
 
-    /// A task of a dead worker (idle past the claim timeout), else a new one (waiting up to a
-    /// second); `None` when there is none.
+    /// A task of a dead worker (idle past the claim timeout), else a new one: a normal task,
+    /// else a low one, else the first to come within a second on any stream; `None` when there
+    /// is none.
     fn next(&mut self) -> redis::RedisResult<Option<Taken>> {
         let claim_ms = self.cluster.config.claim_timeout.as_millis() as u64;
-        let (name, models) = (self.name.clone(), self.models.clone());
+        let (name, queues) = (self.name.clone(), queues(&self.models));
         let c = self.conn()?;
-        for m in &models {
+        for (model, priority) in &queues {
             let r: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
-                .arg(KEYS.queue(&m.id))
+                .arg(KEYS.stream(model, *priority))
                 .arg(GROUP)
                 .arg(&name)
                 .arg(claim_ms)
@@ -198,50 +259,27 @@ impl RedisConsumer {
             if let Some(e) = r.claimed.first() {
                 tracing::warn!(worker = %name, entry = %e.id, "taking over a task whose worker stopped");
                 return Ok(Some(Taken {
-                    model: m.id.clone(),
+                    model: model.clone(),
+                    priority: *priority,
                     entry: e.id.clone(),
                     id: e.get("id").unwrap_or_default(),
                 }));
             }
         }
-        let mut cmd = redis::cmd("XREADGROUP");
-        cmd.arg("GROUP")
-            .arg(GROUP)
-            .arg(&name)
-            .arg("COUNT")
-            .arg(1)
-            .arg("BLOCK")
-            .arg(1000)
-            .arg("STREAMS");
-        for m in &models {
-            cmd.arg(KEYS.queue(&m.id));
-        }
-        for _ in &models {
-            cmd.arg(">");
-        }
-        let reply: Option<StreamReadReply> = cmd.query(c)?;
-        for k in reply.map(|r| r.keys).unwrap_or_default() {
-            let model = models
-                .iter()
-                .find(|m| KEYS.queue(&m.id) == k.key)
-                .map(|m| m.id.clone())
-                .unwrap_or_default();
-            if let Some(e) = k.ids.first() {
-                return Ok(Some(Taken {
-                    model,
-                    entry: e.id.clone(),
-                    id: e.get("id").unwrap_or_default(),
-                }));
+        // one stream per read: every entry a read returns becomes this worker's
+        for queue in &queues {
+            if let Some(t) = read(c, &name, std::slice::from_ref(queue), None)? {
+                return Ok(Some(t));
             }
         }
-        Ok(None)
+        read(c, &name, &queues, Some(1000))
     }
 
     fn ack(&mut self, t: &Taken) {
         let _: redis::RedisResult<()> = self.conn().and_then(|c| {
             redis::pipe()
-                .xack(KEYS.queue(&t.model), GROUP, &[&t.entry])
-                .xdel(KEYS.queue(&t.model), &[&t.entry])
+                .xack(t.stream(), GROUP, &[&t.entry])
+                .xdel(t.stream(), &[&t.entry])
                 .query(c)
         });
     }
@@ -272,6 +310,40 @@ impl RedisConsumer {
             .filter(|b| !b.is_empty())
             .map(|b| QueuedImage::Encoded(b.clone()));
         Queued { params, image }.into_input()
+    }
+
+    /// Fails a waiting task whose deadline passed before it could start (5005) and takes its
+    /// entry off the stream; while Redis is away the entry stays pending (read again after the
+    /// claim timeout).
+    fn fail_late(&mut self, t: &Taken) {
+        let retention_ms = self.cluster.retention_ms;
+        let ended = (|| -> redis::RedisResult<Option<JobRecord>> {
+            let h: TaskHash = self.conn()?.hgetall(KEYS.task(&t.id))?;
+            let Some(mut r) = record_of(&h) else {
+                return Ok(None);
+            };
+            if r.miss_deadline().is_err() {
+                return Ok(None);
+            }
+            let end = End {
+                expected: Status::Created,
+                record: &r,
+                ttl_ms: retention_ms,
+                output: None,
+                entry: Some(&t.entry),
+                delete_outputs: false,
+            };
+            let got: String = end.invocation().invoke(self.conn()?)?;
+            Ok((got == "ok").then_some(r))
+        })();
+        match ended {
+            Ok(Some(r)) => self.cluster.hook.committed(&r),
+            Ok(None) => self.ack(t),
+            Err(e) => {
+                tracing::warn!(id = %t.id, "cannot fail a task past its deadline yet: {e}");
+                self.conn = None;
+            }
+        }
     }
 
     fn set_current(&self, running: Option<Running>) {
@@ -317,6 +389,10 @@ impl Consumer for RedisConsumer {
                      (a crash, a lost machine or a shutdown); submit it again"
                 ),
             )),
+            "late" => {
+                self.fail_late(&t);
+                return Ok(None);
+            }
             _ => {
                 // nothing to do: ended, expired, or a duplicate entry
                 self.ack(&t);
@@ -326,9 +402,10 @@ impl Consumer for RedisConsumer {
         let record = self.record(&t.id);
         let base64_output = record.as_ref().is_some_and(|r| r.base64_output);
         let safety_check = record.as_ref().is_none_or(|r| r.safety_check);
+        let cancel_at = record.and_then(|r| r.cancel_at);
         self.set_current(Some(Running {
             id: t.id.clone(),
-            model: t.model.clone(),
+            stream: t.stream(),
             entry: t.entry.clone(),
         }));
         Ok(Some(Lease {
@@ -337,6 +414,8 @@ impl Consumer for RedisConsumer {
             attempt,
             base64_output,
             safety_check,
+            priority: t.priority,
+            cancel_at,
             input,
             handle: t.entry,
         }))
@@ -428,6 +507,7 @@ impl Consumer for RedisConsumer {
             Ok(None) => {
                 let taken = Taken {
                     model: lease.model.clone(),
+                    priority: lease.priority,
                     entry: lease.handle.clone(),
                     id: lease.id.clone(),
                 };

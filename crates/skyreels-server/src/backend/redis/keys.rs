@@ -1,7 +1,7 @@
 //! The key names (prefix `skyreels:`; the module doc of `backend::redis` lists them).
 
 use crate::engine::task::Status;
-use crate::engine::Blob;
+use crate::engine::{Blob, Priority};
 
 /// The key names.
 #[derive(Clone, Debug)]
@@ -27,6 +27,17 @@ impl Keys {
     }
     pub fn queue(&self, model: &str) -> String {
         self.key("queue", model)
+    }
+    /// The stream of a model's low-priority tasks (read while its `queue` has none).
+    pub fn queue_low(&self, model: &str) -> String {
+        self.key("queue_low", model)
+    }
+    /// The stream a task of `priority` waits on.
+    pub fn stream(&self, model: &str, priority: Priority) -> String {
+        match priority {
+            Priority::Normal => self.queue(model),
+            Priority::Low => self.queue_low(model),
+        }
     }
     pub(super) fn upload(&self, id: &str) -> String {
         self.key("upload", id)

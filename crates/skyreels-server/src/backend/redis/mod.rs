@@ -1,15 +1,18 @@
 //! The Redis backend of a scale-out deployment: API nodes and GPU workers on many machines
 //! share task records, the queue, uploads, cancel requests, progress and outputs through one
-//! Redis 7. No cluster protocol of ours: a stream per model consumed by one consumer group is
-//! the queue (`XREADGROUP`, and `XAUTOCLAIM` for the tasks of workers that died), each state
+//! Redis 7. No cluster protocol of ours: two streams per model consumed by one consumer group
+//! are the queue (`XREADGROUP`, and `XAUTOCLAIM` for the tasks of workers that died; a worker
+//! reads a model's low-priority stream only while its normal one has nothing), each state
 //! change is a Lua script (compare and set on the status; `scripts/*.lua`), retention is key
 //! TTLs.
 //!
 //! Keys (prefix `skyreels:`): `task:{id}` (hash: the record JSON and the fields that change
-//! while it runs: status, step, total, attempts, worker, started_at), `input:{id}` (the
-//! generation parameters and the image as it came), `queue:{model}` (stream), `waiting` (sorted
-//! set of the tasks not started, in admission order: the cluster-wide bound and queue
-//! positions), `seq`, `cancel:{id}`, `output:{file}`, `upload:{id}` and `upload_data:{id}`,
+//! while it runs: status, step, total, attempts, worker, started_at; and priority and cancel_at,
+//! read by the scripts), `input:{id}` (the generation parameters and the image as it came),
+//! `queue:{model}` and `queue_low:{model}` (streams: normal and low-priority tasks), `waiting`
+//! (sorted set of the tasks not started: normal ones scored by admission order, low ones by
+//! 2^50 plus it, so every normal task ranks ahead; the cluster-wide bound and queue positions),
+//! `seq`, `cancel:{id}`, `output:{file}`, `upload:{id}` and `upload_data:{id}`,
 //! `ticket:{sha256}` (and `tickets`, the open ones with their expiry: the cluster-wide bound;
 //! `tickets:{owner}` per API key), `upload_usage` and `upload_expiry` (the quotas),
 //! `hook:{id}:{status}` (the webhook once-guard), `models` (hash: model id -> model info),
@@ -30,8 +33,9 @@ pub use config::{redacted, ClusterConfig, ConfigError, OutputStore, Quotas};
 use crate::engine::files::Paths;
 use crate::engine::task::{now_ms, JobRecord, Status};
 use crate::engine::{
-    Backend, Blob, Consumer, Content, EngineError, Hook, Mark, ModelInfo, Overview, Queued, Upload,
-    UploadRefused, COMMAND_TIMEOUT, MAX_OPEN_TICKETS, MAX_OPEN_TICKETS_PER_KEY, TICKET_TTL,
+    Backend, Blob, Consumer, Content, EngineError, Hook, Mark, ModelInfo, Overview, Queued,
+    Unstartable, Upload, UploadRefused, COMMAND_TIMEOUT, MAX_OPEN_TICKETS,
+    MAX_OPEN_TICKETS_PER_KEY, TICKET_TTL,
 };
 use config::client;
 use conn::Conn;
@@ -233,6 +237,8 @@ impl Backend for Redis {
             .arg(record.total_steps)
             .arg(&record.model)
             .arg(self.0.queue_backstop_ms())
+            .arg(record.priority.as_str())
+            .arg(record.cancel_at.unwrap_or_default())
             .invoke_async(&mut self.0.conn())
             .await?;
         Ok(admitted == 1)
@@ -244,6 +250,7 @@ impl Backend for Redis {
             .key(KEYS.task(id))
             .key(KEYS.input(id))
             .key(KEYS.queue(model))
+            .key(KEYS.queue_low(model))
             .arg(id)
             .arg(&json)
             .arg(&*input.image_bytes())
@@ -497,7 +504,7 @@ impl Backend for Redis {
 
     async fn flushed(&self) {}
 
-    async fn sweep(&self, stalled: Duration) -> Result<Vec<(String, String)>, EngineError> {
+    async fn sweep(&self, stalled: Duration) -> Result<Vec<Unstartable>, EngineError> {
         self.0.sweep(stalled).await
     }
 

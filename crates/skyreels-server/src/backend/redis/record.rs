@@ -57,7 +57,7 @@ impl End<'_> {
             .key(KEYS.waiting())
             .key(KEYS.input(&r.id))
             .key(out_key)
-            .key(KEYS.queue(&r.model))
+            .key(KEYS.stream(&r.model, r.priority))
             .arg(self.expected.as_str())
             .arg(r.status.as_str())
             .arg(json)

@@ -1,26 +1,23 @@
 //! The sweep every node of a Redis deployment runs once a minute: what nobody else ends.
-//! Tasks that cannot start (their input never queued, their wait past the queue TTL, their
-//! model served by no worker anymore) fail with 5003; workers gone for long lose their model
+//! Tasks past their deadline fail with 5005; tasks that cannot start (their input never
+//! queued, their wait past the queue TTL, their model served by no worker anymore) with 5003; workers gone for long lose their model
 //! lists and their consumers in the group; a model no live worker announced for
 //! `forget_models_after` is forgotten (submits naming it get 404 instead of waiting forever).
 
 use super::{Cluster, GROUP, KEYS};
 use crate::engine::task::{now_ms, JobRecord};
-use crate::engine::EngineError;
+use crate::engine::{EngineError, Priority, Unstartable};
 use redis::streams::StreamInfoConsumersReply;
 use redis::AsyncCommands;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 impl Cluster {
-    /// Finds the waiting tasks that cannot start (never queued `stalled` after their
-    /// admission: the node preparing their input stopped; waiting past the queue TTL; for a
-    /// forgotten model), forgets waiting entries whose record is gone, dead workers and
-    /// retired models. Returns the tasks to fail (5003) with the reason.
-    pub(super) async fn sweep(
-        &self,
-        stalled: Duration,
-    ) -> Result<Vec<(String, String)>, EngineError> {
+    /// Finds the waiting tasks that cannot start (past their deadline; never queued `stalled`
+    /// after their admission: the node preparing their input stopped; waiting past the queue
+    /// TTL; for a forgotten model), forgets waiting entries whose record is gone, dead workers
+    /// and retired models. Returns the tasks to fail, with the code and the reason.
+    pub(super) async fn sweep(&self, stalled: Duration) -> Result<Vec<Unstartable>, EngineError> {
         self.forget_dead_workers().await?;
         let models = self.forget_retired_models().await?;
         self.fail_unstartable(stalled, &models).await
@@ -30,7 +27,7 @@ impl Cluster {
         &self,
         stalled: Duration,
         models: &HashSet<String>,
-    ) -> Result<Vec<(String, String)>, EngineError> {
+    ) -> Result<Vec<Unstartable>, EngineError> {
         let mut c = self.conn();
         let ids: Vec<String> = c.zrange(KEYS.waiting(), 0, -1).await?;
         if ids.is_empty() {
@@ -51,6 +48,10 @@ impl Cluster {
                 let _: () = c.zrem(KEYS.waiting(), id).await?;
                 continue;
             };
+            if r.is_past_deadline(now) {
+                unstartable.push(Unstartable::past_deadline(&r));
+                continue;
+            }
             let age = Duration::from_millis(now.saturating_sub(r.created_at));
             let why = if !models.contains(&r.model) {
                 format!(
@@ -69,7 +70,7 @@ impl Cluster {
             } else {
                 continue;
             };
-            unstartable.push((id.clone(), why));
+            unstartable.push(Unstartable::unavailable(id, why));
         }
         Ok(unstartable)
     }
@@ -88,8 +89,10 @@ impl Cluster {
             let _: () = c.hdel(KEYS.worker_models(), &dead).await?;
         }
         let models: Vec<String> = c.hkeys(KEYS.models()).await?;
-        for m in models {
-            let queue = KEYS.queue(&m);
+        let queues = models
+            .iter()
+            .flat_map(|m| [Priority::Normal, Priority::Low].map(|p| KEYS.stream(m, p)));
+        for queue in queues {
             let info: redis::RedisResult<StreamInfoConsumersReply> =
                 c.xinfo_consumers(&queue, GROUP).await;
             // no stream or no group yet: nothing to forget

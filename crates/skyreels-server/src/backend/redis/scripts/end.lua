@@ -6,7 +6,7 @@
 -- KEYS[2] waiting         sorted set of the tasks not started
 -- KEYS[3] input           the input's hash
 -- KEYS[4] output          the output video's key
--- KEYS[5] stream          the model's queue
+-- KEYS[5] stream          the model's queue the task waits on (its priority's)
 -- ARGV[1] expected        the status the change starts from
 -- ARGV[2] status          the new status
 -- ARGV[3] record          the new record JSON
