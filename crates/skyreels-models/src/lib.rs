@@ -4,6 +4,7 @@
 //! `skyreels-pipeline`. Module paths and field names mirror the diffusers state-dict tree so a
 //! checkpoint loads through `VarBuilder::pp` with no rename table.
 
+pub mod clip;
 pub mod layers;
 pub mod parallel;
 pub mod text_encoders;
