@@ -5,7 +5,7 @@
 //! filter (Keys' cubic, a = -0.5, support 2) is stretched by the downscale factor (antialiasing),
 //! its weights are normalized in f64, then turned into fixed-point integers with 22 fractional
 //! bits, summed with the 8-bit inputs in integer arithmetic and clipped back to 8 bits.
-//! <https://github.com/python-pillow/Pillow/blob/12.0.0/src/libImaging/Resample.c>
+//! <https://github.com/python-pillow/Pillow/blob/13.0.0/src/libImaging/Resample.c>
 //! (`precompute_coeffs`, `normalize_coeffs_8bpc`, `ImagingResampleHorizontal_8bpc`,
 //! `ImagingResampleVertical_8bpc`, `ImagingResampleInner`).
 
