@@ -182,6 +182,13 @@ fn safety_check_clip_picks_spread_frames() {
         }
         assert_eq!(v.flagged, picked.iter().any(|&i| nsfw[i]), "n = {n}");
     }
+    // more frames than one batch (8): batches of 8, 8 and 1 give each frame its own verdict
+    let many: Vec<RgbImage> = r.frames.iter().cycle().take(17).cloned().collect();
+    let got = checker.check_frames(&many).unwrap();
+    assert_eq!(
+        got,
+        all.iter().cycle().take(17).cloned().collect::<Vec<_>>()
+    );
     // frame 3 alone is clean, frames 0 and 6 include a flagged one
     assert!(!checker.check_clip(&r.frames, 1).unwrap().flagged);
     assert!(checker.check_clip(&r.frames, 2).unwrap().flagged);

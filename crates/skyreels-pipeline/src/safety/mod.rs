@@ -121,6 +121,8 @@ pub fn spread_frames(count: usize, n: usize) -> Vec<usize> {
 }
 
 /// A loaded checker: the model on its device and the preprocessing of its feature extractor.
+/// Cloning shares the weights.
+#[derive(Debug, Clone)]
 pub struct SafetyChecker {
     model: StableDiffusionSafetyChecker,
     preprocessor: Preprocessor,
