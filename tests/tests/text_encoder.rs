@@ -1,6 +1,7 @@
 //! Text encoders and tokenizers at parity with transformers / diffusers' encode_prompt.
 //!
-//! Fixtures come from `scripts/fixtures/text_encoder.py`.
+//! Fixtures come from `scripts/fixtures/text_encoder.py`. The safety checker's CLIP vision tower
+//! shares the CLIP text model's encoder layers: its tests are the `safety` module.
 
 use candle_core::{DType, Device, Tensor};
 use skyreels_pipeline::conditioning::{TextEncoders, TextError};
@@ -12,6 +13,9 @@ use skyreels_tests::{
 };
 use std::collections::HashMap;
 use std::path::Path;
+
+#[path = "text_encoder/safety.rs"]
+mod safety;
 
 /// SkyReels takes hidden_states[-(2 + 1)].
 const SKIP: usize = 2;

@@ -45,6 +45,12 @@ pub enum HubError {
     /// The repo holds nothing a diffusers pipeline loads.
     #[error("{0} has no diffusers model files (config.json, *.safetensors)")]
     NoModelFiles(String),
+    /// The repo keeps its weights only as a pickle (`pytorch_model.bin`), which is never read.
+    #[error(
+        "{repo} has its weights only as {file} (a pickle, which is not read); use a repo or \
+         folder with model.safetensors"
+    )]
+    PickleOnly { repo: String, file: String },
 }
 
 /// The base pipeline repo: tokenizers, text encoders, VAE, scheduler.
@@ -112,7 +118,7 @@ pub enum Source {
     },
 }
 
-fn is_repo_id(parts: &[&str]) -> bool {
+pub(crate) fn is_repo_id(parts: &[&str]) -> bool {
     parts.len() == 2
         && parts.iter().all(|p| {
             !p.is_empty()
@@ -209,6 +215,24 @@ pub enum Layout {
     Pipeline { own_transformer: bool },
     /// A bare transformer repo (config and weights at the root) or one with `transformer/`.
     Transformer,
+    /// A `StableDiffusionSafetyChecker` repo (config, preprocessor config and weights at the
+    /// root, as `CompVis/stable-diffusion-safety-checker`) or a Stable Diffusion pipeline repo's
+    /// `safety_checker/` and `feature_extractor/`: only their configs and safetensors weights.
+    SafetyChecker,
+}
+
+/// The subfolders of a Stable Diffusion pipeline holding its safety checker.
+const SAFETY_PARTS: &[&str] = &["", "safety_checker", "feature_extractor"];
+
+/// The files of a safety checker folder that are read (never `.bin` or `model.fp16.safetensors`).
+fn is_checker_file(name: &str) -> bool {
+    matches!(
+        name,
+        "config.json"
+            | "preprocessor_config.json"
+            | "model.safetensors"
+            | "model.safetensors.index.json"
+    ) || (name.starts_with("model-") && name.ends_with(".safetensors"))
 }
 
 fn is_weight_or_config(name: &str) -> bool {
@@ -234,6 +258,7 @@ pub fn needed_files(files: &[String], layout: Layout) -> Vec<String> {
                 Layout::Transformer => {
                     (dir.is_empty() && name != "model_index.json") || dir == "transformer"
                 }
+                Layout::SafetyChecker => SAFETY_PARTS.contains(&dir) && is_checker_file(name),
             }
         })
         .cloned()
@@ -244,18 +269,19 @@ pub fn needed_files(files: &[String], layout: Layout) -> Vec<String> {
 fn marker(layout: Layout) -> &'static str {
     match layout {
         Layout::Pipeline { .. } => "model_index.json",
-        Layout::Transformer => "config.json",
+        Layout::Transformer | Layout::SafetyChecker => "config.json",
     }
 }
 
 /// The snapshot folder of `repo` in the cache, if its marker file is there (a transformer repo
-/// may keep its config in `transformer/`).
+/// may keep its config in `transformer/`, a pipeline's safety checker in `safety_checker/`).
 fn cached(repo: &str, layout: Layout, opts: &HubOptions) -> Option<PathBuf> {
     let cache = opts.cache().repo(Repo::model(repo.to_string()));
     let m = marker(layout);
     let (file, depth) = match (cache.get(m), layout) {
         (Some(p), _) => (p, 1),
         (None, Layout::Transformer) => (cache.get(&format!("transformer/{m}"))?, 2),
+        (None, Layout::SafetyChecker) => (cache.get(&format!("safety_checker/{m}"))?, 2),
         (None, Layout::Pipeline { .. }) => return None,
     };
     file.ancestors().nth(depth).map(Path::to_path_buf)
@@ -302,6 +328,12 @@ pub fn fetch(repo: &str, layout: Layout, opts: &HubOptions) -> Result<PathBuf, H
     if needed.is_empty() {
         return Err(HubError::NoModelFiles(repo.to_string()));
     }
+    if let Some(file) = pickle_only(&files, &needed, layout) {
+        return Err(HubError::PickleOnly {
+            repo: repo.to_string(),
+            file,
+        });
+    }
     let mut snapshot = None;
     for f in &needed {
         let path = api_repo.get(f).map_err(|source| HubError::Download {
@@ -317,6 +349,24 @@ pub fn fetch(repo: &str, layout: Layout, opts: &HubOptions) -> Result<PathBuf, H
         snapshot.get_or_insert(dir);
     }
     Ok(snapshot.expect("at least one file"))
+}
+
+/// A safety checker repo's `pytorch_model.bin`, when none of the `needed` files is safetensors.
+fn pickle_only(files: &[String], needed: &[String], layout: Layout) -> Option<String> {
+    if !matches!(layout, Layout::SafetyChecker)
+        || needed.iter().any(|f| f.ends_with(".safetensors"))
+    {
+        return None;
+    }
+    files
+        .iter()
+        .find(|f| {
+            matches!(
+                f.as_str(),
+                "pytorch_model.bin" | "safety_checker/pytorch_model.bin"
+            )
+        })
+        .cloned()
 }
 
 /// Downloads (or finds in the cache) one file of `repo`; returns its path in the snapshot.
@@ -412,6 +462,56 @@ mod tests {
                 "diffusion_pytorch_model-00001-of-00006.safetensors",
                 "diffusion_pytorch_model.safetensors.index.json",
             ])
+        );
+    }
+
+    #[test]
+    fn a_safety_checker_fetches_its_configs_and_safetensors_only() {
+        // CompVis/stable-diffusion-safety-checker's files
+        let compvis = names(&[
+            ".gitattributes",
+            "README.md",
+            "config.json",
+            "preprocessor_config.json",
+            "pytorch_model.bin",
+            "model.safetensors",
+        ]);
+        assert_eq!(
+            needed_files(&compvis, Layout::SafetyChecker),
+            names(&[
+                "config.json",
+                "preprocessor_config.json",
+                "model.safetensors"
+            ])
+        );
+        // a Stable Diffusion pipeline repo: its checker and feature extractor only
+        let sd = names(&[
+            "model_index.json",
+            "v1-5-pruned.safetensors",
+            "feature_extractor/preprocessor_config.json",
+            "safety_checker/config.json",
+            "safety_checker/model.fp16.safetensors",
+            "safety_checker/model.safetensors",
+            "safety_checker/pytorch_model.bin",
+            "unet/diffusion_pytorch_model.safetensors",
+        ]);
+        let needed = needed_files(&sd, Layout::SafetyChecker);
+        assert_eq!(
+            needed,
+            names(&[
+                "feature_extractor/preprocessor_config.json",
+                "safety_checker/config.json",
+                "safety_checker/model.safetensors",
+            ])
+        );
+        assert_eq!(pickle_only(&sd, &needed, Layout::SafetyChecker), None);
+        // weights only as a pickle: named, never fetched
+        let pickled = names(&["config.json", "pytorch_model.bin"]);
+        let needed = needed_files(&pickled, Layout::SafetyChecker);
+        assert_eq!(needed, names(&["config.json"]));
+        assert_eq!(
+            pickle_only(&pickled, &needed, Layout::SafetyChecker),
+            Some("pytorch_model.bin".into())
         );
     }
 

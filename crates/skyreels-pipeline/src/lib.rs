@@ -1,5 +1,5 @@
 //! SkyReels V1 pipeline: loading checkpoints from diffusers / Hugging Face folders, conditioning,
-//! sampling and export.
+//! sampling and export, and the NSFW safety checker.
 
 pub mod conditioning;
 pub mod export;
@@ -11,6 +11,7 @@ pub mod lora;
 pub mod parallel;
 pub mod runtime;
 pub mod safetensors_file;
+pub mod safety;
 pub mod scheduler;
 pub mod single_file;
 pub mod tokenize;

@@ -1,10 +1,8 @@
 //! `CLIPTextModel`'s pooled output: the final-layer-normed state at the end-of-text token.
 
-use super::{causal_mask, masked_attention};
-use crate::layers::{
-    linear::{linear, Linear},
-    norm::LayerNorm,
-};
+use super::causal_mask;
+use crate::clip::{ClipEncoder, EncoderDims};
+use crate::layers::norm::LayerNorm;
 use candle_core::{bail, DType, IndexOp, Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
@@ -42,79 +40,18 @@ fn default_eos() -> u32 {
 
 impl ClipTextConfig {
     pub fn validate(&self) -> Result<()> {
-        if !matches!(self.hidden_act.as_str(), "quick_gelu" | "gelu") {
-            bail!(
-                "clip config: hidden_act {:?} is not supported",
-                self.hidden_act
-            )
-        }
-        if self.num_attention_heads == 0
-            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
-        {
-            bail!(
-                "clip config: hidden_size {} must be a multiple of num_attention_heads {}",
-                self.hidden_size,
-                self.num_attention_heads
-            )
-        }
-        Ok(())
-    }
-}
-
-#[derive(Debug, Clone)]
-struct EncoderLayer {
-    layer_norm1: LayerNorm,
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    out_proj: Linear,
-    layer_norm2: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
-    heads: usize,
-    quick_gelu: bool,
-}
-
-impl EncoderLayer {
-    fn new(cfg: &ClipTextConfig, vb: VarBuilder) -> Result<Self> {
-        let (d, eps) = (cfg.hidden_size, cfg.layer_norm_eps);
-        let a = vb.pp("self_attn");
-        Ok(Self {
-            layer_norm1: LayerNorm::new(d, eps, vb.pp("layer_norm1"))?,
-            q_proj: linear(d, d, a.pp("q_proj"))?,
-            k_proj: linear(d, d, a.pp("k_proj"))?,
-            v_proj: linear(d, d, a.pp("v_proj"))?,
-            out_proj: linear(d, d, a.pp("out_proj"))?,
-            layer_norm2: LayerNorm::new(d, eps, vb.pp("layer_norm2"))?,
-            fc1: linear(d, cfg.intermediate_size, vb.pp("mlp.fc1"))?,
-            fc2: linear(cfg.intermediate_size, d, vb.pp("mlp.fc2"))?,
-            heads: cfg.num_attention_heads,
-            quick_gelu: cfg.hidden_act == "quick_gelu",
-        })
+        self.encoder_dims().map(drop)
     }
 
-    fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let (b, n, d) = x.dims3()?;
-        let h = self.heads;
-        let xn = self.layer_norm1.forward(x)?;
-        // (b, n, d) -> (b, heads, n, d / heads)
-        let split = |t: Tensor| t.reshape((b, n, h, d / h))?.transpose(1, 2)?.contiguous();
-        let q = split(self.q_proj.forward(&xn)?)?;
-        let k = split(self.k_proj.forward(&xn)?)?;
-        let v = split(self.v_proj.forward(&xn)?)?;
-        // (b, heads, n, d / heads) -> (b, n, d)
-        let a = masked_attention(&q, &k, &v, mask)?
-            .transpose(1, 2)?
-            .reshape((b, n, d))?;
-        let x = (x + self.out_proj.forward(&a)?)?;
-        let hmid = self.fc1.forward(&self.layer_norm2.forward(&x)?)?;
-        let hmid = if self.quick_gelu {
-            // x · sigmoid(1.702 x)
-            (&hmid * candle_nn::ops::sigmoid(&(&hmid * 1.702)?)?)?
-        } else {
-            hmid.gelu_erf()?
-        };
-        x + self.fc2.forward(&hmid)?
+    fn encoder_dims(&self) -> Result<EncoderDims> {
+        EncoderDims::new(
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_hidden_layers,
+            self.num_attention_heads,
+            &self.hidden_act,
+            self.layer_norm_eps,
+        )
     }
 }
 
@@ -123,7 +60,7 @@ impl EncoderLayer {
 pub struct ClipTextModel {
     token_embedding: Embedding,
     position_embedding: Embedding,
-    layers: Vec<EncoderLayer>,
+    encoder: ClipEncoder,
     final_layer_norm: LayerNorm,
     cfg: ClipTextConfig,
 }
@@ -131,7 +68,7 @@ pub struct ClipTextModel {
 impl ClipTextModel {
     /// `vb` is the `text_model` node (`embeddings`, `encoder`, `final_layer_norm`).
     pub fn new(cfg: &ClipTextConfig, vb: VarBuilder) -> Result<Self> {
-        cfg.validate()?;
+        let dims = cfg.encoder_dims()?;
         let d = cfg.hidden_size;
         let emb = vb.pp("embeddings");
         Ok(Self {
@@ -141,9 +78,7 @@ impl ClipTextModel {
                 d,
                 emb.pp("position_embedding"),
             )?,
-            layers: (0..cfg.num_hidden_layers)
-                .map(|i| EncoderLayer::new(cfg, vb.pp("encoder.layers").pp(i)))
-                .collect::<Result<_>>()?,
+            encoder: ClipEncoder::new(&dims, vb.pp("encoder"))?,
             final_layer_norm: LayerNorm::new(d, cfg.layer_norm_eps, vb.pp("final_layer_norm"))?,
             cfg: cfg.clone(),
         })
@@ -161,14 +96,12 @@ impl ClipTextModel {
         }
         let dev = ids.device();
         let positions = Tensor::arange(0u32, n as u32, dev)?;
-        let mut x = self
+        let x = self
             .token_embedding
             .forward(ids)?
             .broadcast_add(&self.position_embedding.forward(&positions)?)?;
         let mask = causal_mask(&Tensor::ones((b, n), DType::F32, dev)?, x.dtype())?;
-        for layer in &self.layers {
-            x = layer.forward(&x, &mask)?;
-        }
+        let x = self.encoder.forward(&x, Some(&mask))?;
         let x = self.final_layer_norm.forward(&x)?;
         let rows = ids.to_dtype(DType::U32)?.to_vec2::<u32>()?;
         let pooled = rows
