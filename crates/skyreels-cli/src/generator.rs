@@ -10,6 +10,7 @@ use skyreels_pipeline::generate::{GenerateError, ModelPaths, Pipeline};
 use skyreels_pipeline::hub::{fetch_file, HubOptions};
 use skyreels_pipeline::lora::{LoraErrorKind, LoraFile};
 use skyreels_pipeline::runtime::{free_memory, gib};
+use skyreels_pipeline::safety::SafetyChecker;
 use skyreels_server::generator::{
     GenerateFailure, Generated, Generator, GeneratorLoader, Input, LoraOutcome, LoraSource,
     ModelInfo,
@@ -23,6 +24,22 @@ struct PipelineGenerator {
     pipeline: Pipeline,
     /// Where hub LoRAs are fetched from (the model's hub cache and `--offline`).
     hub: HubOptions,
+    /// The safety checker (`--safety-checker`), if any.
+    safety: Option<Safety>,
+}
+
+/// The safety checker a worker loads (`--safety-checker`) and the frames of each video it
+/// looks at (`--safety-frames`).
+#[derive(Clone, Debug)]
+pub(crate) struct SafetySettings {
+    pub source: String,
+    pub frames: usize,
+}
+
+/// A loaded checker with its settings.
+struct Safety {
+    checker: SafetyChecker,
+    settings: SafetySettings,
 }
 
 impl Generator for PipelineGenerator {
@@ -40,7 +57,7 @@ impl Generator for PipelineGenerator {
                 .unwrap_or(skyreels_params::FALLBACK_MAX_PIXEL_FRAMES),
             ulysses: self.pipeline.ulysses(),
             temporal_rope_frequencies: self.pipeline.temporal_rope_frequencies(),
-            safety_checker: None,
+            safety_checker: self.safety.as_ref().map(|s| s.settings.source.clone()),
         }]
     }
 
@@ -69,6 +86,20 @@ impl Generator for PipelineGenerator {
                 GenerateError::Invalid(m) => GenerateFailure::InvalidInput(m),
                 e => GenerateFailure::Failed(e.to_string()),
             })?;
+        let mut stages = video.timings.stages();
+        // a video the checker cannot look at fails: nothing is served unchecked
+        let nsfw = match self.safety.as_ref().filter(|_| input.safety_check) {
+            Some(s) => {
+                let start = Instant::now();
+                let verdict = s
+                    .checker
+                    .check_video(&video.frames, s.settings.frames)
+                    .map_err(|e| GenerateFailure::Failed(format!("safety checker: {e}")))?;
+                stages.push(("safety_check", start.elapsed()));
+                Some(verdict.flagged)
+            }
+            None => None,
+        };
         let start = Instant::now();
         // the output path ends in .mp4: H.264 at the default bitrate
         write_output(output, &video.frames, req.fps, None)
@@ -77,7 +108,6 @@ impl Generator for PipelineGenerator {
         if let Some(peaks) = &t.peak_memory {
             tracing::info!(%peaks, "peak device memory per stage");
         }
-        let mut stages = t.stages();
         stages.push(("export", start.elapsed()));
         Ok(Generated {
             stages,
@@ -86,7 +116,7 @@ impl Generator for PipelineGenerator {
                 ("forwards_cached", t.forwards_cached() as u64),
             ],
             loras,
-            nsfw: None,
+            nsfw,
         })
     }
 }
@@ -140,12 +170,14 @@ impl PipelineGenerator {
 
 /// One generator loader per --device entry (or --parallel group), the first `count`, each
 /// refusing clips beyond `max_pixel_frames` (default: sized to its device, see
-/// [`pixel_frame_limit`]) and keeping `lora_cache_bytes` of parsed LoRA adapters.
+/// [`pixel_frame_limit`]), keeping `lora_cache_bytes` of parsed LoRA adapters and loading the
+/// `safety` checker (on the worker's first device, in f32).
 pub(crate) fn loaders(
     model: ModelArgs,
     count: usize,
     max_pixel_frames: Option<u64>,
     lora_cache_bytes: u64,
+    safety: Option<SafetySettings>,
 ) -> Result<Vec<GeneratorLoader>> {
     if max_pixel_frames == Some(0) {
         anyhow::bail!("--max-pixel-frames must be at least 1");
@@ -169,7 +201,7 @@ pub(crate) fn loaders(
             .into_iter()
             .map(devices::open)
             .collect::<Result<Vec<_>>>()?;
-        let (model, paths) = (model.clone(), paths.clone());
+        let (model, paths, safety) = (model.clone(), paths.clone(), safety.clone());
         loaders.push(Box::new(move || -> Result<Box<dyn Generator>, String> {
             let paths = {
                 let mut resolved = paths.lock().unwrap_or_else(|p| p.into_inner());
@@ -201,10 +233,38 @@ pub(crate) fn loaders(
                 progress: false,
                 ..hub_options(&model)
             };
-            Ok(Box::new(PipelineGenerator { pipeline, hub }))
+            let safety = safety
+                .map(|settings| load_safety(settings, &hub, &devices[0], &names))
+                .transpose()?;
+            Ok(Box::new(PipelineGenerator {
+                pipeline,
+                hub,
+                safety,
+            }))
         }));
     }
     Ok(loaders)
+}
+
+/// Loads a worker's safety checker (f32: its thresholds are sharp, and it is small next to the
+/// model); the message names the source and what is missing.
+fn load_safety(
+    settings: SafetySettings,
+    hub: &HubOptions,
+    device: &candle_core::Device,
+    names: &str,
+) -> Result<Safety, String> {
+    let start = Instant::now();
+    let checker = SafetyChecker::load(&settings.source, hub, device, candle_core::DType::F32)
+        .map_err(|e| format!("{names}: --safety-checker {}: {e}", settings.source))?;
+    tracing::info!(
+        device = %names,
+        checker = %settings.source,
+        frames = settings.frames,
+        seconds = start.elapsed().as_secs_f64(),
+        "safety checker loaded (--safety-checker, --safety-frames)"
+    );
+    Ok(Safety { checker, settings })
 }
 
 /// The default `--max-pixel-frames` of a loaded pipeline: the clip that fits its device's free

@@ -1,10 +1,11 @@
 //! `skyreels serve`: the HTTP server backed by the real pipeline.
 
-use crate::generator::loaders;
+use crate::generator::{loaders, SafetySettings};
 use crate::{worker_groups, ModelArgs};
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use skyreels_server::backend::redis::{ClusterConfig, OutputStore};
+use skyreels_server::config::NsfwAction;
 use skyreels_server::generator::GeneratorLoader;
 use skyreels_server::loras::LoraConfig;
 use skyreels_server::{Server, ServerConfig};
@@ -119,6 +120,51 @@ pub struct NodeArgs {
     warmup: bool,
     #[command(flatten)]
     loras: LoraArgs,
+    #[command(flatten)]
+    pub(crate) safety: SafetyArgs,
+}
+
+/// The NSFW safety checker each worker runs on its videos (docs/safety-checker.md).
+#[derive(Args)]
+pub(crate) struct SafetyArgs {
+    /// A safety checker in the layout of diffusers' StableDiffusionSafetyChecker: a hub repo id
+    /// (e.g. CompVis/stable-diffusion-safety-checker) or a folder (config.json,
+    /// model.safetensors, preprocessor_config.json; or a Stable Diffusion folder's
+    /// safety_checker/ and feature_extractor/). Each worker loads it after the model and checks
+    /// --safety-frames frames of every video whose task leaves enable_safety_checker on;
+    /// has_nsfw_contents says what it found. Without it no checker runs (has_nsfw_contents
+    /// stays false).
+    #[arg(long, env = "SKYREELS_SAFETY_CHECKER", value_name = "REPO_ID|DIR")]
+    pub(crate) safety_checker: Option<String>,
+    /// Frames of each video the checker looks at, spread evenly (the first and the last among
+    /// them); a video is flagged when any of them is.
+    #[arg(
+        long,
+        env = "SKYREELS_SAFETY_FRAMES",
+        value_name = "N",
+        default_value_t = 8
+    )]
+    pub(crate) safety_frames: usize,
+    /// What a flagged video becomes: flag (the task completes with has_nsfw_contents [true])
+    /// or block (the task fails with code 1451 and its video is deleted).
+    #[arg(long, env = "SKYREELS_NSFW_ACTION", value_enum, default_value_t = NsfwActionArg::Flag)]
+    nsfw_action: NsfwActionArg,
+}
+
+impl SafetyArgs {
+    /// The checker each worker loads, and the frames it looks at.
+    fn settings(&self) -> Option<SafetySettings> {
+        self.safety_checker.clone().map(|source| SafetySettings {
+            source,
+            frames: self.safety_frames,
+        })
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum NsfwActionArg {
+    Flag,
+    Block,
 }
 
 /// A request's LoRAs (`loras: [{"path", "scale"}]`): a worker finds and applies them, an API
@@ -325,6 +371,13 @@ fn node_config(node: NodeArgs) -> Result<ServerConfig> {
         (node.max_task_seconds > 0).then(|| Duration::from_secs(node.max_task_seconds));
     config.max_work = node.max_work;
     config.warmup = node.warmup;
+    if node.safety.safety_frames == 0 {
+        anyhow::bail!("--safety-frames must be at least 1");
+    }
+    config.nsfw_action = match node.safety.nsfw_action {
+        NsfwActionArg::Flag => NsfwAction::Flag,
+        NsfwActionArg::Block => NsfwAction::Block,
+    };
     config.redis = node.redis.map(|url| ClusterConfig {
         claim_timeout: Duration::from_secs_f64(node.claim_timeout),
         output_store: match node.output_store {
@@ -342,6 +395,7 @@ fn node_config(node: NodeArgs) -> Result<ServerConfig> {
 
 pub fn serve(args: ServeArgs) -> Result<()> {
     let max_pixel_frames = args.node.max_pixel_frames;
+    let safety = args.node.safety.settings();
     let mut config = node_config(args.node)?;
     if args.max_queue == 0 {
         anyhow::bail!("--max-queue must be at least 1");
@@ -405,6 +459,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         args.workers.unwrap_or(groups),
         max_pixel_frames,
         config.loras.cache_bytes,
+        safety,
     )?;
     run_node(config, loaders, (args.host, args.port))
 }
@@ -413,6 +468,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
 /// --metrics-port).
 pub fn worker(args: WorkerArgs) -> Result<()> {
     let max_pixel_frames = args.node.max_pixel_frames;
+    let safety = args.node.safety.settings();
     let mut config = node_config(args.node)?;
     if config.redis.is_none() {
         anyhow::bail!(
@@ -426,6 +482,7 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
         usize::MAX,
         max_pixel_frames,
         config.loras.cache_bytes,
+        safety,
     )?;
     match args.metrics_port {
         Some(port) => run_node(config, loaders, (args.metrics_host, port)),

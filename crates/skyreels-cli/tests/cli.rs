@@ -357,6 +357,10 @@ fn help_documents_the_flags() {
         "--redis-ca",
         "--allow-redis-without-password",
         "--warmup",
+        "--max-event-streams",
+        "--safety-checker",
+        "--safety-frames",
+        "--nsfw-action",
     ] {
         assert!(out.contains(flag), "{flag} missing from serve --help");
     }
@@ -376,6 +380,9 @@ fn help_documents_the_flags() {
         "--redis-ca",
         "--allow-redis-without-password",
         "--warmup",
+        "--safety-checker",
+        "--safety-frames",
+        "--nsfw-action",
     ] {
         assert!(out.contains(flag), "{flag} missing from worker --help");
     }
@@ -386,6 +393,9 @@ fn serve_refuses_bad_settings() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
     let out = out.to_str().unwrap();
+    let empty = dir.path().join("no-checker");
+    std::fs::create_dir(&empty).unwrap();
+    let empty_dir = empty.to_str().unwrap();
     for (args, want) in [
         (
             &["serve", "--max-queue", "0"][..],
@@ -460,6 +470,23 @@ fn serve_refuses_bad_settings() {
                 out,
             ][..],
             "/no/such/folder",
+        ),
+        (
+            &["serve", "--safety-frames", "0", "--output-dir", out][..],
+            "--safety-frames must be at least 1",
+        ),
+        (
+            // the worker's load fails, naming the checker and the file it lacks
+            &[
+                "serve",
+                "--safety-checker",
+                empty_dir,
+                "--port",
+                "0",
+                "--output-dir",
+                out,
+            ][..],
+            "config.json",
         ),
     ] {
         let o = skyreels(dir.path(), args);
@@ -732,4 +759,168 @@ fn devices_quantize_and_single_files_from_the_command_line() {
     );
     assert!(!out.status.success());
     assert!(stderr(&out).contains("Q4_K"), "{}", stderr(&out));
+}
+
+/// A copy of the tiny test safety checker (tests/fixtures/safety/checker) whose concept
+/// thresholds are -1: every frame it looks at is flagged.
+fn flag_everything_checker(dir: &Path) -> PathBuf {
+    let to = dir.join("checker");
+    copy_tree(&fixture("safety/checker"), &to);
+    let path = to.join("model.safetensors");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let t = &header["concept_embeds_weights"];
+    assert_eq!(t["dtype"], "F32");
+    let (a, b) = (
+        t["data_offsets"][0].as_u64().unwrap() as usize,
+        t["data_offsets"][1].as_u64().unwrap() as usize,
+    );
+    for v in bytes[8 + n + a..8 + n + b].chunks_exact_mut(4) {
+        v.copy_from_slice(&(-1.0f32).to_le_bytes());
+    }
+    std::fs::write(&path, bytes).unwrap();
+    to
+}
+
+/// One HTTP/1.1 exchange with a server on loopback (`Connection: close`): the status and the
+/// JSON body.
+fn http_json(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: Option<&serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer).unwrap();
+    let text = String::from_utf8_lossy(&answer);
+    let status = text[9..12].parse().unwrap();
+    let json = text.split_once("\r\n\r\n").map_or("null", |(_, b)| b);
+    (
+        status,
+        serde_json::from_str(json).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// `skyreels serve` on the tiny weights with a safety checker that flags everything: under
+/// `--nsfw-action flag` a task completes with `has_nsfw_contents: [true]` (and `[false]` with
+/// `enable_safety_checker: false`); under `block` it fails with 1451 and leaves no video.
+#[test]
+fn a_live_server_flags_or_blocks_what_its_safety_checker_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let checker = flag_everything_checker(dir.path());
+    let png = std::fs::read(image_file(dir.path(), "in.png", 96, 64)).unwrap();
+    let image = format!("{}/in.png", http_server("200 OK", png));
+    for action in ["flag", "block"] {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let out = dir.path().join(action);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_skyreels"))
+            .args([
+                "serve",
+                "--port",
+                &port.to_string(),
+                "--allow-private-image-urls",
+            ])
+            .args([
+                "--safety-checker",
+                checker.to_str().unwrap(),
+                "--safety-frames",
+                "3",
+            ])
+            .args([
+                "--nsfw-action",
+                action,
+                "--output-dir",
+                out.to_str().unwrap(),
+            ])
+            .env("XDG_CACHE_HOME", dir.path())
+            .env_remove("SKYREELS_MODEL")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let start = std::time::Instant::now();
+        let ready = loop {
+            let up = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+            if up && http_json(port, "GET", "/ready", None).0 == 200 {
+                break true;
+            }
+            if start.elapsed() > std::time::Duration::from_secs(120) {
+                break false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        };
+        let run = |safety: bool| {
+            let body = serde_json::json!({"prompt": "a cat", "image": image, "num_inference_steps": 2,
+                "num_frames": 5, "seed": 3, "enable_safety_checker": safety});
+            let (s, v) = http_json(
+                port,
+                "POST",
+                "/api/v3/wavespeed-ai/SkyReels-V1",
+                Some(&body),
+            );
+            assert_eq!(s, 200, "{v}");
+            let id = v["data"]["id"].as_str().unwrap().to_string();
+            for _ in 0..600 {
+                let (_, v) = http_json(
+                    port,
+                    "GET",
+                    &format!("/api/v3/predictions/{id}/result"),
+                    None,
+                );
+                if ["completed", "failed"]
+                    .contains(&v["data"]["status"].as_str().unwrap_or_default())
+                {
+                    return v["data"].clone();
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            panic!("task {id} did not finish");
+        };
+        let outcome = ready.then(|| {
+            let (_, models) = http_json(port, "GET", "/api/v3/models", None);
+            (models, run(true), (action == "flag").then(|| run(false)))
+        });
+        let _ = child.kill();
+        let _ = child.wait();
+        let (models, checked, unchecked) = outcome.expect("the server became ready");
+        assert_eq!(
+            models["data"][0]["safety_checker"],
+            checker.to_str().unwrap()
+        );
+        let videos = std::fs::read_dir(out.join("videos")).unwrap().count();
+        if action == "flag" {
+            assert_eq!(checked["status"], "completed", "{checked}");
+            assert_eq!(checked["has_nsfw_contents"], serde_json::json!([true]));
+            assert!(checked["timings"]["safety_check"].is_u64(), "{checked}");
+            let unchecked = unchecked.unwrap();
+            assert_eq!(unchecked["has_nsfw_contents"], serde_json::json!([false]));
+            assert!(unchecked["timings"].get("safety_check").is_none());
+            assert_eq!(videos, 2);
+        } else {
+            assert_eq!(
+                (checked["status"].as_str(), checked["code"].as_u64()),
+                (Some("failed"), Some(1451)),
+                "{checked}"
+            );
+            assert_eq!(checked["outputs"], serde_json::json!([]));
+            assert_eq!(videos, 0, "a blocked video is not kept");
+        }
+    }
 }
