@@ -142,6 +142,10 @@ struct DownloadArgs {
     /// Hugging Face cache folder [default: $HF_HOME/hub or ~/.cache/huggingface/hub].
     #[arg(long, env = "HF_HUB_CACHE")]
     cache_dir: Option<PathBuf>,
+    /// Also a safety checker repo for `serve --safety-checker` (its configs and
+    /// model.safetensors), e.g. CompVis/stable-diffusion-safety-checker.
+    #[arg(long, value_name = "REPO_ID")]
+    safety_checker: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
@@ -363,5 +367,13 @@ fn download(args: DownloadArgs) -> Result<()> {
     let paths = ModelSpec::parse(&args.model, args.transformer.as_deref())?.resolve(&opts)?;
     println!("pipeline: {}", paths.pipeline.display());
     println!("transformer: {}", paths.transformer.display());
+    if let Some(repo) = &args.safety_checker {
+        let dir = skyreels_pipeline::hub::fetch(
+            repo,
+            skyreels_pipeline::hub::Layout::SafetyChecker,
+            &opts,
+        )?;
+        println!("safety checker: {}", dir.display());
+    }
     Ok(())
 }

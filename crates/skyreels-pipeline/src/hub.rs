@@ -303,7 +303,10 @@ pub fn fetch(repo: &str, layout: Layout, opts: &HubOptions) -> Result<PathBuf, H
         what: repo.to_string(),
         cache: cache_path.clone(),
         why,
-        hint: String::new(),
+        hint: match layout {
+            Layout::SafetyChecker => format!(" --safety-checker {repo}"),
+            _ => String::new(),
+        },
         local: "folder",
     };
     if opts.is_offline() {
@@ -566,6 +569,14 @@ mod tests {
         let e = fetch_file("o/r", "m.gguf", &opts).unwrap_err().to_string();
         assert!(
             e.contains("o/r/m.gguf") && e.contains("skyreels download"),
+            "{e}"
+        );
+        // a checker's message names the download that fetches it
+        let e = fetch("o/checker", Layout::SafetyChecker, &opts)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("skyreels download --safety-checker o/checker`"),
             "{e}"
         );
         // the standard cache layout: refs/main names the snapshot holding the file
