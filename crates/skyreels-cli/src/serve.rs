@@ -5,7 +5,7 @@ use crate::{worker_groups, ModelArgs};
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use skyreels_server::backend::redis::{ClusterConfig, OutputStore};
-use skyreels_server::config::NsfwAction;
+use skyreels_server::engine::worker::NsfwAction;
 use skyreels_server::generator::GeneratorLoader;
 use skyreels_server::loras::LoraConfig;
 use skyreels_server::{Server, ServerConfig};

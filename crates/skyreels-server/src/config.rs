@@ -1,5 +1,6 @@
 //! What a server is told at start-up.
 
+use crate::engine::worker::NsfwAction;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -70,27 +71,6 @@ pub struct ServerConfig {
     pub warmup: bool,
     /// What a video the safety checker flagged becomes (`--nsfw-action`).
     pub nsfw_action: NsfwAction,
-}
-
-/// What a video the safety checker flagged becomes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum NsfwAction {
-    /// The task completes with `has_nsfw_contents: [true]`.
-    #[default]
-    Flag,
-    /// The task fails (code 1451) and its video is deleted.
-    Block,
-}
-
-impl std::str::FromStr for NsfwAction {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "flag" => Ok(Self::Flag),
-            "block" => Ok(Self::Block),
-            _ => Err(format!("{s:?}: expected flag or block")),
-        }
-    }
 }
 
 impl ServerConfig {

@@ -8,7 +8,6 @@
 use super::backend::{Consumer, Lease, Verdict};
 use super::task::{now_ms, Outcome, TaskCode};
 use super::{files, queue, Backoff, Engine, Input};
-use crate::config::NsfwAction;
 use crate::generator::{GenerateFailure, Generator, ModelInfo};
 use crate::loras::{LoraErrorKind, Loras};
 use base64::Engine as _;
@@ -16,6 +15,16 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
+
+/// What a video the safety checker flagged becomes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum NsfwAction {
+    /// The task completes with `has_nsfw_contents: [true]`.
+    #[default]
+    Flag,
+    /// The task fails (code 1451) and its video is deleted.
+    Block,
+}
 
 /// A worker's own limits.
 #[derive(Clone, Copy, Debug)]

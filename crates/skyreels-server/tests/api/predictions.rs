@@ -324,7 +324,7 @@ async fn the_safety_checker_flags_or_blocks_a_video() {
     assert!(d["timings"].get("safety_check").is_none(), "{d}");
     assert_eq!(d["input"]["enable_safety_checker"], false);
 
-    let h = start(|c| c.nsfw_action = skyreels_server::config::NsfwAction::Block).await;
+    let h = start(|c| c.nsfw_action = skyreels_server::engine::worker::NsfwAction::Block).await;
     let (_, v) = h.submit(body("nsfw cat")).await;
     let id = v["data"]["id"].as_str().unwrap();
     let d = h.wait(id, &["failed"]).await;
