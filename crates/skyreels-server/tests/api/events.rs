@@ -2,7 +2,7 @@
 //! client (ureq): every step in order and the outcome on both engines, `Last-Event-ID`, the
 //! bound, unknown ids and keys, and 500 open streams during a running task.
 
-use crate::common::{body, start_redis_with, start_with, Gate, Harness, KEY};
+use crate::common::{body, start_redis_with, start_with, Gate, Harness, Listening, KEY};
 use axum::http::StatusCode;
 use serde_json::Value;
 use skyreels_server::backend::redis::OutputStore;
@@ -12,32 +12,19 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedReceiver;
 
-/// A harness's server on a loopback socket (the real connection handling), stopped on `stop`.
+/// A harness's server on a loopback socket.
 struct Live {
     addr: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    done: Option<tokio::task::JoinHandle<()>>,
+    server: Listening,
     /// Keeps the data folder, the Redis and the request helpers.
     h: Harness,
 }
 
 async fn live(mut h: Harness) -> Live {
-    let server = h.server.take().unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-    let done = tokio::spawn(async move {
-        server
-            .run(listener, async move {
-                let _ = rx.await;
-            })
-            .await
-            .unwrap();
-    });
+    let server = Listening::start(h.server.take().unwrap()).await;
     Live {
-        addr,
-        stop: Some(stop),
-        done: Some(done),
+        addr: server.addr,
+        server,
         h,
     }
 }
@@ -57,9 +44,8 @@ impl Live {
         v["data"]["id"].as_str().unwrap().to_string()
     }
 
-    async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        self.done.take().unwrap().await.unwrap();
+    async fn stop(self) {
+        self.server.stop().await;
     }
 }
 

@@ -1,7 +1,7 @@
 //! Auth, allowed hosts, abuse limits (bodies, metrics labels, slow clients, connections), log
 //! injection and the headers against framing and sniffing.
 
-use crate::common::{config, metrics_text, png_data_uri, start, Fake, Gate, KEY, MODEL};
+use crate::common::{config, metrics_text, png_data_uri, start, Fake, Gate, Listening, KEY, MODEL};
 use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
 use serde_json::{json, Value};
@@ -247,9 +247,7 @@ async fn bearer_in_any_case_and_ops_protection() {
 
 /// A server on a real socket (timeouts and the connection cap live in the accept loop).
 struct Live {
-    addr: std::net::SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    done: tokio::task::JoinHandle<()>,
+    server: Listening,
     _dir: tempfile::TempDir,
 }
 
@@ -266,33 +264,21 @@ async fn live(cfg: impl FnOnce(&mut ServerConfig)) -> Live {
         Box::new(move || Ok(Box::new(Fake::new(gate, seen)) as Box<dyn Generator>)),
     )
     .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-    let done = tokio::spawn(async move {
-        server
-            .run(listener, async move {
-                let _ = rx.await;
-            })
-            .await
-            .unwrap();
-    });
     Live {
-        addr,
-        stop: Some(stop),
-        done,
+        server: Listening::start(server).await,
         _dir: dir,
     }
 }
 
 impl Live {
     async fn connect(&self) -> tokio::net::TcpStream {
-        tokio::net::TcpStream::connect(self.addr).await.unwrap()
+        tokio::net::TcpStream::connect(self.server.addr)
+            .await
+            .unwrap()
     }
 
-    async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        self.done.await.unwrap();
+    async fn stop(self) {
+        self.server.stop().await;
     }
 }
 

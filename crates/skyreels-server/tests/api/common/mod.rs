@@ -270,3 +270,34 @@ pub(crate) fn multipart_upload(
         .body(Body::from(form))
         .unwrap()
 }
+
+/// A server on a loopback socket (its real connection handling: limits, timeouts, keep-alive),
+/// stopped by [`Listening::stop`].
+pub(crate) struct Listening {
+    pub(crate) addr: std::net::SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    done: tokio::task::JoinHandle<()>,
+}
+
+impl Listening {
+    pub(crate) async fn start(server: Server) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+        let done = tokio::spawn(async move {
+            server
+                .run(listener, async move {
+                    let _ = rx.await;
+                })
+                .await
+                .unwrap();
+        });
+        Self { addr, stop, done }
+    }
+
+    /// Shuts the server down (draining as a signal would) and waits for it.
+    pub(crate) async fn stop(self) {
+        let _ = self.stop.send(());
+        self.done.await.unwrap();
+    }
+}
