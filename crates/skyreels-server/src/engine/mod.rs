@@ -8,6 +8,7 @@
 //! shares (the backends, `backend/`). The HTTP layer talks to [`Engine`] and never to a backend.
 
 pub mod backend;
+mod backoff;
 mod errors;
 pub mod files;
 mod input;
@@ -19,6 +20,7 @@ pub mod worker;
 pub use crate::generator::{Input, ModelInfo};
 pub use crate::metrics::Overview;
 pub use backend::{Backend, Consumer, Lease, Mark, Verdict};
+pub use backoff::Backoff;
 pub use errors::{is_full, AdmitError, CancelResult, EngineError, UploadRefused};
 pub use files::{FolderError, Paths};
 pub use input::{Blob, Content, Queued, QueuedImage, ReadRange};
@@ -60,28 +62,6 @@ impl Hook {
             self.metrics.finished(record.status.as_str());
             let _ = self.finished.send(record.clone());
         }
-    }
-}
-
-/// Exponential backoff from 100 ms to 5 s (reconnecting to a store, retrying a write).
-#[derive(Default)]
-pub struct Backoff(u32);
-
-impl Backoff {
-    pub fn reset(&mut self) {
-        self.0 = 0;
-    }
-
-    /// The next wait.
-    pub fn next_delay(&mut self) -> Duration {
-        let d = Duration::from_millis(100 << self.0.min(6)).min(Duration::from_secs(5));
-        self.0 += 1;
-        d
-    }
-
-    /// Sleeps the next wait (worker threads).
-    pub fn sleep(&mut self) {
-        std::thread::sleep(self.next_delay());
     }
 }
 
@@ -565,15 +545,6 @@ mod tests {
         };
         assert!(text.image_bytes().is_empty());
         assert!(text.into_input().unwrap().image.is_none());
-    }
-
-    #[test]
-    fn backoff_doubles_up_to_five_seconds() {
-        let mut b = Backoff::default();
-        let waits: Vec<u64> = (0..9).map(|_| b.next_delay().as_millis() as u64).collect();
-        assert_eq!(waits, [100, 200, 400, 800, 1600, 3200, 5000, 5000, 5000]);
-        b.reset();
-        assert_eq!(b.next_delay(), Duration::from_millis(100));
     }
 
     #[test]
