@@ -57,7 +57,10 @@ impl Generator for PipelineGenerator {
                 .unwrap_or(skyreels_params::FALLBACK_MAX_PIXEL_FRAMES),
             ulysses: self.pipeline.ulysses(),
             temporal_rope_frequencies: self.pipeline.temporal_rope_frequencies(),
-            safety_checker: self.safety.as_ref().map(|s| s.settings.source.clone()),
+            safety_checker: self
+                .safety
+                .as_ref()
+                .map(|s| shown_source(&s.settings.source)),
         }]
     }
 
@@ -244,6 +247,16 @@ pub(crate) fn loaders(
         }));
     }
     Ok(loaders)
+}
+
+/// A checker as `/api/v3/models` names it: a hub repo id as given, a local folder by its last
+/// component (the server's paths stay its own).
+fn shown_source(source: &str) -> String {
+    let path = Path::new(source);
+    match path.file_name().filter(|_| path.exists()) {
+        Some(name) => name.to_string_lossy().into_owned(),
+        None => source.to_string(),
+    }
 }
 
 /// Loads a worker's safety checker (f32: its thresholds are sharp, and it is small next to the

@@ -193,7 +193,10 @@ impl Follow {
             if let Some(e) = self.told.pop_front() {
                 return Some(e);
             }
-            if self.done || self.state.jobs.is_draining() {
+            // a stopping node of a shared engine leaves its tasks to the others: the client
+            // reconnects elsewhere; one of its own ends them (run out or failed 5003), and the
+            // stream tells that
+            if self.done || (self.state.jobs.is_draining() && self.state.jobs.is_shared()) {
                 return None;
             }
             if let Some(seen) = self.seen {

@@ -103,12 +103,18 @@ fn run_lease(
     let file = output_file(&lease.id, lease.attempt);
     let video = paths.video_path(&file);
     let ready = match &mut lease.input {
-        // taken over past its deadline (the worker running it stopped): not run again
-        _ if queue::is_past(lease.cancel_at, now_ms()) => Err(Outcome::PastDeadline(
-            queue::stopped(lease.cancel_at.unwrap_or_default()),
-        )),
+        // taken past its deadline: a first attempt never ran (failed, as a task the queue
+        // held too long); one taken over from a worker that stopped is not run again
+        _ if queue::is_past(lease.cancel_at, now_ms()) => {
+            let at = lease.cancel_at.unwrap_or_default();
+            Err(match lease.attempt {
+                0 | 1 => Outcome::Failed(TaskCode::DeadlinePassed, queue::not_started(at)),
+                _ => Outcome::PastDeadline(queue::stopped(at)),
+            })
+        }
         Ok(input) => {
-            input.safety_check = lease.safety_check;
+            // under `--nsfw-action block` the operator's rule: every video is checked
+            input.safety_check = lease.safety_check || limits.nsfw_action == NsfwAction::Block;
             check(&lease.id, &lease.model, input, models, limits)
                 .and_then(|()| resolve_loras(&lease.id, input, loras))
         }

@@ -273,6 +273,8 @@ async fn streams_need_a_key_and_are_bounded() {
     let path = format!("/api/v3/predictions/{id}/events");
     let a = open_raw(l.addr, &path).await;
     let b = open_raw(l.addr, &path).await;
+    let metrics = crate::common::metrics_text(&l.h).await;
+    assert!(metrics.contains("skyreels_event_streams 2\n"), "{metrics}");
     let (status, text, _) = follow(url.clone(), Some(KEY), None);
     assert_eq!(status, 503);
     assert!(text.contains("--max-event-streams"), "{text}");
@@ -294,7 +296,7 @@ async fn streams_need_a_key_and_are_bounded() {
     assert!(read_to_end(b).await.contains("\"status\":\"completed\""));
     assert_eq!(rest(&mut c).await.last().unwrap().status(), "completed");
     let metrics = crate::common::metrics_text(&l.h).await;
-    assert!(metrics.contains("skyreels_event_streams"), "{metrics}");
+    assert!(metrics.contains("skyreels_event_streams 0\n"), "{metrics}");
     l.stop().await;
 }
 

@@ -343,6 +343,12 @@ async fn the_safety_checker_flags_or_blocks_a_video() {
         .map(|e| e.file_name())
         .collect();
     assert!(videos.is_empty(), "no file kept: {videos:?}");
+    // block checks every video, whatever the request asks
+    let mut off = body("nsfw cat");
+    off["enable_safety_checker"] = json!(false);
+    let (_, v) = h.submit(off).await;
+    let d = h.wait(v["data"]["id"].as_str().unwrap(), &["failed"]).await;
+    assert_eq!(d["code"], 1451);
     // a clean video under block completes
     let (_, v) = h.submit(body("a cat")).await;
     let d = h

@@ -52,41 +52,53 @@ fn queues(models: &[ModelInfo]) -> Vec<(String, Priority)> {
         .collect()
 }
 
-/// `XREADGROUP` of at most one new entry from `queues` (waiting up to `block` ms for one).
+/// `XREADGROUP` of at most one new entry from one queue, without waiting (one stream per read:
+/// every entry a read returns becomes this worker's, and a read of several streams returns one
+/// entry per stream).
 fn read(
     c: &mut redis::Connection,
     name: &str,
-    queues: &[(String, Priority)],
-    block: Option<u64>,
+    (model, priority): &(String, Priority),
 ) -> redis::RedisResult<Option<Taken>> {
-    let mut cmd = redis::cmd("XREADGROUP");
-    cmd.arg("GROUP").arg(GROUP).arg(name).arg("COUNT").arg(1);
-    if let Some(ms) = block {
-        cmd.arg("BLOCK").arg(ms);
-    }
-    cmd.arg("STREAMS");
+    let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(GROUP)
+        .arg(name)
+        .arg("COUNT")
+        .arg(1)
+        .arg("STREAMS")
+        .arg(KEYS.stream(model, *priority))
+        .arg(">")
+        .query(c)?;
+    let entry = reply
+        .and_then(|r| r.keys.into_iter().next())
+        .and_then(|k| k.ids.into_iter().next());
+    Ok(entry.map(|e| Taken {
+        model: model.clone(),
+        priority: *priority,
+        entry: e.id.clone(),
+        id: e.get("id").unwrap_or_default(),
+    }))
+}
+
+/// Waits up to `ms` for a new entry on any of `queues`, taking none (a plain `XREAD` from `$`):
+/// the reads that follow take one in priority order. (An entry added just before the wait
+/// began is read at the next turn, within the wait.)
+fn wait_for_entries(
+    c: &mut redis::Connection,
+    queues: &[(String, Priority)],
+    ms: u64,
+) -> redis::RedisResult<()> {
+    let mut cmd = redis::cmd("XREAD");
+    cmd.arg("COUNT").arg(1).arg("BLOCK").arg(ms).arg("STREAMS");
     for (model, priority) in queues {
         cmd.arg(KEYS.stream(model, *priority));
     }
     for _ in queues {
-        cmd.arg(">");
+        cmd.arg("$");
     }
-    let reply: Option<StreamReadReply> = cmd.query(c)?;
-    for k in reply.map(|r| r.keys).unwrap_or_default() {
-        let Some((model, priority)) = queues.iter().find(|(m, p)| KEYS.stream(m, *p) == k.key)
-        else {
-            continue;
-        };
-        if let Some(e) = k.ids.first() {
-            return Ok(Some(Taken {
-                model: model.clone(),
-                priority: *priority,
-                entry: e.id.clone(),
-                id: e.get("id").unwrap_or_default(),
-            }));
-        }
-    }
-    Ok(None)
+    let _: Option<StreamReadReply> = cmd.query(c)?;
+    Ok(())
 }
 
 fn hostname() -> String {
@@ -266,13 +278,18 @@ impl RedisConsumer {
                 }));
             }
         }
-        // one stream per read: every entry a read returns becomes this worker's
-        for queue in &queues {
-            if let Some(t) = read(c, &name, std::slice::from_ref(queue), None)? {
-                return Ok(Some(t));
+        // normal queues first, then low ones; else wait for an entry and look again
+        for waited in [false, true] {
+            if waited {
+                wait_for_entries(c, &queues, 1000)?;
+            }
+            for queue in &queues {
+                if let Some(t) = read(c, &name, queue)? {
+                    return Ok(Some(t));
+                }
             }
         }
-        read(c, &name, &queues, Some(1000))
+        Ok(None)
     }
 
     fn ack(&mut self, t: &Taken) {

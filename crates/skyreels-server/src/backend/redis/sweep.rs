@@ -1,4 +1,4 @@
-//! The sweep every node of a Redis deployment runs once a minute: what nobody else ends.
+//! The sweep every node of a Redis deployment runs (at most every 30 s, with its housekeeping): what nobody else ends.
 //! Tasks past their deadline fail with 5005; tasks that cannot start (their input never
 //! queued, their wait past the queue TTL, their model served by no worker anymore) with 5003; workers gone for long lose their model
 //! lists and their consumers in the group; a model no live worker announced for
