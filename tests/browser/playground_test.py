@@ -79,7 +79,8 @@ def main():
         # the model's defaults are shown
         for field, default in [("num_inference_steps", "4"), ("num_frames", "9"), ("guidance_scale", "6"),
                                ("embedded_guidance_scale", "1"), ("fps", "24"), ("width", "96"),
-                               ("cache", "none"), ("flow_shift", "the model's"), ("riflex_freq_index", "0")]:
+                               ("cache", "none"), ("cfg_gate", "off"), ("flow_shift", "the model's"),
+                               ("riflex_freq_index", "0")]:
             shown = d.find_element(By.ID, field).get_attribute("placeholder")
             assert shown == default, f"{field}: {shown!r}, want {default}"
         d.find_element(By.ID, "image-file").send_keys(str(Path(IMAGE).resolve()))
@@ -90,7 +91,8 @@ def main():
         prompt.send_keys("FPS-24, a sunny meadow")
         d.find_element(By.ID, "advanced").click()
         # long enough for several polls: 97 frames, 100 steps of the tiny model
-        for field, value in [("num_frames", "97"), ("num_inference_steps", "100"), ("flow_shift", "5")]:
+        for field, value in [("num_frames", "97"), ("num_inference_steps", "100"), ("flow_shift", "5"),
+                             ("cfg_gate", "0.9")]:
             d.find_element(By.ID, field).send_keys(value)
         d.find_element(By.ID, "run").click()
         first = until("the task id", lambda: d.find_element(By.ID, "task-id").text)
@@ -120,10 +122,12 @@ def main():
         task = json.load(urllib.request.urlopen(urllib.request.Request(
             f"{BASE}/api/v3/predictions/{first}/result", headers={"Authorization": f"Bearer {KEY}"})))
         assert task["data"]["input"]["flow_shift"] == 5, task["data"]["input"]
+        assert task["data"]["input"]["cfg_gate"] == 0.9, task["data"]["input"]
         timings = d.find_element(By.ID, "timings").text
         assert "denoising" in timings, timings
-        # the forward counts are shown as counts (100 steps with true CFG, no cache)
-        assert "forwards_computed: 200\n" in timings + "\n" and "forwards_cached: 0\n" in timings + "\n", timings
+        # the forward counts are shown as counts (100 steps with true CFG, no cache; the CFG gate at 0.9
+        # skips the negative prompt's forward of steps 90..99, counted as cached)
+        assert "forwards_computed: 190\n" in timings + "\n" and "forwards_cached: 10\n" in timings + "\n", timings
         d.save_screenshot(str(OUT / "playground.png"))
 
         # a second long task, cancelled while it runs

@@ -79,6 +79,8 @@ pub fn params(io: &HashMap<String, Tensor>, req: &Value) -> Request {
         cache: req["cache"]
             .as_str()
             .map_or(CacheSpec::None, |c| c.parse().unwrap()),
+        // the CFG-gating fixtures name their fraction
+        cfg_gate: req["cfg_gate"].as_f64(),
         // the flow-shift fixture names its scheduler's shift
         flow_shift: req["flow_shift"].as_f64(),
         loras: Vec::new(),

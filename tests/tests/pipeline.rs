@@ -137,10 +137,10 @@ fn image_to_video_with_a_gguf_transformer_matches_diffusers() {
 
 /// One clip on several (CPU) devices. CFG-parallel (`--parallel cfg=2`): the unconditional
 /// branch runs on a second transformer copy on its own thread, with its own step cache: every
-/// number is the single-device one, step-cache decisions included. Ulysses (`ulysses=2`, and
+/// number is the single-device one, step-cache decisions (and CFG-gated forwards) included. Ulysses (`ulysses=2`, and
 /// `cfg=2,ulysses=2` on four ranks): the video tokens are split over the ranks; the same f32 math
 /// on slices, so the frames stay within the end-to-end bound of the single-device ones (and of
-/// diffusers'); step caching is refused with Ulysses.
+/// diffusers'); step caching is refused with Ulysses, CFG gating is not.
 #[test]
 fn parallel_layouts_change_no_number() {
     let cpu = |n: usize| vec![Device::Cpu; n];
@@ -151,6 +151,7 @@ fn parallel_layouts_change_no_number() {
         "i2v_cfg",
         "cache_fbc_cfg_a",
         "cache_tea_cfg_b",
+        "cfg_gate_fbc",
         "i2v_embedded",
     ] {
         let (io, req) = case(name);
@@ -166,7 +167,7 @@ fn parallel_layouts_change_no_number() {
     let ulysses = pipeline(None).with_parallel(&[cpu(2)]).unwrap();
     let both = pipeline(None).with_parallel(&[cpu(2), cpu(2)]).unwrap();
     assert_eq!(both.devices().len(), 4);
-    for name in ["i2v_cfg", "i2v_embedded"] {
+    for name in ["i2v_cfg", "cfg_gate_none", "i2v_embedded"] {
         let (io, req) = case(name);
         let r = params(&io, &req);
         let a = r.run(&single);

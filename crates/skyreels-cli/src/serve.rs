@@ -293,6 +293,15 @@ pub struct ServeArgs {
         default_value = "none"
     )]
     cache: skyreels_params::CacheSpec,
+    /// CFG gating of tasks whose submit has no `cfg_gate` field: F above 0 and below 1 (see
+    /// `skyreels generate --help`) [default: off].
+    #[arg(
+        long,
+        env = "SKYREELS_CFG_GATE",
+        value_name = "F",
+        value_parser = skyreels_params::parse_cfg_gate
+    )]
+    cfg_gate: Option<f64>,
     /// Seconds a client has to send a request's headers, from connecting or from the previous
     /// response (idle keep-alive connections close after it too).
     #[arg(long, env = "SKYREELS_HEADER_TIMEOUT", default_value_t = 10)]
@@ -439,6 +448,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     config.allowed_hosts = args.allowed_hosts;
     config.protect_ops = args.protect_ops;
     config.cache = args.cache;
+    config.cfg_gate = args.cfg_gate;
     config.header_timeout = Duration::from_secs(args.header_timeout);
     config.body_timeout = Duration::from_secs(args.body_timeout);
     config.idle_timeout = Duration::from_secs(args.idle_timeout);

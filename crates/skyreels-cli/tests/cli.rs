@@ -135,6 +135,20 @@ fn flow_shift_flag_matches_diffusers_with_that_shift() {
     assert!(err <= 5e-4, "max abs error {err:e}");
 }
 
+/// `--cfg-gate 0.6` against the CFG-gating reference (tests/tests/cfg_gate.rs states the rule;
+/// scripts/fixtures/cache.py gate), the same bound.
+#[test]
+fn cfg_gate_flag_matches_its_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let (io, run) = fixture_run(dir.path(), "pipeline/cfg_gate_none");
+    let got = run(
+        &dir.path().join("frames.safetensors"),
+        &["--cfg-gate", "0.6"],
+    );
+    let err = max_abs(&got["frames"], &io["frames"]);
+    assert!(err <= 5e-4, "max abs error {err:e}");
+}
+
 /// `--lora PATH:SCALE`, twice, against diffusers with `set_adapters([..], [0.7, -0.3])`
 /// (scripts/fixtures/lora.py), the same bound; a refused LoRA file fails the run naming it.
 #[test]
@@ -274,6 +288,10 @@ fn bad_input_gets_a_clear_message_and_a_failing_exit() {
             vec!["--image", img, "--flow-shift", "25"],
             "--flow-shift must be a number above 0 and at most 20, got 25",
         ),
+        (
+            vec!["--image", img, "--cfg-gate", "1"],
+            "'--cfg-gate <F>': must be a number above 0 and below 1, got \"1\"",
+        ),
         // the tiny transformer's temporal RoPE axis has 4 dims: 2 frequencies
         (
             vec!["--image", img, "--riflex-freq-index", "3"],
@@ -313,6 +331,7 @@ fn help_documents_the_flags() {
         "--noise",
         "--fps",
         "--flow-shift",
+        "--cfg-gate",
         "--riflex-freq-index",
         "--lora",
         "--output",
@@ -343,6 +362,8 @@ fn help_documents_the_flags() {
         "--header-timeout",
         "--body-timeout",
         "--idle-timeout",
+        "--cfg-gate",
+        "SKYREELS_CFG_GATE",
         "--max-connections",
         "--redis",
         "SKYREELS_REDIS_URL",
@@ -409,6 +430,10 @@ fn serve_refuses_bad_settings() {
         (
             &["serve", "--max-work", "0"][..],
             "--max-work must be a positive number",
+        ),
+        (
+            &["serve", "--cfg-gate", "0"][..],
+            "must be a number above 0 and below 1",
         ),
         (
             &["serve", "--header-timeout", "0"][..],

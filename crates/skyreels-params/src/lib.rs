@@ -11,7 +11,11 @@ use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
 mod request;
+mod steps;
 pub use request::{GenerationParams, Limits, LoraSpec, Refusal};
+pub use steps::{
+    cfg_gate_start, parse_cfg_gate, CacheSpec, CACHE_FORMS, CACHE_THRESHOLD, CFG_GATE,
+};
 
 /// SkyReels' default negative prompt (its README and `video_generate.py`).
 pub const DEFAULT_NEGATIVE_PROMPT: &str = "Aerial view, aerial view, overexposed, low quality, deformation, a poor composition, bad hands, bad teeth, bad eyes, bad limbs, distortion";
@@ -46,13 +50,14 @@ impl IntRange {
     }
 }
 
-/// A range of finite numbers, `max` included, `min` included unless `min_exclusive`, and the
-/// message that states it.
+/// A range of finite numbers, `min` included unless `min_exclusive`, `max` included unless
+/// `max_exclusive`, and the message that states it.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct FloatRange {
     pub min: f64,
     pub max: f64,
     pub min_exclusive: bool,
+    pub max_exclusive: bool,
 }
 
 impl FloatRange {
@@ -62,15 +67,24 @@ impl FloatRange {
             min,
             max,
             min_exclusive: false,
+            max_exclusive: false,
         }
     }
 
     /// Above `min`, at most `max`.
     pub const fn above(min: f64, max: f64) -> Self {
         Self {
-            min,
-            max,
             min_exclusive: true,
+            ..Self::inclusive(min, max)
+        }
+    }
+
+    /// Above `min`, below `max`.
+    pub const fn open(min: f64, max: f64) -> Self {
+        Self {
+            min_exclusive: true,
+            max_exclusive: true,
+            ..Self::inclusive(min, max)
         }
     }
 
@@ -80,18 +94,25 @@ impl FloatRange {
         } else {
             v >= self.min
         };
-        v.is_finite() && above_min && v <= self.max
+        let below_max = if self.max_exclusive {
+            v < self.max
+        } else {
+            v <= self.max
+        };
+        v.is_finite() && above_min && below_max
     }
 
-    /// "must be a number from MIN to MAX" (or "above MIN and at most MAX")
+    /// "must be a number from MIN to MAX" (or "above MIN and at most MAX", "above MIN and
+    /// below MAX")
     pub fn rule(&self) -> String {
-        if self.min_exclusive {
-            format!(
+        match (self.min_exclusive, self.max_exclusive) {
+            (false, false) => format!("must be a number from {} to {}", self.min, self.max),
+            (true, false) => format!(
                 "must be a number above {} and at most {}",
                 self.min, self.max
-            )
-        } else {
-            format!("must be a number from {} to {}", self.min, self.max)
+            ),
+            (true, true) => format!("must be a number above {} and below {}", self.min, self.max),
+            (false, true) => format!("must be a number from {} and below {}", self.min, self.max),
         }
     }
 }
@@ -361,89 +382,9 @@ pub fn fit_image(img: &RgbImage, width: usize, height: usize) -> RgbImage {
     image::imageops::resize(&crop, width as u32, height as u32, FilterType::Lanczos3)
 }
 
-/// Step caching across denoising steps (`--cache`, the submit body's `cache`): off, ParaAttention's
-/// first-block cache as diffusers 0.42.1's `FirstBlockCacheConfig(threshold)`, or TeaCache
-/// (TeaCache4HunyuanVideo) with its `rel_l1_thresh`. Written `none`, `first-block:T`,
-/// `teacache:T`.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub enum CacheSpec {
-    #[default]
-    None,
-    FirstBlock(f64),
-    TeaCache(f64),
-}
-
-/// The thresholds a cache spec accepts.
-pub const CACHE_THRESHOLD: FloatRange = FloatRange::above(0.0, 10.0);
-
-/// The accepted forms, for messages.
-pub const CACHE_FORMS: &str =
-    "none, first-block:THRESHOLD or teacache:THRESHOLD (THRESHOLD a number \
-     above 0 and at most 10, e.g. first-block:0.05, teacache:0.1)";
-
-impl std::str::FromStr for CacheSpec {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("must be {CACHE_FORMS}, got {s:?}");
-        if s == "none" {
-            return Ok(CacheSpec::None);
-        }
-        let (kind, t) = s.split_once(':').ok_or_else(bad)?;
-        let t: f64 = t.parse().map_err(|_| bad())?;
-        if !CACHE_THRESHOLD.contains(t) {
-            return Err(bad());
-        }
-        match kind {
-            "first-block" => Ok(CacheSpec::FirstBlock(t)),
-            "teacache" => Ok(CacheSpec::TeaCache(t)),
-            _ => Err(bad()),
-        }
-    }
-}
-
-impl std::fmt::Display for CacheSpec {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            CacheSpec::None => f.write_str("none"),
-            CacheSpec::FirstBlock(t) => write!(f, "first-block:{t}"),
-            CacheSpec::TeaCache(t) => write!(f, "teacache:{t}"),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn cache_specs_parse_print_and_refuse() {
-        for (text, spec) in [
-            ("none", CacheSpec::None),
-            ("first-block:0.05", CacheSpec::FirstBlock(0.05)),
-            ("teacache:0.1", CacheSpec::TeaCache(0.1)),
-            ("teacache:10", CacheSpec::TeaCache(10.0)),
-        ] {
-            assert_eq!(text.parse::<CacheSpec>(), Ok(spec));
-            assert_eq!(spec.to_string().parse::<CacheSpec>(), Ok(spec));
-        }
-        for bad in [
-            "",
-            "None",
-            "first-block",
-            "first-block:",
-            "first-block:0",
-            "first-block:-0.1",
-            "teacache:nan",
-            "teacache:inf",
-            "teacache:10.5",
-            "tea:0.1",
-            "first-block:0.05:1",
-        ] {
-            let err = bad.parse::<CacheSpec>().unwrap_err();
-            assert!(err.contains("first-block:THRESHOLD"), "{bad}: {err}");
-        }
-    }
 
     #[test]
     fn defaults_limits_and_work() {

@@ -3,8 +3,8 @@
 
 use crate::{
     check_encodable, check_frames, check_pixel_frames, check_side, work_millions, CacheSpec,
-    Ulysses, EMBEDDED_GUIDANCE, FLOW_SHIFT, FPS_RANGE, GUIDANCE, LORA_SCALE, MAX_LORA_PATH_BYTES,
-    MAX_PROMPT_BYTES, SEED, STEPS,
+    Ulysses, CFG_GATE, EMBEDDED_GUIDANCE, FLOW_SHIFT, FPS_RANGE, GUIDANCE, LORA_SCALE,
+    MAX_LORA_PATH_BYTES, MAX_PROMPT_BYTES, SEED, STEPS,
 };
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -28,6 +28,11 @@ pub struct GenerationParams {
     /// Step caching across the denoising steps, written as its string form (`none`,
     /// `first-block:T`, `teacache:T`).
     pub cache: CacheSpec,
+    /// CFG gating (`--cfg-gate F`, 0 < F < 1): from step ceil(F · steps) on the unconditional
+    /// forward is not run and the guidance reuses the last full step's `cond − uncond`; None:
+    /// off. A no-op without true CFG (guidance_scale ≤ 1).
+    #[serde(default)]
+    pub cfg_gate: Option<f64>,
     /// The flow-matching shift of the sigma schedule; None: the model's
     /// `scheduler_config.json`.
     #[serde(default)]
@@ -187,6 +192,9 @@ impl GenerationParams {
                 return Err(Refusal::new(field, range.rule()));
             }
         }
+        if self.cfg_gate.is_some_and(|f| !CFG_GATE.contains(f)) {
+            return Err(Refusal::new("cfg_gate", CFG_GATE.rule()));
+        }
         if self.flow_shift.is_some_and(|s| !FLOW_SHIFT.contains(s)) {
             return Err(Refusal::new("flow_shift", FLOW_SHIFT.rule()));
         }
@@ -272,6 +280,7 @@ mod tests {
             seed: 42,
             fps: 24.0,
             cache: CacheSpec::None,
+            cfg_gate: None,
             flow_shift: None,
             loras: Vec::new(),
             riflex_freq_index: 0,
@@ -302,6 +311,7 @@ mod tests {
         let with_all = GenerationParams {
             negative_prompt: Some("blurry".into()),
             cache: CacheSpec::TeaCache(0.1),
+            cfg_gate: Some(0.6),
             flow_shift: Some(7.0),
             seed: SEED.max as u64,
             loras: vec![lora("a.safetensors", -4.0), lora("b", 4.0), lora("c", 0.0)],
@@ -355,6 +365,9 @@ mod tests {
             ),
             (|p, _| p.fps = 0.5, "fps", "1 to 120"),
             (|p, _| p.flow_shift = Some(0.0), "flow_shift", "above 0"),
+            (|p, _| p.cfg_gate = Some(1.0), "cfg_gate", "above 0 and below 1"),
+            (|p, _| p.cfg_gate = Some(0.0), "cfg_gate", "above 0 and below 1"),
+            (|p, _| p.cfg_gate = Some(f64::NAN), "cfg_gate", "above 0 and below 1"),
             (|p, _| p.seed = 1 << 31, "seed", "-1 to 2147483647"),
             (
                 |_, l| l.max_work = 1000.0,
@@ -467,8 +480,8 @@ mod tests {
         }
         let mut json = serde_json::to_value(valid()).unwrap();
         assert_eq!(json["cache"], "none");
-        // records written before these fields existed read as no LoRA, RIFLEx off
-        for older in ["flow_shift", "loras", "riflex_freq_index"] {
+        // records written before these fields existed read as no gate, no LoRA, RIFLEx off
+        for older in ["cfg_gate", "flow_shift", "loras", "riflex_freq_index"] {
             json.as_object_mut().unwrap().remove(older);
         }
         let back: GenerationParams = serde_json::from_value(json.clone()).unwrap();

@@ -6,6 +6,7 @@
 //! through in-process collectives.
 
 use crate::conditioning::PromptEmbeds;
+use crate::generate::CfgGate;
 use candle_core::{bail, Device, Result, Tensor};
 use skyreels_models::parallel::{group_for, Collective};
 use skyreels_models::{HunyuanVideoTransformer3DModel, StepCache, TransformerInputs};
@@ -60,6 +61,8 @@ impl Ranks {
 
 /// The inputs of one step, on the pipeline's device.
 pub(crate) struct Step<'a> {
+    /// The step's index in the schedule (0-based; the CFG gate's clock).
+    pub index: usize,
     pub x: &'a Tensor,
     pub timestep: &'a Tensor,
     pub guidance: Option<&'a Tensor>,
@@ -140,7 +143,8 @@ pub fn ulysses_group_forward(
 /// no layout, `ranks` is empty): the conditional branch on `main` and `ranks.cond`, the
 /// unconditional one (true CFG, `negative`) at the same time on `ranks.uncond` when it has
 /// devices, else after it on the same ranks; `v_neg + scale · (v − v_neg)` on the pipeline's
-/// device.
+/// device. A step the CFG `gate` covers runs only the conditional branch (its unconditional
+/// cache counts the forward as cached) and reuses the gate's difference.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn velocity(
     main: (&Device, &HunyuanVideoTransformer3DModel),
@@ -150,6 +154,7 @@ pub(crate) fn velocity(
     negative: Option<&PromptEmbeds>,
     scale: f64,
     caches: &mut [StepCache; 2],
+    gate: &mut CfgGate,
 ) -> Result<Tensor> {
     let cond: Vec<_> = std::iter::once(main)
         .chain(ranks.cond.iter().map(|(d, m)| (d, m)))
@@ -159,6 +164,11 @@ pub(crate) fn velocity(
     let Some(negative) = negative else {
         return branch(&cond, &ranks.cond_group, step, positive, cache_cond);
     };
+    if let Some(d) = gate.reused(step.index) {
+        let v = branch(&cond, &ranks.cond_group, step, positive, cache_cond)?;
+        cache_uncond.skipped();
+        return CfgGate::gated(&v, d, scale);
+    }
     let (v, v_neg) = if uncond.is_empty() {
         let v = branch(&cond, &ranks.cond_group, step, positive, cache_cond)?;
         let v_neg = branch(&cond, &ranks.cond_group, step, negative, cache_uncond)?;
@@ -175,6 +185,5 @@ pub(crate) fn velocity(
         })?
     };
     let v_neg = v_neg.to_device(v.device())?;
-    // true CFG: v_neg + scale · (v − v_neg)
-    &v_neg + ((v - &v_neg)? * scale)?
+    gate.guide(&v, &v_neg, scale)
 }

@@ -211,6 +211,8 @@ function requestBody() {
   if ($("aspect_ratio").value) body.aspect_ratio = $("aspect_ratio").value;
   const cache = $("cache").value.trim();
   if (cache) body.cache = cache;
+  const gate = $("cfg_gate").value.trim();
+  if (gate) body.cfg_gate = Number(gate);
   const loras = loraList();
   if (loras.length) body.loras = loras;
   return body;

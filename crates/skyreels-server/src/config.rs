@@ -58,6 +58,8 @@ pub struct ServerConfig {
     pub max_event_streams: usize,
     /// Step caching of tasks whose submit has no `cache`.
     pub cache: skyreels_params::CacheSpec,
+    /// CFG gating of tasks whose submit has no `cfg_gate` (None: off).
+    pub cfg_gate: Option<f64>,
     /// Redis mode: tasks, queue, uploads and outputs shared with the other nodes; `None`: the
     /// in-memory engine of one process.
     pub redis: Option<crate::backend::redis::ClusterConfig>,
@@ -99,6 +101,7 @@ impl ServerConfig {
             max_connections: 1024,
             max_event_streams: 512,
             cache: skyreels_params::CacheSpec::None,
+            cfg_gate: None,
             redis: None,
             metrics_only: false,
             loras: crate::loras::LoraConfig::default(),

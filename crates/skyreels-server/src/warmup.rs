@@ -53,6 +53,7 @@ fn params(side: usize, num_frames: usize) -> GenerationParams {
         seed: 0,
         fps: skyreels_params::FPS,
         cache: CacheSpec::None,
+        cfg_gate: None,
         flow_shift: None,
         loras: Vec::new(),
         riflex_freq_index: 0,

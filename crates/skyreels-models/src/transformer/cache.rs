@@ -230,6 +230,12 @@ impl StepCache {
         Ok(())
     }
 
+    /// Counts a forward that did not run at all (the CFG gate skipped it) as served from the
+    /// cache, so that the step count (TeaCache's first and last step) stays aligned.
+    pub fn skipped(&mut self) {
+        self.record(false);
+    }
+
     /// Counts a forward (`computed`: its blocks ran).
     fn record(&mut self, computed: bool) {
         self.decisions.push(computed);

@@ -24,10 +24,12 @@ use skyreels_params::{check_pixel_frames, TokenLayout, Ulysses};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+mod cfg_gate;
 mod checks;
 mod loras;
 mod setup;
 
+pub(crate) use cfg_gate::CfgGate;
 pub use setup::Offload;
 use setup::Resident;
 
@@ -133,7 +135,8 @@ pub struct StageTimings {
     /// Peak bytes in use on the device per generation stage (CUDA only; see [`PeakMemory`]).
     pub peak_memory: Option<StagePeaks>,
     /// Per transformer forward, in order (the conditional before the unconditional one of a
-    /// step): whether its blocks ran (false: served from the step cache).
+    /// step): whether its blocks ran (false: served from the step cache, or an unconditional
+    /// forward the CFG gate skipped).
     pub forward_decisions: Vec<bool>,
 }
 
@@ -143,7 +146,7 @@ impl StageTimings {
         self.forward_decisions.iter().filter(|&&c| c).count()
     }
 
-    /// Transformer forwards served from the step cache.
+    /// Transformer forwards served from the step cache or skipped by the CFG gate.
     pub fn forwards_cached(&self) -> usize {
         self.forward_decisions.len() - self.forwards_computed()
     }
@@ -382,7 +385,7 @@ impl Pipeline {
     }
 
     /// The denoising loop: flow-match Euler over the schedule, each step's velocity from
-    /// [`guided_velocity`] through the branches' step caches.
+    /// [`guided_velocity`] through the branches' step caches and the request's CFG gate.
     fn denoise(
         &self,
         p: &GenerationParams,
@@ -401,6 +404,7 @@ impl Pipeline {
                 .and_then(|g| g.affine(1000.0, 0.0))
         });
         let guidance = guidance.transpose()?;
+        let mut gate = CfgGate::new(p.cfg_gate, p.steps);
         for (i, &t) in schedule.timesteps().iter().enumerate() {
             let mut x = latents.to_dtype(self.dtype)?;
             if let Some(img) = image_latents {
@@ -412,6 +416,7 @@ impl Pipeline {
                 (&self.device, &transformer),
                 &self.parallel,
                 &Step {
+                    index: i,
                     x: &x,
                     timestep: &timestep,
                     guidance: guidance.as_ref(),
@@ -421,6 +426,7 @@ impl Pipeline {
                 prompt.negative.as_ref(),
                 p.guidance_scale,
                 caches,
+                &mut gate,
             )?;
             latents = schedule.step(i, &v, &latents)?;
             // GPU work is queued: wait for the step so progress reports finished steps
@@ -506,7 +512,7 @@ pub fn seeded_noise(shape: &[usize], seed: u64, device: &Device) -> candle_core:
 
 /// The velocity of one denoising step: the transformer on the prompt and, with true CFG (a
 /// negative prompt), `v_neg + scale · (v − v_neg)` with the transformer on the negative prompt.
-/// `caches` are the step caches of the conditional and the unconditional branch. RIFLEx off.
+/// `caches` are the step caches of the conditional and the unconditional branch. RIFLEx off, no CFG gate.
 #[allow(clippy::too_many_arguments)]
 pub fn guided_velocity(
     transformer: &HunyuanVideoTransformer3DModel,
@@ -522,6 +528,7 @@ pub fn guided_velocity(
         (transformer.device(), transformer),
         &Ranks::default(),
         &Step {
+            index: 0,
             x,
             timestep,
             guidance,
@@ -531,5 +538,6 @@ pub fn guided_velocity(
         negative,
         scale,
         caches,
+        &mut CfgGate::new(None, 1),
     )
 }

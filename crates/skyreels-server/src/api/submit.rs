@@ -103,6 +103,7 @@ fn check(
         ),
         fps,
         cache: r.cache.map_or(config.cache, |c| c.0),
+        cfg_gate: r.cfg_gate.map(|g| g.0).or(config.cfg_gate),
         flow_shift: r.flow_shift.map(|f| f.0),
         loras: r.loras.map(|l| l.0).unwrap_or_default(),
         riflex_freq_index: r.riflex_freq_index.map_or(0, |k| k.0),

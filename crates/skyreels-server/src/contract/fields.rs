@@ -153,8 +153,12 @@ macro_rules! float_field {
                 let default: Option<f64> = $default;
                 let b = ObjectBuilder::new()
                     .schema_type(Type::Number)
-                    .maximum(Some(r.max))
                     .default(default.map(Into::into));
+                let b = if r.max_exclusive {
+                    b.exclusive_maximum(Some(r.max))
+                } else {
+                    b.maximum(Some(r.max))
+                };
                 let b = if r.min_exclusive {
                     b.exclusive_minimum(Some(r.min))
                 } else {
@@ -260,6 +264,16 @@ float_field!(
     "The flow-matching scheduler's shift for this task: sigma' = shift*sigma / (1 + (shift - 1)*sigma), \
      diffusers' FlowMatchEulerDiscreteScheduler(shift=...). Default: the model's scheduler config \
      (SkyReels: 7)."
+);
+float_field!(
+    /// CFG gating: the fraction of the steps after which the unconditional forward is skipped.
+    CfgGate = params::CFG_GATE,
+    None,
+    "CFG gating (an extension of this server): from step ceil(cfg_gate x num_inference_steps) \
+     on, the negative prompt's transformer forward is skipped and the guidance reuses the last \
+     full step's (cond - uncond); those forwards count as cached in the timings. Above 0 and \
+     below 1, e.g. 0.7; combines with `cache`; no effect when guidance_scale <= 1 (no negative \
+     forward). Default: the server's --cfg-gate (off unless set)."
 );
 
 /// `true` or `false` (a string such as "yes" is refused with that rule).

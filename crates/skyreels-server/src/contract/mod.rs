@@ -88,6 +88,9 @@ pub struct SubmitRequest {
     pub cache: Option<Cache>,
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(inline)]
+    pub cfg_gate: Option<CfgGate>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(inline)]
     pub flow_shift: Option<FlowShift>,
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(inline)]
@@ -184,7 +187,8 @@ pub struct Prediction {
     pub execution_time: u64,
     /// Milliseconds per stage, and their sum as `inference`; with them two counts (not
     /// milliseconds): `forwards_computed` and `forwards_cached`, the transformer forwards whose
-    /// blocks ran and those served from the step cache (`cache`).
+    /// blocks ran and those served from the step cache (`cache`) or skipped by the CFG gate
+    /// (`cfg_gate`).
     pub timings: BTreeMap<String, u64>,
     /// The request's known fields as received (a long data: URI shortened).
     pub input: SubmitRequest,
@@ -475,6 +479,9 @@ mod tests {
             "--max-loras",
             "\"riflex_freq_index\"",
             "\"enable_safety_checker\"",
+            // CFG gating: an open interval
+            "\"cfg_gate\"",
+            "\"exclusiveMaximum\":1",
             // the queue fields
             "\"priority\"",
             "\"low\"",

@@ -11,6 +11,7 @@
 //! - `ops`: health, readiness, metrics, OpenAPI, docs and playground;
 //! - `records`: restart recovery, retention, record contents, corrupt records;
 //! - `workers`: several workers, load failures, draining;
+//! - `cfg_gate`: the CFG gate's field and the server's default;
 //! - `loras`: LoRAs (names, URLs, hub files, the flags, the download cache) and RIFLEx;
 //! - `queue`: the queue's fields (`priority`, `cancel_after` and the `Cancel-After` header),
 //!   positions, the start order and deadlines (code 5005);
@@ -20,6 +21,7 @@
 //!
 //! Tests whose doc starts with "Finding N" reproduce one finding of the server review (issue 14).
 
+mod cfg_gate;
 mod common;
 mod engine;
 mod events;

@@ -220,6 +220,7 @@ pub(crate) fn text_params() -> skyreels_params::GenerationParams {
         seed: 1,
         fps: 24.0,
         cache: skyreels_params::CacheSpec::None,
+        cfg_gate: None,
         flow_shift: None,
         loras: Vec::new(),
         riflex_freq_index: 0,
