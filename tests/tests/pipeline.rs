@@ -3,6 +3,11 @@
 //! Fixtures come from `scripts/fixtures/pipeline.py` (run on `weights/tiny`, made by
 //! `scripts/fixtures/tiny_weights.py`).
 
+#[path = "pipeline/cfg_gate.rs"]
+mod cfg_gate;
+#[path = "pipeline/lora.rs"]
+mod lora;
+
 use candle_core::{DType, Device, Tensor};
 use skyreels_pipeline::export::{frame_rgb8, write_output};
 use skyreels_pipeline::generate::{

@@ -135,7 +135,7 @@ fn flow_shift_flag_matches_diffusers_with_that_shift() {
     assert!(err <= 5e-4, "max abs error {err:e}");
 }
 
-/// `--cfg-gate 0.6` against the CFG-gating reference (tests/tests/cfg_gate.rs states the rule;
+/// `--cfg-gate 0.6` against the CFG-gating reference (tests/tests/pipeline/cfg_gate.rs states the rule;
 /// scripts/fixtures/cache.py gate), the same bound.
 #[test]
 fn cfg_gate_flag_matches_its_reference() {
