@@ -47,6 +47,23 @@ impl Request {
         self.generate(pipe, &mut |_, _| true).unwrap()
     }
 
+    /// Runs to the end and checks the run against a fixture's: its forward decisions (`want`,
+    /// computed or cached, in order; the counts follow) and its frames within [`FRAME_TOL`].
+    pub fn run_as(&self, pipe: &Pipeline, want: &[bool], frames: &Tensor, name: &str) -> Video {
+        let video = self.run(pipe);
+        let t = &video.timings;
+        assert_eq!(t.forward_decisions, want, "{name}");
+        let computed = want.iter().filter(|&&c| c).count();
+        assert_eq!(
+            (t.forwards_computed(), t.forwards_cached()),
+            (computed, want.len() - computed),
+            "{name}"
+        );
+        let err = crate::max_abs(&video.frames, frames);
+        assert!(err <= FRAME_TOL, "{name}: max abs error {err:e}");
+        video
+    }
+
     /// The same request with other parameters.
     pub fn with(&self, edit: impl FnOnce(&mut GenerationParams)) -> Self {
         let mut r = self.clone();

@@ -43,17 +43,7 @@ fn cfg_gating_matches_its_reference() {
             let ran = |s: usize| want[2 * s] && want[2 * s + 1];
             assert!((0..start).all(ran), "{name}: {want:?}");
         }
-        let video = r.run(&pipe);
-        let t = &video.timings;
-        assert_eq!(t.forward_decisions, want, "{name}");
-        let computed = want.iter().filter(|&&c| c).count();
-        assert_eq!(
-            (t.forwards_computed(), t.forwards_cached()),
-            (computed, want.len() - computed),
-            "{name}"
-        );
-        let err = max_abs(&video.frames, &io["frames"]);
-        assert!(err <= FRAME_TOL, "{name}: max abs error {err:e}");
+        r.run_as(&pipe, &want, &io["frames"], name);
         let ungated = r.with(|p| p.cfg_gate = None).run(&pipe);
         let moved = max_abs(&ungated.frames, &io["frames"]);
         assert!(

@@ -156,13 +156,20 @@ async fn queue_fields_are_checked_echoed_and_documented() {
     assert!(props["cancel_after"].is_object(), "{props}");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_low_task_waits_behind_normal_ones() {
+/// A server whose one worker holds a task (prompt "running") at its gate: the server, the gate
+/// and the task's id.
+async fn one_task_held() -> (Harness, Gate, String) {
     let gate = Gate::closed();
     let h = start_with(tempfile::tempdir().unwrap(), |_| {}, gate.clone()).await;
     let (_, v) = h.submit(body("running")).await;
     let running = v["data"]["id"].as_str().unwrap().to_string();
     h.wait(&running, &["processing"]).await;
+    (h, gate, running)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_low_task_waits_behind_normal_ones() {
+    let (h, gate, running) = one_task_held().await;
     let (s, v) = h
         .submit(with(json!({"prompt": "low", "priority": "low"})))
         .await;
@@ -196,11 +203,7 @@ async fn a_low_task_waits_behind_normal_ones() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_task_past_its_deadline_ends_with_5005() {
     // waiting past its deadline: failed when the worker reaches it, never started
-    let gate = Gate::closed();
-    let h = start_with(tempfile::tempdir().unwrap(), |_| {}, gate.clone()).await;
-    let (_, v) = h.submit(body("running")).await;
-    let running = v["data"]["id"].as_str().unwrap().to_string();
-    h.wait(&running, &["processing"]).await;
+    let (h, gate, running) = one_task_held().await;
     let (s, v) = h
         .submit(with(json!({"prompt": "late", "cancel_after": "1s"})))
         .await;
