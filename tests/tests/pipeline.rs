@@ -7,6 +7,8 @@
 mod cfg_gate;
 #[path = "pipeline/lora.rs"]
 mod lora;
+#[path = "pipeline/magcache.rs"]
+mod magcache;
 
 use candle_core::{DType, Device, Tensor};
 use skyreels_pipeline::export::{frame_rgb8, write_output};
@@ -88,7 +90,9 @@ fn step_caches_match_their_references() {
                     let cache = match r.p.cache {
                         CacheSpec::FirstBlock(t) => CacheSpec::FirstBlock(t * f),
                         CacheSpec::TeaCache(t) => CacheSpec::TeaCache(t * f),
-                        CacheSpec::None => unreachable!("{name} names a cache"),
+                        CacheSpec::None | CacheSpec::MagCache(_) => {
+                            unreachable!("{name} names a first-block or TeaCache spec")
+                        }
                     };
                     let v = r.with(|p| p.cache = cache).run(&pipe);
                     assert_eq!(v.timings.forward_decisions, want, "{name} at {cache}");

@@ -505,7 +505,7 @@ pub(crate) fn bench(args: BenchArgs) -> Result<()> {
                         Some(&neg),
                         Some(&guidance),
                         6.0,
-                        &mut StepCache::pair(CacheSpec::None, 1),
+                        &mut StepCache::pair(CacheSpec::None, 1, None)?,
                     )?)
                 },
             )?);

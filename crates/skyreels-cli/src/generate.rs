@@ -43,8 +43,12 @@ pub(crate) struct GenerateArgs {
     fps: f64,
     /// Step caching: `none`, `first-block:T` (reuse the rest of the transformer when the first
     /// block's residual changed by less than T relative to the last computed step, as diffusers'
-    /// FirstBlockCacheConfig; e.g. first-block:0.05) or `teacache:T` (TeaCache4HunyuanVideo's
-    /// accumulated, rescaled input change; e.g. teacache:0.1). Faster, at some quality cost.
+    /// FirstBlockCacheConfig; e.g. first-block:0.05), `teacache:T` (TeaCache4HunyuanVideo's
+    /// accumulated, rescaled input change; e.g. teacache:0.1) or
+    /// `magcache[:T[,max_skip=K][,retention=R]]` (MagCache as diffusers' MagCacheConfig: skip
+    /// while the accumulated error of the model's magnitude ratios, --cache-ratios, stays at most
+    /// T, at most K steps in a row, never in the first R of the steps; defaults 0.06, 3, 0.2).
+    /// Faster, at some quality cost.
     #[arg(long, value_name = "SPEC", default_value = "none")]
     cache: params::CacheSpec,
     /// CFG gating, F above 0 and below 1: from step ceil(F x steps) on, the negative prompt's

@@ -18,7 +18,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use skyreels_params as params;
 use skyreels_pipeline::export::{write_output, OutputKind};
 use skyreels_pipeline::generate::{
-    default_vae_dtype, GenerationParams, ModelPaths, Offload, Pipeline, StageTimings,
+    default_vae_dtype, GenerateError, GenerationParams, MagRatios, ModelPaths, Offload, Pipeline,
+    StageTimings,
 };
 use skyreels_pipeline::hub::{HubOptions, ModelSpec, Source};
 use skyreels_pipeline::lora::{resolve_lora_path, LoraFile};
@@ -223,6 +224,13 @@ pub(crate) struct ModelArgs {
     /// The VAE's dtype [default: f16 on cuda (as HunyuanVideo and SkyReels decode), f32 on cpu].
     #[arg(long, value_enum)]
     vae_dtype: Option<DtypeArg>,
+    /// MagCache's magnitude ratios for this model, used by `--cache magcache:...` (and by tasks
+    /// asking for it): a JSON array of 2 to 1000 finite numbers, one per step of a calibrated run
+    /// (e.g. what diffusers' MagCacheConfig(calibrate=True) prints for the model), interpolated
+    /// to each run's step count as diffusers does. Calibration by skyreels itself is a later
+    /// step. [default: none; magcache is then refused]
+    #[arg(long, env = "SKYREELS_CACHE_RATIOS", value_name = "FILE.json")]
+    cache_ratios: Option<PathBuf>,
 }
 
 /// The log of the one-shot commands: the libraries' warnings and notes on stderr, plainly
@@ -282,10 +290,16 @@ pub(crate) fn load_pipeline(
     m: &ModelArgs,
     paths: ModelPaths,
     group: &[Device],
-) -> Result<Pipeline, skyreels_pipeline::generate::GenerateError> {
+) -> Result<Pipeline, GenerateError> {
     let dtype = run_dtype(&m.device, m.dtype);
     let vae = vae_dtype(m.vae_dtype, &group[0]);
-    let pipeline = Pipeline::load_offloaded(paths, dtype, vae, &group[0], m.offload.into())?;
+    let ratios = m
+        .cache_ratios
+        .as_deref()
+        .map(read_cache_ratios)
+        .transpose()?;
+    let mut pipeline = Pipeline::load_offloaded(paths, dtype, vae, &group[0], m.offload.into())?;
+    pipeline.set_cache_ratios(ratios);
     match m.parallel {
         Some(p) => pipeline.with_parallel(
             &group
@@ -295,6 +309,15 @@ pub(crate) fn load_pipeline(
         ),
         None => Ok(pipeline),
     }
+}
+
+/// A `--cache-ratios` file: a JSON array of magnitude ratios.
+fn read_cache_ratios(path: &Path) -> Result<MagRatios, GenerateError> {
+    let bad = |e: &dyn std::fmt::Display| {
+        GenerateError::Invalid(format!("--cache-ratios {}: {e}", path.display()))
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| bad(&e))?;
+    serde_json::from_str(&text).map_err(|e| bad(&e))
 }
 
 /// `--vae-dtype` as asked, else the pipeline's default for the device (f16 on CUDA, f32 on CPU).

@@ -284,8 +284,9 @@ pub struct ServeArgs {
     /// for scrapers).
     #[arg(long, env = "SKYREELS_PROTECT_OPS")]
     protect_ops: bool,
-    /// Step caching of tasks whose submit has no `cache` field: `none`, `first-block:T` or
-    /// `teacache:T` (see `skyreels generate --help`).
+    /// Step caching of tasks whose submit has no `cache` field: `none`, `first-block:T`,
+    /// `teacache:T` or `magcache[:T[,max_skip=K][,retention=R]]` (with --cache-ratios; see
+    /// `skyreels generate --help`).
     #[arg(
         long,
         env = "SKYREELS_CACHE",

@@ -149,6 +149,32 @@ fn cfg_gate_flag_matches_its_reference() {
     assert!(err <= 5e-4, "max abs error {err:e}");
 }
 
+/// `--cache magcache:... --cache-ratios FILE.json` against diffusers' MagCache hook
+/// (tests/tests/pipeline/magcache.rs; scripts/fixtures/cache.py magcache), the same bound.
+#[test]
+fn magcache_flags_match_diffusers() {
+    let dir = tempfile::tempdir().unwrap();
+    let case = "pipeline/cache_mag_cfg_b";
+    let (io, run) = fixture_run(dir.path(), case);
+    let bytes = std::fs::read(fixture(&format!("{case}.safetensors"))).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let req: serde_json::Value =
+        serde_json::from_str(&meta.metadata().as_ref().unwrap()["request"]).unwrap();
+    let ratios = dir.path().join("ratios.json");
+    std::fs::write(&ratios, req["cache_ratios"].to_string()).unwrap();
+    let got = run(
+        &dir.path().join("frames.safetensors"),
+        &[
+            "--cache",
+            req["cache"].as_str().unwrap(),
+            "--cache-ratios",
+            ratios.to_str().unwrap(),
+        ],
+    );
+    let err = max_abs(&got["frames"], &io["frames"]);
+    assert!(err <= 5e-4, "max abs error {err:e}");
+}
+
 /// `--lora PATH:SCALE`, twice, against diffusers with `set_adapters([..], [0.7, -0.3])`
 /// (scripts/fixtures/lora.py), the same bound; a refused LoRA file fails the run naming it.
 #[test]
@@ -231,6 +257,9 @@ fn bad_input_gets_a_clear_message_and_a_failing_exit() {
     let img = img.to_str().unwrap();
     let broken = dir.path().join("broken.png");
     std::fs::write(&broken, b"not an image").unwrap();
+    let one_ratio = dir.path().join("one.json");
+    std::fs::write(&one_ratio, b"[1.0]").unwrap();
+    let one_ratio = one_ratio.to_str().unwrap();
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["--image", "/no/such.png"], "does not exist"),
         (
@@ -292,6 +321,23 @@ fn bad_input_gets_a_clear_message_and_a_failing_exit() {
             vec!["--image", img, "--cfg-gate", "1"],
             "'--cfg-gate <F>': must be a number above 0 and below 1, got \"1\"",
         ),
+        (
+            vec!["--image", img, "--cache", "magcache:0.1,max_skip=0"],
+            "magcache[:THRESHOLD[,max_skip=K][,retention=R]]",
+        ),
+        (
+            vec!["--image", img, "--cache", "magcache"],
+            "cache: magcache needs the model's magnitude ratios and none are loaded: pass \
+             --cache-ratios FILE.json",
+        ),
+        (
+            vec!["--image", img, "--cache-ratios", "/no/such.json"],
+            "--cache-ratios /no/such.json: ",
+        ),
+        (
+            vec!["--image", img, "--cache-ratios", one_ratio],
+            "magnitude ratios: must be an array of 2 to 1000 numbers",
+        ),
         // the tiny transformer's temporal RoPE axis has 4 dims: 2 frequencies
         (
             vec!["--image", img, "--riflex-freq-index", "3"],
@@ -332,6 +378,7 @@ fn help_documents_the_flags() {
         "--fps",
         "--flow-shift",
         "--cfg-gate",
+        "--cache-ratios",
         "--riflex-freq-index",
         "--lora",
         "--output",
@@ -364,6 +411,8 @@ fn help_documents_the_flags() {
         "--idle-timeout",
         "--cfg-gate",
         "SKYREELS_CFG_GATE",
+        "--cache-ratios",
+        "SKYREELS_CACHE_RATIOS",
         "--max-connections",
         "--redis",
         "SKYREELS_REDIS_URL",

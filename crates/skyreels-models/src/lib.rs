@@ -14,7 +14,7 @@ pub mod vae;
 
 pub use safety_checker::{SafetyCheckerConfig, StableDiffusionSafetyChecker};
 pub use transformer::{
-    CacheSpec, HunyuanVideoTransformer3DModel, InputsOn, StepCache, TransformerConfig,
+    CacheSpec, HunyuanVideoTransformer3DModel, InputsOn, MagRatios, StepCache, TransformerConfig,
     TransformerInputs,
 };
 pub use vae::{AutoencoderKLHunyuanVideo, Tiling, VaeConfig};

@@ -464,6 +464,11 @@ mod tests {
             CacheSpec::FirstBlock(0.05),
             CacheSpec::TeaCache(0.1),
             CacheSpec::TeaCache(10.0),
+            CacheSpec::MagCache(crate::MagCacheSpec {
+                threshold: 0.1,
+                max_skip: 2,
+                retention: 0.35,
+            }),
         ] {
             for flow_shift in [None, Some(3.0)] {
                 let p = GenerationParams {

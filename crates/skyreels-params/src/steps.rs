@@ -1,47 +1,135 @@
-//! What a request may skip across the denoising steps: step caching (`--cache`, [`CacheSpec`])
-//! and CFG gating (`--cfg-gate`, [`CFG_GATE`]).
+//! What a request may skip across the denoising steps: step caching (`--cache`, [`CacheSpec`],
+//! with MagCache's magnitude ratios, [`MagRatios`]) and CFG gating (`--cfg-gate`, [`CFG_GATE`]).
 
-use crate::FloatRange;
+use crate::{FloatRange, IntRange, STEPS};
 
 /// Step caching across denoising steps (`--cache`, the submit body's `cache`): off, ParaAttention's
-/// first-block cache as diffusers 0.42.1's `FirstBlockCacheConfig(threshold)`, or TeaCache
-/// (TeaCache4HunyuanVideo) with its `rel_l1_thresh`. Written `none`, `first-block:T`,
-/// `teacache:T`.
+/// first-block cache as diffusers 0.42.1's `FirstBlockCacheConfig(threshold)`, TeaCache
+/// (TeaCache4HunyuanVideo) with its `rel_l1_thresh`, or MagCache as diffusers 0.42.1's
+/// `MagCacheConfig`. Written `none`, `first-block:T`, `teacache:T`,
+/// `magcache:T,max_skip=K,retention=R`.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub enum CacheSpec {
     #[default]
     None,
     FirstBlock(f64),
     TeaCache(f64),
+    MagCache(MagCacheSpec),
+}
+
+/// MagCache's settings (Zehong-Ma/MagCache; diffusers 0.42.1 `MagCacheConfig`): skip a step while
+/// the accumulated error of the magnitude ratios since the last computed step stays at most
+/// `threshold` and at most `max_skip` steps were skipped in a row; never skip before the
+/// step int(`retention` · steps + 0.5).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MagCacheSpec {
+    pub threshold: f64,
+    pub max_skip: usize,
+    pub retention: f64,
+}
+
+/// diffusers' `MagCacheConfig` defaults: threshold 0.06, max_skip_steps 3, retention_ratio 0.2.
+impl Default for MagCacheSpec {
+    fn default() -> Self {
+        Self {
+            threshold: 0.06,
+            max_skip: 3,
+            retention: 0.2,
+        }
+    }
+}
+
+impl MagCacheSpec {
+    /// The first step (0-based) that may be skipped: `int(retention_ratio * num_inference_steps
+    /// + 0.5)` in f64 as in diffusers (0.2 of 10 steps: 2; 0.35 of 10: 4).
+    pub fn retention_step(&self, steps: usize) -> usize {
+        (self.retention * steps as f64 + 0.5) as usize
+    }
 }
 
 /// The thresholds a cache spec accepts.
 pub const CACHE_THRESHOLD: FloatRange = FloatRange::above(0.0, 10.0);
+/// MagCache's `max_skip`.
+pub const MAGCACHE_MAX_SKIP: IntRange = IntRange { min: 1, max: 100 };
+/// MagCache's `retention`.
+pub const MAGCACHE_RETENTION: FloatRange = FloatRange::inclusive(0.0, 1.0);
 
 /// The accepted forms, for messages.
 pub const CACHE_FORMS: &str =
     "none, first-block:THRESHOLD or teacache:THRESHOLD (THRESHOLD a number \
-     above 0 and at most 10, e.g. first-block:0.05, teacache:0.1)";
+     above 0 and at most 10, e.g. first-block:0.05, teacache:0.1), or \
+     magcache[:THRESHOLD[,max_skip=K][,retention=R]] (K an integer from 1 to 100, R a number from \
+     0 to 1; defaults 0.06, 3, 0.2; e.g. magcache:0.1,max_skip=2)";
+
+/// What a MagCache run without magnitude ratios is told.
+pub const MAGCACHE_NEEDS_RATIOS: &str =
+    "magcache needs the model's magnitude ratios and none are loaded: pass --cache-ratios \
+     FILE.json (to `skyreels generate`, or to `skyreels serve` / `worker` for their tasks), a JSON \
+     array with one ratio per step of a calibrated run (e.g. what diffusers' \
+     MagCacheConfig(calibrate=True) prints for this model; calibration by skyreels itself is a \
+     later step)";
 
 impl std::str::FromStr for CacheSpec {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
         let bad = || format!("must be {CACHE_FORMS}, got {s:?}");
-        if s == "none" {
-            return Ok(CacheSpec::None);
-        }
-        let (kind, t) = s.split_once(':').ok_or_else(bad)?;
-        let t: f64 = t.parse().map_err(|_| bad())?;
-        if !CACHE_THRESHOLD.contains(t) {
-            return Err(bad());
-        }
-        match kind {
-            "first-block" => Ok(CacheSpec::FirstBlock(t)),
-            "teacache" => Ok(CacheSpec::TeaCache(t)),
-            _ => Err(bad()),
+        match s.split_once(':') {
+            None if s == "none" => Ok(CacheSpec::None),
+            None if s == "magcache" => Ok(CacheSpec::MagCache(MagCacheSpec::default())),
+            Some(("magcache", rest)) => parse_magcache(rest)
+                .map(CacheSpec::MagCache)
+                .ok_or_else(bad),
+            Some((kind, t)) => {
+                let t: f64 = t.parse().map_err(|_| bad())?;
+                if !CACHE_THRESHOLD.contains(t) {
+                    return Err(bad());
+                }
+                match kind {
+                    "first-block" => Ok(CacheSpec::FirstBlock(t)),
+                    "teacache" => Ok(CacheSpec::TeaCache(t)),
+                    _ => Err(bad()),
+                }
+            }
+            None => Err(bad()),
         }
     }
+}
+
+/// `T[,max_skip=K][,retention=R]` (each option at most once, in either order).
+fn parse_magcache(rest: &str) -> Option<MagCacheSpec> {
+    let mut parts = rest.split(',');
+    let mut spec = MagCacheSpec {
+        threshold: parts
+            .next()?
+            .parse()
+            .ok()
+            .filter(|t| CACHE_THRESHOLD.contains(*t))?,
+        ..MagCacheSpec::default()
+    };
+    let (mut max_skip, mut retention) = (None, None);
+    for part in parts {
+        match part.split_once('=')? {
+            ("max_skip", k) if max_skip.is_none() => {
+                max_skip = Some(
+                    k.parse::<usize>()
+                        .ok()
+                        .filter(|&k| MAGCACHE_MAX_SKIP.contains(k as i64))?,
+                )
+            }
+            ("retention", r) if retention.is_none() => {
+                retention = Some(
+                    r.parse::<f64>()
+                        .ok()
+                        .filter(|&r| MAGCACHE_RETENTION.contains(r))?,
+                )
+            }
+            _ => return None,
+        }
+    }
+    spec.max_skip = max_skip.unwrap_or(spec.max_skip);
+    spec.retention = retention.unwrap_or(spec.retention);
+    Some(spec)
 }
 
 impl std::fmt::Display for CacheSpec {
@@ -50,7 +138,71 @@ impl std::fmt::Display for CacheSpec {
             CacheSpec::None => f.write_str("none"),
             CacheSpec::FirstBlock(t) => write!(f, "first-block:{t}"),
             CacheSpec::TeaCache(t) => write!(f, "teacache:{t}"),
+            CacheSpec::MagCache(m) => write!(
+                f,
+                "magcache:{},max_skip={},retention={}",
+                m.threshold, m.max_skip, m.retention
+            ),
         }
+    }
+}
+
+/// How many magnitude ratios a ratios file may hold: a calibration writes one per step, the
+/// first a placeholder 1.0 (its first step has no earlier residual), so fewer than two cannot
+/// be one.
+pub const MAG_RATIOS_LEN: IntRange = IntRange {
+    min: 2,
+    max: 10 * STEPS.max,
+};
+
+/// MagCache's magnitude ratios of a model (`--cache-ratios FILE.json`, a JSON array of numbers),
+/// one per step of the run they were calibrated on, held as diffusers holds them (an f32
+/// tensor of the given numbers).
+#[derive(Clone, Debug, PartialEq, serde::Deserialize)]
+#[serde(try_from = "Vec<f64>")]
+pub struct MagRatios(Vec<f32>);
+
+impl TryFrom<Vec<f64>> for MagRatios {
+    type Error = String;
+
+    fn try_from(values: Vec<f64>) -> Result<Self, String> {
+        let n = values.len();
+        if !MAG_RATIOS_LEN.contains(n as i64) {
+            return Err(format!(
+                "magnitude ratios: must be an array of {} to {} numbers (one per step of a \
+                 calibrated run), got {n}",
+                MAG_RATIOS_LEN.min, MAG_RATIOS_LEN.max
+            ));
+        }
+        let ratios: Vec<f32> = values.iter().map(|&v| v as f32).collect();
+        if let Some(i) = ratios.iter().position(|r| !r.is_finite()) {
+            return Err(format!(
+                "magnitude ratios: entry {i} ({:e}) is not a finite f32 number",
+                values[i]
+            ));
+        }
+        Ok(Self(ratios))
+    }
+}
+
+impl MagRatios {
+    /// The ratios as diffusers uses them for `steps` steps: as given when there are `steps` of
+    /// them, else `nearest_interp`: the ratio at `round(i · f32((L − 1) / (steps − 1)))` (the
+    /// product in f32, rounded half to even as `torch.round`) for step i, the last one alone
+    /// for a single step.
+    pub fn for_steps(&self, steps: usize) -> Vec<f32> {
+        let src = &self.0;
+        let len = src.len();
+        if len == steps {
+            return src.clone();
+        }
+        if steps <= 1 {
+            return src[len - 1..].iter().take(steps).copied().collect();
+        }
+        let scale = ((len - 1) as f64 / (steps - 1) as f64) as f32;
+        (0..steps)
+            .map(|i| src[(i as f32 * scale).round_ties_even() as usize])
+            .collect()
     }
 }
 
@@ -84,6 +236,27 @@ mod tests {
             ("first-block:0.05", CacheSpec::FirstBlock(0.05)),
             ("teacache:0.1", CacheSpec::TeaCache(0.1)),
             ("teacache:10", CacheSpec::TeaCache(10.0)),
+            ("magcache", CacheSpec::MagCache(MagCacheSpec::default())),
+            (
+                "magcache:0.06",
+                CacheSpec::MagCache(MagCacheSpec::default()),
+            ),
+            (
+                "magcache:0.1,retention=0.35,max_skip=2",
+                CacheSpec::MagCache(MagCacheSpec {
+                    threshold: 0.1,
+                    max_skip: 2,
+                    retention: 0.35,
+                }),
+            ),
+            (
+                "magcache:0.25,retention=0",
+                CacheSpec::MagCache(MagCacheSpec {
+                    threshold: 0.25,
+                    retention: 0.0,
+                    ..MagCacheSpec::default()
+                }),
+            ),
         ] {
             assert_eq!(text.parse::<CacheSpec>(), Ok(spec));
             assert_eq!(spec.to_string().parse::<CacheSpec>(), Ok(spec));
@@ -100,9 +273,87 @@ mod tests {
             "teacache:10.5",
             "tea:0.1",
             "first-block:0.05:1",
+            "magcache:",
+            "magcache:0",
+            "magcache:0.1,",
+            "magcache:0.1,max_skip=0",
+            "magcache:0.1,max_skip=1.5",
+            "magcache:0.1,max_skip=101",
+            "magcache:0.1,retention=1.5",
+            "magcache:0.1,retention=nan",
+            "magcache:0.1,max_skip=2,max_skip=3",
+            "magcache:0.1,skip=2",
+            "magcache:max_skip=2",
+            "magcache:0.1:max_skip=2",
         ] {
             let err = bad.parse::<CacheSpec>().unwrap_err();
             assert!(err.contains("first-block:THRESHOLD"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn magcache_displays_in_full_and_keeps_diffusers_retention_step() {
+        let spec = "magcache".parse::<CacheSpec>().unwrap();
+        assert_eq!(spec.to_string(), "magcache:0.06,max_skip=3,retention=0.2");
+        // Python: [int(r * n + 0.5) for r, n in ...] == [2, 3, 4, 2, 0, 10, 6]
+        for (retention, steps, step) in [
+            (0.2, 10, 2),
+            (0.25, 10, 3),
+            (0.35, 10, 4),
+            (0.15, 10, 2),
+            (0.0, 10, 0),
+            (1.0, 10, 10),
+            (0.2, 28, 6),
+        ] {
+            let m = MagCacheSpec {
+                retention,
+                ..MagCacheSpec::default()
+            };
+            assert_eq!(m.retention_step(steps), step, "{retention} x {steps}");
+        }
+    }
+
+    #[test]
+    fn mag_ratios_are_checked_and_interpolated_as_diffusers_does() {
+        // Python (diffusers 0.42.1): from diffusers.hooks.mag_cache import nearest_interp
+        // nearest_interp(torch.arange(L), N).tolist() for (L, N) in ...
+        for (len, steps, want) in [
+            (5, 9, vec![0, 0, 1, 2, 2, 2, 3, 4, 4]),
+            (28, 10, vec![0, 3, 6, 9, 12, 15, 18, 21, 24, 27]),
+            (16, 10, vec![0, 2, 3, 5, 7, 8, 10, 12, 13, 15]),
+            (
+                10,
+                28,
+                vec![
+                    0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4, 5, 5, 5, 6, 6, 6, 7, 7, 7, 8, 8, 8,
+                    9, 9,
+                ],
+            ),
+            (5, 1, vec![4]),
+            (4, 4, vec![0, 1, 2, 3]),
+        ] {
+            let ratios = MagRatios::try_from((0..len).map(f64::from).collect::<Vec<_>>()).unwrap();
+            let got: Vec<f32> = ratios.for_steps(steps);
+            let want: Vec<f32> = want.into_iter().map(|i: u32| i as f32).collect();
+            assert_eq!(got, want, "{len} -> {steps}");
+        }
+        // the given numbers as f32, as torch.tensor(list) holds them
+        assert_eq!(
+            MagRatios::try_from(vec![1.0, 0.1]).unwrap().for_steps(2),
+            vec![1.0, 0.1f32]
+        );
+        for (bad, says) in [
+            (vec![], "got 0"),
+            (vec![1.0], "got 1"),
+            (vec![1.0; 1001], "got 1001"),
+            (vec![1.0, 1e300], "entry 1 (1e300)"),
+            (vec![f64::NAN, 1.0], "entry 0"),
+        ] {
+            let e = MagRatios::try_from(bad).unwrap_err();
+            assert!(
+                e.starts_with("magnitude ratios: ") && e.contains(says),
+                "{e}"
+            );
         }
     }
 

@@ -18,6 +18,16 @@
 //!   residual of the whole stack (last single block's image tokens − the first block's input) to
 //!   its input. The modulated input is stored at every step.
 //!   <https://github.com/ali-vilab/TeaCache/blob/7c10efc4702c6b619f47805f7abe4a7a08085aa0/TeaCache4HunyuanVideo/teacache_sample_video.py#L22-L196>
+//! - **MagCache** (Zehong-Ma/MagCache; diffusers 0.42.1 `MagCacheConfig`, hooks in
+//!   `diffusers/hooks/mag_cache.py`): the decision reads only the given magnitude ratios, never
+//!   a tensor. From the retention step on, each step multiplies the accumulated ratio by its
+//!   ratio, counts itself and adds |1 − accumulated ratio| to the accumulated error (all f32, as
+//!   diffusers' f32 ratio tensor makes them); the step is skipped when there is a stored
+//!   residual, the error is at most the threshold (compared in f32) and at most `max_skip` steps
+//!   were counted, and otherwise computes and resets the three. A skipped step adds the stored
+//!   residual of the whole stack (last single block's image tokens − the first block's input) to
+//!   its input, as TeaCache.
+//!   <https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/hooks/mag_cache.py>
 //!
 //! One [`StepCache`] holds one branch's state: true CFG keeps one for the conditional and one for
 //! the unconditional forward, as diffusers' `cache_context("cond")` / `("uncond")` do. The cache
@@ -25,7 +35,8 @@
 
 use super::blocks::BlockLoop;
 use candle_core::{bail, DType, Result, Tensor};
-pub use skyreels_params::CacheSpec;
+use skyreels_params::MAGCACHE_NEEDS_RATIOS;
+pub use skyreels_params::{CacheSpec, MagRatios};
 
 /// TeaCache4HunyuanVideo's rescaling polynomial, highest power first.
 ///
@@ -43,6 +54,8 @@ pub const TEACACHE_COEFFICIENTS: [f64; 5] = [
 pub struct StepCache {
     spec: CacheSpec,
     steps: usize,
+    /// MagCache's ratio of each step (interpolated to `steps`); empty for the other caches.
+    mag_ratios: Vec<f32>,
     state: State,
     /// For each forward so far, whether the blocks ran (true) or the cache served it (false).
     decisions: Vec<bool>,
@@ -64,6 +77,13 @@ enum State {
         /// stack output − stack input (image tokens) of the last computed step
         residual: Option<Tensor>,
     },
+    MagCache {
+        accumulated_ratio: f32,
+        accumulated_err: f32,
+        accumulated_steps: usize,
+        /// stack output − stack input (image tokens) of the last computed step
+        residual: Option<Tensor>,
+    },
 }
 
 /// What the transformer does for the blocks after the first one.
@@ -75,19 +95,29 @@ enum Plan {
 }
 
 impl StepCache {
-    /// A cache for a generation of `steps` denoising steps (TeaCache always computes the last).
-    pub fn new(spec: CacheSpec, steps: usize) -> Self {
-        Self {
+    /// A cache for a generation of `steps` denoising steps (TeaCache always computes the last);
+    /// MagCache needs the model's magnitude `ratios` (the others ignore them).
+    pub fn new(spec: CacheSpec, steps: usize, ratios: Option<&MagRatios>) -> Result<Self> {
+        let mag_ratios = match (spec, ratios) {
+            (CacheSpec::MagCache(_), Some(r)) => r.for_steps(steps),
+            (CacheSpec::MagCache(_), None) => bail!("{MAGCACHE_NEEDS_RATIOS}"),
+            _ => Vec::new(),
+        };
+        Ok(Self {
             spec,
             steps,
+            mag_ratios,
             state: State::Empty,
             decisions: Vec::new(),
-        }
+        })
     }
 
     /// The caches of one generation: the conditional branch's, then the unconditional one's.
-    pub fn pair(spec: CacheSpec, steps: usize) -> [Self; 2] {
-        [Self::new(spec, steps), Self::new(spec, steps)]
+    pub fn pair(spec: CacheSpec, steps: usize, ratios: Option<&MagRatios>) -> Result<[Self; 2]> {
+        Ok([
+            Self::new(spec, steps, ratios)?,
+            Self::new(spec, steps, ratios)?,
+        ])
     }
 
     /// A pair's decisions per forward in the order they ran: each step's conditional forward,
@@ -106,8 +136,8 @@ impl StepCache {
     }
 
     /// The block loop over image tokens `x` under this cache's plan: the first-block cache runs
-    /// the first double block, then the rest or its stored residual; TeaCache runs every block or
-    /// adds its stored residual; `none` runs every block.
+    /// the first double block, then the rest or its stored residual; TeaCache and MagCache run
+    /// every block or add their stored residual; `none` runs every block.
     pub(super) fn around(&mut self, blocks: &BlockLoop, x: Tensor) -> Result<Tensor> {
         match self.spec {
             CacheSpec::FirstBlock(_) => {
@@ -129,14 +159,12 @@ impl StepCache {
                     bail!("TeaCache needs a transformer with a double block")
                 };
                 let modulated = blocks.modulated_input(first, &x)?;
-                match self.teacache(&modulated, &x)? {
-                    Plan::Reuse(x) => Ok(x),
-                    Plan::Compute => {
-                        let out = blocks.run(x.clone())?;
-                        self.teacache_computed(&x, &out)?;
-                        Ok(out)
-                    }
-                }
+                let plan = self.teacache(&modulated, &x)?;
+                self.whole_stack(plan, blocks, x)
+            }
+            CacheSpec::MagCache(_) => {
+                let plan = self.magcache(&x)?;
+                self.whole_stack(plan, blocks, x)
             }
             CacheSpec::None => {
                 self.record(true);
@@ -222,12 +250,67 @@ impl StepCache {
         Ok(plan)
     }
 
-    /// TeaCache, after a computed step: the stack's image-token input and output.
-    fn teacache_computed(&mut self, input: &Tensor, output: &Tensor) -> Result<()> {
-        if let State::TeaCache { residual, .. } = &mut self.state {
-            *residual = Some((output - input)?);
+    /// MagCache, before any block runs: `input` the stack's image-token input.
+    fn magcache(&mut self, input: &Tensor) -> Result<Plan> {
+        let CacheSpec::MagCache(spec) = self.spec else {
+            candle_core::bail!("magcache on a {} cache", self.spec)
+        };
+        let step = self.decisions.len() % self.steps.max(1);
+        let (mut ratio, mut err, mut counted, residual) = match std::mem::take(&mut self.state) {
+            State::MagCache {
+                accumulated_ratio,
+                accumulated_err,
+                accumulated_steps,
+                residual,
+            } => (
+                accumulated_ratio,
+                accumulated_err,
+                accumulated_steps,
+                residual,
+            ),
+            _ => (1.0f32, 0.0f32, 0, None),
+        };
+        let mut compute = true;
+        if step >= spec.retention_step(self.steps) {
+            // diffusers: a step past its ratios gets 1.0
+            ratio *= self.mag_ratios.get(step).copied().unwrap_or(1.0);
+            counted += 1;
+            err += (1.0 - ratio).abs();
+            if residual.is_some() && err <= spec.threshold as f32 && counted <= spec.max_skip {
+                compute = false;
+            } else {
+                (ratio, err, counted) = (1.0, 0.0, 0);
+            }
         }
-        Ok(())
+        let plan = match (&residual, compute) {
+            (Some(r), false) => Plan::Reuse((input + r)?),
+            _ => Plan::Compute,
+        };
+        self.state = State::MagCache {
+            accumulated_ratio: ratio,
+            accumulated_err: err,
+            accumulated_steps: counted,
+            residual,
+        };
+        self.record(compute);
+        Ok(plan)
+    }
+
+    /// TeaCache's and MagCache's plan carried out over image tokens `x`: the stored residual
+    /// added, or every block run and the new residual (output − input) stored.
+    fn whole_stack(&mut self, plan: Plan, blocks: &BlockLoop, x: Tensor) -> Result<Tensor> {
+        match plan {
+            Plan::Reuse(out) => Ok(out),
+            Plan::Compute => {
+                let out = blocks.run(x.clone())?;
+                if let State::TeaCache { residual, .. } | State::MagCache { residual, .. } =
+                    &mut self.state
+                {
+                    *residual = Some((&out - &x)?);
+                }
+                Ok(out)
+            }
+        }
     }
 
     /// Counts a forward that did not run at all (the CFG gate skipped it) as served from the

@@ -56,6 +56,9 @@ impl Pipeline {
                 p.riflex_freq_index
             ));
         }
+        if matches!(p.cache, CacheSpec::MagCache(_)) && self.cache_ratios.is_none() {
+            return invalid(format!("cache: {MAGCACHE_NEEDS_RATIOS}"));
+        }
         if let Some(u) = self.ulysses() {
             u.check(p.height, p.width, p.num_frames, p.cache)
                 .or_else(|(field, rule)| invalid(format!("{field}: {rule}")))?;

@@ -20,7 +20,7 @@ use skyreels_models::layers::default_score_budget;
 use skyreels_models::{
     AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel, Tiling, TransformerConfig, VaeConfig,
 };
-use skyreels_params::{check_pixel_frames, TokenLayout, Ulysses};
+use skyreels_params::{check_pixel_frames, TokenLayout, Ulysses, MAGCACHE_NEEDS_RATIOS};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -33,7 +33,7 @@ pub(crate) use cfg_gate::CfgGate;
 pub use setup::Offload;
 use setup::Resident;
 
-pub use skyreels_models::{CacheSpec, StepCache};
+pub use skyreels_models::{CacheSpec, MagRatios, StepCache};
 pub use skyreels_params::{
     fit_image, GenerationDefaults, GenerationParams, DEFAULT_NEGATIVE_PROMPT,
 };
@@ -229,6 +229,9 @@ pub struct Pipeline {
     parallel: Ranks,
     /// Largest clip accepted, in pixel-frames (`--max-pixel-frames`); `None`: no limit.
     max_pixel_frames: Option<u64>,
+    /// MagCache's magnitude ratios for this model (`--cache-ratios`); `None`: `magcache`
+    /// requests are refused.
+    cache_ratios: Option<MagRatios>,
     scheduler: SchedulerConfig,
     device: Device,
     dtype: DType,
@@ -303,7 +306,7 @@ impl Pipeline {
 
         let start = Instant::now();
         let latents = self.prepare_latents(p, noise, &shape)?;
-        let mut caches = StepCache::pair(p.cache, p.steps);
+        let mut caches = StepCache::pair(p.cache, p.steps, self.cache_ratios.as_ref())?;
         let latents = self.denoise(
             p,
             latents,

@@ -129,6 +129,7 @@ impl Pipeline {
             offload,
             parallel: Ranks::default(),
             max_pixel_frames: None,
+            cache_ratios: None,
             scheduler,
             device: device.clone(),
             dtype,
@@ -266,6 +267,12 @@ impl Pipeline {
 
     pub fn max_pixel_frames(&self) -> Option<u64> {
         self.max_pixel_frames
+    }
+
+    /// Sets the model's MagCache magnitude ratios (`--cache-ratios`), which `magcache` requests
+    /// use; `None`: such requests are refused.
+    pub fn set_cache_ratios(&mut self, ratios: Option<MagRatios>) {
+        self.cache_ratios = ratios;
     }
 
     /// Estimated device bytes a clip needs beyond the resident weights, per pixel-frame: a

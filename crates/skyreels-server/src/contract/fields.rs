@@ -496,7 +496,8 @@ impl PartialSchema for RiflexFreqIndex {
 
 impl ToSchema for RiflexFreqIndex {}
 
-/// Step caching for one task (our extension): `none`, `first-block:T` or `teacache:T`.
+/// Step caching for one task (our extension): `none`, `first-block:T`, `teacache:T` or
+/// `magcache[:T[,max_skip=K][,retention=R]]`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Cache(pub params::CacheSpec);
 
@@ -527,16 +528,22 @@ impl PartialSchema for Cache {
         describe(
             ObjectBuilder::new()
                 .schema_type(Type::String)
-                .pattern(Some(
-                    r"^(none|(first-block|teacache):[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?)$",
-                ))
-                .examples(["first-block:0.05", "teacache:0.1"]),
+                .pattern(Some(concat!(
+                    r"^(none|(first-block|teacache):[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?",
+                    r"|magcache(:[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?",
+                    r"(,max_skip=[0-9]+|,retention=[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?)*)?)$",
+                )))
+                .examples(["first-block:0.05", "teacache:0.1", "magcache:0.06"]),
             "Step caching across denoising steps (an extension of this server): `none`, \
              `first-block:T` (diffusers' FirstBlockCacheConfig(threshold=T): reuse the rest of \
-             the transformer while the first block's residual changes by less than T, e.g. 0.05) \
-             or `teacache:T` (TeaCache4HunyuanVideo with rel_l1_thresh T, e.g. 0.1); T above 0 \
-             and at most 10. Faster at some quality cost. Default: the server's --cache (none \
-             unless set).",
+             the transformer while the first block's residual changes by less than T, e.g. 0.05), \
+             `teacache:T` (TeaCache4HunyuanVideo with rel_l1_thresh T, e.g. 0.1) or \
+             `magcache[:T[,max_skip=K][,retention=R]]` (diffusers' MagCacheConfig with the \
+             server's magnitude ratios, its --cache-ratios: skip while their accumulated error \
+             stays at most T, at most K steps in a row, never in the first R of the steps; \
+             defaults 0.06, 3, 0.2; K from 1 to 100, R from 0 to 1; a task asking for it on a \
+             server without ratios fails, saying so); T above 0 and at most 10. Faster at some \
+             quality cost. Default: the server's --cache (none unless set).",
         )
     }
 }

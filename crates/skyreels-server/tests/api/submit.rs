@@ -8,7 +8,7 @@ use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
 use base64::Engine;
 use serde_json::{json, Value};
-use skyreels_params::{CacheSpec, TokenLayout, Ulysses};
+use skyreels_params::{CacheSpec, MagCacheSpec, TokenLayout, Ulysses};
 use skyreels_server::generator::Generator;
 use skyreels_server::Server;
 use std::sync::{Arc, Mutex};
@@ -33,6 +33,15 @@ async fn step_cache_comes_from_the_submit_or_the_server_default() {
             CacheSpec::FirstBlock(0.05),
             3,
         ),
+        (
+            with(json!("magcache:0.1,max_skip=2,retention=0.2")),
+            CacheSpec::MagCache(MagCacheSpec {
+                threshold: 0.1,
+                max_skip: 2,
+                retention: 0.2,
+            }),
+            3,
+        ),
         (with(json!("none")), CacheSpec::None, 0),
     ];
     for (i, (b, want, cached)) in cases.into_iter().enumerate() {
@@ -55,6 +64,8 @@ async fn step_cache_comes_from_the_submit_or_the_server_default() {
         json!("fast"),
         json!("first-block:0"),
         json!("teacache:"),
+        json!("magcache:0.1,max_skip=0"),
+        json!("magcache:0.1,retention=2"),
         json!(0.1),
     ] {
         let (s, v) = h.submit(with(bad.clone())).await;
