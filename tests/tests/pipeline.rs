@@ -9,6 +9,8 @@ mod cfg_gate;
 mod lora;
 #[path = "pipeline/magcache.rs"]
 mod magcache;
+#[path = "pipeline/taylorseer.rs"]
+mod taylorseer;
 
 use candle_core::{DType, Device, Tensor};
 use skyreels_pipeline::export::{frame_rgb8, write_output};
@@ -90,7 +92,7 @@ fn step_caches_match_their_references() {
                     let cache = match r.p.cache {
                         CacheSpec::FirstBlock(t) => CacheSpec::FirstBlock(t * f),
                         CacheSpec::TeaCache(t) => CacheSpec::TeaCache(t * f),
-                        CacheSpec::None | CacheSpec::MagCache(_) => {
+                        CacheSpec::None | CacheSpec::MagCache(_) | CacheSpec::TaylorSeer(_) => {
                             unreachable!("{name} names a first-block or TeaCache spec")
                         }
                     };

@@ -47,8 +47,12 @@ pub(crate) struct GenerateArgs {
     /// accumulated, rescaled input change; e.g. teacache:0.1) or
     /// `magcache[:T[,max_skip=K][,retention=R]]` (MagCache as diffusers' MagCacheConfig: skip
     /// while the accumulated error of the model's magnitude ratios, --cache-ratios, stays at most
-    /// T, at most K steps in a row, never in the first R of the steps; defaults 0.06, 3, 0.2).
-    /// Faster, at some quality cost.
+    /// T, at most K steps in a row, never in the first R of the steps; defaults 0.06, 3, 0.2) or
+    /// `taylorseer[:interval=I][,order=O][,warmup=W][,stop=S]` (TaylorSeer as diffusers'
+    /// TaylorSeerCacheConfig: every attention runs on the first W steps, then one step in I and
+    /// every step from S on, and is forecast by a Taylor series of order O on the others;
+    /// defaults 5, 1, 3, no stop; it keeps O+1 copies of every attention's output per CFG
+    /// branch, see docs/step-caching.md). Faster, at some quality cost.
     #[arg(long, value_name = "SPEC", default_value = "none")]
     cache: params::CacheSpec,
     /// CFG gating, F above 0 and below 1: from step ceil(F x steps) on, the negative prompt's

@@ -285,8 +285,8 @@ pub struct ServeArgs {
     #[arg(long, env = "SKYREELS_PROTECT_OPS")]
     protect_ops: bool,
     /// Step caching of tasks whose submit has no `cache` field: `none`, `first-block:T`,
-    /// `teacache:T` or `magcache[:T[,max_skip=K][,retention=R]]` (with --cache-ratios; see
-    /// `skyreels generate --help`).
+    /// `teacache:T`, `magcache[:T[,max_skip=K][,retention=R]]` (with --cache-ratios) or
+    /// `taylorseer[:interval=I][,order=O][,warmup=W][,stop=S]` (see `skyreels generate --help`).
     #[arg(
         long,
         env = "SKYREELS_CACHE",

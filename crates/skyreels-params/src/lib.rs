@@ -14,9 +14,9 @@ mod request;
 mod steps;
 pub use request::{GenerationParams, Limits, LoraSpec, Refusal};
 pub use steps::{
-    cfg_gate_start, parse_cfg_gate, CacheSpec, MagCacheSpec, MagRatios, CACHE_FORMS,
-    CACHE_THRESHOLD, CFG_GATE, MAGCACHE_MAX_SKIP, MAGCACHE_NEEDS_RATIOS, MAGCACHE_RETENTION,
-    MAG_RATIOS_LEN,
+    cfg_gate_start, parse_cfg_gate, CacheSpec, MagCacheSpec, MagRatios, TaylorSeerSpec,
+    CACHE_FORMS, CACHE_THRESHOLD, CFG_GATE, MAGCACHE_MAX_SKIP, MAGCACHE_NEEDS_RATIOS,
+    MAGCACHE_RETENTION, MAG_RATIOS_LEN,
 };
 
 /// SkyReels' default negative prompt (its README and `video_generate.py`).

@@ -6,8 +6,9 @@ use crate::{FloatRange, IntRange, STEPS};
 /// Step caching across denoising steps (`--cache`, the submit body's `cache`): off, ParaAttention's
 /// first-block cache as diffusers 0.42.1's `FirstBlockCacheConfig(threshold)`, TeaCache
 /// (TeaCache4HunyuanVideo) with its `rel_l1_thresh`, or MagCache as diffusers 0.42.1's
-/// `MagCacheConfig`. Written `none`, `first-block:T`, `teacache:T`,
-/// `magcache:T,max_skip=K,retention=R`.
+/// `MagCacheConfig`, or TaylorSeer as diffusers 0.42.1's `TaylorSeerCacheConfig`. Written `none`,
+/// `first-block:T`, `teacache:T`, `magcache:T,max_skip=K,retention=R`,
+/// `taylorseer:interval=I,order=O,warmup=W[,stop=S]`.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub enum CacheSpec {
     #[default]
@@ -15,6 +16,46 @@ pub enum CacheSpec {
     FirstBlock(f64),
     TeaCache(f64),
     MagCache(MagCacheSpec),
+    TaylorSeer(TaylorSeerSpec),
+}
+
+/// TaylorSeer's settings (diffusers 0.42.1 `TaylorSeerCacheConfig`: `cache_interval`,
+/// `max_order`, `disable_cache_before_step`, `disable_cache_after_step`): every attention of the
+/// blocks runs on the first `warmup` steps, then on one step in `interval` (the steps s with
+/// (s − warmup − 1) mod `interval` = 0) and on every step from `stop` on; on the other steps
+/// each attention's output is forecast from its last computed ones by a Taylor series of
+/// `order` terms beyond the value (divided differences over the step index).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TaylorSeerSpec {
+    pub interval: usize,
+    pub order: usize,
+    pub warmup: usize,
+    pub stop: Option<usize>,
+}
+
+/// diffusers' `TaylorSeerCacheConfig` defaults: cache_interval 5, max_order 1,
+/// disable_cache_before_step 3, no disable_cache_after_step.
+impl Default for TaylorSeerSpec {
+    fn default() -> Self {
+        Self {
+            interval: 5,
+            order: 1,
+            warmup: 3,
+            stop: None,
+        }
+    }
+}
+
+impl TaylorSeerSpec {
+    /// Whether the attentions run at `step` (0-based) or are forecast: diffusers'
+    /// `is_warmup_phase or is_compute_interval or is_cooldown_phase`, the interval test with
+    /// Python's non-negative modulo.
+    pub fn computes(&self, step: usize) -> bool {
+        let (step, warmup) = (step as i64, self.warmup as i64);
+        step < warmup
+            || (step - warmup - 1).rem_euclid(self.interval as i64) == 0
+            || self.stop.is_some_and(|s| step >= s as i64)
+    }
 }
 
 /// MagCache's settings (Zehong-Ma/MagCache; diffusers 0.42.1 `MagCacheConfig`): skip a step while
@@ -54,12 +95,24 @@ pub const MAGCACHE_MAX_SKIP: IntRange = IntRange { min: 1, max: 100 };
 /// MagCache's `retention`.
 pub const MAGCACHE_RETENTION: FloatRange = FloatRange::inclusive(0.0, 1.0);
 
+/// TaylorSeer's `interval`.
+pub const TAYLORSEER_INTERVAL: IntRange = IntRange { min: 1, max: 100 };
+/// TaylorSeer's `order`.
+pub const TAYLORSEER_ORDER: IntRange = IntRange { min: 0, max: 4 };
+/// TaylorSeer's `warmup` and `stop` (at least 1: a forecast needs one computed step).
+pub const TAYLORSEER_STEP: IntRange = IntRange {
+    min: 1,
+    max: STEPS.max,
+};
+
 /// The accepted forms, for messages.
 pub const CACHE_FORMS: &str =
     "none, first-block:THRESHOLD or teacache:THRESHOLD (THRESHOLD a number \
-     above 0 and at most 10, e.g. first-block:0.05, teacache:0.1), or \
+     above 0 and at most 10, e.g. first-block:0.05, teacache:0.1), \
      magcache[:THRESHOLD[,max_skip=K][,retention=R]] (K an integer from 1 to 100, R a number from \
-     0 to 1; defaults 0.06, 3, 0.2; e.g. magcache:0.1,max_skip=2)";
+     0 to 1; defaults 0.06, 3, 0.2; e.g. magcache:0.1,max_skip=2), or \
+     taylorseer[:interval=I][,order=O][,warmup=W][,stop=S] (I an integer from 1 to 100, O from 0 \
+     to 4, W and S from 1 to 100; defaults 5, 1, 3, no stop; e.g. taylorseer:interval=3,order=2)";
 
 /// What a MagCache run without magnitude ratios is told.
 pub const MAGCACHE_NEEDS_RATIOS: &str =
@@ -77,6 +130,10 @@ impl std::str::FromStr for CacheSpec {
         match s.split_once(':') {
             None if s == "none" => Ok(CacheSpec::None),
             None if s == "magcache" => Ok(CacheSpec::MagCache(MagCacheSpec::default())),
+            None if s == "taylorseer" => Ok(CacheSpec::TaylorSeer(TaylorSeerSpec::default())),
+            Some(("taylorseer", rest)) => parse_taylorseer(rest)
+                .map(CacheSpec::TaylorSeer)
+                .ok_or_else(bad),
             Some(("magcache", rest)) => parse_magcache(rest)
                 .map(CacheSpec::MagCache)
                 .ok_or_else(bad),
@@ -132,6 +189,36 @@ fn parse_magcache(rest: &str) -> Option<MagCacheSpec> {
     Some(spec)
 }
 
+/// `interval=I,order=O,warmup=W,stop=S`, each at most once, in any order, at least one.
+fn parse_taylorseer(rest: &str) -> Option<TaylorSeerSpec> {
+    let mut seen: [Option<usize>; 4] = [None; 4];
+    for part in rest.split(',') {
+        let (key, value) = part.split_once('=')?;
+        let (slot, range) = match key {
+            "interval" => (0, TAYLORSEER_INTERVAL),
+            "order" => (1, TAYLORSEER_ORDER),
+            "warmup" => (2, TAYLORSEER_STEP),
+            "stop" => (3, TAYLORSEER_STEP),
+            _ => return None,
+        };
+        let value = value
+            .parse::<usize>()
+            .ok()
+            .filter(|&v| range.contains(v as i64))?;
+        if seen[slot].replace(value).is_some() {
+            return None;
+        }
+    }
+    let d = TaylorSeerSpec::default();
+    let [interval, order, warmup, stop] = seen;
+    Some(TaylorSeerSpec {
+        interval: interval.unwrap_or(d.interval),
+        order: order.unwrap_or(d.order),
+        warmup: warmup.unwrap_or(d.warmup),
+        stop,
+    })
+}
+
 impl std::fmt::Display for CacheSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -143,6 +230,17 @@ impl std::fmt::Display for CacheSpec {
                 "magcache:{},max_skip={},retention={}",
                 m.threshold, m.max_skip, m.retention
             ),
+            CacheSpec::TaylorSeer(t) => {
+                write!(
+                    f,
+                    "taylorseer:interval={},order={},warmup={}",
+                    t.interval, t.order, t.warmup
+                )?;
+                match t.stop {
+                    Some(s) => write!(f, ",stop={s}"),
+                    None => Ok(()),
+                }
+            }
         }
     }
 }
@@ -257,6 +355,30 @@ mod tests {
                     ..MagCacheSpec::default()
                 }),
             ),
+            (
+                "taylorseer",
+                CacheSpec::TaylorSeer(TaylorSeerSpec::default()),
+            ),
+            (
+                "taylorseer:interval=5",
+                CacheSpec::TaylorSeer(TaylorSeerSpec::default()),
+            ),
+            (
+                "taylorseer:stop=9,order=2,interval=3,warmup=1",
+                CacheSpec::TaylorSeer(TaylorSeerSpec {
+                    interval: 3,
+                    order: 2,
+                    warmup: 1,
+                    stop: Some(9),
+                }),
+            ),
+            (
+                "taylorseer:order=0",
+                CacheSpec::TaylorSeer(TaylorSeerSpec {
+                    order: 0,
+                    ..TaylorSeerSpec::default()
+                }),
+            ),
         ] {
             assert_eq!(text.parse::<CacheSpec>(), Ok(spec));
             assert_eq!(spec.to_string().parse::<CacheSpec>(), Ok(spec));
@@ -285,10 +407,49 @@ mod tests {
             "magcache:0.1,skip=2",
             "magcache:max_skip=2",
             "magcache:0.1:max_skip=2",
+            "taylorseer:",
+            "taylorseer:5",
+            "taylorseer:interval=0",
+            "taylorseer:interval=101",
+            "taylorseer:order=5",
+            "taylorseer:warmup=0",
+            "taylorseer:stop=0",
+            "taylorseer:interval=2,interval=3",
+            "taylorseer:interval=2,",
+            "taylorseer:cache_interval=2",
+            "taylorseer:interval=-1",
         ] {
             let err = bad.parse::<CacheSpec>().unwrap_err();
             assert!(err.contains("first-block:THRESHOLD"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn taylorseer_computes_on_diffusers_schedule() {
+        // Python (diffusers 0.42.1 TaylorSeerCacheHook._measure_should_compute):
+        // [s < W or (s - W - 1) % I == 0 or (S is not None and s >= S) for s in range(12)]
+        for (interval, warmup, stop, want) in [
+            (5, 3, None, "CCC.C....C.."),
+            (3, 1, None, "C.C..C..C..C"),
+            (2, 2, Some(7), "CC.C.C.CCCCC"),
+            (1, 3, None, "CCCCCCCCCCCC"),
+            (4, 12, None, "CCCCCCCCCCCC"),
+        ] {
+            let spec = TaylorSeerSpec {
+                interval,
+                order: 1,
+                warmup,
+                stop,
+            };
+            let got: String = (0..12)
+                .map(|s| if spec.computes(s) { 'C' } else { '.' })
+                .collect();
+            assert_eq!(got, want, "{spec:?}");
+        }
+        assert_eq!(
+            "taylorseer".parse::<CacheSpec>().unwrap().to_string(),
+            "taylorseer:interval=5,order=1,warmup=3"
+        );
     }
 
     #[test]

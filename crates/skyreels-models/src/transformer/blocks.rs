@@ -55,6 +55,28 @@ fn joint_attention(q: &Tensor, k: &Tensor, v: &Tensor, ctx: &AttnCtx) -> Result<
     }
 }
 
+/// Who gives the output of each attention of the blocks: the attention itself ([`Compute`]), or a
+/// step cache's forecast (TaylorSeer, `cache.rs`).
+pub(super) trait Attend {
+    /// The output of attention `index` (the double blocks' in order, then the single blocks')
+    /// of this forward; `run` computes it. A double block's is its image and text outputs after
+    /// `to_out` / `to_add_out`, a single block's the attention over its whole sequence.
+    fn attend(
+        &mut self,
+        index: usize,
+        run: &dyn Fn() -> Result<Vec<Tensor>>,
+    ) -> Result<Vec<Tensor>>;
+}
+
+/// Every attention computed.
+pub(super) struct Compute;
+
+impl Attend for Compute {
+    fn attend(&mut self, _: usize, run: &dyn Fn() -> Result<Vec<Tensor>>) -> Result<Vec<Tensor>> {
+        run()
+    }
+}
+
 /// (b, n, heads·d) -> (b, n, heads, d)
 pub(super) fn to_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
     let (b, n, c) = x.dims3()?;
@@ -113,6 +135,9 @@ impl TransformerBlock {
         layer_norm_modulate(x, &m[0], &m[1], NORM_EPS)
     }
 
+    /// The block over image tokens `x` and text tokens `c`; its attention is `attend`'s
+    /// `index`.
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         x: &Tensor,
@@ -120,27 +145,35 @@ impl TransformerBlock {
         temb: &Tensor,
         rope: (&Tensor, &Tensor),
         ctx: &AttnCtx,
+        attend: &mut dyn Attend,
+        index: usize,
     ) -> Result<(Tensor, Tensor)> {
         // shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp
         let m = modulation(&self.norm1, temb, 6)?;
         let cm = modulation(&self.norm1_context, temb, 6)?;
         let xn = layer_norm_modulate(x, &m[0], &m[1], NORM_EPS)?;
         let cn = layer_norm_modulate(c, &cm[0], &cm[1], NORM_EPS)?;
-        let n_img = x.dim(1)?;
-        let [qi, ki, vi] = self.img_qkv.forward(&xn, self.heads, Some(rope))?;
-        let [qt, kt, vt] = self.txt_qkv.forward(&cn, self.heads, None)?;
-        // sequence [img; txt] along dim 1 of (b, n, heads, d)
-        let q = Tensor::cat(&[qi, qt], 1)?;
-        let k = Tensor::cat(&[ki, kt], 1)?;
-        let v = Tensor::cat(&[vi, vt], 1)?;
-        let a = from_heads(&joint_attention(&q, &k, &v, ctx)?)?;
-        let n_txt = c.dim(1)?;
-        let img_out = self.to_out.forward(&a.narrow(1, 0, n_img)?.contiguous()?)?;
-        let txt_out = self
-            .to_add_out
-            .forward(&a.narrow(1, n_img, n_txt)?.contiguous()?)?;
-        let x = add_gated(x, &img_out, &m[2])?;
-        let c = add_gated(c, &txt_out, &cm[2])?;
+        let outputs = attend.attend(index, &|| {
+            let n_img = xn.dim(1)?;
+            let [qi, ki, vi] = self.img_qkv.forward(&xn, self.heads, Some(rope))?;
+            let [qt, kt, vt] = self.txt_qkv.forward(&cn, self.heads, None)?;
+            // sequence [img; txt] along dim 1 of (b, n, heads, d)
+            let q = Tensor::cat(&[qi, qt], 1)?;
+            let k = Tensor::cat(&[ki, kt], 1)?;
+            let v = Tensor::cat(&[vi, vt], 1)?;
+            let a = from_heads(&joint_attention(&q, &k, &v, ctx)?)?;
+            let n_txt = cn.dim(1)?;
+            let img_out = self.to_out.forward(&a.narrow(1, 0, n_img)?.contiguous()?)?;
+            let txt_out = self
+                .to_add_out
+                .forward(&a.narrow(1, n_img, n_txt)?.contiguous()?)?;
+            Ok(vec![img_out, txt_out])
+        })?;
+        let [img_out, txt_out] = outputs.as_slice() else {
+            candle_core::bail!("a double block's attention gives two outputs")
+        };
+        let x = add_gated(x, img_out, &m[2])?;
+        let c = add_gated(c, txt_out, &cm[2])?;
         let xn = layer_norm_modulate(&x, &m[3], &m[4], NORM_EPS)?;
         let cn = layer_norm_modulate(&c, &cm[3], &cm[4], NORM_EPS)?;
         let x = add_gated(&x, &self.ff.forward(&xn)?, &m[5])?;
@@ -150,19 +183,27 @@ impl TransformerBlock {
 }
 
 impl SingleTransformerBlock {
+    /// The block over the joint sequence `s`; its attention is `attend`'s `index`.
     fn forward(
         &self,
         s: &Tensor,
         temb: &Tensor,
         rope: (&Tensor, &Tensor),
         ctx: &AttnCtx,
+        attend: &mut dyn Attend,
+        index: usize,
     ) -> Result<Tensor> {
         // shift, scale, gate
         let m = modulation(&self.norm, temb, 3)?;
         let sn = layer_norm_modulate(s, &m[0], &m[1], NORM_EPS)?;
         let mlp = gelu_tanh(&self.proj_mlp.forward(&sn)?)?;
-        let [q, k, v] = self.qkv.forward(&sn, self.heads, Some(rope))?;
-        let a = from_heads(&joint_attention(&q, &k, &v, ctx)?)?;
+        let a = attend.attend(index, &|| {
+            let [q, k, v] = self.qkv.forward(&sn, self.heads, Some(rope))?;
+            Ok(vec![from_heads(&joint_attention(&q, &k, &v, ctx)?)?])
+        })?;
+        let [a] = a.as_slice() else {
+            candle_core::bail!("a single block's attention gives one output")
+        };
         // (b, n, dim) ++ (b, n, mlp) -> (b, n, dim + mlp)
         let (b, n, dim) = a.dims3()?;
         let mlp_dim = mlp.dim(2)?;
@@ -215,7 +256,7 @@ impl<'a> BlockLoop<'a> {
 
     /// Every block over image tokens `x`: the refined text, then the whole stack.
     pub(super) fn run(&self, x: Tensor) -> Result<Tensor> {
-        self.stack(self.doubles(), x, self.context()?)
+        self.stack(self.doubles(), x, self.context()?, &mut Compute)
     }
 
     /// The text tokens the blocks see: `context_embedder` (the token refiner) over the text
@@ -241,7 +282,8 @@ impl<'a> BlockLoop<'a> {
         x: &Tensor,
         c: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
-        block.forward(x, c, self.temb, (&self.rope.0, &self.rope.1), &self.ctx)
+        let rope = (&self.rope.0, &self.rope.1);
+        block.forward(x, c, self.temb, rope, &self.ctx, &mut Compute, 0)
     }
 
     /// `block`'s normed and modulated image input (TeaCache's change signal).
@@ -249,22 +291,25 @@ impl<'a> BlockLoop<'a> {
         block.modulated_input(x, self.temb)
     }
 
-    /// `doubles` then every single block over image tokens `x` and text tokens `c`; returns the
-    /// image tokens.
+    /// `doubles` (the model's last ones) then every single block over image tokens `x` and text
+    /// tokens `c`, their attentions given by `attend`; returns the image tokens.
     pub(super) fn stack(
         &self,
         doubles: &[TransformerBlock],
         mut x: Tensor,
         mut c: Tensor,
+        attend: &mut dyn Attend,
     ) -> Result<Tensor> {
         let (temb, rope, ctx) = (self.temb, (&self.rope.0, &self.rope.1), &self.ctx);
         let n_img = x.dim(1)?;
-        for block in doubles {
-            (x, c) = block.forward(&x, &c, temb, rope, ctx)?;
+        let all = self.model.transformer_blocks.len();
+        let first = all - doubles.len();
+        for (i, block) in doubles.iter().enumerate() {
+            (x, c) = block.forward(&x, &c, temb, rope, ctx, attend, first + i)?;
         }
         let mut s = Tensor::cat(&[x, c], 1)?;
-        for block in &self.model.single_transformer_blocks {
-            s = block.forward(&s, temb, rope, ctx)?;
+        for (i, block) in self.model.single_transformer_blocks.iter().enumerate() {
+            s = block.forward(&s, temb, rope, ctx, attend, all + i)?;
         }
         s.narrow(1, 0, n_img)
     }

@@ -28,15 +28,26 @@
 //!   residual of the whole stack (last single block's image tokens − the first block's input) to
 //!   its input, as TeaCache.
 //!   <https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/hooks/mag_cache.py>
+//! - **TaylorSeer** (arXiv 2503.06923; diffusers 0.42.1 `TaylorSeerCacheConfig`, hooks in
+//!   `diffusers/hooks/taylorseer_cache.py` on every block's attention module, the default
+//!   `^transformer_blocks.*attn` / `^single_transformer_blocks.*attn`): the blocks always run, but
+//!   on the steps the schedule ([`TaylorSeerSpec::computes`]) forecasts, each attention's output
+//!   (a double block's image and text outputs after their projections, a single block's
+//!   attention) is not computed: it is the Taylor series Σₖ fₖ·Δᵏ/k! of its factors at Δ steps
+//!   since their update. A computed step updates them as divided differences over the step
+//!   index: f₀ the output, fₖ₊₁ = (fₖ − fₖ_prev)/Δ up to `order` (as far as earlier factors exist).
+//!   Factors are kept in the run dtype (diffusers' default `taylor_factors_dtype` is bf16, what a
+//!   bf16 run keeps; the f32 parity fixtures set float32).
+//!   <https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/hooks/taylorseer_cache.py>
 //!
 //! One [`StepCache`] holds one branch's state: true CFG keeps one for the conditional and one for
 //! the unconditional forward, as diffusers' `cache_context("cond")` / `("uncond")` do. The cache
 //! wraps the block loop ([`StepCache::around`]): it decides whether the loop runs, and runs it.
 
-use super::blocks::BlockLoop;
+use super::blocks::{Attend, BlockLoop, Compute};
 use candle_core::{bail, DType, Result, Tensor};
 use skyreels_params::MAGCACHE_NEEDS_RATIOS;
-pub use skyreels_params::{CacheSpec, MagRatios};
+pub use skyreels_params::{CacheSpec, MagRatios, TaylorSeerSpec};
 
 /// TeaCache4HunyuanVideo's rescaling polynomial, highest power first.
 ///
@@ -84,6 +95,90 @@ enum State {
         /// stack output − stack input (image tokens) of the last computed step
         residual: Option<Tensor>,
     },
+    TaylorSeer {
+        /// forwards this branch ran so far
+        runs: usize,
+        /// per attention (doubles then singles), its factors once computed
+        attentions: Vec<Option<Factors>>,
+    },
+}
+
+/// One attention's Taylor factors (TaylorSeer): per output, f₀ ..= fₖ.
+#[derive(Debug)]
+struct Factors {
+    /// the step they were computed at
+    step: usize,
+    outputs: Vec<Vec<Tensor>>,
+}
+
+/// TaylorSeer over one forward's attentions: computes and updates, or forecasts.
+struct Forecast<'a> {
+    spec: TaylorSeerSpec,
+    step: usize,
+    compute: bool,
+    attentions: &'a mut Vec<Option<Factors>>,
+}
+
+impl Attend for Forecast<'_> {
+    fn attend(
+        &mut self,
+        index: usize,
+        run: &dyn Fn() -> Result<Vec<Tensor>>,
+    ) -> Result<Vec<Tensor>> {
+        if self.attentions.len() <= index {
+            self.attentions.resize_with(index + 1, || None);
+        }
+        let slot = &mut self.attentions[index];
+        if !self.compute {
+            let Some(f) = slot else {
+                bail!("TaylorSeer: attention {index} has no factors to forecast from")
+            };
+            let offset = (self.step - f.step) as f64;
+            return f
+                .outputs
+                .iter()
+                .map(|factors| {
+                    let mut out = factors[0].clone();
+                    let mut factorial = 1.0;
+                    for (k, factor) in factors.iter().enumerate().skip(1) {
+                        // offset**k / math.factorial(k) as diffusers computes it
+                        factorial *= k as f64;
+                        let coeff = offset.powi(k as i32) / factorial;
+                        out = (out + factor.affine(coeff, 0.0)?)?;
+                    }
+                    Ok(out)
+                })
+                .collect();
+        }
+        let outputs = run()?;
+        let previous = slot.take();
+        let updated = outputs
+            .iter()
+            .enumerate()
+            .map(|(i, out)| {
+                let mut factors = vec![out.clone()];
+                if let Some(prev) = &previous {
+                    let delta = Tensor::new((self.step - prev.step) as f32, out.device())?
+                        .to_dtype(out.dtype())?;
+                    for j in 0..self.spec.order {
+                        match prev.outputs.get(i).and_then(|p| p.get(j)) {
+                            Some(p) if p.dims() == factors[j].dims() => {
+                                let next = (&factors[j] - p)?.broadcast_div(&delta)?;
+                                factors.push(next);
+                            }
+                            _ => break,
+                        }
+                    }
+                }
+                Ok(factors)
+            })
+            .collect::<Result<_>>()?;
+        *slot = Some(Factors {
+            step: self.step,
+            outputs: updated,
+        });
+        Ok(outputs)
+    }
 }
 
 /// What the transformer does for the blocks after the first one.
@@ -148,7 +243,7 @@ impl StepCache {
                 match self.first_block(&x, &head)? {
                     Plan::Reuse(x) => Ok(x),
                     Plan::Compute => {
-                        let out = blocks.stack(rest, head.clone(), c)?;
+                        let out = blocks.stack(rest, head.clone(), c, &mut Compute)?;
                         self.first_block_computed(&head, &out)?;
                         Ok(out)
                     }
@@ -165,6 +260,26 @@ impl StepCache {
             CacheSpec::MagCache(_) => {
                 let plan = self.magcache(&x)?;
                 self.whole_stack(plan, blocks, x)
+            }
+            CacheSpec::TaylorSeer(spec) => {
+                let (runs, mut attentions) = match std::mem::take(&mut self.state) {
+                    State::TaylorSeer { runs, attentions } => (runs, attentions),
+                    _ => (0, Vec::new()),
+                };
+                let compute = spec.computes(runs);
+                self.record(compute);
+                let mut forecast = Forecast {
+                    spec,
+                    step: runs,
+                    compute,
+                    attentions: &mut attentions,
+                };
+                let out = blocks.stack(blocks.doubles(), x, blocks.context()?, &mut forecast);
+                self.state = State::TaylorSeer {
+                    runs: runs + 1,
+                    attentions,
+                };
+                out
             }
             CacheSpec::None => {
                 self.record(true);

@@ -531,9 +531,16 @@ impl PartialSchema for Cache {
                 .pattern(Some(concat!(
                     r"^(none|(first-block|teacache):[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?",
                     r"|magcache(:[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?",
-                    r"(,max_skip=[0-9]+|,retention=[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?)*)?)$",
+                    r"(,max_skip=[0-9]+|,retention=[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?)*)?",
+                    r"|taylorseer(:(interval|order|warmup|stop)=[0-9]+",
+                    r"(,(interval|order|warmup|stop)=[0-9]+)*)?)$",
                 )))
-                .examples(["first-block:0.05", "teacache:0.1", "magcache:0.06"]),
+                .examples([
+                    "first-block:0.05",
+                    "teacache:0.1",
+                    "magcache:0.06",
+                    "taylorseer:interval=3,order=2",
+                ]),
             "Step caching across denoising steps (an extension of this server): `none`, \
              `first-block:T` (diffusers' FirstBlockCacheConfig(threshold=T): reuse the rest of \
              the transformer while the first block's residual changes by less than T, e.g. 0.05), \
@@ -542,8 +549,12 @@ impl PartialSchema for Cache {
              server's magnitude ratios, its --cache-ratios: skip while their accumulated error \
              stays at most T, at most K steps in a row, never in the first R of the steps; \
              defaults 0.06, 3, 0.2; K from 1 to 100, R from 0 to 1; a task asking for it on a \
-             server without ratios fails, saying so); T above 0 and at most 10. Faster at some \
-             quality cost. Default: the server's --cache (none unless set).",
+             server without ratios fails, saying so) or \
+             `taylorseer[:interval=I][,order=O][,warmup=W][,stop=S]` (diffusers' \
+             TaylorSeerCacheConfig: every attention runs on the first W steps, then one step in \
+             I and every step from S on, and is forecast by a Taylor series of order O on the \
+             others; defaults 5, 1, 3, no stop; I from 1 to 100, O from 0 to 4, W and S from 1 \
+             to 100); T above 0 and at most 10. Faster at some quality cost. Default: the server's --cache (none unless set).",
         )
     }
 }

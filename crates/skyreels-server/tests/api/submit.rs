@@ -8,7 +8,7 @@ use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
 use base64::Engine;
 use serde_json::{json, Value};
-use skyreels_params::{CacheSpec, MagCacheSpec, TokenLayout, Ulysses};
+use skyreels_params::{CacheSpec, MagCacheSpec, TaylorSeerSpec, TokenLayout, Ulysses};
 use skyreels_server::generator::Generator;
 use skyreels_server::Server;
 use std::sync::{Arc, Mutex};
@@ -42,6 +42,15 @@ async fn step_cache_comes_from_the_submit_or_the_server_default() {
             }),
             3,
         ),
+        (
+            with(json!("taylorseer:order=2,interval=3")),
+            CacheSpec::TaylorSeer(TaylorSeerSpec {
+                interval: 3,
+                order: 2,
+                ..TaylorSeerSpec::default()
+            }),
+            3,
+        ),
         (with(json!("none")), CacheSpec::None, 0),
     ];
     for (i, (b, want, cached)) in cases.into_iter().enumerate() {
@@ -66,6 +75,8 @@ async fn step_cache_comes_from_the_submit_or_the_server_default() {
         json!("teacache:"),
         json!("magcache:0.1,max_skip=0"),
         json!("magcache:0.1,retention=2"),
+        json!("taylorseer:interval=0"),
+        json!("taylorseer:order=5"),
         json!(0.1),
     ] {
         let (s, v) = h.submit(with(bad.clone())).await;
