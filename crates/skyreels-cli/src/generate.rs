@@ -93,6 +93,17 @@ pub(crate) struct GenerateArgs {
     output: PathBuf,
 }
 
+#[derive(Args)]
+pub(crate) struct CalibrateArgs {
+    #[command(flatten)]
+    pub(crate) generate: GenerateArgs,
+    /// Where to write the ratios: JSON `{"cond": [...], "uncond": [...], "calibrated": {...}}`,
+    /// one ratio per step and CFG branch (`uncond` only with true CFG), and the run they come
+    /// from; what --cache-ratios reads.
+    #[arg(long, value_name = "FILE.json", default_value = "cache_ratios.json")]
+    pub(crate) ratios: PathBuf,
+}
+
 /// An image from a file or an http(s) URL (any address: this is the user's own machine), as
 /// RGB, with the server's size cap, content sniffing and decoding limits.
 fn load_image(source: &str) -> Result<image::RgbImage> {
@@ -118,7 +129,9 @@ fn load_noise(path: &Path) -> Result<Tensor> {
         .with_context(|| format!("{}: no tensor named `latents`", path.display()))
 }
 
-pub(crate) fn run(args: GenerateArgs) -> Result<()> {
+/// `skyreels generate`, or with `ratios_out` `skyreels calibrate-cache` (the same run, uncached,
+/// whose magnitude ratios are written there).
+pub(crate) fn run(args: GenerateArgs, ratios_out: Option<&Path>) -> Result<()> {
     let started = Instant::now();
     let group = device_group(&args.model)?
         .into_iter()
@@ -207,10 +220,44 @@ pub(crate) fn run(args: GenerateArgs) -> Result<()> {
         )
         .expect("valid template"),
     );
-    let video = pipeline.generate(&p, image, noise, &mut |done, _| {
+    let mut on_step = |done: usize, _| {
         bar.set_position(done as u64);
         true
-    })?;
+    };
+    let video = match ratios_out {
+        None => pipeline.generate(&p, image, noise, &mut on_step)?,
+        Some(out) => {
+            let (video, ratios) = pipeline.calibrate(&p, image, noise, &mut on_step)?;
+            let calibrated = serde_json::json!({
+                "model": args.model.model.as_deref().unwrap_or("the bundled tiny weights"),
+                "transformer": args.model.transformer,
+                "steps": p.steps,
+                "height": p.height,
+                "width": p.width,
+                "num_frames": p.num_frames,
+                "guidance_scale": p.guidance_scale,
+                "embedded_guidance_scale": p.embedded_guidance_scale,
+                "flow_shift": p.flow_shift,
+                "seed": p.seed,
+                "prompt": p.prompt,
+                "image": args.image.is_some(),
+            });
+            let text = serde_json::to_string_pretty(&ratios.to_json(calibrated))?;
+            std::fs::write(out, text + "\n")
+                .with_context(|| format!("cannot write --ratios {}", out.display()))?;
+            eprintln!(
+                "wrote {} ({} ratios per branch, {})",
+                out.display(),
+                p.steps,
+                if ratios.per_branch() {
+                    "cond and uncond"
+                } else {
+                    "cond only: no true CFG"
+                }
+            );
+            video
+        }
+    };
     bar.finish();
     for (cut, what) in [
         (video.prompt_truncated, "prompt"),

@@ -42,6 +42,12 @@ struct Cli {
 enum Command {
     /// Generate one video from an image (or text) and a prompt.
     Generate(Box<generate::GenerateArgs>),
+    /// Measure MagCache's magnitude ratios of a model: one uncached `generate` run (same flags;
+    /// the clip is written to --output too) whose per-step ratios, per CFG branch, go to
+    /// --ratios as diffusers' MagCacheConfig(calibrate=True) computes them; then pass that file
+    /// as --cache-ratios with --cache magcache:... Calibrate at the step count, size and
+    /// guidance you serve (other step counts are interpolated).
+    CalibrateCache(Box<generate::CalibrateArgs>),
     /// Serve the WaveSpeed-compatible HTTP API (`/api/v3/wavespeed-ai/SkyReels-V1`).
     Serve(Box<serve::ServeArgs>),
     /// Run workers of a Redis deployment (`serve --redis` nodes take the requests): one per
@@ -225,11 +231,13 @@ pub(crate) struct ModelArgs {
     #[arg(long, value_enum)]
     vae_dtype: Option<DtypeArg>,
     /// MagCache's magnitude ratios for this model, used by `--cache magcache:...` (and by tasks
-    /// asking for it): a JSON array of 2 to 1000 finite numbers, one per step of a calibrated run
-    /// (e.g. what diffusers' MagCacheConfig(calibrate=True) prints for the model), interpolated
-    /// to each run's step count as diffusers does. Calibration by skyreels itself is a later
-    /// step. [default: none; magcache is then refused]
-    #[arg(long, env = "SKYREELS_CACHE_RATIOS", value_name = "FILE.json")]
+    /// asking for it): what `skyreels calibrate-cache` wrote (one set per CFG branch), a JSON
+    /// array of 2 to 1000 finite numbers (e.g. what diffusers' MagCacheConfig(calibrate=True)
+    /// prints), or a bundled name: hunyuanvideo-544p or hunyuanvideo-720p (MagCache4HunyuanVideo's
+    /// published ratios for HunyuanVideo; SkyReels has none published, so they approximate it).
+    /// Interpolated to each run's step count as diffusers does. [default: none; magcache is then
+    /// refused]
+    #[arg(long, env = "SKYREELS_CACHE_RATIOS", value_name = "FILE.json|NAME")]
     cache_ratios: Option<PathBuf>,
 }
 
@@ -253,7 +261,11 @@ fn main() {
         one_shot_log();
     }
     let result = match cli.command {
-        Command::Generate(args) => generate::run(*args),
+        Command::Generate(args) => generate::run(*args, None),
+        Command::CalibrateCache(args) => {
+            let args = *args;
+            generate::run(args.generate, Some(&args.ratios))
+        }
         Command::Serve(args) => serve::serve(*args),
         Command::Worker(args) => serve::worker(*args),
         Command::Download(args) => download(args),
@@ -311,11 +323,24 @@ pub(crate) fn load_pipeline(
     }
 }
 
-/// A `--cache-ratios` file: a JSON array of magnitude ratios.
+/// `--cache-ratios`: a file of magnitude ratios (see [`MagRatios`]), else a bundled name.
 fn read_cache_ratios(path: &Path) -> Result<MagRatios, GenerateError> {
     let bad = |e: &dyn std::fmt::Display| {
         GenerateError::Invalid(format!("--cache-ratios {}: {e}", path.display()))
     };
+    if !path.exists() {
+        if let Some(r) = path.to_str().and_then(MagRatios::bundled) {
+            return Ok(r);
+        }
+        let names: Vec<&str> = skyreels_params::BUNDLED_RATIOS
+            .iter()
+            .map(|(n, _)| *n)
+            .collect();
+        return Err(bad(&format_args!(
+            "no such file, nor a bundled name ({})",
+            names.join(", ")
+        )));
+    }
     let text = std::fs::read_to_string(path).map_err(|e| bad(&e))?;
     serde_json::from_str(&text).map_err(|e| bad(&e))
 }

@@ -37,6 +37,11 @@ type Run = dyn Fn(&Path, &[&str]) -> HashMap<String, Tensor>;
 /// its image as a PNG, its noise as a `--noise` file and its request as flags. Returns the
 /// fixture's tensors and the run.
 fn fixture_run(dir: &Path, case: &str) -> (HashMap<String, Tensor>, Box<Run>) {
+    fixture_run_as(dir, case, "generate")
+}
+
+/// [`fixture_run`] as another subcommand that takes generate's flags (`calibrate-cache`).
+fn fixture_run_as(dir: &Path, case: &str, command: &str) -> (HashMap<String, Tensor>, Box<Run>) {
     let path = fixture(&format!("{case}.safetensors"));
     let name = case.replace('/', "_");
     let io = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
@@ -59,7 +64,7 @@ fn fixture_run(dir: &Path, case: &str) -> (HashMap<String, Tensor>, Box<Run>) {
     let req: serde_json::Value =
         serde_json::from_str(&meta.metadata().as_ref().unwrap()["request"]).unwrap();
     let mut flags = vec![
-        "generate".to_string(),
+        command.to_string(),
         "--image".into(),
         img.to_str().unwrap().into(),
         "--noise".into(),
@@ -173,6 +178,85 @@ fn magcache_flags_match_diffusers() {
     );
     let err = max_abs(&got["frames"], &io["frames"]);
     assert!(err <= 5e-4, "max abs error {err:e}");
+    // a bundled name stands for its ratios
+    run(
+        &dir.path().join("bundled.safetensors"),
+        &[
+            "--cache",
+            "magcache:0.1",
+            "--cache-ratios",
+            "hunyuanvideo-544p",
+        ],
+    );
+}
+
+/// `skyreels calibrate-cache` against diffusers' MagCache calibration (tests/tests/pipeline/
+/// magcache.rs states the 1e-5 tolerance; scripts/fixtures/cache.py calibrate): the ratios file
+/// it writes holds each branch's ratios, and the clip is the uncached run's (the same bound).
+#[test]
+fn calibrate_cache_writes_diffusers_ratios() {
+    let dir = tempfile::tempdir().unwrap();
+    let case = "pipeline/cache_calibrate_i2v";
+    let (io, run) = fixture_run_as(dir.path(), case, "calibrate-cache");
+    let bytes = std::fs::read(fixture(&format!("{case}.safetensors"))).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let req: serde_json::Value =
+        serde_json::from_str(&meta.metadata().as_ref().unwrap()["request"]).unwrap();
+    let ratios = dir.path().join("ratios.json");
+    let got = run(
+        &dir.path().join("frames.safetensors"),
+        &["--ratios", ratios.to_str().unwrap()],
+    );
+    let err = max_abs(&got["frames"], &io["frames"]);
+    assert!(err <= 5e-4, "max abs error {err:e}");
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&ratios).unwrap()).unwrap();
+    assert_eq!(written["calibrated"]["steps"], req["steps"]);
+    for branch in ["cond", "uncond"] {
+        let want = req["mag_ratios"][branch].as_array().unwrap();
+        let got = written[branch].as_array().unwrap();
+        assert_eq!(got.len(), want.len(), "{branch}");
+        for (g, w) in got.iter().zip(want) {
+            let (g, w) = (g.as_f64().unwrap(), w.as_f64().unwrap());
+            assert!((g - w).abs() <= 1e-5, "{branch}: {g} vs {w}");
+        }
+    }
+    // the file drives MagCache, and a cache in the calibration itself is refused
+    let (_, generate) = fixture_run(dir.path(), case);
+    generate(
+        &dir.path().join("cached.safetensors"),
+        &[
+            "--cache",
+            "magcache:0.1",
+            "--cache-ratios",
+            ratios.to_str().unwrap(),
+        ],
+    );
+    let img = image_file(dir.path(), "in.png", 64, 48);
+    let o = skyreels(
+        dir.path(),
+        &[
+            "calibrate-cache",
+            "--image",
+            img.to_str().unwrap(),
+            "--prompt",
+            "p",
+            "--height",
+            "48",
+            "--width",
+            "64",
+            "--num-frames",
+            "5",
+            "--cache",
+            "teacache:0.1",
+        ],
+    );
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("cache: a calibration runs every forward"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 /// `--lora PATH:SCALE`, twice, against diffusers with `set_adapters([..], [0.7, -0.3])`

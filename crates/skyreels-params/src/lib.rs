@@ -10,13 +10,14 @@ use image::imageops::FilterType;
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
+mod ratios;
 mod request;
 mod steps;
+pub use ratios::{MagRatios, BUNDLED_RATIOS, MAG_RATIOS_LEN};
 pub use request::{GenerationParams, Limits, LoraSpec, Refusal};
 pub use steps::{
-    cfg_gate_start, parse_cfg_gate, CacheSpec, MagCacheSpec, MagRatios, TaylorSeerSpec,
-    CACHE_FORMS, CACHE_THRESHOLD, CFG_GATE, MAGCACHE_MAX_SKIP, MAGCACHE_NEEDS_RATIOS,
-    MAGCACHE_RETENTION, MAG_RATIOS_LEN,
+    cfg_gate_start, parse_cfg_gate, CacheSpec, MagCacheSpec, TaylorSeerSpec, CACHE_FORMS,
+    CACHE_THRESHOLD, CFG_GATE, MAGCACHE_MAX_SKIP, MAGCACHE_NEEDS_RATIOS, MAGCACHE_RETENTION,
 };
 
 /// SkyReels' default negative prompt (its README and `video_generate.py`).

@@ -1,5 +1,6 @@
 //! What a request may skip across the denoising steps: step caching (`--cache`, [`CacheSpec`],
-//! with MagCache's magnitude ratios, [`MagRatios`]) and CFG gating (`--cfg-gate`, [`CFG_GATE`]).
+//! MagCache with the magnitude ratios of `ratios.rs`) and CFG gating (`--cfg-gate`,
+//! [`CFG_GATE`]).
 
 use crate::{FloatRange, IntRange, STEPS};
 
@@ -117,10 +118,11 @@ pub const CACHE_FORMS: &str =
 /// What a MagCache run without magnitude ratios is told.
 pub const MAGCACHE_NEEDS_RATIOS: &str =
     "magcache needs the model's magnitude ratios and none are loaded: pass --cache-ratios \
-     FILE.json (to `skyreels generate`, or to `skyreels serve` / `worker` for their tasks), a JSON \
-     array with one ratio per step of a calibrated run (e.g. what diffusers' \
-     MagCacheConfig(calibrate=True) prints for this model; calibration by skyreels itself is a \
-     later step)";
+     FILE.json (to `skyreels generate`, or to `skyreels serve` / `worker` for their tasks) with \
+     what `skyreels calibrate-cache --model ... --steps N` writes (one uncached run with \
+     generate's flags), a JSON array of ratios (what diffusers' MagCacheConfig(calibrate=True) \
+     prints), or a bundled name: hunyuanvideo-544p, hunyuanvideo-720p (HunyuanVideo's \
+     published ratios, an approximation for SkyReels)";
 
 impl std::str::FromStr for CacheSpec {
     type Err = String;
@@ -242,65 +244,6 @@ impl std::fmt::Display for CacheSpec {
                 }
             }
         }
-    }
-}
-
-/// How many magnitude ratios a ratios file may hold: a calibration writes one per step, the
-/// first a placeholder 1.0 (its first step has no earlier residual), so fewer than two cannot
-/// be one.
-pub const MAG_RATIOS_LEN: IntRange = IntRange {
-    min: 2,
-    max: 10 * STEPS.max,
-};
-
-/// MagCache's magnitude ratios of a model (`--cache-ratios FILE.json`, a JSON array of numbers),
-/// one per step of the run they were calibrated on, held as diffusers holds them (an f32
-/// tensor of the given numbers).
-#[derive(Clone, Debug, PartialEq, serde::Deserialize)]
-#[serde(try_from = "Vec<f64>")]
-pub struct MagRatios(Vec<f32>);
-
-impl TryFrom<Vec<f64>> for MagRatios {
-    type Error = String;
-
-    fn try_from(values: Vec<f64>) -> Result<Self, String> {
-        let n = values.len();
-        if !MAG_RATIOS_LEN.contains(n as i64) {
-            return Err(format!(
-                "magnitude ratios: must be an array of {} to {} numbers (one per step of a \
-                 calibrated run), got {n}",
-                MAG_RATIOS_LEN.min, MAG_RATIOS_LEN.max
-            ));
-        }
-        let ratios: Vec<f32> = values.iter().map(|&v| v as f32).collect();
-        if let Some(i) = ratios.iter().position(|r| !r.is_finite()) {
-            return Err(format!(
-                "magnitude ratios: entry {i} ({:e}) is not a finite f32 number",
-                values[i]
-            ));
-        }
-        Ok(Self(ratios))
-    }
-}
-
-impl MagRatios {
-    /// The ratios as diffusers uses them for `steps` steps: as given when there are `steps` of
-    /// them, else `nearest_interp`: the ratio at `round(i · f32((L − 1) / (steps − 1)))` (the
-    /// product in f32, rounded half to even as `torch.round`) for step i, the last one alone
-    /// for a single step.
-    pub fn for_steps(&self, steps: usize) -> Vec<f32> {
-        let src = &self.0;
-        let len = src.len();
-        if len == steps {
-            return src.clone();
-        }
-        if steps <= 1 {
-            return src[len - 1..].iter().take(steps).copied().collect();
-        }
-        let scale = ((len - 1) as f64 / (steps - 1) as f64) as f32;
-        (0..steps)
-            .map(|i| src[(i as f32 * scale).round_ties_even() as usize])
-            .collect()
     }
 }
 
@@ -471,50 +414,6 @@ mod tests {
                 ..MagCacheSpec::default()
             };
             assert_eq!(m.retention_step(steps), step, "{retention} x {steps}");
-        }
-    }
-
-    #[test]
-    fn mag_ratios_are_checked_and_interpolated_as_diffusers_does() {
-        // Python (diffusers 0.42.1): from diffusers.hooks.mag_cache import nearest_interp
-        // nearest_interp(torch.arange(L), N).tolist() for (L, N) in ...
-        for (len, steps, want) in [
-            (5, 9, vec![0, 0, 1, 2, 2, 2, 3, 4, 4]),
-            (28, 10, vec![0, 3, 6, 9, 12, 15, 18, 21, 24, 27]),
-            (16, 10, vec![0, 2, 3, 5, 7, 8, 10, 12, 13, 15]),
-            (
-                10,
-                28,
-                vec![
-                    0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4, 5, 5, 5, 6, 6, 6, 7, 7, 7, 8, 8, 8,
-                    9, 9,
-                ],
-            ),
-            (5, 1, vec![4]),
-            (4, 4, vec![0, 1, 2, 3]),
-        ] {
-            let ratios = MagRatios::try_from((0..len).map(f64::from).collect::<Vec<_>>()).unwrap();
-            let got: Vec<f32> = ratios.for_steps(steps);
-            let want: Vec<f32> = want.into_iter().map(|i: u32| i as f32).collect();
-            assert_eq!(got, want, "{len} -> {steps}");
-        }
-        // the given numbers as f32, as torch.tensor(list) holds them
-        assert_eq!(
-            MagRatios::try_from(vec![1.0, 0.1]).unwrap().for_steps(2),
-            vec![1.0, 0.1f32]
-        );
-        for (bad, says) in [
-            (vec![], "got 0"),
-            (vec![1.0], "got 1"),
-            (vec![1.0; 1001], "got 1001"),
-            (vec![1.0, 1e300], "entry 1 (1e300)"),
-            (vec![f64::NAN, 1.0], "entry 0"),
-        ] {
-            let e = MagRatios::try_from(bad).unwrap_err();
-            assert!(
-                e.starts_with("magnitude ratios: ") && e.contains(says),
-                "{e}"
-            );
         }
     }
 

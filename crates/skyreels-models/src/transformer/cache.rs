@@ -70,6 +70,40 @@ pub struct StepCache {
     state: State,
     /// For each forward so far, whether the blocks ran (true) or the cache served it (false).
     decisions: Vec<bool>,
+    /// MagCache's calibration ([`StepCache::calibrating`]).
+    calibration: Option<Calibration>,
+}
+
+/// Which CFG branch a cache serves (MagCache's ratios may differ per branch).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Branch {
+    Cond,
+    Uncond,
+}
+
+/// MagCache's calibration of one branch: the last residual and the ratios so far.
+#[derive(Debug, Default)]
+struct Calibration {
+    previous: Option<Tensor>,
+    ratios: Vec<f32>,
+}
+
+impl Calibration {
+    /// A computed forward's stack residual (image tokens).
+    fn push(&mut self, residual: Tensor) -> Result<()> {
+        let residual = residual.to_dtype(DType::F32)?;
+        let norms = |r: &Tensor| r.sqr()?.sum_keepdim(candle_core::D::Minus1)?.sqrt();
+        let ratio = match &self.previous {
+            None => 1.0,
+            Some(prev) => {
+                let base = (norms(prev)? + 1e-8)?;
+                (norms(&residual)? / base)?.mean_all()?.to_scalar::<f32>()?
+            }
+        };
+        self.ratios.push(ratio);
+        self.previous = Some(residual);
+        Ok(())
+    }
 }
 
 #[derive(Debug, Default)]
@@ -192,9 +226,14 @@ enum Plan {
 impl StepCache {
     /// A cache for a generation of `steps` denoising steps (TeaCache always computes the last);
     /// MagCache needs the model's magnitude `ratios` (the others ignore them).
-    pub fn new(spec: CacheSpec, steps: usize, ratios: Option<&MagRatios>) -> Result<Self> {
+    pub fn new(
+        spec: CacheSpec,
+        steps: usize,
+        ratios: Option<&MagRatios>,
+        branch: Branch,
+    ) -> Result<Self> {
         let mag_ratios = match (spec, ratios) {
-            (CacheSpec::MagCache(_), Some(r)) => r.for_steps(steps),
+            (CacheSpec::MagCache(_), Some(r)) => r.for_steps(steps, branch == Branch::Uncond),
             (CacheSpec::MagCache(_), None) => bail!("{MAGCACHE_NEEDS_RATIOS}"),
             _ => Vec::new(),
         };
@@ -204,15 +243,41 @@ impl StepCache {
             mag_ratios,
             state: State::Empty,
             decisions: Vec::new(),
+            calibration: None,
         })
     }
 
     /// The caches of one generation: the conditional branch's, then the unconditional one's.
     pub fn pair(spec: CacheSpec, steps: usize, ratios: Option<&MagRatios>) -> Result<[Self; 2]> {
         Ok([
-            Self::new(spec, steps, ratios)?,
-            Self::new(spec, steps, ratios)?,
+            Self::new(spec, steps, ratios, Branch::Cond)?,
+            Self::new(spec, steps, ratios, Branch::Uncond)?,
         ])
+    }
+
+    /// One branch's uncached run that measures MagCache's magnitude ratios as diffusers 0.42.1's
+    /// `MagCacheConfig(calibrate=True)` does: every forward computes; from the second on, the
+    /// ratio is the mean over image tokens of ‖r‖ / (‖r_prev‖ + 1e-8), r the stack's residual
+    /// (last single block's image tokens − the first block's input) and the norms over
+    /// features, in f32; the first forward's is 1.0.
+    ///
+    /// <https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/hooks/mag_cache.py>
+    /// (`MagCacheBlockHook._perform_calibration_step`)
+    pub fn calibrating(steps: usize) -> Self {
+        Self {
+            spec: CacheSpec::None,
+            steps,
+            mag_ratios: Vec::new(),
+            state: State::Empty,
+            decisions: Vec::new(),
+            calibration: Some(Calibration::default()),
+        }
+    }
+
+    /// What a [`Self::calibrating`] cache measured, one ratio per forward it ran (None for
+    /// another cache).
+    pub fn calibrated(&self) -> Option<&[f32]> {
+        self.calibration.as_ref().map(|c| c.ratios.as_slice())
     }
 
     /// A pair's decisions per forward in the order they ran: each step's conditional forward,
@@ -283,7 +348,14 @@ impl StepCache {
             }
             CacheSpec::None => {
                 self.record(true);
-                blocks.run(x)
+                match &mut self.calibration {
+                    None => blocks.run(x),
+                    Some(c) => {
+                        let out = blocks.run(x.clone())?;
+                        c.push((&out - &x)?)?;
+                        Ok(out)
+                    }
+                }
             }
         }
     }

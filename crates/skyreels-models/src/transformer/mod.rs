@@ -19,7 +19,7 @@ mod inputs;
 mod linears;
 mod ulysses;
 
-pub use cache::{CacheSpec, MagRatios, StepCache, TEACACHE_COEFFICIENTS};
+pub use cache::{Branch, CacheSpec, MagRatios, StepCache, TEACACHE_COEFFICIENTS};
 pub use config::TransformerConfig;
 pub use inputs::{InputsOn, TransformerInputs};
 

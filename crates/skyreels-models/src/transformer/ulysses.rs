@@ -99,8 +99,8 @@ impl HunyuanVideoTransformer3DModel {
     /// [`Self::forward_cached`] as one rank of a Ulysses sequence-parallel group: every rank
     /// calls it with the same inputs and its own member of `group` (same order of calls), runs the
     /// blocks on its slice of the image tokens, and returns the whole prediction. The head count
-    /// and the image token count must divide by the group size; step caches are not supported
-    /// (a cache with a spec other than `none` is an error).
+    /// and the image token count must divide by the group size; step caches and calibrations
+    /// are not supported (an error).
     pub fn forward_ulysses(
         &self,
         inp: &TransformerInputs,
@@ -111,6 +111,9 @@ impl HunyuanVideoTransformer3DModel {
         let shard = SeqShard::new(group, self.cfg.num_attention_heads, shapes.n_img())?;
         if cache.as_ref().is_some_and(|c| c.spec() != CacheSpec::None) {
             bail!("step caching does not combine with Ulysses sequence parallelism yet")
+        }
+        if cache.as_ref().is_some_and(|c| c.calibrated().is_some()) {
+            bail!("a MagCache calibration does not combine with Ulysses sequence parallelism")
         }
         let e = self.embed(inp, &shapes)?;
         // slice before: this rank's image tokens and their RoPE rows

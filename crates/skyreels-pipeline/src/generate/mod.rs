@@ -284,6 +284,60 @@ impl Pipeline {
         go_on: &mut dyn FnMut() -> bool,
     ) -> Result<Video, GenerateError> {
         self.validate(p, image, noise)?;
+        let caches = StepCache::pair(p.cache, p.steps, self.cache_ratios.as_ref())?;
+        Ok(self
+            .generate_cached(p, image, noise, on_step, go_on, caches)?
+            .0)
+    }
+
+    /// One uncached run of a request that also measures MagCache's magnitude ratios of this
+    /// model, per CFG branch, as diffusers' `MagCacheConfig(calibrate=True)` logs them (see
+    /// [`StepCache::calibrating`]): what `--cache-ratios` then reads. Every forward must run,
+    /// so a cache or a CFG gate in the request is refused.
+    pub fn calibrate(
+        &self,
+        p: &GenerationParams,
+        image: Option<&RgbImage>,
+        noise: Option<&Tensor>,
+        on_step: &mut dyn FnMut(usize, usize) -> bool,
+    ) -> Result<(Video, MagRatios), GenerateError> {
+        if p.cache != CacheSpec::None {
+            return Err(GenerateError::Invalid(format!(
+                "cache: a calibration runs every forward, so it takes no step cache (got {})",
+                p.cache
+            )));
+        }
+        if p.cfg_gate.is_some() {
+            return Err(GenerateError::Invalid(
+                "cfg_gate: a calibration runs every forward of both CFG branches, so it takes \
+                 no CFG gate"
+                    .into(),
+            ));
+        }
+        self.validate(p, image, noise)?;
+        let caches = [
+            StepCache::calibrating(p.steps),
+            StepCache::calibrating(p.steps),
+        ];
+        let (video, caches) =
+            self.generate_cached(p, image, noise, on_step, &mut || true, caches)?;
+        let measured = |c: &StepCache| c.calibrated().unwrap_or_default().to_vec();
+        let cond = measured(&caches[0]);
+        let uncond = Some(measured(&caches[1])).filter(|u| !u.is_empty());
+        let ratios = MagRatios::calibrated(cond, uncond).map_err(GenerateError::Invalid)?;
+        Ok((video, ratios))
+    }
+
+    /// [`Self::generate_with`] through the given branches' caches, which it hands back.
+    fn generate_cached(
+        &self,
+        p: &GenerationParams,
+        image: Option<&RgbImage>,
+        noise: Option<&Tensor>,
+        on_step: &mut dyn FnMut(usize, usize) -> bool,
+        go_on: &mut dyn FnMut() -> bool,
+        mut caches: [StepCache; 2],
+    ) -> Result<(Video, [StepCache; 2]), GenerateError> {
         let mut timings = StageTimings {
             load: self.load_time,
             ..Default::default()
@@ -306,7 +360,6 @@ impl Pipeline {
 
         let start = Instant::now();
         let latents = self.prepare_latents(p, noise, &shape)?;
-        let mut caches = StepCache::pair(p.cache, p.steps, self.cache_ratios.as_ref())?;
         let latents = self.denoise(
             p,
             latents,
@@ -334,12 +387,13 @@ impl Pipeline {
                 decoding: peak_decode?,
             })
         })();
-        Ok(Video {
+        let video = Video {
             frames,
             timings,
             prompt_truncated: prompt.prompt_truncated,
             negative_prompt_truncated: prompt.negative_prompt_truncated,
-        })
+        };
+        Ok((video, caches))
     }
 
     /// diffusers' `encode_prompt`: the prompt and, for true CFG, the negative prompt, through
