@@ -8,17 +8,24 @@ noise (--noise). Prints the generation time of each (model loading excluded: dif
 pipeline call, skyreels reports its stage timings), the whole-process wall times, the ratio
 rust/diffusers, both peak RSS values, and the max abs difference of the frames.
 
-With `--cache SPEC[,SPEC...]` (e.g. `--cache first-block:0.05,teacache:0.1`) it also runs each
-step cache on both sides, after an uncached run of each: diffusers' first-block cache
-(`FirstBlockCacheConfig`, the I2V pipeline's two calls in cache_context("cond") / ("uncond")) and
-for TeaCache the committed reference (scripts/common/teacache_reference.py), and prints a table: time,
-transformer forwards computed/cached, and the PSNR of the frames against the same side's uncached
-frames.
+With `--cache SPEC[,SPEC...]` (e.g. `--cache first-block:0.05,teacache:0.1,magcache:0.2,max_skip=4,
+taylorseer:interval=3,order=2,none+gate:0.7`; a part holding `=` without `:` continues the spec before it,
+and `+gate:F` adds `--cfg-gate F`) it also runs each step cache after an uncached run, and prints a
+table: time, transformer forwards computed/cached, and the PSNR and SSIM of the frames against the same
+side's uncached frames (SSIM as Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, per RGB channel
+of each frame, averaged). MagCache runs with the ratios `skyreels calibrate-cache` measures on this
+model and request first (both branches' ratios, `cond` and `uncond`; the diffusers side, whose hook
+takes one array, gets the `cond` ones, so its decisions may differ from ours). diffusers runs beside
+each row (`--no-reference`: only the uncached run): its first-block cache, MagCache and TaylorSeer
+hooks (`FirstBlockCacheConfig`, `MagCacheConfig`, `TaylorSeerCacheConfig` with float32 factors; the
+I2V pipeline's two calls in cache_context("cond") / ("uncond")), for TeaCache the committed reference
+(scripts/common/teacache_reference.py), for `+gate:F` the CFG-gating reference
+(scripts/common/cfg_gate_reference.py); TaylorSeer with a gate has no reference row ("-").
 
 The diffusers side runs in scripts/bench/generate_diffusers.py.
 
 Usage: venv/bin/python -m scripts.bench.generate [--threads 2] [--height 256] [--width 384]
-       [--frames 17] [--steps 4] [--cache SPECS] [--out DIR]
+       [--frames 17] [--steps 4] [--cache SPECS] [--no-reference] [--out DIR]
 """
 import argparse
 import json
@@ -64,6 +71,7 @@ def main():
     ap.add_argument("--frames", type=int, default=17)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--cache", default="", help="step caches to compare, e.g. first-block:0.05,teacache:0.1")
+    ap.add_argument("--no-reference", action="store_true", help="run diffusers for the uncached run only")
     ap.add_argument("--out", type=Path, default=ROOT / "out" / "bench_generate")
     args = ap.parse_args()
 
@@ -90,21 +98,29 @@ def main():
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
 
     def diffusers(cache):
-        frames = args.out / f"frames_diffusers_{cache.replace(':', '_')}.safetensors"
+        frames = args.out / f"frames_diffusers_{re.sub('[^A-Za-z0-9.=-]', '_', cache)}.safetensors"
         spec = dict(pipeline=str(pipeline), image=str(image), noise=str(noise), prompt=PROMPT, negative=NEGATIVE,
                     height=args.height, width=args.width, frames=args.frames, steps=args.steps,
                     threads=args.threads, frames_out=str(frames), cache=cache)
+        if cache.startswith("magcache"):
+            # diffusers' hook takes one array: the conditional branch's
+            spec["ratios"] = json.loads(ratios.read_text())["cond"]
         out, wall, rss = run([sys.executable, "-m", "scripts.bench.generate_diffusers", json.dumps(spec)], env)
         m = re.search(r"RESULT generate=([0-9.]+) load=[0-9.]+ computed=(\d+) cached=(\d+)", out)
         counts = (2 * args.steps, 0) if cache == "none" else (int(m.group(2)), int(m.group(3)))
         return dict(gen=float(m.group(1)), wall=wall, rss=rss, frames=frames, counts=counts)
 
-    def skyreels(cache):
-        frames = args.out / f"frames_rust_{cache.replace(':', '_')}.safetensors"
-        cmd = [str(ROOT / "target" / "release" / "skyreels"), "generate", "--model", str(pipeline),
+    def skyreels(cache, command="generate", extra=()):
+        frames = args.out / f"frames_rust_{re.sub('[^A-Za-z0-9.=-]', '_', cache)}.safetensors"
+        cache, _, gate = cache.partition("+gate:")
+        cmd = [str(ROOT / "target" / "release" / "skyreels"), command, "--model", str(pipeline),
                "--image", str(image), "--prompt", PROMPT, "--negative-prompt", NEGATIVE,
                "--height", str(args.height), "--width", str(args.width), "--num-frames", str(args.frames),
-               "--steps", str(args.steps), "--noise", str(noise), "--cache", cache, "-o", str(frames)]
+               "--steps", str(args.steps), "--noise", str(noise), "--cache", cache, "-o", str(frames), *extra]
+        if gate:
+            cmd += ["--cfg-gate", gate]
+        if cache.startswith("magcache"):
+            cmd += ["--cache-ratios", str(ratios)]
         out, wall, rss = run(cmd, env)
         m = re.search(r"load ([0-9.]+)s, .* export ([0-9.]+)s, total ([0-9.]+)s; transformer forwards: "
                       r"(\d+) computed, (\d+) from the cache", out)
@@ -115,6 +131,33 @@ def main():
     def psnr(a, b):
         mse = ((load_file(str(a))["frames"] - load_file(str(b))["frames"]) ** 2).mean().item()
         return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+
+    def ssim(a, b):
+        x, y = (load_file(str(f))["frames"].permute(0, 3, 1, 2).double() for f in (a, b))  # F, 3, H, W
+        g = torch.exp(-((torch.arange(11) - 5.0) ** 2) / (2 * 1.5 ** 2)).double()
+        g = g / g.sum()
+        w = (g[:, None] * g[None, :]).expand(3, 1, 11, 11)
+        blur = lambda t: torch.nn.functional.conv2d(t, w, groups=3)  # noqa: E731
+        mx, my = blur(x), blur(y)
+        vx, vy, cxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
+        c1, c2 = 0.01 ** 2, 0.03 ** 2
+        s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+        return s.mean().item()
+
+    def specs(text):
+        """Comma-separated specs; a part with `=` but no `:` continues the spec before it."""
+        out = []
+        for part in (p for p in text.split(",") if p):
+            if "=" in part and ":" not in part and out:
+                out[-1] += "," + part
+            else:
+                out.append(part)
+        return out
+
+    def reference(cache):
+        return not args.no_reference and not (cache.startswith("taylorseer") and "+gate:" in cache)
+
+    ratios = args.out / "cache_ratios.json"
 
     py = diffusers("none")
     rs = skyreels("none")
@@ -127,20 +170,28 @@ def main():
     print(f"skyreels:  generate {rs_gen:.2f}s, process {rs_wall:.2f}s, peak RSS {rs_rss:.0f} MiB")
     print(f"ratio rust/diffusers (generate): {rs_gen / py_gen:.3f}; frames max abs diff {diff:.2e}")
     print("stage timings (skyreels):", rs["timings"])
-    caches = [c for c in args.cache.split(",") if c]
+    caches = specs(args.cache)
+    if any(c.startswith("magcache") for c in caches):
+        cal = skyreels("none", "calibrate-cache", ["--ratios", str(ratios)])
+        print(f"calibrate-cache: generate {cal['gen']:.2f}s (uncached: {rs_gen:.2f}s), ratios in {ratios}")
     if caches:
         print()
-        print("| cache | skyreels | forwards computed/cached | PSNR vs uncached | diffusers (reference) "
-              "| forwards computed/cached | PSNR vs uncached |")
-        print("|---|---|---|---|---|---|---|")
-        print(f"| none | {rs_gen:.2f} s | {rs['counts'][0]}/{rs['counts'][1]} | - | {py_gen:.2f} s "
-              f"| {py['counts'][0]}/{py['counts'][1]} | - |")
+        print("| cache | skyreels | forwards computed/cached | PSNR | SSIM | diffusers (reference) "
+              "| forwards computed/cached | PSNR | SSIM |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        print(f"| none | {rs_gen:.2f} s | {rs['counts'][0]}/{rs['counts'][1]} | - | - | {py_gen:.2f} s "
+              f"| {py['counts'][0]}/{py['counts'][1]} | - | - |")
         for cache in caches:
-            r, d = skyreels(cache), diffusers(cache)
-            print(f"| {cache} | {r['gen']:.2f} s | {r['counts'][0]}/{r['counts'][1]} "
-                  f"| {psnr(r['frames'], rs['frames']):.1f} dB | {d['gen']:.2f} s "
-                  f"| {d['counts'][0]}/{d['counts'][1]} | {psnr(d['frames'], py['frames']):.1f} dB |",
-                  flush=True)
+            r = skyreels(cache)
+            row = (f"| {cache} | {r['gen']:.2f} s | {r['counts'][0]}/{r['counts'][1]} "
+                   f"| {psnr(r['frames'], rs['frames']):.1f} dB | {ssim(r['frames'], rs['frames']):.4f} ")
+            if reference(cache):
+                d = diffusers(cache)
+                row += (f"| {d['gen']:.2f} s | {d['counts'][0]}/{d['counts'][1]} "
+                        f"| {psnr(d['frames'], py['frames']):.1f} dB | {ssim(d['frames'], py['frames']):.4f} |")
+            else:
+                row += "| - | - | - | - |"
+            print(row, flush=True)
 
 
 if __name__ == "__main__":

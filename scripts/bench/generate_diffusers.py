@@ -1,12 +1,14 @@
 """The diffusers side of scripts.bench.generate, in a fresh process of its own (so its time and
 peak RSS are its own): HunyuanSkyreelsImageToVideoPipeline on the benchmark's pipeline folder,
 image, prompts and injected noise, optionally with a step cache (scripts.fixtures.cache's
-`decisions_of`: diffusers' first-block cache, or the TeaCache reference).
+`enable_spec`: diffusers' first-block cache, MagCache or TaylorSeer hooks, the TeaCache reference, the
+CFG-gating reference).
 
 Usage (run by scripts.bench.generate, from the repository root):
   python -m scripts.bench.generate_diffusers SPEC_JSON
 SPEC_JSON: pipeline, image, noise, prompt, negative, height, width, frames, steps, threads,
-frames_out, cache ("none" or METHOD:THRESHOLD). Prints
+frames_out, cache ("none" or a `--cache` spec, optionally `+gate:F`), ratios (MagCache's, one array).
+Prints
 `RESULT generate=S load=S computed=N cached=N`.
 """
 import json
@@ -31,12 +33,11 @@ def main() -> None:
     pipe = HunyuanSkyreelsImageToVideoPipeline.from_pretrained(a["pipeline"], torch_dtype=torch.float32)
     pipe.vae.enable_tiling()
     pipe.set_progress_bar_config(disable=True)
-    decisions = []
+    decisions = list
     if a["cache"] != "none":
-        # imported only here: it wraps diffusers' first-block cache hook to record the decisions
+        # imported only here: it wraps diffusers' cache hooks to record the decisions
         from scripts.fixtures import cache as g
-        method, threshold = a["cache"].split(":")
-        decisions = g.decisions_of(method, pipe, True, float(threshold), {"steps": a["steps"]})
+        decisions = g.enable_spec(pipe, a["cache"], a["steps"], a.get("ratios"))
     tmpl = DEFAULT_PROMPT_TEMPLATE["template"]
     crop = len(pipe.tokenizer(tmpl.split("{}")[0]).input_ids)
     noise = load_file(a["noise"])["latents"]
@@ -48,6 +49,7 @@ def main() -> None:
                       prompt_template={"template": tmpl, "crop_start": crop}).frames[0]
     t2 = time.perf_counter()
     save_file({"frames": torch.from_numpy(np.ascontiguousarray(frames)).float()}, a["frames_out"])
+    decisions = decisions()
     print(f"RESULT generate={t2 - t1:.3f} load={t1 - t0:.3f} computed={sum(decisions)} "
           f"cached={len(decisions) - sum(decisions)}")
 
