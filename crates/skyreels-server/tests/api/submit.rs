@@ -43,7 +43,7 @@ async fn step_cache_comes_from_the_submit_or_the_server_default() {
             3,
         ),
         (
-            with(json!("taylorseer:order=2,interval=3")),
+            with(json!("taylorseer:interval=3,order=2,warmup=3")),
             CacheSpec::TaylorSeer(TaylorSeerSpec {
                 interval: 3,
                 order: 2,
